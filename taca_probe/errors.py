@@ -1,0 +1,21 @@
+"""User-facing errors.
+
+Every error that bad input can cause is a :class:`TacaProbeError`. The CLI prints its message on one
+line and exits with status 2; the Python API lets it propagate so notebooks show it as usual.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TacaProbeError", "ModelError", "ScheduleError"]
+
+
+class TacaProbeError(Exception):
+    """Base class of the errors that bad input causes; the message is one self-contained line."""
+
+
+class ModelError(TacaProbeError):
+    """A model that cannot be found, loaded, or is not a supported MM-DiT."""
+
+
+class ScheduleError(TacaProbeError, ValueError):
+    """A malformed or impossible gamma schedule (also a ``ValueError``)."""
