@@ -1,0 +1,245 @@
+"""Benchmarks (never timed tests): the cost of TACA against stock fused attention.
+
+``taca-probe bench attention`` times, at given shapes and interleaved, median of N:
+
+- ``sdpa``: stock ``F.scaled_dot_product_attention`` (what diffusers calls);
+- ``taca``: :func:`taca_probe.attention.taca_attention` at gamma != 1;
+- ``naive``: the official TACA code's SD3.5 path, the full attention matrix materialized, the
+  visual->text block scaled, softmax, matmul;
+- ``flex``: the official FLUX path, ``flex_attention`` with a ``score_mod`` run eagerly (not compiled).
+
+and measures each one's peak extra memory over its inputs (CUDA: ``max_memory_allocated``;
+CPU: the allocator's running total from ``torch.profiler`` memory events).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attention import JointLayout, taca_attention
+from .errors import TacaProbeError
+
+__all__ = ["AttnShape", "DEFAULT_SHAPES", "bench_attention", "parse_shape", "VARIANTS"]
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    """One joint-attention problem: ``batch x heads x (n_txt + n_vis) x head_dim``."""
+
+    name: str
+    batch: int
+    heads: int
+    n_txt: int
+    n_vis: int
+    head_dim: int
+    txt_first: bool
+
+    def describe(self) -> str:
+        return f"{self.name}: B{self.batch} H{self.heads} {self.n_txt}+{self.n_vis} D{self.head_dim}"
+
+
+#: FLUX.1 at 1024x1024 (512 T5 tokens, 64x64 latent tokens, 24 heads of 128) and SD3.5 at
+#: 1024x1024 (77 CLIP + 256 T5 tokens, 24 heads of 64, batch 2 for CFG).
+DEFAULT_SHAPES = (
+    AttnShape("flux-1024", 1, 24, 512, 4096, 128, True),
+    AttnShape("sd35-1024", 2, 24, 333, 4096, 64, False),
+)
+
+
+def parse_shape(spec: str) -> AttnShape:
+    """``B,H,NTXT,NVIS,D`` (text first) or ``B,H,NTXT,NVIS,D,img-first`` -> :class:`AttnShape`."""
+    parts = [p.strip() for p in spec.split(",")]
+    try:
+        order = parts[5] if len(parts) == 6 else "txt-first"
+        if len(parts) not in (5, 6) or order not in ("txt-first", "img-first"):
+            raise ValueError
+        b, h, nt, nv, d = (int(p) for p in parts[:5])
+        if min(b, h, nt, nv, d) <= 0:
+            raise ValueError
+    except ValueError:
+        raise TacaProbeError(
+            f"bad shape {spec!r}: expected B,H,NTXT,NVIS,D[,txt-first|img-first] with positive integers"
+        ) from None
+    return AttnShape(f"B{b}H{h}-{nt}+{nv}-D{d}", b, h, nt, nv, d, order == "txt-first")
+
+
+def _naive(q, k, v, layout: JointLayout, gamma: float):
+    # The official TACA code's SD3.5 path: attention "by hand" in the style of PyTorch's documented
+    # reference implementation of SDPA (bias, softmax, dropout at p=0), with the visual->text block
+    # of the materialized logits multiplied by gamma.
+    txt, vis = layout.split(q.shape[2])
+    n = q.shape[2]
+    attn_bias = torch.zeros(n, n, dtype=q.dtype, device=q.device)
+    attn_weight = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))
+    attn_weight[:, :, vis, txt] = attn_weight[:, :, vis, txt] * gamma
+    attn_weight += attn_bias
+    attn_weight = torch.softmax(attn_weight, dim=-1)
+    attn_weight = torch.dropout(attn_weight, 0.0, train=True)
+    return attn_weight @ v
+
+
+def _flex(q, k, v, layout: JointLayout, gamma: float):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    n_txt, txt_first, n = layout.n_txt, layout.txt_first, q.shape[2]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if txt_first:
+            cross = (q_idx >= n_txt) & (kv_idx < n_txt)
+        else:
+            cross = (q_idx < n - n_txt) & (kv_idx >= n - n_txt)
+        return torch.where(cross, score * gamma, score)
+
+    return flex_attention(q, k, v, score_mod=score_mod)
+
+
+VARIANTS: dict[str, Callable] = {
+    "sdpa": lambda q, k, v, layout, gamma: F.scaled_dot_product_attention(q, k, v),
+    "taca": lambda q, k, v, layout, gamma: taca_attention(q, k, v, layout, gamma),
+    "naive": _naive,
+    "flex": _flex,
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_extra_bytes(fn: Callable[[], torch.Tensor], device: torch.device) -> int:
+    """Peak bytes allocated during ``fn()`` above what was allocated before it."""
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return int(peak)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.unlink(path)
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return int(max(totals, default=0))
+
+
+def bench_attention(
+    shapes: list[AttnShape] | tuple[AttnShape, ...] = DEFAULT_SHAPES,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    gamma: float = 1.2,
+    repeats: int = 7,
+    warmup: int = 1,
+    variants: tuple[str, ...] = ("sdpa", "taca", "naive", "flex"),
+    memory: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Time and measure the attention variants at each shape.
+
+    Returns
+    -------
+    list of dict
+        One row per (shape, variant): ``shape``, ``variant``, ``median_ms``, ``times_ms``,
+        ``ratio_to_sdpa``, ``peak_extra_mib`` (None when not measured), ``error`` (a variant that
+        failed, e.g. flex where unavailable).
+    """
+    device = torch.device(device)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise TacaProbeError(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    rows: list[dict] = []
+    for shape in shapes:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        n = shape.n_txt + shape.n_vis
+        q, k, v = (
+            torch.randn(shape.batch, shape.heads, n, shape.head_dim, generator=g).to(device, dtype) for _ in range(3)
+        )
+        layout = JointLayout(shape.n_txt, shape.txt_first)
+        fns, errors = {}, {}
+        for name in variants:
+            fn = VARIANTS[name]
+            try:
+                with torch.no_grad():
+                    for _ in range(warmup):
+                        fn(q, k, v, layout, gamma)
+                    _sync(device)
+                fns[name] = fn
+            except Exception as e:  # a variant unavailable here is reported, not fatal
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        with torch.no_grad():
+            for r in range(repeats):  # interleaved, so drift hits every variant alike
+                for name, fn in fns.items():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    out = fn(q, k, v, layout, gamma)
+                    _sync(device)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+                    del out
+                if progress:
+                    progress(f"{shape.name}: repeat {r + 1}/{repeats}")
+            peaks = {}
+            if memory:
+                for name, fn in fns.items():
+                    peaks[name] = _peak_extra_bytes(lambda: fn(q, k, v, layout, gamma), device)
+        base = statistics.median(times["sdpa"]) if "sdpa" in times else None
+        for name in variants:
+            med = statistics.median(times[name]) if name in times else None
+            rows.append(
+                {
+                    "shape": asdict(shape),
+                    "variant": name,
+                    "device": str(device),
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "gamma": gamma,
+                    "median_ms": med,
+                    "times_ms": times.get(name),
+                    "ratio_to_sdpa": (med / base) if (med is not None and base) else None,
+                    "peak_extra_mib": (peaks[name] / 2**20) if name in peaks else None,
+                    "error": errors.get(name),
+                }
+            )
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table of :func:`bench_attention` rows, with memory relative to naive."""
+    lines = [f"{'shape':<34} {'variant':<7} {'median ms':>10} {'x sdpa':>7} {'peak MiB':>9} {'% naive':>8}"]
+    naive_peak = {}
+    for r in rows:
+        if r["variant"] == "naive" and r["peak_extra_mib"]:
+            naive_peak[r["shape"]["name"]] = r["peak_extra_mib"]
+    for r in rows:
+        s = r["shape"]
+        label = f"{s['name']} B{s['batch']}H{s['heads']} {s['n_txt']}+{s['n_vis']} D{s['head_dim']}"
+        if r["error"]:
+            lines.append(f"{label:<34} {r['variant']:<7} unavailable: {r['error']}")
+            continue
+        peak = r["peak_extra_mib"]
+        npk = naive_peak.get(s["name"])
+        pct = f"{100 * peak / npk:7.1f}%" if (peak is not None and npk) else "       -"
+        peak_s = f"{peak:9.1f}" if peak is not None else "        -"
+        lines.append(f"{label:<34} {r['variant']:<7} {r['median_ms']:10.2f} {r['ratio_to_sdpa']:6.2f}x {peak_s} {pct}")
+    return "\n".join(lines)

@@ -1,0 +1,345 @@
+"""Installing TACA on a pipeline or transformer: ``TacaConfig``, ``apply_taca`` and ``taca()``.
+
+The shape follows diffusers' own hooks: a config dataclass, one apply function that returns a
+handle, and a context manager that always removes what it added. Installation goes through
+``set_attn_processor``; on removal the exact original processor objects are put back.
+
+Which denoising step a transformer call belongs to is read, never counted: with a pipeline, from
+its scheduler (``step_index``, ``timesteps``), so FLUX true CFG (two calls a step) and SD3 batched CFG
+(one call) both see the right step; with a bare transformer, from the timestep the call passes
+(a new, smaller timestep starts the next step; a larger one starts a new run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from .errors import TacaProbeError
+from .models import check_supported
+from .processors import Observer, Site, SUPPORTED_PROCESSORS, TacaAttnProcessor, find_sites, wrap_processor
+from .schedules import Schedule, parse
+
+__all__ = ["TacaConfig", "TacaHandle", "CallRecord", "apply_taca", "taca", "RunState"]
+
+_HANDLE_ATTR = "_taca_probe_handle"
+# Timesteps closer than this (0..1000 scale) belong to the same step (bf16 rounding of t/1000).
+_T_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class TacaConfig:
+    """What to install.
+
+    Parameters
+    ----------
+    schedule
+        A :class:`~taca_probe.schedules.Schedule` or its string form (``"step:1.2@970"``, the
+        paper's rule, is the default; ``"none"`` installs nothing that changes the output).
+    lora
+        Optional LoRA that is active exactly at the steps where some layer has gamma != 1: a path
+        (file or folder loadable by diffusers' ``load_lora_adapter``) or the name of an adapter
+        already loaded on the transformer.
+    lora_scale
+        Weight of that LoRA while active.
+    num_inference_steps
+        Total steps, for step-fraction schedules on a bare transformer (a pipeline's scheduler
+        knows it).
+    """
+
+    schedule: Schedule | str = "step:1.2@970"
+    lora: str | os.PathLike | None = None
+    lora_scale: float = 1.0
+    num_inference_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", parse(self.schedule))
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One transformer forward call as TACA saw it."""
+
+    step: int
+    t: float  # timestep, 0..1000
+    num_steps: int | None
+    n_txt: int | None
+    active: bool  # some layer had gamma != 1
+    lora_active: bool | None  # None when no LoRA is managed
+
+
+class RunState:
+    """Per-transformer state that the processors read: gammas of the current call, text length."""
+
+    def __init__(self, sites: list[Site], observer: Observer | None = None):
+        self.sites = sites
+        self.observer = observer
+        self.n_txt: int | None = None
+        self.gammas: dict[str, float] = {}
+
+    def gamma(self, site: Site) -> float:
+        return self.gammas.get(site.name, 1.0)
+
+
+class _LoraSwitch:
+    """Turns one PEFT adapter on and off through diffusers' adapter API, reversibly."""
+
+    def __init__(self, transformer: torch.nn.Module, lora: str | os.PathLike, scale: float):
+        if not hasattr(transformer, "set_adapters"):
+            raise TacaProbeError(f"{type(transformer).__name__} has no LoRA support (diffusers PeftAdapterMixin)")
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise TacaProbeError("LoRA switching needs peft: pip install 'taca-probe[lora]'") from None
+        self.transformer, self.scale = transformer, scale
+        loaded = set(getattr(transformer, "peft_config", {}) or {})
+        self.prev_active = list(transformer.active_adapters()) if loaded else []
+        self.prev_enabled = bool(loaded) and not _lora_disabled(transformer)
+        if str(lora) in loaded:
+            self.name, self.owned = str(lora), False
+        else:
+            if not os.path.exists(lora):
+                names = ", ".join(sorted(loaded)) or "none"
+                raise TacaProbeError(f"LoRA {str(lora)!r} is neither a file/folder nor a loaded adapter (loaded: {names})")
+            self.name, self.owned = "taca", True
+            i = 0
+            while self.name in loaded:
+                i += 1
+                self.name = f"taca_{i}"
+            folder, weight_name = _lora_file(lora)
+            try:
+                # Only the transformer's part of a LoRA file: the text encoders run once per prompt,
+                # not per step, so there is nothing there to switch.
+                transformer.load_lora_adapter(folder, weight_name=weight_name, adapter_name=self.name,
+                                              prefix="transformer")
+            except Exception as e:  # diffusers/peft raise many kinds; report one line
+                raise TacaProbeError(f"cannot load LoRA {str(lora)!r}: {str(e).splitlines()[0]}") from None
+        self.on: bool | None = None
+        self.set(False)
+
+    def set(self, on: bool) -> None:
+        if on == self.on:
+            return
+        if on:
+            self.transformer.enable_lora()
+            self.transformer.set_adapters([self.name], [self.scale])
+        else:
+            self.transformer.disable_lora()
+        self.on = on
+
+    def restore(self) -> None:
+        t = self.transformer
+        if self.owned:
+            t.delete_adapters(self.name)
+        if self.prev_active:
+            t.enable_lora()
+            t.set_adapters(self.prev_active)
+            if not self.prev_enabled:
+                t.disable_lora()
+        elif getattr(t, "peft_config", None):
+            t.disable_lora()
+
+
+def _lora_file(path: str | os.PathLike) -> tuple[str, str]:
+    """(folder, weight file name) of a LoRA given as a file, or as a folder holding one."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+    preferred = [f for f in files if f.startswith("pytorch_lora_weights")]
+    candidates = preferred or files
+    if len(candidates) != 1:
+        found = ", ".join(files) or "none"
+        raise TacaProbeError(f"LoRA folder {path!r} must hold exactly one .safetensors/.bin weight file (found: {found})")
+    return path, candidates[0]
+
+
+def _lora_disabled(transformer: torch.nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(m.disable_adapters for m in transformer.modules() if isinstance(m, BaseTunerLayer))
+
+
+class TacaHandle:
+    """What :func:`apply_taca` installed; ``remove()`` restores the model exactly.
+
+    Attributes
+    ----------
+    config : TacaConfig
+    sites : list of Site
+        The attention modules TACA wraps, in transformer order.
+    calls : list of CallRecord
+        One entry per transformer forward call since installation.
+    """
+
+    def __init__(self, target: Any, config: TacaConfig, observer: Observer | None = None):
+        pipe = target if hasattr(target, "transformer") and not isinstance(target, torch.nn.Module) else None
+        transformer = pipe.transformer if pipe is not None else target
+        self.family = check_supported(transformer)
+        if getattr(transformer, _HANDLE_ATTR, None) is not None:
+            raise TacaProbeError(
+                "taca-probe is already installed on this transformer; leave the active taca()/probe() "
+                "context (or call its handle's remove()) before installing again"
+            )
+        self.config, self.pipe, self.transformer = config, pipe, transformer
+        self.schedule: Schedule = config.schedule  # parsed by TacaConfig
+        if self.schedule.needs_num_steps and pipe is None and config.num_inference_steps is None:
+            raise TacaProbeError(
+                f"schedule {self.schedule.spec!r} needs the number of steps: pass num_inference_steps= "
+                "when installing on a bare transformer"
+            )
+        _check_attention_backend(transformer)
+        self.sites = find_sites(transformer, self.family)
+        self.state = RunState(self.sites, observer)
+        self.calls: list[CallRecord] = []
+        self._last_t: float | None = None
+        self._step = -1
+
+        self._original = dict(transformer.attn_processors)  # the exact objects, by identity
+        new = dict(self._original)
+        for site in self.sites:
+            inner = self._original[f"{site.name}.processor"]
+            if isinstance(inner, TacaAttnProcessor) or type(inner).__name__ not in SUPPORTED_PROCESSORS:
+                raise TacaProbeError(
+                    f"{site.name} uses {type(inner).__name__}; TACA wraps only "
+                    f"{', '.join(SUPPORTED_PROCESSORS)} (reset with set_default_attn_processor())"
+                )
+            new[f"{site.name}.processor"] = wrap_processor(inner, site, self.state)
+        self._lora = _LoraSwitch(transformer, config.lora, config.lora_scale) if config.lora is not None else None
+        self._sig = inspect.signature(transformer.forward)
+        transformer.set_attn_processor(dict(new))  # set_attn_processor pops the dict it is given
+        self._hook = transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        setattr(transformer, _HANDLE_ATTR, self)
+        self._removed = False
+
+    # -- per forward call ------------------------------------------------------------------
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self._sig.bind_partial(*args, **kwargs).arguments
+        enc = bound.get("encoder_hidden_states")  # (B, N_txt, C)
+        self.state.n_txt = None if enc is None else int(enc.shape[1])
+        step, t, num_steps = self._locate(bound.get("timestep"))
+        sched = self.schedule
+        gammas = {
+            s.name: sched.gamma(t=t, step=step, num_steps=num_steps, layer=s.name, block_type=s.block_type)
+            for s in self.sites
+        }
+        self.state.gammas = gammas
+        active = any(g != 1.0 for g in gammas.values())
+        if self._lora is not None:
+            self._lora.set(active)
+        self.calls.append(
+            CallRecord(step, t, num_steps, self.state.n_txt, active, None if self._lora is None else self._lora.on)
+        )
+
+    def _locate(self, timestep: Any) -> tuple[int, float, int | None]:
+        """(step index, t on 0..1000, number of steps) of the current call."""
+        sched = getattr(self.pipe, "scheduler", None)
+        timesteps = getattr(sched, "timesteps", None)
+        if timesteps is not None and len(timesteps):
+            idx = sched.step_index
+            if idx is None:  # before the first scheduler.step() of a run
+                idx = sched.begin_index if getattr(sched, "begin_index", None) is not None else 0
+            if idx < len(timesteps):
+                return idx, float(timesteps[idx]), len(timesteps)
+        if timestep is None:
+            raise TacaProbeError("the transformer was called without a timestep; TACA schedules need one")
+        # Bare transformer: read t from the call (one host sync per call, not per layer).
+        t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+        if self.family == "flux":
+            t *= 1000.0  # FLUX passes t / 1000
+        if self._last_t is None or t > self._last_t + _T_EPS:
+            self._step = 0  # a new run starts at a higher noise level
+        elif t < self._last_t - _T_EPS:
+            self._step += 1
+        self._last_t = t
+        return self._step, t, self.config.num_inference_steps
+
+    # -- removal ---------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Restore the original processors (by identity), LoRA state and hooks. Idempotent."""
+        if self._removed:
+            return
+        self._removed = True
+        try:
+            self._hook.remove()
+            self.transformer.set_attn_processor(dict(self._original))
+            if self._lora is not None:
+                self._lora.restore()
+        finally:
+            setattr(self.transformer, _HANDLE_ATTR, None)
+
+    @property
+    def steps_active(self) -> list[int]:
+        """Sorted distinct steps at which some layer had gamma != 1."""
+        return sorted({c.step for c in self.calls if c.active})
+
+
+def _check_attention_backend(transformer: torch.nn.Module) -> None:
+    """FLUX dispatches attention through diffusers' backend registry; TACA needs the native one."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    except ImportError:  # older diffusers: SDPA is called directly
+        return
+    names = {str(_AttentionBackendRegistry.get_active_backend()[0].value)}
+    for proc in transformer.attn_processors.values():
+        backend = getattr(proc, "_attention_backend", None)
+        if backend is not None:
+            names.add(str(getattr(backend, "value", backend)))
+    other = names - {AttentionBackendName.NATIVE.value}
+    if other:
+        raise TacaProbeError(
+            f"TACA needs diffusers' native attention backend, found {', '.join(sorted(other))}; "
+            "unset DIFFUSERS_ATTN_BACKEND or call transformer.reset_attention_backend()"
+        )
+
+
+def apply_taca(target: Any, config: TacaConfig | None = None, *, observer: Observer | None = None) -> TacaHandle:
+    """Install TACA on a pipeline or transformer; call ``handle.remove()`` to undo.
+
+    Parameters
+    ----------
+    target
+        A ``StableDiffusion3Pipeline`` / ``FluxPipeline`` (or any pipeline with such a
+        ``.transformer``), or a bare ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``.
+    config
+        What to install; default ``TacaConfig()`` (the paper's ``step:1.2@970``).
+    observer
+        Internal hook for the probe: called in every wrapped attention call with the parts of
+        the attention it needs.
+
+    Returns
+    -------
+    TacaHandle
+    """
+    return TacaHandle(target, config or TacaConfig(), observer)
+
+
+@contextlib.contextmanager
+def taca(
+    target: Any,
+    schedule: Schedule | str = "step:1.2@970",
+    *,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
+    num_inference_steps: int | None = None,
+) -> Iterator[TacaHandle]:
+    """Apply TACA inside a ``with`` block; the original processors come back on exit, always.
+
+    Examples
+    --------
+    >>> with taca(pipe, "step:1.2@970"):
+    ...     image = pipe("a red cube on a blue table", num_inference_steps=28).images[0]
+    """
+    handle = apply_taca(
+        target,
+        TacaConfig(schedule=schedule, lora=lora, lora_scale=lora_scale, num_inference_steps=num_inference_steps),
+    )
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,180 @@
+"""Attention processors that apply TACA around diffusers' own processors.
+
+A :class:`TacaAttnProcessor` wraps the stock processor of one attention module (SD3's
+``JointAttnProcessor2_0``, FLUX's ``FluxAttnProcessor``) and runs it unchanged, except for its one
+call to ``torch.nn.functional.scaled_dot_product_attention``, which a scoped
+:class:`~torch.overrides.TorchFunctionMode` routes to :func:`taca_probe.attention.taca_attention`.
+So the projections, q/k norms, rotary embeddings and output layers are diffusers' own code, never
+a copy that drifts when diffusers changes, and nothing is patched: the mode is entered only for
+the duration of the wrapped call, on this thread.
+
+Hook sites are named by their diffusers module path, e.g. ``transformer_blocks.3.attn`` or
+``single_transformer_blocks.0.attn``; ``block_type`` is ``"joint"`` (text and image streams with
+their own projections) or ``"single"`` (FLUX single-stream, one concatenated ``[txt, img]`` stream).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .attention import JointLayout, taca_attention
+from .errors import TacaProbeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .intervention import RunState
+
+__all__ = ["Site", "TacaAttnProcessor", "wrap_processor", "find_sites", "SUPPORTED_PROCESSORS"]
+
+#: Names of the stock processor classes TACA wraps (the attention call inside is the native SDPA).
+SUPPORTED_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0", "FluxAttnProcessor")
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One attention module that sees both modalities.
+
+    Attributes
+    ----------
+    name
+        Module path inside the transformer, e.g. ``transformer_blocks.3.attn``.
+    block_type
+        ``"joint"`` or ``"single"``.
+    txt_first
+        Token order of the joint sequence: FLUX ``[txt, img]`` (True), SD3 ``[img, txt]`` (False).
+    index
+        Position of the site in transformer order (0-based), the ``layer`` axis of recordings.
+    """
+
+    name: str
+    block_type: str
+    txt_first: bool
+    index: int
+
+
+def find_sites(transformer: torch.nn.Module, family: str) -> list[Site]:
+    """The attention modules of ``transformer`` where text and image tokens meet, in order.
+
+    SD3/SD3.5: every ``transformer_blocks.{i}.attn`` (``attn2`` of SD3.5 dual-attention blocks is
+    image-only and is left alone). FLUX: ``transformer_blocks.{i}.attn`` (joint) and
+    ``single_transformer_blocks.{i}.attn`` (single-stream).
+    """
+    sites: list[Site] = []
+    for key in transformer.attn_processors:  # "transformer_blocks.0.attn.processor", in module order
+        name = key.removesuffix(".processor")
+        module = transformer.get_submodule(name)
+        if getattr(module, "add_k_proj", None) is not None:
+            block_type = "joint"
+        elif family == "flux" and name.startswith("single_transformer_blocks."):
+            block_type = "single"
+        else:
+            continue  # image-only attention (SD3.5 attn2): no text keys, nothing to scale
+        sites.append(Site(name, block_type, txt_first=(family == "flux"), index=len(sites)))
+    return sites
+
+
+class _SDPAOverride(TorchFunctionMode):
+    """Routes the one SDPA call of a wrapped processor to TACA; lets every other op through."""
+
+    def __init__(self, proc: TacaAttnProcessor, gamma: float, n_txt: int, n_seq: int):
+        super().__init__()
+        self.proc, self.gamma, self.n_txt, self.n_seq = proc, gamma, n_txt, n_seq
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        a = dict(zip(_SDPA_ARGS, args))
+        a.update(kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        site = self.proc.site
+        if a.get("dropout_p", 0.0) or a.get("is_causal", False) or a.get("enable_gqa", False):
+            raise TacaProbeError(f"{site.name}: TACA supports inference attention only (no dropout, causal or GQA)")
+        if q.shape[2] != self.n_seq or k.shape[2] != self.n_seq:
+            raise TacaProbeError(
+                f"{site.name}: expected a joint sequence of {self.n_seq} tokens "
+                f"({self.n_txt} text), got queries {q.shape[2]} and keys {k.shape[2]}"
+            )
+        layout = JointLayout(self.n_txt, site.txt_first)
+        observer = self.proc.state.observer
+        if observer is None:
+            return taca_attention(q, k, v, layout, self.gamma, scale=a.get("scale"), attn_mask=a.get("attn_mask"))
+        out, parts = taca_attention(
+            q, k, v, layout, self.gamma, scale=a.get("scale"), attn_mask=a.get("attn_mask"), with_parts=True
+        )
+        observer(site, q, k, layout, self.gamma, a.get("scale"), parts)
+        return out
+
+
+class TacaAttnProcessor:
+    """Wraps one stock processor; applies the gamma the run state holds for this site.
+
+    Its ``__call__`` signature is the wrapped processor's (set by :func:`wrap_processor`), because
+    diffusers' attention modules pass only the keyword arguments a processor's signature names.
+    """
+
+    def __init__(self, inner: Any, site: Site, state: RunState):
+        self.inner = inner
+        self.site = site
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(site={self.site.name!r}, inner={type(self.inner).__name__})"
+
+    def _call(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        gamma = state.gamma(self.site)
+        if gamma == 1.0 and state.observer is None:
+            return self.inner(attn, *args, **kwargs)  # the stock path, untouched
+
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, N, C): image (joint) or [txt, img] (single)
+        enc = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")  # (B, N_txt, C) or None
+        if enc is not None:
+            n_txt, n_seq = enc.shape[1], hidden.shape[1] + enc.shape[1]
+        else:
+            # FLUX single-stream: the processor cannot see where text ends; the transformer's own
+            # forward input told the run state.
+            n_txt, n_seq = state.n_txt, hidden.shape[1]
+            if n_txt is None:
+                raise TacaProbeError(
+                    f"{self.site.name}: the text length is unknown; install TACA on the transformer "
+                    "(taca(pipe) or taca(transformer)) so its forward call provides it"
+                )
+        with _SDPAOverride(self, gamma, n_txt, n_seq) as mode:
+            out = self.inner(attn, *args, **kwargs)
+        if mode.calls != 1:
+            raise TacaProbeError(
+                f"{self.site.name}: {type(self.inner).__name__} made {mode.calls} native attention calls "
+                "instead of 1; TACA needs diffusers' native attention backend "
+                "(unset DIFFUSERS_ATTN_BACKEND / attention_backend())"
+            )
+        return out
+
+
+_WRAPPER_CLASSES: dict[type, type] = {}
+
+
+def wrap_processor(inner: Any, site: Site, state: RunState) -> TacaAttnProcessor:
+    """A :class:`TacaAttnProcessor` around ``inner`` whose call signature mirrors ``inner``'s."""
+    cls = _WRAPPER_CLASSES.get(type(inner))
+    if cls is None:
+
+        def __call__(self, attn, *args, **kwargs):  # noqa: N807
+            return self._call(attn, *args, **kwargs)
+
+        __call__.__signature__ = inspect.signature(type(inner).__call__)  # type: ignore[attr-defined]
+        cls = type(f"Taca{type(inner).__name__}", (TacaAttnProcessor,), {"__call__": __call__})
+        _WRAPPER_CLASSES[type(inner)] = cls
+    return cls(inner, site, state)
+
+
+Observer = Callable[[Site, torch.Tensor, torch.Tensor, JointLayout, float, "float | None", dict], None]

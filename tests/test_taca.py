@@ -1,0 +1,371 @@
+"""The TACA path on the embedded tiny models: every attention site type against the explicit
+reference, stock equality at gamma = 1, schedules firing at the right steps, restoration, refusal
+of double installation, and LoRA switching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from taca_probe import intervention
+from taca_probe.errors import TacaProbeError
+from taca_probe.intervention import apply_taca, taca
+from taca_probe.models import load_pipeline
+from tests.reference import ExplicitTacaSDPA
+
+MODELS = ["tiny-sd3", "tiny-sd35", "tiny-flux"]
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {name: load_pipeline(name, device="cpu", dtype="fp32") for name in MODELS}
+
+
+def _transformer_inputs(transformer, *, n_txt=7, grid=(8, 6), t=0.6, seed=0):
+    """Random inputs of the right shapes for one transformer forward (t as a sigma in 0..1)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    h, w = grid
+    if type(transformer).__name__ == "FluxTransformer2DModel":
+        return {
+            "hidden_states": torch.randn(1, h * w, cfg.in_channels, generator=g),
+            "encoder_hidden_states": torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g),
+            "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=g),
+            "timestep": torch.tensor([t]),  # FLUX takes t / 1000
+            "img_ids": torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1)
+            .reshape(-1, 3)
+            .float(),
+            "txt_ids": torch.zeros(n_txt, 3),
+            "guidance": torch.tensor([3.5]) if cfg.guidance_embeds else None,
+            "return_dict": False,
+        }
+    p = cfg.patch_size
+    return {
+        "hidden_states": torch.randn(1, cfg.in_channels, h * p, w * p, generator=g),
+        "encoder_hidden_states": torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g),
+        "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=g),
+        "timestep": torch.tensor([t * 1000]),
+        "return_dict": False,
+    }
+
+
+def _capture(transformer, names):
+    """Forward hooks that keep each named module's inputs and outputs of its last call."""
+    seen, handles = {}, []
+    for name in names:
+        module = transformer.get_submodule(name)
+
+        def hook(mod, args, kwargs, out, name=name):
+            seen[name] = (args, dict(kwargs), out)
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    return seen, handles
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("gamma", [1.0, 1.2, 2.0])
+def test_every_site_matches_explicit_softmax(pipes, model, gamma):
+    transformer = pipes[model].transformer
+    n_txt = 7
+    all_attn = [k.removesuffix(".processor") for k in transformer.attn_processors]
+    stock = dict(transformer.attn_processors)
+    seen, handles = _capture(transformer, all_attn)
+    try:
+        with torch.no_grad(), taca(transformer, f"const:{gamma}") as handle:
+            transformer(**_transformer_inputs(transformer, n_txt=n_txt))
+    finally:
+        for h in handles:
+            h.remove()
+    sites = {s.name: s for s in handle.sites}
+    kinds = set()
+    for name in all_attn:
+        module = transformer.get_submodule(name)
+        args, kwargs, out = seen[name]
+        if name not in sites:  # image-only attention (SD3.5 attn2) must be the stock output
+            assert name.endswith("attn2")
+            kinds.add("dual attn2")
+            with torch.no_grad():
+                ref = module.processor(module, *args, **kwargs)
+            assert torch.equal(_as_tuple(ref)[0], _as_tuple(out)[0])
+            continue
+        site = sites[name]
+        assert module.processor is stock[f"{name}.processor"]  # restored after the block
+        mode = ExplicitTacaSDPA(n_txt=n_txt, txt_first=site.txt_first, gamma=gamma)
+        with torch.no_grad(), mode:
+            ref = module.processor(module, *args, **kwargs)
+        assert mode.calls == 1
+        for r, o in zip(_as_tuple(ref), _as_tuple(out)):
+            assert (r.double() - o.double()).abs().max().item() <= 1e-5, name
+        kind = site.block_type
+        if getattr(transformer.get_submodule(name.rsplit(".", 1)[0]), "attn2", None) is not None:
+            kind = "dual"
+        if getattr(module, "context_pre_only", False):
+            kind = "context_pre_only"
+        kinds.add(kind)
+    expected = {
+        "tiny-sd3": {"joint", "context_pre_only"},
+        "tiny-sd35": {"dual", "dual attn2", "context_pre_only"},
+        "tiny-flux": {"joint", "single"},
+    }[model]
+    assert expected <= kinds
+
+
+def test_sites_are_named_by_module_path(pipes):
+    flux = apply_taca(pipes["tiny-flux"].transformer)
+    sd35 = apply_taca(pipes["tiny-sd35"].transformer)
+    try:
+        assert [s.name for s in flux.sites] == [
+            "transformer_blocks.0.attn",
+            "transformer_blocks.1.attn",
+            "single_transformer_blocks.0.attn",
+            "single_transformer_blocks.1.attn",
+        ]
+        assert [s.block_type for s in flux.sites] == ["joint", "joint", "single", "single"]
+        assert all(s.txt_first for s in flux.sites)
+        assert all(not s.name.endswith("attn2") and not s.txt_first for s in sd35.sites)
+    finally:
+        flux.remove()
+        sd35.remove()
+
+
+def _image(pipe, seed=0, steps=3, **kw):
+    out = pipe("a red cube on a blue table", num_inference_steps=steps, height=64, width=96,
+               generator=torch.Generator().manual_seed(seed), output_type="np", **kw)
+    return out.images[0]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_gamma_one_pipeline_images_equal_stock(pipes, model):
+    pipe = pipes[model]
+    stock = _image(pipe)
+    for spec in ("none", "const:1", "step:1@970"):
+        with taca(pipe, spec):
+            assert np.array_equal(_image(pipe), stock), spec
+    with taca(pipe, "const:2"):
+        changed = _image(pipe)
+    assert not np.array_equal(changed, stock)  # the intervention is real
+    assert np.array_equal(_image(pipe), stock)  # and leaves nothing behind
+
+
+class _SiteWatch:
+    """Tells, per call of one site, whether its output differs from the stock processor's on the
+    same inputs, i.e. whether TACA acted, independently of the handle's own bookkeeping."""
+
+    def __init__(self, transformer, name, stock_proc):
+        self.module = transformer.get_submodule(name)
+        self.stock = stock_proc
+        self.changed: list[bool] = []
+        self.handle = self.module.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, mod, args, kwargs, out):
+        ref = self.stock(mod, *args, **kwargs)
+        self.changed.append(not all(torch.equal(a, b) for a, b in zip(_as_tuple(ref), _as_tuple(out))))
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize(
+    "spec,steps,expected",
+    [
+        ("first:1.5@3", 8, {0, 1, 2}),
+        ("frac:1.5@0.1", 30, {0, 1, 2}),  # the official code's first 3 of 30
+        ("step:1.5@970", 28, None),  # expected from the timesteps the pipeline reports
+        ("none", 5, set()),
+    ],
+)
+def test_schedule_fires_at_exactly_the_expected_steps(pipes, model, spec, steps, expected):
+    pipe = pipes[model]
+    transformer = pipe.transformer
+    site = "transformer_blocks.0.attn"
+    stock = transformer.attn_processors[f"{site}.processor"]
+    reported: list[float] = []
+
+    def on_step_end(p, i, t, kwargs):
+        reported.append(float(t))
+        return kwargs
+
+    with taca(pipe, spec) as handle:
+        watch = _SiteWatch(transformer, site, stock)
+        try:
+            _image(pipe, steps=steps, callback_on_step_end=on_step_end)
+        finally:
+            watch.handle.remove()
+    assert len(reported) == steps
+    if expected is None:
+        expected = {i for i, t in enumerate(reported) if t >= 970 - 1e-3}
+        assert 0 < len(expected) < steps
+    # one transformer call per step here; the watch saw TACA act at exactly those calls
+    assert [c.step for c in handle.calls] == list(range(steps))
+    assert {i for i, ch in enumerate(watch.changed) if ch} == expected
+    assert set(handle.steps_active) == expected
+    # and the schedule saw t on the 0..1000 scale, as the pipeline reports it (FLUX passes t/1000)
+    assert [c.t for c in handle.calls] == pytest.approx(reported, abs=1e-3)
+
+
+def test_flux_true_cfg_two_calls_per_step_share_the_step(pipes):
+    pipe = pipes["tiny-flux"]
+    with taca(pipe, "first:1.5@2") as handle:
+        _image(pipe, steps=4, true_cfg_scale=2.0, negative_prompt="blurry")
+    steps = [c.step for c in handle.calls]
+    assert steps == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [c.active for c in handle.calls] == [True] * 4 + [False] * 4
+
+
+def test_bare_transformer_reads_the_timestep_of_each_call(pipes):
+    transformer = pipes["tiny-flux"].transformer
+    with torch.no_grad(), taca(transformer, "step:1.5@970") as handle:
+        for t in (1.0, 1.0, 0.98, 0.97, 0.5, 1.0, 0.2):  # two runs; the first step twice (CFG)
+            transformer(**_transformer_inputs(transformer, t=t))
+    assert [c.step for c in handle.calls] == [0, 0, 1, 2, 3, 0, 1]
+    assert [c.active for c in handle.calls] == [True, True, True, True, False, True, False]
+    assert [c.t for c in handle.calls] == pytest.approx([1000, 1000, 980, 970, 500, 1000, 200], abs=1e-3)
+
+
+def test_frac_on_bare_transformer_needs_the_step_count(pipes):
+    with pytest.raises(TacaProbeError, match="num_inference_steps"):
+        with taca(pipes["tiny-sd3"].transformer, "frac:1.2@0.1"):
+            pass
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_processors_restored_by_identity_after_an_exception(pipes, model):
+    transformer = pipes[model].transformer
+    before = dict(transformer.attn_processors)
+    hooks_before = dict(transformer._forward_pre_hooks)
+    with pytest.raises(RuntimeError, match="boom"):
+        with taca(pipes[model], "const:1.3"):
+            assert any(transformer.attn_processors[k] is not v for k, v in before.items())
+            raise RuntimeError("boom")
+    after = transformer.attn_processors
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before)
+    assert dict(transformer._forward_pre_hooks) == hooks_before
+    if model == "tiny-sd35":  # attn and attn2 shared one processor instance, and do again
+        block = transformer.transformer_blocks[0]
+        assert block.attn.processor is block.attn2.processor
+
+
+def test_double_installation_is_refused(pipes):
+    pipe = pipes["tiny-sd3"]
+    with taca(pipe, "const:1.2"):
+        with pytest.raises(TacaProbeError, match="already installed"):
+            with taca(pipe, "const:1.5"):
+                pass
+        with pytest.raises(TacaProbeError, match="already installed"):
+            apply_taca(pipe.transformer)
+    # after leaving, installing again works
+    with taca(pipe.transformer, "none"):
+        pass
+
+
+def test_unsupported_model_is_refused_with_the_supported_classes():
+    with pytest.raises(TacaProbeError, match="SD3Transformer2DModel"):
+        with taca(torch.nn.Linear(2, 2), "const:1.2"):
+            pass
+
+
+def test_non_native_attention_backend_is_refused(pipes):
+    transformer = pipes["tiny-flux"].transformer
+    proc = transformer.transformer_blocks[0].attn.processor
+    proc._attention_backend = "flash"
+    try:
+        with pytest.raises(TacaProbeError, match="native attention backend"):
+            with taca(transformer, "const:1.2"):
+                pass
+    finally:
+        proc._attention_backend = None
+    assert getattr(transformer, intervention._HANDLE_ATTR, None) is None
+
+
+def test_bad_schedule_is_refused_before_anything_is_installed(pipes):
+    transformer = pipes["tiny-sd3"].transformer
+    before = dict(transformer.attn_processors)
+    with pytest.raises(ValueError, match="valid forms"):
+        with taca(transformer, "step:-1@970"):
+            pass
+    assert all(transformer.attn_processors[k] is v for k, v in before.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA switching
+# ------------------------------------------------------------------------------------------------
+
+
+peft = pytest.importorskip("peft")
+
+
+def _lora_state(module) -> bool:
+    return (not module.disable_adapters) and bool(module.active_adapters)
+
+
+@pytest.fixture
+def lora_pipe():
+    """A fresh tiny SD3 pipeline with a random, non-zero LoRA named 'style' on q/k/v."""
+    from peft import LoraConfig
+
+    pipe = load_pipeline("tiny-sd3", device="cpu", dtype="fp32")
+    torch.manual_seed(0)
+    pipe.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False),
+        adapter_name="style",
+    )
+    return pipe
+
+
+def _lora_watch(pipe):
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    states: list[bool] = []
+    handle = layer.register_forward_pre_hook(lambda mod, args: states.append(_lora_state(mod)))
+    return states, handle
+
+
+def test_lora_is_on_exactly_at_the_gamma_steps_and_reversible(lora_pipe):
+    pipe = lora_pipe
+    states, hook = _lora_watch(pipe)
+    try:
+        with taca(pipe, "first:1.2@2", lora="style") as handle:
+            first = _image(pipe, steps=5)
+            calls_first = list(handle.calls)
+            second = _image(pipe, steps=5)
+    finally:
+        hook.remove()
+    assert states == [True, True, False, False, False] * 2
+    assert [c.lora_active for c in calls_first] == [True, True, False, False, False]
+    assert np.array_equal(first, second)  # the second generation behaves like the first
+    # the adapter the user loaded is active again, as before
+    assert _lora_state(pipe.transformer.transformer_blocks[0].attn.to_q)
+    # and the LoRA matters: without it (gamma alone) the image differs
+    pipe.transformer.disable_lora()
+    with taca(pipe, "first:1.2@2"):
+        no_lora = _image(pipe, steps=5)
+    assert not np.array_equal(first, no_lora)
+
+
+def test_lora_from_a_path_is_loaded_switched_and_removed(lora_pipe, tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = lora_pipe
+    layers = get_peft_model_state_dict(pipe.transformer, adapter_name="style")
+    type(pipe).save_lora_weights(tmp_path, transformer_lora_layers=layers)
+    pipe.transformer.delete_adapters("style")
+    assert not getattr(pipe.transformer, "peft_config", None)
+    stock = _image(pipe, steps=4)
+    states, hook = _lora_watch(pipe)
+    try:
+        with taca(pipe, "first:1.2@1", lora=tmp_path):
+            _image(pipe, steps=4)
+    finally:
+        hook.remove()
+    assert states == [True, False, False, False]
+    assert not getattr(pipe.transformer, "peft_config", None)  # unloaded on exit
+    assert np.array_equal(_image(pipe, steps=4), stock)
+
+
+def test_unknown_lora_is_refused(lora_pipe):
+    with pytest.raises(TacaProbeError, match="neither a file/folder nor a loaded adapter.*style"):
+        with taca(lora_pipe, "const:1.2", lora="nope"):
+            pass
