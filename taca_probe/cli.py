@@ -1,0 +1,294 @@
+"""The ``taca-probe`` command line.
+
+Every error that bad input causes ends in one line on stderr and exit status 2; no traceback
+(set ``TACA_PROBE_DEBUG=1`` to see one for an unexpected internal error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import TacaProbeError
+
+EMBEDDED_NOTE = (
+    "The embedded tiny models (tiny-sd3, tiny-sd35, tiny-flux) have RANDOM weights: they exercise the "
+    "machinery, not the science."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise TacaProbeError(f"{self.prog}: {message} (see --help)")
+
+
+def _seeds(text: str) -> list[int]:
+    """``0,1,2`` or ``0-3`` or a mix -> list of ints."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad seeds {text!r}: expected e.g. 0,1,2 or 0-7") from None
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
+    """(prompt, seeds) pairs from --prompt and --prompts FILE (text: one a line; JSONL: prompt, seed)."""
+    items: list[tuple[str, list[int]]] = [(p, args.seeds) for p in (args.prompt or [])]
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise TacaProbeError(f"prompt file {str(path)!r} does not exist")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("{"):
+                try:
+                    rec = json.loads(line)
+                    prompt = rec["prompt"]
+                    seeds = [int(rec["seed"])] if "seed" in rec else args.seeds
+                except (ValueError, KeyError, TypeError):
+                    raise TacaProbeError(f"{path}:{n}: expected a JSON object with 'prompt' (and optional 'seed')") from None
+                items.append((str(prompt), seeds))
+            else:
+                items.append((line, args.seeds))
+    if not items:
+        raise TacaProbeError("no prompt given: use --prompt TEXT (repeatable) or --prompts FILE")
+    return items
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .models import DEFAULT_MODEL, EMBEDDED_MODELS
+
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"embedded name ({', '.join(EMBEDDED_MODELS)}), a local diffusers folder, or a hub id already in "
+        f"the local Hugging Face cache (default: {DEFAULT_MODEL}). {EMBEDDED_NOTE}",
+    )
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", metavar="FILE", help="prompts, one per line, or JSONL with 'prompt' and 'seed'")
+    p.add_argument("--seeds", type=_seeds, default=[0], help="seeds for every prompt, e.g. 0,1,2 or 0-7 (default 0)")
+    p.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
+    p.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+
+
+def _schedule_help() -> str:
+    from .schedules import FORMS
+
+    return "gamma schedule (default step:1.2@970, the paper's rule; 'none' = stock model). Forms: " + " | ".join(
+        line.strip() for line in FORMS.strip().splitlines() if line.strip()
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="taca-probe",
+        description="TACA (temperature-adjusted cross-modal attention) and attention probes for MM-DiT "
+        "diffusion transformers (SD3, SD3.5, FLUX.1) in diffusers. " + EMBEDDED_NOTE,
+    )
+    parser.add_argument("--version", action="version", version=f"taca-probe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate images with a TACA schedule; PNG + JSON sidecar each",
+                         description="Generate images with a TACA schedule. " + EMBEDDED_NOTE)
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--schedule", default="step:1.2@970", help=_schedule_help())
+    gen.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
+    gen.add_argument("--lora-scale", type=float, default=1.0, help="LoRA weight while active (default 1)")
+    gen.add_argument("--out", default="out", help="output folder (default ./out)")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks (not tests): the cost of TACA against stock attention")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=_Parser)
+    ba = bsub.add_parser("attention", help="time stock SDPA, TACA, the naive materialized path and eager flex",
+                         description="Interleaved timings, median of N, ratio to stock SDPA, peak extra memory.")
+    ba.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ba.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu)")
+    ba.add_argument("--shape", action="append", metavar="B,H,NTXT,NVIS,D[,ORDER]",
+                    help="a shape to time (repeatable; ORDER txt-first (default) or img-first); default: the "
+                    "FLUX 1024px shape 1,24,512,4096,128 and the SD3.5 shape 2,24,333,4096,64,img-first")
+    ba.add_argument("--heads", type=_positive_int, default=None, help="override the head count of every shape")
+    ba.add_argument("--gamma", type=float, default=1.2, help="gamma of the TACA variants (default 1.2)")
+    ba.add_argument("--repeats", type=_positive_int, default=7, help="timed repeats per variant (default 7)")
+    ba.add_argument("--threads", type=_positive_int, default=1, help="CPU threads (default 1: steadier timings)")
+    ba.add_argument("--variants", default="sdpa,taca,naive,flex", help="comma list of sdpa,taca,naive,flex")
+    ba.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ba.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-' for stdout only)")
+    ba.set_defaults(func=cmd_bench_attention)
+    bench.set_defaults(func=lambda args: (_ for _ in ()).throw(TacaProbeError("bench: choose a benchmark: attention")))
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_size(pipe, height: int | None, width: int | None) -> None:
+    multiple = int(getattr(pipe, "vae_scale_factor", 8)) * 2  # VAE downsampling x 2x2 patches
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value % multiple:
+            raise TacaProbeError(f"--{name} {value} is not a multiple of {multiple}, which this model needs")
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    return {"taca_probe": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .schedules import parse
+
+    schedule = parse(args.schedule)  # validate before loading anything
+    items = _read_prompts(args)
+    import torch
+
+    from .intervention import taca
+    from .models import load_pipeline, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
+    _check_size(pipe, args.height, args.width)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    versions = _versions()
+    n_total = sum(len(seeds) for _, seeds in items)
+    index = 0
+    with taca(pipe, schedule, lora=args.lora, lora_scale=args.lora_scale) as handle:
+        for prompt, seeds in items:
+            for seed in seeds:
+                handle.calls.clear()
+                kwargs = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
+                          "generator": torch.Generator("cpu").manual_seed(seed)}
+                if args.guidance is not None:
+                    kwargs["guidance_scale"] = args.guidance
+                kwargs = {k: v for k, v in kwargs.items() if v is not None}
+                print(f"[{index + 1}/{n_total}] seed {seed}: {prompt}", file=sys.stderr)
+                t0 = time.perf_counter()
+                image = pipe(prompt, **kwargs).images[0]
+                elapsed = time.perf_counter() - t0
+                stem = f"{index:04d}-seed{seed}"
+                image.save(out / f"{stem}.png")
+                sidecar = {
+                    "prompt": prompt, "seed": seed, "steps": args.steps,
+                    "height": image.height, "width": image.width,
+                    "guidance": args.guidance, "schedule": schedule.spec, "schedule_description": schedule.describe(),
+                    "steps_with_gamma": handle.steps_active,
+                    "lora": None if args.lora is None else str(args.lora), "lora_scale": args.lora_scale,
+                    "model": args.model, "pipeline": type(pipe).__name__,
+                    "transformer": type(pipe.transformer).__name__,
+                    "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                    "generator": "torch.Generator('cpu').manual_seed(seed)",
+                    "seconds": round(elapsed, 3), "versions": versions,
+                    "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+                }
+                (out / f"{stem}.json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+                index += 1
+    print(f"wrote {index} image(s) with JSON sidecars to {out}/")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# bench attention
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from .bench import DEFAULT_SHAPES, bench_attention, format_rows, parse_shape
+    from .models import resolve_device, resolve_dtype
+
+    shapes = [parse_shape(s) for s in args.shape] if args.shape else list(DEFAULT_SHAPES)
+    if args.heads:
+        shapes = [dataclasses.replace(s, heads=args.heads) for s in shapes]
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    rows = bench_attention(shapes, device=device, dtype=dtype, gamma=args.gamma, repeats=args.repeats,
+                           variants=variants, memory=not args.no_memory,
+                           progress=lambda msg: print(msg, file=sys.stderr))
+    meta = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), **_versions(), "cuda": torch.version.cuda}
+    if args.json == "-":
+        print(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        return 0
+    print(format_rows(rows))
+    print(f"({meta['device_name']}, {meta['threads']} thread(s), torch {meta['torch']}, median of {args.repeats})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except TacaProbeError as e:
+        print(f"taca-probe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("taca-probe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal error: still one line, unless debugging
+        if os.environ.get("TACA_PROBE_DEBUG"):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"taca-probe: internal error: {type(e).__name__}: {first} (set TACA_PROBE_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

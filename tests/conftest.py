@@ -1,0 +1,40 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def taca_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point ``TACA_PROBE_CACHE`` at a folder private to this test session.
+
+    Tests then never read or write the user's real cache, and the embedded tiny models are built
+    once per session (subprocesses started by tests inherit the variable, so they share them).
+    """
+    path = tmp_path_factory.mktemp("taca-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TACA_PROBE_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture
+def pipes() -> Callable[..., Any]:
+    """Loader of embedded tiny pipelines on the CPU: ``pipes("tiny-flux")``.
+
+    Every call returns a fresh pipeline (loading from the session cache takes ~0.1 s), so a test
+    may change it (processors, hooks, LoRA) without affecting other tests. Progress bars are off.
+    """
+    from taca_probe.models import load_pipeline
+
+    def load(name: str = "tiny-sd3", **kwargs: Any) -> Any:
+        kwargs.setdefault("device", "cpu")
+        pipe = load_pipeline(name, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return load

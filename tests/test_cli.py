@@ -1,0 +1,115 @@
+"""The command line: outputs that a researcher can reproduce from, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from taca_probe.cli import main
+
+
+def _run(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_generate_writes_png_and_sidecar(tmp_path, capsys, model):
+    rc, out, err = _run(
+        ["generate", "--model", model, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "3,4",
+         "--steps", "3", "--height", "64", "--width", "96", "--schedule", "first:1.3@1", "--out", str(tmp_path)],
+        capsys,
+    )
+    assert rc == 0, err
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["0000-seed3.png", "0001-seed4.png", "0002-seed3.png", "0003-seed4.png"]
+    meta = json.loads((tmp_path / "0003-seed4.json").read_text())
+    assert meta["prompt"] == "a blue ball" and meta["seed"] == 4 and meta["steps"] == 3
+    assert meta["schedule"] == "first:1.3@1" and meta["steps_with_gamma"] == [0]
+    assert (meta["height"], meta["width"]) == (64, 96)
+    assert Image.open(tmp_path / "0003-seed4.png").size == (96, 64)
+
+
+def test_generate_none_equals_library_stock(tmp_path, capsys):
+    import torch
+
+    from taca_probe.models import load_pipeline
+
+    rc, _, err = _run(["generate", "--prompt", "a cat", "--seeds", "7", "--steps", "2", "--height", "64",
+                       "--width", "64", "--schedule", "none", "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    pipe = load_pipeline("tiny-sd3", device="cpu", dtype="fp32")
+    ref = pipe("a cat", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(7)).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "0000-seed7.png")), np.asarray(ref))
+
+
+def test_prompts_file_text_and_jsonl(tmp_path, capsys):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "a red cube", "seed": 11}\n# a comment\n\nplain line prompt\n')
+    rc, _, err = _run(["generate", "--prompts", str(f), "--seeds", "1", "--steps", "1", "--height", "32",
+                       "--width", "32", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    metas = [json.loads(p.read_text()) for p in sorted((tmp_path / "o").glob("*.json"))]
+    assert [(m["prompt"], m["seed"]) for m in metas] == [("a red cube", 11), ("plain line prompt", 1)]
+
+
+BAD = [
+    (["generate", "--prompt", "x", "--model", "no/such-model"], "not in the local Hugging Face cache"),
+    (["generate", "--prompt", "x", "--schedule", "step:0@970"], "valid forms"),
+    (["generate", "--prompt", "x", "--schedule", "wobble:2"], "valid forms"),
+    (["generate", "--prompt", "x", "--height", "100"], "multiple of 16"),
+    (["generate", "--prompt", "x", "--steps", "0"], "positive integer"),
+    (["generate", "--prompt", "x", "--seeds", "a,b"], "bad seeds"),
+    (["generate", "--prompt", "x", "--dtype", "fp8"], "fp32"),
+    (["generate", "--prompt", "x", "--device", "gpu7"], "cpu"),
+    (["generate"], "no prompt given"),
+    (["generate", "--prompts", "/nonexistent/prompts.txt"], "does not exist"),
+    (["generate", "--prompt", "x", "--lora", "/nonexistent/lora"], "neither a file/folder"),
+    (["generate", "--bogus"], "unrecognized arguments"),
+    (["bench", "attention", "--shape", "1,2,3"], "B,H,NTXT,NVIS,D"),
+    (["bench", "attention", "--shape", "1,1,4,8,8", "--variants", "sdpa,fast"], "choose from"),
+    (["bench"], "choose a benchmark"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a[:4]) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
+    if argv[0] == "generate" and "--out" not in argv:
+        argv = argv + ["--out", str(tmp_path / "o")]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("taca-probe: error:"), err
+    assert message in lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_bench_attention_json(capsys):
+    rc, out, err = _run(["bench", "attention", "--device", "cpu", "--shape", "1,2,16,48,16", "--shape",
+                         "1,2,20,40,8,img-first", "--repeats", "2", "--json", "-"], capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    rows = doc["rows"]
+    assert [r["variant"] for r in rows[:4]] == ["sdpa", "taca", "naive", "flex"] and len(rows) == 8
+    sdpa = rows[0]
+    assert sdpa["ratio_to_sdpa"] == 1.0 and len(sdpa["times_ms"]) == 2
+    assert rows[4]["shape"]["txt_first"] is False
+    assert all(r["peak_extra_mib"] is not None for r in rows if not r["error"])
+    assert doc["meta"]["torch"]
+
+
+def test_console_script_runs_without_traceback(tmp_path):
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-m", "taca_probe", "generate", "--prompt", "x", "--model",
+                           str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

@@ -1,0 +1,465 @@
+"""Tests of taca_probe.models: embedded tiny pipelines, cache, loading, devices/dtypes, support check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taca_probe import models
+from taca_probe.errors import ModelError, TacaProbeError
+
+NAMES = list(models.EMBEDDED_MODELS)
+PROMPT = "A photo of a small red fox sitting in the snow at sunset, highly detailed"
+T5_TOKENIZER = {"tiny-sd3": "tokenizer_3", "tiny-sd35": "tokenizer_3", "tiny-flux": "tokenizer_2"}
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo[ModelError], *expected: str) -> str:
+    """The error message, after checking it is one line containing every expected fragment."""
+    message = str(excinfo.value)
+    assert isinstance(excinfo.value, TacaProbeError)
+    assert message and "\n" not in message and "\r" not in message, repr(message)
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict[str, object]:
+    """The three embedded pipelines, shared by the read-only tests of this module."""
+    loaded = {name: models.load_pipeline(name, device="cpu") for name in NAMES}
+    for pipe in loaded.values():
+        pipe.set_progress_bar_config(disable=True)
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+
+def test_embedded_models_are_described_in_one_line() -> None:
+    assert NAMES == ["tiny-sd3", "tiny-sd35", "tiny-flux"]
+    assert models.DEFAULT_MODEL in models.EMBEDDED_MODELS
+    for description in models.EMBEDDED_MODELS.values():
+        assert "\n" not in description
+        assert "random weights: exercises the machinery, not the science" in description
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sd3_structure(loaded: dict) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = loaded["tiny-sd3"]
+    assert type(pipe) is StableDiffusion3Pipeline
+    blocks = pipe.transformer.transformer_blocks
+    assert len(blocks) == 3
+    assert [b.context_pre_only for b in blocks] == [False, False, True]
+    assert blocks[-1].attn.to_add_out is None  # the text output of the last block is discarded
+    assert all(getattr(b, "attn2", None) is None for b in blocks)
+    assert blocks[0].attn.norm_q is None  # SD3 (not 3.5) has no q/k norm
+
+
+def test_sd35_structure(loaded: dict) -> None:
+    blocks = loaded["tiny-sd35"].transformer.transformer_blocks
+    assert len(blocks) == 3
+    assert [b.context_pre_only for b in blocks] == [False, False, True]
+    assert [getattr(b, "attn2", None) is not None for b in blocks] == [True, True, False]
+    assert type(blocks[0].attn.norm_q).__name__ == "RMSNorm"
+    assert loaded["tiny-sd35"].transformer.config.qk_norm == "rms_norm"
+
+
+def test_flux_structure(loaded: dict) -> None:
+    from diffusers import FluxPipeline
+
+    pipe = loaded["tiny-flux"]
+    assert type(pipe) is FluxPipeline
+    assert len(pipe.transformer.transformer_blocks) == 2
+    assert len(pipe.transformer.single_transformer_blocks) == 2
+    assert pipe.transformer.config.guidance_embeds is True
+    assert pipe.transformer.config.in_channels == 4 * pipe.vae.config.latent_channels
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_components(loaded: dict, name: str) -> None:
+    from transformers import CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    pipe = loaded[name]
+    assert type(pipe.tokenizer) is CLIPTokenizer
+    assert type(getattr(pipe, T5_TOKENIZER[name])) is T5Tokenizer
+    t5 = pipe.text_encoder_2 if name == "tiny-flux" else pipe.text_encoder_3
+    assert type(t5) is T5EncoderModel
+    # The CLIP pooling looks for the EOS id: text config and tokenizer must agree.
+    assert pipe.text_encoder.config.eos_token_id == pipe.tokenizer.eos_token_id
+    assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 8
+    assert pipe.vae.config.latent_channels == 16
+    scheduler = pipe.scheduler.config
+    assert scheduler.shift == 3.0
+    assert scheduler.use_dynamic_shifting == (name == "tiny-flux")
+    n_params = sum(
+        p.numel() for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()
+    )
+    assert 200_000 < n_params < 1_500_000
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tokenizers_cover_english(loaded: dict, name: str) -> None:
+    pipe = loaded[name]
+    clip = pipe.tokenizer
+    ids = clip(PROMPT).input_ids
+    tokens = clip.convert_ids_to_tokens(ids)
+    assert tokens[0] == "<|startoftext|>" and tokens[-1] == "<|endoftext|>"
+    assert {"photo</w>", "fox</w>", "snow</w>", "sunset</w>"} <= set(tokens)  # whole words
+    assert clip.decode(ids, skip_special_tokens=True) == PROMPT.lower().replace(",", " ,")
+    assert clip.model_max_length == 77
+
+    t5 = getattr(pipe, T5_TOKENIZER[name])
+    assert t5.model_max_length >= 512  # SD3 passes max_sequence_length 256, FLUX 512
+    ascii_text = PROMPT + " 0123456789 !?#$%&'()*+-./:;<=>@[]^_`{|}~ \\ \" ZEBRA"
+    ids = t5(ascii_text).input_ids
+    assert t5.unk_token_id not in ids and ids[-1] == t5.eos_token_id
+    assert {"▁photo", "▁fox", "▁snow"} <= set(t5.convert_ids_to_tokens(ids))
+
+
+def test_check_supported(loaded: dict) -> None:
+    from diffusers import SD3Transformer2DModel
+
+    assert [models.check_supported(loaded[n]) for n in NAMES] == ["sd3", "sd3", "flux"]
+    assert [models.check_supported(loaded[n].transformer) for n in NAMES] == ["sd3", "sd3", "flux"]
+    assert models.model_family(loaded["tiny-flux"]) == "flux"
+
+    class MySD3(SD3Transformer2DModel):
+        pass
+
+    sub = MySD3.from_config(loaded["tiny-sd3"].transformer.config)
+    assert models.check_supported(sub) == "sd3"
+    assert models.check_supported(types.SimpleNamespace(transformer=sub)) == "sd3"
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("size", [(64, 96), (128, 128)])
+def test_two_step_generation(loaded: dict, name: str, size: tuple[int, int]) -> None:
+    height, width = size
+
+    def generate() -> np.ndarray:
+        return loaded[name](
+            PROMPT,
+            num_inference_steps=2,
+            height=height,
+            width=width,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+
+    image = generate()
+    assert image.shape == (1, height, width, 3)
+    assert np.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0
+    assert image.std() > 0  # not a constant image: the random networks do produce something
+    np.testing.assert_array_equal(generate(), image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cache_layout(taca_cache: Path) -> None:
+    path = models.embedded_model_path("tiny-sd3")
+    assert path == taca_cache / "models" / f"tiny-sd3-v{models.RECIPE_VERSION}"
+    assert (path / "model_index.json").is_file()
+    assert json.loads((path / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    assert not list(path.parent.glob(".*building*"))  # no temporary folders left behind
+
+
+def test_cache_location_falls_back_to_xdg_then_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("TACA_PROBE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = models.embedded_model_path("tiny-flux")
+    assert path == tmp_path / "xdg" / "taca-probe" / "models" / f"tiny-flux-v{models.RECIPE_VERSION}"
+    assert (path / "model_index.json").is_file()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert models._cache_root() == tmp_path / "home" / ".cache" / "taca-probe"
+
+
+def test_second_use_loads_from_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    path = models.embedded_model_path("tiny-sd35")
+    before = {f: f.stat().st_mtime_ns for f in path.rglob("*")}
+
+    def no_rebuild(name: str, folder: Path) -> None:
+        raise AssertionError(f"rebuilt {name} although it is cached")
+
+    monkeypatch.setattr(models, "_build_into", no_rebuild)
+    assert models.embedded_model_path("tiny-sd35") == path
+    pipe = models.load_pipeline("tiny-sd35", device="cpu")
+    assert models.check_supported(pipe) == "sd3"
+    assert {f: f.stat().st_mtime_ns for f in path.rglob("*")} == before
+
+
+def test_interrupted_build_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TACA_PROBE_CACHE", str(tmp_path))
+    real_build = models._build_into
+
+    def killed(name: str, folder: Path) -> None:
+        (folder / "model_index.json").write_text("{}")  # half-written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_build_into", killed)
+    with pytest.raises(KeyboardInterrupt):
+        models.embedded_model_path("tiny-flux")
+    assert list((tmp_path / "models").iterdir()) == []
+
+    monkeypatch.setattr(models, "_build_into", real_build)
+    assert (models.embedded_model_path("tiny-flux") / "transformer").is_dir()
+
+
+def test_concurrent_build_keeps_the_first_finished(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TACA_PROBE_CACHE", str(tmp_path))
+    target = tmp_path / "models" / f"tiny-flux-v{models.RECIPE_VERSION}"
+    real_build = models._build_into
+
+    def racing(name: str, folder: Path) -> None:
+        real_build(name, folder)
+        # Meanwhile another process finished its build and renamed it into place.
+        real_build(name, target)
+        (target / "winner").write_text("other process")
+
+    monkeypatch.setattr(models, "_build_into", racing)
+    assert models.embedded_model_path("tiny-flux") == target
+    assert (target / "winner").read_text() == "other process"
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [target.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_builds_are_identical(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> None:
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    first = models.embedded_model_path(name)
+    monkeypatch.setenv("TACA_PROBE_CACHE", str(tmp_path))
+    torch.manual_seed(12345)  # the build must not depend on (or disturb) the global RNG
+    state = torch.random.get_rng_state()
+    second = models.embedded_model_path(name)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert second != first
+
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(first / weights), load_file(second / weights)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for sub, cls in [("tokenizer", CLIPTokenizer), (T5_TOKENIZER[name], T5Tokenizer)]:
+        ids_a = cls.from_pretrained(first / sub)(PROMPT).input_ids
+        assert cls.from_pretrained(second / sub)(PROMPT).input_ids == ids_a
+    assert file_digests(first) == file_digests(second)  # byte for byte, every file
+
+
+def test_tokenizers_do_not_depend_on_hash_seed() -> None:
+    """Tokenizer training must not depend on set/dict order, which PYTHONHASHSEED changes.
+
+    (``tokenizers``' own BPE trainer fails this: its tie-breaking varies between processes.)
+    """
+    code = (
+        "import hashlib\n"
+        "from taca_probe.models import _build_clip_tokenizer, _build_t5_tokenizer\n"
+        "text = _build_clip_tokenizer().backend_tokenizer.to_str()"
+        " + _build_t5_tokenizer().backend_tokenizer.to_str()\n"
+        "print(hashlib.sha256(text.encode()).hexdigest())\n"
+    )
+    here = {}
+    exec(code.replace("print(", "digest = ("), here)  # noqa: S102 - the same code, in-process
+    # This process's hash seed is random (or set); the child's is fixed and different.
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    root = str(Path(models.__file__).resolve().parents[1])  # importable without installing
+    env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": root}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip().splitlines()[-1] == here["digest"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and dtypes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolve_device() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert models.resolve_device(None) == torch.device(expected)
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    assert models.resolve_device(" CPU ") == torch.device("cpu")
+    assert models.resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "", "cpu:0:1", "tpu"])
+def test_bad_device(bad: str) -> None:
+    with pytest.raises(ModelError) as excinfo:
+        models.resolve_device(bad)
+    one_line_error(excinfo, repr(bad), "cpu", "cuda", "cuda:N", "mps")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_cuda() -> None:
+    with pytest.raises(ModelError) as excinfo:
+        models.resolve_device("cuda:0")
+    one_line_error(excinfo, "'cuda:0'", "not available", "available: cpu")
+
+
+def test_resolve_dtype() -> None:
+    cpu = torch.device("cpu")
+    assert models.resolve_dtype(None, cpu) is torch.float32
+    if torch.cuda.is_available():
+        assert models.resolve_dtype(None, torch.device("cuda")) in (torch.bfloat16, torch.float16)
+    for names, dtype in [
+        (("fp32", "float32", "FP32", "torch.float32"), torch.float32),
+        (("bf16", "bfloat16"), torch.bfloat16),
+        (("fp16", "float16"), torch.float16),
+    ]:
+        for name in names:
+            assert models.resolve_dtype(name, cpu) is dtype
+        assert models.resolve_dtype(dtype, cpu) is dtype
+
+
+@pytest.mark.parametrize("bad", ["int8", "half", "", torch.int8, torch.float64])
+def test_bad_dtype(bad: object) -> None:
+    with pytest.raises(ModelError) as excinfo:
+        models.resolve_dtype(bad, torch.device("cpu"))  # type: ignore[arg-type]
+    one_line_error(excinfo, "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+
+
+def test_load_with_dtype() -> None:
+    pipe = models.load_pipeline("tiny-flux", device="cpu", dtype="bf16")
+    assert pipe.transformer.dtype == torch.bfloat16
+    assert pipe.device == torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_hub_id_from_local_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A hub id already in the local Hugging Face cache loads without the network."""
+    import huggingface_hub.constants
+
+    # A fake hub cache holding one snapshot of the tiny FLUX model as "taca-test/tiny-flux".
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--taca-test--tiny-flux"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(models.embedded_model_path("tiny-flux"), repo / "snapshots" / commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+
+    pipe = models.load_pipeline("taca-test/tiny-flux", device="cpu", dtype="bf16")
+    assert models.check_supported(pipe) == "flux"
+    assert pipe.transformer.dtype == torch.bfloat16
+
+    with pytest.raises(ModelError) as excinfo:
+        models.load_pipeline("taca-test/not-downloaded", device="cpu")
+    one_line_error(excinfo, "hf download taca-test/not-downloaded", *NAMES)
+
+
+def test_unknown_model() -> None:
+    with pytest.raises(ModelError) as excinfo:
+        models.load_pipeline("no-such-org/no-such-model-for-taca-probe", device="cpu")
+    one_line_error(excinfo, *NAMES, "local folder", "Hugging Face cache", "hf download")
+
+
+def test_not_a_model_id_nor_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelError) as excinfo:
+        models.load_pipeline(str(tmp_path / "missing" / "deeper" / "folder"), device="cpu")
+    one_line_error(excinfo, *NAMES, "local folder")
+
+
+def test_unknown_embedded_name() -> None:
+    with pytest.raises(ModelError) as excinfo:
+        models.embedded_model_path("tiny-sdxl")
+    one_line_error(excinfo, "'tiny-sdxl'", *NAMES)
+
+
+def test_folder_without_model_index(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError) as excinfo:
+        models.load_pipeline(str(tmp_path), device="cpu")
+    one_line_error(excinfo, "model_index.json", *NAMES)
+
+
+def test_file_instead_of_folder(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"\0")
+    with pytest.raises(ModelError) as excinfo:
+        models.load_pipeline(checkpoint, device="cpu")
+    one_line_error(excinfo, "not a diffusers folder", "model_index.json")
+
+
+def test_broken_folder(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(models.embedded_model_path("tiny-flux"), broken)
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelError) as excinfo:
+        models.load_pipeline(broken, device="cpu")
+    assert excinfo.value.__cause__ is not None
+    one_line_error(excinfo, "cannot load", str(broken))
+
+
+def test_unwritable_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("TACA_PROBE_CACHE", str(not_a_folder))
+    with pytest.raises(ModelError) as excinfo:
+        models.load_pipeline("tiny-sd3", device="cpu")
+    one_line_error(excinfo, "TACA_PROBE_CACHE")
+
+
+def test_unsupported_transformer() -> None:
+    with pytest.raises(ModelError) as excinfo:
+        models.check_supported(torch.nn.Linear(2, 2))
+    one_line_error(excinfo, "Linear", "SD3Transformer2DModel", "FluxTransformer2DModel")
+
+    with pytest.raises(ModelError) as excinfo:
+        models.check_supported(types.SimpleNamespace(transformer=torch.nn.Conv2d(1, 1, 1)))
+    one_line_error(excinfo, "Conv2d", "SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def test_pipeline_without_transformer() -> None:
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    with pytest.raises(ModelError) as excinfo:
+        models.check_supported(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()))
+    one_line_error(excinfo, "DDPMPipeline", "SD3Transformer2DModel", "FluxTransformer2DModel")
