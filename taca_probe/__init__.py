@@ -4,6 +4,8 @@ The public API, imported lazily so that ``taca-probe --help`` does not pay for d
 
 - :func:`taca` / :func:`apply_taca` / :class:`TacaConfig`: the TACA intervention;
 - :mod:`taca_probe.schedules`: gamma schedules and their one-line string forms;
+- :func:`probe` / :func:`open_run`: record attention statistics into zarr stores, open them
+  as labeled xarray Datasets;
 - :func:`load_pipeline`: embedded tiny models, local folders, cached hub models;
 - :class:`TacaProbeError`: what bad input raises.
 """
@@ -25,6 +27,9 @@ _EXPORTS = {
     "DEFAULT_MODEL": "models",
     "TacaProbeError": "errors",
     "taca_attention": "attention",
+    "probe": "recording",
+    "MapSelection": "recording",
+    "open_run": "store",
 }
 
 __all__ = sorted(_EXPORTS) + ["schedules", "__version__"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["JointLayout", "sdpa_with_lse", "taca_attention", "lse_backend"]
+__all__ = ["JointLayout", "sdpa_with_lse", "taca_attention", "attention_statistics", "lse_backend"]
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,8 @@ def taca_attention(
         ``mass`` (B, H, N_vis) fp32: each visual query's attention probability on text keys, as
         applied (gamma included); ``lse_vis`` (B, H, N_vis) and ``lse_txt`` (B, H, N_txt) fp32:
         each query's log-sum-exp over all keys of its applied logits, so that the probability of
-        any key is ``exp(applied logit - lse)`` without forming the matrix.
+        any key is ``exp(applied logit - lse)`` without forming the matrix; ``lse_vv``
+        (B, H, N_vis) fp32 over visual keys only (None at gamma = 1, where it is not needed).
     """
     if not gamma > 0 or not math.isfinite(gamma):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma}")
@@ -260,7 +261,7 @@ def taca_attention(
                                   attn_mask=_mask_part(attn_mask, vis, txt))
         lse_vis = lse[:, :, vis]
         mass = torch.exp(lse_vt - lse_vis).clamp_(max=1.0)  # (B, H, N_vis)
-        return out, {"mass": mass, "lse_vis": lse_vis, "lse_txt": lse[:, :, txt]}
+        return out, {"mass": mass, "lse_vis": lse_vis, "lse_txt": lse[:, :, txt], "lse_vv": None}
 
     # Visual queries: two partial calls (text keys at scale*gamma, visual keys at scale).
     o_vt, lse_vt = sdpa_with_lse(q_v, k[:, :, txt], v[:, :, txt], scale=base * gamma,
@@ -279,4 +280,90 @@ def taca_attention(
         out[:, :, txt] = F.scaled_dot_product_attention(q[:, :, txt], k, v, attn_mask=mask_t, scale=scale)
         return out
     out[:, :, txt], lse_txt = sdpa_with_lse(q[:, :, txt], k, v, scale=scale, attn_mask=mask_t)
-    return out, {"mass": mass, "lse_vis": torch.logaddexp(lse_vt, lse_vv), "lse_txt": lse_txt}
+    return out, {"mass": mass, "lse_vis": torch.logaddexp(lse_vt, lse_vv), "lse_txt": lse_txt, "lse_vv": lse_vv}
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics for the probe, from the parts of the same call
+# --------------------------------------------------------------------------------------------
+
+
+def attention_statistics(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: JointLayout,
+    gamma: float,
+    parts: dict,
+    *,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    map_tokens: torch.Tensor | None = None,
+    block_bytes: int = 64 << 20,
+) -> dict[str, torch.Tensor]:
+    """Cross-modal attention statistics of one call, on the device, without the N x N matrix.
+
+    Only the small visual-query x text-key logit block is formed, a few heads at a time
+    (at most ``block_bytes`` of fp32), plus the text x text block.
+
+    Parameters
+    ----------
+    q, k
+        ``(B, H, S, D)`` as given to the attention call.
+    layout, gamma, scale, attn_mask
+        As for :func:`taca_attention`.
+    parts
+        The ``parts`` that :func:`taca_attention` returned for this call.
+    map_tokens
+        Optional long tensor of text-token indices whose per-image-token maps to return.
+
+    Returns
+    -------
+    dict of fp32 tensors
+        ``vis_txt_mass`` (B, H): mean over visual queries of the probability on text keys, as
+        applied; ``vis_txt_mass_ref`` (B, H): the same at gamma = 1 on these activations;
+        ``txt_vis_mass`` (B, H): mean over text queries of the probability on visual keys;
+        ``token_mass`` (B, N_txt): mean over heads and visual queries of the probability on each
+        text token; ``maps`` (B, N_vis, len(map_tokens)) head-mean probabilities, if asked.
+    """
+    txt, vis = layout.split(q.shape[2])
+    base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    B, H = q.shape[:2]
+    q_v, q_t, k_t = q[:, :, vis], q[:, :, txt], k[:, :, txt]
+    n_vis, n_txt = q_v.shape[2], k_t.shape[2]
+    mask_vt = _mask_part(attn_mask, vis, txt)
+    mask_tt = _mask_part(attn_mask, txt, txt)
+
+    # Text queries: their mass on visual keys is 1 - (their mass on text keys).
+    s_tt = torch.matmul(q_t.float(), k_t.float().transpose(-1, -2)).mul_(base)  # (B, H, N_txt, N_txt)
+    if mask_tt is not None:
+        s_tt = s_tt + _additive_mask(mask_tt, torch.float32)
+    txt_vis = (-torch.expm1(torch.logsumexp(s_tt, dim=-1) - parts["lse_txt"])).mean(-1)  # (B, H)
+    del s_tt
+
+    token_sum = q.new_zeros((B, n_txt), dtype=torch.float32)
+    maps = None if map_tokens is None else q.new_zeros((B, n_vis, len(map_tokens)), dtype=torch.float32)
+    ref = []
+    step = max(1, block_bytes // max(1, B * n_vis * n_txt * 4))
+    for h0 in range(0, H, step):
+        hs = slice(h0, h0 + step)
+        s = torch.matmul(q_v[:, hs].float(), k_t[:, hs].float().transpose(-1, -2)).mul_(base)  # (B, h, N_vis, N_txt)
+        if mask_vt is not None:
+            s = s + _additive_mask(mask_vt, torch.float32)
+        if gamma != 1.0:
+            ref.append(torch.sigmoid(torch.logsumexp(s, dim=-1) - parts["lse_vv"][:, hs]).mean(-1))
+        # Applied probabilities of the text keys: exp(gamma * s - lse over all keys).
+        p = s.mul_(gamma).sub_(parts["lse_vis"][:, hs, :, None]).exp_()
+        token_sum += p.sum(dim=(1, 2))
+        if maps is not None:
+            maps += p[..., map_tokens].sum(dim=1)
+        del s, p
+    vis_txt = parts["mass"].mean(-1)  # (B, H)
+    out = {
+        "vis_txt_mass": vis_txt,
+        "vis_txt_mass_ref": torch.cat(ref, dim=1) if ref else vis_txt,
+        "txt_vis_mass": txt_vis,
+        "token_mass": token_sum / (H * n_vis),
+    }
+    if maps is not None:
+        out["maps"] = maps / H
+    return out

@@ -133,6 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="out", help="output folder (default ./out)")
     gen.set_defaults(func=cmd_generate)
 
+    rec = sub.add_parser(
+        "record",
+        help="sample prompts x seeds and record cross-modal attention into a zarr store",
+        description="Sample every prompt once per seed and record, per layer, step and head, the "
+        "visual->text and text->visual attention mass (and optional per-token maps) into a zarr store "
+        "that opens with taca_probe.open_run as an xarray Dataset. " + EMBEDDED_NOTE,
+    )
+    _add_model_args(rec)
+    _add_sampling_args(rec)
+    rec.add_argument("--schedule", default="none",
+                     help="TACA schedule while recording (default none: the stock model). " + _schedule_help())
+    rec.add_argument("--maps", default=None, metavar="SPEC",
+                     help="also record per-token attention maps for a selection, e.g. 'steps=0-4;layers=all;"
+                     "tokens=prompt' (default: no maps)")
+    rec.add_argument("--branch", default="cond", choices=["cond", "uncond", "both"],
+                     help="CFG branch to record (default cond; both adds a branch dimension)")
+    rec.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
+    rec.add_argument("--lora-scale", type=float, default=1.0, help="LoRA weight while active (default 1)")
+    rec.add_argument("--out", default="run.zarr", help="store folder (default ./run.zarr)")
+    group = rec.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="complete an existing store (same settings)")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    rec.set_defaults(func=cmd_record)
+
+    info = sub.add_parser("info", help="schema, sizes and provenance of a store")
+    info.add_argument("store", help="store folder")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+
     bench = sub.add_parser("bench", help="benchmarks (not tests): the cost of TACA against stock attention")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=_Parser)
     ba = bsub.add_parser("attention", help="time stock SDPA, TACA, the naive materialized path and eager flex",
@@ -225,6 +254,118 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 (out / f"{stem}.json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
                 index += 1
     print(f"wrote {index} image(s) with JSON sidecars to {out}/")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# record / info
+# ------------------------------------------------------------------------------------------------
+
+
+def _default_size(pipe) -> tuple[int, int]:
+    size = int(getattr(pipe, "default_sample_size", 128)) * int(getattr(pipe, "vae_scale_factor", 8))
+    return size, size
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from .recording import MapSelection
+    from .schedules import parse
+    from .store import StoreError, is_store
+
+    schedule = parse(args.schedule)  # validate cheap things before loading a model
+    maps = MapSelection.parse(args.maps)
+    items = _read_prompts(args)
+    out = Path(args.out)
+    if out.exists() and not (args.resume or args.overwrite):
+        raise StoreError(f"{str(out)!r} already exists; pass --resume to complete it or --overwrite to replace it")
+    if out.exists() and not is_store(out):
+        raise StoreError(f"{str(out)!r} exists and is not a taca-probe store; choose another --out")
+    if args.resume and not out.exists():
+        raise StoreError(f"--resume: no store at {str(out)!r}")
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .models import load_pipeline, resolve_device, resolve_dtype
+    from .recording import check_resume, probe, run_settings
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
+    _check_size(pipe, args.height, args.width)
+    height, width = args.height or _default_size(pipe)[0], args.width or _default_size(pipe)[1]
+    call = {"num_inference_steps": args.steps, "height": height, "width": width}
+    if args.guidance is not None:
+        call["guidance_scale"] = args.guidance
+    run_attrs = {"guidance": args.guidance, "lora": None if args.lora is None else str(args.lora),
+                 "lora_scale": args.lora_scale}
+    if args.resume:
+        settings = run_settings(pipe, schedule=schedule, maps=maps, branch=args.branch, model=args.model)
+        check_resume(out, settings, {"steps": args.steps, "height": height, "width": width, "guidance": args.guidance})
+    plan = [(p, s) for p, seeds in items for s in seeds]
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
+    recorded = skipped = 0
+    with probe(pipe, out, schedule=schedule, maps=maps, branch=args.branch, mode=mode, lora=args.lora,
+               lora_scale=args.lora_scale, attrs=run_attrs, model=args.model) as run:
+        bar = tqdm(plan, desc="samples", unit="sample", file=sys.stderr)
+        for prompt, seed in bar:
+            bar.set_postfix_str(f"seed {seed}: {prompt[:40]}")
+            if run.sample(prompt, seed=seed, **call):
+                recorded += 1
+            else:
+                skipped += 1
+    print(f"store: {out}  ({recorded} recorded, {skipped} already complete)")
+    print(_summary(out))
+    return 0
+
+
+def _summary(path: Path) -> str:
+    """One screen: mean visual->text mass by block type at the first and last step."""
+    from .store import open_run
+
+    ds = open_run(path)
+    if ds.sizes["sample"] == 0:
+        return "(no complete sample)"
+    lines = [f"{ds.sizes['sample']} sample(s), {ds.sizes['step']} steps, {ds.sizes['layer']} attention layers, "
+             f"{ds.attrs.get('n_txt')} text + {ds.attrs.get('n_vis')} image tokens; schedule {ds.attrs.get('schedule')}"]
+    uniform = ds.attrs["n_txt"] / (ds.attrs["n_txt"] + ds.attrs["n_vis"])
+    first, last = 0, ds.sizes["step"] - 1
+    t = ds["timestep"].isel(sample=0).values
+    lines.append(f"mean visual->text attention mass (uniform attention would give {uniform:.4f}):")
+    lines.append(f"  {'block type':<10} {'layers':>6} {'step 0 (t=%.0f)' % t[first]:>18} {'step %d (t=%.0f)' % (last, t[last]):>18}")
+    mass = ds["vis_txt_mass"]
+    if "branch" in mass.dims:
+        mass = mass.sel(branch="cond")
+    for bt in sorted(set(ds["block_type"].values.tolist())):
+        sel = mass.where(ds["block_type"] == bt, drop=True)
+        m = sel.mean(("sample", "layer", "head"))
+        lines.append(f"  {bt:<10} {sel.sizes['layer']:>6} {float(m.isel(step=first)):>18.4f} {float(m.isel(step=last)):>18.4f}")
+    if ds.attrs.get("schedule") not in (None, "none"):
+        ref = ds["vis_txt_mass_ref"]
+        if "branch" in ref.dims:
+            ref = ref.sel(branch="cond")
+        r = float(mass.isel(step=first).mean()) / float(ref.isel(step=first).mean())
+        lines.append(f"  TACA amplification at step 0 (applied / gamma=1 mass): {r:.3f}x")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .store import store_info
+
+    info = store_info(args.store)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['path']}: taca-probe store, schema {info['schema']}")
+    print(f"samples: {info['samples_complete']} complete, {info['samples_incomplete']} incomplete; "
+          f"{info['stored_bytes'] / 2**20:.2f} MiB on disk")
+    print("variables:")
+    for name, a in info["arrays"].items():
+        dims = ", ".join(f"{d}={n}" for d, n in zip(a["dims"], a["shape"]))
+        print(f"  {name:<17} {a['dtype']:<8} ({dims})  chunks {tuple(a['chunks'])}  {a['stored_bytes'] / 1024:.1f} KiB")
+    print("provenance:")
+    for k, v in info["attrs"].items():
+        print(f"  {k}: {v}")
     return 0
 
 

@@ -8,6 +8,11 @@ weights, saved once into a cache folder, and loaded from there with ``from_pretr
 other diffusers folder. They exercise the machinery (hooks, processors, schedules, pipelines), not
 the science: their images are noise.
 
+One embedded model is *trained*: ``shapes``, a tiny Stable Diffusion 3 pipeline trained on the
+procedural shapes dataset of :mod:`taca_probe.shapes`, whose weights ship inside the package (no
+build, no cache). It follows colour / shape / spatial-relation prompts, so its attention means
+something, and :mod:`taca_probe.shapes.evaluator` scores its images exactly. It is the default.
+
 Heavy libraries (diffusers, transformers) are imported inside the functions that need them, so
 that importing this module (e.g. for ``taca-probe --help``) stays fast.
 """
@@ -39,10 +44,13 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
+    "RANDOM_MODELS",
     "RECIPE_VERSION",
+    "SHIPPED_MODELS",
     "check_supported",
     "embedded_model_path",
     "load_pipeline",
+    "model_call_defaults",
     "model_family",
     "resolve_device",
     "resolve_dtype",
@@ -54,8 +62,23 @@ RECIPE_VERSION = 1
 
 _RANDOM = "random weights: exercises the machinery, not the science"
 
+#: Trained embedded models whose weights ship inside the package: name -> (package, folder).
+SHIPPED_MODELS: dict[str, tuple[str, str]] = {"shapes": ("taca_probe.shapes", "weights")}
+
+#: The random-weight recipes (built into the cache on first use), for tests that need a
+#: particular architecture.
+RANDOM_MODELS: tuple[str, ...] = ("tiny-sd3", "tiny-sd35", "tiny-flux")
+
+#: Name of the file, next to a pipeline's model_index.json, that holds its recommended
+#: ``pipe(...)`` arguments (written by ``python -m taca_probe.shapes.train``).
+CALL_DEFAULTS_FILE = "call_defaults.json"
+
 #: Embedded tiny pipelines, name -> one-line description.
 EMBEDDED_MODELS: dict[str, str] = {
+    "shapes": (
+        "tiny Stable Diffusion 3 pipeline (6 joint blocks, 256 image + 32 text tokens, 64x64 px) TRAINED on "
+        "procedural coloured shapes: follows prompts like 'a red circle to the left of a blue square'"
+    ),
     "tiny-sd3": (
         "tiny Stable Diffusion 3 pipeline (3 joint blocks, the last context_pre_only; CLIP-L/G + T5); "
         + _RANDOM
@@ -70,8 +93,8 @@ EMBEDDED_MODELS: dict[str, str] = {
     ),
 }
 
-#: The model used when none is named. A single constant so that a trained model can replace it.
-DEFAULT_MODEL = "tiny-sd3"
+#: The model used when none is named: the trained one, whose attention means something.
+DEFAULT_MODEL = "shapes"
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +359,7 @@ def load_pipeline(
     if model in EMBEDDED_MODELS:
         source: str | Path = embedded_model_path(model)
         what = f"embedded model {model!r} from {source}"
-        hint = f"; delete {source} to rebuild it"
+        hint = "; reinstall taca-probe" if model in SHIPPED_MODELS else f"; delete {source} to rebuild it"
         quiet = True
     elif os.path.exists(os.path.expanduser(model)):
         folder = Path(os.path.expanduser(model))
@@ -836,6 +859,82 @@ def _build_into(name: str, folder: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Shipped (trained) models and recommended call settings
+# --------------------------------------------------------------------------------------------
+
+
+def _shipped_path(name: str) -> Path:
+    """The folder of a shipped model inside the installed package, checked to be complete."""
+    import importlib.resources
+
+    package, folder = SHIPPED_MODELS[name]
+    path = Path(str(importlib.resources.files(package) / folder))
+    if not (path / "model_index.json").is_file():
+        raise ModelError(
+            f"embedded model {name!r} has no weights at {path} (incomplete installation); reinstall "
+            f"taca-probe, or train them with `python -m {package}.train --out DIR` and pass DIR/pipeline as the model"
+        )
+    return path
+
+
+def _pipeline_folder(pipe: Any) -> Path | None:
+    source = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not source:
+        return None
+    path = Path(os.path.expanduser(str(source)))
+    return path if path.is_dir() else None
+
+
+def model_call_defaults(model: str | os.PathLike[str] | Any) -> dict[str, Any]:
+    """The recommended ``pipe(...)`` arguments of a model (size, steps, guidance, text length).
+
+    Trained models need them: the shapes model was trained with 16 T5 tokens, and the SD3
+    pipeline's default ``max_sequence_length=256`` would append 240 padding tokens it never saw.
+
+    Parameters
+    ----------
+    model : str, os.PathLike or DiffusionPipeline
+        An embedded model name, a local pipeline folder, or a loaded pipeline (its source folder is
+        looked up). The settings come from ``call_defaults.json`` next to ``model_index.json``
+        (written by ``python -m taca_probe.shapes.train``).
+
+    Returns
+    -------
+    dict
+        E.g. ``{"height": 64, "width": 64, "num_inference_steps": 25, "guidance_scale": 5.0,
+        "max_sequence_length": 16}``; empty for models without such a file (the random tiny models,
+        hub models, other folders). A new dict each call: the caller may change it.
+
+    Raises
+    ------
+    ModelError
+        If a shipped model's weights are missing, or its call_defaults.json is unreadable.
+    """
+    import json
+
+    if isinstance(model, (str, os.PathLike)):
+        name = os.fspath(model)
+        if name in SHIPPED_MODELS:
+            folder: Path | None = _shipped_path(name)
+        elif name in EMBEDDED_MODELS:
+            return {}
+        else:
+            path = Path(os.path.expanduser(name))
+            folder = path if path.is_dir() else None
+    else:
+        folder = _pipeline_folder(model)
+    if folder is None or not (folder / CALL_DEFAULTS_FILE).is_file():
+        return {}
+    try:
+        data = json.loads((folder / CALL_DEFAULTS_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {folder / CALL_DEFAULTS_FILE}: {_first_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{folder / CALL_DEFAULTS_FILE} must hold a JSON object of pipe(...) arguments")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
 # Embedded tiny models: cache
 # --------------------------------------------------------------------------------------------
 
@@ -867,6 +966,9 @@ def embedded_model_path(name: str) -> Path:
     place when complete, so an interrupted build never leaves a half-written model, and when two
     processes build at once the first to finish wins and the other discards its copy.
 
+    A trained model (:data:`SHIPPED_MODELS`) is not built: its folder inside the installed
+    package is returned as is.
+
     Parameters
     ----------
     name : str
@@ -880,10 +982,13 @@ def embedded_model_path(name: str) -> Path:
     Raises
     ------
     ModelError
-        If ``name`` is not an embedded model, or the cache folder cannot be written.
+        If ``name`` is not an embedded model, the cache folder cannot be written, or a shipped
+        model's weights are missing from the installation.
     """
     if name not in EMBEDDED_MODELS:
         raise ModelError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    if name in SHIPPED_MODELS:
+        return _shipped_path(name)
     models_dir = _cache_root() / "models"
     target = models_dir / f"{name}-v{RECIPE_VERSION}"
     if (target / "model_index.json").is_file():

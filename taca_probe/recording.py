@@ -1,0 +1,557 @@
+"""The probe: record cross-modal attention statistics while a pipeline samples.
+
+``probe(pipe, path, schedule=..., maps=..., branch=...)`` installs TACA (shared machinery with
+:func:`taca_probe.taca`, including ``schedule="none"`` for the stock model) with an observer that
+computes, in the same attention call that produces the output, the statistics of
+:func:`taca_probe.attention.attention_statistics`. They stay on the device during a transformer
+call and cross to the host once per call (one copy, one sync), then go to the store when a sample
+is finished. Each ``run.sample(...)`` appends one sample per generated image.
+
+Which transformer calls are recorded (``branch``):
+
+- SD3 with batched CFG: one call per step with batch ``[uncond..., cond...]``; ``cond`` takes the
+  second half of the rows, ``uncond`` the first.
+- FLUX: one call per step (guidance-distilled, ``cond``), or two with true CFG, cond then uncond.
+- Further calls in a step (SD3 skip-layer guidance) are not recorded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .attention import JointLayout, attention_statistics
+from .errors import TacaProbeError
+from .intervention import TacaConfig, TacaHandle, apply_taca
+from .processors import Site
+from .schedules import Schedule, parse
+from .store import RunLayout, RunWriter, StoreError, is_store, remove_store
+
+__all__ = ["MapSelection", "probe", "Run", "BRANCHES", "prompt_tokens"]
+
+BRANCHES = ("cond", "uncond", "both")
+_MASS_VARS = ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass")
+
+
+# ------------------------------------------------------------------------------------------------
+# Which maps to record
+# ------------------------------------------------------------------------------------------------
+
+
+def _int_set(text: str) -> tuple[int, ...]:
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-", 1)
+            lo, hi = int(a), int(b)
+            if lo < 0 or hi < lo:
+                raise ValueError(part)
+            out.update(range(lo, hi + 1))
+        else:
+            v = int(part)
+            if v < 0:
+                raise ValueError(part)
+            out.add(v)
+    return tuple(sorted(out))
+
+
+_MAPS_FORMS = (
+    "steps=all|0-4,7 ; layers=all|GLOB[|GLOB] ; tokens=prompt|all|0-10,12 "
+    "(parts separated by ';', each optional; e.g. 'steps=0-4;tokens=prompt')"
+)
+
+
+@dataclass(frozen=True)
+class MapSelection:
+    """Which (step, layer, token) maps to record.
+
+    Attributes
+    ----------
+    steps
+        Step indices, or None for all.
+    layers
+        fnmatch globs on the module path, or None for all.
+    tokens
+        ``"prompt"`` (the prompt's own, non-padding tokens), ``"all"``, or explicit indices.
+    """
+
+    steps: tuple[int, ...] | None = None
+    layers: tuple[str, ...] | None = None
+    tokens: str | tuple[int, ...] = "prompt"
+
+    @classmethod
+    def parse(cls, spec: "str | MapSelection | None") -> "MapSelection | None":
+        """``None``/``"none"`` -> no maps; otherwise e.g. ``"steps=0-4;layers=*;tokens=prompt"``."""
+        if spec is None or isinstance(spec, MapSelection):
+            return spec
+        text = spec.strip()
+        if text.lower() in ("", "none"):
+            return None
+        kw: dict[str, Any] = {}
+        try:
+            for part in text.split(";"):
+                if not part.strip():
+                    continue
+                key, _, value = part.partition("=")
+                key, value = key.strip().lower(), value.strip()
+                if not value or key in kw:
+                    raise ValueError(part)
+                if key == "steps":
+                    kw["steps"] = None if value == "all" else _int_set(value)
+                elif key == "layers":
+                    kw["layers"] = None if value == "all" else tuple(p.strip() for p in value.split("|") if p.strip())
+                elif key == "tokens":
+                    kw["tokens"] = value if value in ("prompt", "all") else _int_set(value)
+                else:
+                    raise ValueError(part)
+        except ValueError:
+            raise TacaProbeError(f"bad maps selection {spec!r}; valid forms: none | {_MAPS_FORMS}") from None
+        return cls(**kw)
+
+    @property
+    def spec(self) -> str:
+        steps = "all" if self.steps is None else ",".join(map(str, self.steps))
+        layers = "all" if self.layers is None else "|".join(self.layers)
+        tokens = self.tokens if isinstance(self.tokens, str) else ",".join(map(str, self.tokens))
+        return f"steps={steps};layers={layers};tokens={tokens}"
+
+    def selects(self, step: int, layer: str) -> bool:
+        if self.steps is not None and step not in self.steps:
+            return False
+        return self.layers is None or any(fnmatch.fnmatchcase(layer, p) for p in self.layers)
+
+    def token_indices(self, is_padding: np.ndarray) -> np.ndarray:
+        n = len(is_padding)
+        if self.tokens == "all":
+            return np.arange(n)
+        if self.tokens == "prompt":
+            return np.flatnonzero(~is_padding)
+        return np.array([t for t in self.tokens if t < n], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokens as the pipeline sees them
+# ------------------------------------------------------------------------------------------------
+
+
+def prompt_tokens(pipe: Any, prompt: str, n_txt: int, max_sequence_length: int) -> tuple[list[str], np.ndarray, list[str]]:
+    """(token text, is-padding, source) for each of the ``n_txt`` text positions of ``prompt``.
+
+    SD3/SD3.5: CLIP tokens (77, the CLIP-L tokenizer's view of the joined CLIP-L/G embedding)
+    followed by T5 tokens. FLUX: T5 tokens only (CLIP gives just the pooled vector).
+    """
+    texts: list[str] = []
+    padding: list[bool] = []
+    source: list[str] = []
+
+    def add(tokenizer: Any, length: int, name: str) -> None:
+        if tokenizer is None:  # e.g. SD3 without T5: the pipeline feeds zeros there
+            texts.extend([""] * length)
+            padding.extend([True] * length)
+        else:
+            enc = tokenizer(prompt, padding="max_length", max_length=length, truncation=True,
+                            add_special_tokens=True, return_attention_mask=True)
+            ids = list(enc["input_ids"])[:length]
+            texts.extend(tokenizer.convert_ids_to_tokens(ids))
+            padding.extend(not bool(m) for m in list(enc["attention_mask"])[:length])
+        source.extend([name] * length)
+
+    if hasattr(pipe, "tokenizer_3"):  # SD3
+        clip_len = int(getattr(pipe, "tokenizer_max_length", 77))
+        add(pipe.tokenizer, clip_len, "clip")
+        add(pipe.tokenizer_3, n_txt - clip_len, "t5")
+    else:  # FLUX
+        add(pipe.tokenizer_2, n_txt, "t5")
+    if len(texts) != n_txt:
+        raise TacaProbeError(f"tokenizers gave {len(texts)} text positions, the transformer saw {n_txt}")
+    return texts, np.array(padding, dtype=bool), source
+
+
+# ------------------------------------------------------------------------------------------------
+# The recorder
+# ------------------------------------------------------------------------------------------------
+
+
+class _SampleBuffer:
+    """Host buffers of one ``run.sample`` call (n images), filled call by call."""
+
+    def __init__(self, n: int, steps: int, sites: list[Site], heads: int, n_txt: int, branches: tuple[str, ...]):
+        L = len(sites)
+        nb = len(branches)
+        self.values = {
+            name: np.full((n, nb, steps, L, n_txt if name == "token_mass" else heads), np.nan, np.float32)
+            for name in _MASS_VARS
+        }
+        self.timestep = np.full(steps, np.nan, np.float32)
+        self.sigma = np.full(steps, np.nan, np.float32)
+        self.gamma = np.full((steps, L), np.nan, np.float32)
+        self.maps: dict[tuple[int, int, int], np.ndarray] = {}  # (branch, step, layer) -> (n, N_vis, n_sel)
+        self.recorded = np.zeros((nb, steps), dtype=bool)
+
+
+class Run:
+    """What ``probe()`` yields: call :meth:`sample` to generate and record."""
+
+    def __init__(self, pipe: Any, path: Path, handle: TacaHandle, *, maps: MapSelection | None, branch: str,
+                 mode: str, attrs: dict[str, Any]):
+        self.pipe, self.path, self.handle = pipe, path, handle
+        self.maps, self.branch, self.mode = maps, branch, mode
+        self.branches = ("cond", "uncond") if branch == "both" else (branch,)
+        self.transformer = handle.transformer
+        self.sites = handle.sites
+        self.family = handle.family
+        self.heads = int(self.transformer.config.num_attention_heads)
+        self.attrs = attrs
+        self.writer: RunWriter | None = None
+        if mode == "resume" and path.exists():
+            self.writer = RunWriter.reopen(path)
+        self._buffer: _SampleBuffer | None = None
+        self._n_images = 1
+        self._call_step = -1
+        self._call_in_step = 0
+        self._rows: slice | None = None
+        self._branch_index = 0
+        self._device_stats: list[torch.Tensor] = []
+        self._device_maps: list[tuple[int, torch.Tensor]] = []
+        self._map_tokens: torch.Tensor | None = None
+        self._map_token_idx: np.ndarray | None = None
+        self._grid: tuple[int, int] | None = None
+        self._n_txt: int | None = None
+        self._max_seq: int | None = None
+        self._hooks = [
+            self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            self.transformer.register_forward_hook(self._post_forward),
+        ]
+
+    # -- public --------------------------------------------------------------------------------
+    def sample(self, prompt: str, *, seed: int = 0, num_images_per_prompt: int = 1, **pipe_kwargs: Any) -> list:
+        """Generate from ``prompt`` with ``torch.Generator('cpu').manual_seed(seed)`` and record.
+
+        Other keyword arguments go to the pipeline unchanged. Returns the PIL images; in a resumed
+        store, a prompt and seed that are already complete are skipped (returns ``[]``).
+        """
+        if not isinstance(prompt, str) or not prompt:
+            raise TacaProbeError("prompt must be a non-empty string")
+        n = int(num_images_per_prompt)
+        slots = self.writer.slots() if self.writer is not None else []
+        done = {(p, s, b) for p, s, b, c in slots if c}
+        if all((prompt, int(seed), b) in done for b in range(n)):
+            return []
+        first_slot = next((i for i, (_, _, _, c) in enumerate(slots) if not c), len(slots))
+        self._n_images = n
+        self._current_prompt, self._current_seed = prompt, int(seed)
+        self._max_seq = int(pipe_kwargs.get("max_sequence_length", 256 if self.family == "sd3" else 512))
+        self._buffer = None
+        self._call_step = -1
+        self.handle.calls.clear()
+        out = self.pipe(prompt, generator=torch.Generator("cpu").manual_seed(int(seed)),
+                        num_images_per_prompt=n, output_type="np", **pipe_kwargs)
+        buf = self._buffer
+        if buf is None:
+            raise TacaProbeError("the pipeline never called the transformer; nothing was recorded")
+        missing = np.flatnonzero(~buf.recorded.all(axis=0))
+        if missing.size:
+            raise TacaProbeError(f"steps {missing.tolist()} were not recorded for branch(es) {self.branches}")
+        images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)  # (n, H, W, 3), as diffusers' PIL
+        self._write(prompt, int(seed), images, first_slot)
+        from PIL import Image
+
+        return [Image.fromarray(im) for im in images]
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        call = self.handle.calls[-1]  # the TACA handle's pre-hook ran first and located the step
+        if call.step != self._call_step:
+            self._call_step, self._call_in_step = call.step, 0
+        else:
+            self._call_in_step += 1
+        bound = self.handle._sig.bind_partial(*args, **kwargs).arguments
+        hidden = bound["hidden_states"]
+        batch = hidden.shape[0]
+        n = self._n_images
+        self._rows = None
+        branch = None
+        if self.family == "sd3":
+            if self._call_in_step == 0:
+                if batch == 2 * n:
+                    rows = {"cond": slice(n, 2 * n), "uncond": slice(0, n)}
+                    self._rows = slice(0, 2 * n) if self.branch == "both" else rows[self.branch]
+                    branch = self.branch
+                elif batch == n and self.branch == "cond":
+                    self._rows, branch = slice(0, n), "cond"
+        else:
+            which = {0: "cond", 1: "uncond"}.get(self._call_in_step)
+            if which is not None and which in self.branches and batch == n:
+                self._rows, branch = slice(0, n), which
+        if self._rows is None:
+            self.handle.state.observer = None
+            return
+        self._branch_index = 0 if branch in ("cond", "both") else self.branches.index(branch)
+        self._current_branch = branch
+        if self.family == "sd3":
+            p = self.transformer.config.patch_size
+            grid = (hidden.shape[-2] // p, hidden.shape[-1] // p)
+        else:
+            ids = bound.get("img_ids")
+            if ids is None:
+                raise TacaProbeError("FLUX transformer called without img_ids; cannot tell the latent grid")
+            ids = ids.reshape(-1, ids.shape[-1])
+            grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+        n_txt = self.handle.state.n_txt
+        if self._buffer is None:
+            steps = call.num_steps or len(self.pipe.scheduler.timesteps)
+            self._buffer = _SampleBuffer(n, steps, self.sites, self.heads, n_txt, self.branches)
+            self._grid, self._n_txt = grid, n_txt
+            if self.maps is not None:
+                _, padding, _ = prompt_tokens(self.pipe, self._prompt_for_maps(), n_txt, self._max_seq)
+                idx = self.maps.token_indices(padding)
+                self._map_token_idx = idx
+                self._map_tokens = torch.as_tensor(idx, dtype=torch.long, device=hidden.device)
+        elif grid != self._grid or n_txt != self._n_txt:
+            raise TacaProbeError("the latent grid or text length changed within one sample")
+        self._device_stats.clear()
+        self._device_maps.clear()
+        self.handle.state.observer = self._observe
+
+    def _prompt_for_maps(self) -> str:
+        return self._current_prompt
+
+    def _observe(self, site: Site, q, k, layout: JointLayout, gamma: float, scale, parts: dict) -> None:
+        rows = self._rows
+        sel = {key: (v[rows] if v is not None else None) for key, v in parts.items()}
+        want_map = self.maps is not None and self.maps.selects(self._call_step, site.name) and len(self._map_tokens)
+        stats = attention_statistics(q[rows], k[rows], layout, gamma, sel, scale=scale,
+                                     map_tokens=self._map_tokens if want_map else None)
+        # (B, H) x 3 and (B, N_txt), flattened into one buffer so the call crosses to the host once
+        self._device_stats.append(torch.cat([stats[name].reshape(-1) for name in _MASS_VARS]))
+        if want_map:
+            self._device_maps.append((site.index, stats["maps"].to(torch.float16)))
+
+    def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self.handle.state.observer is None or self._rows is None:
+            return
+        self.handle.state.observer = None
+        buf, step = self._buffer, self._call_step
+        if len(self._device_stats) != len(self.sites):
+            raise TacaProbeError(f"recorded {len(self._device_stats)} of {len(self.sites)} attention sites at step {step}")
+        host = torch.stack(self._device_stats).cpu().numpy()  # (L, total): the one sync of this call
+        maps = [(i, m.cpu().numpy()) for i, m in self._device_maps]
+        B = self._rows.stop - self._rows.start
+        H, T = self.heads, self._n_txt
+        sizes = [B * H, B * H, B * H, B * T]
+        offsets = np.cumsum([0] + sizes)
+        for j, name in enumerate(_MASS_VARS):
+            block = host[:, offsets[j] : offsets[j + 1]].reshape(len(self.sites), B, -1)  # (L, B, H|T)
+            bad = ~np.isfinite(block)
+            if bad.any():
+                li = int(np.argwhere(bad)[0][0])
+                raise TacaProbeError(
+                    f"non-finite {name} at sample {self._current_prompt!r} (seed {self._current_seed}), "
+                    f"step {step}, layer {self.sites[li].name}"
+                )
+            block = block.transpose(1, 0, 2)  # (B, L, H|T)
+            if self._current_branch == "both":  # rows [uncond..., cond...]
+                n = B // 2
+                buf.values[name][:, 0, step] = block[n:]
+                buf.values[name][:, 1, step] = block[:n]
+            else:
+                buf.values[name][:, self._branch_index, step] = block
+        for li, m in maps:  # (B, N_vis, n_sel)
+            if self._current_branch == "both":
+                n = B // 2
+                buf.maps[(0, step, li)] = m[n:]
+                buf.maps[(1, step, li)] = m[:n]
+            else:
+                buf.maps[(self._branch_index, step, li)] = m
+        if self._current_branch == "both":
+            buf.recorded[:, step] = True
+        else:
+            buf.recorded[self._branch_index, step] = True
+        call = self.handle.calls[-1]
+        buf.timestep[step] = call.t
+        sigmas = getattr(self.pipe.scheduler, "sigmas", None)
+        buf.sigma[step] = float(sigmas[step]) if sigmas is not None and step < len(sigmas) else call.t / 1000.0
+        buf.gamma[step] = [self.handle.state.gammas.get(s.name, 1.0) for s in self.sites]
+
+    # -- writing -------------------------------------------------------------------------------
+    def _layout(self, images: np.ndarray) -> RunLayout:
+        _, _, sources = prompt_tokens(self.pipe, "", self._n_txt, self._max_seq)
+        return RunLayout(
+            steps=self._buffer.timestep.shape[0], layers=tuple(s.name for s in self.sites),
+            block_types=tuple(s.block_type for s in self.sites), heads=self.heads, n_txt=self._n_txt,
+            grid=self._grid, image_shape=tuple(images.shape[1:]), token_source=tuple(sources),
+            branches=self.branches, maps=self.maps is not None,
+        )
+
+    def _write(self, prompt: str, seed: int, images: np.ndarray, first_slot: int) -> None:
+        buf = self._buffer
+        layout = self._layout(images)
+        sample_attrs = {"steps": layout.steps, "height": int(images.shape[1]), "width": int(images.shape[2]),
+                        "n_txt": layout.n_txt, "n_vis": layout.grid[0] * layout.grid[1], "latent_grid": list(layout.grid)}
+        created = False
+        if self.writer is None:
+            self.writer = RunWriter.create(self.path, layout, {**self.attrs, **sample_attrs})
+            created = True
+        else:
+            stored = self.writer.layout
+            diffs = [f"{k}: store {getattr(stored, k)!r} vs now {getattr(layout, k)!r}"
+                     for k in ("steps", "layers", "heads", "n_txt", "grid", "image_shape", "branches", "maps")
+                     if getattr(stored, k) != getattr(layout, k)]
+            if diffs:
+                raise StoreError(f"sample does not fit the store {str(self.path)!r}: " + "; ".join(diffs))
+        texts, padding, _ = prompt_tokens(self.pipe, prompt, layout.n_txt, self._max_seq)
+        squeeze = layout.branch_dim == ()
+        try:
+            for b in range(images.shape[0]):
+                slot = first_slot + b
+                self.writer.reserve(slot)
+                values = {
+                    "prompt": prompt, "seed": seed, "batch_index": b,
+                    "timestep": buf.timestep, "sigma": buf.sigma, "gamma": buf.gamma,
+                    "token_text": np.array(texts, dtype=object), "token_is_padding": padding, "image": images[b],
+                }
+                for name in _MASS_VARS:
+                    v = buf.values[name][b]
+                    values[name] = v[0] if squeeze else v
+                self.writer.write(slot, values)
+                if self.maps is not None:
+                    idx = self._map_token_idx
+                    for (bi, step, li), m in buf.maps.items():
+                        block = np.full((layout.n_txt, *layout.grid), np.nan, np.float16)
+                        block[idx] = m[b].T.reshape(len(idx), *layout.grid)
+                        self.writer.write_map(slot, ((bi,) if not squeeze else ()) + (step, li), block)
+                self.writer.complete(slot)
+        except BaseException:
+            if created and not any(c for *_, c in self.writer.slots()):
+                remove_store(self.path)  # a store with no finished sample is not left behind
+                self.writer = None
+            raise
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.handle.state.observer = None
+
+
+@contextmanager
+def probe(
+    pipe: Any,
+    path: str | os.PathLike,
+    *,
+    schedule: Schedule | str = "none",
+    maps: MapSelection | str | None = None,
+    branch: str = "cond",
+    mode: str = "create",
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
+    attrs: dict[str, Any] | None = None,
+    model: str | None = None,
+) -> Iterator[Run]:
+    """Record cross-modal attention into a zarr store while ``pipe`` samples.
+
+    Parameters
+    ----------
+    pipe
+        A ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or compatible).
+    path
+        Store folder (created on the first finished sample).
+    schedule
+        TACA schedule applied while recording (``"none"``: the stock model).
+    maps
+        Map selection (:class:`MapSelection` or its string form), or None for no maps.
+    branch
+        ``"cond"``, ``"uncond"`` or ``"both"`` (adds a ``branch`` dimension).
+    mode
+        ``"create"`` refuses an existing path; ``"resume"`` appends to it, skipping samples already
+        complete; ``"overwrite"`` replaces it.
+    lora, lora_scale
+        As for :func:`taca_probe.taca`.
+    attrs
+        Extra provenance attributes.
+    model
+        The model's name as the user gave it (default: the pipeline's ``name_or_path``); stored and
+        compared on resume.
+
+    Yields
+    ------
+    Run
+    """
+    if branch not in BRANCHES:
+        raise TacaProbeError(f"unknown branch {branch!r}; choose from {', '.join(BRANCHES)}")
+    if mode not in ("create", "resume", "overwrite"):
+        raise TacaProbeError(f"unknown mode {mode!r}; choose from create, resume, overwrite")
+    schedule = parse(schedule)
+    maps = MapSelection.parse(maps)
+    p = Path(path)
+    if mode == "create" and p.exists():
+        raise StoreError(f"{str(p)!r} already exists; pass --resume to complete it or --overwrite to replace it")
+    if p.exists() and not is_store(p):
+        raise StoreError(f"{str(p)!r} exists and is not a taca-probe store; choose another path")
+    handle = apply_taca(pipe, TacaConfig(schedule=schedule, lora=lora, lora_scale=lora_scale))
+    run = None
+    try:
+        settings = run_settings(pipe, schedule=schedule, maps=maps, branch=branch, model=model)
+        if mode == "resume" and p.exists():
+            check_resume(p, settings)
+        if mode == "overwrite":
+            remove_store(p)
+        import diffusers
+
+        base_attrs = {
+            **settings,
+            "taca_probe_version": __version__, "torch_version": torch.__version__,
+            "diffusers_version": diffusers.__version__,
+            "schedule_description": schedule.describe(),
+            "device": str(handle.transformer.device),
+            "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **(attrs or {}),
+        }
+        run = Run(pipe, p, handle, maps=maps, branch=branch, mode=mode, attrs=base_attrs)
+        yield run
+    finally:
+        if run is not None:
+            run.close()
+        handle.remove()
+
+
+def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, branch: str,
+                 model: str | None = None) -> dict[str, Any]:
+    """The settings a resumed run must share with its store."""
+    transformer = pipe.transformer
+    return {
+        "model": str(model or getattr(pipe, "name_or_path", None) or getattr(transformer.config, "_name_or_path", "")),
+        "model_class": type(transformer).__name__,
+        "pipeline_class": type(pipe).__name__,
+        "dtype": str(transformer.dtype).removeprefix("torch."),
+        "schedule": schedule.spec,
+        "maps": None if maps is None else maps.spec,
+        "branch": branch,
+    }
+
+
+_RESUME_KEYS = ("model_class", "pipeline_class", "dtype", "schedule", "maps", "branch")
+
+
+def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Refuse to resume ``path`` with different settings, listing every difference."""
+    stored = RunWriter.reopen(path).attrs
+    want = {k: settings.get(k) for k in _RESUME_KEYS}
+    if settings.get("model"):
+        want["model"] = settings["model"]
+    want.update(extra or {})
+    diffs = [f"{k}: store has {stored.get(k)!r}, now {v!r}" for k, v in want.items() if k in stored and stored.get(k) != v]
+    if diffs:
+        raise StoreError(f"cannot resume {str(path)!r} with different settings: " + "; ".join(diffs))

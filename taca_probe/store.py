@@ -1,0 +1,337 @@
+"""Run stores: zarr v3 groups that open as labeled ``xarray.Dataset``\\s. This module alone knows zarr.
+
+Layout (schema version :data:`SCHEMA_VERSION`; the names are a contract, see the README):
+
+=====================  ==========================================  =========  ===============================
+variable               dimensions                                  dtype      chunk
+=====================  ==========================================  =========  ===============================
+``vis_txt_mass``       (sample, [branch,] step, layer, head)       float32    one sample
+``txt_vis_mass``       (sample, [branch,] step, layer, head)       float32    one sample
+``vis_txt_mass_ref``   (sample, [branch,] step, layer, head)       float32    one sample
+``token_mass``         (sample, [branch,] step, layer, token)      float32    one sample
+``maps`` (optional)    (sample, [branch,] step, layer, token, y, x) float16   one (sample, step, layer)
+``image``              (sample, image_y, image_x, channel)         uint8      one sample
+=====================  ==========================================  =========  ===============================
+
+Samples are written slot by slot: the arrays grow by one slot along ``sample``, the slot is filled,
+and only then is ``complete[slot]`` set. A process killed in between leaves a slot that is not
+complete: :func:`open_run` hides it and a resumed run rewrites it, so nothing finished is lost
+and nothing is duplicated. ``maps`` chunks that were not selected are never written and read back
+as NaN (the fill value).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import TacaProbeError
+
+__all__ = ["SCHEMA_VERSION", "StoreError", "RunLayout", "RunWriter", "open_run", "store_info", "is_store"]
+
+SCHEMA_VERSION = 1
+_SCHEMA_ATTR = "taca_probe_schema"
+_COMPLETE = "complete"
+
+#: Non-dimension coordinates, by the dimensions they hang on.
+_COORDS_SAMPLE = ("prompt", "seed", "batch_index")
+_COORDS_ALL = "prompt seed batch_index timestep sigma gamma block_type token_text token_source token_is_padding"
+
+
+class StoreError(TacaProbeError):
+    """A store that is missing, not a taca-probe store, of an unknown schema, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The fixed sizes of a store, known once the first sample's shapes are."""
+
+    steps: int
+    layers: tuple[str, ...]
+    block_types: tuple[str, ...]
+    heads: int
+    n_txt: int
+    grid: tuple[int, int]  # latent token grid (y, x)
+    image_shape: tuple[int, int, int]  # (height, width, channels)
+    token_source: tuple[str, ...]
+    branches: tuple[str, ...]  # ("cond",) or ("uncond",) or ("cond", "uncond")
+    maps: bool
+
+    @property
+    def branch_dim(self) -> tuple[str, ...]:
+        return ("branch",) if len(self.branches) > 1 else ()
+
+    def variables(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str, tuple[int, ...]]]:
+        """name -> (dims, shape without sample, dtype, chunk without sample)."""
+        s, L, H, T = self.steps, len(self.layers), self.heads, self.n_txt
+        b = (len(self.branches),) if self.branch_dim else ()
+        y, x = self.grid
+        out = {
+            "vis_txt_mass": (("sample", *self.branch_dim, "step", "layer", "head"), (*b, s, L, H), "float32", (*b, s, L, H)),
+            "txt_vis_mass": (("sample", *self.branch_dim, "step", "layer", "head"), (*b, s, L, H), "float32", (*b, s, L, H)),
+            "vis_txt_mass_ref": (("sample", *self.branch_dim, "step", "layer", "head"), (*b, s, L, H), "float32", (*b, s, L, H)),
+            "token_mass": (("sample", *self.branch_dim, "step", "layer", "token"), (*b, s, L, T), "float32", (*b, s, L, T)),
+            "image": (("sample", "image_y", "image_x", "channel"), self.image_shape, "uint8", self.image_shape),
+        }
+        if self.maps:
+            ones = (1,) * len(b)
+            out["maps"] = (
+                ("sample", *self.branch_dim, "step", "layer", "token", "y", "x"),
+                (*b, s, L, T, y, x),
+                "float16",
+                (*ones, 1, 1, T, y, x),
+            )
+        return out
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """True if ``path`` holds a taca-probe store (of any schema version)."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return _SCHEMA_ATTR in attrs
+
+
+def _open_group(path: str | os.PathLike, mode: str):
+    import zarr
+
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"no store at {str(p)!r}")
+    if not (p / "zarr.json").is_file():
+        raise StoreError(f"{str(p)!r} is not a taca-probe store (no zarr v3 metadata)")
+    try:
+        group = zarr.open_group(str(p), mode=mode, zarr_format=3)
+    except Exception as e:  # zarr raises many kinds for a damaged store
+        raise StoreError(f"cannot open {str(p)!r} as a zarr v3 group: {str(e).splitlines()[0]}") from None
+    version = group.attrs.get(_SCHEMA_ATTR)
+    if version is None:
+        raise StoreError(f"{str(p)!r} is a zarr store but not a taca-probe store (no {_SCHEMA_ATTR} attribute)")
+    if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        raise StoreError(
+            f"{str(p)!r} has store schema {version!r}; this taca-probe reads schema 1..{SCHEMA_VERSION}: "
+            "upgrade taca-probe to read it"
+        )
+    return group
+
+
+class RunWriter:
+    """Creates a store and fills it sample slot by sample slot.
+
+    Parameters
+    ----------
+    path
+        Folder of the store.
+    layout
+        Fixed sizes.
+    attrs
+        Provenance attributes (JSON-serialisable).
+    """
+
+    def __init__(self, group: Any, layout: RunLayout, path: Path):
+        self.group, self.layout, self.path = group, layout, path
+        self.arrays = {name: group[name] for name in group.array_keys()}
+
+    # -- creation / reopening ------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, layout: RunLayout, attrs: Mapping[str, Any]) -> RunWriter:
+        """Create a new store; refuses an existing path."""
+        import zarr
+
+        p = Path(path)
+        if p.exists():
+            raise StoreError(f"{str(p)!r} already exists; pass --resume to complete it or --overwrite to replace it")
+        group = zarr.open_group(str(p), mode="w-", zarr_format=3)
+        try:
+            group.attrs.update({_SCHEMA_ATTR: SCHEMA_VERSION, "layout": _layout_json(layout), **attrs})
+            L = layout
+
+            def fixed(name, dims, values, dtype):
+                values = np.asarray(values, dtype=dtype if dtype is not str else None)
+                arr = group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=dtype,
+                                         dimension_names=list(dims))
+                arr[...] = values
+
+            fixed("step", ("step",), np.arange(L.steps), "int64")
+            fixed("layer", ("layer",), list(L.layers), str)
+            fixed("block_type", ("layer",), list(L.block_types), str)
+            fixed("head", ("head",), np.arange(L.heads), "int64")
+            fixed("token", ("token",), np.arange(L.n_txt), "int64")
+            fixed("token_source", ("token",), list(L.token_source), str)
+            fixed("y", ("y",), np.arange(L.grid[0]), "int64")
+            fixed("x", ("x",), np.arange(L.grid[1]), "int64")
+            fixed("channel", ("channel",), list("RGB")[: L.image_shape[2]], str)
+            if L.branch_dim:
+                fixed("branch", ("branch",), list(L.branches), str)
+
+            def growing(name, dims, rest_shape, dtype, rest_chunks, fill, coords=True):
+                attributes = {"coordinates": _COORDS_ALL} if coords else {}
+                group.create_array(name, shape=(0, *rest_shape), chunks=(1, *rest_chunks), dtype=dtype,
+                                   fill_value=fill, dimension_names=list(dims), attributes=attributes)
+
+            growing("sample", ("sample",), (), "int64", (), 0, coords=False)
+            growing(_COMPLETE, ("sample",), (), "bool", (), False, coords=False)
+            growing("prompt", ("sample",), (), str, (), "", coords=False)
+            growing("seed", ("sample",), (), "int64", (), 0, coords=False)
+            growing("batch_index", ("sample",), (), "int64", (), 0, coords=False)
+            growing("timestep", ("sample", "step"), (L.steps,), "float32", (L.steps,), np.nan, coords=False)
+            growing("sigma", ("sample", "step"), (L.steps,), "float32", (L.steps,), np.nan, coords=False)
+            n_layers = len(L.layers)
+            growing("gamma", ("sample", "step", "layer"), (L.steps, n_layers), "float32", (L.steps, n_layers),
+                    np.nan, coords=False)
+            growing("token_text", ("sample", "token"), (L.n_txt,), str, (L.n_txt,), "", coords=False)
+            growing("token_is_padding", ("sample", "token"), (L.n_txt,), "bool", (L.n_txt,), False, coords=False)
+            for name, (dims, shape, dtype, chunks) in L.variables().items():
+                fill = 0 if dtype == "uint8" else np.nan
+                growing(name, dims, shape, dtype, chunks, fill, coords=name != "image")
+        except BaseException:
+            shutil.rmtree(p, ignore_errors=True)  # never leave a half-created store
+            raise
+        return cls(group, layout, p)
+
+    @classmethod
+    def reopen(cls, path: str | os.PathLike) -> RunWriter:
+        """Open an existing store for appending (resume)."""
+        group = _open_group(path, "r+")
+        return cls(group, _layout_from_json(group.attrs["layout"]), Path(path))
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    def slots(self) -> list[tuple[str, int, int, bool]]:
+        """(prompt, seed, batch_index, complete) of every slot."""
+        n = self.arrays[_COMPLETE].shape[0]
+        if n == 0:
+            return []
+        prompts = self.arrays["prompt"][:n]
+        seeds = self.arrays["seed"][:n]
+        batch = self.arrays["batch_index"][:n]
+        done = self.arrays[_COMPLETE][:n]
+        return [(str(prompts[i]), int(seeds[i]), int(batch[i]), bool(done[i])) for i in range(n)]
+
+    def reserve(self, slot: int) -> None:
+        """Make the arrays hold ``slot`` and mark it not complete (it is about to be (re)written)."""
+        for name, arr in self.arrays.items():
+            if arr.metadata.dimension_names and arr.metadata.dimension_names[0] == "sample" and arr.shape[0] <= slot:
+                arr.resize((slot + 1, *arr.shape[1:]))
+        self.arrays[_COMPLETE][slot] = False
+
+    def write(self, slot: int, values: Mapping[str, np.ndarray]) -> None:
+        """Write per-sample values (anything with a leading ``sample`` dimension) into ``slot``."""
+        for name, value in values.items():
+            self.arrays[name][slot] = value
+
+    def write_map(self, slot: int, index: tuple[int, ...], block: np.ndarray) -> None:
+        """Write one maps chunk: ``index`` is ([branch,] step, layer); block (token, y, x) float16."""
+        self.arrays["maps"][(slot, *index)] = block
+
+    def complete(self, slot: int) -> None:
+        """Mark ``slot`` complete: the last write of a sample."""
+        self.arrays["sample"][slot] = slot
+        self.arrays[_COMPLETE][slot] = True
+
+    def set_attrs(self, **attrs: Any) -> None:
+        self.group.attrs.update(attrs)
+
+
+def _layout_json(layout: RunLayout) -> dict:
+    d = dict(layout.__dict__)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _layout_from_json(d: Mapping[str, Any]) -> RunLayout:
+    return RunLayout(
+        steps=int(d["steps"]), layers=tuple(d["layers"]), block_types=tuple(d["block_types"]), heads=int(d["heads"]),
+        n_txt=int(d["n_txt"]), grid=tuple(d["grid"]), image_shape=tuple(d["image_shape"]),
+        token_source=tuple(d["token_source"]), branches=tuple(d["branches"]), maps=bool(d["maps"]),
+    )
+
+
+def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete: bool = False):
+    """Open a store as a lazy, labeled :class:`xarray.Dataset`.
+
+    Parameters
+    ----------
+    path
+        The store folder.
+    chunks
+        Passed to :func:`xarray.open_zarr`: ``None`` (default) opens lazily without dask, loading
+        what is indexed; ``"auto"``, ``{}`` or a dict of sizes gives dask arrays (needs dask).
+    include_incomplete
+        Also return slots whose sample was not finished (for inspection only).
+
+    Returns
+    -------
+    xarray.Dataset
+        Only complete samples unless asked otherwise; ``attrs`` hold the provenance.
+    """
+    import xarray as xr
+
+    group = _open_group(path, "r")  # validates the schema before xarray sees anything
+    del group
+    try:
+        ds = xr.open_zarr(str(path), consolidated=False, zarr_format=3, chunks=chunks)
+    except Exception as e:
+        raise StoreError(f"cannot read {str(path)!r}: {str(e).splitlines()[0]}") from None
+    complete = ds[_COMPLETE].values.astype(bool)
+    ds = ds.drop_vars(_COMPLETE)
+    if not include_incomplete:
+        ds = ds.isel(sample=np.flatnonzero(complete))
+    ds.attrs.pop("layout", None)
+    return ds
+
+
+def store_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Schema, sizes and provenance of a store, for ``taca-probe info``."""
+    group = _open_group(path, "r")
+    arrays = {}
+    total_stored = 0
+    for name in sorted(group.array_keys()):
+        arr = group[name]
+        stored = _folder_bytes(Path(path) / name)
+        total_stored += stored
+        arrays[name] = {
+            "dims": list(arr.metadata.dimension_names or []),
+            "shape": list(arr.shape),
+            "dtype": str(arr.dtype),
+            "chunks": list(arr.chunks),
+            "stored_bytes": stored,
+        }
+    complete = group[_COMPLETE][:] if group[_COMPLETE].shape[0] else np.zeros(0, bool)
+    attrs = dict(group.attrs)
+    attrs.pop("layout", None)
+    return {
+        "path": str(path),
+        "schema": attrs.get(_SCHEMA_ATTR),
+        "samples_complete": int(complete.sum()),
+        "samples_incomplete": int((~complete.astype(bool)).sum()),
+        "stored_bytes": total_stored,
+        "arrays": arrays,
+        "attrs": attrs,
+    }
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def remove_store(path: str | os.PathLike) -> None:
+    """Delete a store folder (``--overwrite``); refuses folders that are not taca-probe stores."""
+    p = Path(path)
+    if not p.exists():
+        return
+    if not is_store(p):
+        raise StoreError(f"refusing to overwrite {str(p)!r}: it is not a taca-probe store")
+    shutil.rmtree(p)
