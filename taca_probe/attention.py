@@ -238,8 +238,7 @@ def taca_attention(
     out : (B, H, S, D)
         The attention output.
     parts : dict, only with ``with_parts``
-        ``mass`` (B, H, N_vis) fp32: each visual query's attention probability on text keys, as
-        applied (gamma included); ``lse_vis`` (B, H, N_vis) and ``lse_txt`` (B, H, N_txt) fp32:
+        ``lse_vis`` (B, H, N_vis) and ``lse_txt`` (B, H, N_txt) fp32:
         each query's log-sum-exp over all keys of its applied logits, so that the probability of
         any key is ``exp(applied logit - lse)`` without forming the matrix; ``lse_vv``
         (B, H, N_vis) fp32 over visual keys only (None at gamma = 1, where it is not needed).
@@ -254,14 +253,10 @@ def taca_attention(
     q_v = q[:, :, vis]
 
     if gamma == 1.0:
-        # Measuring without intervening: the stock kernel over all keys (same output as stock) with
-        # its log-sum-exp, plus one small visual-query x text-key call for the text part.
+        # Measuring without intervening: the stock kernel over all keys (same output as stock),
+        # with its log-sum-exp; the probe forms the small visual x text block itself.
         out, lse = sdpa_with_lse(q, k, v, scale=scale, attn_mask=attn_mask)
-        _, lse_vt = sdpa_with_lse(q_v, k[:, :, txt], v[:, :, txt], scale=base,
-                                  attn_mask=_mask_part(attn_mask, vis, txt))
-        lse_vis = lse[:, :, vis]
-        mass = torch.exp(lse_vt - lse_vis).clamp_(max=1.0)  # (B, H, N_vis)
-        return out, {"mass": mass, "lse_vis": lse_vis, "lse_txt": lse[:, :, txt], "lse_vv": None}
+        return out, {"lse_vis": lse[:, :, vis], "lse_txt": lse[:, :, txt], "lse_vv": None}
 
     # Visual queries: two partial calls (text keys at scale*gamma, visual keys at scale).
     o_vt, lse_vt = sdpa_with_lse(q_v, k[:, :, txt], v[:, :, txt], scale=base * gamma,
@@ -280,7 +275,7 @@ def taca_attention(
         out[:, :, txt] = F.scaled_dot_product_attention(q[:, :, txt], k, v, attn_mask=mask_t, scale=scale)
         return out
     out[:, :, txt], lse_txt = sdpa_with_lse(q[:, :, txt], k, v, scale=scale, attn_mask=mask_t)
-    return out, {"mass": mass, "lse_vis": torch.logaddexp(lse_vt, lse_vv), "lse_txt": lse_txt, "lse_vv": lse_vv}
+    return out, {"lse_vis": torch.logaddexp(lse_vt, lse_vv), "lse_txt": lse_txt, "lse_vv": lse_vv}
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +336,7 @@ def attention_statistics(
     del s_tt
 
     token_sum = q.new_zeros((B, n_txt), dtype=torch.float32)
+    vis_txt = q.new_empty((B, H), dtype=torch.float32)
     maps = None if map_tokens is None else q.new_zeros((B, n_vis, len(map_tokens)), dtype=torch.float32)
     ref = []
     step = max(1, block_bytes // max(1, B * n_vis * n_txt * 4))
@@ -353,11 +349,12 @@ def attention_statistics(
             ref.append(torch.sigmoid(torch.logsumexp(s, dim=-1) - parts["lse_vv"][:, hs]).mean(-1))
         # Applied probabilities of the text keys: exp(gamma * s - lse over all keys).
         p = s.mul_(gamma).sub_(parts["lse_vis"][:, hs, :, None]).exp_()
+        per_query = p.sum(dim=-1)  # (B, h, N_vis): each visual query's mass on text keys
+        vis_txt[:, hs] = per_query.mean(-1)
         token_sum += p.sum(dim=(1, 2))
         if maps is not None:
             maps += p[..., map_tokens].sum(dim=1)
         del s, p
-    vis_txt = parts["mass"].mean(-1)  # (B, H)
     out = {
         "vis_txt_mass": vis_txt,
         "vis_txt_mass_ref": torch.cat(ref, dim=1) if ref else vis_txt,

@@ -247,3 +247,105 @@ def format_rows(rows: list[dict]) -> str:
         peak_s = f"{peak:9.1f}" if peak is not None else "        -"
         lines.append(f"{label:<34} {r['variant']:<7} {r['median_ms']:10.2f} {r['ratio_to_sdpa']:6.2f}x {peak_s} {pct}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: sampling with and without the probe
+# ------------------------------------------------------------------------------------------------
+
+#: Widths of published transformers (heads x head dim; the rest follows from the config rules).
+WIDTHS = {
+    "sd35-medium": {"num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": 1536, "patch_size": 2},
+    "sd3-medium": {"num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": 1536, "patch_size": 2},
+}
+
+
+def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int = 2, device: str | torch.device = "cpu",
+                           dtype: torch.dtype = torch.float32, seed: int = 0):
+    """The embedded tiny SD3 pipeline with its transformer replaced by a random one of a real width.
+
+    Text encoders, tokenizers, VAE and scheduler stay tiny: their cost is the same with and without
+    the probe, and the transformer's input projections adapt to their sizes.
+    """
+    from diffusers import SD3Transformer2DModel
+
+    from .models import load_pipeline
+
+    if width not in WIDTHS:
+        raise TacaProbeError(f"unknown width {width!r}; choose from {', '.join(WIDTHS)}")
+    pipe = load_pipeline("tiny-sd3", device="cpu", dtype=torch.float32)
+    small = pipe.transformer.config
+    torch.manual_seed(seed)
+    big = SD3Transformer2DModel(
+        sample_size=128, in_channels=small.in_channels, out_channels=small.out_channels, num_layers=layers,
+        joint_attention_dim=small.joint_attention_dim, pooled_projection_dim=small.pooled_projection_dim,
+        pos_embed_max_size=192, qk_norm="rms_norm", **WIDTHS[width],
+    )
+    pipe.transformer = big
+    pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench_e2e(
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    width: str = "sd35-medium",
+    layers: int = 2,
+    image_tokens: int = 1024,
+    steps: int = 4,
+    repeats: int = 5,
+    schedule: str = "none",
+    maps: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Time whole sampling runs (CFG on, batch 2) with and without recording, interleaved.
+
+    Returns a dict with ``plain_s`` and ``probe_s`` (lists of seconds), their medians and the ratio.
+    """
+    import shutil
+
+    from .intervention import taca
+    from .recording import probe
+
+    side = int(round(math.sqrt(image_tokens)))
+    if side * side != image_tokens:
+        raise TacaProbeError(f"--image-tokens {image_tokens} must be a square number (e.g. 1024 = 32 x 32)")
+    device = torch.device(device)
+    pipe = realistic_sd3_pipeline(width=width, layers=layers, device=device, dtype=dtype)
+    px = side * pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    kw = {"num_inference_steps": steps, "height": px, "width": px, "guidance_scale": 5.0}
+    tmp = tempfile.mkdtemp(prefix="taca-bench-")
+    times: dict[str, list[float]] = {"plain": [], "probe": []}
+    try:
+        with taca(pipe, schedule):  # warm-up of both paths
+            pipe("warm up", generator=torch.Generator().manual_seed(0), output_type="np", **kw)
+        with probe(pipe, os.path.join(tmp, "warm.zarr"), schedule=schedule, maps=maps) as run:
+            run.sample("warm up", seed=0, **kw)
+        for r in range(repeats):
+            with taca(pipe, schedule):
+                _sync(device)
+                t0 = time.perf_counter()
+                pipe(f"sample {r}", generator=torch.Generator().manual_seed(r), output_type="np", **kw)
+                _sync(device)
+                times["plain"].append(time.perf_counter() - t0)
+            with probe(pipe, os.path.join(tmp, "run.zarr"), schedule=schedule, maps=maps, mode="resume") as run:
+                _sync(device)
+                t0 = time.perf_counter()
+                run.sample(f"sample {r}", seed=r, **kw)
+                _sync(device)
+                times["probe"].append(time.perf_counter() - t0)
+            if progress:
+                progress(f"e2e: repeat {r + 1}/{repeats}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    plain, rec = statistics.median(times["plain"]), statistics.median(times["probe"])
+    cfg = pipe.transformer.config
+    return {
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "width": width, "layers": layers,
+        "hidden": cfg.num_attention_heads * cfg.attention_head_dim, "heads": cfg.num_attention_heads,
+        "image_tokens": image_tokens, "text_tokens": 77 + 256, "steps": steps, "batch": 2, "schedule": schedule,
+        "maps": maps, "plain_s": times["plain"], "probe_s": times["probe"], "plain_median_s": plain,
+        "probe_median_s": rec, "ratio": rec / plain,
+    }

@@ -179,7 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ba.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-' for stdout only)")
     ba.set_defaults(func=cmd_bench_attention)
-    bench.set_defaults(func=lambda args: (_ for _ in ()).throw(TacaProbeError("bench: choose a benchmark: attention")))
+    be = bsub.add_parser("e2e", help="time whole sampling runs with and without the probe",
+                         description="A random-weight SD3 transformer of a real width (text encoders and VAE "
+                         "stay tiny) samples with CFG, interleaved with and without recording; median of N.")
+    be.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    be.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu)")
+    be.add_argument("--width", default="sd35-medium", help="transformer width preset (default sd35-medium: 24 x 64)")
+    be.add_argument("--layers", type=_positive_int, default=2, help="transformer blocks (default 2)")
+    be.add_argument("--image-tokens", type=_positive_int, default=1024, help="image tokens, a square (default 1024)")
+    be.add_argument("--steps", type=_positive_int, default=4, help="denoising steps per sample (default 4)")
+    be.add_argument("--repeats", type=_positive_int, default=5, help="timed samples per variant (default 5)")
+    be.add_argument("--schedule", default="none", help="TACA schedule in both variants (default none)")
+    be.add_argument("--maps", default=None, help="maps selection for the probe (default: masses only)")
+    be.add_argument("--threads", type=_positive_int, default=1, help="CPU threads (default 1)")
+    be.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-' for stdout only)")
+    be.set_defaults(func=cmd_bench_e2e)
+    bench.set_defaults(func=lambda args: (_ for _ in ()).throw(TacaProbeError("bench: choose a benchmark: attention, e2e")))
     return parser
 
 
@@ -405,6 +420,38 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_e2e(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bench_e2e
+    from .models import resolve_device, resolve_dtype
+    from .recording import MapSelection
+    from .schedules import parse
+
+    parse(args.schedule)
+    MapSelection.parse(args.maps)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    res = bench_e2e(device=device, dtype=dtype, width=args.width, layers=args.layers, image_tokens=args.image_tokens,
+                    steps=args.steps, repeats=args.repeats, schedule=args.schedule, maps=args.maps,
+                    progress=lambda msg: print(msg, file=sys.stderr))
+    res["meta"] = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "threads": torch.get_num_threads(), **_versions(), "cuda": torch.version.cuda}
+    if args.json == "-":
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"{res['width']} width ({res['hidden']} = {res['heads']} heads), {res['layers']} layers, "
+          f"{res['image_tokens']} image + {res['text_tokens']} text tokens, batch {res['batch']} (CFG), "
+          f"{res['steps']} steps, {res['dtype']} on {res['meta']['device_name']}, {res['meta']['threads']} thread(s)")
+    print(f"  without probe: {res['plain_median_s']:.3f} s/sample (median of {args.repeats})")
+    print(f"  with probe:    {res['probe_median_s']:.3f} s/sample   ratio {res['ratio']:.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -422,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("taca-probe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `taca-probe info STORE | head`
+        return 0
     except Exception as e:  # an internal error: still one line, unless debugging
         if os.environ.get("TACA_PROBE_DEBUG"):
             raise
