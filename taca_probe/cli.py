@@ -100,10 +100,31 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", metavar="FILE", help="prompts, one per line, or JSONL with 'prompt' and 'seed'")
     p.add_argument("--seeds", type=_seeds, default=[0], help="seeds for every prompt, e.g. 0,1,2 or 0-7 (default 0)")
-    p.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="denoising steps (default: the model's recommended, else 28)")
     p.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's or pipeline's)")
+
+
+def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
+    """Pipeline call settings: explicit flags, else the model's recommended ones, else defaults.
+
+    Always returns ``num_inference_steps``, ``height`` and ``width`` (so that stores and sidecars
+    record what was used); ``guidance_scale`` and ``max_sequence_length`` when known.
+    """
+    from .models import model_call_defaults
+
+    call = dict(model_call_defaults(args.model))
+    explicit = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
+                "guidance_scale": args.guidance}
+    call.update({k: v for k, v in explicit.items() if v is not None})
+    call.setdefault("num_inference_steps", 28)
+    default_h, default_w = _default_size(pipe)
+    call.setdefault("height", default_h)
+    call.setdefault("width", default_w)
+    _check_size(pipe, call["height"], call["width"])
+    return call
 
 
 def _schedule_help() -> str:
@@ -232,7 +253,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
-    _check_size(pipe, args.height, args.width)
+    call = _call_kwargs(args, pipe)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     versions = _versions()
@@ -242,11 +263,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for prompt, seeds in items:
             for seed in seeds:
                 handle.calls.clear()
-                kwargs = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
-                          "generator": torch.Generator("cpu").manual_seed(seed)}
-                if args.guidance is not None:
-                    kwargs["guidance_scale"] = args.guidance
-                kwargs = {k: v for k, v in kwargs.items() if v is not None}
+                kwargs = {**call, "generator": torch.Generator("cpu").manual_seed(seed)}
                 print(f"[{index + 1}/{n_total}] seed {seed}: {prompt}", file=sys.stderr)
                 t0 = time.perf_counter()
                 image = pipe(prompt, **kwargs).images[0]
@@ -254,9 +271,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 stem = f"{index:04d}-seed{seed}"
                 image.save(out / f"{stem}.png")
                 sidecar = {
-                    "prompt": prompt, "seed": seed, "steps": args.steps,
+                    "prompt": prompt, "seed": seed, "steps": call["num_inference_steps"],
                     "height": image.height, "width": image.width,
-                    "guidance": args.guidance, "schedule": schedule.spec, "schedule_description": schedule.describe(),
+                    "guidance": call.get("guidance_scale"), "pipeline_kwargs": call, "schedule": schedule.spec, "schedule_description": schedule.describe(),
                     "steps_with_gamma": handle.steps_active,
                     "lora": None if args.lora is None else str(args.lora), "lora_scale": args.lora_scale,
                     "model": args.model, "pipeline": type(pipe).__name__,
@@ -307,16 +324,13 @@ def cmd_record(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
-    _check_size(pipe, args.height, args.width)
-    height, width = args.height or _default_size(pipe)[0], args.width or _default_size(pipe)[1]
-    call = {"num_inference_steps": args.steps, "height": height, "width": width}
-    if args.guidance is not None:
-        call["guidance_scale"] = args.guidance
-    run_attrs = {"guidance": args.guidance, "lora": None if args.lora is None else str(args.lora),
-                 "lora_scale": args.lora_scale}
+    call = _call_kwargs(args, pipe)
+    run_attrs = {"guidance": call.get("guidance_scale"), "lora": None if args.lora is None else str(args.lora),
+                 "lora_scale": args.lora_scale, "pipeline_kwargs": call}
     if args.resume:
         settings = run_settings(pipe, schedule=schedule, maps=maps, branch=args.branch, model=args.model)
-        check_resume(out, settings, {"steps": args.steps, "height": height, "width": width, "guidance": args.guidance})
+        check_resume(out, settings, {"steps": call["num_inference_steps"], "height": call["height"],
+                                     "width": call["width"], "guidance": call.get("guidance_scale")})
     plan = [(p, s) for p, seeds in items for s in seeds]
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
     recorded = skipped = 0
