@@ -18,6 +18,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -27,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import JointLayout, taca_attention
+from .attention import JointLayout, attention_statistics, taca_attention
 from .errors import TacaProbeError
 
 __all__ = ["AttnShape", "DEFAULT_SHAPES", "bench_attention", "parse_shape", "VARIANTS"]
@@ -107,9 +108,20 @@ def _flex(q, k, v, layout: JointLayout, gamma: float):
         return flex_attention(q, k, v, score_mod=score_mod)
 
 
+def _taca_stats(q, k, v, layout: JointLayout, gamma: float, n_map_tokens: int = 0):
+    # What the probe does in each recorded call: TACA with its parts, then the statistics.
+    out, parts = taca_attention(q, k, v, layout, gamma, with_parts=True)
+    tokens = torch.arange(min(n_map_tokens, layout.n_txt), device=q.device) if n_map_tokens else None
+    stats = attention_statistics(q, k, layout, gamma, parts, map_tokens=tokens)
+    return out, stats
+
+
 VARIANTS: dict[str, Callable] = {
     "sdpa": lambda q, k, v, layout, gamma: F.scaled_dot_product_attention(q, k, v),
     "taca": lambda q, k, v, layout, gamma: taca_attention(q, k, v, layout, gamma),
+    # TACA + every mass (no maps), and + head-mean maps of 64 text tokens (a long prompt)
+    "taca+masses": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma),
+    "taca+maps": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, 64),
     "naive": _naive,
     "flex": _flex,
 }
@@ -133,9 +145,19 @@ def _peak_extra_bytes(fn: Callable[[], torch.Tensor], device: torch.device) -> i
         return int(peak)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
+    # The profiler's C++ side prints start/stop lines on stderr: silence the descriptor meanwhile.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+            del out
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
@@ -156,7 +178,7 @@ def bench_attention(
     gamma: float = 1.2,
     repeats: int = 7,
     warmup: int = 1,
-    variants: tuple[str, ...] = ("sdpa", "taca", "naive", "flex"),
+    variants: tuple[str, ...] = ("sdpa", "taca", "taca+masses", "naive", "flex"),
     memory: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -230,7 +252,7 @@ def bench_attention(
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of :func:`bench_attention` rows, with memory relative to naive."""
-    lines = [f"{'shape':<34} {'variant':<7} {'median ms':>10} {'x sdpa':>7} {'peak MiB':>9} {'% naive':>8}"]
+    lines = [f"{'shape':<34} {'variant':<11} {'median ms':>10} {'x sdpa':>7} {'peak MiB':>9} {'% naive':>8}"]
     naive_peak = {}
     for r in rows:
         if r["variant"] == "naive" and r["peak_extra_mib"]:
@@ -239,13 +261,13 @@ def format_rows(rows: list[dict]) -> str:
         s = r["shape"]
         label = f"{s['name']} B{s['batch']}H{s['heads']} {s['n_txt']}+{s['n_vis']} D{s['head_dim']}"
         if r["error"]:
-            lines.append(f"{label:<34} {r['variant']:<7} unavailable: {r['error']}")
+            lines.append(f"{label:<34} {r['variant']:<11} unavailable: {r['error']}")
             continue
         peak = r["peak_extra_mib"]
         npk = naive_peak.get(s["name"])
         pct = f"{100 * peak / npk:7.1f}%" if (peak is not None and npk) else "       -"
         peak_s = f"{peak:9.1f}" if peak is not None else "        -"
-        lines.append(f"{label:<34} {r['variant']:<7} {r['median_ms']:10.2f} {r['ratio_to_sdpa']:6.2f}x {peak_s} {pct}")
+        lines.append(f"{label:<34} {r['variant']:<11} {r['median_ms']:10.2f} {r['ratio_to_sdpa']:6.2f}x {peak_s} {pct}")
     return "\n".join(lines)
 
 
@@ -257,6 +279,7 @@ def format_rows(rows: list[dict]) -> str:
 WIDTHS = {
     "sd35-medium": {"num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": 1536, "patch_size": 2},
     "sd3-medium": {"num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": 1536, "patch_size": 2},
+    "flux-dev": {"num_attention_heads": 24, "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56)},
 }
 
 
@@ -267,20 +290,29 @@ def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int = 2, devic
     Text encoders, tokenizers, VAE and scheduler stay tiny: their cost is the same with and without
     the probe, and the transformer's input projections adapt to their sizes.
     """
-    from diffusers import SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     from .models import load_pipeline
 
     if width not in WIDTHS:
         raise TacaProbeError(f"unknown width {width!r}; choose from {', '.join(WIDTHS)}")
-    pipe = load_pipeline("tiny-sd3", device="cpu", dtype=torch.float32)
+    flux = width.startswith("flux")
+    pipe = load_pipeline("tiny-flux" if flux else "tiny-sd3", device="cpu", dtype=torch.float32)
     small = pipe.transformer.config
     torch.manual_seed(seed)
-    big = SD3Transformer2DModel(
-        sample_size=128, in_channels=small.in_channels, out_channels=small.out_channels, num_layers=layers,
-        joint_attention_dim=small.joint_attention_dim, pooled_projection_dim=small.pooled_projection_dim,
-        pos_embed_max_size=192, qk_norm="rms_norm", **WIDTHS[width],
-    )
+    if flux:
+        # FLUX.1-dev: 19 joint + 38 single blocks; reduced depth splits `layers` between the two kinds.
+        big = FluxTransformer2DModel(
+            patch_size=1, in_channels=small.in_channels, num_layers=max(1, layers // 3),
+            num_single_layers=max(1, layers - layers // 3), joint_attention_dim=small.joint_attention_dim,
+            pooled_projection_dim=small.pooled_projection_dim, guidance_embeds=True, **WIDTHS[width],
+        )
+    else:
+        big = SD3Transformer2DModel(
+            sample_size=128, in_channels=small.in_channels, out_channels=small.out_channels, num_layers=layers,
+            joint_attention_dim=small.joint_attention_dim, pooled_projection_dim=small.pooled_projection_dim,
+            pos_embed_max_size=192, qk_norm="rms_norm", **WIDTHS[width],
+        )
     pipe.transformer = big
     pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -300,7 +332,9 @@ def bench_e2e(
     maps: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Time whole sampling runs (CFG on, batch 2) with and without recording, interleaved.
+    """Time whole sampling runs with and without recording, interleaved.
+
+    SD3 widths sample with CFG (batch 2), FLUX widths guidance-distilled (batch 1).
 
     Returns a dict with ``plain_s`` and ``probe_s`` (lists of seconds), their medians and the ratio.
     """
@@ -314,8 +348,9 @@ def bench_e2e(
         raise TacaProbeError(f"--image-tokens {image_tokens} must be a square number (e.g. 1024 = 32 x 32)")
     device = torch.device(device)
     pipe = realistic_sd3_pipeline(width=width, layers=layers, device=device, dtype=dtype)
-    px = side * pipe.vae_scale_factor * pipe.transformer.config.patch_size
-    kw = {"num_inference_steps": steps, "height": px, "width": px, "guidance_scale": 5.0}
+    flux = width.startswith("flux")
+    px = side * pipe.vae_scale_factor * 2  # SD3: 2x2 patches; FLUX: 2x2 packing
+    kw = {"num_inference_steps": steps, "height": px, "width": px, "guidance_scale": 3.5 if flux else 5.0}
     tmp = tempfile.mkdtemp(prefix="taca-bench-")
     times: dict[str, list[float]] = {"plain": [], "probe": []}
     try:
@@ -345,7 +380,8 @@ def bench_e2e(
     return {
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "width": width, "layers": layers,
         "hidden": cfg.num_attention_heads * cfg.attention_head_dim, "heads": cfg.num_attention_heads,
-        "image_tokens": image_tokens, "text_tokens": 77 + 256, "steps": steps, "batch": 2, "schedule": schedule,
+        "image_tokens": image_tokens, "text_tokens": 512 if flux else 77 + 256, "steps": steps,
+        "batch": 1 if flux else 2, "schedule": schedule,
         "maps": maps, "plain_s": times["plain"], "probe_s": times["probe"], "plain_median_s": plain,
         "probe_median_s": rec, "ratio": rec / plain,
     }

@@ -98,10 +98,10 @@ def test_bench_attention_json(capsys):
     assert rc == 0, err
     doc = json.loads(out)
     rows = doc["rows"]
-    assert [r["variant"] for r in rows[:4]] == ["sdpa", "taca", "naive", "flex"] and len(rows) == 8
+    assert [r["variant"] for r in rows[:5]] == ["sdpa", "taca", "taca+masses", "naive", "flex"] and len(rows) == 10
     sdpa = rows[0]
     assert sdpa["ratio_to_sdpa"] == 1.0 and len(sdpa["times_ms"]) == 2
-    assert rows[4]["shape"]["txt_first"] is False
+    assert rows[5]["shape"]["txt_first"] is False
     assert all(r["peak_extra_mib"] is not None for r in rows if not r["error"])
     assert doc["meta"]["torch"]
 
