@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
+    _add_sweep_parser(sub)
+    _add_figures_parser(sub)
+
     bench = sub.add_parser("bench", help="benchmarks (not tests): the cost of TACA against stock attention")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=_Parser)
     ba = bsub.add_parser("attention", help="time stock SDPA, TACA, the naive materialized path and eager flex",
@@ -316,37 +319,67 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.resume and not out.exists():
         raise StoreError(f"--resume: no store at {str(out)!r}")
 
-    import numpy as np
     from tqdm.auto import tqdm
 
+    from .distributed import ranks_from_env
     from .models import load_pipeline, resolve_device, resolve_dtype
     from .recording import check_resume, probe, run_settings
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
-    call = _call_kwargs(args, pipe)
-    run_attrs = {"guidance": call.get("guidance_scale"), "lora": None if args.lora is None else str(args.lora),
-                 "lora_scale": args.lora_scale, "pipeline_kwargs": call}
-    if args.resume:
-        settings = run_settings(pipe, schedule=schedule, maps=maps, branch=args.branch, model=args.model)
-        check_resume(out, settings, {"steps": call["num_inference_steps"], "height": call["height"],
-                                     "width": call["width"], "guidance": call.get("guidance_scale")})
-    plan = [(p, s) for p, seeds in items for s in seeds]
-    mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
-    recorded = skipped = 0
-    with probe(pipe, out, schedule=schedule, maps=maps, branch=args.branch, mode=mode, lora=args.lora,
-               lora_scale=args.lora_scale, attrs=run_attrs, model=args.model) as run:
-        bar = tqdm(plan, desc="samples", unit="sample", file=sys.stderr)
-        for prompt, seed in bar:
-            bar.set_postfix_str(f"seed {seed}: {prompt[:40]}")
-            if run.sample(prompt, seed=seed, **call):
-                recorded += 1
-            else:
-                skipped += 1
-    print(f"store: {out}  ({recorded} recorded, {skipped} already complete)")
-    print(_summary(out))
+    ranks = ranks_from_env()  # torchrun / accelerate launch: several processes share the samples
+    try:
+        device = ranks.device(resolve_device(args.device))
+        dtype = resolve_dtype(args.dtype, device)
+        pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
+        call = _call_kwargs(args, pipe)
+        run_attrs = {"guidance": call.get("guidance_scale"), "lora": None if args.lora is None else str(args.lora),
+                     "lora_scale": args.lora_scale, "pipeline_kwargs": call}
+        if args.resume:
+            settings = run_settings(pipe, schedule=schedule, maps=maps, branch=args.branch, model=args.model)
+            check_resume(out, settings, {"steps": call["num_inference_steps"], "height": call["height"],
+                                         "width": call["width"], "guidance": call.get("guidance_scale")})
+        plan = [(p, s) for p, seeds in items for s in seeds]
+        if ranks.is_main:
+            mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
+        else:
+            ranks.barrier()  # rank 0 creates (or checks) the whole store first
+            mode = "resume"
+        recorded = 0
+        with probe(pipe, out, schedule=schedule, maps=maps, branch=args.branch, mode=mode, lora=args.lora,
+                   lora_scale=args.lora_scale, attrs=run_attrs, model=args.model) as run:
+            if ranks.is_main:
+                if run.writer is None:
+                    run.create_planned(plan, call)  # every slot, before any sampling
+                else:
+                    _check_plan(out, [(p, s, b) for p, s, b, _ in run.writer.slots()], plan)
+                ranks.barrier()
+            todo = [i for i, (*_, done) in enumerate(run.writer.slots()) if not done]
+            mine = ranks.share(todo)
+            bar = tqdm(mine, desc="samples" if ranks.world == 1 else f"rank {ranks.rank}", unit="sample",
+                       file=sys.stderr, position=ranks.rank)
+            for slot in bar:
+                prompt, seed = plan[slot]
+                bar.set_postfix_str(f"seed {seed}: {prompt[:40]}")
+                if run.sample(prompt, seed=seed, slot=slot, **call):
+                    recorded += 1
+        ranks.barrier()
+        if ranks.is_main:
+            print(f"store: {out}  ({len(todo)} recorded now by {ranks.world} process(es), "
+                  f"{len(plan) - len(todo)} already complete)")
+            print(_summary(out))
+    finally:
+        ranks.close()
     return 0
+
+
+def _check_plan(path: Path, slots: list[tuple[str, int, int]], plan: list[tuple[str, int]]) -> None:
+    """A resumed store must hold exactly this run's (prompt, seed) samples, in this order."""
+    planned = [(p, int(s), 0) for p, s in plan]
+    if slots != planned:
+        diff = next((i for i, (a, b) in enumerate(zip(slots, planned)) if a != b), min(len(slots), len(planned)))
+        raise StoreError(
+            f"cannot resume {str(path)!r}: its samples differ from this run's prompts x seeds "
+            f"({len(slots)} stored, {len(planned)} now; first difference at sample {diff})"
+        )
 
 
 def _summary(path: Path) -> str:
@@ -396,6 +429,194 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("provenance:")
     for k, v in info["attrs"].items():
         print(f"  {k}: {v}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# sweep / figures
+# ------------------------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    """``1.0,1.2,1.5`` -> list of floats."""
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad number list {text!r}: expected e.g. 1.0,1.2,1.5") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"bad number list {text!r}: expected e.g. 1.0,1.2,1.5")
+    return values
+
+
+def _int_list(text: str) -> list[int]:
+    """``0,1,2`` or ``0-3`` -> list of non-negative ints."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if lo < 0 or hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            elif part:
+                if int(part) < 0:
+                    raise ValueError
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad step list {text!r}: expected e.g. 0,1,2 or 0-3") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"bad step list {text!r}: expected e.g. 0,1,2 or 0-3")
+    return out
+
+
+def _add_sweep_parser(sub) -> None:
+    from .sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH
+
+    sw = sub.add_parser(
+        "sweep",
+        help="record a grid of TACA schedules over the same prompts and seeds (one store per schedule)",
+        description="Record every prompt x seed under each schedule of a grid (step:G@T for every gamma0 G "
+        "and t_thresh T, plus any --schedule), one store per schedule in the --out folder with a sweep.json "
+        "manifest and every image as PNG; taca_probe.open_sweep(OUT) opens it as one Dataset with a "
+        "'schedule' dimension, and `taca-probe figures OUT` draws it. " + EMBEDDED_NOTE,
+    )
+    _add_model_args(sw)
+    _add_sampling_args(sw)
+    sw.set_defaults(steps=None)  # None: the model's recommended steps (model_call_defaults), else 28
+    for action in sw._actions:
+        if action.dest == "steps":
+            action.help = "denoising steps (default: the model's recommended, else 28)"
+    sw.add_argument("--gamma0", type=_floats, default=list(DEFAULT_GAMMA0), metavar="G[,G...]",
+                    help="gamma0 values of the grid (default %s; 1.0 is the stock model, recorded once as "
+                    "'none')" % ",".join(f"{g:g}" for g in DEFAULT_GAMMA0))
+    sw.add_argument("--t-thresh", type=_floats, default=list(DEFAULT_T_THRESH), metavar="T[,T...]",
+                    help="threshold timesteps of the grid, 0..1000 (default %s, the paper's)"
+                    % ",".join(f"{t:g}" for t in DEFAULT_T_THRESH))
+    sw.add_argument("--schedule", action="append", dest="schedules", metavar="SPEC",
+                    help="an extra schedule of any form (repeatable), e.g. first:1.2@3. " + _schedule_help())
+    sw.add_argument("--no-grid", action="store_true", help="record only the --schedule specs (and 'none')")
+    sw.add_argument("--max-sequence-length", type=_positive_int, default=None, metavar="N",
+                    help="T5 text length (default: the model's recommended, else the pipeline's)")
+    sw.add_argument("--maps", default=None, metavar="SPEC",
+                    help="also record per-token attention maps (needed for Fig. 3), e.g. 'steps=0-3' "
+                    "(default: no maps)")
+    sw.add_argument("--branch", default="cond", choices=["cond", "uncond", "both"],
+                    help="CFG branch to record (default cond)")
+    sw.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
+    sw.add_argument("--lora-scale", type=float, default=1.0, help="LoRA weight while active (default 1)")
+    sw.add_argument("--out", default="sweep", help="sweep folder (default ./sweep)")
+    group = sw.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue an existing sweep (same settings)")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing sweep")
+    sw.set_defaults(func=cmd_sweep)
+
+
+def _add_figures_parser(sub) -> None:
+    # literal copies of analysis.GROUP_BY, plotting.FIGURES and plotting.FORMATS (a test checks them), so
+    # that building the parser does not import xarray
+    GROUP_BY = ("block_type", "layer", "depth", "all")
+    FIGURES = ("fig2", "fig3", "fig4", "fig5")
+    FORMATS = ("png", "pdf", "svg")
+
+    fg = sub.add_parser(
+        "figures",
+        help="render the paper's Figs. 2-4 (and a token ranking) from stores or sweep folders as PNG and PDF",
+        description="Render, from run stores and/or sweep folders: fig2 (suppression: relative magnitude vs "
+        "timestep with CI bands and references, layer x timestep heatmap, timestep slopes, TACA amplification), "
+        "fig3 (TACA - baseline per-token attention maps at early steps; needs stores recorded with --maps), "
+        "fig4 (gamma sweep: image grid and mass vs gamma0; needs a sweep), fig5 (token ranking). With "
+        "--figures all (default) figures the inputs cannot support are skipped with the reason.",
+    )
+    fg.add_argument("stores", nargs="+", metavar="STORE", help="run stores and/or sweep folders")
+    fg.add_argument("--out", default="figures", help="output folder (default ./figures)")
+    fg.add_argument("--figures", default="all", metavar="LIST",
+                    help=f"comma list of {', '.join(FIGURES)}, or all (default)")
+    fg.add_argument("--baseline", default=None, metavar="STORE|SPEC",
+                    help="the baseline run (default: the one recorded with schedule none)")
+    fg.add_argument("--treated", default=None, metavar="STORE|SPEC",
+                    help="the TACA run of Figs. 2-3 (default: step:1.2@970 if present, else the first other)")
+    fg.add_argument("--by", default="block_type", choices=list(GROUP_BY),
+                    help="layer grouping of the Fig. 2 lines (default block_type)")
+    fg.add_argument("--sample", type=int, default=0, help="which paired sample Fig. 3 shows (default 0)")
+    fg.add_argument("--steps", type=_int_list, default=None, metavar="LIST",
+                    help="Fig. 3 steps, e.g. 0-3 (default: the first steps with maps, at most 4)")
+    fg.add_argument("--max-tokens", type=_positive_int, default=8, help="Fig. 3 rows: at most this many tokens (default 8)")
+    fg.add_argument("--overlay", action="store_true", help="Fig. 3: draw the maps over the decoded image")
+    fg.add_argument("--format", default="png,pdf", metavar="LIST",
+                    help=f"comma list of {', '.join(FORMATS)} (default png,pdf)")
+    fg.add_argument("--dpi", type=_positive_int, default=150, help="PNG resolution (default 150)")
+    fg.add_argument("--n-resamples", type=_positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    fg.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    fg.add_argument("--branch", default=None, choices=["cond", "uncond"], help="CFG branch of stores that hold both")
+    fg.add_argument("--lazy", action="store_true", help="open stores with dask (for stores larger than memory)")
+    fg.set_defaults(func=cmd_figures)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .recording import MapSelection
+    from .schedules import parse
+    from .sweep import MANIFEST, SweepError, is_sweep, run_sweep, sweep_schedules
+
+    extra = [parse(s).spec for s in (args.schedules or [])]  # validate cheap things before loading a model
+    if args.no_grid and not extra:
+        raise TacaProbeError("--no-grid needs at least one --schedule SPEC")
+    for t in [] if args.no_grid else args.t_thresh:
+        if not 0 <= t <= 1000:
+            raise TacaProbeError(f"--t-thresh {t:g} is not a timestep in 0..1000")
+    specs = (sweep_schedules(gamma0=[], t_thresh=[], extra=extra) if args.no_grid
+             else sweep_schedules(gamma0=args.gamma0, t_thresh=args.t_thresh, extra=extra))
+    maps = MapSelection.parse(args.maps)
+    items = _read_prompts(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"{str(out)!r} is a file; choose another --out")
+    non_empty = out.exists() and any(out.iterdir())
+    if non_empty and not (args.resume or args.overwrite):
+        raise SweepError(f"{str(out)!r} already exists; pass --resume to complete it or --overwrite to replace it")
+    if args.resume and not is_sweep(out):
+        raise SweepError(f"--resume: no sweep at {str(out)!r} (no {MANIFEST})")
+    if args.overwrite and non_empty and not is_sweep(out):
+        raise SweepError(f"refusing to overwrite {str(out)!r}: it is not a sweep folder (no {MANIFEST})")
+
+    from .models import load_pipeline, resolve_device, resolve_dtype
+    from .sweep import read_manifest
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
+    _check_size(pipe, args.height, args.width)
+    call = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
+            "guidance_scale": args.guidance, "max_sequence_length": args.max_sequence_length}
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
+    folder = run_sweep(pipe, out, prompts=items, schedules=specs, maps=maps, branch=args.branch, mode=mode,
+                       call=call, lora=args.lora, lora_scale=args.lora_scale, model_name=args.model)
+    doc = read_manifest(folder)
+    print(f"sweep: {folder}  ({len(doc['schedules'])} schedules x {len(doc['plan'])} samples; "
+          f"{', '.join(f'{k}={v}' for k, v in doc['call'].items())})")
+    for entry in doc["schedules"]:
+        print(f"  {entry['spec']:<24} {entry['samples_complete']:>4} samples  {entry['store']}  {entry['images']}/")
+    print(f"open it with taca_probe.open_sweep({str(folder)!r}); draw it with: taca-probe figures {folder} "
+          f"--out {folder / 'figures'}")
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from .plotting import render_figures
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    res = render_figures(
+        args.stores, args.out, figures=args.figures, baseline=args.baseline, treated=args.treated, by=args.by,
+        sample=args.sample, steps=args.steps, max_tokens=args.max_tokens, overlay=args.overlay, formats=formats,
+        dpi=args.dpi, n_resamples=args.n_resamples, seed=args.seed, branch=args.branch,
+        chunks={} if args.lazy else None, log=lambda msg: print(msg, file=sys.stderr),
+    )
+    print(f"wrote {len(res['written'])} figure(s) as {', '.join(formats)} to {args.out}/")
+    for name, paths in res["written"].items():
+        print(f"  {name}: {', '.join(p.name for p in paths)}")
+    for group, reason in res["skipped"].items():
+        print(f"  skipped {group}: {reason}")
     return 0
 
 

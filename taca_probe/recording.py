@@ -235,20 +235,29 @@ class Run:
         ]
 
     # -- public --------------------------------------------------------------------------------
-    def sample(self, prompt: str, *, seed: int = 0, num_images_per_prompt: int = 1, **pipe_kwargs: Any) -> list:
+    def sample(self, prompt: str, *, seed: int = 0, num_images_per_prompt: int = 1, slot: int | None = None,
+               **pipe_kwargs: Any) -> list:
         """Generate from ``prompt`` with ``torch.Generator('cpu').manual_seed(seed)`` and record.
 
         Other keyword arguments go to the pipeline unchanged. Returns the PIL images; in a resumed
-        store, a prompt and seed that are already complete are skipped (returns ``[]``).
+        store, a prompt and seed that are already complete are skipped (returns ``[]``). ``slot``
+        writes into a pre-allocated slot of the store (the CLI's planned runs, one image each).
         """
         if not isinstance(prompt, str) or not prompt:
             raise TacaProbeError("prompt must be a non-empty string")
         n = int(num_images_per_prompt)
         slots = self.writer.slots() if self.writer is not None else []
-        done = {(p, s, b) for p, s, b, c in slots if c}
-        if all((prompt, int(seed), b) in done for b in range(n)):
-            return []
-        first_slot = next((i for i, (_, _, _, c) in enumerate(slots) if not c), len(slots))
+        if slot is not None:
+            if n != 1 or slot >= len(slots) or slots[slot][:3] != (prompt, int(seed), 0):
+                raise StoreError(f"slot {slot} of {str(self.path)!r} is not planned for ({prompt!r}, seed {seed})")
+            if slots[slot][3]:
+                return []
+            first_slot = slot
+        else:
+            done = {(p, s, b) for p, s, b, c in slots if c}
+            if all((prompt, int(seed), b) in done for b in range(n)):
+                return []
+            first_slot = next((i for i, (_, _, _, c) in enumerate(slots) if not c), len(slots))
         self._n_images = n
         self._current_prompt, self._current_seed = prompt, int(seed)
         self._max_seq = int(pipe_kwargs.get("max_sequence_length", 256 if self.family == "sd3" else 512))
@@ -384,6 +393,39 @@ class Run:
         buf.sigma[step] = float(sigmas[step]) if sigmas is not None and step < len(sigmas) else call.t / 1000.0
         buf.gamma[step] = [self.handle.state.gammas.get(s.name, 1.0) for s in self.sites]
 
+    # -- planning (the CLI, and distributed runs, create the whole store before sampling) -------
+    def planned_layout(self, call: dict[str, Any]) -> RunLayout:
+        """The layout the samples of ``pipe(**call)`` will have, computed without sampling."""
+        pipe = self.pipe
+        height, width = int(call["height"]), int(call["width"])
+        scale = int(getattr(pipe, "vae_scale_factor", 8)) * 2  # VAE x 2x2 patches (SD3) / packing (FLUX)
+        if self.family == "sd3":
+            max_seq = int(call.get("max_sequence_length", 256))
+            n_txt = int(getattr(pipe, "tokenizer_max_length", 77)) + max_seq
+        else:
+            max_seq = int(call.get("max_sequence_length", 512))
+            n_txt = max_seq
+        _, _, sources = prompt_tokens(pipe, "", n_txt, max_seq)
+        return RunLayout(
+            steps=int(call["num_inference_steps"]), layers=tuple(s.name for s in self.sites),
+            block_types=tuple(s.block_type for s in self.sites), heads=self.heads, n_txt=n_txt,
+            grid=(height // scale, width // scale), image_shape=(height, width, 3), token_source=tuple(sources),
+            branches=self.branches, maps=self.maps is not None,
+        )
+
+    def create_planned(self, plan: Sequence[tuple[str, int]], call: dict[str, Any]) -> None:
+        """Create the store with one slot per (prompt, seed) of ``plan``, none complete yet."""
+        layout = self.planned_layout(call)
+        sample_attrs = {"steps": layout.steps, "height": layout.image_shape[0], "width": layout.image_shape[1],
+                        "n_txt": layout.n_txt, "n_vis": layout.grid[0] * layout.grid[1],
+                        "latent_grid": list(layout.grid)}
+        self.writer = RunWriter.create(self.path, layout, {**self.attrs, **sample_attrs},
+                                       slots=[(p, int(s), 0) for p, s in plan])
+
+    def attach(self) -> None:
+        """Open the store another process created (distributed runs)."""
+        self.writer = RunWriter.reopen(self.path)
+
     # -- writing -------------------------------------------------------------------------------
     def _layout(self, images: np.ndarray) -> RunLayout:
         _, _, sources = prompt_tokens(self.pipe, "", self._n_txt, self._max_seq)
@@ -427,10 +469,15 @@ class Run:
                 self.writer.write(slot, values)
                 if self.maps is not None:
                     idx = self._map_token_idx
+                    by_step: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
                     for (bi, step, li), m in buf.maps.items():
-                        block = np.full((layout.n_txt, *layout.grid), np.nan, np.float16)
-                        block[idx] = m[b].T.reshape(len(idx), *layout.grid)
-                        self.writer.write_map(slot, ((bi,) if not squeeze else ()) + (step, li), block)
+                        by_step.setdefault((bi, step), []).append((li, m))
+                    for (bi, step), entries in sorted(by_step.items()):
+                        # one shard: every layer of this step; unselected layers stay NaN (not stored)
+                        block = np.full((len(layout.layers), layout.n_txt, *layout.grid), np.nan, np.float16)
+                        for li, m in entries:
+                            block[li, idx] = m[b].T.reshape(len(idx), *layout.grid)
+                        self.writer.write_maps(slot, ((bi,) if not squeeze else ()) + (step,), block)
                 self.writer.complete(slot)
         except BaseException:
             if created and not any(c for *_, c in self.writer.slots()):

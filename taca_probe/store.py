@@ -27,13 +27,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .errors import TacaProbeError
 
-__all__ = ["SCHEMA_VERSION", "StoreError", "RunLayout", "RunWriter", "open_run", "store_info", "is_store"]
+__all__ = [
+    "SCHEMA_VERSION", "StoreError", "ChunkChecksumError", "RunLayout", "RunWriter", "open_run", "store_info",
+    "is_store", "verify_store",
+]
 
 SCHEMA_VERSION = 1
 _SCHEMA_ATTR = "taca_probe_schema"
@@ -66,6 +69,16 @@ class RunLayout:
     @property
     def branch_dim(self) -> tuple[str, ...]:
         return ("branch",) if len(self.branches) > 1 else ()
+
+    def map_shards(self) -> tuple[int, ...]:
+        """Shard of ``maps`` without the sample axis: all layers of one (sample, [branch,] step).
+
+        Inner chunks stay one (sample, step, layer) block; a shard holds a step's layers in one
+        file, so a FLUX store has steps x samples files instead of steps x layers x samples.
+        """
+        ones = (1,) * len(self.branch_dim)
+        y, x = self.grid
+        return (*ones, 1, len(self.layers), self.n_txt, y, x)
 
     def variables(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str, tuple[int, ...]]]:
         """name -> (dims, shape without sample, dtype, chunk without sample)."""
@@ -144,10 +157,22 @@ class RunWriter:
 
     # -- creation / reopening ------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, layout: RunLayout, attrs: Mapping[str, Any]) -> RunWriter:
-        """Create a new store; refuses an existing path."""
+    def create(
+        cls,
+        path: str | os.PathLike,
+        layout: RunLayout,
+        attrs: Mapping[str, Any],
+        *,
+        slots: Sequence[tuple[str, int, int]] | None = None,
+    ) -> RunWriter:
+        """Create a new store; refuses an existing path.
+
+        ``slots`` pre-allocates the sample dimension with its (prompt, seed, batch_index) plan,
+        all marked not complete, so that several processes can fill disjoint slots.
+        """
         import zarr
 
+        n_samples = len(slots) if slots else 0
         p = Path(path)
         if p.exists():
             raise StoreError(f"{str(p)!r} already exists; pass --resume to complete it or --overwrite to replace it")
@@ -159,7 +184,7 @@ class RunWriter:
             def fixed(name, dims, values, dtype):
                 values = np.asarray(values, dtype=dtype if dtype is not str else None)
                 arr = group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=dtype,
-                                         dimension_names=list(dims))
+                                         dimension_names=list(dims), compressors=_compressors(dtype))
                 arr[...] = values
 
             fixed("step", ("step",), np.arange(L.steps), "int64")
@@ -174,10 +199,12 @@ class RunWriter:
             if L.branch_dim:
                 fixed("branch", ("branch",), list(L.branches), str)
 
-            def growing(name, dims, rest_shape, dtype, rest_chunks, fill, coords=True):
+            def growing(name, dims, rest_shape, dtype, rest_chunks, fill, coords=True, rest_shards=None):
                 attributes = {"coordinates": _COORDS_ALL} if coords else {}
-                group.create_array(name, shape=(0, *rest_shape), chunks=(1, *rest_chunks), dtype=dtype,
-                                   fill_value=fill, dimension_names=list(dims), attributes=attributes)
+                extra = {} if rest_shards is None else {"shards": (1, *rest_shards)}
+                group.create_array(name, shape=(n_samples, *rest_shape), chunks=(1, *rest_chunks), dtype=dtype,
+                                   fill_value=fill, dimension_names=list(dims), attributes=attributes,
+                                   compressors=_compressors(dtype), **extra)
 
             growing("sample", ("sample",), (), "int64", (), 0, coords=False)
             growing(_COMPLETE, ("sample",), (), "bool", (), False, coords=False)
@@ -193,7 +220,15 @@ class RunWriter:
             growing("token_is_padding", ("sample", "token"), (L.n_txt,), "bool", (L.n_txt,), False, coords=False)
             for name, (dims, shape, dtype, chunks) in L.variables().items():
                 fill = 0 if dtype == "uint8" else np.nan
-                growing(name, dims, shape, dtype, chunks, fill, coords=name != "image")
+                shards = L.map_shards() if name == "maps" else None
+                growing(name, dims, shape, dtype, chunks, fill, coords=name != "image", rest_shards=shards)
+            if slots:
+                n = len(slots)
+                group["prompt"][:] = np.array([p for p, _, _ in slots], dtype=object)
+                group["seed"][:] = np.array([s for _, s, _ in slots], dtype=np.int64)
+                group["batch_index"][:] = np.array([b for _, _, b in slots], dtype=np.int64)
+                group["sample"][:] = np.arange(n)
+                group.attrs["planned_samples"] = n
         except BaseException:
             shutil.rmtree(p, ignore_errors=True)  # never leave a half-created store
             raise
@@ -233,8 +268,9 @@ class RunWriter:
         for name, value in values.items():
             self.arrays[name][slot] = value
 
-    def write_map(self, slot: int, index: tuple[int, ...], block: np.ndarray) -> None:
-        """Write one maps chunk: ``index`` is ([branch,] step, layer); block (token, y, x) float16."""
+    def write_maps(self, slot: int, index: tuple[int, ...], block: np.ndarray) -> None:
+        """Write one maps shard: ``index`` is ([branch,] step); block (layer, token, y, x) float16
+        with NaN where nothing was selected (those inner chunks are not stored)."""
         self.arrays["maps"][(slot, *index)] = block
 
     def complete(self, slot: int) -> None:
@@ -244,6 +280,96 @@ class RunWriter:
 
     def set_attrs(self, **attrs: Any) -> None:
         self.group.attrs.update(attrs)
+
+
+def _compressors(dtype: Any) -> tuple:
+    """zstd, then a CRC32C checksum so that a corrupted chunk is detected on read."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return (ZstdCodec(level=3), Crc32cCodec())
+
+
+class ChunkChecksumError(StoreError):
+    """A chunk whose CRC32C does not match its data: the file was damaged after writing."""
+
+
+def _checksum_store(root: str | os.PathLike):
+    """A read-only zarr ``LocalStore`` that verifies each chunk's CRC32C as it is read and names
+    the damaged chunk in the error (zarr's own codec check cannot say which chunk failed)."""
+    import google_crc32c
+    from zarr.storage import LocalStore
+
+    root = Path(root)
+    info: dict[str, tuple[bool, int] | None] = {}
+
+    def array_info(name: str) -> tuple[bool, int] | None:
+        """None: no checksum; (False, 0): plain chunks; (True, n): shards of n inner chunks."""
+        if name not in info:
+            try:
+                meta = json.loads((root / name / "zarr.json").read_text())
+            except (OSError, ValueError):
+                info[name] = None
+                return None
+            codecs = meta.get("codecs", [])
+            if codecs and codecs[0].get("name") == "sharding_indexed":
+                conf = codecs[0]["configuration"]
+                inner = conf["chunk_shape"]
+                outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+                has = any(c.get("name") == "crc32c" for c in conf.get("codecs", [])) and any(
+                    c.get("name") == "crc32c" for c in conf.get("index_codecs", []))
+                info[name] = (True, int(np.prod([o // i for o, i in zip(outer, inner)]))) if has else None
+            else:
+                info[name] = (False, 0) if any(c.get("name") == "crc32c" for c in codecs) else None
+        return info[name]
+
+    def check(key: str, data: bytes) -> None:
+        if len(data) < 4 or google_crc32c.value(data[:-4]).to_bytes(4, "little") != data[-4:]:
+            raise ChunkChecksumError(f"corrupted chunk {key!r} in {str(root)!r}: its CRC32C checksum does not match")
+
+    class ChecksumLocalStore(LocalStore):
+        async def get(self, key, prototype=None, byte_range=None):
+            buf = await super().get(key, prototype, byte_range)
+            if buf is None or "/c/" not in key:
+                return buf
+            kind = array_info(key.split("/c/", 1)[0])
+            if kind is None:
+                return buf
+            data = buf.to_bytes()
+            sharded, n_inner = kind
+            if not sharded or byte_range is not None:
+                check(key, data)  # a whole chunk, or one inner chunk / the index of a shard
+                return buf
+            index_size = 16 * n_inner + 4  # a whole shard: verify its index, then each inner chunk
+            index = data[-index_size:]
+            check(key, index)
+            pairs = np.frombuffer(index[:-4], dtype="<u8").reshape(-1, 2)
+            for i, (offset, nbytes) in enumerate(pairs):
+                if offset != np.iinfo(np.uint64).max:
+                    check(f"{key} (inner chunk {i})", data[int(offset) : int(offset + nbytes)])
+            return buf
+
+    return ChecksumLocalStore(str(root), read_only=True)
+
+
+def verify_store(path: str | os.PathLike) -> list[str]:
+    """Read every chunk of every array; return the keys of damaged chunks (empty: all good)."""
+    import zarr
+
+    _open_group(path, "r")
+    bad: list[str] = []
+    store = _checksum_store(path)
+    group = zarr.open_group(store=store, mode="r", zarr_format=3)
+    for name in sorted(group.array_keys()):
+        arr = group[name]
+        for idx in np.ndindex(*arr.cdata_shape):
+            sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))
+            try:
+                arr[sel]
+            except ChunkChecksumError as e:
+                bad.append(str(e).split("'")[1])
+            except ValueError as e:  # zarr's own codec check, should ours not have run
+                bad.append(f"{name} chunk {idx}: {str(e).splitlines()[0]}")
+    return bad
 
 
 def _layout_json(layout: RunLayout) -> dict:
@@ -282,7 +408,7 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     group = _open_group(path, "r")  # validates the schema before xarray sees anything
     del group
     try:
-        ds = xr.open_zarr(str(path), consolidated=False, zarr_format=3, chunks=chunks)
+        ds = xr.open_zarr(_checksum_store(path), consolidated=False, zarr_format=3, chunks=chunks)
     except Exception as e:
         raise StoreError(f"cannot read {str(path)!r}: {str(e).splitlines()[0]}") from None
     complete = ds[_COMPLETE].values.astype(bool)

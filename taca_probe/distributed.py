@@ -1,0 +1,70 @@
+"""Running one command on several processes (``torchrun`` or ``accelerate launch``).
+
+Both launchers set ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``);
+nothing here is a scheduler of its own. The process group is used for barriers only, on gloo,
+which works whatever the device; the data never travels between ranks: each rank writes its own
+samples into the shared store.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Ranks", "ranks_from_env"]
+
+
+@dataclass
+class Ranks:
+    """This process's place among the launched ones."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    _group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: list) -> list:
+        """This rank's share of ``items``: every ``world``-th, starting at ``rank``."""
+        return items[self.rank :: self.world]
+
+    def device(self, device: torch.device) -> torch.device:
+        """One GPU per local rank; the CPU stays the CPU."""
+        if device.type == "cuda" and device.index is None and self.world > 1:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def barrier(self, timeout_s: float = 3600.0) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                # Joined lazily, after the model is loaded: libraries that see an initialized
+                # group save weights on rank 0 only, which breaks the cache build of an embedded
+                # model that every rank may be doing at once.
+                dist.init_process_group(backend="gloo", timeout=datetime.timedelta(hours=2))
+                self._group = True
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+
+    def close(self) -> None:
+        if self._group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._group = False
+
+
+def ranks_from_env() -> Ranks:
+    """The launcher's ranks (a single process when launched plainly); the process group is joined
+    at the first barrier."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    rank = int(os.environ["RANK"])
+    return Ranks(rank=rank, world=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)))

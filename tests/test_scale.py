@@ -1,0 +1,140 @@
+"""Scaling out: several processes (torchrun, gloo on CPU) fill one store; checksums catch damage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from taca_probe.store import ChunkChecksumError, open_run, store_info, verify_store
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [f"a shape number {i}" for i in range(5)]
+# Attributes that name the process that wrote them; everything else must match.
+VOLATILE = ("command", "created", "device")
+
+
+def _record_argv(store: Path, prompts_file: Path, steps: int = 3) -> list[str]:
+    return ["-m", "taca_probe", "record", "--model", "tiny-flux", "--prompts", str(prompts_file), "--seeds", "0,1",
+            "--steps", str(steps), "--height", "64", "--width", "64", "--schedule", "first:1.3@1",
+            "--maps", "steps=0", "--out", str(store)]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> Path:
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(PROMPTS) + "\n")
+    return f
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    da, db = open_run(a), open_run(b)
+    for k in VOLATILE:
+        da.attrs.pop(k, None)
+        db.attrs.pop(k, None)
+    xr.testing.assert_identical(da.load(), db.load())
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path, prompts_file):
+    single, multi = tmp_path / "single.zarr", tmp_path / "multi.zarr"
+    r1 = subprocess.run([sys.executable, *_record_argv(single, prompts_file)], env=_env(),
+                        capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = subprocess.run([*_torchrun(2), *_record_argv(multi, prompts_file)], env=_env(),
+                        capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "recorded now by 2 process(es)" in r2.stdout
+    _assert_same_store(single, multi)
+    info = store_info(multi)
+    # every array with a sample axis is chunked one sample a chunk: no two ranks share a chunk
+    for name, a in info["arrays"].items():
+        if a["dims"] and a["dims"][0] == "sample":
+            assert a["chunks"][0] == 1, name
+
+
+def test_killed_rank_then_resume_with_another_process_count(tmp_path, prompts_file):
+    store = tmp_path / "k.zarr"
+    argv = [*_torchrun(2), *_record_argv(store, prompts_file, steps=12)]
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline, done = time.time() + 300, 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (store / "complete").exists():
+                try:
+                    import zarr
+
+                    done = int(np.asarray(zarr.open_array(str(store / "complete"), mode="r")[:]).sum())
+                except Exception:
+                    done = 0
+                if done >= 2:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before a rank could be killed"
+        # kill one worker (a child of the launcher); the launcher then stops the other
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert workers, "no worker processes found"
+        os.kill(int(workers[0]), signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    before = open_run(store)
+    n_before = before.sizes["sample"]
+    assert 2 <= n_before < 10
+    kept = {(str(p), int(s)): before["vis_txt_mass"].values[i].copy()
+            for i, (p, s) in enumerate(zip(before["prompt"].values, before["seed"].values))}
+    # resume with ONE process
+    rerun = subprocess.run([sys.executable, *_record_argv(store, prompts_file, steps=12), "--resume"], env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    ds = open_run(store)
+    pairs = [(str(p), int(s)) for p, s in zip(ds["prompt"].values, ds["seed"].values)]
+    assert pairs == [(p, s) for p in PROMPTS for s in (0, 1)]  # none lost, none duplicated
+    for i, key in enumerate(pairs):
+        if key in kept:
+            np.testing.assert_array_equal(ds["vis_txt_mass"].values[i], kept[key])
+    assert store_info(store)["samples_incomplete"] == 0
+
+
+def test_a_corrupted_chunk_is_named_on_read(tmp_path, prompts_file):
+    from taca_probe.cli import main
+
+    store = tmp_path / "c.zarr"
+    assert main(_record_argv(store, prompts_file)[2:]) == 0
+    assert verify_store(store) == []
+    victim = store / "vis_txt_mass" / "c" / "3" / "0" / "0" / "0"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    ds = open_run(store)
+    ds["vis_txt_mass"].isel(sample=2).values  # other chunks still read
+    with pytest.raises(ChunkChecksumError, match=r"corrupted chunk 'vis_txt_mass/c/3/0/0/0'"):
+        ds["vis_txt_mass"].isel(sample=3).values
+    assert verify_store(store) == ["vis_txt_mass/c/3/0/0/0"]
+    # a shard of maps: the inner chunk is named too
+    shard = next(p for p in (store / "maps").rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    key = str(shard.relative_to(store))
+    with pytest.raises(ChunkChecksumError, match="corrupted chunk 'maps/c/"):
+        open_run(store)["maps"].values
+    assert any(k.startswith(key) for k in verify_store(store))
