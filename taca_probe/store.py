@@ -80,6 +80,26 @@ class RunLayout:
         y, x = self.grid
         return (*ones, 1, len(self.layers), self.n_txt, y, x)
 
+    def bytes_per_sample(self, *, map_steps: int | None = None, map_tokens: int | None = None) -> dict[str, int]:
+        """Uncompressed bytes that one sample adds, by variable (what compression starts from).
+
+        ``maps`` counts the written shards only: ``map_steps`` selected steps (default all) of
+        ``map_tokens`` tokens (default all), the rest of each inner chunk being NaN.
+        """
+        itemsize = {"float32": 4, "float16": 2, "uint8": 1}
+        out: dict[str, int] = {}
+        for name, (_, shape, dtype, _) in self.variables().items():
+            n = int(np.prod(shape)) * itemsize[dtype]
+            if name == "maps":
+                steps = self.steps if map_steps is None else map_steps
+                tokens = self.n_txt if map_tokens is None else map_tokens
+                n = n // self.steps * steps  # only the written steps' shards
+                out["maps (selected tokens)"] = n // self.n_txt * tokens
+            out[name] = n
+        L = len(self.layers)
+        out["coordinates"] = self.steps * 4 * 2 + self.steps * L * 4 + self.n_txt * 1  # timestep, sigma, gamma, padding
+        return out
+
     def variables(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str, tuple[int, ...]]]:
         """name -> (dims, shape without sample, dtype, chunk without sample)."""
         s, L, H, T = self.steps, len(self.layers), self.heads, self.n_txt

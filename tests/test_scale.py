@@ -138,3 +138,29 @@ def test_a_corrupted_chunk_is_named_on_read(tmp_path, prompts_file):
     with pytest.raises(ChunkChecksumError, match="corrupted chunk 'maps/c/"):
         open_run(store)["maps"].values
     assert any(k.startswith(key) for k in verify_store(store))
+
+
+def test_store_size_per_sample_matches_the_chunk_layout(tmp_path, prompts_file):
+    from taca_probe.cli import main
+    from taca_probe.store import RunWriter
+
+    store = tmp_path / "size.zarr"
+    argv = _record_argv(store, prompts_file)[2:]
+    argv[argv.index("--maps") + 1] = "steps=0;tokens=prompt"
+    assert main(argv) == 0
+    layout = RunWriter.reopen(store).layout
+    info = store_info(store)
+    n = info["samples_complete"]
+    ds = open_run(store)
+    n_prompt_tokens = int((~ds["token_is_padding"].values).sum(axis=1).max())
+    est = layout.bytes_per_sample(map_steps=1, map_tokens=n_prompt_tokens)
+    for name in ("vis_txt_mass", "txt_vis_mass", "vis_txt_mass_ref", "token_mass", "image", "maps"):
+        a = info["arrays"][name]
+        itemsize = {"float32": 4, "float16": 2, "uint8": 1}[a["dtype"]]
+        raw_per_sample = int(np.prod(a["shape"][1:])) * itemsize
+        if name == "maps":
+            raw_per_sample = raw_per_sample // layout.steps  # one selected step
+        assert est[name] == raw_per_sample, name
+    # what lands on disk for maps is about the selected tokens' share (NaN elsewhere compresses away)
+    stored_maps = info["arrays"]["maps"]["stored_bytes"] / n
+    assert stored_maps < 1.5 * est["maps (selected tokens)"] + 4096
