@@ -358,19 +358,29 @@ def bench_e2e(
             pipe("warm up", generator=torch.Generator().manual_seed(0), output_type="np", **kw)
         with probe(pipe, os.path.join(tmp, "warm.zarr"), schedule=schedule, maps=maps) as run:
             run.sample("warm up", seed=0, **kw)
+        peak: dict[str, int] = {"plain": 0, "probe": 0}
+
+        def start() -> float:
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            return time.perf_counter()
+
+        def stop(name: str, t0: float) -> None:
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+
         for r in range(repeats):
             with taca(pipe, schedule):
-                _sync(device)
-                t0 = time.perf_counter()
+                t0 = start()
                 pipe(f"sample {r}", generator=torch.Generator().manual_seed(r), output_type="np", **kw)
-                _sync(device)
-                times["plain"].append(time.perf_counter() - t0)
+                stop("plain", t0)
             with probe(pipe, os.path.join(tmp, "run.zarr"), schedule=schedule, maps=maps, mode="resume") as run:
-                _sync(device)
-                t0 = time.perf_counter()
+                t0 = start()
                 run.sample(f"sample {r}", seed=r, **kw)
-                _sync(device)
-                times["probe"].append(time.perf_counter() - t0)
+                stop("probe", t0)
             if progress:
                 progress(f"e2e: repeat {r + 1}/{repeats}")
     finally:
@@ -384,4 +394,7 @@ def bench_e2e(
         "batch": 1 if flux else 2, "schedule": schedule,
         "maps": maps, "plain_s": times["plain"], "probe_s": times["probe"], "plain_median_s": plain,
         "probe_median_s": rec, "ratio": rec / plain,
+        # CUDA only: max_memory_allocated over the timed runs (None on the CPU)
+        "plain_peak_mib": peak["plain"] / 2**20 if device.type == "cuda" else None,
+        "probe_peak_mib": peak["probe"] / 2**20 if device.type == "cuda" else None,
     }
