@@ -586,6 +586,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)  # the sweep shows one bar over all samples
     _check_size(pipe, args.height, args.width)
     call = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
             "guidance_scale": args.guidance, "max_sequence_length": args.max_sequence_length}
@@ -683,6 +684,8 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
           f"{res['steps']} steps, {res['dtype']} on {res['meta']['device_name']}, {res['meta']['threads']} thread(s)")
     print(f"  without probe: {res['plain_median_s']:.3f} s/sample (median of {args.repeats})")
     print(f"  with probe:    {res['probe_median_s']:.3f} s/sample   ratio {res['ratio']:.3f}x")
+    if res["plain_peak_mib"] is not None:
+        print(f"  peak memory:   {res['plain_peak_mib']:.0f} MiB without, {res['probe_peak_mib']:.0f} MiB with the probe")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     return 0
