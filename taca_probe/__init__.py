@@ -30,6 +30,19 @@ _EXPORTS = {
     "probe": "recording",
     "MapSelection": "recording",
     "open_run": "store",
+    "run_sweep": "sweep",
+    "open_sweep": "sweep",
+    "sweep_schedules": "sweep",
+    "suppression": "analysis",
+    "amplification": "analysis",
+    "compare_runs": "analysis",
+    "timestep_awareness": "analysis",
+    "map_difference": "analysis",
+    "token_ranking": "analysis",
+    "mass_vs_gamma": "analysis",
+    "gamma_image_grid": "analysis",
+    "bootstrap_mean": "analysis",
+    "render_figures": "plotting",
 }
 
 __all__ = sorted(_EXPORTS) + ["schedules", "__version__"]

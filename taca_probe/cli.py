@@ -373,6 +373,8 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def _check_plan(path: Path, slots: list[tuple[str, int, int]], plan: list[tuple[str, int]]) -> None:
     """A resumed store must hold exactly this run's (prompt, seed) samples, in this order."""
+    from .store import StoreError
+
     planned = [(p, int(s), 0) for p, s in plan]
     if slots != planned:
         diff = next((i for i, (a, b) in enumerate(zip(slots, planned)) if a != b), min(len(slots), len(planned)))

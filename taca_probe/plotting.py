@@ -1,0 +1,786 @@
+"""Figures for people, from the results of :mod:`taca_probe.analysis` (matplotlib + seaborn).
+
+Every ``plot_*`` function takes an analysis result and returns a :class:`matplotlib.figure.Figure`
+(built without pyplot, so no global figure state is touched; in a notebook, show it as the last
+expression of a cell or with ``display(fig)``). Conventions: titles say what is shown and the
+number of samples, axes carry units, colour palettes are colour-blind safe (seaborn
+``colorblind``; ``viridis`` for sequential maps; ``RdBu_r`` centred at 0 for differences), token
+labels are readable (tokenizer markers removed, padding skipped).
+
+:func:`render_figures` is what ``taca-probe figures`` and the ``analysis/`` scripts call: it opens
+stores or sweep folders, computes every figure the inputs allow and writes PNG and PDF files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import xarray as xr
+
+from .analysis import AnalysisError, readable_token
+from .errors import TacaProbeError
+
+__all__ = [
+    "FIGURES",
+    "FORMATS",
+    "PALETTE",
+    "DIVERGING_CMAP",
+    "SEQUENTIAL_CMAP",
+    "plot_suppression",
+    "plot_suppression_heatmap",
+    "plot_timestep_slope",
+    "plot_amplification",
+    "plot_map_difference",
+    "plot_token_change",
+    "plot_gamma_grid",
+    "plot_mass_vs_gamma",
+    "plot_token_ranking",
+    "save_figure",
+    "render_figures",
+]
+
+#: Figure groups (``taca-probe figures --figures``) and the files each writes.
+FIGURES: dict[str, tuple[str, ...]] = {
+    "fig2": ("fig2_suppression", "fig2_suppression_heatmap", "fig2_timestep_slope", "fig2_amplification"),
+    "fig3": ("fig3_attention_map_diff", "fig3_token_change"),
+    "fig4": ("fig4_gamma_grid", "fig4_mass_vs_gamma"),
+    "fig5": ("fig5_token_ranking",),
+}
+#: File formats :func:`save_figure` writes.
+FORMATS = ("png", "pdf", "svg")
+#: Qualitative palette (colour-blind safe).
+PALETTE = "colorblind"
+#: Colormap of differences, always centred at 0.
+DIVERGING_CMAP = "RdBu_r"
+#: Colormap of magnitudes.
+SEQUENTIAL_CMAP = "viridis"
+
+_T_LABEL = "timestep t (1000 = pure noise; denoising runs left to right)"
+_MASS_LABEL = "visual→text attention mass"
+
+
+class FigureError(TacaProbeError):
+    """A figure that cannot be drawn from the given inputs."""
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    """seaborn's whitegrid look for the figures made inside, without changing global settings."""
+    import matplotlib
+    import seaborn as sns
+
+    rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
+          "axes.titleweight": "bold", "figure.dpi": 100}
+    with matplotlib.rc_context(rc):
+        yield
+
+
+def _heatmap(data: np.ndarray, **kwargs: Any):
+    """seaborn's heatmap without its internal deprecation chatter."""
+    import warnings
+
+    import seaborn as sns
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return sns.heatmap(data, **kwargs)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _colors(n: int) -> list:
+    import seaborn as sns
+
+    return sns.color_palette(PALETTE, n) if n <= 10 else sns.color_palette(SEQUENTIAL_CMAP, n)
+
+
+def _group_dim(res: xr.Dataset | xr.DataArray, *, expect: Sequence[str] = ("step",)) -> str | None:
+    """The layer-group dimension of a result; refuses results with other extra dims (e.g. a sweep's)."""
+    by = res.attrs.get("by")
+    gdim = by if by in res.dims else None
+    var = res["mean"] if isinstance(res, xr.Dataset) and "mean" in res else res
+    extra = [d for d in var.dims if d != gdim and d not in expect]
+    if extra:
+        raise FigureError(f"the result has the extra dimension(s) {', '.join(map(str, extra))}; select one first, "
+                          f"e.g. result.isel({extra[0]}=0) (or analyse ds.sel({extra[0]}=...))")
+    return gdim
+
+
+def _samples_text(n: Any) -> str:
+    n = int(n) if n is not None else 0
+    return f"n = {n} sample" + ("" if n == 1 else "s")
+
+
+def _short_layer(name: str, block_type: str | None = None) -> str:
+    """``transformer_blocks.3.attn`` -> ``joint 3``; ``single_transformer_blocks.5.attn`` -> ``single 5``."""
+    m = re.search(r"(\d+)", name)
+    idx = m.group(1) if m else name
+    if block_type is None:
+        block_type = "single" if name.startswith("single") else "joint"
+    suffix = "" if name.endswith(".attn") or not m else " " + name.rsplit(".", 1)[-1]
+    return f"{block_type} {idx}{suffix}"
+
+
+def _t_axis(ax, res: xr.Dataset) -> np.ndarray:
+    if "timestep" in res.coords:
+        t = np.asarray(res["timestep"].values, dtype=float)
+        ax.set_xlabel(_T_LABEL)
+        if len(t) > 1 and t[0] > t[-1]:
+            ax.set_xlim(max(t) + 0.02 * (max(t) - min(t) or 1), min(t) - 0.02 * (max(t) - min(t) or 1))
+        return t
+    ax.set_xlabel("denoising step")
+    return np.asarray(res["step"].values, dtype=float)
+
+
+def _fit(text: str, fig, fontsize: float = 10.0, frac: float = 0.92) -> str:
+    """Wrap each line of a title so that it fits ``frac`` of the figure's width (bold type included)."""
+    chars = max(20, int(fig.get_figwidth() * frac * 72 / (fontsize * 0.7)))
+    return "\n".join(textwrap.fill(line, chars) if line else line for line in str(text).split("\n"))
+
+
+def _grid_with_labels(fig, labels: Sequence[str], n_cols: int, *, fontsize: float = 9.0) -> np.ndarray:
+    """A (rows, n_cols) grid of axes with a first column that holds each row's label, right-aligned.
+
+    The label column is as wide as the longest label line, so constrained layout never clips it.
+    """
+    lines = [line for label in labels for line in str(label).split("\n")] or [""]
+    label_in = 0.1 + 0.62 * fontsize / 72 * max(len(line) for line in lines)
+    panel_in = (fig.get_figwidth() - label_in) / max(n_cols, 1)
+    grid = fig.add_gridspec(len(labels), n_cols + 1, width_ratios=[label_in / max(panel_in, 0.1)] + [1.0] * n_cols)
+    axes = np.empty((len(labels), n_cols), dtype=object)
+    for r, label in enumerate(labels):
+        lab = fig.add_subplot(grid[r, 0])
+        lab.axis("off")
+        lab.text(1.0, 0.5, label, ha="right", va="center", fontsize=fontsize, transform=lab.transAxes)
+        for c in range(n_cols):
+            axes[r, c] = fig.add_subplot(grid[r, c + 1])
+    return axes
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
+
+
+def _token_label(text: str, source: str | None, position: int) -> str:
+    src = f"{source.upper()} " if source else ""
+    return f"{readable_token(text)}  [{src}#{position}]"
+
+
+# ------------------------------------------------------------------------------------------------
+# Fig. 2
+# ------------------------------------------------------------------------------------------------
+
+
+def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = False):
+    """Fig. 2 analogue: relative magnitude (visual->text mass) against timestep, CI bands, references.
+
+    Parameters
+    ----------
+    res
+        :func:`taca_probe.analysis.suppression` result (any ``by``).
+    log
+        Logarithmic mass axis (useful when the uniform reference is far below 1).
+    """
+    gdim = _group_dim(res)
+    groups = [str(g) for g in res[gdim].values] if gdim else [res.attrs.get("by", "all layers")]
+    with _style():
+        fig = _figure(7.5, 4.6)
+        ax = fig.subplots()
+        t = _t_axis(ax, res)
+        for color, g in zip(_colors(len(groups)), groups):
+            sub = res.sel({gdim: g}) if gdim else res
+            label = _short_layer(g) if gdim == "layer" else g
+            ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=f"{label}")
+            ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
+        uniform = float(res["uniform_reference"]) if "uniform_reference" in res else res.attrs.get("uniform_reference")
+        ax.axhline(1.0, color="0.15", ls=":", lw=1.5, label="cross-attention (text keys only) = 1")
+        if uniform is not None:
+            ax.axhline(uniform, color="0.35", ls="--", lw=1.5,
+                       label=f"uniform attention N_txt/(N_txt+N_vis) = {uniform:.3g}")
+        ax.set_ylabel("relative magnitude, full / cross attention\n(= " + _MASS_LABEL + ", fraction)")
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1.08)
+        ci = res.attrs.get("ci", 0.95)
+        ax.set_title(_fit(title or (
+            "Fig. 2 analogue: suppression of visual→text attention\n"
+            f"{res.attrs.get('model', '')}, schedule {res.attrs.get('schedule') or 'none'}; mean over heads and "
+            f"layers, {ci:.0%} bootstrap CI; {_samples_text(res.attrs.get('n_samples'))}"), fig), fontsize=10)
+        ax.legend(fontsize=8, loc="best", title=(res.attrs.get("by") or "").replace("_", " "), title_fontsize=8)
+    return fig
+
+
+def plot_suppression_heatmap(res: xr.Dataset, *, title: str | None = None):
+    """Layer x timestep heatmap of the visual->text mass (``suppression(ds, by="layer")``)."""
+    gdim = _group_dim(res)
+    if gdim is None:
+        raise FigureError("the heatmap needs a result with a layer dimension: suppression(ds, by='layer')")
+    mean = res["mean"].transpose(gdim, "step")
+    names = [str(v) for v in res[gdim].values]
+    bts = [str(v) for v in res["block_type"].values] if "block_type" in res.coords and gdim == "layer" else [None] * len(names)
+    ylabels = [_short_layer(n, b) if gdim == "layer" else n for n, b in zip(names, bts)]
+    t = np.asarray(res["timestep"].values, float) if "timestep" in res.coords else np.asarray(res["step"].values, float)
+    xlabels = [f"{v:.0f}" for v in t]
+    with _style():
+        fig = _figure(max(5.5, 0.42 * len(xlabels) + 3.2), max(3.2, 0.28 * len(ylabels) + 1.8))
+        ax = fig.subplots()
+        _heatmap(mean.values, ax=ax, cmap=SEQUENTIAL_CMAP, xticklabels=xlabels, yticklabels=ylabels,
+                    cbar_kws={"label": _MASS_LABEL + " (fraction)"}, linewidths=0)
+        step_x = max(1, len(xlabels) // 14)
+        ax.set_xticks(np.arange(len(xlabels))[::step_x] + 0.5, xlabels[::step_x], rotation=0)
+        step_y = max(1, len(ylabels) // 30)
+        ax.set_yticks(np.arange(len(ylabels))[::step_y] + 0.5, ylabels[::step_y], rotation=0)
+        ax.set_xlabel("timestep t (denoising runs left to right)")
+        ax.set_ylabel("attention layer (model order)")
+        uniform = float(res["uniform_reference"]) if "uniform_reference" in res else None
+        ref = f"; uniform attention would give {uniform:.3g}" if uniform is not None else ""
+        ax.set_title(_fit(title or (f"Visual→text attention mass per layer and timestep{ref}\n"
+                               f"{res.attrs.get('model', '')}, schedule {res.attrs.get('schedule') or 'none'}; "
+                               f"mean over heads and samples; {_samples_text(res.attrs.get('n_samples'))}"), fig, frac=0.8),
+                     fontsize=10)
+    return fig
+
+
+def plot_timestep_slope(res: xr.Dataset, *, title: str | None = None):
+    """Timestep awareness: per-layer slope of the mass against t/1000 with CI error bars."""
+    gdim = _group_dim(res["slope"].assign_attrs(res.attrs), expect=())
+    names = [str(v) for v in res[gdim].values] if gdim else ["all layers"]
+    labels = [_short_layer(n) if gdim == "layer" else n for n in names]
+    slope = np.atleast_1d(res["slope"].values)
+    lo = np.atleast_1d(res["slope_ci_low"].values)
+    hi = np.atleast_1d(res["slope_ci_high"].values)
+    with _style():
+        fig = _figure(max(5.0, 0.45 * len(labels) + 2.5), 4.2)
+        ax = fig.subplots()
+        x = np.arange(len(labels))
+        colors = _colors(1) * len(labels)
+        ax.bar(x, slope, color=colors, alpha=0.85)
+        err = np.vstack([slope - lo, hi - slope])
+        ax.errorbar(x, slope, yerr=np.where(np.isfinite(err), err, 0), fmt="none", ecolor="0.2", capsize=3)
+        ax.axhline(0, color="0.2", lw=1)
+        ax.set_xticks(x, labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")
+        ax.set_xlabel("attention layer")
+        ax.set_ylabel("slope of mass vs t/1000\n(mass change per 1000 timesteps)")
+        ax.set_title(_fit(title or ("Timestep awareness: does visual→text attention change with the timestep?\n"
+                               f"> 0: more text attention at high noise; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
+                               f"{_samples_text(res.attrs.get('n_samples'))}"), fig), fontsize=10)
+    return fig
+
+
+def plot_amplification(res: xr.Dataset, *, title: str | None = None):
+    """TACA's effect per step: applied / gamma=1 visual->text mass, with the applied gamma."""
+    gdim = _group_dim(res)
+    groups = [str(g) for g in res[gdim].values] if gdim else ["all layers"]
+    with _style():
+        fig = _figure(7.5, 4.4)
+        ax = fig.subplots()
+        t = _t_axis(ax, res)
+        colors = _colors(len(groups))
+        for color, g in zip(colors, groups):
+            sub = res.sel({gdim: g}) if gdim else res
+            label = _short_layer(g) if gdim == "layer" else g
+            ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=label)
+            ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
+        ax.axhline(1.0, color="0.3", ls=":", lw=1.2, label="no change (γ = 1)")
+        ax.set_ylabel("visual→text mass, applied / at γ = 1\n(ratio)")
+        if "gamma" in res.coords:
+            ax2 = ax.twinx()
+            g = res["gamma"]
+            g = g.mean(gdim) if gdim else g
+            ax2.plot(t, np.asarray(g.values, float), color="0.45", ls="--", lw=1.2, marker="s", ms=3, drawstyle="steps-mid")
+            ax2.set_ylabel("γ applied (dashed)")
+            ax2.grid(False)
+        ax.legend(fontsize=8, loc="best")
+        ax.set_title(_fit(title or (f"TACA amplification of visual→text attention, schedule {res.attrs.get('schedule')}\n"
+                               f"{res.attrs.get('model', '')}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
+                               f"{_samples_text(res.attrs.get('n_samples'))}"), fig), fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Fig. 3
+# ------------------------------------------------------------------------------------------------
+
+
+def _pick_tokens(md: xr.Dataset, i: int, max_tokens: int) -> list[int]:
+    """Positions along ``token`` to show for sample ``i``: recorded, not padding, most changed first."""
+    sub = md.isel(sample=i)
+    absch = np.asarray(sub["token_abs_change"].values, float)  # (step, token)
+    ok = np.isfinite(absch).any(axis=0)
+    if "token_is_padding" in sub.coords:
+        ok &= ~np.asarray(sub["token_is_padding"].values, bool)
+    pos = np.flatnonzero(ok)
+    if len(pos) > max_tokens:
+        score = np.nanmean(absch[:, pos], axis=0)
+        pos = np.sort(pos[np.argsort(-score, kind="stable")[:max_tokens]])
+    return pos.tolist()
+
+
+def plot_map_difference(
+    md: xr.Dataset,
+    *,
+    sample: int = 0,
+    steps: Sequence[int] | None = None,
+    max_tokens: int = 8,
+    overlay: bool = False,
+    title: str | None = None,
+):
+    """Fig. 3 analogue: grid of TACA - baseline maps, rows tokens, columns early steps.
+
+    Parameters
+    ----------
+    md
+        :func:`taca_probe.analysis.map_difference` result.
+    sample
+        Position along ``sample`` (one prompt and seed).
+    steps
+        Step indices (default: every step of ``md``, at most 6).
+    max_tokens
+        Show at most this many tokens (those whose maps changed most, in prompt order).
+    overlay
+        Draw each difference map over the decoded TACA image (greyscale).
+    """
+    from matplotlib.colors import TwoSlopeNorm
+
+    if not 0 <= sample < md.sizes["sample"]:
+        n = md.sizes["sample"]
+        raise FigureError(f"sample {sample} out of range: the result holds {n} paired samples (0..{n - 1})")
+    all_steps = [int(s) for s in md["step"].values]
+    steps = all_steps[:6] if steps is None else [int(s) for s in steps]
+    bad = [s for s in steps if s not in all_steps]
+    if bad:
+        raise FigureError(f"step(s) {bad} not in the map difference; steps: {all_steps}")
+    tokens = _pick_tokens(md, sample, max_tokens)
+    if not tokens:
+        raise FigureError(f"sample {sample} has no recorded prompt-token map")
+    sub = md.isel(sample=sample).sel(step=steps)
+    diff = np.asarray(sub["diff"].values, float)  # (step, token, y, x)
+    shown = diff[:, tokens]
+    vmax = float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 0.0
+    vmax = vmax if vmax > 0 else 1e-9
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
+    texts = np.asarray(sub["token_text"].values).astype(object) if "token_text" in sub.coords else None
+    sources = np.asarray(sub["token_source"].values).astype(object) if "token_source" in sub.coords else None
+    positions = np.asarray(md["token"].values)
+    image = np.asarray(sub["treated_image"].values) if overlay and "treated_image" in sub else None
+    t = np.asarray(sub["timestep"].values, float) if "timestep" in sub.coords else None
+    ny, nx = diff.shape[-2:]
+    with _style():
+        import matplotlib
+
+        labels = [_token_label(texts[k] if texts is not None else "", sources[k] if sources is not None else None,
+                               int(positions[k])) for k in tokens]
+        fig = _figure(1.55 * len(steps) + 1.6 + 0.08 * max(len(x) for x in labels), 1.3 * len(tokens) + 1.8)
+        axes = _grid_with_labels(fig, labels, len(steps))
+        mappable = None
+        for r, k in enumerate(tokens):
+            for c, _ in enumerate(steps):
+                ax = axes[r, c]
+                ax.grid(False)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if image is not None:
+                    h, w = image.shape[:2]
+                    ax.imshow(image.mean(axis=-1), cmap="gray", extent=(0, w, h, 0), vmin=0, vmax=255)
+                    mappable = ax.imshow(diff[c, k], cmap=DIVERGING_CMAP, norm=norm, extent=(0, w, h, 0),
+                                         alpha=0.7, interpolation="nearest")
+                else:
+                    mappable = ax.imshow(diff[c, k], cmap=DIVERGING_CMAP, norm=norm, interpolation="nearest")
+                if r == 0:
+                    ax.set_title(f"step {steps[c]}" + (f"\nt = {t[c]:.0f}" if t is not None else ""), fontsize=9,
+                                 fontweight="normal")
+        cbar = fig.colorbar(mappable or matplotlib.cm.ScalarMappable(norm=norm, cmap=DIVERGING_CMAP),
+                            ax=axes, shrink=0.8, pad=0.02)
+        cbar.set_label("Δ attention probability\n(TACA − baseline; red: TACA attends more)")
+        prompt = str(sub["prompt"].values) if "prompt" in sub.coords else ""
+        seed = int(sub["seed"].values) if "seed" in sub.coords else None
+        fig.suptitle(_fit(title or (
+            f"Fig. 3 analogue: visual→text attention maps, TACA ({md.attrs.get('treated_schedule')}) − baseline "
+            f"({md.attrs.get('baseline_schedule') or 'none'})\n'{_wrap(prompt, 60)}', seed {seed}; head mean, "
+            f"{md.attrs.get('n_layers')} layer(s) averaged; each panel: {ny} × {nx} latent image-token grid; "
+            f"n = 1 sample (of {md.attrs.get('n_pairs')} pairs)"), fig), fontsize=10)
+    return fig
+
+
+def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16, title: str | None = None):
+    """Per-token summary of Fig. 3: relative change of each token's mean attention, tokens x steps."""
+    if not 0 <= sample < md.sizes["sample"]:
+        raise FigureError(f"sample {sample} out of range: the result holds {md.sizes['sample']} paired samples")
+    tokens = _pick_tokens(md, sample, max_tokens)
+    if not tokens:
+        raise FigureError(f"sample {sample} has no recorded prompt-token map")
+    sub = md.isel(sample=sample, token=tokens)
+    rel = 100.0 * np.asarray(sub["token_relative_change"].transpose("token", "step").values, float)
+    texts = np.asarray(sub["token_text"].values).astype(object) if "token_text" in sub.coords else [""] * len(tokens)
+    sources = np.asarray(sub["token_source"].values).astype(object) if "token_source" in sub.coords else [None] * len(tokens)
+    labels = [_token_label(x, s, int(p)) for x, s, p in zip(texts, sources, np.asarray(sub["token"].values))]
+    t = np.asarray(sub["timestep"].values, float) if "timestep" in sub.coords else np.asarray(sub["step"].values, float)
+    v = float(np.nanmax(np.abs(rel))) if np.isfinite(rel).any() else 1.0
+    with _style():
+        fig = _figure(max(5.0, 0.9 * rel.shape[1] + 3.5), 0.34 * len(labels) + 2.0)
+        ax = fig.subplots()
+        _heatmap(rel, ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-v, vmax=v, annot=rel.shape[1] <= 8,
+                    fmt=".1f", xticklabels=[f"{s}\n(t={x:.0f})" for s, x in zip(sub["step"].values, t)],
+                    yticklabels=labels, cbar_kws={"label": "change of the token's mean attention (%)"})
+        ax.set_xlabel("denoising step (timestep)")
+        ax.set_ylabel("prompt token")
+        ax.tick_params(axis="y", rotation=0)
+        prompt = str(sub["prompt"].values) if "prompt" in sub.coords else ""
+        ax.set_title(_fit(title or (f"Per-token change of visual→text attention, TACA − baseline\n'{_wrap(prompt, 60)}', "
+                               f"seed {int(sub['seed'].values) if 'seed' in sub.coords else ''}; relative to the "
+                               f"baseline; n = 1 sample (of {md.attrs.get('n_pairs')} pairs)"), fig, frac=0.8), fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Fig. 4
+# ------------------------------------------------------------------------------------------------
+
+
+def _gamma_label(g0: float, tt: float, spec: str) -> str:
+    if np.isfinite(g0) and g0 == 1.0:
+        return "γ = 1 (stock)"
+    if np.isfinite(tt) and np.isfinite(g0):
+        return f"γ₀ = {g0:g}"
+    return spec
+
+
+def plot_gamma_grid(grid: xr.DataArray, *, title: str | None = None):
+    """Fig. 4 analogue: images, rows prompts, columns the sweep's gamma0 (from ``gamma_image_grid``)."""
+    n_p, n_s = grid.sizes["prompt"], grid.sizes["schedule"]
+    g0 = np.asarray(grid["gamma0"].values, float) if "gamma0" in grid.coords else np.full(n_s, np.nan)
+    tt = np.asarray(grid["t_thresh"].values, float) if "t_thresh" in grid.coords else np.full(n_s, np.nan)
+    specs = [str(s) for s in grid["schedule"].values]
+    with _style():
+        labels = [_wrap(str(p), 22) for p in grid["prompt"].values]
+        fig = _figure(1.7 * n_s + 0.3 + 0.08 * max(len(line) for x in labels for line in x.split("\n")),
+                      1.75 * n_p + 1.2)
+        axes = _grid_with_labels(fig, labels, n_s)
+        for r in range(n_p):
+            for c in range(n_s):
+                ax = axes[r, c]
+                ax.imshow(np.asarray(grid.isel(prompt=r, schedule=c).values, dtype=np.uint8))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.grid(False)
+                if r == 0:
+                    ax.set_title(_gamma_label(g0[c], tt[c], specs[c]), fontsize=9, fontweight="normal")
+        thr = grid.attrs.get("t_thresh")
+        thr_text = f"γ₀ while t ≥ {thr:g}" if thr is not None and np.isfinite(thr) else "schedules as labelled"
+        fig.suptitle(_fit(title or (f"Fig. 4 analogue: images across the gamma sweep ({thr_text}); rows: prompts, "
+                               f"columns: γ₀\nseed {grid.attrs.get('seed')}; n = {n_p} prompt(s) × 1 seed"), fig), fontsize=10)
+    return fig
+
+
+def plot_mass_vs_gamma(res: xr.Dataset, *, title: str | None = None):
+    """Fig. 4 curve: visual->text mass against gamma0 with CI bands, one line per t_thresh."""
+    gdim = _group_dim(res, expect=("schedule",))
+    groups = [str(g) for g in res[gdim].values] if gdim else [None]
+    g0 = np.asarray(res["gamma0"].values, float) if "gamma0" in res.coords else np.arange(res.sizes["schedule"], dtype=float)
+    tt = np.asarray(res["t_thresh"].values, float) if "t_thresh" in res.coords else np.full(res.sizes["schedule"], np.nan)
+    specs = [str(s) for s in res["schedule"].values]
+    base = [i for i in range(len(specs)) if not np.isfinite(tt[i]) and g0[i] == 1.0]
+    thresholds = sorted({float(v) for v in tt if np.isfinite(v)}, reverse=True)
+    others = [i for i in range(len(specs)) if not np.isfinite(tt[i]) and i not in base]
+    with _style():
+        fig = _figure(5.2 * len(groups) + 1.0, 4.4)
+        axes = np.atleast_1d(fig.subplots(1, len(groups), squeeze=False)[0])
+        colors = _colors(max(1, len(thresholds) + len(others)))
+        for ax, g in zip(axes, groups):
+            sub = res.sel({gdim: g}) if gdim else res
+            mean, lo, hi = (np.asarray(sub[v].values, float) for v in ("mean", "ci_low", "ci_high"))
+            lines = [(f"t_thresh = {thr:g}", [i for i in range(len(specs)) if tt[i] == thr] + base)
+                     for thr in thresholds] or [("schedules", base)]
+            for color, (label, idx) in zip(colors, lines):
+                idx = sorted(set(idx), key=lambda i: g0[i])
+                if not idx:
+                    continue
+                x = g0[idx]
+                ax.plot(x, mean[idx], marker="o", color=color, label=label)
+                ax.fill_between(x, lo[idx], hi[idx], color=color, alpha=0.2, lw=0)
+                ax.errorbar(x, mean[idx], yerr=[mean[idx] - lo[idx], hi[idx] - mean[idx]], fmt="none",
+                            ecolor=color, capsize=3, lw=1)
+            for color, i in zip(colors[len(thresholds):], others):
+                ax.errorbar([g0[i]], [mean[i]], yerr=[[mean[i] - lo[i]], [hi[i] - mean[i]]], fmt="s", color=color,
+                            capsize=3, label=specs[i])
+            if "uniform_reference" in res:
+                ax.axhline(float(res["uniform_reference"]), color="0.35", ls="--", lw=1.2,
+                           label=f"uniform attention = {float(res['uniform_reference']):.3g}")
+            ax.set_xlabel("γ₀ (temperature on visual→text logits)")
+            ax.set_ylabel(_MASS_LABEL + " (fraction)")
+            if g is not None:
+                ax.set_title(g, fontsize=10)
+            ax.legend(fontsize=8)
+        steps = res.attrs.get("steps")
+        ts = res.attrs.get("timesteps") or []
+        when = f"steps {steps}" + (f" (t = {', '.join(f'{v:.0f}' for v in ts[:4])}{'…' if len(ts) > 4 else ''})" if ts else "")
+        fig.suptitle(_fit(title or (f"Fig. 4 analogue: visual→text attention mass against γ₀, mean over {when}\n"
+                               f"{res.attrs.get('model', '')}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
+                               f"{_samples_text(res.attrs.get('n_samples'))} per schedule"), fig), fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# token ranking
+# ------------------------------------------------------------------------------------------------
+
+
+def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | None = None):
+    """Which prompt tokens receive the most visual attention (share of the visual->text mass), per prompt."""
+    prompts = [str(p) for p in rank["prompt"].values][:max_prompts]
+    k = rank.sizes["rank"]
+    with _style():
+        fig = _figure(7.0, (0.28 * k + 1.2) * len(prompts) + 0.8)
+        axes = np.atleast_1d(fig.subplots(len(prompts), 1, squeeze=False)[:, 0])
+        color = _colors(2)
+        for ax, p in zip(axes, prompts):
+            sub = rank.sel(prompt=p)
+            ok = np.asarray(sub["token"].values) >= 0
+            share = 100.0 * np.asarray(sub["share"].values, float)[ok]
+            labels = [_token_label(x, s, int(q)) for x, s, q in zip(np.asarray(sub["token_text"].values)[ok],
+                                                                    np.asarray(sub["token_source"].values)[ok],
+                                                                    np.asarray(sub["token"].values)[ok])]
+            y = np.arange(len(labels))
+            ax.barh(y, share, color=color[0])
+            ax.set_yticks(y, labels, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel("share of the visual→text attention mass (%)")
+            pad = float(sub["padding_share"].values)
+            ax.set_title(f"'{_wrap(p, 70)}' — {int(sub['n_prompt_tokens'])} prompt tokens; "
+                         f"{int(sub['n_padding_tokens'])} padding tokens take {pad:.1%}",
+                         fontsize=9, fontweight="normal", loc="left")
+        fig.suptitle(_fit(title or ("Prompt tokens ranked by the visual attention they receive (padding reported "
+                               f"separately)\n{rank.attrs.get('model', '')}, schedule {rank.attrs.get('schedule') or 'none'}; "
+                               f"mean over steps, layers, heads, image queries and seeds; "
+                               f"{_samples_text(rank.attrs.get('n_samples'))}"), fig), fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# saving and rendering
+# ------------------------------------------------------------------------------------------------
+
+
+def save_figure(fig, out: str | os.PathLike, name: str, *, formats: Sequence[str] = ("png", "pdf"),
+                dpi: int = 150) -> list[Path]:
+    """Write ``fig`` as ``out/name.<format>`` for each format; returns the paths."""
+    formats = [formats] if isinstance(formats, str) else list(formats)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise FigureError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in formats:
+        path = folder / f"{name}.{f}"
+        fig.savefig(path, dpi=dpi, format=f, metadata=None if f != "png" else {"Software": "taca-probe"})
+        paths.append(path)
+    return paths
+
+
+def _open_inputs(sources: Sequence[str | os.PathLike], chunks: Any) -> tuple[list[tuple[str, str, xr.Dataset]], Any, str]:
+    """(label, schedule, dataset) runs, a sweep Dataset or None, and why there is no sweep."""
+    from .store import StoreError, is_store, open_run
+    from .sweep import SweepError, is_sweep, open_sweep
+
+    runs: list[tuple[str, str, xr.Dataset]] = []
+    sweep = None
+    stores: list[str] = []
+    why = "fig4 needs a sweep: a folder written by `taca-probe sweep`, or stores recorded with several schedules"
+    for src in sources:
+        p = Path(src)
+        if is_sweep(p):
+            sw = open_sweep(p, chunks=chunks)
+            if sweep is None:
+                sweep = sw
+            for spec in sw["schedule"].values:
+                runs.append((f"{p} [{spec}]", str(spec), sw.sel(schedule=spec)))
+        elif is_store(p):
+            ds = open_run(p, chunks=chunks)
+            runs.append((str(p), str(ds.attrs.get("schedule", "none")), ds))
+            stores.append(str(p))
+        elif not p.exists():
+            raise StoreError(f"no store or sweep at {str(p)!r}")
+        else:
+            raise StoreError(f"{str(p)!r} is neither a taca-probe store nor a sweep folder (no sweep.json)")
+    if sweep is None and len(stores) >= 2:
+        try:
+            sweep = open_sweep(stores, chunks=chunks)
+        except (SweepError, AnalysisError) as e:
+            why = f"fig4 needs stores of several schedules on the same prompts and seeds: {e}"
+    return runs, sweep, why
+
+
+def _find_run(runs: list[tuple[str, str, xr.Dataset]], key: str, what: str) -> tuple[str, str, xr.Dataset]:
+    for run in runs:
+        label, spec, _ = run
+        if key in (label, spec) or Path(label) == Path(key):
+            return run
+    try:
+        from .schedules import parse
+
+        canonical = parse(key).spec
+        for run in runs:
+            if run[1] == canonical:
+                return run
+    except Exception:
+        pass
+    raise FigureError(f"--{what} {key!r} matches no input; inputs: " + ", ".join(f"{label} ({spec})" for label, spec, _ in runs))
+
+
+def render_figures(
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    figures: str | Sequence[str] = "all",
+    baseline: str | None = None,
+    treated: str | None = None,
+    by: str = "block_type",
+    sample: int = 0,
+    steps: Sequence[int] | None = None,
+    max_tokens: int = 8,
+    overlay: bool = False,
+    formats: Sequence[str] = ("png", "pdf"),
+    dpi: int = 150,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    branch: str | None = None,
+    chunks: Any = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Render every figure the inputs allow (or the ones asked for) as PNG and PDF files.
+
+    Parameters
+    ----------
+    sources
+        Run stores and/or sweep folders.
+    out
+        Output folder.
+    figures
+        ``"all"`` or a list of :data:`FIGURES` keys (``fig2``: suppression; ``fig3``: map
+        differences; ``fig4``: gamma sweep; ``fig5``: token ranking). With ``"all"``, a figure the
+        inputs cannot support is skipped with its reason; a figure asked for by name raises.
+    baseline, treated
+        The baseline run (default: the one recorded with schedule ``none``) and the TACA run of
+        Fig. 3 (default: ``step:1.2@970`` if present, else the first other schedule), each as a
+        store path or a schedule spec.
+    by
+        Layer grouping of the Fig. 2 lines (:data:`taca_probe.analysis.GROUP_BY`).
+    sample, steps, max_tokens, overlay
+        Fig. 3: which paired sample, which steps (default: the first steps with maps, at most 4),
+        how many tokens, and whether to draw the maps over the decoded image.
+    formats, dpi
+        File formats and PNG resolution.
+    n_resamples, seed, branch
+        Bootstrap and branch options of the analysis.
+    chunks
+        Passed to the store openers (``{}``: dask).
+    log
+        Optional callable taking one line per figure written or skipped.
+
+    Returns
+    -------
+    dict
+        ``{"written": {figure name: [paths]}, "skipped": {group: reason}}``.
+    """
+    from . import analysis as A
+    from .schedules import parse
+
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if not sources:
+        raise FigureError("no input: give one or more stores or sweep folders")
+    if isinstance(figures, str):
+        wanted = list(FIGURES) if figures == "all" else [f.strip() for f in figures.split(",") if f.strip()]
+        explicit = figures != "all"
+    else:
+        wanted, explicit = list(figures), True
+    bad = [f for f in wanted if f not in FIGURES]
+    if bad or not wanted:
+        raise FigureError(f"unknown figure(s) {', '.join(bad) or '(none)'}; choose from all, {', '.join(FIGURES)}")
+    fmt = [formats] if isinstance(formats, str) else list(formats)
+    bad = [f for f in fmt if f not in FORMATS]
+    if bad or not fmt:
+        raise FigureError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    A._choice(by, A.GROUP_BY, "grouping 'by'")
+    say = log or (lambda msg: None)
+    stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
+
+    runs, sweep, why_no_sweep = _open_inputs(sources, chunks)
+    if baseline is not None:
+        base_run = _find_run(runs, baseline, "baseline")
+    else:
+        base_run = next((r for r in runs if parse(r[1]).is_identity), None)
+    if treated is not None:
+        treat_run = _find_run(runs, treated, "treated")
+    else:
+        others = [r for r in runs if r is not base_run and not parse(r[1]).is_identity]
+        treat_run = next((r for r in others if r[1] == "step:1.2@970"), others[0] if others else None)
+    main_run = base_run or runs[0]
+
+    written: dict[str, list[Path]] = {}
+    skipped: dict[str, str] = {}
+
+    def emit(name: str, fig) -> None:
+        written[name] = save_figure(fig, out, name, formats=fmt, dpi=dpi)
+        say(f"wrote {', '.join(str(p) for p in written[name])}")
+
+    def skip(group: str, reason: str) -> None:
+        if explicit:
+            raise FigureError(reason)
+        skipped[group] = reason
+        say(f"skipped {group}: {reason}")
+
+    label, spec, ds = main_run
+    if "fig2" in wanted:
+        A.require(ds, "vis_txt_mass", needed_for="Fig. 2", label=label)
+        emit("fig2_suppression", plot_suppression(A.suppression(ds, by=by, **stats)))
+        emit("fig2_suppression_heatmap", plot_suppression_heatmap(A.suppression(ds, by="layer", **stats)))
+        emit("fig2_timestep_slope", plot_timestep_slope(A.timestep_awareness(ds, by="layer", **stats)))
+        if treat_run is not None:
+            emit("fig2_amplification", plot_amplification(A.amplification(treat_run[2], by=by, **stats)))
+    if "fig3" in wanted:
+        if base_run is None or treat_run is None:
+            skip("fig3", "fig3 needs a TACA store and a baseline store (schedule none) recorded with the same "
+                         "prompts and seeds and with --maps; give both (or a sweep folder), or name them with "
+                         "--baseline/--treated")
+        else:
+            try:
+                A.require(treat_run[2], "maps", needed_for="Fig. 3 (attention-map differences)", label=treat_run[0])
+                A.require(base_run[2], "maps", needed_for="Fig. 3 (attention-map differences)", label=base_run[0])
+                common = [s for s in A.recorded_map_steps(treat_run[2]) if s in set(A.recorded_map_steps(base_run[2]))]
+                md = A.map_difference(treat_run[2], base_run[2], steps=list(steps) if steps is not None else common[:4],
+                                      branch=branch)
+            except AnalysisError as e:
+                skip("fig3", str(e))
+            else:
+                emit("fig3_attention_map_diff", plot_map_difference(md, sample=sample, max_tokens=max_tokens, overlay=overlay))
+                emit("fig3_token_change", plot_token_change(md, sample=sample))
+    if "fig4" in wanted:
+        if sweep is None or sweep.sizes.get("schedule", 0) < 2:
+            skip("fig4", why_no_sweep if sweep is None else "fig4 needs at least two schedules in the sweep")
+        else:
+            emit("fig4_gamma_grid", plot_gamma_grid(A.gamma_image_grid(sweep)))
+            emit("fig4_mass_vs_gamma", plot_mass_vs_gamma(A.mass_vs_gamma(sweep, by="all", **stats)))
+    if "fig5" in wanted:
+        emit("fig5_token_ranking", plot_token_ranking(A.token_ranking(ds, branch=branch)))
+    if not written:
+        raise FigureError("no figure could be drawn: " + "; ".join(skipped.values()))
+    return {"written": written, "skipped": skipped}

@@ -1,0 +1,548 @@
+"""Gamma sweeps: one store per schedule over the same prompts and seeds, opened as one Dataset.
+
+A sweep folder holds::
+
+    sweep.json                         the manifest (format :data:`SWEEP_FORMAT`): model, call
+                                       settings, the (prompt, seed) plan, and per schedule its
+                                       spec, gamma0, t_thresh, store and image folder
+    stores/00_none.zarr                one run store per schedule (taca_probe.open_run opens each)
+    stores/01_step_1.2@970.zarr
+    images/00_none/p00_seed0.png       every image, also in the stores' ``image`` variable
+    ...
+
+:func:`run_sweep` records it (``taca-probe sweep``), continuing each schedule's store on
+``mode="resume"``; :func:`open_sweep` concatenates the stores along a new ``schedule``
+dimension with ``gamma0`` and ``t_thresh`` coordinates. This module does not import zarr: it
+goes through :func:`taca_probe.recording.probe` and :func:`taca_probe.store.open_run`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import TacaProbeError
+
+__all__ = [
+    "SweepError",
+    "MANIFEST",
+    "SWEEP_FORMAT",
+    "DEFAULT_GAMMA0",
+    "DEFAULT_T_THRESH",
+    "sweep_schedules",
+    "run_sweep",
+    "open_sweep",
+    "read_manifest",
+    "is_sweep",
+]
+
+#: The manifest's file name inside a sweep folder.
+MANIFEST = "sweep.json"
+#: Version of the manifest format.
+SWEEP_FORMAT = 1
+#: The default grid: the paper's ablation range and a larger value.
+DEFAULT_GAMMA0: tuple[float, ...] = (1.0, 1.1, 1.2, 1.3, 1.5)
+#: The paper's threshold timestep.
+DEFAULT_T_THRESH: tuple[float, ...] = (970.0,)
+
+
+class SweepError(TacaProbeError):
+    """A sweep folder that is missing, inconsistent, or resumed with different settings."""
+
+
+# ------------------------------------------------------------------------------------------------
+# schedules of a sweep
+# ------------------------------------------------------------------------------------------------
+
+
+def sweep_schedules(
+    *,
+    gamma0: Sequence[float] = DEFAULT_GAMMA0,
+    t_thresh: Sequence[float] = DEFAULT_T_THRESH,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """Canonical schedule specs of a grid: ``step:G@T`` for every (T, G), then ``extra``.
+
+    Schedules that are the identity (``gamma0 = 1`` at any threshold, ``none``) become one
+    ``none`` schedule, listed first; duplicates are dropped. Every spec is validated.
+
+    >>> sweep_schedules(gamma0=[1.0, 1.2], t_thresh=[970, 900])
+    ['none', 'step:1.2@970', 'step:1.2@900']
+    """
+    from .schedules import parse
+
+    specs: list[str] = []
+    for t in t_thresh:
+        for g in gamma0:
+            specs.append(parse(f"step:{g}@{t}").spec)
+    specs.extend(parse(s).spec for s in extra)
+    out: list[str] = []
+    for spec in specs:
+        spec = "none" if parse(spec).is_identity else spec
+        if spec not in out:
+            out.append(spec)
+    if "none" in out:
+        out.remove("none")
+        out.insert(0, "none")
+    if not out:
+        raise SweepError("the sweep has no schedule: give gamma0 and t_thresh values or extra schedules")
+    return out
+
+
+def _schedule_coords(spec: str) -> tuple[float, float]:
+    """(gamma0, t_thresh) of a spec: ``step:G@T`` -> (G, T), ``const:G`` -> (G, 0), ``none`` -> (1, NaN).
+
+    Other forms give (NaN, NaN); :func:`open_sweep` then takes gamma0 as the largest gamma recorded.
+    """
+    from .schedules import parse
+
+    s = parse(spec)
+    base = getattr(s, "base", s)
+    kind = getattr(type(base), "kind", None)
+    if s.is_identity:
+        return 1.0, math.nan
+    if kind == "step":
+        return float(base.gamma0), float(base.t_thresh)
+    if kind == "const":
+        return float(base.gamma0), 0.0
+    return math.nan, math.nan
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.@=-]+", "_", spec).strip("_") or "schedule"
+
+
+# ------------------------------------------------------------------------------------------------
+# the manifest
+# ------------------------------------------------------------------------------------------------
+
+
+def is_sweep(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a folder holding a sweep manifest."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the sweep folder ``path``."""
+    p = Path(path)
+    f = p / MANIFEST
+    if not p.exists():
+        raise SweepError(f"no sweep at {str(p)!r}")
+    if not f.is_file():
+        raise SweepError(f"{str(p)!r} is not a sweep folder (no {MANIFEST}); record one with `taca-probe sweep`")
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SweepError(f"cannot read {str(f)!r}: {str(e).splitlines()[0]}") from None
+    version = doc.get("taca_probe_sweep") if isinstance(doc, dict) else None
+    if not isinstance(version, int) or not 1 <= version <= SWEEP_FORMAT:
+        raise SweepError(f"{str(f)!r} has sweep format {version!r}; this taca-probe reads 1..{SWEEP_FORMAT}")
+    return doc
+
+
+def _write_manifest(folder: Path, doc: dict[str, Any]) -> None:
+    doc["updated"] = _now()
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# recording
+# ------------------------------------------------------------------------------------------------
+
+
+def _plan(prompts: Sequence[Any], seeds: Sequence[int]) -> list[tuple[str, int]]:
+    """(prompt, seed) pairs: each prompt is a string (every seed) or a (prompt, seeds) pair."""
+    plan: list[tuple[str, int]] = []
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    for item in prompts:
+        if isinstance(item, str):
+            text, item_seeds = item, seeds
+        else:
+            try:
+                text, item_seeds = item
+            except (TypeError, ValueError):
+                raise SweepError(f"bad prompt {item!r}: expected a string or a (prompt, seeds) pair") from None
+            if isinstance(item_seeds, (int, np.integer)):
+                item_seeds = [item_seeds]
+        if not isinstance(text, str) or not text:
+            raise SweepError("every prompt must be a non-empty string")
+        for s in item_seeds:
+            if (text, int(s)) not in plan:
+                plan.append((text, int(s)))
+    if not plan:
+        raise SweepError("no prompt given")
+    return plan
+
+
+def _call_settings(pipe: Any, model: Any, call: dict[str, Any] | None) -> dict[str, Any]:
+    """The pipe(...) arguments: the model's recommended ones, overridden by ``call``."""
+    from . import models
+
+    defaults_fn = getattr(models, "model_call_defaults", None)
+    defaults: dict[str, Any] = {}
+    if defaults_fn is not None:
+        defaults = dict(defaults_fn(model if isinstance(model, (str, os.PathLike)) else pipe) or {})
+    settings = {**defaults, **{k: v for k, v in (call or {}).items() if v is not None}}
+    size = int(getattr(pipe, "default_sample_size", 128)) * int(getattr(pipe, "vae_scale_factor", 8))
+    settings.setdefault("num_inference_steps", 28)
+    settings.setdefault("height", size)
+    settings.setdefault("width", size)
+    for key in ("generator", "num_images_per_prompt", "output_type", "prompt"):
+        if key in settings:
+            raise SweepError(f"call setting {key!r} is set by the sweep itself; leave it out")
+    return settings
+
+
+def _resume_diffs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    diffs = []
+    for key in ("model", "plan", "call", "maps", "branch", "lora", "lora_scale"):
+        if _jsonable(old.get(key)) != _jsonable(new.get(key)):
+            o, n = old.get(key), new.get(key)
+            if key == "plan":
+                same_size = len(o or []) == len(n)
+                o, n = f"{len(o or [])} (prompt, seed) pairs", f"{len(n)} pairs" + (" (different)" if same_size else "")
+            diffs.append(f"{key}: sweep has {o!r}, now {n!r}")
+    old_specs = [s["spec"] for s in old.get("schedules", [])]
+    new_specs = [s["spec"] for s in new["schedules"]]
+    if old_specs != new_specs:
+        diffs.append(f"schedules: sweep has {', '.join(old_specs)}; now {', '.join(new_specs)}")
+    return diffs
+
+
+def run_sweep(
+    model: Any,
+    out: str | os.PathLike,
+    *,
+    prompts: Sequence[Any],
+    seeds: Sequence[int] = (0,),
+    schedules: Sequence[str] | None = None,
+    gamma0: Sequence[float] = DEFAULT_GAMMA0,
+    t_thresh: Sequence[float] = DEFAULT_T_THRESH,
+    maps: Any = None,
+    branch: str = "cond",
+    mode: str = "create",
+    call: dict[str, Any] | None = None,
+    device: str | None = None,
+    dtype: Any = None,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
+    model_name: str | None = None,
+    progress: bool | Callable[[str], None] = True,
+) -> Path:
+    """Record every schedule of a sweep over the same prompts and seeds; returns the folder.
+
+    Parameters
+    ----------
+    model
+        An embedded model name, local diffusers folder or cached hub id (loaded with
+        :func:`taca_probe.load_pipeline` on ``device``/``dtype``), or a loaded pipeline.
+    out
+        The sweep folder.
+    prompts, seeds
+        Each prompt is a string, sampled with every seed, or a ``(prompt, seeds)`` pair.
+    schedules
+        Schedule specs; default ``sweep_schedules(gamma0=gamma0, t_thresh=t_thresh)``.
+    maps, branch, lora, lora_scale
+        As for :func:`taca_probe.probe` (the same for every schedule).
+    mode
+        ``"create"`` refuses an existing non-empty folder; ``"resume"`` continues each schedule's
+        store (completed samples are skipped) and refuses different settings; ``"overwrite"``
+        deletes a previous sweep in ``out`` first.
+    call
+        ``pipe(...)`` arguments (``num_inference_steps``, ``height``, ``width``,
+        ``guidance_scale``, ``max_sequence_length``, ...), over the model's recommended ones
+        (``taca_probe.models.model_call_defaults``, where available).
+    model_name
+        The model's name stored in the manifest (default: ``model`` if a string).
+    progress
+        ``True`` for a progress bar on stderr, ``False`` for none, or a callable taking one line
+        per sample.
+    """
+    from .recording import MapSelection, probe
+    from .schedules import parse
+    from .store import is_store, open_run, remove_store
+
+    if mode not in ("create", "resume", "overwrite"):
+        raise SweepError(f"unknown mode {mode!r}; choose from create, resume, overwrite")
+    specs = sweep_schedules(gamma0=gamma0, t_thresh=t_thresh) if schedules is None else [parse(s).spec for s in schedules]
+    if not specs:
+        raise SweepError("the sweep has no schedule")
+    if len(set(specs)) != len(specs):
+        raise SweepError(f"schedule listed twice: {', '.join(sorted({s for s in specs if specs.count(s) > 1}))}")
+    maps_sel = MapSelection.parse(maps)
+    plan = _plan(prompts, seeds)
+    folder = Path(out)
+    exists = folder.exists() and any(folder.iterdir()) if folder.exists() else False
+    if folder.exists() and not folder.is_dir():
+        raise SweepError(f"{str(folder)!r} is a file; choose another folder for the sweep")
+    if mode == "create" and exists:
+        raise SweepError(f"{str(folder)!r} already exists; pass --resume to complete it or --overwrite to replace it")
+    if mode == "resume" and not is_sweep(folder):
+        raise SweepError(f"--resume: no sweep at {str(folder)!r} (no {MANIFEST})")
+    if mode == "overwrite" and exists and not is_sweep(folder):
+        raise SweepError(f"refusing to overwrite {str(folder)!r}: it is not a sweep folder (no {MANIFEST})")
+
+    if isinstance(model, (str, os.PathLike)):
+        from .models import load_pipeline
+
+        pipe = load_pipeline(model, device=device, dtype=dtype)
+        if progress is not False:
+            pipe.set_progress_bar_config(disable=True)  # one bar for the sweep, not one per sample
+        name = str(model_name or model)
+    else:
+        pipe = model
+        name = str(model_name or getattr(pipe, "name_or_path", "") or "")
+    settings = _call_settings(pipe, model, call)
+
+    prompt_list = list(dict.fromkeys(p for p, _ in plan))
+    entries = []
+    for i, spec in enumerate(specs):
+        g0, tt = _schedule_coords(spec)
+        entries.append({"spec": spec, "gamma0": None if math.isnan(g0) else g0,
+                        "t_thresh": None if math.isnan(tt) else tt,
+                        "store": f"stores/{i:02d}_{_slug(spec)}.zarr", "images": f"images/{i:02d}_{_slug(spec)}",
+                        "samples_complete": 0})
+    doc: dict[str, Any] = {
+        "taca_probe_sweep": SWEEP_FORMAT, "model": name, "model_class": type(pipe.transformer).__name__,
+        "plan": [[p, s] for p, s in plan], "prompts": prompt_list, "seeds": sorted({s for _, s in plan}),
+        "call": _jsonable(settings), "maps": None if maps_sel is None else maps_sel.spec, "branch": branch,
+        "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale),
+        "grid": None if schedules is not None else {"gamma0": [float(g) for g in gamma0],
+                                                    "t_thresh": [float(t) for t in t_thresh]},
+        "image_names": "p{prompt_index:02d}_seed{seed}.png",
+        "schedules": entries, "status": "running", "created": _now(),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+    }
+    from . import __version__
+
+    doc["taca_probe_version"] = __version__
+    if mode == "resume":
+        old = read_manifest(folder)
+        diffs = _resume_diffs(old, doc)
+        if diffs:
+            raise SweepError(f"cannot resume {str(folder)!r} with different settings: " + "; ".join(diffs))
+        doc["created"] = old.get("created", doc["created"])
+    if mode == "overwrite" and is_sweep(folder):
+        old = read_manifest(folder)
+        for entry in old.get("schedules", []):
+            remove_store(folder / entry["store"])
+            shutil.rmtree(folder / entry["images"], ignore_errors=True)
+        (folder / MANIFEST).unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_manifest(folder, doc)
+
+    report = _progress(progress, total=len(specs) * len(plan))
+    try:
+        for entry in entries:
+            store = folder / entry["store"]
+            images = folder / entry["images"]
+            images.mkdir(parents=True, exist_ok=True)
+            store_mode = "resume" if store.exists() and is_store(store) else "create"
+            with probe(pipe, store, schedule=entry["spec"], maps=maps_sel, branch=branch, mode=store_mode,
+                       lora=lora, lora_scale=lora_scale, model=name,
+                       attrs={"sweep": str(folder), "guidance": settings.get("guidance_scale"),
+                              "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale)}) as run:
+                for prompt, seed in plan:
+                    report(f"{entry['spec']}: seed {seed}: {prompt[:40]}")
+                    result = run.sample(prompt, seed=seed, **settings)
+                    if result:
+                        result[0].save(images / _png_name(prompt_list.index(prompt), seed))
+            entry["samples_complete"] = _save_missing_pngs(open_run(store), images, prompt_list)
+            _write_manifest(folder, doc)
+    finally:
+        report(None)
+    doc["status"] = "complete"
+    _write_manifest(folder, doc)
+    return folder
+
+
+def _png_name(prompt_index: int, seed: int, batch_index: int = 0) -> str:
+    return f"p{prompt_index:02d}_seed{seed}" + (f"_{batch_index}" if batch_index else "") + ".png"
+
+
+def _save_missing_pngs(ds: Any, images: Path, prompt_list: list[str]) -> int:
+    """Write the PNG of every complete sample that has none yet (e.g. after a resume); returns the count."""
+    from PIL import Image
+
+    prompts = [str(p) for p in np.asarray(ds["prompt"].values).tolist()]
+    seeds = [int(s) for s in np.asarray(ds["seed"].values)]
+    batch = [int(b) for b in np.asarray(ds["batch_index"].values)]
+    for i, (p, s, b) in enumerate(zip(prompts, seeds, batch)):
+        index = prompt_list.index(p) if p in prompt_list else len(prompt_list) + i
+        path = images / _png_name(index, s, b)
+        if not path.exists():
+            Image.fromarray(np.asarray(ds["image"].isel(sample=i).values, dtype=np.uint8)).save(path)
+    return len(prompts)
+
+
+def _progress(progress: bool | Callable[[str], None], total: int) -> Callable[[str | None], None]:
+    if callable(progress):
+        return lambda msg: progress(msg) if msg is not None else None
+    if not progress:
+        return lambda msg: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="sweep", unit="sample", file=sys.stderr)
+    state = {"first": True}
+
+    def report(msg: str | None) -> None:
+        if msg is None:
+            if not state["first"]:
+                bar.update(1)
+            bar.close()
+            return
+        if not state["first"]:
+            bar.update(1)
+        state["first"] = False
+        bar.set_postfix_str(msg)
+
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# opening
+# ------------------------------------------------------------------------------------------------
+
+
+def open_sweep(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    chunks: Any = None,
+):
+    """Open a sweep as one :class:`xarray.Dataset` with a ``schedule`` dimension.
+
+    Parameters
+    ----------
+    source
+        A sweep folder (written by :func:`run_sweep` / ``taca-probe sweep``), or a list of run
+        stores recorded with different schedules on the same prompts and seeds.
+    chunks
+        As for :func:`taca_probe.open_run` (``{}`` for dask arrays).
+
+    Returns
+    -------
+    xarray.Dataset
+        Every store variable with a leading ``schedule`` dimension (its values the schedule
+        specs), coordinates ``gamma0`` (the schedule's gamma; for forms other than ``step``,
+        ``const`` and ``none``, the largest gamma recorded) and ``t_thresh`` (NaN where the
+        schedule has none) along ``schedule``, and ``gamma`` (schedule, sample, step, layer).
+        Samples are those complete in every store, in plan order; others are left out with a
+        warning (resume the sweep to complete them).
+    """
+    import pandas as pd
+    import xarray as xr
+
+    from .store import open_run
+
+    if isinstance(source, (str, os.PathLike)) and is_sweep(source):
+        folder = Path(source)
+        doc = read_manifest(folder)
+        items = [(folder / e["store"], e["spec"], e.get("gamma0"), e.get("t_thresh")) for e in doc["schedules"]]
+        missing = [str(p) for p, *_ in items if not p.exists()]
+        items = [it for it in items if it[0].exists()]
+        if missing:
+            warnings.warn(f"sweep {str(folder)!r}: {len(missing)} schedule store(s) not recorded yet "
+                          f"(first {missing[0]}); resume the sweep to record them", stacklevel=2)
+        if not items:
+            raise SweepError(f"sweep {str(folder)!r} has no recorded store yet; run or resume `taca-probe sweep`")
+        label = str(folder)
+    else:
+        if isinstance(source, (str, os.PathLike)):
+            p = Path(source)
+            if p.is_dir() and not (p / "zarr.json").exists():
+                raise SweepError(f"{str(p)!r} is neither a sweep folder (no {MANIFEST}) nor a store")
+            sources = [p]
+        else:
+            sources = [Path(s) for s in source]
+        items = [(p, None, None, None) for p in sources]
+        doc = None
+        label = ", ".join(map(str, sources))
+    dsets, specs, g0s, tts = [], [], [], []
+    for path, spec, g0, tt in items:
+        ds = open_run(path, chunks=chunks)
+        spec = spec or str(ds.attrs.get("schedule", "none"))
+        if g0 is None and tt is None:
+            g0, tt = _schedule_coords(spec)
+        g0 = math.nan if g0 is None else float(g0)
+        tt = math.nan if tt is None else float(tt)
+        if math.isnan(g0) and "gamma" in ds.variables and ds.sizes.get("sample", 0):
+            g0 = float(np.nanmax(np.asarray(ds["gamma"].values)))
+        dsets.append(ds)
+        specs.append(spec)
+        g0s.append(g0)
+        tts.append(tt)
+    if len(set(specs)) != len(specs):
+        raise SweepError(f"{label}: two stores hold the same schedule ({', '.join(specs)}); a sweep needs distinct ones")
+    ref = dsets[0]
+    for spec, ds in zip(specs[1:], dsets[1:]):
+        diffs = [f"{d} {ref.sizes.get(d)} vs {ds.sizes.get(d)}" for d in ("step", "layer", "head", "token", "y", "x",
+                                                                          "image_y", "image_x")
+                 if ref.sizes.get(d) != ds.sizes.get(d)]
+        if not diffs and list(map(str, ref["layer"].values)) != list(map(str, ds["layer"].values)):
+            diffs.append("layer names differ")
+        if diffs:
+            raise SweepError(f"{label}: the store of {spec!r} does not match the one of {specs[0]!r}: " + "; ".join(diffs))
+    keys = [_keys(ds) for ds in dsets]
+    common = [k for k in keys[0] if all(k in set(other) for other in keys[1:])]
+    left_out = sum(len(k) for k in keys) - len(common) * len(keys)
+    if left_out:
+        warnings.warn(f"{label}: {left_out} sample(s) not complete in every schedule's store were left out; "
+                      "resume the sweep to complete them", stacklevel=2)
+    aligned = []
+    for ds, k in zip(dsets, keys):
+        index = {key: i for i, key in enumerate(k)}
+        ds = ds.isel(sample=[index[key] for key in common]).assign_coords(sample=np.arange(len(common)))
+        aligned.append(ds)
+    coords = ["gamma"] if "gamma" in aligned[0].variables else "minimal"
+    combined = xr.concat(aligned, dim=pd.Index(specs, name="schedule"), data_vars="all", coords=coords,
+                         compat="override", join="override", combine_attrs="drop_conflicts")
+    combined = combined.assign_coords(gamma0=("schedule", np.array(g0s, float)),
+                                      t_thresh=("schedule", np.array(tts, float)))
+    combined["gamma0"].attrs = {"long_name": "gamma0 (largest gamma of the schedule)"}
+    combined["t_thresh"].attrs = {"long_name": "threshold timestep (gamma0 while t >= t_thresh)", "units": "timestep (0..1000)"}
+    for key in ("schedule", "schedule_description", "command", "created", "sweep"):
+        combined.attrs.pop(key, None)
+    combined.attrs["schedules"] = list(specs)
+    combined.attrs["sweep"] = label
+    if doc is not None:
+        combined.attrs["sweep_call"] = json.dumps(doc.get("call", {}))
+    return combined
+
+
+def _keys(ds: Any) -> list[tuple[str, int, int]]:
+    prompts = [str(p) for p in np.asarray(ds["prompt"].values).tolist()]
+    seeds = [int(s) for s in np.asarray(ds["seed"].values)]
+    batch = [int(b) for b in np.asarray(ds["batch_index"].values)]
+    return list(zip(prompts, seeds, batch))

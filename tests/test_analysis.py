@@ -1,0 +1,398 @@
+"""taca_probe.analysis against hand computations on small synthetic Datasets with known masses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+import xarray as xr
+
+from taca_probe import analysis as A
+from taca_probe.errors import TacaProbeError
+
+LAYERS = ("transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn")
+BLOCKS = ("joint", "joint", "single")
+
+
+def make_run(
+    *,
+    prompts=("a cat",),
+    seeds=(0, 1),
+    steps=2,
+    heads=2,
+    n_txt=4,
+    grid=(2, 3),
+    timesteps=None,
+    vis=None,
+    ref=None,
+    gamma=None,
+    token_mass=None,
+    maps=None,
+    padding=(3,),
+    schedule="none",
+    maps_spec="steps=0,1;layers=all;tokens=prompt",
+    image=None,
+) -> xr.Dataset:
+    """A Dataset shaped like ``open_run``'s: samples = prompts x seeds (prompt-major)."""
+    keys = [(p, s) for p in prompts for s in seeds]
+    n = len(keys)
+    L = len(LAYERS)
+    shape = (n, steps, L, heads)
+    vis = np.full(shape, 0.3) if vis is None else np.asarray(vis, float)
+    ref = vis.copy() if ref is None else np.asarray(ref, float)
+    t = np.linspace(1000, 0, steps, endpoint=False) if timesteps is None else np.asarray(timesteps, float)
+    gamma = np.ones((n, steps, L)) if gamma is None else np.broadcast_to(gamma, (n, steps, L))
+    token_mass = np.full((n, steps, L, n_txt), 0.3 / n_txt) if token_mass is None else np.asarray(token_mass, float)
+    pad = np.zeros((n, n_txt), bool)
+    pad[:, list(padding)] = True
+    texts = np.array([[f"{p.split()[-1]}{k}</w>" if not pad[i, k] else "<pad>" for k in range(n_txt)]
+                      for i, (p, _) in enumerate(keys)], dtype=object)
+    data = {
+        "vis_txt_mass": (("sample", "step", "layer", "head"), vis.astype(np.float32)),
+        "vis_txt_mass_ref": (("sample", "step", "layer", "head"), ref.astype(np.float32)),
+        "txt_vis_mass": (("sample", "step", "layer", "head"), (1 - vis).astype(np.float32)),
+        "token_mass": (("sample", "step", "layer", "token"), token_mass.astype(np.float32)),
+        "image": (("sample", "image_y", "image_x", "channel"),
+                  np.zeros((n, 8, 8, 3), np.uint8) if image is None else image),
+    }
+    if maps is not None:
+        data["maps"] = (("sample", "step", "layer", "token", "y", "x"), np.asarray(maps).astype(np.float16))
+    coords = {
+        "sample": np.arange(n), "prompt": ("sample", [p for p, _ in keys]), "seed": ("sample", [s for _, s in keys]),
+        "batch_index": ("sample", np.zeros(n, np.int64)), "step": np.arange(steps),
+        "timestep": (("sample", "step"), np.tile(t, (n, 1)).astype(np.float32)),
+        "sigma": (("sample", "step"), np.tile(t / 1000, (n, 1)).astype(np.float32)),
+        "gamma": (("sample", "step", "layer"), np.asarray(gamma, np.float32)),
+        "layer": list(LAYERS), "block_type": ("layer", list(BLOCKS)), "head": np.arange(heads),
+        "token": np.arange(n_txt), "token_text": (("sample", "token"), texts),
+        "token_source": ("token", ["clip"] * (n_txt // 2) + ["t5"] * (n_txt - n_txt // 2)),
+        "token_is_padding": (("sample", "token"), pad), "y": np.arange(grid[0]), "x": np.arange(grid[1]),
+    }
+    attrs = {"schedule": schedule, "model": "synthetic", "n_txt": n_txt, "n_vis": grid[0] * grid[1],
+             "branch": "cond", "steps": steps}
+    if maps is not None:
+        attrs["maps"] = maps_spec
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+# ------------------------------------------------------------------------------------------------
+# suppression
+# ------------------------------------------------------------------------------------------------
+
+
+def _fig2_run():
+    vis = np.zeros((2, 2, 3, 2))
+    vis[0, 0] = [[0.1, 0.3], [0.2, 0.2], [0.5, 0.7]]
+    vis[1, 0] = [[0.3, 0.5], [0.4, 0.4], [0.7, 0.9]]
+    vis[0, 1], vis[1, 1] = 0.4, 0.6
+    return make_run(vis=vis, timesteps=[1000, 500])
+
+
+def test_suppression_by_block_type_matches_hand_computation():
+    res = A.suppression(_fig2_run(), n_resamples=500)
+    assert res["mean"].dims == ("block_type", "step")
+    assert list(res["block_type"].values) == ["joint", "single"]
+    # joint, step 0: sample 0 (0.1+0.3+0.2+0.2)/4 = 0.2, sample 1 (0.3+0.5+0.4+0.4)/4 = 0.4 -> 0.3
+    np.testing.assert_allclose(res["mean"].sel(block_type="joint").values, [0.3, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(res["mean"].sel(block_type="single").values, [0.7, 0.5], rtol=1e-6)
+    assert res["uniform_reference"].item() == pytest.approx(4 / (4 + 6))  # N_txt / (N_txt + N_vis)
+    assert res.attrs["uniform_reference"] == pytest.approx(0.4) and res["cross_attention_reference"].item() == 1.0
+    np.testing.assert_array_equal(res["timestep"].values, [1000, 500])
+    assert res.attrs["n_samples"] == 2 and (res["n"] == 2).all()
+    # two observations 0.2 and 0.4: the interval lies between them and holds the mean
+    lo, hi = res["ci_low"].sel(block_type="joint", step=0).item(), res["ci_high"].sel(block_type="joint", step=0).item()
+    assert 0.2 - 1e-6 <= lo <= 0.3 <= hi <= 0.4 + 1e-6
+    # step 1: every value equal within a sample; across samples 0.4 and 0.6
+    assert res["ci_low"].sel(block_type="single", step=1).item() >= 0.4 - 1e-6
+
+
+@pytest.mark.parametrize("by,expected", [
+    ("layer", {"transformer_blocks.0.attn": 0.3, "transformer_blocks.1.attn": 0.3, "single_transformer_blocks.0.attn": 0.7}),
+    ("all", {None: (2.0 / 6 + 3.2 / 6) / 2}),
+    ("depth", {"layers 0-1": 0.3, "layer 2": 0.7}),
+])
+def test_suppression_groupings(by, expected):
+    res = A.suppression(_fig2_run(), by=by, n_groups=2, n_resamples=200)
+    for label, value in expected.items():
+        sel = res["mean"].sel(step=0)
+        sel = sel if label is None else sel.sel({by: label})
+        assert sel.item() == pytest.approx(value, rel=1e-6)
+    if by == "all":
+        assert res["mean"].dims == ("step",)
+
+
+def test_bootstrap_interval_covers_true_mean_in_seeded_simulation():
+    """100 independent experiments (one per step), 30 samples each: the 95% CI covers the true mean >= 90 times."""
+    rng = np.random.default_rng(1234)
+    true = 0.3
+    vis = rng.normal(true, 0.05, size=(30, 100, 3, 1))
+    ds = make_run(prompts=[f"p{i}" for i in range(30)], seeds=(0,), steps=100, heads=1, vis=vis)
+    res = A.suppression(ds, by="layer", n_resamples=1000, seed=7).sel(layer=LAYERS[0])
+    covered = int(((res["ci_low"] <= true) & (true <= res["ci_high"])).sum())
+    assert 90 <= covered <= 100, covered
+    # the interval is about 2 x 1.96 x sigma / sqrt(n) wide
+    width = float((res["ci_high"] - res["ci_low"]).mean())
+    assert width == pytest.approx(2 * 1.96 * 0.05 / np.sqrt(30), rel=0.2)
+    again = A.suppression(ds, by="layer", n_resamples=1000, seed=7).sel(layer=LAYERS[0])
+    xr.testing.assert_identical(res, again)  # seeded: reproducible
+    other = A.suppression(ds, by="layer", n_resamples=1000, seed=8).sel(layer=LAYERS[0])
+    assert not np.array_equal(res["ci_low"].values, other["ci_low"].values)
+
+
+@pytest.mark.parametrize("method", A.BOOTSTRAP_METHODS)
+def test_bootstrap_mean_edge_cases(method):
+    data = np.array([[0.5, 1.0, np.nan, 2.0],
+                     [0.5, 2.0, 3.0, np.nan],
+                     [0.5, 3.0, 5.0, np.nan],
+                     [0.5, 4.0, 7.0, np.nan]])
+    da = xr.DataArray(data, dims=("sample", "col"), coords={"col": list("abcd")})
+    res = A.bootstrap_mean(da, n_resamples=300, method=method)
+    assert (res["ci_low"].sel(col="a").item(), res["ci_high"].sel(col="a").item()) == (0.5, 0.5)  # constant
+    assert res["mean"].sel(col="b").item() == 2.5 and res["ci_low"].sel(col="b") <= 2.5 <= res["ci_high"].sel(col="b")
+    assert res["mean"].sel(col="c").item() == 5.0 and res["n"].sel(col="c").item() == 3  # NaN left out
+    assert res["mean"].sel(col="d").item() == 2.0 and np.isnan(res["ci_low"].sel(col="d").item())  # one value
+    assert res.attrs["method"] == method
+
+
+def test_amplification_is_applied_over_gamma1_mass():
+    ref = np.full((2, 2, 3, 2), 0.2)
+    vis = ref.copy()
+    vis[:, 0] *= 1.25
+    gamma = np.array([[1.4, 1.4, 1.4], [1.0, 1.0, 1.0]])
+    res = A.amplification(make_run(vis=vis, ref=ref, gamma=gamma, schedule="step:1.4@970"), n_resamples=200)
+    np.testing.assert_allclose(res["mean"].sel(block_type="joint").values, [1.25, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(res["gamma"].sel(block_type="single").values, [1.4, 1.0], rtol=1e-6)
+    assert res.attrs["schedule"] == "step:1.4@970"
+
+
+# ------------------------------------------------------------------------------------------------
+# paired comparisons
+# ------------------------------------------------------------------------------------------------
+
+
+def _pair(shifts, order):
+    prompts, seeds = ("a cat", "a dog", "a cow"), (0, 1)
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.4, size=(6, 2, 3, 2))
+    baseline = make_run(prompts=prompts, seeds=seeds, vis=base)
+    treated = make_run(prompts=prompts, seeds=seeds, vis=base + np.asarray(shifts)[:, None, None, None],
+                       schedule="step:1.2@970")
+    return treated.isel(sample=order).assign_coords(sample=np.arange(6)), baseline
+
+
+def test_compare_runs_pairs_by_prompt_and_seed():
+    shifts = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06])
+    treated, baseline = _pair(shifts, [5, 3, 1, 0, 2, 4])  # treated samples in another order
+    res = A.compare_runs(treated, baseline, n_resamples=500)
+    np.testing.assert_allclose(res["diff"].values, shifts.mean(), atol=2e-7)
+    assert res.attrs["n_pairs"] == 6 and res.attrs["test"] == "wilcoxon"
+    # every paired difference positive: exact two-sided signed-rank p = 2 / 2**6
+    np.testing.assert_allclose(res["pvalue"].values, 2 / 64)
+    assert (res["diff_ci_low"] > 0).all() and (res["diff_ci_low"] <= res["diff"]).all()
+    np.testing.assert_allclose(res["ratio"].values, (res["treated"] / res["baseline"]).values)
+    t = A.compare_runs(treated, baseline, test="ttest", n_resamples=100)
+    a = treated.isel(sample=np.argsort([5, 3, 1, 0, 2, 4]))["vis_txt_mass"].sel(step=0).isel(layer=[0, 1]).mean(("layer", "head"))
+    b = baseline["vis_txt_mass"].sel(step=0).isel(layer=[0, 1]).mean(("layer", "head"))
+    expected = scipy.stats.ttest_rel(a.values, b.values)
+    assert t["pvalue"].sel(block_type="joint", step=0).item() == pytest.approx(expected.pvalue, rel=1e-4)
+    same = A.compare_runs(baseline, baseline, n_resamples=100)
+    assert (same["pvalue"] == 1.0).all() and (same["diff"] == 0).all()
+
+
+def test_compare_runs_refuses_unpaired_samples():
+    baseline = make_run(seeds=(0, 1))
+    treated = make_run(seeds=(0, 2))
+    with pytest.raises(A.AnalysisError, match=r"do not pair by \(prompt, seed\).*'a cat', seed 2") as e:
+        A.compare_runs(treated, baseline)
+    assert "\n" not in str(e.value) and isinstance(e.value, TacaProbeError)
+    with pytest.raises(A.AnalysisError, match="same structure"):
+        A.compare_runs(make_run(steps=3), make_run(steps=2))
+
+
+def test_timestep_awareness_slope_and_early_late():
+    t = np.array([1000.0, 600.0, 200.0])
+    a = np.array([0.2, 0.4])
+    vis = a[:, None, None, None] + 0.1 * (t / 1000)[None, :, None, None] + np.zeros((2, 3, 3, 2))
+    res = A.timestep_awareness(make_run(vis=vis, steps=3, timesteps=t), n_resamples=200)
+    assert res["slope"].dims == ("layer",)
+    np.testing.assert_allclose(res["slope"].values, 0.1, rtol=1e-5)
+    early, late = a + 0.1 * 0.8, a + 0.1 * 0.2  # t >= 500: steps 0, 1; t < 500: step 2
+    np.testing.assert_allclose(res["early_mass"].values, early.mean(), rtol=1e-5)
+    np.testing.assert_allclose(res["early_late_ratio"].values, (early / late).mean(), rtol=1e-5)
+    assert res["mass"].dims == ("layer", "step")
+
+
+# ------------------------------------------------------------------------------------------------
+# attention maps and tokens
+# ------------------------------------------------------------------------------------------------
+
+
+def _maps_pair():
+    n, steps, L, T, Y, X = 2, 3, 3, 4, 2, 3
+    base = np.zeros((n, steps, L, T, Y, X))
+    for layer in range(L):
+        base[:, :, layer] = 0.1 * (layer + 1)  # mean over the 3 layers: 0.2
+    base[:, 2] = np.nan  # step 2 not recorded
+    base[:, :, :, 3] = np.nan  # token 3 is padding: not recorded
+    treated = base.copy()
+    treated[:, 0, :, 1] += 0.01
+    treated[:, 0, :, 2, 1, 2] -= 0.02
+    return (make_run(maps=treated, steps=steps, schedule="step:1.2@970"), make_run(maps=base, steps=steps))
+
+
+def test_map_difference_hand_computed():
+    treated, baseline = _maps_pair()
+    md = A.map_difference(treated, baseline)
+    assert list(md["step"].values) == [0, 1]  # from the maps selection of the stores
+    assert list(md["token"].values) == [0, 1, 2]  # prompt tokens, padding left out
+    assert md["diff"].dims == ("sample", "step", "token", "y", "x")
+    np.testing.assert_allclose(md["baseline"].values, 0.2, rtol=1e-3)
+    d = md["diff"].sel(step=0)
+    np.testing.assert_allclose(d.sel(token=1).values, 0.01, atol=1e-4)
+    np.testing.assert_allclose(d.sel(token=0).values, 0.0, atol=1e-6)
+    np.testing.assert_allclose(md["token_change"].sel(step=0, token=2).values, -0.02 / 6, atol=1e-4)
+    np.testing.assert_allclose(md["token_relative_change"].sel(step=0, token=1).values, 0.01 / 0.2, rtol=2e-2)
+    np.testing.assert_allclose(md["token_abs_change"].sel(step=1).values, 0.0, atol=1e-6)
+    assert md["token_text"].dims == ("sample", "token") and md.attrs["n_layers"] == 3
+    assert md.attrs["treated_schedule"] == "step:1.2@970" and md["treated_image"].dims[0] == "sample"
+    one = A.map_difference(treated, baseline, steps=0, layers="single")
+    assert one.sizes["step"] == 1 and one.attrs["layers"] == [LAYERS[2]]
+    with pytest.raises(A.AnalysisError, match=r"no maps at step\(s\) \[2\].*steps with maps: \[0, 1\]"):
+        A.map_difference(treated, baseline, steps=[2])
+    with pytest.raises(A.AnalysisError, match="match no layer"):
+        A.map_difference(treated, baseline, layers="nothing*")
+
+
+def test_missing_maps_names_the_variable_and_the_record_flag():
+    treated, _ = _maps_pair()
+    with pytest.raises(A.AnalysisError) as e:
+        A.map_difference(treated, make_run(steps=3))
+    msg = str(e.value)
+    assert "'maps'" in msg and "--maps" in msg and "baseline" in msg and "\n" not in msg
+
+
+def test_token_ranking_separates_padding():
+    tm = np.zeros((2, 2, 3, 4))
+    tm[...] = [0.05, 0.20, 0.10, 0.30]  # token 3 is padding
+    res = A.token_ranking(make_run(token_mass=tm), top=2)
+    row = res.sel(prompt="a cat")
+    assert list(row["token"].values) == [1, 2]
+    assert list(row["token_text"].values) == ["cat1</w>", "cat2</w>"]
+    np.testing.assert_allclose(row["share"].values, [0.20 / 0.65, 0.10 / 0.65], rtol=1e-6)
+    assert row["padding_share"].item() == pytest.approx(0.30 / 0.65, rel=1e-6)
+    assert list(row["padding_token"].values) == [3]  # one padding token: a ranking of one
+    assert (row["n_prompt_tokens"].item(), row["n_padding_tokens"].item(), row["n_samples"].item()) == (3, 1, 2)
+
+
+def test_readable_token():
+    assert [A.readable_token(t) for t in ("red</w>", "▁blue", "<pad>", "</w>")] == ["red", "blue", "<pad>", "'</w>'"]
+
+
+# ------------------------------------------------------------------------------------------------
+# sweeps
+# ------------------------------------------------------------------------------------------------
+
+
+def _sweep():
+    specs = ["none", "step:1.2@970", "step:1.5@970", "step:1.2@900"]
+    g0 = [1.0, 1.2, 1.5, 1.2]
+    tt = [np.nan, 970, 970, 900]
+    runs = []
+    for i, g in enumerate(g0):
+        vis = np.full((4, 2, 3, 2), 0.3)
+        vis[:, 0] = 0.3 * g  # mass rises with gamma at step 0 only
+        vis[1::2, 0] += 0.02  # seed 1 a little higher
+        gamma = np.array([[g] * 3, [1.0] * 3])
+        img = np.full((4, 8, 8, 3), 10 * i, np.uint8)
+        img[2:] += 1  # second prompt
+        runs.append(make_run(prompts=("a cat", "a dog"), seeds=(0, 1), vis=vis, gamma=gamma, image=img))
+    import pandas as pd
+
+    sweep = xr.concat(runs, dim=pd.Index(specs, name="schedule"), coords=["gamma"], compat="override")
+    return sweep.assign_coords(gamma0=("schedule", g0), t_thresh=("schedule", tt))
+
+
+def test_mass_vs_gamma_hand_computed():
+    res = A.mass_vs_gamma(_sweep(), n_resamples=300)
+    assert res.attrs["steps"] == [0]  # where some schedule applied gamma != 1
+    np.testing.assert_allclose(res["mean"].values, 0.3 * np.array([1.0, 1.2, 1.5, 1.2]) + 0.01, rtol=1e-5)
+    np.testing.assert_allclose(res["gamma0"].values, [1.0, 1.2, 1.5, 1.2])
+    assert (res["ci_low"] < res["mean"]).all() and (res["mean"] < res["ci_high"]).all()
+    both = A.mass_vs_gamma(_sweep(), steps="all", by="block_type", n_resamples=100)
+    assert both["mean"].dims == ("schedule", "block_type")
+    np.testing.assert_allclose(both["mean"].sel(block_type="joint").values,
+                               (0.3 * np.array([1.0, 1.2, 1.5, 1.2]) + 0.01 + 0.3) / 2, rtol=1e-5)
+    with pytest.raises(A.AnalysisError, match="'schedule' dimension.*taca-probe sweep"):
+        A.mass_vs_gamma(make_run())
+
+
+def test_gamma_image_grid_orders_columns_by_gamma0():
+    grid = A.gamma_image_grid(_sweep())
+    assert grid.dims == ("prompt", "schedule", "image_y", "image_x", "channel")
+    assert list(grid["schedule"].values) == ["none", "step:1.2@970", "step:1.5@970"]  # t_thresh 970 + baseline
+    assert list(grid["prompt"].values) == ["a cat", "a dog"]
+    assert grid[:, :, 0, 0, 0].values.tolist() == [[0, 10, 20], [1, 11, 21]]
+    other = A.gamma_image_grid(_sweep(), t_thresh=900, seed=1)
+    assert list(other["schedule"].values) == ["none", "step:1.2@900"] and other.attrs["seed"] == 1
+    with pytest.raises(A.AnalysisError, match="thresholds in the sweep: 900, 970"):
+        A.gamma_image_grid(_sweep(), t_thresh=500)
+
+
+# ------------------------------------------------------------------------------------------------
+# dask, branches, bad options
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dask_backed_input_gives_the_same_numbers():
+    pytest.importorskip("dask")
+    ds = _fig2_run()
+    lazy = ds.chunk({"sample": 1})
+    assert lazy["vis_txt_mass"].chunks is not None
+    for fn in (lambda d: A.suppression(d, n_resamples=300), lambda d: A.timestep_awareness(d, n_resamples=300),
+               lambda d: A.token_ranking(d)):
+        xr.testing.assert_allclose(fn(ds), fn(lazy))
+    treated, baseline = _maps_pair()
+    eager = A.map_difference(treated, baseline)
+    dasky = A.map_difference(treated.chunk({"sample": 1, "step": 1}), baseline.chunk({"sample": 1}))
+    xr.testing.assert_allclose(eager, dasky)
+    sw = _sweep()
+    xr.testing.assert_allclose(A.mass_vs_gamma(sw, n_resamples=200), A.mass_vs_gamma(sw.chunk({"sample": 1}), n_resamples=200))
+
+
+def test_branch_dimension():
+    a, b = _fig2_run(), _fig2_run()
+    b["vis_txt_mass"] = b["vis_txt_mass"] * 0 + 0.9
+    both = xr.concat([a, b], dim="branch").assign_coords(branch=["cond", "uncond"])
+    np.testing.assert_allclose(A.suppression(both, n_resamples=100)["mean"].sel(block_type="joint", step=0), 0.3)
+    np.testing.assert_allclose(A.suppression(both, branch="uncond", n_resamples=100)["mean"], 0.9, rtol=1e-6)
+    with pytest.raises(A.AnalysisError, match="unknown branch 'both'; choose from cond, uncond"):
+        A.suppression(both, branch="both")
+    with pytest.raises(A.AnalysisError, match="recorded the 'cond' branch only"):
+        A.suppression(a, branch="uncond")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"by": "blocks"}, "unknown grouping 'by' 'blocks'; choose from block_type, layer, depth, all"),
+    ({"ci": 1.5}, "ci must be a confidence level between 0 and 1"),
+    ({"method": "bca"}, "unknown bootstrap method 'bca'; choose from BCa, percentile, basic"),
+    ({"variable": "maps"}, "unknown variable 'maps'; choose from vis_txt_mass, vis_txt_mass_ref"),
+    ({"n_resamples": 0}, "n_resamples must be a positive integer"),
+    ({"by": "depth", "n_groups": 0}, "n_groups must be a positive integer"),
+])
+def test_bad_options_are_one_line_with_choices(kwargs, message):
+    with pytest.raises(A.AnalysisError) as e:
+        A.suppression(_fig2_run(), **kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_other_bad_inputs():
+    with pytest.raises(A.AnalysisError, match="unknown paired test 'sign'; choose from wilcoxon, ttest"):
+        A.compare_runs(_fig2_run(), _fig2_run(), test="sign")
+    with pytest.raises(A.AnalysisError, match="token_ranking works on one run; select first"):
+        A.token_ranking(_sweep())
+    with pytest.raises(A.AnalysisError, match="top must be a positive integer"):
+        A.token_ranking(_fig2_run(), top=0)
+    with pytest.raises(A.AnalysisError, match="split must be a timestep"):
+        A.timestep_awareness(_fig2_run(), split=2000)
+    with pytest.raises(A.AnalysisError, match="no 'vis_txt_mass' variable"):
+        A.suppression(_fig2_run().drop_vars("vis_txt_mass"))

@@ -1,0 +1,242 @@
+"""`taca-probe sweep` then `taca-probe figures` on a tiny model; the figure scripts; one-line errors.
+
+One sweep (tiny-sd3, 64 px, 2 steps, 2 prompts x 2 seeds, 3 schedules, maps at steps 0-1) is
+recorded once per module and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from taca_probe import analysis as A
+from taca_probe import open_sweep, plotting
+from taca_probe.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model", "tiny-sd3", "--device", "cpu", "--steps", "2", "--height", "64", "--width", "64",
+        "--max-sequence-length", "8"]
+SWEEP = ["sweep", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "0,1",
+         "--gamma0", "1.0,1.2,1.5", "--t-thresh", "970", "--maps", "steps=0-1"]
+FIGURE_NAMES = [name for names in plotting.FIGURES.values() for name in names]
+
+
+def _run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line_error(rc, err, *needles):
+    assert rc == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("taca-probe: error:"), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep") / "sweep"
+    rc = main([*SWEEP, "--out", str(folder)])
+    assert rc == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def figures_dir(sweep_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    rc = main(["figures", str(sweep_dir), "--out", str(out), "--n-resamples", "300"])
+    assert rc == 0
+    return out
+
+
+def test_sweep_layout_manifest_and_images(sweep_dir):
+    doc = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [s["spec"] for s in doc["schedules"]] == ["none", "step:1.2@970", "step:1.5@970"]
+    assert doc["plan"] == [["a red cube", 0], ["a red cube", 1], ["a blue ball", 0], ["a blue ball", 1]]
+    assert doc["call"]["num_inference_steps"] == 2 and doc["status"] == "complete"
+    assert all(s["samples_complete"] == 4 for s in doc["schedules"])
+    pngs = sorted(sweep_dir.glob("images/*/*.png"))
+    assert len(pngs) == 12 and all(Image.open(p).size == (64, 64) for p in pngs)
+    sweep = open_sweep(sweep_dir)
+    assert dict(sweep.sizes)["schedule"] == 3 and sweep.sizes["sample"] == 4
+    np.testing.assert_array_equal(sweep["gamma0"].values, [1.0, 1.2, 1.5])
+    np.testing.assert_array_equal(sweep["t_thresh"].values[1:], [970, 970])
+    png = np.asarray(Image.open(sweep_dir / "images" / "02_step_1.5@970" / "p01_seed1.png"))
+    np.testing.assert_array_equal(sweep["image"].sel(schedule="step:1.5@970").isel(sample=3).values, png)
+    # TACA at step 0 only (t = 1000 >= 970); the curve averages exactly that step
+    gamma = sweep["gamma"].sel(schedule="step:1.5@970").isel(sample=0)
+    assert (gamma.sel(step=0) == 1.5).all() and (gamma.sel(step=1) == 1.0).all()
+    curve = A.mass_vs_gamma(sweep, n_resamples=200)
+    assert curve.attrs["steps"] == [0]
+    direct = sweep["vis_txt_mass"].isel(step=0).mean(("sample", "layer", "head"))
+    np.testing.assert_allclose(curve["mean"].values, direct.values, rtol=1e-5)
+
+
+def test_figures_writes_every_figure_as_png_and_pdf(figures_dir):
+    for name in FIGURE_NAMES:
+        png, pdf = figures_dir / f"{name}.png", figures_dir / f"{name}.pdf"
+        assert png.is_file() and pdf.is_file(), name
+        assert pdf.read_bytes()[:5] == b"%PDF-"
+        with Image.open(png) as im:
+            im.load()
+            w, h = im.size
+            assert 400 <= w <= 6000 and 300 <= h <= 6000, (name, im.size)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.int64)
+        assert rgb.std() > 10, f"{name} looks blank"
+        packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        assert len(np.unique(packed)) > 50, f"{name} has too few colours"
+
+
+def test_dask_backed_sweep_gives_the_same_numbers(sweep_dir):
+    pytest.importorskip("dask")
+    eager, lazy = open_sweep(sweep_dir), open_sweep(sweep_dir, chunks={})
+    assert lazy["vis_txt_mass"].chunks is not None
+    import xarray as xr
+
+    kw = {"n_resamples": 300}
+    xr.testing.assert_allclose(A.mass_vs_gamma(eager, **kw), A.mass_vs_gamma(lazy, **kw))
+    xr.testing.assert_allclose(A.suppression(eager, **kw), A.suppression(lazy, **kw))
+    t, b = "step:1.2@970", "none"
+    xr.testing.assert_allclose(A.map_difference(eager.sel(schedule=t), eager.sel(schedule=b)),
+                               A.map_difference(lazy.sel(schedule=t), lazy.sel(schedule=b)))
+    xr.testing.assert_allclose(A.compare_runs(eager.sel(schedule=t), eager.sel(schedule=b), **kw),
+                               A.compare_runs(lazy.sel(schedule=t), lazy.sel(schedule=b), **kw))
+
+
+def test_figures_from_single_stores_and_lazy(sweep_dir, tmp_path, capsys):
+    stores = sorted(str(p) for p in (sweep_dir / "stores").glob("*.zarr"))
+    rc, out, err = _run(["figures", *stores, "--out", tmp_path, "--figures", "fig3,fig4", "--format", "png",
+                         "--lazy", "--treated", "step:1.5@970", "--n-resamples", "100"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{n}.png" for n in plotting.FIGURES["fig3"] + plotting.FIGURES["fig4"])
+    assert "TACA (step:1.5@970)" not in out  # titles are in the images, the listing names the files
+    assert "fig3_attention_map_diff: fig3_attention_map_diff.png" in out
+
+
+def test_sweep_resume_records_only_what_is_missing(sweep_dir, tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, folder)
+    first_png = folder / "images" / "00_none" / "p00_seed0.png"
+    before = first_png.stat().st_mtime_ns
+    shutil.rmtree(folder / "stores" / "02_step_1.5@970.zarr")
+    shutil.rmtree(folder / "images" / "02_step_1.5@970")
+    (folder / "images" / "01_step_1.2@970" / "p01_seed1.png").unlink()  # a PNG lost: rewritten from the store
+    rc, out, err = _run([*SWEEP, "--out", folder, "--resume"], capsys)
+    assert rc == 0, err
+    assert len(list(folder.glob("images/*/*.png"))) == 12
+    assert first_png.stat().st_mtime_ns == before  # complete samples are not redone
+    sweep = open_sweep(folder)
+    assert sweep.sizes["sample"] == 4
+    np.testing.assert_array_equal(sweep["image"].sel(schedule="step:1.5@970").values,
+                                  open_sweep(sweep_dir)["image"].sel(schedule="step:1.5@970").values)
+    rc, _, err = _run([*SWEEP, "--out", folder, "--resume", "--seeds", "0"], capsys)
+    _one_line_error(rc, err, "cannot resume", "plan")
+    rc, _, err = _run([*SWEEP, "--out", folder], capsys)
+    _one_line_error(rc, err, "already exists", "--resume")
+
+
+def test_figure_without_maps_names_the_variable_and_the_flag(pipes, tmp_path, capsys):
+    from taca_probe import run_sweep
+
+    folder = run_sweep(pipes("tiny-sd3"), tmp_path / "nomaps", prompts=["a cat"], seeds=[0],
+                       schedules=["none", "step:1.2@970"], call={"num_inference_steps": 1, "height": 32, "width": 32,
+                                                                 "max_sequence_length": 8},
+                       progress=False)
+    rc, _, err = _run(["figures", folder, "--figures", "fig3", "--out", tmp_path / "f"], capsys)
+    _one_line_error(rc, err, "'maps'", "--maps", "Fig. 3")
+    assert not (tmp_path / "f").exists() or not any((tmp_path / "f").iterdir())
+
+
+BAD = [
+    (["figures", "/nonexistent/store.zarr"], "no store or sweep at"),
+    (["figures", "{sweep}", "--figures", "fig9"], "unknown figure(s) fig9; choose from all, fig2, fig3, fig4, fig5"),
+    (["figures", "{sweep}", "--format", "gif"], "unknown figure format(s) gif; choose from png, pdf, svg"),
+    (["figures", "{sweep}", "--by", "blocks"], "invalid choice: 'blocks'"),
+    (["figures", "{sweep}", "--baseline", "step:9@1"], "matches no input"),
+    (["figures", "{tmp}"], "neither a taca-probe store nor a sweep folder"),
+    (["sweep", "--prompt", "x", "--t-thresh", "2000"], "not a timestep in 0..1000"),
+    (["sweep", "--prompt", "x", "--gamma0", "a,b"], "bad number list"),
+    (["sweep", "--prompt", "x", "--gamma0", "0"], "valid forms"),
+    (["sweep", "--prompt", "x", "--no-grid"], "--no-grid needs at least one --schedule"),
+    (["sweep", "--prompt", "x", "--schedule", "wobble:2"], "valid forms"),
+    (["sweep", "--prompt", "x", "--maps", "steps=x"], "bad maps selection"),
+    (["sweep", "--prompt", "x", "--out", "{tmp}"], "already exists"),
+    (["sweep", "--prompt", "x", "--out", "{tmp}", "--overwrite"], "not a sweep folder"),
+    (["sweep", "--prompt", "x", "--out", "{tmp}/new", "--resume"], "no sweep at"),
+    (["sweep"], "no prompt given"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a[:3]) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2(argv, message, sweep_dir, tmp_path, capsys):
+    (tmp_path / "something.txt").write_text("not a store")
+    argv = [a.replace("{sweep}", str(sweep_dir)).replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] == "figures" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "figs")]
+    rc, _, err = _run(argv, capsys)
+    _one_line_error(rc, err, message)
+
+
+def test_cli_choice_lists_match_the_library():
+    import argparse
+
+    from taca_probe.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["figures"]
+    by = next(a for a in sub._actions if a.dest == "by")
+    assert tuple(by.choices) == A.GROUP_BY
+    assert set(plotting.FIGURES) == {"fig2", "fig3", "fig4", "fig5"} and plotting.FORMATS == ("png", "pdf", "svg")
+
+
+# ------------------------------------------------------------------------------------------------
+# the figure scripts (run in-process: the same code as `python analysis/figN_*.py ...`)
+# ------------------------------------------------------------------------------------------------
+
+
+def _script(name):
+    return runpy.run_path(str(ROOT / "analysis" / name), run_name="not_main")["main"]
+
+
+def test_figure_scripts_on_given_stores(sweep_dir, tmp_path, capsys):
+    sys.modules.pop("_common", None)
+    store = sweep_dir / "stores" / "00_none.zarr"
+    assert _script("fig2_suppression.py")([str(store), "--out", str(tmp_path), "--format", "png"]) == 0
+    assert _script("fig4_gamma_sweep.py")([str(sweep_dir), "--out", str(tmp_path), "--format", "png"]) == 0
+    assert _script("fig5_token_ranking.py")([str(sweep_dir), "--out", str(tmp_path), "--format", "png"]) == 0
+    taca = sweep_dir / "stores" / "01_step_1.2@970.zarr"
+    assert _script("fig3_attention_map_diff.py")([str(taca), str(store), "--out", str(tmp_path), "--format", "png"]) == 0
+    names = {p.stem for p in tmp_path.glob("*.png")}
+    assert names == set(FIGURE_NAMES) - {"fig2_amplification"}
+
+
+def test_figure_script_records_when_given_no_store(tmp_path, capsys):
+    sys.modules.pop("_common", None)
+    main3 = _script("fig3_attention_map_diff.py")
+    rc = main3(["--model", "tiny-sd3", "--device", "cpu", "--steps", "2", "--height", "64", "--width", "64",
+                "--max-sequence-length", "8", "--prompt", "a red cube", "--seeds", "0",
+                "--record-dir", str(tmp_path / "rec"), "--out", str(tmp_path / "out"), "--format", "png"])
+    assert rc == 0
+    assert (tmp_path / "rec" / "sweep.json").is_file()
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"fig3_attention_map_diff.png", "fig3_token_change.png"}
+
+
+def test_plots_refuse_results_with_extra_dimensions(sweep_dir):
+    from taca_probe.errors import TacaProbeError
+
+    res = A.suppression(open_sweep(sweep_dir), n_resamples=50)
+    with pytest.raises(TacaProbeError, match=r"extra dimension\(s\) schedule; select one first"):
+        plotting.plot_suppression(res)
+    fig = plotting.plot_suppression(res.sel(schedule="none"))
+    assert fig.axes and "n = 4 samples" in fig.axes[0].get_title()
