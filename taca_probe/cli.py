@@ -312,7 +312,9 @@ def cmd_record(args: argparse.Namespace) -> int:
     maps = MapSelection.parse(args.maps)
     items = _read_prompts(args)
     out = Path(args.out)
-    if out.exists() and not (args.resume or args.overwrite):
+    # Under torchrun, rank 0 creates the store while the others may still be starting: only it checks.
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if out.exists() and not (args.resume or args.overwrite) and main_rank:
         raise StoreError(f"{str(out)!r} already exists; pass --resume to complete it or --overwrite to replace it")
     if out.exists() and not is_store(out):
         raise StoreError(f"{str(out)!r} exists and is not a taca-probe store; choose another --out")

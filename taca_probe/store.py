@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from zarr.storage import LocalStore
 
 from .errors import TacaProbeError
 
@@ -313,22 +314,36 @@ class ChunkChecksumError(StoreError):
     """A chunk whose CRC32C does not match its data: the file was damaged after writing."""
 
 
-def _checksum_store(root: str | os.PathLike):
-    """A read-only zarr ``LocalStore`` that verifies each chunk's CRC32C as it is read and names
-    the damaged chunk in the error (zarr's own codec check cannot say which chunk failed)."""
+def _crc_ok(data: bytes) -> bool:
     import google_crc32c
-    from zarr.storage import LocalStore
 
-    root = Path(root)
-    info: dict[str, tuple[bool, int] | None] = {}
+    return len(data) >= 4 and google_crc32c.value(data[:-4]).to_bytes(4, "little") == data[-4:]
 
-    def array_info(name: str) -> tuple[bool, int] | None:
+
+class _ChecksumLocalStore(LocalStore):
+    """A read-only zarr ``LocalStore`` that verifies each chunk's CRC32C as it is read and names
+    the damaged chunk in the error (zarr's own codec check cannot say which chunk failed).
+
+    Module-level (not a closure) so that dask workers can unpickle it.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, read_only: bool = True) -> None:
+        super().__init__(str(root), read_only=read_only)
+        self._kinds: dict[str, tuple[bool, int] | None] = {}
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
+        state = dict(state)
+        state["_kinds"] = {}
+        return state
+
+    def _kind(self, name: str) -> tuple[bool, int] | None:
         """None: no checksum; (False, 0): plain chunks; (True, n): shards of n inner chunks."""
-        if name not in info:
+        if name not in self._kinds:
             try:
-                meta = json.loads((root / name / "zarr.json").read_text())
+                meta = json.loads((Path(str(self.root)) / name / "zarr.json").read_text())
             except (OSError, ValueError):
-                info[name] = None
+                self._kinds[name] = None
                 return None
             codecs = meta.get("codecs", [])
             if codecs and codecs[0].get("name") == "sharding_indexed":
@@ -337,38 +352,40 @@ def _checksum_store(root: str | os.PathLike):
                 outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
                 has = any(c.get("name") == "crc32c" for c in conf.get("codecs", [])) and any(
                     c.get("name") == "crc32c" for c in conf.get("index_codecs", []))
-                info[name] = (True, int(np.prod([o // i for o, i in zip(outer, inner)]))) if has else None
+                self._kinds[name] = (True, int(np.prod([o // i for o, i in zip(outer, inner)]))) if has else None
             else:
-                info[name] = (False, 0) if any(c.get("name") == "crc32c" for c in codecs) else None
-        return info[name]
+                self._kinds[name] = (False, 0) if any(c.get("name") == "crc32c" for c in codecs) else None
+        return self._kinds[name]
 
-    def check(key: str, data: bytes) -> None:
-        if len(data) < 4 or google_crc32c.value(data[:-4]).to_bytes(4, "little") != data[-4:]:
-            raise ChunkChecksumError(f"corrupted chunk {key!r} in {str(root)!r}: its CRC32C checksum does not match")
+    def _check(self, key: str, data: bytes) -> None:
+        if not _crc_ok(data):
+            raise ChunkChecksumError(
+                f"corrupted chunk {key!r} in {str(self.root)!r}: its CRC32C checksum does not match")
 
-    class ChecksumLocalStore(LocalStore):
-        async def get(self, key, prototype=None, byte_range=None):
-            buf = await super().get(key, prototype, byte_range)
-            if buf is None or "/c/" not in key:
-                return buf
-            kind = array_info(key.split("/c/", 1)[0])
-            if kind is None:
-                return buf
-            data = buf.to_bytes()
-            sharded, n_inner = kind
-            if not sharded or byte_range is not None:
-                check(key, data)  # a whole chunk, or one inner chunk / the index of a shard
-                return buf
-            index_size = 16 * n_inner + 4  # a whole shard: verify its index, then each inner chunk
-            index = data[-index_size:]
-            check(key, index)
-            pairs = np.frombuffer(index[:-4], dtype="<u8").reshape(-1, 2)
-            for i, (offset, nbytes) in enumerate(pairs):
-                if offset != np.iinfo(np.uint64).max:
-                    check(f"{key} (inner chunk {i})", data[int(offset) : int(offset + nbytes)])
+    async def get(self, key, prototype=None, byte_range=None):
+        buf = await super().get(key, prototype, byte_range)
+        if buf is None or "/c/" not in key:
             return buf
+        kind = self._kind(key.split("/c/", 1)[0])
+        if kind is None:
+            return buf
+        data = buf.to_bytes()
+        sharded, n_inner = kind
+        if not sharded or byte_range is not None:
+            self._check(key, data)  # a whole chunk, or one inner chunk / the index of a shard
+            return buf
+        index_size = 16 * n_inner + 4  # a whole shard: verify its index, then each inner chunk
+        index = data[-index_size:]
+        self._check(key, index)
+        pairs = np.frombuffer(index[:-4], dtype="<u8").reshape(-1, 2)
+        for i, (offset, nbytes) in enumerate(pairs):
+            if offset != np.iinfo(np.uint64).max:
+                self._check(f"{key} (inner chunk {i})", data[int(offset) : int(offset + nbytes)])
+        return buf
 
-    return ChecksumLocalStore(str(root), read_only=True)
+
+def _checksum_store(root: str | os.PathLike) -> _ChecksumLocalStore:
+    return _ChecksumLocalStore(root, read_only=True)
 
 
 def verify_store(path: str | os.PathLike) -> list[str]:

@@ -19,6 +19,7 @@ goes through :func:`taca_probe.recording.probe` and :func:`taca_probe.store.open
 from __future__ import annotations
 
 import datetime
+import contextlib
 import json
 import math
 import os
@@ -290,6 +291,7 @@ def run_sweep(
         ``True`` for a progress bar on stderr, ``False`` for none, or a callable taking one line
         per sample.
     """
+    from .distributed import ranks_from_env
     from .recording import MapSelection, probe
     from .schedules import parse
     from .store import is_store, open_run, remove_store
@@ -307,7 +309,8 @@ def run_sweep(
     exists = folder.exists() and any(folder.iterdir()) if folder.exists() else False
     if folder.exists() and not folder.is_dir():
         raise SweepError(f"{str(folder)!r} is a file; choose another folder for the sweep")
-    if mode == "create" and exists:
+    ranks = ranks_from_env()  # several processes: rank 0 checks and lays out, the others follow
+    if mode == "create" and exists and ranks.is_main:
         raise SweepError(f"{str(folder)!r} already exists; pass --resume to complete it or --overwrite to replace it")
     if mode == "resume" and not is_sweep(folder):
         raise SweepError(f"--resume: no sweep at {str(folder)!r} (no {MANIFEST})")
@@ -348,41 +351,76 @@ def run_sweep(
     from . import __version__
 
     doc["taca_probe_version"] = __version__
-    if mode == "resume":
+    if mode == "resume" and ranks.is_main:
         old = read_manifest(folder)
         diffs = _resume_diffs(old, doc)
         if diffs:
             raise SweepError(f"cannot resume {str(folder)!r} with different settings: " + "; ".join(diffs))
         doc["created"] = old.get("created", doc["created"])
-    if mode == "overwrite" and is_sweep(folder):
-        old = read_manifest(folder)
-        for entry in old.get("schedules", []):
-            remove_store(folder / entry["store"])
-            shutil.rmtree(folder / entry["images"], ignore_errors=True)
-        (folder / MANIFEST).unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_manifest(folder, doc)
 
-    report = _progress(progress, total=len(specs) * len(plan))
+    # Under torchrun / accelerate launch, rank 0 lays out the folder and every store (one slot per
+    # prompt x seed, none complete); then each rank samples its share of the unfinished slots.
+    attrs = {"sweep": str(folder), "guidance": settings.get("guidance_scale"),
+             "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale)}
     try:
+        if ranks.is_main:
+            if mode == "overwrite" and is_sweep(folder):
+                old = read_manifest(folder)
+                for entry in old.get("schedules", []):
+                    remove_store(folder / entry["store"])
+                    shutil.rmtree(folder / entry["images"], ignore_errors=True)
+                (folder / MANIFEST).unlink()
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_manifest(folder, doc)
+            for entry in entries:
+                store = folder / entry["store"]
+                if not store.exists():
+                    with probe(pipe, store, schedule=entry["spec"], maps=maps_sel, branch=branch, mode="create",
+                               lora=lora, lora_scale=lora_scale, model=name, attrs=attrs) as run:
+                        run.create_planned(plan, settings)
+        ranks.barrier()
+
+        todo = []
         for entry in entries:
-            store = folder / entry["store"]
+            with probe(pipe, folder / entry["store"], schedule=entry["spec"], maps=maps_sel, branch=branch,
+                       mode="resume", lora=lora, lora_scale=lora_scale, model=name, attrs=attrs) as run:
+                slots = run.writer.slots()
+                if [(p, s) for p, s, _, _ in slots] != [(p, int(s)) for p, s in plan]:
+                    raise SweepError(f"{entry['store']} does not hold this sweep's prompts x seeds; use --overwrite")
+                todo.extend((entry, i) for i, (*_, done) in enumerate(slots) if not done)
+        mine = ranks.share(todo)
+        report = _progress(progress, total=len(mine))
+        try:
+            current = None
+            run = None
+            stack = contextlib.ExitStack()
+            with stack:
+                for entry, slot in mine:
+                    if entry is not current:  # one probe per schedule, in order
+                        stack.close()
+                        run = stack.enter_context(
+                            probe(pipe, folder / entry["store"], schedule=entry["spec"], maps=maps_sel,
+                                  branch=branch, mode="resume", lora=lora, lora_scale=lora_scale, model=name,
+                                  attrs=attrs))
+                        current = entry
+                    prompt, seed = plan[slot]
+                    report(f"{entry['spec']}: seed {seed}: {prompt[:40]}")
+                    result = run.sample(prompt, seed=seed, slot=slot, **settings)
+                    if result:
+                        images = folder / entry["images"]
+                        images.mkdir(parents=True, exist_ok=True)
+                        result[0].save(images / _png_name(prompt_list.index(prompt), seed))
+        finally:
+            report(None)
+        ranks.barrier()
+        if not ranks.is_main:
+            return folder
+        for entry in entries:
             images = folder / entry["images"]
             images.mkdir(parents=True, exist_ok=True)
-            store_mode = "resume" if store.exists() and is_store(store) else "create"
-            with probe(pipe, store, schedule=entry["spec"], maps=maps_sel, branch=branch, mode=store_mode,
-                       lora=lora, lora_scale=lora_scale, model=name,
-                       attrs={"sweep": str(folder), "guidance": settings.get("guidance_scale"),
-                              "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale)}) as run:
-                for prompt, seed in plan:
-                    report(f"{entry['spec']}: seed {seed}: {prompt[:40]}")
-                    result = run.sample(prompt, seed=seed, **settings)
-                    if result:
-                        result[0].save(images / _png_name(prompt_list.index(prompt), seed))
-            entry["samples_complete"] = _save_missing_pngs(open_run(store), images, prompt_list)
-            _write_manifest(folder, doc)
+            entry["samples_complete"] = _save_missing_pngs(open_run(folder / entry["store"]), images, prompt_list)
     finally:
-        report(None)
+        ranks.close()
     doc["status"] = "complete"
     _write_manifest(folder, doc)
     return folder

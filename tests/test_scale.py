@@ -164,3 +164,54 @@ def test_store_size_per_sample_matches_the_chunk_layout(tmp_path, prompts_file):
     # what lands on disk for maps is about the selected tokens' share (NaN elsewhere compresses away)
     stored_maps = info["arrays"]["maps"]["stored_bytes"] / n
     assert stored_maps < 1.5 * est["maps (selected tokens)"] + 4096
+
+
+def test_torchrun_sweep_equals_one_process(tmp_path):
+    from taca_probe.sweep import open_sweep
+
+    def argv(out):
+        return ["-m", "taca_probe", "sweep", "--model", "tiny-sd3", "--prompt", "a red cube", "--prompt", "a blue ball",
+                "--seeds", "0,1", "--gamma0", "1.0,1.3", "--t-thresh", "970", "--steps", "2", "--height", "64",
+                "--width", "64", "--out", str(out)]
+
+    r1 = subprocess.run([sys.executable, *argv(tmp_path / "one")], env=_env(), capture_output=True, text=True,
+                        timeout=600)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = subprocess.run([*_torchrun(2), *argv(tmp_path / "two")], env=_env(), capture_output=True, text=True,
+                        timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = open_sweep(tmp_path / "one").load(), open_sweep(tmp_path / "two").load()
+    for ds in (a, b):
+        for k in VOLATILE + ("sweep",):
+            ds.attrs.pop(k, None)
+    for name in ("vis_txt_mass", "token_mass", "image", "gamma", "timestep"):
+        xr.testing.assert_identical(a[name], b[name])
+    pngs = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two" / "images").rglob("*.png"))
+    assert len(pngs) == 2 * 4 and pngs == sorted(p.relative_to(tmp_path / "one")
+                                                 for p in (tmp_path / "one" / "images").rglob("*.png"))
+
+
+def test_analysis_on_a_dask_local_cluster_equals_in_memory(tmp_path, prompts_file):
+    distributed = pytest.importorskip("dask.distributed")
+    from taca_probe import analysis
+    from taca_probe.cli import main
+
+    store = tmp_path / "d.zarr"
+    assert main(_record_argv(store, prompts_file)[2:]) == 0
+    eager = open_run(store).load()
+    results = {
+        "suppression": lambda ds: analysis.suppression(ds, by="block_type", n_resamples=200, seed=0),
+        "amplification": lambda ds: analysis.amplification(ds, by="layer", n_resamples=200, seed=0),
+        "timestep_awareness": lambda ds: analysis.timestep_awareness(ds, by="block_type", n_resamples=200, seed=0),
+        "token_ranking": lambda ds: analysis.token_ranking(ds, top=5),
+    }
+    expected = {k: f(eager) for k, f in results.items()}
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            lazy = open_run(store, chunks={})
+            assert lazy["vis_txt_mass"].chunks is not None  # dask-backed, nothing loaded yet
+            for k, f in results.items():
+                got = f(lazy)
+                got = got.compute() if hasattr(got, "compute") else got
+                xr.testing.assert_allclose(got, expected[k], rtol=1e-6, atol=1e-7)
+            assert len(client.scheduler_info()["workers"]) == 2
