@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--overwrite", action="store_true", help="replace an existing store")
     rec.set_defaults(func=cmd_record)
 
+    from .shapes.benchmark import add_eval_parser
+
+    add_eval_parser(sub)  # taca-probe eval: the shapes model's exact compositional benchmark
+
     info = sub.add_parser("info", help="schema, sizes and provenance of a store")
     info.add_argument("store", help="store folder")
     info.add_argument("--json", action="store_true", help="print JSON")
