@@ -30,21 +30,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _seeds(text: str) -> list[int]:
     """``0,1,2`` or ``0-3`` or a mix -> list of ints."""
-    out: list[int] = []
+    from ._ranges import int_ranges
+
     try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
+        return int_ranges(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad seeds {text!r}: expected e.g. 0,1,2 or 0-7") from None
-    return out
 
 
 def _positive_int(text: str) -> int:
@@ -458,25 +449,12 @@ def _floats(text: str) -> list[float]:
 
 def _int_list(text: str) -> list[int]:
     """``0,1,2`` or ``0-3`` -> list of non-negative ints."""
-    out: list[int] = []
+    from ._ranges import int_ranges
+
     try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-                if lo < 0 or hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            elif part:
-                if int(part) < 0:
-                    raise ValueError
-                out.append(int(part))
+        return int_ranges(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad step list {text!r}: expected e.g. 0,1,2 or 0-3") from None
-    if not out:
-        raise argparse.ArgumentTypeError(f"bad step list {text!r}: expected e.g. 0,1,2 or 0-3")
-    return out
 
 
 def _add_sweep_parser(sub) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from ._ranges import int_ranges
 from .attention import JointLayout, attention_statistics
 from .errors import TacaProbeError
 from .intervention import TacaConfig, TacaHandle, apply_taca
@@ -49,21 +50,7 @@ _MASS_VARS = ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass")
 
 
 def _int_set(text: str) -> tuple[int, ...]:
-    out: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            a, b = part.split("-", 1)
-            lo, hi = int(a), int(b)
-            if lo < 0 or hi < lo:
-                raise ValueError(part)
-            out.update(range(lo, hi + 1))
-        else:
-            v = int(part)
-            if v < 0:
-                raise ValueError(part)
-            out.add(v)
-    return tuple(sorted(out))
+    return tuple(sorted(int_ranges(text)))
 
 
 _MAPS_FORMS = (
