@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_size(pipe, height: int | None, width: int | None) -> None:
-    multiple = int(getattr(pipe, "vae_scale_factor", 8)) * 2  # VAE downsampling x 2x2 patches
+    # VAE downsampling x patch size (SD3; FLUX packs 2x2 latents)
+    patch = int(getattr(pipe.transformer.config, "patch_size", 2) or 2)
+    multiple = int(getattr(pipe, "vae_scale_factor", 8)) * max(2, patch)
     for name, value in (("height", height), ("width", width)):
         if value is not None and value % multiple:
             raise TacaProbeError(f"--{name} {value} is not a multiple of {multiple}, which this model needs")

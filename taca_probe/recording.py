@@ -385,7 +385,9 @@ class Run:
         """The layout the samples of ``pipe(**call)`` will have, computed without sampling."""
         pipe = self.pipe
         height, width = int(call["height"]), int(call["width"])
-        scale = int(getattr(pipe, "vae_scale_factor", 8)) * 2  # VAE x 2x2 patches (SD3) / packing (FLUX)
+        # latent pixels per token side: VAE downsampling x patch size (SD3) or x 2 (FLUX packs 2x2)
+        patch = int(self.transformer.config.patch_size) if self.family == "sd3" else 2
+        scale = int(getattr(pipe, "vae_scale_factor", 8)) * patch
         if self.family == "sd3":
             max_seq = int(call.get("max_sequence_length", 256))
             n_txt = int(getattr(pipe, "tokenizer_max_length", 77)) + max_seq

@@ -1,0 +1,329 @@
+"""The compositional benchmark: generate held-out prompts x seeds under TACA schedules, score exactly.
+
+Python API: :func:`generate_images`, :func:`run_benchmark`, :func:`format_table`. Command line:
+:func:`add_eval_parser` and :func:`cmd_eval` (``taca-probe eval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import TacaProbeError
+from . import dataset as ds
+from . import evaluator as ev
+
+__all__ = ["add_eval_parser", "cmd_eval", "format_table", "generate_images", "record_scores", "run_benchmark"]
+
+#: Seeds of the benchmark unless told otherwise.
+DEFAULT_SEEDS: tuple[int, ...] = tuple(range(8))
+
+
+def _call_settings(pipe: Any, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    from ..models import model_call_defaults
+
+    call = model_call_defaults(pipe)
+    # The evaluator's thresholds are defined at the dataset's resolution.
+    call.setdefault("height", ds.IMAGE_SIZE)
+    call.setdefault("width", ds.IMAGE_SIZE)
+    call.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return call
+
+
+def generate_images(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    schedule: str = "none",
+    call: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[str], list[int], list[Any]]:
+    """Generate every prompt once per seed with a TACA schedule.
+
+    Parameters
+    ----------
+    pipe : diffusers.DiffusionPipeline
+        The pipeline (normally ``load_pipeline("shapes")``).
+    prompts : sequence of str
+        Prompts.
+    seeds : sequence of int
+        Image ``(prompt, seed)`` starts from ``torch.Generator("cpu").manual_seed(seed)``, so it is
+        the same image whatever the batching.
+    schedule : str
+        TACA schedule (``"none"``: the stock model); see :mod:`taca_probe.schedules`.
+    call : dict, optional
+        ``pipe(...)`` arguments on top of :func:`taca_probe.models.model_call_defaults`.
+    batch_size : int
+        Images per pipeline call.
+    progress : callable, optional
+        Called with (done, total) after each batch.
+
+    Returns
+    -------
+    prompts, seeds, images : lists
+        One entry per image, prompt-major.
+    """
+    import torch
+
+    from ..intervention import taca
+
+    if batch_size < 1:
+        raise TacaProbeError(f"batch size must be positive, got {batch_size}")
+    kwargs = _call_settings(pipe, call)
+    plan = [(p, s) for p in prompts for s in seeds]
+    images: list[Any] = []
+    pipe.set_progress_bar_config(disable=True)
+    with taca(pipe, schedule):
+        for start in range(0, len(plan), batch_size):
+            chunk = plan[start : start + batch_size]
+            gens = [torch.Generator("cpu").manual_seed(s) for _, s in chunk]
+            out = pipe([p for p, _ in chunk], generator=gens, **kwargs)
+            images.extend(out.images)
+            if progress is not None:
+                progress(len(images), len(plan))
+    return [p for p, _ in plan], [s for _, s in plan], images
+
+
+def run_benchmark(
+    pipe: Any,
+    schedules: Sequence[str] = ("none",),
+    *,
+    prompts: Sequence[str] | None = None,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    call: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    n_boot: int = 2000,
+    save_images: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Generate and score held-out prompts under each schedule.
+
+    Parameters
+    ----------
+    pipe : diffusers.DiffusionPipeline
+        The pipeline.
+    schedules : sequence of str
+        TACA schedules to compare (validated before any generation).
+    prompts : sequence of str, optional
+        Prompts of the shapes grammar; default :func:`~taca_probe.shapes.dataset.held_out_prompts`.
+    seeds : sequence of int
+        Seeds per prompt.
+    call : dict, optional
+        ``pipe(...)`` overrides (e.g. ``num_inference_steps``, ``guidance_scale``).
+    batch_size : int
+        Images per pipeline call.
+    n_boot : int
+        Bootstrap resamples of the intervals.
+    save_images : path, optional
+        Also save every image as ``<dir>/<schedule>/<index>-seed<seed>.png``.
+    log : callable, optional
+        Receives progress lines.
+
+    Returns
+    -------
+    dict
+        ``call`` (the pipe arguments used), ``seeds``, ``prompts``, ``chance``, and ``schedules``:
+        schedule spec -> {``aggregate``: category -> {mean, low, high, n_images, n_prompts},
+        ``seconds``, ``images``: per-image records}.
+
+    Raises
+    ------
+    TacaProbeError
+        On a bad schedule or a prompt outside the grammar (before anything is generated).
+    """
+    from ..schedules import parse
+
+    specs = [parse(s).spec for s in schedules]  # ScheduleError (one line) on a bad one
+    texts = [p.text for p in ds.held_out_prompts()] if prompts is None else [ds.parse_prompt(p).text for p in prompts]
+    if not seeds:
+        raise TacaProbeError("no seeds given")
+    call_used = _call_settings(pipe, call)
+    result: dict[str, Any] = {
+        "call": call_used,
+        "seeds": list(seeds),
+        "prompts": texts,
+        "chance": ev.chance_levels(),
+        "schedules": {},
+    }
+    base_scores: list[ev.PromptScore] | None = None
+    base_spec = ""
+    for spec in specs:
+        t0 = time.perf_counter()
+        done = [0]
+
+        def progress(k: int, n: int) -> None:
+            if log is not None and (k == n or k // max(1, n // 4) != done[0]):
+                done[0] = k // max(1, n // 4)
+                log(f"{spec}: {k}/{n} images ({time.perf_counter() - t0:.0f} s)")
+
+        p_list, s_list, images = generate_images(
+            pipe, texts, seeds, schedule=spec, call=call, batch_size=batch_size, progress=progress
+        )
+        scores = ev.evaluate_images(p_list, images)
+        agg = ev.aggregate(scores, n_boot=n_boot)
+        if save_images is not None:
+            folder = Path(save_images) / spec.replace("/", "_").replace(":", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, (img, seed) in enumerate(zip(images, s_list)):
+                img.save(folder / f"{i:04d}-seed{seed}.png")
+        entry: dict[str, Any] = {"aggregate": {k: vars(v) for k, v in agg.items()}}
+        if base_scores is None:
+            base_scores, base_spec = scores, spec
+        else:  # same prompts and seeds: compare image by image with the first schedule
+            diff = ev.paired_difference(base_scores, scores, n_boot=n_boot)
+            entry["difference"] = {"versus": base_spec, **{k: vars(v) for k, v in diff.items()}}
+        result["schedules"][spec] = {
+            **entry,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "images": [dict(r.to_dict(), seed=s) for r, s in zip(scores, s_list)],
+        }
+    return result
+
+
+def record_scores(folder: str | Path, result: dict[str, Any]) -> Path:
+    """Record a benchmark result's aggregates in a model folder's ``manifest.json``.
+
+    Parameters
+    ----------
+    folder : path
+        A pipeline folder exported by :mod:`taca_probe.shapes.train` (has ``manifest.json``).
+    result : dict
+        From :func:`run_benchmark`.
+
+    Returns
+    -------
+    pathlib.Path
+        The manifest path. Existing scores of other schedules are kept.
+    """
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise TacaProbeError(f"no manifest.json in {str(folder)!r}; pass a folder written by taca_probe.shapes.train")
+    manifest = json.loads(path.read_text())
+    scores = manifest.setdefault("scores", {})
+    for spec, r in result["schedules"].items():
+        scores[spec] = {"aggregate": r["aggregate"], "call": result["call"], "seeds": result["seeds"],
+                        "n_prompts": len(result["prompts"])}
+    scores["chance"] = result["chance"]
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table: one row per schedule, ``mean [low, high]`` per category."""
+    cats = [c for c in ev.CATEGORIES if any(c in r["aggregate"] for r in result["schedules"].values())]
+    head = ["schedule"] + cats
+    rows = []
+    for spec, r in result["schedules"].items():
+        agg = r["aggregate"]
+        rows.append([spec] + [
+            f"{agg[c]['mean']:.3f} [{agg[c]['low']:.2f},{agg[c]['high']:.2f}]" if c in agg else "-" for c in cats
+        ])
+    for spec, r in result["schedules"].items():
+        diff = r.get("difference")
+        if diff:
+            rows.append([f"{spec} - {diff['versus']}"] + [
+                f"{diff[c]['mean']:+.3f} [{diff[c]['low']:+.2f},{diff[c]['high']:+.2f}]" if c in diff else "-"
+                for c in cats
+            ])
+    widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [head] + rows]
+    first = next(iter(result["schedules"].values()))["aggregate"]
+    sizes = ", ".join(
+        f"{kind}-object: {first[f'{kind}.colour']['n_images']} images of {first[f'{kind}.colour']['n_prompts']} prompts"
+        for kind in ("one", "two") if f"{kind}.colour" in first
+    )
+    chance = ", ".join(f"{k} {v:.3f}" for k, v in result["chance"].items() if k in cats)
+    lines.append(f"n: {sizes}; 95% intervals: prompt-cluster bootstrap; 'A - B' rows: paired difference, same seeds")
+    lines.append(f"chance: {chance}")
+    call = ", ".join(f"{k}={v}" for k, v in result["call"].items())
+    lines.append(f"call: {call}; seeds {result['seeds'][0]}..{result['seeds'][-1]}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``eval`` command to a ``taca-probe`` subparsers object.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        From ``parser.add_subparsers(...)``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The ``eval`` parser (its ``func`` default is :func:`cmd_eval`).
+    """
+    from ..cli import _positive_int, _seeds
+    from ..models import DEFAULT_MODEL
+
+    p = subparsers.add_parser(
+        "eval",
+        help="compositional benchmark: held-out shapes prompts x seeds, scored exactly (colour, shape, binding, spatial)",
+        description="Generate the shapes dataset's held-out prompts (compositions never seen in training) once per "
+        "seed under each --schedule, detect every object's colour, shape and position by image analysis, and "
+        "score colour, shape, colour-shape binding and spatial relation with bootstrap 95% intervals.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL}, the trained shapes model)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--schedule", action="append", default=None,
+                   help="TACA schedule, repeatable to compare several (default: none = the stock model)")
+    p.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS), help="seeds per prompt (default 0-7)")
+    p.add_argument("--prompt-set", choices=["all", "one", "two"], default="all",
+                   help="held-out one-object prompts, two-object prompts, or both (default all)")
+    p.add_argument("--prompt", action="append", help="a prompt of the shapes grammar instead of the held-out set (repeatable)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per pipeline call (default 16)")
+    p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--json", metavar="PATH", help="write the full result (aggregates and per-image detections) as JSON")
+    p.add_argument("--save-images", metavar="DIR", help="also save the generated images under DIR/<schedule>/")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run ``taca-probe eval``: print the table, optionally write JSON. Returns the exit status."""
+    from ..models import load_pipeline
+    from ..schedules import parse
+
+    schedules = [parse(s).spec for s in (args.schedule or ["none"])]  # fail before loading
+    prompts = [ds.parse_prompt(p).text for p in args.prompt] if args.prompt else [
+        p.text for p in ds.held_out_prompts(args.prompt_set)
+    ]
+    if args.json and args.json != "-":
+        out = Path(args.json)
+        if out.parent and not out.parent.exists():
+            raise TacaProbeError(f"--json: folder {str(out.parent)!r} does not exist")
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    result = run_benchmark(
+        pipe,
+        schedules,
+        prompts=prompts,
+        seeds=args.seeds,
+        call={"num_inference_steps": args.steps, "guidance_scale": args.guidance},
+        batch_size=args.batch_size,
+        n_boot=args.bootstrap,
+        save_images=args.save_images,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    result["model"] = str(args.model)
+    print(format_table(result))
+    if args.json:
+        text = json.dumps(result, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0

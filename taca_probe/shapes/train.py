@@ -1,0 +1,631 @@
+"""Train the ``shapes`` model: a tiny Stable Diffusion 3 pipeline on the procedural shapes data.
+
+Run ``python -m taca_probe.shapes.train --out DIR [--steps N] [--minutes M] [--resume]``. Training
+is seeded (the batch of step k is a pure function of ``(seed, k)``), reports the loss, saves a
+resumable checkpoint (``DIR/checkpoint.pt``) every few minutes and at the end, and exports the EMA
+weights as a diffusers folder (``DIR/pipeline``) that ``StableDiffusion3Pipeline.from_pretrained``
+loads, with ``call_defaults.json`` (the recommended ``pipe(...)`` arguments) and ``manifest.json``
+(the training settings).
+
+The pipeline is a real ``StableDiffusion3Pipeline``:
+
+- ``transformer``: ``SD3Transformer2DModel`` with patch 4 on 64x64 pixels -> 256 image tokens;
+- ``text_encoder``/``text_encoder_2``: two tiny ``CLIPTextModelWithProjection`` (the CLIP-L/G
+  slots) and ``text_encoder_3``: a tiny ``T5EncoderModel``, all trained jointly with the
+  transformer on word-level tokenizers; 16 CLIP + 16 T5 = 32 text tokens, the same
+  CLIP-then-T5 layout as SD3 (77 + 256 tokens) at an image/text ratio of 8 (SD3 at 1024 px: 12);
+- ``vae``: a one-level ``AutoencoderKL`` (scale factor 1, 3 latent channels) trained to the
+  identity, so the diffusion runs in pixel space, like the feasibility experiment, while the
+  pipeline keeps its usual encode/decode path;
+- ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` with shift 3, as SD3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import TacaProbeError
+from . import dataset as ds
+
+__all__ = [
+    "TrainConfig",
+    "TrainError",
+    "build_pipeline",
+    "export_pipeline",
+    "main",
+    "train",
+]
+
+
+class TrainError(TacaProbeError):
+    """Bad training arguments, or a checkpoint that cannot be resumed."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (recorded in the checkpoint and manifest)."""
+
+    seed: int = 0
+    steps: int = 5000  # length of the learning-rate schedule; --minutes may stop earlier
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.998
+    cfg_dropout: float = 0.1  # caption -> "" (the pipeline's negative prompt) for CFG
+    shift: float = 3.0  # timestep shift, as SD3 and the scheduler below
+    logit_normal_fraction: float = 0.5  # rest of the sigmas are uniform (mixed sampling)
+    bf16: bool = True  # autocast on the CPU (AVX512-BF16) or GPU
+    # Architecture
+    num_layers: int = 6
+    num_heads: int = 3
+    head_dim: int = 32
+    patch_size: int = 4
+    clip_hidden: int = 32
+    clip_layers: int = 2
+    t5_dim: int = 64
+    t5_layers: int = 2
+    clip_length: int = 16  # CLIP tokenizer model_max_length (SD3: 77)
+    t5_length: int = 16  # max_sequence_length to call the pipeline with (SD3 default: 256)
+    vae_channels: int = 16
+    vae_steps: int = 200  # identity pre-training of the one-level VAE
+    vae_batch_size: int = 8
+    vae_lr: float = 2e-3
+    # Recommended sampling settings (exported to call_defaults.json)
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    # Bookkeeping
+    log_every: int = 100
+    checkpoint_minutes: float = 5.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A config from a (possibly older) dict; unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise TrainError(f"unknown training setting(s) in checkpoint: {', '.join(unknown)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers and pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def _caption_words() -> list[str]:
+    words = {w for p in ds.training_prompts() + ds.held_out_prompts() for w in p.text.split()}
+    return sorted(words)
+
+
+def _clip_tokenizer(max_length: int) -> Any:
+    """A byte-level BPE CLIPTokenizer whose merges make every caption word a single token."""
+    from transformers import CLIPTokenizer
+
+    from ..models import _bytes_to_unicode, _learn_bpe
+
+    backend = CLIPTokenizer().backend_tokenizer
+    counts: dict[tuple[str, ...], int] = defaultdict(int)
+    for word in _caption_words():
+        for piece, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(word)):
+            counts[(*piece[:-1], piece[-1] + "</w>")] += 1
+    merges = _learn_bpe(dict(sorted(counts.items())))
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _t5_tokenizer(max_length: int) -> Any:
+    """A unigram T5Tokenizer with one piece per caption word (and character fallbacks).
+
+    The vocabulary is written directly instead of trained with sentencepiece: whole words score 0
+    and single characters -10, so Viterbi segmentation keeps every caption word whole, and the
+    result does not depend on sentencepiece's EM. Ids follow T5: <pad>=0, </s>=1, <unk>=2.
+    """
+    from transformers import T5Tokenizer
+
+    words = _caption_words()
+    chars = sorted({c for w in words for c in w})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, 0.0) for w in words] + [("\u2581", -10.0)] + [(c, -10.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def build_pipeline(config: TrainConfig) -> Any:
+    """A freshly initialised (seeded) ``StableDiffusion3Pipeline`` of the given architecture.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Architecture and seed.
+
+    Returns
+    -------
+    diffusers.StableDiffusion3Pipeline
+        On the CPU, float32, modules in eval mode.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    if 2 * config.clip_hidden > config.t5_dim:
+        # SD3 zero-pads the joined CLIP features to the T5 width.
+        raise TrainError(f"2 * clip_hidden ({2 * config.clip_hidden}) must be <= t5_dim ({config.t5_dim})")
+    if ds.IMAGE_SIZE % config.patch_size:
+        raise TrainError(f"patch_size {config.patch_size} must divide the image size {ds.IMAGE_SIZE}")
+    clip_tok = _clip_tokenizer(config.clip_length)
+    t5_tok = _t5_tokenizer(config.t5_length)
+    torch.manual_seed(config.seed)
+
+    def clip(act: str) -> Any:
+        cfg = CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=config.clip_hidden,
+            intermediate_size=4 * config.clip_hidden,
+            projection_dim=config.clip_hidden,
+            num_hidden_layers=config.clip_layers,
+            num_attention_heads=2,
+            max_position_embeddings=config.clip_length,
+            hidden_act=act,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,  # pooling reads the first EOS
+            pad_token_id=clip_tok.pad_token_id,
+        )
+        return CLIPTextModelWithProjection(cfg)
+
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=config.t5_dim,
+            d_kv=16,
+            d_ff=2 * config.t5_dim,
+            num_layers=config.t5_layers,
+            num_heads=config.t5_dim // 16,
+            relative_attention_num_buckets=16,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    grid = ds.IMAGE_SIZE // config.patch_size
+    transformer = SD3Transformer2DModel(
+        sample_size=ds.IMAGE_SIZE,  # latent size = pixel size (VAE scale factor 1): 64 px default
+        patch_size=config.patch_size,
+        in_channels=3,
+        out_channels=3,
+        num_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        attention_head_dim=config.head_dim,
+        joint_attention_dim=config.t5_dim,
+        caption_projection_dim=config.num_heads * config.head_dim,
+        pooled_projection_dim=2 * config.clip_hidden,
+        pos_embed_max_size=grid,
+        qk_norm="rms_norm",  # SD3.5-style; keeps attention logits bounded at lr 1e-3
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(config.vae_channels,),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=3,
+        sample_size=ds.IMAGE_SIZE,
+        mid_block_add_attention=False,  # 4096-token attention would dominate the cost
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.0,  # latents are pixels in [-1, 1]
+        shift_factor=0.0,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.shift),
+        vae=vae,
+        text_encoder=clip("quick_gelu"),
+        tokenizer=clip_tok,
+        text_encoder_2=clip("gelu"),
+        tokenizer_2=clip_tok,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tok,
+    )
+    for module in _text_and_transformer(pipe) + [pipe.vae]:
+        module.eval()
+    return pipe
+
+
+def _text_and_transformer(pipe: Any) -> list[torch.nn.Module]:
+    return [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+
+
+def call_defaults(config: TrainConfig) -> dict[str, Any]:
+    """The recommended ``pipe(...)`` arguments for a model trained with ``config``."""
+    return {
+        "height": ds.IMAGE_SIZE,
+        "width": ds.IMAGE_SIZE,
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+        # The pipeline default (256) would append 240 T5 padding tokens never seen in training.
+        "max_sequence_length": config.t5_length,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _to_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _sigmas(rng: np.random.Generator, n: int, config: TrainConfig) -> torch.Tensor:
+    # Mixed sampling: logit-normal concentrates on mid noise levels, the uniform part keeps the
+    # extremes (sigma near 1 is where TACA acts) trained; then SD3's shift, as at inference.
+    u = rng.uniform(size=n)
+    logit = 1 / (1 + np.exp(-rng.normal(size=n)))
+    u = np.where(rng.uniform(size=n) < config.logit_normal_fraction, logit, u)
+    s = config.shift * u / (1 + (config.shift - 1) * u)
+    return torch.from_numpy(s).float()
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    # Cosine decay to 10% over the scheduled steps.
+    frac = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _autocast(config: TrainConfig) -> Any:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
+
+
+def diffusion_loss(pipe: Any, images: np.ndarray, captions: list[str], rng: np.random.Generator, config: TrainConfig) -> torch.Tensor:
+    """Flow-matching loss of one batch (text encoders run through the pipeline's own encode_prompt).
+
+    ``x_t = (1 - s) x0 + s * noise`` and the transformer predicts ``noise - x0`` at timestep
+    ``1000 s``, which is what ``FlowMatchEulerDiscreteScheduler`` integrates.
+    """
+    x0 = _to_pixels(images)
+    drop = rng.uniform(size=len(captions)) < config.cfg_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop)]
+    s = _sigmas(rng, len(captions), config)
+    noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+    x_t = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
+    with _autocast(config):
+        prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+            captions, None, None, device=torch.device("cpu"), do_classifier_free_guidance=False,
+            max_sequence_length=config.t5_length,
+        )
+        pred = pipe.transformer(
+            hidden_states=x_t,
+            timestep=s * 1000,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+    return torch.nn.functional.mse_loss(pred.float(), noise - x0)
+
+
+def _vae_loss(vae: Any, images: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    # Identity on a neighbourhood of the data: the decoder also sees slightly perturbed pixels,
+    # as the transformer's outputs are never exactly on the data.
+    x = _to_pixels(images)
+    z = (x + 0.05 * torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))).clamp(-1.1, 1.1)
+    dist = vae.encode(x).latent_dist
+    return (
+        torch.nn.functional.mse_loss(vae.decode(z).sample, z)
+        + torch.nn.functional.mse_loss(dist.mean, x)
+        + 1e-3 * torch.nn.functional.mse_loss(dist.logvar, torch.full_like(dist.logvar, -9.0))
+    )
+
+
+class _Ema:
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        # Warm-up of the decay so early EMA weights are not dominated by the random init.
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+def _checkpoint_state(pipe, opt, vae_opt, ema, state, config) -> dict[str, Any]:
+    return {
+        "config": asdict(config),
+        "modules": {name: getattr(pipe, name).state_dict() for name in _MODULES},
+        "opt": opt.state_dict(),
+        "vae_opt": vae_opt.state_dict(),
+        "ema": ema.shadow,
+        "state": state,
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+_MODULES = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint
+
+
+def export_pipeline(pipe: Any, ema: _Ema | None, folder: Path, config: TrainConfig, state: dict[str, Any]) -> Path:
+    """Save the (EMA) pipeline as a diffusers folder with call_defaults.json and manifest.json.
+
+    Weights are stored in float16 (half the size; loading upcasts to the requested dtype).
+    """
+    folder = Path(folder)
+    if ema is not None:
+        ema.swap()
+    from ..models import _quiet
+
+    try:
+        export = copy.deepcopy(pipe)
+    finally:
+        if ema is not None:
+            ema.swap()
+    with _quiet():  # diffusers' "cast with to()" and progress-bar chatter
+        export.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    for path in folder.rglob("*"):
+        # The safetensors writer makes owner-only files; these are ordinary package data.
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    (folder / "call_defaults.json").write_text(json.dumps(call_defaults(config), indent=2) + "\n")
+    manifest = {
+        "model": "shapes",
+        "description": "tiny StableDiffusion3Pipeline trained on the procedural shapes dataset (taca_probe.shapes)",
+        "training": asdict(config),
+        "steps_done": state["step"],
+        "vae_steps_done": state["vae_step"],
+        "train_wall_s": round(state["elapsed"], 1),
+        "final_loss_ema": state.get("loss_ema"),
+        "loss_log": state.get("loss_log", []),
+        "parameters": {
+            name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in _MODULES
+        },
+        "tokens": {
+            "image": (ds.IMAGE_SIZE // config.patch_size) ** 2,
+            "text": config.clip_length + config.t5_length,
+        },
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+        "scores": {},
+    }
+    manifest_path = folder / "manifest.json"
+    if manifest_path.exists():  # keep evaluator scores recorded earlier
+        manifest["scores"] = json.loads(manifest_path.read_text()).get("scores", {})
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def train(
+    config: TrainConfig,
+    out: str | os.PathLike[str],
+    *,
+    minutes: float | None = None,
+    resume: bool = False,
+    export: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train (or resume training) and export the pipeline.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Settings of a new run; ignored when resuming (the checkpoint's settings are used, except
+        ``steps``, which may be raised to continue a finished run).
+    out : path
+        Output folder: ``checkpoint.pt``, ``train.log`` and ``pipeline/``.
+    minutes : float, optional
+        Stop after this much wall time in total (counting time before a resume), checkpoint
+        and export. The run is then shorter than ``config.steps`` (the manifest says how long).
+    resume : bool
+        Continue from ``out/checkpoint.pt``.
+    export : bool
+        Write ``out/pipeline`` at the end.
+    log : callable
+        Receives progress lines.
+
+    Returns
+    -------
+    dict
+        ``step``, ``vae_step``, ``elapsed`` (s), ``loss_log`` ([step, mean loss] pairs), ``losses``
+        (every step's loss of this call), ``pipeline`` (the export folder or None).
+
+    Raises
+    ------
+    TrainError
+        If resuming without a checkpoint, or the checkpoint cannot be read.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    payload = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise TrainError(f"cannot resume: no checkpoint at {ckpt_path}")
+        try:
+            payload = torch.load(ckpt_path, weights_only=False)
+        except Exception as exc:  # noqa: BLE001
+            raise TrainError(f"cannot read checkpoint {ckpt_path}: {type(exc).__name__}: {exc}") from exc
+        steps = config.steps
+        config = TrainConfig.from_dict(payload["config"])
+        config.steps = max(config.steps, steps)
+    elif ckpt_path.exists():
+        raise TrainError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+
+    pipe = build_pipeline(config)
+    trained = _text_and_transformer(pipe)
+    opt = torch.optim.AdamW(
+        [p for m in trained for p in m.parameters()], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99)
+    )
+    vae_opt = torch.optim.AdamW(pipe.vae.parameters(), lr=config.vae_lr)
+    ema = _Ema(trained, config.ema_decay)
+    state: dict[str, Any] = {"step": 0, "vae_step": 0, "elapsed": 0.0, "loss_log": [], "loss_ema": None}
+    if payload is not None:
+        for name in _MODULES:
+            getattr(pipe, name).load_state_dict(payload["modules"][name])
+        opt.load_state_dict(payload["opt"])
+        vae_opt.load_state_dict(payload["vae_opt"])
+        for s, v in zip(ema.shadow, payload["ema"]):
+            s.copy_(v)
+        state = payload["state"]
+        torch.set_rng_state(payload["torch_rng"])
+        log(f"resumed at step {state['step']} (vae {state['vae_step']}), {state['elapsed'] / 60:.1f} min done")
+
+    budget = math.inf if minutes is None else minutes * 60.0
+    start = time.perf_counter() - state["elapsed"]
+    last_ckpt = time.perf_counter()
+    losses: list[float] = []
+
+    def elapsed() -> float:
+        return time.perf_counter() - start
+
+    def checkpoint() -> None:
+        state["elapsed"] = elapsed()
+        _save_checkpoint(ckpt_path, _checkpoint_state(pipe, opt, vae_opt, ema, state, config))
+
+    # Phase 1: the VAE to the identity (independent of the text and the transformer).
+    pipe.vae.train()
+    while state["vae_step"] < config.vae_steps and elapsed() < budget:
+        k = state["vae_step"]
+        rng = np.random.default_rng((config.seed, 1, k))
+        images, _ = ds.sample_batch((config.seed, 1, k), config.vae_batch_size)
+        loss = _vae_loss(pipe.vae, images, rng)
+        vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        vae_opt.step()
+        state["vae_step"] += 1
+        if state["vae_step"] % config.log_every == 0 or state["vae_step"] == config.vae_steps:
+            log(f"vae step {state['vae_step']}/{config.vae_steps} loss {loss.item():.5f} ({elapsed() / 60:.1f} min)")
+    pipe.vae.eval()
+
+    # Phase 2: transformer and text encoders, flow matching.
+    for m in trained:
+        m.train()
+    window: list[float] = []
+    t_window = time.perf_counter()
+    while state["step"] < config.steps and elapsed() < budget:
+        k = state["step"]
+        for group in opt.param_groups:
+            group["lr"] = config.lr * _lr_factor(k, config)
+        images, captions = ds.sample_batch((config.seed, 0, k), config.batch_size)
+        loss = diffusion_loss(pipe, images, captions, np.random.default_rng((config.seed, 2, k)), config)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], config.grad_clip)
+        opt.step()
+        ema.update(k)
+        state["step"] += 1
+        value = float(loss.item())
+        losses.append(value)
+        window.append(value)
+        state["loss_ema"] = value if state["loss_ema"] is None else 0.98 * state["loss_ema"] + 0.02 * value
+        if state["step"] % config.log_every == 0 or state["step"] == config.steps:
+            rate = len(window) / (time.perf_counter() - t_window)
+            state["loss_log"].append([state["step"], round(float(np.mean(window)), 5)])
+            log(
+                f"step {state['step']}/{config.steps} loss {np.mean(window):.4f} (ema {state['loss_ema']:.4f}) "
+                f"lr {opt.param_groups[0]['lr']:.2e} {rate:.2f} it/s {elapsed() / 60:.1f} min"
+            )
+            window, t_window = [], time.perf_counter()
+        if time.perf_counter() - last_ckpt > config.checkpoint_minutes * 60:
+            checkpoint()
+            last_ckpt = time.perf_counter()
+    for m in trained:
+        m.eval()
+    checkpoint()
+    folder = None
+    if export:
+        folder = export_pipeline(pipe, ema, out / "pipeline", config, state)
+        log(f"exported {folder} after {state['step']} steps, {state['elapsed'] / 60:.1f} min")
+    return {**state, "losses": losses, "pipeline": folder}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m taca_probe.shapes.train``: train the shapes model (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m taca_probe.shapes.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output folder (checkpoint.pt, train.log, pipeline/)")
+    parser.add_argument("--minutes", type=float, default=None, help="wall-time budget in minutes (total, across resumes)")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps (learning-rate schedule length)")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1 or args.threads < 1 or (args.minutes is not None and args.minutes <= 0):
+        print("error: --steps, --batch-size, --threads and --minutes must be positive", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        logfile = open(out / "train.log", "a", buffering=1)
+    except OSError as exc:
+        print(f"error: cannot write to {out}: {exc}", file=sys.stderr)
+        return 2
+
+    def log(line: str) -> None:
+        stamped = f"[{time.strftime('%H:%M:%S')}] {line}"
+        print(stamped, flush=True)
+        logfile.write(stamped + "\n")
+
+    config = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size)
+    try:
+        train(config, out, minutes=args.minutes, resume=args.resume, log=log)
+    except TacaProbeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

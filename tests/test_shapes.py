@@ -1,0 +1,392 @@
+"""The shapes testbed: dataset, exact evaluator, shipped trained model, training script, eval CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from taca_probe import models
+from taca_probe.errors import ModelError, ScheduleError, TacaProbeError
+from taca_probe.shapes import dataset as ds
+from taca_probe.shapes import evaluator as ev
+
+
+def one_line(exc: BaseException, *fragments: str) -> None:
+    text = str(exc)
+    assert isinstance(exc, TacaProbeError)
+    assert text and "\n" not in text, repr(text)
+    for f in fragments:
+        assert f in text, f"{f!r} not in {text!r}"
+
+
+def ground_truth(prompts: list[ds.PromptSpec], seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [ds.render(ds.scene_for_prompt(p, rng)) for p in prompts]
+
+
+ALL_PROMPTS = ds.held_out_prompts() + ds.training_prompts()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def test_batches_are_a_pure_function_of_the_seed() -> None:
+    a_img, a_cap = ds.sample_batch((3, 7), 16)
+    b_img, b_cap = ds.sample_batch((3, 7), 16)
+    c_img, c_cap = ds.sample_batch((3, 8), 16)
+    assert a_img.shape == (16, 64, 64, 3) and a_img.dtype == np.uint8
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap
+    assert not np.array_equal(a_img, c_img)
+    # Captions are in the grammar and describe what was drawn.
+    for img, cap in zip(a_img, a_cap):
+        assert ev.score_prompt(cap, img).scores["colour"] == 1.0
+
+
+def test_held_out_split_is_fixed_and_never_trained() -> None:
+    held = ds.held_out_prompts()
+    assert held == ds.held_out_prompts()  # deterministic
+    train = {p.text for p in ds.training_prompts()}
+    assert not train & {p.text for p in held}
+    assert len(ds.held_out_prompts("one")) == len(ds.HELD_OUT_OBJECTS)
+    two = ds.held_out_prompts("two")
+    assert {p.relation for p in two} == set(ds.RELATIONS)
+    # Held-out objects appear in no training caption at all, but each colour and shape does.
+    trained_objects = {o for p in ds.training_prompts() for o in p.objects}
+    assert not trained_objects & set(ds.HELD_OUT_OBJECTS)
+    assert {c for c, _ in trained_objects} == set(ds.COLOURS)
+    assert {s for _, s in trained_objects} == set(ds.SHAPES)
+    # No layout of a held-out pair on its axis is trained (no memorised layout to fall back on),
+    # but the pair is seen on the other axis.
+    axis_of = {"to the left of": 0, "to the right of": 0, "above": 1, "below": 1}
+    trained_pairs = {(frozenset(p.objects), axis_of[p.relation]) for p in ds.training_prompts() if p.relation}
+    for p in two:
+        assert (frozenset(p.objects), axis_of[p.relation]) not in trained_pairs
+        assert (frozenset(p.objects), 1 - axis_of[p.relation]) in trained_pairs
+    # Many training batches never show a held-out caption.
+    _, captions = ds.sample_batch(0, 512)
+    assert not set(captions) & {p.text for p in held}
+
+
+def test_prompt_grammar() -> None:
+    spec = ds.parse_prompt("  A Red circle to the left of a blue   square ")
+    assert spec.objects == (("red", "circle"), ("blue", "square")) and spec.relation == "to the left of"
+    assert spec.text == "a red circle to the left of a blue square"
+    assert ds.parse_prompt("a yellow triangle").relation is None
+    for bad, fragment in [
+        ("a purple circle", "unknown colour"),
+        ("a red hexagon", "unknown shape"),
+        ("a red circle near a blue square", "grammar"),
+        ("a red circle above a red square", "different colours"),
+    ]:
+        with pytest.raises(ds.DatasetError) as excinfo:
+            ds.parse_prompt(bad)
+        one_line(excinfo.value, fragment)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluator
+# ---------------------------------------------------------------------------------------------
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    out = np.stack([ndimage.gaussian_filter(img[..., c].astype(float), sigma) for c in range(3)], -1)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _ragged(img: np.ndarray, rng: np.random.Generator, p: float = 0.4) -> np.ndarray:
+    """Flip a fraction p of the pixels in a 2-px band around every object edge (generated edges are ragged)."""
+    inside = np.any(img != np.array(ds.BACKGROUND, np.uint8), axis=-1)
+    band = ndimage.binary_dilation(inside, iterations=1) ^ ndimage.binary_erosion(inside, iterations=1)
+    flip = band & (rng.random(inside.shape) < p)
+    # Outside pixels take the colour of the nearest object pixel; inside pixels become background.
+    _, (iy, ix) = ndimage.distance_transform_edt(~inside, return_indices=True)
+    out = img.copy()
+    out[flip & ~inside] = img[iy, ix][flip & ~inside]
+    out[flip & inside] = ds.BACKGROUND
+    return out
+
+
+@pytest.mark.parametrize("perturb", ["none", "blur", "noise", "ragged"])
+def test_evaluator_scores_ground_truth_perfectly(perturb: str) -> None:
+    images = ground_truth(ALL_PROMPTS, seed=1)
+    if perturb == "blur":  # generated images are soft-edged
+        images = [_blur(im, 1.0) for im in images]
+    elif perturb == "ragged":
+        rng = np.random.default_rng(0)
+        images = [_blur(_ragged(im, rng), 0.7) for im in images]
+    elif perturb == "noise":
+        rng = np.random.default_rng(0)
+        images = [np.clip(im + rng.normal(0, 12, im.shape), 0, 255).astype(np.uint8) for im in images]
+    agg = ev.aggregate(ev.evaluate_images(ALL_PROMPTS, images), n_boot=200)
+    assert set(agg) == set(ev.CATEGORIES)
+    for cat, score in agg.items():
+        assert score.mean >= 0.98, (cat, score)
+
+
+def _wrong(prompt: ds.PromptSpec, rng: np.random.Generator, how: str) -> np.ndarray:
+    scene = ds.scene_for_prompt(prompt, rng)
+    objs = list(scene.objects)
+    if how == "colour":  # every object gets a colour the prompt does not name
+        unused = [c for c in ds.COLOURS if c not in {c for c, _ in prompt.objects}]
+        objs = [ds.ObjectSpec(unused[i], o.shape, o.cx, o.cy, o.size) for i, o in enumerate(objs)]
+    elif how == "shape":  # every object gets a shape the prompt does not name
+        unused = [s for s in ds.SHAPES if s not in {s for _, s in prompt.objects}]
+        objs = [ds.ObjectSpec(o.colour, unused[i % len(unused)], o.cx, o.cy, o.size) for i, o in enumerate(objs)]
+    elif how == "swap":  # the two objects trade places: the relation is reversed
+        a, b = objs
+        objs = [ds.ObjectSpec(a.colour, a.shape, b.cx, b.cy, a.size), ds.ObjectSpec(b.colour, b.shape, a.cx, a.cy, b.size)]
+    elif how == "bind":  # the two objects trade shapes: colours and shapes present, binding wrong
+        a, b = objs
+        objs = [ds.ObjectSpec(a.colour, b.shape, a.cx, a.cy, a.size), ds.ObjectSpec(b.colour, a.shape, b.cx, b.cy, b.size)]
+    return ds.render(objs)
+
+
+@pytest.mark.parametrize(
+    ("how", "low", "high"),
+    [
+        ("colour", ["one.colour", "two.colour", "one.binding", "two.binding", "two.spatial"], ["one.shape", "two.shape"]),
+        ("shape", ["one.shape", "two.shape", "one.binding", "two.binding"], ["one.colour", "two.colour", "two.spatial"]),
+        ("swap", ["two.spatial"], ["two.colour", "two.shape", "two.binding"]),
+        ("bind", ["two.binding"], ["two.colour", "two.shape", "two.spatial"]),
+    ],
+)
+def test_evaluator_scores_wrong_images_low(how: str, low: list[str], high: list[str]) -> None:
+    rng = np.random.default_rng(2)
+    prompts = ALL_PROMPTS if how in ("colour", "shape") else [p for p in ALL_PROMPTS if p.relation]
+    if how == "bind":  # only pairs with two different shapes can be mis-bound
+        prompts = [p for p in prompts if p.objects[0][1] != p.objects[1][1]]
+    images = [_wrong(p, rng, how) for p in prompts]
+    agg = ev.aggregate(ev.evaluate_images(prompts, images), n_boot=200)
+    for cat in low:
+        assert agg[cat].mean <= 0.02, (cat, agg[cat])
+    for cat in high:
+        assert agg[cat].mean >= 0.98, (cat, agg[cat])
+
+
+def test_evaluator_blank_and_bad_inputs() -> None:
+    blank = np.full((64, 64, 3), ds.BACKGROUND, np.uint8)
+    s = ev.score_prompt("a red circle above a blue square", blank)
+    assert s.objects == [] and s.scores == {"colour": 0.0, "shape": 0.0, "binding": 0.0, "spatial": 0.0}
+    # Float images in [0, 1] are accepted (pipelines with output_type="np").
+    img = ground_truth([ds.parse_prompt("a blue circle")])[0]
+    assert ev.score_prompt("a blue circle", img / 255.0).scores["binding"] == 1.0
+    with pytest.raises(ds.DatasetError) as excinfo:
+        ev.evaluate_images(["a red circle"], [])
+    one_line(excinfo.value, "1 prompts but 0 images")
+    with pytest.raises(ds.DatasetError):
+        ev.score_prompt("a red circle", np.zeros((64, 64)))
+
+
+def test_aggregate_intervals_are_seeded_and_bracket_the_mean() -> None:
+    rng = np.random.default_rng(3)
+    prompts = ds.held_out_prompts("two")
+    images = [_wrong(p, rng, "swap") if i % 3 == 0 else ground_truth([p], i)[0] for i, p in enumerate(prompts)]
+    res = ev.evaluate_images(prompts, images)
+    a, b = ev.aggregate(res, seed=5), ev.aggregate(res, seed=5)
+    assert a == b
+    sp = a["two.spatial"]
+    assert sp.low < sp.mean < sp.high and sp.n_images == len(prompts)
+    assert 0.0 < ev.chance_levels()["two.binding"] < ev.chance_levels()["two.spatial"] < 0.5
+
+
+def test_paired_difference() -> None:
+    rng = np.random.default_rng(4)
+    prompts = ds.held_out_prompts("two")
+    good = ev.evaluate_images(prompts, ground_truth(prompts, 1))
+    swapped = ev.evaluate_images(prompts, [_wrong(p, rng, "swap") for p in prompts])
+    d = ev.paired_difference(good, swapped, n_boot=100)
+    assert d["two.spatial"].mean == -1.0 and d["two.colour"].mean == 0.0
+    assert ev.paired_difference(good, good)["two.binding"].high == 0.0
+    with pytest.raises(ds.DatasetError):
+        ev.paired_difference(good, swapped[::-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    pipe = models.load_pipeline("shapes", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_model_is_registered_and_offline(monkeypatch: pytest.MonkeyPatch, shapes_pipe) -> None:
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models.DEFAULT_MODEL == "shapes" and "shapes" in models.EMBEDDED_MODELS
+    path = models.embedded_model_path("shapes")
+    assert (path / "model_index.json").is_file() and (path / "manifest.json").is_file()
+    # Shipped inside the package, not built into the cache.
+    assert Path(ds.__file__).parent in path.parents
+    assert type(shapes_pipe) is StableDiffusion3Pipeline
+    assert isinstance(shapes_pipe.transformer, SD3Transformer2DModel)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["tokens"]["image"] >= 4 * manifest["tokens"]["text"]  # the paper's imbalance
+    assert manifest["scores"], "the manifest records the evaluator scores"
+
+
+def test_call_defaults() -> None:
+    d = models.model_call_defaults("shapes")
+    assert d["height"] == d["width"] == 64 and d["max_sequence_length"] == 16
+    assert d["num_inference_steps"] > 0 and d["guidance_scale"] > 1
+    assert models.model_call_defaults("tiny-sd3") == {}
+    assert models.model_call_defaults("no/such-model") == {}
+    d["height"] = 1  # a copy
+    assert models.model_call_defaults("shapes")["height"] == 64
+
+
+def test_call_defaults_of_a_loaded_pipeline(shapes_pipe) -> None:
+    assert models.model_call_defaults(shapes_pipe) == models.model_call_defaults("shapes")
+
+
+def test_missing_weights_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(models.SHIPPED_MODELS, "shapes", ("taca_probe.shapes", "no-such-weights"))
+    for call in (lambda: models.load_pipeline("shapes", device="cpu"), lambda: models.model_call_defaults("shapes")):
+        with pytest.raises(ModelError) as excinfo:
+            call()
+        one_line(excinfo.value, "'shapes'", "no weights", "taca_probe.shapes.train")
+
+
+def test_shipped_model_generates_and_taca_applies(shapes_pipe) -> None:
+    import torch
+
+    from taca_probe import taca
+
+    call = dict(models.model_call_defaults("shapes"), num_inference_steps=3)
+    prompt = "a red circle to the left of a blue square"
+
+    def run(schedule: str) -> np.ndarray:
+        with taca(shapes_pipe, schedule) as handle:
+            img = shapes_pipe(prompt, generator=torch.Generator("cpu").manual_seed(0), output_type="np", **call).images[0]
+        assert handle.calls[0].n_txt == 32
+        return img
+
+    base, again, boosted = run("none"), run("none"), run("step:1.2@970")
+    assert base.shape == (64, 64, 3)
+    assert np.array_equal(base, again)
+    assert not np.allclose(base, boosted)  # the first step (t = 1000) is scaled
+
+
+def test_shipped_model_follows_seen_prompts(shapes_pipe) -> None:
+    """A quality floor on training (seen) one-object prompts at the model's own settings."""
+    from taca_probe.shapes.benchmark import generate_images
+
+    prompts = [p.text for p in ds.training_prompts() if p.relation is None][:4]
+    p_list, _, images = generate_images(shapes_pipe, prompts, [0, 1])
+    agg = ev.aggregate(ev.evaluate_images(p_list, images), n_boot=50)
+    assert agg["one.colour"].mean >= 0.75
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+TINY = dict(
+    steps=30, batch_size=4, num_layers=1, num_heads=1, head_dim=16, clip_hidden=8, t5_dim=32, t5_layers=1,
+    clip_layers=1, vae_channels=8, vae_steps=2, vae_batch_size=2, warmup_steps=5, lr=3e-3, bf16=False,
+    log_every=10, num_inference_steps=2,
+)
+
+
+def test_training_smoke_lowers_the_loss_resumes_and_exports(tmp_path: Path) -> None:
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from taca_probe.shapes.train import TrainConfig, TrainError, train
+
+    lines: list[str] = []
+    with torch.random.fork_rng(devices=[]):
+        first = train(TrainConfig(**TINY), tmp_path, export=False, log=lines.append)
+    losses = first["losses"]
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+    assert any(line.startswith("step 30/30") for line in lines)
+    # Seeded: a second run in another folder sees the same batches and gets the same losses.
+    again = train(TrainConfig(**TINY), tmp_path / "again", export=False, log=lambda _: None)
+    assert again["losses"] == losses
+
+    with pytest.raises(TrainError) as excinfo:  # refuses to overwrite a run
+        train(TrainConfig(**TINY), tmp_path)
+    one_line(excinfo.value, "--resume")
+    with pytest.raises(TrainError) as excinfo:
+        train(TrainConfig(**TINY), tmp_path / "nothing", resume=True)
+    one_line(excinfo.value, "no checkpoint")
+
+    more = train(TrainConfig(**dict(TINY, steps=34)), tmp_path, resume=True, log=lines.append)
+    assert more["step"] == 34 and len(more["losses"]) == 4
+    folder = more["pipeline"]
+    assert (folder / "call_defaults.json").is_file()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["steps_done"] == 34 and manifest["training"]["num_layers"] == 1
+    assert models.model_call_defaults(folder)["max_sequence_length"] == TINY.get("t5_length", 16)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=torch.float32)  # weights are stored in fp16
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle", num_inference_steps=2, output_type="np", **{
+        k: v for k, v in models.model_call_defaults(folder).items() if k != "num_inference_steps"
+    })
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# taca-probe eval
+# ---------------------------------------------------------------------------------------------
+
+
+def _eval_args(*argv: str) -> argparse.Namespace:
+    from taca_probe.cli import _Parser
+    from taca_probe.shapes.benchmark import add_eval_parser
+
+    parser = _Parser(prog="taca-probe")
+    add_eval_parser(parser.add_subparsers(dest="command", parser_class=_Parser))
+    return parser.parse_args(["eval", *argv])
+
+
+def test_eval_cli_writes_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval.json"
+    args = _eval_args("--prompt", "a red triangle", "--prompt", "a green square below a red circle", "--seeds", "0-1",
+                      "--steps", "2", "--schedule", "none", "--schedule", "step:1.2@970", "--device", "cpu",
+                      "--bootstrap", "50", "--json", str(out))
+    assert args.func(args) == 0
+    table = capsys.readouterr().out
+    assert "two.spatial" in table and "step:1.2@970" in table and "chance" in table
+    result = json.loads(out.read_text())
+    assert set(result["schedules"]) == {"none", "step:1.2@970"}
+    agg = result["schedules"]["none"]["aggregate"]
+    assert agg["one.colour"]["n_images"] == 2 and agg["two.spatial"]["n_prompts"] == 1
+    assert result["call"]["max_sequence_length"] == 16 and result["call"]["num_inference_steps"] == 2
+    assert result["schedules"]["step:1.2@970"]["difference"]["versus"] == "none"
+    assert "step:1.2@970 - none" in table
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "fragment"),
+    [
+        (["--schedule", "step:1.2@97O"], ScheduleError, "97O"),
+        (["--prompt", "a purple circle"], ds.DatasetError, "unknown colour"),
+        (["--model", "/no/such/folder"], ModelError, "/no/such/folder"),
+        (["--json", "/no/such/dir/x.json"], TacaProbeError, "does not exist"),
+    ],
+)
+def test_eval_cli_bad_input(argv: list[str], error: type, fragment: str) -> None:
+    args = _eval_args(*argv, "--seeds", "0", "--steps", "1", "--device", "cpu")
+    with pytest.raises(error) as excinfo:
+        args.func(args)
+    one_line(excinfo.value, fragment)
+
+
+def test_eval_cli_bad_arguments() -> None:
+    for argv in (["--seeds", "x"], ["--prompt-set", "three"], ["--batch-size", "0"]):
+        with pytest.raises(TacaProbeError) as excinfo:
+            _eval_args(*argv)
+        one_line(excinfo.value)
