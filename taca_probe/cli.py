@@ -227,9 +227,14 @@ def _check_size(pipe, height: int | None, width: int | None) -> None:
     # VAE downsampling x patch size (SD3; FLUX packs 2x2 latents)
     patch = int(getattr(pipe.transformer.config, "patch_size", 2) or 2)
     multiple = int(getattr(pipe, "vae_scale_factor", 8)) * max(2, patch)
+    # SD3 learned position tables cover pos_embed_max_size tokens a side.
+    max_tokens = getattr(pipe.transformer.config, "pos_embed_max_size", None)
+    largest = int(max_tokens) * multiple if max_tokens else None
     for name, value in (("height", height), ("width", width)):
         if value is not None and value % multiple:
             raise TacaProbeError(f"--{name} {value} is not a multiple of {multiple}, which this model needs")
+        if value is not None and largest is not None and value > largest:
+            raise TacaProbeError(f"--{name} {value} is larger than this model supports ({largest} pixels)")
 
 
 def _versions() -> dict[str, str]:

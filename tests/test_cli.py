@@ -42,7 +42,7 @@ def test_generate_none_equals_library_stock(tmp_path, capsys):
 
     from taca_probe.models import load_pipeline
 
-    rc, _, err = _run(["generate", "--prompt", "a cat", "--seeds", "7", "--steps", "2", "--height", "64",
+    rc, _, err = _run(["generate", "--model", "tiny-sd3", "--prompt", "a cat", "--seeds", "7", "--steps", "2", "--height", "64",
                        "--width", "64", "--schedule", "none", "--out", str(tmp_path)], capsys)
     assert rc == 0, err
     pipe = load_pipeline("tiny-sd3", device="cpu", dtype="fp32")
@@ -64,7 +64,8 @@ BAD = [
     (["generate", "--prompt", "x", "--model", "no/such-model"], "not in the local Hugging Face cache"),
     (["generate", "--prompt", "x", "--schedule", "step:0@970"], "valid forms"),
     (["generate", "--prompt", "x", "--schedule", "wobble:2"], "valid forms"),
-    (["generate", "--prompt", "x", "--height", "100"], "multiple of 16"),
+    (["generate", "--prompt", "x", "--model", "tiny-sd3", "--height", "100"], "multiple of 16"),
+    (["generate", "--prompt", "x", "--model", "shapes", "--height", "128"], "larger than this model supports (64"),
     (["generate", "--prompt", "x", "--steps", "0"], "positive integer"),
     (["generate", "--prompt", "x", "--seeds", "a,b"], "bad seeds"),
     (["generate", "--prompt", "x", "--dtype", "fp8"], "fp32"),
