@@ -40,7 +40,7 @@ ALL_PROMPTS = ds.held_out_prompts() + ds.training_prompts()
 def test_batches_are_a_pure_function_of_the_seed() -> None:
     a_img, a_cap = ds.sample_batch((3, 7), 16)
     b_img, b_cap = ds.sample_batch((3, 7), 16)
-    c_img, c_cap = ds.sample_batch((3, 8), 16)
+    c_img, _ = ds.sample_batch((3, 8), 16)
     assert a_img.shape == (16, 64, 64, 3) and a_img.dtype == np.uint8
     assert np.array_equal(a_img, b_img) and a_cap == b_cap
     assert not np.array_equal(a_img, c_img)
@@ -292,11 +292,11 @@ def test_shipped_model_follows_seen_prompts(shapes_pipe) -> None:
 # Training
 # ---------------------------------------------------------------------------------------------
 
-TINY = dict(
-    steps=30, batch_size=4, num_layers=1, num_heads=1, head_dim=16, clip_hidden=8, t5_dim=32, t5_layers=1,
-    clip_layers=1, vae_channels=8, vae_steps=2, vae_batch_size=2, warmup_steps=5, lr=3e-3, bf16=False,
-    log_every=10, num_inference_steps=2,
-)
+TINY = {
+    "steps": 30, "batch_size": 4, "num_layers": 1, "num_heads": 1, "head_dim": 16, "clip_hidden": 8, "t5_dim": 32, "t5_layers": 1,
+    "clip_layers": 1, "vae_channels": 8, "vae_steps": 2, "vae_batch_size": 2, "warmup_steps": 5, "lr": 3e-3, "bf16": False,
+    "log_every": 10, "num_inference_steps": 2,
+}
 
 
 def test_training_smoke_lowers_the_loss_resumes_and_exports(tmp_path: Path) -> None:

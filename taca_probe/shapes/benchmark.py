@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import TacaProbeError
 from . import dataset as ds
@@ -157,7 +158,7 @@ def run_benchmark(
         t0 = time.perf_counter()
         done = [0]
 
-        def progress(k: int, n: int) -> None:
+        def progress(k: int, n: int, spec: str = spec, t0: float = t0, done: list[int] = done) -> None:
             if log is not None and (k == n or k // max(1, n // 4) != done[0]):
                 done[0] = k // max(1, n // 4)
                 log(f"{spec}: {k}/{n} images ({time.perf_counter() - t0:.0f} s)")
@@ -209,6 +210,8 @@ def record_scores(folder: str | Path, result: dict[str, Any]) -> Path:
     for spec, r in result["schedules"].items():
         scores[spec] = {"aggregate": r["aggregate"], "call": result["call"], "seeds": result["seeds"],
                         "n_prompts": len(result["prompts"])}
+        if "difference" in r:
+            scores[spec]["difference"] = r["difference"]
     scores["chance"] = result["chance"]
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path

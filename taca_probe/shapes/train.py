@@ -31,9 +31,10 @@ import platform
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,7 +170,12 @@ def build_pipeline(config: TrainConfig) -> Any:
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     if 2 * config.clip_hidden > config.t5_dim:
         # SD3 zero-pads the joined CLIP features to the T5 width.
@@ -489,7 +495,7 @@ def train(
             raise TrainError(f"cannot resume: no checkpoint at {ckpt_path}")
         try:
             payload = torch.load(ckpt_path, weights_only=False)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise TrainError(f"cannot read checkpoint {ckpt_path}: {type(exc).__name__}: {exc}") from exc
         steps = config.steps
         config = TrainConfig.from_dict(payload["config"])
@@ -608,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        logfile = open(out / "train.log", "a", buffering=1)
+        logfile = open(out / "train.log", "a", buffering=1)  # noqa: SIM115 - closed below
     except OSError as exc:
         print(f"error: cannot write to {out}: {exc}", file=sys.stderr)
         return 2
@@ -619,11 +625,12 @@ def main(argv: list[str] | None = None) -> int:
         logfile.write(stamped + "\n")
 
     config = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size)
-    try:
-        train(config, out, minutes=args.minutes, resume=args.resume, log=log)
-    except TacaProbeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with logfile:
+        try:
+            train(config, out, minutes=args.minutes, resume=args.resume, log=log)
+        except TacaProbeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 
