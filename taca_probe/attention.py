@@ -1,20 +1,17 @@
 """The attention math of TACA, on fused kernels, without the N x N matrix.
 
 The joint attention of an MM-DiT runs one softmax over the concatenated text and image tokens.
-TACA multiplies the logits of visual-query -> text-key pairs by ``gamma``. For a visual query ``i``
-split its keys into the text part and the visual part and take the log-sum-exp of each::
+TACA multiplies the logits of visual-query -> text-key pairs by ``gamma``, i.e. for a visual query
+it attends over keys whose text rows are ``gamma * k_j``: one fused call for the visual queries over
+those keys, one stock call for the text queries, which is exactly ``softmax([gamma * s_vt, s_vv]) V``,
+the paper's equation, for the cost of one full attention call. At ``gamma == 1`` the stock kernel is
+called as is, so the output is bit-identical to stock diffusers.
 
-    L_t(i) = logsumexp_j(gamma * s_ij)   over text keys      (one fused call, scale * gamma)
-    L_v(i) = logsumexp_j(s_ij)           over visual keys    (one fused call, scale)
-    m_i    = sigmoid(L_t - L_v)                              (visual->text attention mass)
-    out_i  = m_i * O_t(i) + (1 - m_i) * O_v(i)               (merge of the partial outputs)
-
-which is exactly ``softmax([gamma * s_vt, s_vv]) @ V``, the paper's equation. Text queries are
-unchanged and take one stock call over all keys. The work is the same as one full attention call.
-
-``gamma`` enters the kernel's fp32 ``scale`` argument, never the keys: scaling bf16 keys rounds them.
-At ``gamma == 1`` with nothing to measure the stock kernel is called as is, so the output is
-bit-identical to stock diffusers.
+The probe's statistics come from log-sum-exps, never from a logit block. For a visual query ``i``
+with ``L_t(i) = logsumexp_j(gamma * s_ij)`` over text keys and ``L(i)`` over all keys,
+``exp(L_t - L)`` is its mass on text; ``L_t`` is one small fused call (visual queries x text keys,
+about N_txt / S of a full call). Per-token sums use the same identity with queries and keys
+swapped (:func:`_token_sums`).
 
 Tensor layout everywhere in this module is SDPA's: ``(batch, heads, seq, head_dim)``.
 """
@@ -228,6 +225,18 @@ def _mask_part(attn_mask: torch.Tensor | None, rows: slice, cols: slice) -> torc
     return m
 
 
+def _text_keys_scaled(k: torch.Tensor, txt: slice, vis: slice, gamma: float, txt_first: bool) -> torch.Tensor:
+    """The keys with their text rows multiplied by gamma, in the keys' dtype.
+
+    One multiply, rounded once to the keys' dtype: in fp32 that is exact to 6e-8 relative; in bf16
+    it is within the stock kernel's own error (the accuracy tests check the output against the
+    float64 reference of the exact gamma).
+    """
+    k_txt = k[:, :, txt] * gamma
+    parts = (k_txt, k[:, :, vis]) if txt_first else (k[:, :, vis], k_txt)
+    return torch.cat(parts, dim=2)
+
+
 def taca_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -240,6 +249,10 @@ def taca_attention(
     with_parts: bool = False,
 ):
     """Joint attention with the visual-query -> text-key logits multiplied by ``gamma``.
+
+    At ``gamma != 1`` visual queries take one fused call over keys whose text rows are multiplied
+    by gamma (``gamma * s_vt`` exactly as the paper writes it), text queries one stock call over
+    the stock keys; no merge of partial outputs. At ``gamma == 1`` it is one stock call.
 
     Parameters
     ----------
@@ -254,17 +267,16 @@ def taca_attention(
     attn_mask
         Optional boolean or additive mask broadcastable to ``(B, H, S, S)``.
     with_parts
-        Also return the intermediate log-sum-exps for measuring (see Returns).
+        Also return what the statistics need (see Returns).
 
     Returns
     -------
     out : (B, H, S, D)
         The attention output.
     parts : dict, only with ``with_parts``
-        ``lse_vis`` (B, H, N_vis) and ``lse_txt`` (B, H, N_txt) fp32:
-        each query's log-sum-exp over all keys of its applied logits, so that the probability of
-        any key is ``exp(applied logit - lse)`` without forming the matrix; ``lse_vv``
-        (B, H, N_vis) fp32 over visual keys only (None at gamma = 1, where it is not needed).
+        ``lse_vis`` (B, H, N_vis) and ``lse_txt`` (B, H, N_txt) fp32: each query's log-sum-exp
+        over all keys of its applied logits, so that the probability of any key is
+        ``exp(applied logit - lse)`` without forming the matrix.
     """
     if not gamma > 0 or not math.isfinite(gamma):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma}")
@@ -272,38 +284,53 @@ def taca_attention(
         # The stock kernel: bit-identical to diffusers' own call.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     txt, vis = layout.split(q.shape[2])
-    base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q_v = q[:, :, vis]
 
     if gamma == 1.0:
         # Measuring without intervening: the stock kernel over all keys (same output as stock),
-        # with its log-sum-exp; the probe forms the small visual x text block itself.
+        # with its log-sum-exp.
         out, lse = sdpa_with_lse(q, k, v, scale=scale, attn_mask=attn_mask)
-        return out, {"lse_vis": lse[:, :, vis], "lse_txt": lse[:, :, txt], "lse_vv": None}
+        return out, {"lse_vis": lse[:, :, vis], "lse_txt": lse[:, :, txt]}
 
-    # Visual queries: two partial calls (text keys at scale*gamma, visual keys at scale).
-    o_vt, lse_vt = sdpa_with_lse(q_v, k[:, :, txt], v[:, :, txt], scale=base * gamma,
-                                 attn_mask=_mask_part(attn_mask, vis, txt))
-    o_vv, lse_vv = sdpa_with_lse(q_v, k[:, :, vis], v[:, :, vis], scale=base,
-                                 attn_mask=_mask_part(attn_mask, vis, vis))
-    mass = torch.sigmoid(lse_vt - lse_vv)  # (B, H, N_vis) fp32
-
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])  # (B, H, S, Dv)
-    # Merge in fp32, then round once to the output dtype.
-    out[:, :, vis] = torch.lerp(o_vv.float(), o_vt.float(), mass.unsqueeze(-1)).to(out.dtype)
-
-    # Text queries: unchanged, one call over all keys.
+    k_applied = _text_keys_scaled(k, txt, vis, gamma, layout.txt_first)
+    mask_v = _mask_part(attn_mask, vis, slice(None))
     mask_t = _mask_part(attn_mask, txt, slice(None))
+    q_v, q_t = q[:, :, vis], q[:, :, txt]
+    if with_parts:
+        o_v, lse_v = sdpa_with_lse(q_v, k_applied, v, scale=scale, attn_mask=mask_v)
+        o_t, lse_t = sdpa_with_lse(q_t, k, v, scale=scale, attn_mask=mask_t)
+    else:
+        o_v = F.scaled_dot_product_attention(q_v, k_applied, v, attn_mask=mask_v, scale=scale)
+        o_t = F.scaled_dot_product_attention(q_t, k, v, attn_mask=mask_t, scale=scale)
+    out = torch.cat((o_t, o_v) if layout.txt_first else (o_v, o_t), dim=2)
     if not with_parts:
-        out[:, :, txt] = F.scaled_dot_product_attention(q[:, :, txt], k, v, attn_mask=mask_t, scale=scale)
         return out
-    out[:, :, txt], lse_txt = sdpa_with_lse(q[:, :, txt], k, v, scale=scale, attn_mask=mask_t)
-    return out, {"lse_vis": torch.logaddexp(lse_vt, lse_vv), "lse_txt": lse_txt, "lse_vv": lse_vv}
+    return out, {"lse_vis": lse_v, "lse_txt": lse_t}
 
 
 # --------------------------------------------------------------------------------------------
 # Statistics for the probe, from the parts of the same call
 # --------------------------------------------------------------------------------------------
+
+
+def _token_sums(q_v, k_t, lse_vis, scale, mask_vt):
+    """``sum_i exp(scale * q_i.k_j - lse_i)`` over visual queries i, per text key j: (B, H, N_txt).
+
+    One fused call with the roles swapped: the text keys ask, the visual queries answer, and each
+    visual query carries its weight ``w_i = exp(c - lse_i)`` as its value. The call returns
+    ``sum_i softmax_i(logit_ij) w_i`` and ``LSE_j = logsumexp_i(logit_ij)``, so the sum is
+    ``exp(log(out_j) + LSE_j - c)``: no logit block is formed.
+    """
+    # bf16 keeps 8 mantissa bits; bf16 inputs convert to fp16 (11 bits) exactly in the range of
+    # normalized q/k, so the weights lose 2^-12 instead of 2^-9.
+    dtype = torch.float16 if q_v.dtype == torch.bfloat16 else q_v.dtype
+    # c puts the largest weight at e^10: representable in fp16, far from its subnormals.
+    c = lse_vis.amin(dim=-1, keepdim=True) + (10.0 if dtype == torch.float16 else 0.0)  # (B, H, 1)
+    w = torch.exp(c - lse_vis).to(dtype)  # (B, H, N_vis)
+    values = w.unsqueeze(-1).expand(*w.shape, q_v.shape[-1]).contiguous()
+    mask = None if mask_vt is None else mask_vt.transpose(-1, -2)
+    out, lse_j = sdpa_with_lse(k_t.to(dtype), q_v.to(dtype), values, scale=scale, attn_mask=mask)
+    sums = torch.exp(torch.log(out[..., 0].float()) + lse_j - c)
+    return torch.where(torch.isneginf(lse_j), 0.0, sums)  # a text key no visual query may see
 
 
 def attention_statistics(
@@ -318,10 +345,15 @@ def attention_statistics(
     map_tokens: torch.Tensor | None = None,
     block_bytes: int = 64 << 20,
 ) -> dict[str, torch.Tensor]:
-    """Cross-modal attention statistics of one call, on the device, without the N x N matrix.
+    """Cross-modal attention statistics of one call, on the device, without any logit block.
 
-    Only the small visual-query x text-key logit block is formed, a few heads at a time
-    (at most ``block_bytes`` of fp32), plus the text x text block.
+    Besides the log-sum-exps of the attention call itself (``parts``), small fused calls that
+    return their log-sum-exp: visual queries over the text keys, text queries over the text keys,
+    and the swapped call of :func:`_token_sums`. At gamma != 1 the visual queries' text and visual
+    parts are taken apart with gamma in the fp32 scale (the paper's equation exactly, also in
+    bf16, where the output's keys carry gamma rounded) and once more at gamma = 1 for the
+    counterfactual. Only the maps, when asked, form the visual-query x selected-token block (a few
+    heads at a time, at most ``block_bytes`` of fp32).
 
     Parameters
     ----------
@@ -346,44 +378,47 @@ def attention_statistics(
     txt, vis = layout.split(q.shape[2])
     base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     B, H = q.shape[:2]
-    q_v, q_t, k_t = q[:, :, vis], q[:, :, txt], k[:, :, txt]
-    n_vis, n_txt = q_v.shape[2], k_t.shape[2]
+    q_v, q_t, k_t, k_v = q[:, :, vis], q[:, :, txt], k[:, :, txt], k[:, :, vis]
+    n_vis = q_v.shape[2]
     mask_vt = _mask_part(attn_mask, vis, txt)
-    mask_tt = _mask_part(attn_mask, txt, txt)
+
+    # Visual queries: mass on text keys from the lse over text keys and the lse over all keys.
+    _, lse_vt = sdpa_with_lse(q_v, k_t, k_t, scale=base * gamma, attn_mask=mask_vt)
+    if gamma == 1.0:
+        lse_vis = parts["lse_vis"]  # the stock call's own
+        vis_txt = torch.exp(lse_vt - lse_vis).mean(-1)
+        ref = vis_txt
+    else:
+        _, lse_vv = sdpa_with_lse(q_v, k_v, k_v, scale=base, attn_mask=_mask_part(attn_mask, vis, vis))
+        _, lse_vt1 = sdpa_with_lse(q_v, k_t, k_t, scale=base, attn_mask=mask_vt)
+        lse_vis = torch.logaddexp(lse_vt, lse_vv)
+        vis_txt = torch.sigmoid(lse_vt - lse_vv).mean(-1)
+        ref = torch.sigmoid(lse_vt1 - lse_vv).mean(-1)
 
     # Text queries: their mass on visual keys is 1 - (their mass on text keys).
-    s_tt = torch.matmul(q_t.float(), k_t.float().transpose(-1, -2)).mul_(base)  # (B, H, N_txt, N_txt)
-    if mask_tt is not None:
-        s_tt = s_tt + _additive_mask(mask_tt, torch.float32)
-    txt_vis = (-torch.expm1(torch.logsumexp(s_tt, dim=-1) - parts["lse_txt"])).mean(-1)  # (B, H)
-    del s_tt
+    _, lse_tt = sdpa_with_lse(q_t, k_t, k_t, scale=base, attn_mask=_mask_part(attn_mask, txt, txt))
+    txt_vis = (-torch.expm1(lse_tt - parts["lse_txt"])).mean(-1)
 
-    token_sum = q.new_zeros((B, n_txt), dtype=torch.float32)
-    vis_txt = q.new_empty((B, H), dtype=torch.float32)
-    maps = None if map_tokens is None else q.new_zeros((B, n_vis, len(map_tokens)), dtype=torch.float32)
-    ref = []
-    step = max(1, block_bytes // max(1, B * n_vis * n_txt * 4))
+    token = _token_sums(q_v, k_t, lse_vis, base * gamma, mask_vt).sum(dim=1) / (H * n_vis)  # (B, N_txt)
+    out = {"vis_txt_mass": vis_txt, "vis_txt_mass_ref": ref, "txt_vis_mass": txt_vis, "token_mass": token}
+    if map_tokens is not None:
+        out["maps"] = _maps(q_v, k_t, lse_vis, base * gamma, mask_vt, map_tokens, block_bytes)
+    return out
+
+
+def _maps(q_v, k_t, lse_vis, scale, mask_vt, map_tokens, block_bytes):
+    """Head-mean probability of each visual query on each selected text key: (B, N_vis, n_sel)."""
+    B, H, n_vis = q_v.shape[:3]
+    k_sel = k_t[:, :, map_tokens].float()
+    mask = None
+    if mask_vt is not None:
+        mask = _additive_mask(mask_vt[..., map_tokens] if mask_vt.shape[-1] > 1 else mask_vt, torch.float32)
+    maps = q_v.new_zeros((B, n_vis, len(map_tokens)), dtype=torch.float32)
+    step = max(1, block_bytes // max(1, B * n_vis * len(map_tokens) * 4))
     for h0 in range(0, H, step):
         hs = slice(h0, h0 + step)
-        s = torch.matmul(q_v[:, hs].float(), k_t[:, hs].float().transpose(-1, -2)).mul_(base)  # (B, h, N_vis, N_txt)
-        if mask_vt is not None:
-            s = s + _additive_mask(mask_vt, torch.float32)
-        if gamma != 1.0:
-            ref.append(torch.sigmoid(torch.logsumexp(s, dim=-1) - parts["lse_vv"][:, hs]).mean(-1))
-        # Applied probabilities of the text keys: exp(gamma * s - lse over all keys).
-        p = s.mul_(gamma).sub_(parts["lse_vis"][:, hs, :, None]).exp_()
-        per_query = p.sum(dim=-1)  # (B, h, N_vis): each visual query's mass on text keys
-        vis_txt[:, hs] = per_query.mean(-1)
-        token_sum += p.sum(dim=(1, 2))
-        if maps is not None:
-            maps += p[..., map_tokens].sum(dim=1)
-        del s, p
-    out = {
-        "vis_txt_mass": vis_txt,
-        "vis_txt_mass_ref": torch.cat(ref, dim=1) if ref else vis_txt,
-        "txt_vis_mass": txt_vis,
-        "token_mass": token_sum / (H * n_vis),
-    }
-    if maps is not None:
-        out["maps"] = maps / H
-    return out
+        s = torch.matmul(q_v[:, hs].float(), k_sel[:, hs].transpose(-1, -2)).mul_(scale)  # (B, h, N_vis, n_sel)
+        if mask is not None:
+            s = s + (mask[:, hs] if mask.shape[1] > 1 else mask)
+        maps += s.sub_(lse_vis[:, hs, :, None]).exp_().sum(dim=1)
+    return maps / H

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from taca_probe.attention import JointLayout, _lse_explicit, sdpa_with_lse, taca_attention
+from taca_probe.attention import JointLayout, _lse_explicit, attention_statistics, sdpa_with_lse, taca_attention
 from tests.reference import taca_output, taca_probabilities, text_mask
 
 GAMMAS = [1.0, 1.2, 2.0, 0.7]
@@ -121,3 +121,92 @@ def test_the_wrong_shortcut_is_wrong():
     q2[:, :, vis] *= 1.5
     wrong = F.scaled_dot_product_attention(q2, k, v)
     assert (wrong.double() - taca_output(q, k, v, 10, False, 1.5)).abs().max().item() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# The statistics path (no logit block) against the explicit reference, where it is hardest
+# ------------------------------------------------------------------------------------------------
+
+
+def _reference_masses(q, k, n_txt, txt_first, gamma, attn_mask=None):
+    p = taca_probabilities(q, k, n_txt, txt_first, gamma, attn_mask=attn_mask)
+    p1 = taca_probabilities(q, k, n_txt, txt_first, 1.0, attn_mask=attn_mask)
+    is_txt = text_mask(q.shape[2], n_txt, txt_first)
+    p_vt = p[:, :, ~is_txt][..., is_txt]
+    return {
+        "vis_txt_mass": p_vt.sum(-1).mean(-1),
+        "vis_txt_mass_ref": p1[:, :, ~is_txt][..., is_txt].sum(-1).mean(-1),
+        "txt_vis_mass": p[:, :, is_txt][..., ~is_txt].sum(-1).mean(-1),
+        "token_mass": p_vt.mean(dim=(1, 2)),
+        "maps": p_vt.mean(1),
+    }
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("gamma", [1.0, 1.4])
+def test_statistics_with_a_mask_match_the_reference(kind, gamma):
+    q, k, v = _qkv(b=2, h=2, s=40, seed=8)
+    keep = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    keep[0, ..., 3:6] = False  # three text keys of sample 0: no query may see them
+    keep[1, ..., 30:] = False  # ten image keys of sample 1
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    layout = JointLayout(n_txt=8, txt_first=True)
+    _, parts = taca_attention(q, k, v, layout, gamma, attn_mask=mask, with_parts=True)
+    tokens = torch.tensor([0, 4, 7])
+    stats = attention_statistics(q, k, layout, gamma, parts, attn_mask=mask, map_tokens=tokens)
+    ref = _reference_masses(q, k, 8, True, gamma, attn_mask=mask)
+    for name in ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass"):
+        assert (stats[name].double() - ref[name]).abs().max().item() <= 1e-5, name
+    assert (stats["maps"].double() - ref["maps"][..., tokens]).abs().max().item() <= 1e-5
+    assert stats["token_mass"][0, 3:6].abs().max().item() == 0.0  # masked keys get no mass
+
+
+@pytest.mark.parametrize("gamma", [1.0, 1.2])
+def test_statistics_at_an_odd_shape_with_spread_out_logits(gamma):
+    # 301 text + 3969 = 63^2 image tokens at reduced heads; spread 3 gives lse values that differ
+    # by tens across queries, which the token sums' weights must survive.
+    g = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(1, 2, 301 + 3969, 32, generator=g) * 3 for _ in range(2))
+    v = torch.randn(1, 2, 301 + 3969, 32, generator=g)
+    layout = JointLayout(301, txt_first=False)
+    _, parts = taca_attention(q, k, v, layout, gamma, with_parts=True)
+    spread = (parts["lse_vis"].amax() - parts["lse_vis"].amin()).item()
+    assert spread > 20
+    stats = attention_statistics(q, k, layout, gamma, parts)
+    ref = _reference_masses(q, k, 301, False, gamma)
+    for name in ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass"):
+        assert (stats[name].double() - ref[name]).abs().max().item() <= 1e-5, name
+    rel = ((stats["token_mass"].double() - ref["token_mass"]).abs() / ref["token_mass"]).max().item()
+    assert rel <= 1e-4
+    assert torch.allclose(stats["token_mass"].sum(-1).double(), stats["vis_txt_mass"].mean(-1).double(), atol=1e-6)
+
+
+@pytest.mark.parametrize("txt_first", [True, False], ids=["txt_first", "img_first"])
+@pytest.mark.parametrize("gamma", [1.2, 1.3, 2.0])
+def test_bf16_output_within_the_accuracy_contract(txt_first, gamma):
+    # The contract: within twice the stock kernel's own error against the same float64 reference,
+    # plus one bf16 ulp of the output's scale.
+    q, k, v = _qkv(b=1, h=4, s=333 + 1024, d=64, seed=10, spread=1.5, dtype=torch.bfloat16)
+    layout = JointLayout(333, txt_first)
+    ref = taca_output(q, k, v, 333, txt_first, gamma)
+    stock_err = (F.scaled_dot_product_attention(q, k, v).double() - taca_output(q, k, v, 333, txt_first, 1.0)).abs().max()
+    out = taca_attention(q, k, v, layout, gamma)
+    ulp = 2.0 ** -7 * 2.0 ** torch.floor(torch.log2(ref.abs().max())).item()
+    assert (out.double() - ref).abs().max().item() <= 2 * stock_err.item() + ulp
+    # with the parts (the probe's path) the output is the same tensor
+    out2, _ = taca_attention(q, k, v, layout, gamma, with_parts=True)
+    assert torch.equal(out, out2)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 1.25])
+def test_bf16_statistics_close_to_the_reference(gamma):
+    q, k, v = _qkv(b=2, h=3, s=77 + 256, d=64, seed=11, spread=1.5, dtype=torch.bfloat16)
+    layout = JointLayout(77, txt_first=False)
+    _, parts = taca_attention(q, k, v, layout, gamma, with_parts=True)
+    tokens = torch.arange(0, 77, 5)
+    stats = attention_statistics(q, k, layout, gamma, parts, map_tokens=tokens)
+    ref = _reference_masses(q, k, 77, False, gamma)
+    for name in ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass"):
+        assert (stats[name].double() - ref[name]).abs().max().item() <= 2e-4, name
+    assert (stats["token_mass"].double() - ref["token_mass"]).abs().max().item() <= 2e-5
+    assert (stats["maps"].double() - ref["maps"][..., tokens]).abs().max().item() <= 2e-4
