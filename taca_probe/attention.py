@@ -19,6 +19,7 @@ Tensor layout everywhere in this module is SDPA's: ``(batch, heads, seq, head_di
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["JointLayout", "sdpa_with_lse", "taca_attention", "attention_statistics", "lse_backend"]
+__all__ = ["JointLayout", "sdpa_with_lse", "taca_attention", "attention_statistics", "lse_backend", "stats_backend",
+           "describe_stats_backend", "STATS_BACKENDS"]
 
 
 @dataclass(frozen=True)
@@ -333,6 +335,27 @@ def _token_sums(q_v, k_t, lse_vis, scale, mask_vt):
     return torch.where(torch.isneginf(lse_j), 0.0, sums)  # a text key no visual query may see
 
 
+STATS_BACKENDS = ("fused", "block")
+
+
+def stats_backend(device: torch.device) -> str:
+    """The statistics path used on ``device``: ``fused`` on CUDA (no logit block; the fused kernels'
+    log-sum-exps), ``block`` elsewhere (an fp32 logit block through the CPU's matmul, which is the
+    faster of the two there). ``TACA_PROBE_STATS`` = ``fused`` or ``block`` overrides it."""
+    forced = os.environ.get("TACA_PROBE_STATS", "").strip().lower()
+    if forced:
+        if forced not in STATS_BACKENDS:
+            raise ValueError(f"TACA_PROBE_STATS={forced!r}; choose from {', '.join(STATS_BACKENDS)}")
+        return forced
+    return "fused" if device.type == "cuda" else "block"
+
+
+def describe_stats_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """One line for a store's attributes: the statistics path and the log-sum-exp kernel behind it."""
+    kernel = lse_backend(device, dtype).__name__.removeprefix("_lse_").replace("_", "-")
+    return f"{stats_backend(device)} (lse: {kernel})"
+
+
 def attention_statistics(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -344,16 +367,14 @@ def attention_statistics(
     attn_mask: torch.Tensor | None = None,
     map_tokens: torch.Tensor | None = None,
     block_bytes: int = 64 << 20,
+    backend: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Cross-modal attention statistics of one call, on the device, without any logit block.
+    """Cross-modal attention statistics of one call, on the device, without the N x N matrix.
 
-    Besides the log-sum-exps of the attention call itself (``parts``), small fused calls that
-    return their log-sum-exp: visual queries over the text keys, text queries over the text keys,
-    and the swapped call of :func:`_token_sums`. At gamma != 1 the visual queries' text and visual
-    parts are taken apart with gamma in the fp32 scale (the paper's equation exactly, also in
-    bf16, where the output's keys carry gamma rounded) and once more at gamma = 1 for the
-    counterfactual. Only the maps, when asked, form the visual-query x selected-token block (a few
-    heads at a time, at most ``block_bytes`` of fp32).
+    Two paths give the same numbers (both are tested against the float64 reference):
+    ``fused`` (:func:`_statistics_fused`, no logit block at all) and ``block`` (an fp32
+    visual-query x text-key block, a few heads at a time, at most ``block_bytes``);
+    ``backend=None`` picks :func:`stats_backend` for the device.
 
     Parameters
     ----------
@@ -375,10 +396,89 @@ def attention_statistics(
         ``token_mass`` (B, N_txt): mean over heads and visual queries of the probability on each
         text token; ``maps`` (B, N_vis, len(map_tokens)) head-mean probabilities, if asked.
     """
+    backend = backend or stats_backend(q.device)
+    if backend not in STATS_BACKENDS:
+        raise ValueError(f"unknown statistics backend {backend!r}; choose from {', '.join(STATS_BACKENDS)}")
+    fn = _statistics_fused if backend == "fused" else _statistics_block
+    return fn(q, k, layout, gamma, parts, scale=scale, attn_mask=attn_mask, map_tokens=map_tokens,
+              block_bytes=block_bytes)
+
+
+def _lse_visual_keys(q_v, k, vis, base, attn_mask):
+    """Each visual query's lse over the visual keys alone (one fused call; needed at gamma != 1).
+
+    Taken directly: recovering it as lse_all + log(1 - mass) cancels catastrophically for queries
+    that attend mostly to text, and in bf16 would carry the output's rounded gamma * k.
+    """
+    k_v = k[:, :, vis]
+    return sdpa_with_lse(q_v, k_v, k_v, scale=base, attn_mask=_mask_part(attn_mask, vis, vis))[1]
+
+
+def _statistics_block(q, k, layout, gamma, parts, *, scale, attn_mask, map_tokens, block_bytes):
+    """The statistics from an fp32 visual-query x text-key logit block, a few heads at a time."""
     txt, vis = layout.split(q.shape[2])
     base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     B, H = q.shape[:2]
-    q_v, q_t, k_t, k_v = q[:, :, vis], q[:, :, txt], k[:, :, txt], k[:, :, vis]
+    q_v, q_t, k_t = q[:, :, vis], q[:, :, txt], k[:, :, txt]
+    n_vis, n_txt = q_v.shape[2], k_t.shape[2]
+    mask_vt = _mask_part(attn_mask, vis, txt)
+    mask_tt = _mask_part(attn_mask, txt, txt)
+    lse_vv = _lse_visual_keys(q_v, k, vis, base, attn_mask) if gamma != 1.0 else None
+
+    # Text queries: their mass on visual keys is 1 - (their mass on text keys).
+    s_tt = torch.matmul(q_t.float(), k_t.float().transpose(-1, -2)).mul_(base)  # (B, H, N_txt, N_txt)
+    if mask_tt is not None:
+        s_tt = s_tt + _additive_mask(mask_tt, torch.float32)
+    txt_vis = (-torch.expm1(torch.logsumexp(s_tt, dim=-1) - parts["lse_txt"])).mean(-1)  # (B, H)
+    del s_tt
+
+    token_sum = q.new_zeros((B, n_txt), dtype=torch.float32)
+    vis_txt = q.new_empty((B, H), dtype=torch.float32)
+    maps = None if map_tokens is None else q.new_zeros((B, n_vis, len(map_tokens)), dtype=torch.float32)
+    ref = []
+    step = max(1, block_bytes // max(1, B * n_vis * n_txt * 4))
+    for h0 in range(0, H, step):
+        hs = slice(h0, h0 + step)
+        s = torch.matmul(q_v[:, hs].float(), k_t[:, hs].float().transpose(-1, -2)).mul_(base)  # (B, h, N_vis, N_txt)
+        if mask_vt is not None:
+            s = s + _additive_mask(mask_vt, torch.float32)
+        if gamma == 1.0:
+            lse_all = parts["lse_vis"][:, hs]
+        else:
+            ref.append(torch.sigmoid(torch.logsumexp(s, dim=-1) - lse_vv[:, hs]).mean(-1))
+            lse_all = torch.logaddexp(torch.logsumexp(s * gamma, dim=-1), lse_vv[:, hs])
+        # Applied probabilities of the text keys: exp(gamma * s - lse over all keys).
+        p = s.mul_(gamma).sub_(lse_all[..., None]).exp_()
+        vis_txt[:, hs] = p.sum(dim=-1).mean(-1)
+        token_sum += p.sum(dim=(1, 2))
+        if maps is not None:
+            maps += p[..., map_tokens].sum(dim=1)
+        del s, p
+    out = {
+        "vis_txt_mass": vis_txt,
+        "vis_txt_mass_ref": torch.cat(ref, dim=1) if ref else vis_txt,
+        "txt_vis_mass": txt_vis,
+        "token_mass": token_sum / (H * n_vis),
+    }
+    if maps is not None:
+        out["maps"] = maps / H
+    return out
+
+
+def _statistics_fused(q, k, layout, gamma, parts, *, scale, attn_mask, map_tokens, block_bytes):
+    """The statistics without any logit block.
+
+    Besides the log-sum-exps of the attention call itself (``parts``), small fused calls that
+    return their log-sum-exp: visual queries over the text keys, text queries over the text keys,
+    and the swapped call of :func:`_token_sums`. At gamma != 1 the visual queries' text and visual
+    parts are taken apart with gamma in the fp32 scale (the paper's equation exactly, also in
+    bf16, where the output's keys carry gamma rounded) and once more at gamma = 1 for the
+    counterfactual. Only the maps, when asked, form the visual-query x selected-token block.
+    """
+    txt, vis = layout.split(q.shape[2])
+    base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    B, H = q.shape[:2]
+    q_v, q_t, k_t = q[:, :, vis], q[:, :, txt], k[:, :, txt]
     n_vis = q_v.shape[2]
     mask_vt = _mask_part(attn_mask, vis, txt)
 
@@ -389,7 +489,7 @@ def attention_statistics(
         vis_txt = torch.exp(lse_vt - lse_vis).mean(-1)
         ref = vis_txt
     else:
-        _, lse_vv = sdpa_with_lse(q_v, k_v, k_v, scale=base, attn_mask=_mask_part(attn_mask, vis, vis))
+        lse_vv = _lse_visual_keys(q_v, k, vis, base, attn_mask)
         _, lse_vt1 = sdpa_with_lse(q_v, k_t, k_t, scale=base, attn_mask=mask_vt)
         lse_vis = torch.logaddexp(lse_vt, lse_vv)
         vis_txt = torch.sigmoid(lse_vt - lse_vv).mean(-1)

@@ -67,6 +67,7 @@ class CallRecord:
 
     step: int
     t: float  # timestep, 0..1000
+    sigma: float | None  # the scheduler's sigma at this step (None on a bare transformer)
     num_steps: int | None
     n_txt: int | None
     active: bool  # some layer had gamma != 1
@@ -197,6 +198,8 @@ class TacaHandle:
         self.sites = find_sites(transformer, self.family)
         self.state = RunState(self.sites, observer)
         self.calls: list[CallRecord] = []
+        self._schedule_src: Any = None  # the scheduler's timesteps tensor that _schedule_host mirrors
+        self._schedule_host: tuple[list[float], list[float] | None] = ([], None)
         self._last_t: float | None = None
         self._step = -1
 
@@ -218,11 +221,22 @@ class TacaHandle:
         self._removed = False
 
     # -- per forward call ------------------------------------------------------------------
+    def call_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The transformer's forward arguments of a call, by name (read-only use)."""
+        return self._sig.bind_partial(*args, **kwargs).arguments
+
+    @property
+    def current_call(self) -> CallRecord:
+        """The transformer call in progress (or the last one): step, timestep, sigma, gammas active."""
+        if not self.calls:
+            raise TacaProbeError("the transformer has not been called since TACA was installed")
+        return self.calls[-1]
+
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = self._sig.bind_partial(*args, **kwargs).arguments
+        bound = self.call_arguments(args, kwargs)
         enc = bound.get("encoder_hidden_states")  # (B, N_txt, C)
         self.state.n_txt = None if enc is None else int(enc.shape[1])
-        step, t, num_steps = self._locate(bound.get("timestep"))
+        step, t, sigma, num_steps = self._locate(bound.get("timestep"))
         sched = self.schedule
         gammas = {
             s.name: sched.gamma(t=t, step=step, num_steps=num_steps, layer=s.name, block_type=s.block_type)
@@ -233,19 +247,28 @@ class TacaHandle:
         if self._lora is not None:
             self._lora.set(active)
         self.calls.append(
-            CallRecord(step, t, num_steps, self.state.n_txt, active, None if self._lora is None else self._lora.on)
+            CallRecord(step, t, sigma, num_steps, self.state.n_txt, active,
+                       None if self._lora is None else self._lora.on)
         )
 
-    def _locate(self, timestep: Any) -> tuple[int, float, int | None]:
-        """(step index, t on 0..1000, number of steps) of the current call."""
+    def _locate(self, timestep: Any) -> tuple[int, float, float | None, int | None]:
+        """(step index, t on 0..1000, sigma, number of steps) of the current call."""
         sched = getattr(self.pipe, "scheduler", None)
         timesteps = getattr(sched, "timesteps", None)
         if timesteps is not None and len(timesteps):
+            if timesteps is not self._schedule_src:
+                # The scheduler's timesteps may live on the GPU: read them once per run, not per
+                # call, so that no transformer call waits for the device.
+                sigmas = getattr(sched, "sigmas", None)
+                self._schedule_src = timesteps
+                self._schedule_host = ([float(x) for x in timesteps.tolist()],
+                                       None if sigmas is None else [float(x) for x in sigmas.tolist()])
+            ts, sig = self._schedule_host
             idx = sched.step_index
             if idx is None:  # before the first scheduler.step() of a run
                 idx = sched.begin_index if getattr(sched, "begin_index", None) is not None else 0
-            if idx < len(timesteps):
-                return idx, float(timesteps[idx]), len(timesteps)
+            if idx < len(ts):
+                return idx, ts[idx], (sig[idx] if sig is not None and idx < len(sig) else None), len(ts)
         if timestep is None:
             raise TacaProbeError("the transformer was called without a timestep; TACA schedules need one")
         # Bare transformer: read t from the call (one host sync per call, not per layer).
@@ -257,7 +280,7 @@ class TacaHandle:
         elif t < self._last_t - _T_EPS:
             self._step += 1
         self._last_t = t
-        return self._step, t, self.config.num_inference_steps
+        return self._step, t, None, self.config.num_inference_steps
 
     # -- removal ---------------------------------------------------------------------------
     def remove(self) -> None:

@@ -31,7 +31,7 @@ import torch
 
 from . import __version__
 from ._ranges import int_ranges
-from .attention import JointLayout, attention_statistics
+from .attention import JointLayout, attention_statistics, describe_stats_backend
 from .errors import TacaProbeError
 from .intervention import TacaConfig, TacaHandle, apply_taca
 from .processors import Site
@@ -171,7 +171,9 @@ def prompt_tokens(pipe: Any, prompt: str, n_txt: int, max_sequence_length: int) 
 
 
 class _SampleBuffer:
-    """Host buffers of one ``run.sample`` call (n images), filled call by call."""
+    """One ``run.sample`` call (n images): device buffers filled call by call, host arrays filled
+    from them once, when the pipeline returns (one device-to-host copy per sample, no sync per call).
+    """
 
     def __init__(self, n: int, steps: int, sites: list[Site], heads: int, n_txt: int, branches: tuple[str, ...]):
         L = len(sites)
@@ -185,6 +187,11 @@ class _SampleBuffer:
         self.gamma = np.full((steps, L), np.nan, np.float32)
         self.maps: dict[tuple[int, int, int], np.ndarray] = {}  # (branch, step, layer) -> (n, N_vis, n_sel)
         self.recorded = np.zeros((nb, steps), dtype=bool)
+        # Filled on the device: per recorded call kind ("both" in one SD3 call, or one branch),
+        # a (steps, layers, rows x (3 heads + n_txt)) fp32 tensor; maps as they come (pinned host
+        # memory on CUDA, copied without blocking).
+        self.device: dict[str, torch.Tensor] = {}
+        self.device_maps: list[tuple[str, int, int, torch.Tensor]] = []  # (call kind, step, layer, (rows, N_vis, n_sel))
 
 
 class Run:
@@ -208,9 +215,7 @@ class Run:
         self._call_step = -1
         self._call_in_step = 0
         self._rows: slice | None = None
-        self._branch_index = 0
-        self._device_stats: list[torch.Tensor] = []
-        self._device_maps: list[tuple[int, torch.Tensor]] = []
+        self._observed = 0
         self._map_tokens: torch.Tensor | None = None
         self._map_token_idx: np.ndarray | None = None
         self._grid: tuple[int, int] | None = None
@@ -256,6 +261,7 @@ class Run:
         buf = self._buffer
         if buf is None:
             raise TacaProbeError("the pipeline never called the transformer; nothing was recorded")
+        self._collect()
         missing = np.flatnonzero(~buf.recorded.all(axis=0))
         if missing.size:
             raise TacaProbeError(f"steps {missing.tolist()} were not recorded for branch(es) {self.branches}")
@@ -267,13 +273,12 @@ class Run:
 
     # -- hooks ---------------------------------------------------------------------------------
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        call = self.handle.calls[-1]  # the TACA handle's pre-hook ran first and located the step
+        call = self.handle.current_call  # located by the TACA handle for this very call
         if call.step != self._call_step:
             self._call_step, self._call_in_step = call.step, 0
         else:
             self._call_in_step += 1
-        bound = self.handle._sig.bind_partial(*args, **kwargs).arguments
-        hidden = bound["hidden_states"]
+        hidden = self.handle.call_arguments(args, kwargs)["hidden_states"]
         batch = hidden.shape[0]
         n = self._n_images
         self._rows = None
@@ -293,92 +298,112 @@ class Run:
         if self._rows is None:
             self.handle.state.observer = None
             return
-        self._branch_index = 0 if branch in ("cond", "both") else self.branches.index(branch)
         self._current_branch = branch
-        if self.family == "sd3":
-            p = self.transformer.config.patch_size
-            grid = (hidden.shape[-2] // p, hidden.shape[-1] // p)
-        else:
-            ids = bound.get("img_ids")
-            if ids is None:
-                raise TacaProbeError("FLUX transformer called without img_ids; cannot tell the latent grid")
-            ids = ids.reshape(-1, ids.shape[-1])
-            grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
         n_txt = self.handle.state.n_txt
-        if self._buffer is None:
+        if self._buffer is None:  # the first recorded call of this sample
+            grid = self._latent_grid(hidden, self.handle.call_arguments(args, kwargs))
             steps = call.num_steps or len(self.pipe.scheduler.timesteps)
             self._buffer = _SampleBuffer(n, steps, self.sites, self.heads, n_txt, self.branches)
             self._grid, self._n_txt = grid, n_txt
             if self.maps is not None:
-                _, padding, _ = prompt_tokens(self.pipe, self._prompt_for_maps(), n_txt, self._max_seq)
+                _, padding, _ = prompt_tokens(self.pipe, self._current_prompt, n_txt, self._max_seq)
                 idx = self.maps.token_indices(padding)
                 self._map_token_idx = idx
                 self._map_tokens = torch.as_tensor(idx, dtype=torch.long, device=hidden.device)
-        elif grid != self._grid or n_txt != self._n_txt:
-            raise TacaProbeError("the latent grid or text length changed within one sample")
-        self._device_stats.clear()
-        self._device_maps.clear()
+        elif n_txt != self._n_txt:
+            raise TacaProbeError("the text length changed within one sample")
+        buf = self._buffer
+        if branch not in buf.device:
+            rows = self._rows.stop - self._rows.start
+            width = rows * (3 * self.heads + n_txt)
+            buf.device[branch] = torch.full((buf.timestep.shape[0], len(self.sites), width), float("nan"),
+                                            dtype=torch.float32, device=hidden.device)
+        self._observed = 0
         self.handle.state.observer = self._observe
 
-    def _prompt_for_maps(self) -> str:
-        return self._current_prompt
+    def _latent_grid(self, hidden: torch.Tensor, bound: dict) -> tuple[int, int]:
+        """(rows, columns) of image tokens: SD3 from the latent's shape, FLUX from ``img_ids``."""
+        if self.family == "sd3":
+            p = self.transformer.config.patch_size
+            return hidden.shape[-2] // p, hidden.shape[-1] // p
+        ids = bound.get("img_ids")
+        if ids is None:
+            raise TacaProbeError("FLUX transformer called without img_ids; cannot tell the latent grid")
+        ids = ids.reshape(-1, ids.shape[-1])
+        return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1  # once a sample
 
     def _observe(self, site: Site, q, k, layout: JointLayout, gamma: float, scale, parts: dict) -> None:
         rows = self._rows
         sel = {key: (v[rows] if v is not None else None) for key, v in parts.items()}
-        want_map = self.maps is not None and self.maps.selects(self._call_step, site.name) and len(self._map_tokens)
+        step, branch = self._call_step, self._current_branch
+        want_map = self.maps is not None and self.maps.selects(step, site.name) and len(self._map_tokens)
         stats = attention_statistics(q[rows], k[rows], layout, gamma, sel, scale=scale,
                                      map_tokens=self._map_tokens if want_map else None)
-        # (B, H) x 3 and (B, N_txt), flattened into one buffer so the call crosses to the host once
-        self._device_stats.append(torch.cat([stats[name].reshape(-1) for name in _MASS_VARS]))
+        # (B, H) x 3 and (B, N_txt), into this (step, layer)'s row of the sample's device buffer
+        torch.cat([stats[name].reshape(-1) for name in _MASS_VARS], out=self._buffer.device[branch][step, site.index])
+        self._observed += 1
         if want_map:
-            self._device_maps.append((site.index, stats["maps"].to(torch.float16)))
+            m = stats["maps"].to(torch.float16)
+            if m.is_cuda:  # off the device without waiting: pinned memory, copied in stream order
+                host = torch.empty(m.shape, dtype=m.dtype, pin_memory=True)
+                host.copy_(m, non_blocking=True)
+                m = host
+            self._buffer.device_maps.append((branch, step, site.index, m))
 
     def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if self.handle.state.observer is None or self._rows is None:
             return
         self.handle.state.observer = None
         buf, step = self._buffer, self._call_step
-        if len(self._device_stats) != len(self.sites):
-            raise TacaProbeError(f"recorded {len(self._device_stats)} of {len(self.sites)} attention sites at step {step}")
-        host = torch.stack(self._device_stats).cpu().numpy()  # (L, total): the one sync of this call
-        maps = [(i, m.cpu().numpy()) for i, m in self._device_maps]
-        B = self._rows.stop - self._rows.start
-        H, T = self.heads, self._n_txt
-        sizes = [B * H, B * H, B * H, B * T]
-        offsets = np.cumsum([0] + sizes)
-        for j, name in enumerate(_MASS_VARS):
-            block = host[:, offsets[j] : offsets[j + 1]].reshape(len(self.sites), B, -1)  # (L, B, H|T)
-            bad = ~np.isfinite(block)
-            if bad.any():
-                li = int(np.argwhere(bad)[0][0])
-                raise TacaProbeError(
-                    f"non-finite {name} at sample {self._current_prompt!r} (seed {self._current_seed}), "
-                    f"step {step}, layer {self.sites[li].name}"
-                )
-            block = block.transpose(1, 0, 2)  # (B, L, H|T)
-            if self._current_branch == "both":  # rows [uncond..., cond...]
-                n = B // 2
-                buf.values[name][:, 0, step] = block[n:]
-                buf.values[name][:, 1, step] = block[:n]
-            else:
-                buf.values[name][:, self._branch_index, step] = block
-        for li, m in maps:  # (B, N_vis, n_sel)
-            if self._current_branch == "both":
-                n = B // 2
-                buf.maps[(0, step, li)] = m[n:]
-                buf.maps[(1, step, li)] = m[:n]
-            else:
-                buf.maps[(self._branch_index, step, li)] = m
+        if self._observed != len(self.sites):
+            raise TacaProbeError(f"recorded {self._observed} of {len(self.sites)} attention sites at step {step}")
         if self._current_branch == "both":
             buf.recorded[:, step] = True
         else:
-            buf.recorded[self._branch_index, step] = True
-        call = self.handle.calls[-1]
+            buf.recorded[self.branches.index(self._current_branch), step] = True
+        call = self.handle.current_call
         buf.timestep[step] = call.t
-        sigmas = getattr(self.pipe.scheduler, "sigmas", None)
-        buf.sigma[step] = float(sigmas[step]) if sigmas is not None and step < len(sigmas) else call.t / 1000.0
+        buf.sigma[step] = call.sigma if call.sigma is not None else call.t / 1000.0
         buf.gamma[step] = [self.handle.state.gammas.get(s.name, 1.0) for s in self.sites]
+
+    def _collect(self) -> None:
+        """Move the sample's statistics to the host: one copy per buffer, the sample's one sync."""
+        buf = self._buffer
+        L, H, T = len(self.sites), self.heads, self._n_txt
+        for branch, dev in buf.device.items():
+            host = dev.cpu().numpy()  # (steps, L, rows * (3H + T))
+            steps_done = buf.recorded[0 if branch == "both" else self.branches.index(branch)]
+            rows = host.shape[-1] // (3 * H + T)
+            sizes = [rows * H, rows * H, rows * H, rows * T]
+            offsets = np.cumsum([0] + sizes)
+            for j, name in enumerate(_MASS_VARS):
+                block = host[:, :, offsets[j] : offsets[j + 1]].reshape(host.shape[0], L, rows, -1)  # (steps, L, B, H|T)
+                bad = ~np.isfinite(block) & steps_done[:, None, None, None]
+                if bad.any():
+                    step, li = (int(i) for i in np.argwhere(bad)[0][:2])
+                    raise TacaProbeError(
+                        f"non-finite {name} at sample {self._current_prompt!r} (seed {self._current_seed}), "
+                        f"step {step}, layer {self.sites[li].name}"
+                    )
+                block = block.transpose(2, 0, 1, 3)  # (B, steps, L, H|T)
+                if branch == "both":  # rows [uncond..., cond...]
+                    n = rows // 2
+                    buf.values[name][:, 0] = block[n:]
+                    buf.values[name][:, 1] = block[:n]
+                else:
+                    buf.values[name][:, self.branches.index(branch)] = block
+        if any(m.is_cuda or m.is_pinned() for *_, m in buf.device_maps):
+            torch.cuda.synchronize()  # the non-blocking map copies have landed
+        for branch, step, li, m in buf.device_maps:  # (B, N_vis, n_sel)
+            m = m.numpy()
+            if branch == "both":
+                n = m.shape[0] // 2
+                buf.maps[(0, step, li)] = m[n:]
+                buf.maps[(1, step, li)] = m[:n]
+            else:
+                buf.maps[(self.branches.index(branch), step, li)] = m
+        buf.device.clear()
+        buf.device_maps.clear()
 
     # -- planning (the CLI, and distributed runs, create the whole store before sampling) -------
     def planned_layout(self, call: dict[str, Any]) -> RunLayout:
@@ -551,6 +576,7 @@ def probe(
             "diffusers_version": diffusers.__version__,
             "schedule_description": schedule.describe(),
             "device": str(handle.transformer.device),
+            "stats_backend": describe_stats_backend(handle.transformer.device, handle.transformer.dtype),
             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **(attrs or {}),

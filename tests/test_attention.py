@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from taca_probe.attention import JointLayout, _lse_explicit, attention_statistics, sdpa_with_lse, taca_attention
+from taca_probe.attention import (
+    JointLayout,
+    _lse_explicit,
+    attention_statistics,
+    sdpa_with_lse,
+    stats_backend,
+    taca_attention,
+)
 from tests.reference import taca_output, taca_probabilities, text_mask
 
 GAMMAS = [1.0, 1.2, 2.0, 0.7]
@@ -142,9 +149,13 @@ def _reference_masses(q, k, n_txt, txt_first, gamma, attn_mask=None):
     }
 
 
+BACKENDS = ["fused", "block"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 @pytest.mark.parametrize("gamma", [1.0, 1.4])
-def test_statistics_with_a_mask_match_the_reference(kind, gamma):
+def test_statistics_with_a_mask_match_the_reference(kind, gamma, backend):
     q, k, v = _qkv(b=2, h=2, s=40, seed=8)
     keep = torch.ones(2, 1, 1, 40, dtype=torch.bool)
     keep[0, ..., 3:6] = False  # three text keys of sample 0: no query may see them
@@ -153,7 +164,7 @@ def test_statistics_with_a_mask_match_the_reference(kind, gamma):
     layout = JointLayout(n_txt=8, txt_first=True)
     _, parts = taca_attention(q, k, v, layout, gamma, attn_mask=mask, with_parts=True)
     tokens = torch.tensor([0, 4, 7])
-    stats = attention_statistics(q, k, layout, gamma, parts, attn_mask=mask, map_tokens=tokens)
+    stats = attention_statistics(q, k, layout, gamma, parts, attn_mask=mask, map_tokens=tokens, backend=backend)
     ref = _reference_masses(q, k, 8, True, gamma, attn_mask=mask)
     for name in ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass"):
         assert (stats[name].double() - ref[name]).abs().max().item() <= 1e-5, name
@@ -161,8 +172,9 @@ def test_statistics_with_a_mask_match_the_reference(kind, gamma):
     assert stats["token_mass"][0, 3:6].abs().max().item() == 0.0  # masked keys get no mass
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gamma", [1.0, 1.2])
-def test_statistics_at_an_odd_shape_with_spread_out_logits(gamma):
+def test_statistics_at_an_odd_shape_with_spread_out_logits(gamma, backend):
     # 301 text + 3969 = 63^2 image tokens at reduced heads; spread 3 gives lse values that differ
     # by tens across queries, which the token sums' weights must survive.
     g = torch.Generator().manual_seed(9)
@@ -172,7 +184,7 @@ def test_statistics_at_an_odd_shape_with_spread_out_logits(gamma):
     _, parts = taca_attention(q, k, v, layout, gamma, with_parts=True)
     spread = (parts["lse_vis"].amax() - parts["lse_vis"].amin()).item()
     assert spread > 20
-    stats = attention_statistics(q, k, layout, gamma, parts)
+    stats = attention_statistics(q, k, layout, gamma, parts, backend=backend)
     ref = _reference_masses(q, k, 301, False, gamma)
     for name in ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass"):
         assert (stats[name].double() - ref[name]).abs().max().item() <= 1e-5, name
@@ -198,15 +210,26 @@ def test_bf16_output_within_the_accuracy_contract(txt_first, gamma):
     assert torch.equal(out, out2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gamma", [1.0, 1.25])
-def test_bf16_statistics_close_to_the_reference(gamma):
+def test_bf16_statistics_close_to_the_reference(gamma, backend):
     q, k, v = _qkv(b=2, h=3, s=77 + 256, d=64, seed=11, spread=1.5, dtype=torch.bfloat16)
     layout = JointLayout(77, txt_first=False)
     _, parts = taca_attention(q, k, v, layout, gamma, with_parts=True)
     tokens = torch.arange(0, 77, 5)
-    stats = attention_statistics(q, k, layout, gamma, parts, map_tokens=tokens)
+    stats = attention_statistics(q, k, layout, gamma, parts, map_tokens=tokens, backend=backend)
     ref = _reference_masses(q, k, 77, False, gamma)
     for name in ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass"):
         assert (stats[name].double() - ref[name]).abs().max().item() <= 2e-4, name
     assert (stats["token_mass"].double() - ref["token_mass"]).abs().max().item() <= 2e-5
     assert (stats["maps"].double() - ref["maps"][..., tokens]).abs().max().item() <= 2e-4
+
+
+def test_default_statistics_backend_and_override(monkeypatch):
+    assert stats_backend(torch.device("cpu")) == "block"
+    assert stats_backend(torch.device("cuda")) == "fused"
+    monkeypatch.setenv("TACA_PROBE_STATS", "fused")
+    assert stats_backend(torch.device("cpu")) == "fused"
+    monkeypatch.setenv("TACA_PROBE_STATS", "nonsense")
+    with pytest.raises(ValueError, match="TACA_PROBE_STATS"):
+        stats_backend(torch.device("cpu"))

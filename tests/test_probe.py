@@ -50,7 +50,8 @@ def _reference_stats(p: torch.Tensor, n_txt: int, txt_first: bool):
     }
 
 
-def test_attention_statistics_match_the_reference():
+@pytest.mark.parametrize("backend", ["fused", "block"])
+def test_attention_statistics_match_the_reference(backend):
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, 3, 60, 16, generator=g) * 2 for _ in range(2))
     v = torch.randn(2, 3, 60, 16, generator=g)
@@ -59,7 +60,8 @@ def test_attention_statistics_match_the_reference():
             layout = JointLayout(11, txt_first)
             _, parts = taca_attention(q, k, v, layout, gamma, with_parts=True)
             tokens = torch.tensor([0, 3, 10])
-            stats = attention_statistics(q, k, layout, gamma, parts, map_tokens=tokens, block_bytes=1)  # 1 head a block
+            stats = attention_statistics(q, k, layout, gamma, parts, map_tokens=tokens, block_bytes=1,  # 1 head a block
+                                         backend=backend)
             ref = _reference_stats(taca_probabilities(q, k, 11, txt_first, gamma), 11, txt_first)
             ref1 = _reference_stats(taca_probabilities(q, k, 11, txt_first, 1.0), 11, txt_first)
             for name in ("vis_txt_mass", "txt_vis_mass", "token_mass"):
@@ -87,7 +89,10 @@ class _Inputs:
 
 @pytest.mark.parametrize("model", ["tiny-sd3", "tiny-sd35", "tiny-flux"])
 @pytest.mark.parametrize("schedule,gammas", [("none", [1.0, 1.0, 1.0]), ("first:1.5@2", [1.5, 1.5, 1.0])])
-def test_recorded_statistics_equal_explicit_recomputation(pipes, tmp_path, model, schedule, gammas):
+@pytest.mark.parametrize("backend", ["block", "fused"])
+def test_recorded_statistics_equal_explicit_recomputation(pipes, tmp_path, model, schedule, gammas, backend,
+                                                          monkeypatch):
+    monkeypatch.setenv("TACA_PROBE_STATS", backend)
     pipe = pipes[model]
     transformer = pipe.transformer
     stock = dict(transformer.attn_processors)
@@ -101,6 +106,7 @@ def test_recorded_statistics_equal_explicit_recomputation(pipes, tmp_path, model
         finally:
             inputs.remove()
     ds = open_run(store).isel(sample=0)
+    assert ds.attrs["stats_backend"].split()[0] == backend  # the store names the path that computed it
     n_txt = ds.attrs["n_txt"]
     assert ds.sizes == {**ds.sizes, "step": 3, "layer": len(names)}
     assert list(ds["layer"].values) == names
