@@ -108,22 +108,50 @@ def _flex(q, k, v, layout: JointLayout, gamma: float):
         return flex_attention(q, k, v, score_mod=score_mod)
 
 
-def _taca_stats(q, k, v, layout: JointLayout, gamma: float, n_map_tokens: int = 0):
+_FLEX_COMPILED: dict = {}
+
+
+def _flex_compiled(q, k, v, layout: JointLayout, gamma: float):
+    # The strongest public alternative: flex_attention compiled with the same score_mod (one
+    # compilation per shape and gamma, done in the warm-up).
+    from torch.nn.attention.flex_attention import flex_attention
+
+    n_txt, txt_first, n = layout.n_txt, layout.txt_first, q.shape[2]
+    key = (n_txt, txt_first, n, gamma)
+    if key not in _FLEX_COMPILED:  # one function object per problem, so the compiled graph is reused
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if txt_first:
+                cross = (q_idx >= n_txt) & (kv_idx < n_txt)
+            else:
+                cross = (q_idx < n - n_txt) & (kv_idx >= n - n_txt)
+            return torch.where(cross, score * gamma, score)
+
+        _FLEX_COMPILED[key] = (torch.compile(flex_attention, dynamic=False), score_mod)
+    fn, score_mod = _FLEX_COMPILED[key]
+    return fn(q, k, v, score_mod=score_mod)
+
+
+def _taca_stats(q, k, v, layout: JointLayout, gamma: float, n_map_tokens: int = 0, backend: str | None = None):
     # What the probe does in each recorded call: TACA with its parts, then the statistics.
     out, parts = taca_attention(q, k, v, layout, gamma, with_parts=True)
     tokens = torch.arange(min(n_map_tokens, layout.n_txt), device=q.device) if n_map_tokens else None
-    stats = attention_statistics(q, k, layout, gamma, parts, map_tokens=tokens)
+    stats = attention_statistics(q, k, layout, gamma, parts, map_tokens=tokens, backend=backend)
     return out, stats
 
 
 VARIANTS: dict[str, Callable] = {
     "sdpa": lambda q, k, v, layout, gamma: F.scaled_dot_product_attention(q, k, v),
     "taca": lambda q, k, v, layout, gamma: taca_attention(q, k, v, layout, gamma),
-    # TACA + every mass (no maps), and + head-mean maps of 64 text tokens (a long prompt)
+    # TACA + every mass (no maps) on the device's default statistics path, and on each path
     "taca+masses": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma),
+    "taca+masses:fused": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, backend="fused"),
+    "taca+masses:block": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, backend="block"),
+    # + head-mean maps of 64 text tokens (a long prompt)
     "taca+maps": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, 64),
     "naive": _naive,
     "flex": _flex,
+    "flex-compiled": _flex_compiled,
 }
 
 
@@ -204,6 +232,7 @@ def bench_attention(
         )
         layout = JointLayout(shape.n_txt, shape.txt_first)
         fns, errors = {}, {}
+        _FLEX_COMPILED.clear()  # score_mod closes over this shape's layout
         for name in variants:
             fn = VARIANTS[name]
             try:

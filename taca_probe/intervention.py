@@ -180,7 +180,11 @@ class TacaHandle:
 
     def __init__(self, target: Any, config: TacaConfig, observer: Observer | None = None):
         pipe = target if hasattr(target, "transformer") and not isinstance(target, torch.nn.Module) else None
-        transformer = pipe.transformer if pipe is not None else target
+        outer = pipe.transformer if pipe is not None else target
+        # torch.compile(transformer) wraps it: processors go on the model inside, the per-call hooks
+        # on the wrapper, so that they run eagerly, before the compiled forward.
+        transformer = getattr(outer, "_orig_mod", outer)
+        self.hook_module: torch.nn.Module = outer
         self.family = check_supported(transformer)
         if getattr(transformer, _HANDLE_ATTR, None) is not None:
             raise TacaProbeError(
@@ -216,7 +220,7 @@ class TacaHandle:
         self._lora = _LoraSwitch(transformer, config.lora, config.lora_scale) if config.lora is not None else None
         self._sig = inspect.signature(transformer.forward)
         transformer.set_attn_processor(dict(new))  # set_attn_processor pops the dict it is given
-        self._hook = transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._hook = outer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         setattr(transformer, _HANDLE_ATTR, self)
         self._removed = False
 

@@ -16,8 +16,10 @@ their own projections) or ``"single"`` (FLUX single-stream, one concatenated ``[
 from __future__ import annotations
 
 import inspect
+import itertools
+import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,16 +83,26 @@ def find_sites(transformer: torch.nn.Module, family: str) -> list[Site]:
 
 
 class _SDPAOverride(TorchFunctionMode):
-    """Routes the one SDPA call of a wrapped processor to TACA; lets every other op through."""
+    """Routes the one SDPA call of a wrapped processor to TACA; lets every other op through.
 
-    def __init__(self, proc: TacaAttnProcessor, gamma: float, n_txt: int, n_seq: int):
+    ``n_txt`` is the text length when the call's inputs tell it, else None (FLUX single-stream:
+    the run state holds it). Under ``torch.compile`` the call becomes one opaque
+    ``taca_probe::attention`` op, so that nothing that differs between blocks or steps (the site,
+    its gamma, the probe's buffers) is read into the graph: one graph serves every block and step.
+    """
+
+    def __init__(self, proc: TacaAttnProcessor, n_txt: int | None, n_seq: int, compiled: bool):
         super().__init__()
-        self.proc, self.gamma, self.n_txt, self.n_seq = proc, gamma, n_txt, n_seq
+        self.proc, self.n_txt, self.n_seq, self.compiled = proc, n_txt, n_seq, compiled
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
+            if self.compiled and args and isinstance(args[0], torch.Tensor) and _is_tensor_method(func):
+                # As a method call, torch.compile records the op itself; called as the function
+                # Tensor.<name>, it would trace the Python wrapper and break the graph there.
+                return getattr(args[0], func.__name__)(*args[1:], **kwargs)
             return func(*args, **kwargs)
         self.calls += 1
         a = dict(zip(_SDPA_ARGS, args))
@@ -101,18 +113,40 @@ class _SDPAOverride(TorchFunctionMode):
             raise TacaProbeError(f"{site.name}: TACA supports inference attention only (no dropout, causal or GQA)")
         if q.shape[2] != self.n_seq or k.shape[2] != self.n_seq:
             raise TacaProbeError(
-                f"{site.name}: expected a joint sequence of {self.n_seq} tokens "
-                f"({self.n_txt} text), got queries {q.shape[2]} and keys {k.shape[2]}"
+                f"{site.name}: expected a joint sequence of {self.n_seq} tokens, "
+                f"got queries {q.shape[2]} and keys {k.shape[2]}"
             )
-        layout = JointLayout(self.n_txt, site.txt_first)
-        observer = self.proc.state.observer
-        if observer is None:
-            return taca_attention(q, k, v, layout, self.gamma, scale=a.get("scale"), attn_mask=a.get("attn_mask"))
-        out, parts = taca_attention(
-            q, k, v, layout, self.gamma, scale=a.get("scale"), attn_mask=a.get("attn_mask"), with_parts=True
-        )
-        observer(site, q, k, layout, self.gamma, a.get("scale"), parts)
-        return out
+        scale = a.get("scale")
+        if self.compiled:
+            n_txt = -1 if self.n_txt is None else self.n_txt
+            return torch.ops.taca_probe.attention(q, k, v, a.get("attn_mask"), scale, n_txt, self.proc.key)
+        return self.proc.attend(q, k, v, a.get("attn_mask"), scale, self.n_txt)
+
+
+def _is_tensor_method(func: Any) -> bool:
+    name = getattr(func, "__name__", None)
+    return name is not None and getattr(torch.Tensor, name, None) is func
+
+
+# Processors by key, for the compiled op (which can carry only tensors and numbers).
+_BY_KEY: "weakref.WeakValueDictionary[int, TacaAttnProcessor]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("taca_probe::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                  scale: Optional[float], n_txt: int, key: torch.Tensor) -> torch.Tensor:
+    proc = _BY_KEY.get(int(key.item()))  # key lives on the CPU: no device sync
+    if proc is None:
+        raise TacaProbeError("a compiled graph called a TACA processor that was removed; recompile or "
+                             "call torch._dynamo.reset() after leaving taca()/probe()")
+    # custom ops return fresh, contiguous tensors (what the fake below promises)
+    return proc.attend(q, k, v, attn_mask, scale, None if n_txt < 0 else n_txt).contiguous()
+
+
+@_attention_op.register_fake
+def _(q, k, v, attn_mask, scale, n_txt, key):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 class TacaAttnProcessor:
@@ -126,16 +160,39 @@ class TacaAttnProcessor:
         self.inner = inner
         self.site = site
         self.state = state
+        # A CPU tensor, not an int: under torch.compile a tensor is a graph input (its value is not
+        # guarded), so the blocks' processors share one compiled graph.
+        self.key = torch.tensor(next(_KEYS))
+        _BY_KEY[int(self.key)] = self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(site={self.site.name!r}, inner={type(self.inner).__name__})"
 
-    def _call(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def attend(self, q, k, v, attn_mask, scale, n_txt: int | None) -> torch.Tensor:
+        """The attention of this site's call: TACA with this step's gamma, measured if observed."""
         state = self.state
+        if n_txt is None:
+            n_txt = state.n_txt
+            if n_txt is None:
+                raise TacaProbeError(
+                    f"{self.site.name}: the text length is unknown; install TACA on the transformer "
+                    "(taca(pipe) or taca(transformer)) so its forward call provides it"
+                )
+        layout = JointLayout(n_txt, self.site.txt_first)
         gamma = state.gamma(self.site)
-        if gamma == 1.0 and state.observer is None:
-            return self.inner(attn, *args, **kwargs)  # the stock path, untouched
+        observer = state.observer
+        if observer is None:
+            return taca_attention(q, k, v, layout, gamma, scale=scale, attn_mask=attn_mask)
+        out, parts = taca_attention(q, k, v, layout, gamma, scale=scale, attn_mask=attn_mask, with_parts=True)
+        observer(self.site, q, k, layout, gamma, scale, parts)
+        return out
 
+    def _call(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        compiled = torch.compiler.is_compiling()
+        if not compiled:
+            state = self.state
+            if state.gamma(self.site) == 1.0 and state.observer is None:
+                return self.inner(attn, *args, **kwargs)  # the stock path, untouched
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, N, C): image (joint) or [txt, img] (single)
         enc = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")  # (B, N_txt, C) or None
         if enc is not None:
@@ -143,13 +200,9 @@ class TacaAttnProcessor:
         else:
             # FLUX single-stream: the processor cannot see where text ends; the transformer's own
             # forward input told the run state.
-            n_txt, n_seq = state.n_txt, hidden.shape[1]
-            if n_txt is None:
-                raise TacaProbeError(
-                    f"{self.site.name}: the text length is unknown; install TACA on the transformer "
-                    "(taca(pipe) or taca(transformer)) so its forward call provides it"
-                )
-        with _SDPAOverride(self, gamma, n_txt, n_seq) as mode:
+            n_txt, n_seq = None, hidden.shape[1]
+        mode = _SDPAOverride(self, n_txt, n_seq, compiled)
+        with mode:  # not "as mode": torch.compile loses that name when the block graph-breaks
             out = self.inner(attn, *args, **kwargs)
         if mode.calls != 1:
             raise TacaProbeError(

@@ -221,9 +221,9 @@ class Run:
         self._grid: tuple[int, int] | None = None
         self._n_txt: int | None = None
         self._max_seq: int | None = None
-        self._hooks = [
-            self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-            self.transformer.register_forward_hook(self._post_forward),
+        self._hooks = [  # after the TACA handle's own pre-hook, on the same (outermost) module
+            handle.hook_module.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            handle.hook_module.register_forward_hook(self._post_forward),
         ]
 
     # -- public --------------------------------------------------------------------------------
