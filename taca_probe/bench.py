@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import JointLayout, attention_statistics, taca_attention
+from .attention import JointLayout, attention_statistics, describe_stats_backend, taca_attention
 from .errors import TacaProbeError
 
 __all__ = ["AttnShape", "DEFAULT_SHAPES", "bench_attention", "parse_shape", "VARIANTS"]
@@ -308,16 +308,21 @@ def format_rows(rows: list[dict]) -> str:
 WIDTHS = {
     "sd35-medium": {"num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": 1536, "patch_size": 2},
     "sd3-medium": {"num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": 1536, "patch_size": 2},
+    "sd35-large": {"num_attention_heads": 38, "attention_head_dim": 64, "caption_projection_dim": 2432, "patch_size": 2},
     "flux-dev": {"num_attention_heads": 24, "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56)},
 }
+#: Depth of the published models (``--depth full``): SD3 blocks; FLUX joint + single-stream blocks.
+FULL_DEPTH = {"sd35-medium": (24, 0), "sd3-medium": (24, 0), "sd35-large": (38, 0), "flux-dev": (19, 38)}
 
 
-def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int = 2, device: str | torch.device = "cpu",
+def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int | None = 2, device: str | torch.device = "cpu",
                            dtype: torch.dtype = torch.float32, seed: int = 0):
-    """The embedded tiny SD3 pipeline with its transformer replaced by a random one of a real width.
+    """An embedded tiny pipeline with its transformer replaced by a random one of a real width.
 
-    Text encoders, tokenizers, VAE and scheduler stay tiny: their cost is the same with and without
-    the probe, and the transformer's input projections adapt to their sizes.
+    ``layers=None`` builds the published depth (:data:`FULL_DEPTH`: FLUX.1-dev 19 + 38 blocks,
+    11.9 B parameters; SD3.5-Large 38 blocks, 8.1 B), its weights created directly on ``device``
+    in ``dtype``. Text encoders, tokenizers, VAE and scheduler stay tiny: their cost is the same
+    with and without the probe, and the transformer's input projections adapt to their sizes.
     """
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
@@ -328,21 +333,31 @@ def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int = 2, devic
     flux = width.startswith("flux")
     pipe = load_pipeline("tiny-flux" if flux else "tiny-sd3", device="cpu", dtype=torch.float32)
     small = pipe.transformer.config
+    if layers is None:
+        joint, single = FULL_DEPTH[width]
+    else:  # reduced depth: FLUX splits `layers` between the two kinds of block
+        joint, single = (max(1, layers // 3), max(1, layers - layers // 3)) if flux else (layers, 0)
     torch.manual_seed(seed)
-    if flux:
-        # FLUX.1-dev: 19 joint + 38 single blocks; reduced depth splits `layers` between the two kinds.
-        big = FluxTransformer2DModel(
-            patch_size=1, in_channels=small.in_channels, num_layers=max(1, layers // 3),
-            num_single_layers=max(1, layers - layers // 3), joint_attention_dim=small.joint_attention_dim,
-            pooled_projection_dim=small.pooled_projection_dim, guidance_embeds=True, **WIDTHS[width],
-        )
-    else:
-        big = SD3Transformer2DModel(
-            sample_size=128, in_channels=small.in_channels, out_channels=small.out_channels, num_layers=layers,
-            joint_attention_dim=small.joint_attention_dim, pooled_projection_dim=small.pooled_projection_dim,
-            pos_embed_max_size=192, qk_norm="rms_norm", **WIDTHS[width],
-        )
-    pipe.transformer = big
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # created in the run's dtype, on the device: no fp32 copy of 12 B weights
+    try:
+        with torch.device(device):
+            if flux:
+                big = FluxTransformer2DModel(
+                    patch_size=1, in_channels=small.in_channels, num_layers=joint, num_single_layers=single,
+                    joint_attention_dim=small.joint_attention_dim,
+                    pooled_projection_dim=small.pooled_projection_dim, guidance_embeds=True, **WIDTHS[width],
+                )
+            else:
+                big = SD3Transformer2DModel(
+                    sample_size=128, in_channels=small.in_channels, out_channels=small.out_channels,
+                    num_layers=joint, joint_attention_dim=small.joint_attention_dim,
+                    pooled_projection_dim=small.pooled_projection_dim, pos_embed_max_size=192,
+                    qk_norm="rms_norm", **WIDTHS[width],
+                )
+    finally:
+        torch.set_default_dtype(previous)
+    pipe.transformer = big.eval().requires_grad_(False)
     pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -353,19 +368,25 @@ def bench_e2e(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     width: str = "sd35-medium",
-    layers: int = 2,
+    layers: int | None = 2,
     image_tokens: int = 1024,
     steps: int = 4,
     repeats: int = 5,
     schedule: str = "none",
     maps: str | None = None,
+    compile: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Time whole sampling runs with and without recording, interleaved.
+    """Time whole sampling runs without the probe, with it (all masses) and, with ``maps``, with
+    masses and maps, interleaved; median of ``repeats``.
 
-    SD3 widths sample with CFG (batch 2), FLUX widths guidance-distilled (batch 1).
+    SD3 widths sample with CFG (batch 2), FLUX widths guidance-distilled (batch 1). ``layers=None``
+    is the published depth. ``compile`` = ``"whole"`` (``torch.compile(pipe.transformer)``) or
+    ``"regional"`` (diffusers' ``compile_repeated_blocks(fullgraph=True)``; FLUX only) times
+    compiled stock against compiled with the probe.
 
-    Returns a dict with ``plain_s`` and ``probe_s`` (lists of seconds), their medians and the ratio.
+    Returns a dict with, per variant (``plain``, ``probe``, ``probe+maps``), the seconds of each
+    run, their median, seconds per denoising step, the ratio to ``plain`` and (CUDA) peak memory.
     """
     import shutil
 
@@ -375,55 +396,76 @@ def bench_e2e(
     side = int(round(math.sqrt(image_tokens)))
     if side * side != image_tokens:
         raise TacaProbeError(f"--image-tokens {image_tokens} must be a square number (e.g. 1024 = 32 x 32)")
+    if compile not in (None, "whole", "regional"):
+        raise TacaProbeError(f"unknown compile mode {compile!r}; choose from whole, regional")
     device = torch.device(device)
     pipe = realistic_sd3_pipeline(width=width, layers=layers, device=device, dtype=dtype)
     flux = width.startswith("flux")
+    if compile == "whole":
+        pipe.transformer = torch.compile(pipe.transformer)
+    elif compile == "regional":
+        if not getattr(pipe.transformer, "_repeated_blocks", None):
+            raise TacaProbeError(f"{type(pipe.transformer).__name__} has no repeated blocks for regional "
+                                 "compilation; use --compile whole")
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
     px = side * pipe.vae_scale_factor * 2  # SD3: 2x2 patches; FLUX: 2x2 packing
     kw = {"num_inference_steps": steps, "height": px, "width": px, "guidance_scale": 3.5 if flux else 5.0}
     tmp = tempfile.mkdtemp(prefix="taca-bench-")
-    times: dict[str, list[float]] = {"plain": [], "probe": []}
-    try:
-        with taca(pipe, schedule):  # warm-up of both paths
-            pipe("warm up", generator=torch.Generator().manual_seed(0), output_type="np", **kw)
-        with probe(pipe, os.path.join(tmp, "warm.zarr"), schedule=schedule, maps=maps) as run:
-            run.sample("warm up", seed=0, **kw)
-        peak: dict[str, int] = {"plain": 0, "probe": 0}
+    variants = {"plain": None, "probe": "none", **({"probe+maps": maps} if maps else {})}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    peak: dict[str, int] = {name: 0 for name in variants}
 
-        def start() -> float:
+    def run(name: str, r: int, timed: bool) -> None:
+        prompt, gen = f"sample {r}", torch.Generator().manual_seed(r)
+        if timed:
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            return time.perf_counter()
-
-        def stop(name: str, t0: float) -> None:
+        t0 = time.perf_counter()
+        if variants[name] is None:
+            with taca(pipe, schedule):
+                pipe(prompt, generator=gen, output_type="np", **kw)
+        else:
+            store = os.path.join(tmp, f"{name}.zarr")
+            selection = None if variants[name] == "none" else variants[name]
+            with probe(pipe, store, schedule=schedule, maps=selection, mode="resume") as rec:
+                rec.sample(prompt, seed=r, **kw)
+        if timed:
             _sync(device)
             times[name].append(time.perf_counter() - t0)
             if device.type == "cuda":
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
 
+    try:
+        for name in variants:  # warm-up (and compilation) of every path
+            run(name, 10_000, timed=False)
         for r in range(repeats):
-            with taca(pipe, schedule):
-                t0 = start()
-                pipe(f"sample {r}", generator=torch.Generator().manual_seed(r), output_type="np", **kw)
-                stop("plain", t0)
-            with probe(pipe, os.path.join(tmp, "run.zarr"), schedule=schedule, maps=maps, mode="resume") as run:
-                t0 = start()
-                run.sample(f"sample {r}", seed=r, **kw)
-                stop("probe", t0)
+            for name in variants:  # interleaved, so drift hits every variant alike
+                run(name, r, timed=True)
             if progress:
                 progress(f"e2e: repeat {r + 1}/{repeats}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    plain, rec = statistics.median(times["plain"]), statistics.median(times["probe"])
-    cfg = pipe.transformer.config
-    return {
-        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "width": width, "layers": layers,
+    base = pipe.transformer
+    cfg = getattr(base, "_orig_mod", base).config
+    plain = statistics.median(times["plain"])
+    out = {
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "width": width,
+        "depth": "full" if layers is None else "reduced",
+        "joint_blocks": cfg.num_layers, "single_blocks": getattr(cfg, "num_single_layers", 0),
         "hidden": cfg.num_attention_heads * cfg.attention_head_dim, "heads": cfg.num_attention_heads,
+        "parameters_b": sum(p.numel() for p in base.parameters()) / 1e9,
         "image_tokens": image_tokens, "text_tokens": 512 if flux else 77 + 256, "steps": steps,
-        "batch": 1 if flux else 2, "schedule": schedule,
-        "maps": maps, "plain_s": times["plain"], "probe_s": times["probe"], "plain_median_s": plain,
-        "probe_median_s": rec, "ratio": rec / plain,
-        # CUDA only: max_memory_allocated over the timed runs (None on the CPU)
-        "plain_peak_mib": peak["plain"] / 2**20 if device.type == "cuda" else None,
-        "probe_peak_mib": peak["probe"] / 2**20 if device.type == "cuda" else None,
+        "batch": 1 if flux else 2, "schedule": schedule, "maps": maps, "compile": compile,
+        "stats_backend": describe_stats_backend(device, dtype), "variants": {},
     }
+    for name in variants:
+        med = statistics.median(times[name])
+        out["variants"][name] = {
+            "times_s": times[name], "median_s": med, "per_step_s": med / steps, "ratio": med / plain,
+            "peak_mib": peak[name] / 2**20 if device.type == "cuda" else None,  # CUDA only
+        }
+    # the fields earlier versions wrote, for scripts that read them
+    out.update(plain_median_s=plain, probe_median_s=out["variants"]["probe"]["median_s"],
+               ratio=out["variants"]["probe"]["ratio"])
+    return out

@@ -205,13 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "stay tiny) samples with CFG, interleaved with and without recording; median of N.")
     be.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     be.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu)")
-    be.add_argument("--width", default="sd35-medium", help="transformer width preset (default sd35-medium: 24 x 64)")
-    be.add_argument("--layers", type=_positive_int, default=2, help="transformer blocks (default 2)")
+    be.add_argument("--width", default="sd35-medium",
+                    help="transformer width preset: sd35-medium (default, 24 x 64), sd3-medium, sd35-large, flux-dev")
+    be.add_argument("--layers", type=_positive_int, default=2, help="transformer blocks at reduced depth (default 2)")
+    be.add_argument("--depth", choices=("reduced", "full"), default="reduced",
+                    help="full: the published depth (FLUX.1-dev 19 + 38 blocks, SD3.5-Large 38), weights made on "
+                    "the device; reduced (default): --layers blocks")
+    be.add_argument("--compile", choices=("whole", "regional"), default=None,
+                    help="time compiled stock against compiled with the probe: torch.compile(transformer), or "
+                    "diffusers' compile_repeated_blocks(fullgraph=True) (FLUX)")
     be.add_argument("--image-tokens", type=_positive_int, default=1024, help="image tokens, a square (default 1024)")
     be.add_argument("--steps", type=_positive_int, default=4, help="denoising steps per sample (default 4)")
     be.add_argument("--repeats", type=_positive_int, default=5, help="timed samples per variant (default 5)")
     be.add_argument("--schedule", default="none", help="TACA schedule in both variants (default none)")
-    be.add_argument("--maps", default=None, help="maps selection for the probe (default: masses only)")
+    be.add_argument("--maps", default=None,
+                    help="also time the probe with these maps (e.g. 'steps=0-4;tokens=0-19'; default: masses only)")
     be.add_argument("--threads", type=_positive_int, default=1, help="CPU threads (default 1)")
     be.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-' for stdout only)")
     be.set_defaults(func=cmd_bench_e2e)
@@ -665,21 +673,24 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    res = bench_e2e(device=device, dtype=dtype, width=args.width, layers=args.layers, image_tokens=args.image_tokens,
+    res = bench_e2e(device=device, dtype=dtype, width=args.width,
+                    layers=None if args.depth == "full" else args.layers, image_tokens=args.image_tokens,
                     steps=args.steps, repeats=args.repeats, schedule=args.schedule, maps=args.maps,
-                    progress=lambda msg: print(msg, file=sys.stderr))
+                    compile=args.compile, progress=lambda msg: print(msg, file=sys.stderr))
     res["meta"] = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "threads": torch.get_num_threads(), **_versions(), "cuda": torch.version.cuda}
     if args.json == "-":
         print(json.dumps(res, indent=2))
         return 0
-    print(f"{res['width']} width ({res['hidden']} = {res['heads']} heads), {res['layers']} layers, "
-          f"{res['image_tokens']} image + {res['text_tokens']} text tokens, batch {res['batch']} (CFG), "
-          f"{res['steps']} steps, {res['dtype']} on {res['meta']['device_name']}, {res['meta']['threads']} thread(s)")
-    print(f"  without probe: {res['plain_median_s']:.3f} s/sample (median of {args.repeats})")
-    print(f"  with probe:    {res['probe_median_s']:.3f} s/sample   ratio {res['ratio']:.3f}x")
-    if res["plain_peak_mib"] is not None:
-        print(f"  peak memory:   {res['plain_peak_mib']:.0f} MiB without, {res['probe_peak_mib']:.0f} MiB with the probe")
+    blocks = f"{res['joint_blocks']}" + (f" + {res['single_blocks']} single" if res["single_blocks"] else "")
+    print(f"{res['width']} width ({res['hidden']} = {res['heads']} heads), {blocks} blocks "
+          f"({res['parameters_b']:.2f} B parameters), {res['image_tokens']} image + {res['text_tokens']} text tokens, "
+          f"batch {res['batch']}, {res['steps']} steps, {res['dtype']} on {res['meta']['device_name']}"
+          + (f", compiled ({res['compile']})" if res["compile"] else "") + f"; statistics: {res['stats_backend']}")
+    for name, v in res["variants"].items():
+        mem = f", peak {v['peak_mib']:.0f} MiB" if v["peak_mib"] is not None else ""
+        print(f"  {name:<11} {v['median_s']:.3f} s/sample, {v['per_step_s'] * 1e3:.1f} ms/step, "
+              f"{v['ratio']:.3f}x{mem} (median of {args.repeats})")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     return 0
