@@ -30,8 +30,8 @@ def taca_probabilities(q, k, n_txt, txt_first, gamma, scale=None, attn_mask=None
     seq = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = q @ k.transpose(-1, -2) * scale
-    is_txt = text_mask(seq, n_txt, txt_first)
-    g = torch.ones(seq, seq, dtype=torch.float64)
+    is_txt = text_mask(seq, n_txt, txt_first).to(q.device)
+    g = torch.ones(seq, seq, dtype=torch.float64, device=q.device)
     g[(~is_txt)[:, None] & is_txt[None, :]] = gamma
     logits = s * g
     if attn_mask is not None:
