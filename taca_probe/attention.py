@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import triton_stats
+
 __all__ = ["JointLayout", "sdpa_with_lse", "taca_attention", "attention_statistics", "lse_backend", "stats_backend",
            "describe_stats_backend", "STATS_BACKENDS"]
 
@@ -335,25 +337,58 @@ def _token_sums(q_v, k_t, lse_vis, scale, mask_vt):
     return torch.where(torch.isneginf(lse_j), 0.0, sums)  # a text key no visual query may see
 
 
-STATS_BACKENDS = ("fused", "block")
+STATS_BACKENDS = ("triton", "fused", "block")
 
 
-def stats_backend(device: torch.device) -> str:
-    """The statistics path used on ``device``: ``fused`` on CUDA (no logit block; the fused kernels'
-    log-sum-exps), ``block`` elsewhere (an fp32 logit block through the CPU's matmul, which is the
-    faster of the two there). ``TACA_PROBE_STATS`` = ``fused`` or ``block`` overrides it."""
+def stats_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The statistics path used on ``device``: on CUDA ``triton`` (one pass of
+    :mod:`taca_probe.triton_stats`, where Triton is installed and the kernel passes a self-test
+    for ``dtype``), else ``fused`` (no logit block; the fused kernels' log-sum-exps); ``block``
+    elsewhere (an fp32 logit block through the CPU's matmul, the faster way there).
+    ``TACA_PROBE_STATS`` = ``triton``, ``fused`` or ``block`` overrides it."""
     forced = os.environ.get("TACA_PROBE_STATS", "").strip().lower()
     if forced:
         if forced not in STATS_BACKENDS:
             raise ValueError(f"TACA_PROBE_STATS={forced!r}; choose from {', '.join(STATS_BACKENDS)}")
         return forced
-    return "fused" if device.type == "cuda" else "block"
+    if device.type != "cuda":
+        return "block"
+    return "triton" if _triton_ok(device, dtype) else "fused"
+
+
+_TRITON_OK: dict[tuple, bool] = {}
+
+
+def _triton_ok(device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Triton installed, and its kernel agrees with an explicit computation once per device and dtype."""
+    if not triton_stats.available(device):
+        return False
+    if dtype is None:
+        return True
+    key = (device.type, dtype)
+    if key not in _TRITON_OK:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k = (torch.randn(1, 2, 70, 64, generator=g).to(device, dtype) for _ in range(2))
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * 0.2
+        lse = torch.logsumexp(s, dim=-1) + 0.3
+        p = torch.exp(s - lse[..., None])
+        try:
+            rows, cols = triton_stats.text_sums(q, k[:, :, :19], lse, 0.2)
+            p = p[..., :19]
+            ok = torch.allclose(rows, p.sum(-1), rtol=1e-3, atol=1e-5) and torch.allclose(
+                cols, p.sum(dim=(1, 2)), rtol=1e-3, atol=1e-5)
+        except Exception as e:  # a compiler or driver that refuses the kernel: use the fused path
+            warnings.warn(f"taca-probe: the Triton statistics kernel failed its self-test ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); using the fused path", stacklevel=3)
+            ok = False
+        _TRITON_OK[key] = bool(ok)
+    return _TRITON_OK[key]
 
 
 def describe_stats_backend(device: torch.device, dtype: torch.dtype) -> str:
     """One line for a store's attributes: the statistics path and the log-sum-exp kernel behind it."""
     kernel = lse_backend(device, dtype).__name__.removeprefix("_lse_").replace("_", "-")
-    return f"{stats_backend(device)} (lse: {kernel})"
+    return f"{stats_backend(device, dtype)} (lse: {kernel})"
 
 
 def attention_statistics(
@@ -371,10 +406,10 @@ def attention_statistics(
 ) -> dict[str, torch.Tensor]:
     """Cross-modal attention statistics of one call, on the device, without the N x N matrix.
 
-    Two paths give the same numbers (both are tested against the float64 reference):
-    ``fused`` (:func:`_statistics_fused`, no logit block at all) and ``block`` (an fp32
-    visual-query x text-key block, a few heads at a time, at most ``block_bytes``);
-    ``backend=None`` picks :func:`stats_backend` for the device.
+    Three paths give the same numbers (all tested against the float64 reference): ``triton``
+    (:func:`_statistics_triton`, one Triton kernel pass), ``fused`` (:func:`_statistics_fused`,
+    fused attention calls only) and ``block`` (an fp32 visual-query x text-key block, a few heads
+    at a time, at most ``block_bytes``); ``backend=None`` picks :func:`stats_backend`.
 
     Parameters
     ----------
@@ -396,10 +431,10 @@ def attention_statistics(
         ``token_mass`` (B, N_txt): mean over heads and visual queries of the probability on each
         text token; ``maps`` (B, N_vis, len(map_tokens)) head-mean probabilities, if asked.
     """
-    backend = backend or stats_backend(q.device)
+    backend = backend or stats_backend(q.device, q.dtype)
     if backend not in STATS_BACKENDS:
         raise ValueError(f"unknown statistics backend {backend!r}; choose from {', '.join(STATS_BACKENDS)}")
-    fn = _statistics_fused if backend == "fused" else _statistics_block
+    fn = {"triton": _statistics_triton, "fused": _statistics_fused, "block": _statistics_block}[backend]
     return fn(q, k, layout, gamma, parts, scale=scale, attn_mask=attn_mask, map_tokens=map_tokens,
               block_bytes=block_bytes)
 
@@ -462,6 +497,38 @@ def _statistics_block(q, k, layout, gamma, parts, *, scale, attn_mask, map_token
     }
     if maps is not None:
         out["maps"] = maps / H
+    return out
+
+
+def _statistics_triton(q, k, layout, gamma, parts, *, scale, attn_mask, map_tokens, block_bytes):
+    """The statistics with one Triton pass over the visual-query x text-key tiles (no mask)."""
+    if attn_mask is not None:  # the kernel knows no masks; neither SD3 nor FLUX passes one
+        return _statistics_fused(q, k, layout, gamma, parts, scale=scale, attn_mask=attn_mask,
+                                 map_tokens=map_tokens, block_bytes=block_bytes)
+    txt, vis = layout.split(q.shape[2])
+    base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    H = q.shape[1]
+    q_v, q_t, k_t = q[:, :, vis], q[:, :, txt], k[:, :, txt]
+    n_vis = q_v.shape[2]
+    if gamma == 1.0:
+        lse_vis = parts["lse_vis"]  # the stock call's own
+        rows, cols = triton_stats.text_sums(q_v, k_t, lse_vis, base)
+        vis_txt = ref = rows.mean(-1)
+    else:
+        # Against the visual keys' lse, the row sums are exp(L_t - L_v): the masses' odds.
+        lse_vv = _lse_visual_keys(q_v, k, vis, base, None)
+        odds, _ = triton_stats.text_sums(q_v, k_t, lse_vv, base * gamma, columns=False)
+        odds1, _ = triton_stats.text_sums(q_v, k_t, lse_vv, base, columns=False)
+        lse_vis = lse_vv + torch.log1p(odds)
+        vis_txt = (odds / (1 + odds)).mean(-1)
+        ref = (odds1 / (1 + odds1)).mean(-1)
+        _, cols = triton_stats.text_sums(q_v, k_t, lse_vis, base * gamma)
+    _, lse_tt = sdpa_with_lse(q_t, k_t, k_t, scale=base)
+    txt_vis = (-torch.expm1(lse_tt - parts["lse_txt"])).mean(-1)
+    out = {"vis_txt_mass": vis_txt, "vis_txt_mass_ref": ref, "txt_vis_mass": txt_vis,
+           "token_mass": cols / (H * n_vis)}
+    if map_tokens is not None:
+        out["maps"] = _maps(q_v, k_t, lse_vis, base * gamma, None, map_tokens, block_bytes)
     return out
 
 

@@ -50,8 +50,9 @@ def _reference_stats(p: torch.Tensor, n_txt: int, txt_first: bool):
     }
 
 
-@pytest.mark.parametrize("backend", ["fused", "block"])
-def test_attention_statistics_match_the_reference(backend):
+@pytest.mark.parametrize("backend", ["fused", "block", "triton"])
+def test_attention_statistics_match_the_reference(backend, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton's kernel on the CPU
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, 3, 60, 16, generator=g) * 2 for _ in range(2))
     v = torch.randn(2, 3, 60, 16, generator=g)
@@ -89,10 +90,11 @@ class _Inputs:
 
 @pytest.mark.parametrize("model", ["tiny-sd3", "tiny-sd35", "tiny-flux"])
 @pytest.mark.parametrize("schedule,gammas", [("none", [1.0, 1.0, 1.0]), ("first:1.5@2", [1.5, 1.5, 1.0])])
-@pytest.mark.parametrize("backend", ["block", "fused"])
+@pytest.mark.parametrize("backend", ["block", "fused", "triton"])
 def test_recorded_statistics_equal_explicit_recomputation(pipes, tmp_path, model, schedule, gammas, backend,
                                                           monkeypatch):
     monkeypatch.setenv("TACA_PROBE_STATS", backend)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton's kernel on the CPU
     pipe = pipes[model]
     transformer = pipe.transformer
     stock = dict(transformer.attn_processors)
