@@ -40,9 +40,9 @@ tail -n 3 "$OUT/gpu_tests.log" | tee -a "$LOG"
 # (cuDNN on Hopper), the official approaches (naive, eager flex) and compiled flex.
 SHAPES=(--shape 1,24,512,4096,128 --shape 2,24,333,4096,64,img-first --shape 1,24,301,3969,128,img-first)
 step attention_gamma1.2 90 bench attention --device cuda --dtype bf16 --repeats 20 --gamma 1.2 "${SHAPES[@]}" \
-  --variants sdpa,taca,taca+masses:fused,taca+masses:block,taca+maps,naive,flex,flex-compiled
+  --variants sdpa,taca,taca+masses:triton,taca+masses:fused,taca+masses:block,taca+maps,naive,flex,flex-compiled
 step attention_gamma1.0 30 bench attention --device cuda --dtype bf16 --repeats 20 --gamma 1.0 "${SHAPES[@]}" \
-  --variants sdpa,taca+masses:fused,taca+masses:block,taca+maps --no-memory
+  --variants sdpa,taca+masses:triton,taca+masses:fused,taca+masses:block,taca+maps --no-memory
 
 # Sampling at full depth, 1024px (4096 image tokens), 10 steps: without the probe, with all masses,
 # with masses + maps of 5 steps x 20 tokens. FLUX.1-dev eager and regionally compiled; SD3.5-Large CFG.

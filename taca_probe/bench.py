@@ -147,6 +147,7 @@ VARIANTS: dict[str, Callable] = {
     "taca+masses": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma),
     "taca+masses:fused": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, backend="fused"),
     "taca+masses:block": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, backend="block"),
+    "taca+masses:triton": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, backend="triton"),
     # + head-mean maps of 64 text tokens (a long prompt)
     "taca+maps": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, 64),
     "naive": _naive,

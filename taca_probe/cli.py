@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--repeats", type=_positive_int, default=7, help="timed repeats per variant (default 7)")
     ba.add_argument("--threads", type=_positive_int, default=1, help="CPU threads (default 1: steadier timings)")
     ba.add_argument("--variants", default="sdpa,taca,taca+masses,naive,flex",
-                    help="comma list of sdpa, taca, taca+masses, taca+masses:fused, taca+masses:block, taca+maps, "
-                    "naive, flex, flex-compiled")
+                    help="comma list of sdpa, taca, taca+masses (the device's default statistics path), "
+                    "taca+masses:triton, taca+masses:fused, taca+masses:block, taca+maps, naive, flex, flex-compiled")
     ba.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ba.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-' for stdout only)")
     ba.set_defaults(func=cmd_bench_attention)
