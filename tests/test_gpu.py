@@ -162,3 +162,38 @@ def test_compiled_flux_on_cuda(tmp_path, how):
     a, b = open_run(tmp_path / "eager.zarr"), open_run(tmp_path / "compiled.zarr")
     for name in ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass"):
         assert abs(a[name] - b[name]).max() <= 2e-2, name  # bf16 activations differ after compilation
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_recording_adds_no_host_sync_per_call(model, tmp_path):
+    # CUDA's sync debug mode warns at every operation that waits for the device. Recording a
+    # sample may add a few (the sample's one copy to the host, reading the schedule once), never
+    # one per transformer call: 8 steps would add 8 or more.
+    import warnings
+
+    pipe = load_pipeline(model, device="cuda", dtype="bf16")
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"num_inference_steps": 8, "height": 64, "width": 64}
+
+    def syncs(fn) -> int:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in seen)
+
+    def plain():
+        with taca(pipe, "none"):
+            pipe("a red cube", generator=torch.Generator().manual_seed(0), output_type="np", **kw)
+
+    def recorded():
+        with probe(pipe, tmp_path / f"r{len(list(tmp_path.iterdir()))}.zarr", schedule="none") as run:
+            run.sample("a red cube", seed=0, **kw)
+
+    plain(), recorded()  # warm-up: kernels chosen and self-tested
+    extra = syncs(recorded) - syncs(plain)
+    assert extra <= 4, extra
