@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from .attention import JointLayout, attention_statistics, describe_stats_backend, taca_attention
 from .errors import TacaProbeError
@@ -90,10 +91,9 @@ def _naive(q, k, v, layout: JointLayout, gamma: float):
     return attn_weight @ v
 
 
-def _flex(q, k, v, layout: JointLayout, gamma: float):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    n_txt, txt_first, n = layout.n_txt, layout.txt_first, q.shape[2]
+def _score_mod(layout: JointLayout, n: int, gamma: float):
+    """The official FLUX code's ``score_mod``: gamma on visual-query x text-key scores."""
+    n_txt, txt_first = layout.n_txt, layout.txt_first
 
     def score_mod(score, b, h, q_idx, kv_idx):
         if txt_first:
@@ -102,10 +102,14 @@ def _flex(q, k, v, layout: JointLayout, gamma: float):
             cross = (q_idx < n - n_txt) & (kv_idx >= n - n_txt)
         return torch.where(cross, score * gamma, score)
 
+    return score_mod
+
+
+def _flex(q, k, v, layout: JointLayout, gamma: float):
     with warnings.catch_warnings():
         # Eager on purpose: it is what the official code runs; torch's advice to compile is known.
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention(q, k, v, score_mod=score_mod)
+        return flex_attention(q, k, v, score_mod=_score_mod(layout, q.shape[2], gamma))
 
 
 _FLEX_COMPILED: dict = {}
@@ -114,20 +118,9 @@ _FLEX_COMPILED: dict = {}
 def _flex_compiled(q, k, v, layout: JointLayout, gamma: float):
     # The strongest public alternative: flex_attention compiled with the same score_mod (one
     # compilation per shape and gamma, done in the warm-up).
-    from torch.nn.attention.flex_attention import flex_attention
-
-    n_txt, txt_first, n = layout.n_txt, layout.txt_first, q.shape[2]
-    key = (n_txt, txt_first, n, gamma)
+    key = (layout, q.shape[2], gamma)
     if key not in _FLEX_COMPILED:  # one function object per problem, so the compiled graph is reused
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            if txt_first:
-                cross = (q_idx >= n_txt) & (kv_idx < n_txt)
-            else:
-                cross = (q_idx < n - n_txt) & (kv_idx >= n - n_txt)
-            return torch.where(cross, score * gamma, score)
-
-        _FLEX_COMPILED[key] = (torch.compile(flex_attention, dynamic=False), score_mod)
+        _FLEX_COMPILED[key] = (torch.compile(flex_attention, dynamic=False), _score_mod(layout, q.shape[2], gamma))
     fn, score_mod = _FLEX_COMPILED[key]
     return fn(q, k, v, score_mod=score_mod)
 
