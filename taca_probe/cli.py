@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_sweep_parser(sub)
     _add_figures_parser(sub)
+    _add_report_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (not tests): the cost of TACA against stock attention")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=_Parser)
@@ -611,6 +612,37 @@ def cmd_figures(args: argparse.Namespace) -> int:
         print(f"  {name}: {', '.join(p.name for p in paths)}")
     for group, reason in res["skipped"].items():
         print(f"  skipped {group}: {reason}")
+    return 0
+
+
+def _add_report_parser(sub) -> None:
+    rp = sub.add_parser(
+        "report",
+        help="write one self-contained interactive HTML page (images, suppression, heat map, map viewer)",
+        description="Write DIR/index.html, which opens from disk with no server and no network: the generated "
+        "images; visual->text mass over timesteps by block type with 95% intervals and the uniform reference; a "
+        "layer x step heat map; for stores with maps, a viewer of the head-mean map of a chosen sample, step, "
+        "layer and text token; for a TACA/baseline pair (or a sweep), the same side by side with the difference.",
+    )
+    rp.add_argument("stores", nargs="+", metavar="STORE", help="run stores and/or sweep folders")
+    rp.add_argument("--out", default="report", help="output folder (default ./report)")
+    rp.add_argument("--baseline", default=None, metavar="STORE|SPEC",
+                    help="the baseline run (default: the one recorded with schedule none)")
+    rp.add_argument("--treated", default=None, metavar="STORE|SPEC",
+                    help="the run compared with it (default: step:1.2@970 if present, else the first other)")
+    rp.add_argument("--n-resamples", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    rp.add_argument("--branch", default=None, choices=["cond", "uncond"], help="CFG branch of stores that hold both")
+    rp.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .htmlreport import report
+
+    t0 = time.perf_counter()
+    res = report(args.stores, args.out, baseline=args.baseline, treated=args.treated,
+                 n_resamples=args.n_resamples, branch=args.branch)
+    print(f"wrote {res.path} ({res.size_bytes / 2**20:.1f} MiB, runs: {', '.join(res.runs)}) in "
+          f"{time.perf_counter() - t0:.1f} s; open it in a browser (no server needed)")
     return 0
 
 
