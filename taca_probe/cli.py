@@ -536,7 +536,10 @@ def _add_figures_parser(sub) -> None:
     fg.add_argument("--sample", type=int, default=0, help="which paired sample Fig. 3 shows (default 0)")
     fg.add_argument("--steps", type=_int_list, default=None, metavar="LIST",
                     help="Fig. 3 steps, e.g. 0-3 (default: the first steps with maps, at most 4)")
-    fg.add_argument("--max-tokens", type=_positive_int, default=8, help="Fig. 3 rows: at most this many tokens (default 8)")
+    fg.add_argument("--max-tokens", type=_positive_int, default=8,
+                    help="Fig. 3 rows: this many prompt tokens whose maps changed most (default 8)")
+    fg.add_argument("--tokens", default=None, metavar="LIST",
+                    help="Fig. 3 rows: these tokens instead, as words or text positions, e.g. red,circle or 2,17")
     fg.add_argument("--overlay", action="store_true", help="Fig. 3: draw the maps over the decoded image")
     fg.add_argument("--format", default="png,pdf", metavar="LIST",
                     help=f"comma list of {', '.join(FORMATS)} (default png,pdf)")
@@ -604,12 +607,15 @@ def cmd_figures(args: argparse.Namespace) -> int:
     res = render_figures(
         args.stores, args.out, figures=args.figures, baseline=args.baseline, treated=args.treated, by=args.by,
         sample=args.sample, steps=args.steps, max_tokens=args.max_tokens, overlay=args.overlay, formats=formats,
+        tokens=[t.strip() for t in args.tokens.split(",") if t.strip()] if args.tokens else None,
         dpi=args.dpi, n_resamples=args.n_resamples, seed=args.seed, branch=args.branch,
-        chunks={} if args.lazy else None, log=lambda msg: print(msg, file=sys.stderr),
+        chunks={} if args.lazy else None,
     )
+    # one line per figure (written or skipped), naming the run it was drawn from
     print(f"wrote {len(res['written'])} figure(s) as {', '.join(formats)} to {args.out}/")
-    for name, paths in res["written"].items():
-        print(f"  {name}: {', '.join(p.name for p in paths)}")
+    width = max(map(len, res["written"]), default=0)
+    for name in res["written"]:
+        print(f"  {name:<{width}}  from {res['sources'][name]}")
     for group, reason in res["skipped"].items():
         print(f"  skipped {group}: {reason}")
     return 0
