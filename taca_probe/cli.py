@@ -419,6 +419,28 @@ def _summary(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _sweep_summary(folder: Path) -> str:
+    """One line per (schedule, block type): mean visual->text mass at the first and last step."""
+    from .sweep import open_sweep
+
+    ds = open_sweep(folder)
+    if ds.sizes.get("sample", 0) == 0:
+        return "(no sample complete in every schedule)"
+    mass = ds["vis_txt_mass"]
+    if "branch" in mass.dims:
+        mass = mass.sel(branch="cond")
+    t = ds["timestep"].isel(sample=0).values
+    last = ds.sizes["step"] - 1
+    uniform = ds.attrs["n_txt"] / (ds.attrs["n_txt"] + ds.attrs["n_vis"])
+    lines = [f"mean visual->text attention mass (uniform attention would give {uniform:.4f}):",
+             f"  {'schedule':<24} {'block type':<10} {'step 0 (t=%.0f)' % t[0]:>16} {'step %d (t=%.0f)' % (last, t[last]):>16}"]
+    for spec in ds["schedule"].values:
+        for bt in sorted(set(ds["block_type"].values.tolist())):
+            m = mass.sel(schedule=spec).where(ds["block_type"] == bt, drop=True).mean(("sample", "layer", "head"))
+            lines.append(f"  {str(spec):<24} {bt:<10} {float(m.isel(step=0)):>16.4f} {float(m.isel(step=last)):>16.4f}")
+    return "\n".join(lines)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .store import store_info
 
@@ -595,6 +617,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"{', '.join(f'{k}={v}' for k, v in doc['call'].items())})")
     for entry in doc["schedules"]:
         print(f"  {entry['spec']:<24} {entry['samples_complete']:>4} samples  {entry['store']}  {entry['images']}/")
+    print(_sweep_summary(folder))
     print(f"open it with taca_probe.open_sweep({str(folder)!r}); draw it with: taca-probe figures {folder} "
           f"--out {folder / 'figures'}")
     return 0
