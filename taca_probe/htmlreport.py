@@ -129,17 +129,17 @@ def _heatmap_figure(runs: list[tuple[str, str, xr.Dataset]], pair: tuple[int, in
     layers = [_short_layer(str(n), str(b)) for n, b in zip(ds0["layer"].values, ds0["block_type"].values)]
     t = np.asarray(ds0["timestep"].isel(sample=0).values, float) if ds0.sizes.get("sample") else ds0["step"].values
     x = [f"{v:.0f}" for v in t]
-    fig = make_subplots(rows=1, cols=len(means), subplot_titles=titles, horizontal_spacing=0.08)
+    fig = make_subplots(rows=1, cols=len(means), subplot_titles=titles, horizontal_spacing=0.1)
     vmin = min(float(np.nanmin(m)) for m in means[: len(runs)])
     vmax = max(float(np.nanmax(m)) for m in means[: len(runs)])
     for c, m in enumerate(means, 1):
         is_diff = pair is not None and c == len(means)
-        bar_x = c / len(means) - 0.01
+        bar_x = fig.layout[f"xaxis{c if c > 1 else ''}"].domain[1] + 0.005
         kw: dict[str, Any] = ({"colorscale": "RdBu_r", "zmid": 0.0} if is_diff
                               else {"colorscale": "Viridis", "zmin": vmin, "zmax": vmax})
         show = is_diff or c == len(runs)
         fig.add_trace(go.Heatmap(z=m, x=x, y=layers, showscale=show,
-                                 colorbar={"x": bar_x if is_diff else min(bar_x, 1.0), "len": 0.9,
+                                 colorbar={"x": bar_x, "len": 0.9,
                                            "title": "diff" if is_diff else "mass", "thickness": 10},
                                  hovertemplate="t=%{x}<br>%{y}<br>%{z:.4f}<extra></extra>", **kw), row=1, col=c)
         fig.update_xaxes(title_text="timestep t", row=1, col=c, type="category", nticks=8)
@@ -206,12 +206,13 @@ def _map_viewer(runs: list[tuple[str, str, xr.Dataset]], base_index: int | None,
         "images": images,
     }
     panels = ["selected run"] + (["baseline", "selected − baseline"] if data["baseline"] is not None else [])
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.07)
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.11)
     empty = np.full((ny, nx), np.nan)
     for c, name in enumerate(panels, 1):
         is_diff = name.endswith("baseline") and c == 3
         kw: dict[str, Any] = {"colorscale": "RdBu_r", "zmid": 0.0} if is_diff else {"colorscale": "Viridis"}
-        fig.add_trace(go.Heatmap(z=empty, name=name, colorbar={"x": c / len(panels) - 0.02, "len": 0.8, "thickness": 10},
+        right = fig.layout[f"xaxis{c if c > 1 else ''}"].domain[1]
+        fig.add_trace(go.Heatmap(z=empty, name=name, colorbar={"x": right + 0.005, "len": 0.8, "thickness": 10},
                                  hovertemplate="y=%{y} x=%{x}<br>%{z:.4g}<extra>" + name + "</extra>", **kw),
                       row=1, col=c)
         fig.update_xaxes(title_text="latent x", row=1, col=c, constrain="domain")
@@ -280,7 +281,11 @@ _JS = r"""
       const b = map(D.baseline, i, st, l, tok);
       zs.push(b, zs[0].map((row, y) => row.map((v, x) => Math.fround(v) - Math.fround(b[y][x]))));
     }
+    // the run and the baseline share one colour scale, so that their maps compare by eye
+    let top = 0;
+    for (const z of zs.slice(0, 2)) for (const row of z) for (const v of row) if (v > top) top = v;
     Plotly.restyle('map-view', {z: zs}, zs.map((_, k) => k));
+    Plotly.restyle('map-view', {zmin: 0, zmax: top || 1}, zs.length === 3 ? [0, 1] : [0]);
     $('view-image').src = D.images[String(run)][i];
     const s = D.samples[i], t = s.tokens[tok];
     $('view-caption').textContent = `${D.runs.find((r) => r.index === run).spec} · ${s.prompt} · seed ${s.seed} · ` +

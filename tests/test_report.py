@@ -78,6 +78,11 @@ def test_page_is_self_contained_and_holds_the_stored_maps_and_images(page, sweep
         assert [t["padding"] for t in s["tokens"]] == pad[i].tolist()
 
 
+def test_report_shows_inline_in_jupyter(page):
+    frame = page._repr_html_()
+    assert frame.startswith("<iframe srcdoc=") and "taca-data" in frame and "<script" not in frame.split('"')[0]
+
+
 def _chromium() -> str:
     """Debian's chromium binary; a missing browser is a failure that says how to install it."""
     for cand in (os.environ.get("TACA_PROBE_CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
@@ -127,6 +132,7 @@ def test_report_in_headless_chromium_shows_the_selected_image_and_maps(page, swe
             treated_index = tab.evaluate("window.tacaReport.data.treated")
             tab.select_option("#sel-run", str(treated_index))
             z = tab.evaluate("document.getElementById('map-view').data.map(t => t.z)")
+            zmax = tab.evaluate("document.getElementById('map-view').data.map(t => t.zmax)")
             src = tab.get_attribute("#view-image", "src")
             caption = tab.text_content("#view-caption")
             tab.locator("#map-view").screenshot(path=str(page.path.parent / "viewer.png"))
@@ -142,6 +148,7 @@ def test_report_in_headless_chromium_shows_the_selected_image_and_maps(page, swe
     np.testing.assert_array_equal(got[0], treated)
     np.testing.assert_array_equal(got[1], base)
     np.testing.assert_allclose(got[2], treated - base, rtol=0, atol=1e-7)
+    assert zmax[0] == zmax[1] == pytest.approx(max(np.nanmax(treated), np.nanmax(base)))  # one shared colour scale
     assert np.nanmax(np.abs(got[2])) > 0  # TACA (gamma 1.5 at step 0) changed it: the comparison is not vacuous
     np.testing.assert_array_equal(_png(src), sweep["image"].sel(schedule="step:1.5@970").isel(sample=sample).values)
     assert str(sweep["prompt"].values[sample]) in caption
