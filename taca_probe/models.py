@@ -402,7 +402,16 @@ def load_pipeline(
             raise ModelError(f"cannot load {what}: {_first_line(exc)}{hint}") from exc
         # Inside _quiet for the embedded models: diffusers' "fp16 cannot run on the CPU" warning
         # is stale (torch 2.13 runs the tiny models in fp16 on the CPU).
-        return pipe.to(torch_device)
+        pipe = pipe.to(torch_device)
+    # The name as the user gave it ("shapes", not the package folder): stores record it, as the CLI does.
+    pipe._taca_probe_model = model
+    return pipe
+
+
+def model_name(pipe: Any) -> str:
+    """The name a pipeline was loaded by (:func:`load_pipeline`), else its ``name_or_path``."""
+    return str(getattr(pipe, "_taca_probe_model", None) or getattr(pipe, "name_or_path", None)
+               or getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
 
 
 # --------------------------------------------------------------------------------------------
