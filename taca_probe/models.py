@@ -20,6 +20,7 @@ that importing this module (e.g. for ``taca-probe --help``) stays fast.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import heapq
 import io
 import os
@@ -385,6 +386,10 @@ def load_pipeline(
                 if cached is False
                 else "not a valid Hugging Face model id"
             )
+            close = difflib.get_close_matches(model, list(EMBEDDED_MODELS), n=1, cutoff=0.6)
+            if close:  # a misspelled embedded name is likelier than an uncached hub id
+                raise ModelError(f"unknown model {model!r}: did you mean {close[0]!r}? (embedded models: "
+                                 f"{', '.join(EMBEDDED_MODELS)}; it is also no local folder, and {why})")
             raise ModelError(
                 f"model {model!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor an "
                 f"existing local folder, and is {why}"

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -404,7 +405,7 @@ def run_sweep(
                                   attrs=attrs))
                         current = entry
                     prompt, seed = plan[slot]
-                    report(f"{entry['spec']}: seed {seed}: {prompt[:40]}")
+                    report(f"{entry['spec']}: seed {seed}: {textwrap.shorten(prompt, 40, placeholder=' …')}")
                     result = run.sample(prompt, seed=seed, slot=slot, **settings)
                     if result:
                         images = folder / entry["images"]
