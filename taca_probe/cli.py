@@ -283,6 +283,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     schedule = parse(args.schedule)  # validate before loading anything
     items = _read_prompts(args)
     import torch
+    from tqdm.auto import tqdm
 
     from .intervention import taca
     from .models import load_pipeline, resolve_device, resolve_dtype
@@ -296,12 +297,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     versions = _versions()
     n_total = sum(len(seeds) for _, seeds in items)
     index = 0
-    with taca(pipe, schedule, lora=args.lora, lora_scale=args.lora_scale) as handle:
+    pipe.set_progress_bar_config(disable=True)  # one bar over the images, not one per image inside it
+    # the bar starts once TACA (and a LoRA) is installed, so that a refusal stays one line
+    with taca(pipe, schedule, lora=args.lora, lora_scale=args.lora_scale) as handle, \
+            tqdm(total=n_total, desc="images", unit="image", file=sys.stderr) as bar:
         for prompt, seeds in items:
             for seed in seeds:
                 handle.calls.clear()
                 kwargs = {**call, "generator": torch.Generator("cpu").manual_seed(seed)}
-                print(f"[{index + 1}/{n_total}] seed {seed}: {prompt}", file=sys.stderr)
+                bar.set_postfix_str(f"seed {seed}: {short_prompt(prompt)}")
                 t0 = time.perf_counter()
                 image = pipe(prompt, **kwargs).images[0]
                 elapsed = time.perf_counter() - t0
@@ -322,6 +326,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 }
                 (out / f"{stem}.json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
                 index += 1
+                bar.update(1)
     print(f"wrote {index} image(s) with JSON sidecars to {out}/")
     return 0
 

@@ -78,6 +78,16 @@ def test_page_is_self_contained_and_holds_the_stored_maps_and_images(page, sweep
         assert [t["padding"] for t in s["tokens"]] == pad[i].tolist()
 
 
+def test_report_of_one_store_has_a_viewer_without_a_baseline(sweep_dir, tmp_path):
+    store = sweep_dir / "stores" / "01_step_1.5@970.zarr"
+    res = report(store, tmp_path, n_resamples=100)
+    data = _page_data(res.path)
+    assert res.runs == ["step:1.5@970"] and data["baseline"] is None and len(data["runs"]) == 1
+    text = res.path.read_text(encoding="utf-8")
+    # the viewer has one panel (no baseline, no difference)
+    assert text.count('"type":"heatmap"') >= 1 and "selected − baseline" not in text
+
+
 def test_report_shows_inline_in_jupyter(page):
     frame = page._repr_html_()
     assert frame.startswith("<iframe srcdoc=") and "taca-data" in frame and "<script" not in frame.split('"')[0]

@@ -84,6 +84,14 @@ def test_record_shows_one_bar_over_samples_and_cuts_prompts_at_words(tmp_path, c
     assert shown and shown == words[: len(shown)] and len(" ".join(shown)) < len(LONG)
 
 
+def test_generate_shows_one_bar_over_images(tmp_path, capsys):
+    rc, _, err = _run(["generate", *TINY, "--prompt", LONG, "--seeds", "0,1", "--out", tmp_path / "g"], capsys)
+    assert rc == 0, err
+    frames = [f for f in re.split(r"[\r\n]", err) if "|" in f]
+    assert frames and all("image" in f for f in frames) and "2/2" in frames[-1]
+    assert not any("it/s" in f or "s/it" in f for f in frames)
+
+
 # --- eval -------------------------------------------------------------------------------------
 
 
