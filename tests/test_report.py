@@ -93,14 +93,21 @@ def test_report_shows_inline_in_jupyter(page):
     assert frame.startswith("<iframe srcdoc=") and "taca-data" in frame and "<script" not in frame.split('"')[0]
 
 
-def _chromium() -> str:
+def _chromium(candidates=None) -> str:
     """Debian's chromium binary; a missing browser is a failure that says how to install it."""
-    for cand in (os.environ.get("TACA_PROBE_CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
-                 shutil.which("chromium-browser")):
+    if candidates is None:
+        candidates = (os.environ.get("TACA_PROBE_CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser"))
+    for cand in candidates:
         if cand and Path(cand).is_file():
             return cand
     pytest.fail("Chromium is not installed, so the report cannot be tested in a browser: install it "
                 "(`apt-get install -y chromium`, as .ci/run does) or set TACA_PROBE_CHROMIUM to its binary")
+
+
+def test_a_missing_chromium_fails_and_says_how_to_install_it():
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
+        _chromium([None, "/nonexistent/chromium"])
 
 
 @pytest.mark.slow
