@@ -56,6 +56,12 @@ class Report:
         return f'<iframe srcdoc="{doc}" style="width:100%;height:1100px;border:1px solid #ccc"></iframe>'
 
 
+def _band(color: str) -> str:
+    """A hex colour as the translucent fill of a CI band (overlapping bands stay readable)."""
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},0.2)"
+
+
 def _png_uri(pixels: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
@@ -89,7 +95,7 @@ def _suppression_figure(runs: list[tuple[str, str, xr.Dataset]], stats: dict[str
             color = _COLORS[(r * 3 + g) % len(_COLORS)]
             name = f"{spec} · {bt}"
             fig.add_trace(go.Scatter(x=np.concatenate([t, t[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
-                                     fillcolor=color, opacity=0.2, line={"width": 0}, hoverinfo="skip",
+                                     fillcolor=_band(color), line={"width": 0}, hoverinfo="skip",
                                      showlegend=False, legendgroup=name))
             fig.add_trace(go.Scatter(x=t, y=mean, mode="lines+markers", name=name, legendgroup=name,
                                      line={"color": color, "dash": _DASHES[r % len(_DASHES)]},
@@ -110,6 +116,31 @@ def _suppression_figure(runs: list[tuple[str, str, xr.Dataset]], stats: dict[str
         yaxis={"title": "visual→text attention mass (fraction)", "range": [lo - pad, hi + pad]},
         height=460, margin={"t": 60, "l": 70, "r": 20, "b": 60}, legend={"title": "run · block type"},
     )
+    return fig
+
+
+def _difference_figure(treated: tuple[str, str, xr.Dataset], baseline: tuple[str, str, xr.Dataset],
+                       stats: dict[str, Any]) -> go.Figure:
+    """Paired TACA - baseline difference of the mass over timesteps, per block type, with 95% CIs."""
+    res = A.compare_runs(treated[2], baseline[2], by="block_type", **stats)
+    t = np.asarray(res["timestep"].values, float)
+    fig = go.Figure()
+    for g, bt in enumerate(str(v) for v in res["block_type"].values):
+        sub = res.sel(block_type=bt)
+        diff, lo, hi = (np.asarray(sub[v].values, float) for v in ("diff", "diff_ci_low", "diff_ci_high"))
+        lo, hi = np.where(np.isfinite(lo), lo, diff), np.where(np.isfinite(hi), hi, diff)
+        color = _COLORS[g % len(_COLORS)]
+        fig.add_trace(go.Scatter(x=np.concatenate([t, t[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
+                                 fillcolor=_band(color), line={"width": 0}, hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Scatter(x=t, y=diff, mode="lines+markers", name=bt, line={"color": color},
+                                 hovertemplate="t=%{x:.0f}<br>Δ mass %{y:+.4f}<extra>" + html.escape(bt) + "</extra>"))
+    fig.add_hline(y=0, line={"color": "#555", "dash": "dot"})
+    fig.update_layout(
+        title=f"{treated[1]} − {baseline[1]}: paired difference of the visual→text mass "
+              f"(95% bootstrap CI; n = {res.attrs.get('n_pairs')} pairs)",
+        xaxis={"title": "timestep t", "autorange": "reversed"},
+        yaxis={"title": "Δ visual→text mass"}, height=360, margin={"t": 60, "l": 70, "r": 20, "b": 60},
+        legend={"title": "block type"})
     return fig
 
 
@@ -377,6 +408,8 @@ def report(
                     + _div(_suppression_figure(runs, stats), "suppression")
                     + "<p class='note'>Dashed line: the mass that uniform attention over all keys would put on "
                       "text. Cross-attention alone (text keys only) would give 1, far above this axis.</p>")
+    if pair is not None:
+        sections.append(_div(_difference_figure(runs[pair[0]], runs[pair[1]], stats), "difference"))
     sections.append("<h2>Layer × timestep</h2>" + _div(_heatmap_figure(runs, pair, branch), "heatmap"))
     data, viewer = _map_viewer(runs, bi, ti, branch)
     script = ""

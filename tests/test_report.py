@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from taca_probe import analysis as A
 from taca_probe import open_sweep, report, run_sweep
 from taca_probe.cli import main
 
@@ -153,6 +154,11 @@ def test_report_in_headless_chromium_shows_the_selected_image_and_maps(page, swe
             src = tab.get_attribute("#view-image", "src")
             caption = tab.text_content("#view-caption")
             tab.locator("#map-view").screenshot(path=str(page.path.parent / "viewer.png"))
+            charts = tab.evaluate("""['suppression', 'difference'].map(id => {
+                const el = document.getElementById(id);
+                return {y: el._fullData.map(t => Array.from(t.y)), name: el._fullData.map(t => t.name || null),
+                        range: el._fullLayout.yaxis.range};
+            })""")
         finally:
             ctx.close()
     assert not errors, errors
@@ -169,6 +175,18 @@ def test_report_in_headless_chromium_shows_the_selected_image_and_maps(page, swe
     assert np.nanmax(np.abs(got[2])) > 0  # TACA (gamma 1.5 at step 0) changed it: the comparison is not vacuous
     np.testing.assert_array_equal(_png(src), sweep["image"].sel(schedule="step:1.5@970").isel(sample=sample).values)
     assert str(sweep["prompt"].values[sample]) in caption
+    # the suppression chart draws the stored means, on an axis that holds them and the uniform reference
+    supp, diff = charts
+    base = A.suppression(sweep.sel(schedule="none"), n_resamples=200)
+    line = supp["y"][supp["name"].index("none · joint")]
+    np.testing.assert_allclose(line, base["mean"].sel(block_type="joint").values, rtol=1e-6)
+    lo, hi = supp["range"]
+    shown = np.concatenate([np.ravel(y) for y in supp["y"]] + [[float(base["uniform_reference"])]])
+    assert lo <= np.nanmin(shown) and hi >= np.nanmax(shown) and hi < 1.0  # fitted, not 0-1
+    # the paired difference: TACA minus baseline per sample, averaged
+    paired = A.compare_runs(sweep.sel(schedule="step:1.5@970"), sweep.sel(schedule="none"), n_resamples=200)
+    np.testing.assert_allclose(diff["y"][diff["name"].index("joint")],
+                               paired["diff"].sel(block_type="joint").values, rtol=1e-6, atol=1e-9)
 
 
 def test_report_command(sweep_dir, tmp_path, capsys):
