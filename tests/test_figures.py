@@ -313,3 +313,12 @@ def test_plots_refuse_results_with_extra_dimensions(sweep_dir):
         plotting.plot_suppression(res)
     fig = plotting.plot_suppression(res.sel(schedule="none"))
     assert fig.axes and "n = 4 samples" in fig.axes[0].get_title()
+
+
+def test_figures_tokens_option_names_fig3_rows(sweep_dir, tmp_path, capsys):
+    rc, _, err = _run(["figures", sweep_dir, "--figures", "fig3", "--tokens", "red,cube", "--format", "png",
+                       "--out", tmp_path / "ok"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "ok" / "fig3_attention_map_diff.png").is_file()
+    rc, _, err = _run(["figures", sweep_dir, "--figures", "fig3", "--tokens", "zebra", "--out", tmp_path / "no"], capsys)
+    _one_line_error(rc, err, "'zebra'")
