@@ -43,6 +43,7 @@ _EXPORTS = {
     "gamma_image_grid": "analysis",
     "bootstrap_mean": "analysis",
     "render_figures": "plotting",
+    "report": "htmlreport",
 }
 
 __all__ = sorted(_EXPORTS) + ["schedules", "__version__"]

@@ -7,9 +7,12 @@ Every error that bad input causes ends in one line on stderr and exit status 2; 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Sequence
@@ -18,14 +21,25 @@ from . import __version__
 from .errors import TacaProbeError
 
 EMBEDDED_NOTE = (
-    "The embedded tiny models (tiny-sd3, tiny-sd35, tiny-flux) have RANDOM weights: they exercise the "
-    "machinery, not the science."
+    "The default model, shapes, is a tiny SD3 trained on coloured shapes and shipped in the package; the other "
+    "embedded models (tiny-sd3, tiny-sd35, tiny-flux) have RANDOM weights: they exercise the machinery, not the "
+    "science."
 )
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        raise TacaProbeError(f"{self.prog}: {message} (see --help)")
+        raise TacaProbeError(f"{self.prog}: {message}{_did_you_mean(message)} (see --help)")
+
+
+def _did_you_mean(message: str) -> str:
+    """'; did you mean 'record'?' for argparse's "invalid choice: 'recrod' (choose from ...)"."""
+    m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if not m:
+        return ""
+    choices = re.findall(r"'?([\w.:@-]+)'?", m.group(2))
+    close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _seeds(text: str) -> list[int]:
@@ -36,6 +50,11 @@ def _seeds(text: str) -> list[int]:
         return int_ranges(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad seeds {text!r}: expected e.g. 0,1,2 or 0-7") from None
+
+
+def short_prompt(prompt: str, width: int = 40) -> str:
+    """A prompt for a progress bar: cut at a word, never inside one."""
+    return textwrap.shorten(" ".join(prompt.split()), width, placeholder=" …")
 
 
 def _positive_int(text: str) -> int:
@@ -81,7 +100,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--model",
         default=DEFAULT_MODEL,
         help=f"embedded name ({', '.join(EMBEDDED_MODELS)}), a local diffusers folder, or a hub id already in "
-        f"the local Hugging Face cache (default: {DEFAULT_MODEL}). {EMBEDDED_NOTE}",
+        f"the local Hugging Face cache (default: {DEFAULT_MODEL}, the trained shapes model)",
     )
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu)")
@@ -96,6 +115,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's or pipeline's)")
+    p.add_argument("--max-sequence-length", type=_positive_int, default=None, metavar="N",
+                   help="T5 text length (default: the model's recommended, else the pipeline's)")
 
 
 def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
@@ -108,7 +129,7 @@ def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
 
     call = dict(model_call_defaults(args.model))
     explicit = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
-                "guidance_scale": args.guidance}
+                "guidance_scale": args.guidance, "max_sequence_length": args.max_sequence_length}
     call.update({k: v for k, v in explicit.items() if v is not None})
     call.setdefault("num_inference_steps", 28)
     default_h, default_w = _default_size(pipe)
@@ -118,10 +139,13 @@ def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
     return call
 
 
-def _schedule_help() -> str:
+def _schedule_help(default: str | None) -> str:
+    """The --schedule help: its default (stated once, by the caller's parser) and the forms."""
     from .schedules import FORMS
 
-    return "gamma schedule (default step:1.2@970, the paper's rule; 'none' = stock model). Forms: " + " | ".join(
+    when = {None: "no default", "none": "default none: the stock model",
+            "step:1.2@970": "default step:1.2@970, the paper's rule"}.get(default, f"default {default}")
+    return f"gamma schedule ({when}; 'none' = stock model). Forms: " + " | ".join(
         line.strip() for line in FORMS.strip().splitlines() if line.strip()
     )
 
@@ -139,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate images with a TACA schedule. " + EMBEDDED_NOTE)
     _add_model_args(gen)
     _add_sampling_args(gen)
-    gen.add_argument("--schedule", default="step:1.2@970", help=_schedule_help())
+    gen.add_argument("--schedule", default="step:1.2@970", help=_schedule_help("step:1.2@970"))
     gen.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
     gen.add_argument("--lora-scale", type=float, default=1.0, help="LoRA weight while active (default 1)")
     gen.add_argument("--out", default="out", help="output folder (default ./out)")
@@ -154,8 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(rec)
     _add_sampling_args(rec)
-    rec.add_argument("--schedule", default="none",
-                     help="TACA schedule while recording (default none: the stock model). " + _schedule_help())
+    rec.add_argument("--schedule", default="none", help="TACA schedule while recording: " + _schedule_help("none"))
     rec.add_argument("--maps", default=None, metavar="SPEC",
                      help="also record per-token attention maps for a selection, e.g. 'steps=0-4;layers=all;"
                      "tokens=prompt' (default: no maps)")
@@ -178,8 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
+    ex = sub.add_parser("export-images", help="write a store's (or sweep's) images as PNG files, named by prompt and seed",
+                        description="Write every complete sample's image as DIR/NNNN_<prompt>_seed<S>.png (a sweep: "
+                        "one subfolder per schedule).")
+    ex.add_argument("store", help="store folder or sweep folder")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.set_defaults(func=cmd_export_images)
+
     _add_sweep_parser(sub)
     _add_figures_parser(sub)
+    _add_report_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (not tests): the cost of TACA against stock attention")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=_Parser)
@@ -261,6 +292,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     schedule = parse(args.schedule)  # validate before loading anything
     items = _read_prompts(args)
     import torch
+    from tqdm.auto import tqdm
 
     from .intervention import taca
     from .models import load_pipeline, resolve_device, resolve_dtype
@@ -274,12 +306,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     versions = _versions()
     n_total = sum(len(seeds) for _, seeds in items)
     index = 0
-    with taca(pipe, schedule, lora=args.lora, lora_scale=args.lora_scale) as handle:
+    pipe.set_progress_bar_config(disable=True)  # one bar over the images, not one per image inside it
+    # the bar starts once TACA (and a LoRA) is installed, so that a refusal stays one line
+    with taca(pipe, schedule, lora=args.lora, lora_scale=args.lora_scale) as handle, \
+            tqdm(total=n_total, desc="images", unit="image", file=sys.stderr) as bar:
         for prompt, seeds in items:
             for seed in seeds:
                 handle.calls.clear()
                 kwargs = {**call, "generator": torch.Generator("cpu").manual_seed(seed)}
-                print(f"[{index + 1}/{n_total}] seed {seed}: {prompt}", file=sys.stderr)
+                bar.set_postfix_str(f"seed {seed}: {short_prompt(prompt)}")
                 t0 = time.perf_counter()
                 image = pipe(prompt, **kwargs).images[0]
                 elapsed = time.perf_counter() - t0
@@ -300,6 +335,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 }
                 (out / f"{stem}.json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
                 index += 1
+                bar.update(1)
     print(f"wrote {index} image(s) with JSON sidecars to {out}/")
     return 0
 
@@ -343,6 +379,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         device = ranks.device(resolve_device(args.device))
         dtype = resolve_dtype(args.dtype, device)
         pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)  # one bar over the samples, not one per sample inside it
         call = _call_kwargs(args, pipe)
         run_attrs = {"guidance": call.get("guidance_scale"), "lora": None if args.lora is None else str(args.lora),
                      "lora_scale": args.lora_scale, "pipeline_kwargs": call}
@@ -371,7 +408,7 @@ def cmd_record(args: argparse.Namespace) -> int:
                        file=sys.stderr, position=ranks.rank)
             for slot in bar:
                 prompt, seed = plan[slot]
-                bar.set_postfix_str(f"seed {seed}: {prompt[:40]}")
+                bar.set_postfix_str(f"seed {seed}: {short_prompt(prompt)}")
                 if run.sample(prompt, seed=seed, slot=slot, **call):
                     recorded += 1
         ranks.barrier()
@@ -427,6 +464,60 @@ def _summary(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _sweep_summary(folder: Path) -> str:
+    """One line per (schedule, block type): mean visual->text mass at the first and last step."""
+    from .sweep import open_sweep
+
+    ds = open_sweep(folder)
+    if ds.sizes.get("sample", 0) == 0:
+        return "(no sample complete in every schedule)"
+    mass = ds["vis_txt_mass"]
+    if "branch" in mass.dims:
+        mass = mass.sel(branch="cond")
+    t = ds["timestep"].isel(sample=0).values
+    last = ds.sizes["step"] - 1
+    uniform = ds.attrs["n_txt"] / (ds.attrs["n_txt"] + ds.attrs["n_vis"])
+    lines = [f"mean visual->text attention mass (uniform attention would give {uniform:.4f}):",
+             f"  {'schedule':<24} {'block type':<10} {'step 0 (t=%.0f)' % t[0]:>16} {'step %d (t=%.0f)' % (last, t[last]):>16}"]
+    for spec in ds["schedule"].values:
+        for bt in sorted(set(ds["block_type"].values.tolist())):
+            m = mass.sel(schedule=spec).where(ds["block_type"] == bt, drop=True).mean(("sample", "layer", "head"))
+            lines.append(f"  {str(spec):<24} {bt:<10} {float(m.isel(step=0)):>16.4f} {float(m.isel(step=last)):>16.4f}")
+    return "\n".join(lines)
+
+
+def _dtype_name(dtype: str) -> str:
+    return "string" if "StringDType" in dtype or dtype.startswith(("<U", "|S", "object")) else dtype
+
+
+def format_info(info: dict) -> str:
+    """``taca-probe info``: data variables, coordinates and internal arrays in aligned tables."""
+    from .store import COORD_ORDER, VARIABLE_ORDER
+
+    coords = [n for n in info["arrays"] if n not in VARIABLE_ORDER and n != "complete"]
+    groups = {"data variables": [n for n in VARIABLE_ORDER if n in info["arrays"]],
+              "coordinates": sorted(coords, key=lambda n: (COORD_ORDER.index(n) if n in COORD_ORDER else len(COORD_ORDER), n)),
+              "internal (open_run hides it)": [n for n in ("complete",) if n in info["arrays"]]}
+    rows = {}
+    for name, a in info["arrays"].items():
+        dims = ", ".join(f"{d}={n}" for d, n in zip(a["dims"], a["shape"]))
+        rows[name] = (name, _dtype_name(a["dtype"]), f"({dims})", "chunks " + "x".join(map(str, a["chunks"])),
+                      f"{a['stored_bytes'] / 1024:.1f} KiB")
+    widths = [max(len(r[i]) for r in rows.values()) for i in range(4)] if rows else [0] * 4
+    lines = [f"{info['path']}: taca-probe store, schema {info['schema']}",
+             f"samples: {info['samples_complete']} complete, {info['samples_incomplete']} incomplete; "
+             f"{info['stored_bytes'] / 2**20:.2f} MiB on disk"]
+    for title, names in groups.items():
+        if names:
+            lines.append(f"{title}:")
+            lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(rows[n][:4], widths)) + "  " + rows[n][4].rjust(10)
+                      for n in names]
+    lines.append("provenance:")
+    key = max((len(k) for k in info["attrs"]), default=0)
+    lines += [f"  {k:<{key}}  {v}" for k, v in info["attrs"].items()]
+    return "\n".join(lines)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .store import store_info
 
@@ -434,16 +525,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    print(f"{info['path']}: taca-probe store, schema {info['schema']}")
-    print(f"samples: {info['samples_complete']} complete, {info['samples_incomplete']} incomplete; "
-          f"{info['stored_bytes'] / 2**20:.2f} MiB on disk")
-    print("variables:")
-    for name, a in info["arrays"].items():
-        dims = ", ".join(f"{d}={n}" for d, n in zip(a["dims"], a["shape"]))
-        print(f"  {name:<17} {a['dtype']:<8} ({dims})  chunks {tuple(a['chunks'])}  {a['stored_bytes'] / 1024:.1f} KiB")
-    print("provenance:")
-    for k, v in info["attrs"].items():
-        print(f"  {k}: {v}")
+    print(format_info(info))
+    return 0
+
+
+def _slug(text: str, width: int = 60) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:width].rstrip("-") or "prompt"
+
+
+def cmd_export_images(args: argparse.Namespace) -> int:
+    """Every image of a store (or each store of a sweep) as PNG, named by prompt and seed."""
+    from PIL import Image
+
+    from .plotting import _open_inputs
+
+    runs, _, _ = _open_inputs([args.store], None)
+    out = Path(args.out)
+    written = 0
+    for label, spec, ds in runs:
+        # a sweep: one folder per schedule; a store: the images directly in --out
+        folder = out / _slug(spec, 40) if len(runs) > 1 or Path(args.store) != Path(label) else out
+        folder.mkdir(parents=True, exist_ok=True)
+        prompts = [str(p) for p in ds["prompt"].values]
+        seeds = [int(s) for s in ds["seed"].values]
+        batch = [int(b) for b in ds["batch_index"].values] if "batch_index" in ds.coords else [0] * len(seeds)
+        for i, (prompt, seed, b) in enumerate(zip(prompts, seeds, batch)):
+            name = f"{i:04d}_{_slug(prompt)}_seed{seed}" + (f"_{b}" if b else "") + ".png"
+            Image.fromarray(ds["image"].isel(sample=i).values).save(folder / name)
+            written += 1
+    print(f"wrote {written} PNG image(s) to {out}/")
     return 0
 
 
@@ -497,10 +608,9 @@ def _add_sweep_parser(sub) -> None:
                     help="threshold timesteps of the grid, 0..1000 (default %s, the paper's)"
                     % ",".join(f"{t:g}" for t in DEFAULT_T_THRESH))
     sw.add_argument("--schedule", action="append", dest="schedules", metavar="SPEC",
-                    help="an extra schedule of any form (repeatable), e.g. first:1.2@3. " + _schedule_help())
+                    help="an extra schedule of any form (repeatable), e.g. first:1.2@3, beside the grid: "
+                    + _schedule_help(None))
     sw.add_argument("--no-grid", action="store_true", help="record only the --schedule specs (and 'none')")
-    sw.add_argument("--max-sequence-length", type=_positive_int, default=None, metavar="N",
-                    help="T5 text length (default: the model's recommended, else the pipeline's)")
     sw.add_argument("--maps", default=None, metavar="SPEC",
                     help="also record per-token attention maps (needed for Fig. 3), e.g. 'steps=0-3' "
                     "(default: no maps)")
@@ -544,7 +654,10 @@ def _add_figures_parser(sub) -> None:
     fg.add_argument("--sample", type=int, default=0, help="which paired sample Fig. 3 shows (default 0)")
     fg.add_argument("--steps", type=_int_list, default=None, metavar="LIST",
                     help="Fig. 3 steps, e.g. 0-3 (default: the first steps with maps, at most 4)")
-    fg.add_argument("--max-tokens", type=_positive_int, default=8, help="Fig. 3 rows: at most this many tokens (default 8)")
+    fg.add_argument("--max-tokens", type=_positive_int, default=8,
+                    help="Fig. 3 rows: this many prompt tokens whose maps changed most (default 8)")
+    fg.add_argument("--tokens", default=None, metavar="LIST",
+                    help="Fig. 3 rows: these tokens instead, as words or text positions, e.g. red,circle or 2,17")
     fg.add_argument("--overlay", action="store_true", help="Fig. 3: draw the maps over the decoded image")
     fg.add_argument("--format", default="png,pdf", metavar="LIST",
                     help=f"comma list of {', '.join(FORMATS)} (default png,pdf)")
@@ -600,6 +713,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"{', '.join(f'{k}={v}' for k, v in doc['call'].items())})")
     for entry in doc["schedules"]:
         print(f"  {entry['spec']:<24} {entry['samples_complete']:>4} samples  {entry['store']}  {entry['images']}/")
+    print(_sweep_summary(folder))
     print(f"open it with taca_probe.open_sweep({str(folder)!r}); draw it with: taca-probe figures {folder} "
           f"--out {folder / 'figures'}")
     return 0
@@ -612,14 +726,48 @@ def cmd_figures(args: argparse.Namespace) -> int:
     res = render_figures(
         args.stores, args.out, figures=args.figures, baseline=args.baseline, treated=args.treated, by=args.by,
         sample=args.sample, steps=args.steps, max_tokens=args.max_tokens, overlay=args.overlay, formats=formats,
+        tokens=[t.strip() for t in args.tokens.split(",") if t.strip()] if args.tokens else None,
         dpi=args.dpi, n_resamples=args.n_resamples, seed=args.seed, branch=args.branch,
-        chunks={} if args.lazy else None, log=lambda msg: print(msg, file=sys.stderr),
+        chunks={} if args.lazy else None,
     )
+    # one line per figure (written or skipped), naming the run it was drawn from
     print(f"wrote {len(res['written'])} figure(s) as {', '.join(formats)} to {args.out}/")
-    for name, paths in res["written"].items():
-        print(f"  {name}: {', '.join(p.name for p in paths)}")
+    width = max(map(len, res["written"]), default=0)
+    for name in res["written"]:
+        print(f"  {name:<{width}}  from {res['sources'][name]}")
     for group, reason in res["skipped"].items():
         print(f"  skipped {group}: {reason}")
+    return 0
+
+
+def _add_report_parser(sub) -> None:
+    rp = sub.add_parser(
+        "report",
+        help="write one self-contained interactive HTML page (images, suppression, heat map, map viewer)",
+        description="Write DIR/index.html, which opens from disk with no server and no network: the generated "
+        "images; visual->text mass over timesteps by block type with 95% intervals and the uniform reference; a "
+        "layer x step heat map; for stores with maps, a viewer of the head-mean map of a chosen sample, step, "
+        "layer and text token; for a TACA/baseline pair (or a sweep), the same side by side with the difference.",
+    )
+    rp.add_argument("stores", nargs="+", metavar="STORE", help="run stores and/or sweep folders")
+    rp.add_argument("--out", default="report", help="output folder (default ./report)")
+    rp.add_argument("--baseline", default=None, metavar="STORE|SPEC",
+                    help="the baseline run (default: the one recorded with schedule none)")
+    rp.add_argument("--treated", default=None, metavar="STORE|SPEC",
+                    help="the run compared with it (default: step:1.2@970 if present, else the first other)")
+    rp.add_argument("--n-resamples", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    rp.add_argument("--branch", default=None, choices=["cond", "uncond"], help="CFG branch of stores that hold both")
+    rp.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .htmlreport import report
+
+    t0 = time.perf_counter()
+    res = report(args.stores, args.out, baseline=args.baseline, treated=args.treated,
+                 n_resamples=args.n_resamples, branch=args.branch)
+    print(f"wrote {res.path} ({res.size_bytes / 2**20:.1f} MiB, runs: {', '.join(res.runs)}) in "
+          f"{time.perf_counter() - t0:.1f} s; open it in a browser (no server needed)")
     return 0
 
 

@@ -20,6 +20,7 @@ that importing this module (e.g. for ``taca-probe --help``) stays fast.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import heapq
 import io
 import os
@@ -385,6 +386,10 @@ def load_pipeline(
                 if cached is False
                 else "not a valid Hugging Face model id"
             )
+            close = difflib.get_close_matches(model, list(EMBEDDED_MODELS), n=1, cutoff=0.6)
+            if close:  # a misspelled embedded name is likelier than an uncached hub id
+                raise ModelError(f"unknown model {model!r}: did you mean {close[0]!r}? (embedded models: "
+                                 f"{', '.join(EMBEDDED_MODELS)}; it is also no local folder, and {why})")
             raise ModelError(
                 f"model {model!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor an "
                 f"existing local folder, and is {why}"
@@ -402,7 +407,16 @@ def load_pipeline(
             raise ModelError(f"cannot load {what}: {_first_line(exc)}{hint}") from exc
         # Inside _quiet for the embedded models: diffusers' "fp16 cannot run on the CPU" warning
         # is stale (torch 2.13 runs the tiny models in fp16 on the CPU).
-        return pipe.to(torch_device)
+        pipe = pipe.to(torch_device)
+    # The name as the user gave it ("shapes", not the package folder): stores record it, as the CLI does.
+    pipe._taca_probe_model = model
+    return pipe
+
+
+def model_name(pipe: Any) -> str:
+    """The name a pipeline was loaded by (:func:`load_pipeline`), else its ``name_or_path``."""
+    return str(getattr(pipe, "_taca_probe_model", None) or getattr(pipe, "name_or_path", None)
+               or getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
 
 
 # --------------------------------------------------------------------------------------------

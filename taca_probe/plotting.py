@@ -173,6 +173,13 @@ def _grid_with_labels(fig, labels: Sequence[str], n_cols: int, *, fontsize: floa
     return axes
 
 
+def _finite_range(arrays: Sequence[np.ndarray]) -> tuple[float, float]:
+    """Smallest and largest finite value over ``arrays`` ((0, 1) if none)."""
+    vals = np.concatenate([np.ravel(np.asarray(a, float)) for a in arrays]) if arrays else np.zeros(0)
+    vals = vals[np.isfinite(vals)]
+    return (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
+
+
 def _wrap(text: str, width: int = 28) -> str:
     return "\n".join(textwrap.wrap(str(text), width)) or str(text)
 
@@ -209,15 +216,24 @@ def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = F
             ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=f"{label}")
             ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
         uniform = float(res["uniform_reference"]) if "uniform_reference" in res else res.attrs.get("uniform_reference")
-        ax.axhline(1.0, color="0.15", ls=":", lw=1.5, label="cross-attention (text keys only) = 1")
         if uniform is not None:
             ax.axhline(uniform, color="0.35", ls="--", lw=1.5,
                        label=f"uniform attention N_txt/(N_txt+N_vis) = {uniform:.3g}")
+        # Fit the data and the uniform reference: the masses sit far below the cross-attention value 1,
+        # which a 0-1 axis would squeeze into its bottom. Where 1 is off the axis, the legend says so.
+        values = [np.asarray(res[v].values, float) for v in ("mean", "ci_low", "ci_high")]
+        lo, hi = _finite_range(values + ([np.array([uniform])] if uniform is not None else []))
+        top_ref = hi * 1.1 >= 1.0 or log
+        if top_ref:
+            hi = max(hi, 1.0)
+        ax.axhline(1.0, color="0.15", ls=":", lw=1.5, label="cross-attention (text keys only) = 1"
+                   + ("" if top_ref else ", above this axis"))
         ax.set_ylabel("relative magnitude, full / cross attention\n(= " + _MASS_LABEL + ", fraction)")
         if log:
             ax.set_yscale("log")
         else:
-            ax.set_ylim(0, 1.08)
+            pad = 0.08 * (hi - lo or abs(hi) or 1.0)
+            ax.set_ylim(max(0.0, lo - pad), hi + pad)
         ci = res.attrs.get("ci", 0.95)
         ax.set_title(_fit(title or (
             "Fig. 2 analogue: suppression of visual→text attention\n"
@@ -319,11 +335,32 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
 # ------------------------------------------------------------------------------------------------
 
 
-def _pick_tokens(md: xr.Dataset, i: int, max_tokens: int) -> list[int]:
-    """Positions along ``token`` to show for sample ``i``: recorded, not padding, most changed first."""
+def _pick_tokens(md: xr.Dataset, i: int, max_tokens: int, tokens: Sequence[int | str] | None = None) -> list[int]:
+    """Positions along ``token`` to show for sample ``i``.
+
+    ``tokens``: text positions (ints) or words (matched against the readable token text; every
+    occurrence); otherwise the recorded non-padding tokens whose maps changed most (mean absolute
+    change over the steps), at most ``max_tokens``, in prompt order.
+    """
     sub = md.isel(sample=i)
     absch = np.asarray(sub["token_abs_change"].values, float)  # (step, token)
     ok = np.isfinite(absch).any(axis=0)
+    positions = [int(v) for v in np.asarray(md["token"].values)]
+    if tokens is not None:
+        texts = [readable_token(t) for t in np.asarray(sub["token_text"].values)] if "token_text" in sub.coords else []
+        picked: list[int] = []
+        for want in tokens:
+            if isinstance(want, (int, np.integer)) or str(want).strip().isdigit():
+                hits = [positions.index(int(want))] if int(want) in positions else []
+            else:
+                hits = [k for k, t in enumerate(texts) if t.lower() == str(want).strip().lower()]
+            hits = [k for k in hits if ok[k]]
+            if not hits:
+                recorded = sorted({texts[k] for k in np.flatnonzero(ok)}) if texts else []
+                raise FigureError(f"token {want!r} has no recorded map in sample {i}; recorded tokens: "
+                                  + ", ".join(recorded[:40]))
+            picked += [k for k in hits if k not in picked]
+        return picked
     if "token_is_padding" in sub.coords:
         ok &= ~np.asarray(sub["token_is_padding"].values, bool)
     pos = np.flatnonzero(ok)
@@ -333,12 +370,27 @@ def _pick_tokens(md: xr.Dataset, i: int, max_tokens: int) -> list[int]:
     return pos.tolist()
 
 
+def _tokens_note(md: xr.Dataset, i: int, shown: int, tokens: Sequence[int | str] | None) -> str:
+    """How the rows were chosen, for the title."""
+    if tokens is not None:
+        return f"rows: the {shown} token(s) asked for"
+    sub = md.isel(sample=i)
+    ok = np.isfinite(np.asarray(sub["token_abs_change"].values, float)).any(axis=0)
+    if "token_is_padding" in sub.coords:
+        ok &= ~np.asarray(sub["token_is_padding"].values, bool)
+    total = int(ok.sum())
+    if shown < total:
+        return f"rows: the {shown} of {total} prompt tokens whose maps changed most (mean |Δ|), in prompt order"
+    return f"rows: all {total} prompt tokens"
+
+
 def plot_map_difference(
     md: xr.Dataset,
     *,
     sample: int = 0,
     steps: Sequence[int] | None = None,
     max_tokens: int = 8,
+    tokens: Sequence[int | str] | None = None,
     overlay: bool = False,
     title: str | None = None,
 ):
@@ -354,6 +406,8 @@ def plot_map_difference(
         Step indices (default: every step of ``md``, at most 6).
     max_tokens
         Show at most this many tokens (those whose maps changed most, in prompt order).
+    tokens
+        The tokens to show instead: text positions or words (every occurrence of the word).
     overlay
         Draw each difference map over the decoded TACA image (greyscale).
     """
@@ -367,9 +421,11 @@ def plot_map_difference(
     bad = [s for s in steps if s not in all_steps]
     if bad:
         raise FigureError(f"step(s) {bad} not in the map difference; steps: {all_steps}")
-    tokens = _pick_tokens(md, sample, max_tokens)
+    asked = tokens
+    tokens = _pick_tokens(md, sample, max_tokens, asked)
     if not tokens:
         raise FigureError(f"sample {sample} has no recorded prompt-token map")
+    note = _tokens_note(md, sample, len(tokens), asked)
     sub = md.isel(sample=sample).sel(step=steps)
     diff = np.asarray(sub["diff"].values, float)  # (step, token, y, x)
     shown = diff[:, tokens]
@@ -415,17 +471,20 @@ def plot_map_difference(
             f"Fig. 3 analogue: visual→text attention maps, TACA ({md.attrs.get('treated_schedule')}) − baseline "
             f"({md.attrs.get('baseline_schedule') or 'none'})\n'{_wrap(prompt, 60)}', seed {seed}; head mean, "
             f"{md.attrs.get('n_layers')} layer(s) averaged; each panel: {ny} × {nx} latent image-token grid; "
-            f"n = 1 sample (of {md.attrs.get('n_pairs')} pairs)"), fig), fontsize=10)
+            f"n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"), fig), fontsize=10)
     return fig
 
 
-def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16, title: str | None = None):
+def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
+                      tokens: Sequence[int | str] | None = None, title: str | None = None):
     """Per-token summary of Fig. 3: relative change of each token's mean attention, tokens x steps."""
     if not 0 <= sample < md.sizes["sample"]:
         raise FigureError(f"sample {sample} out of range: the result holds {md.sizes['sample']} paired samples")
-    tokens = _pick_tokens(md, sample, max_tokens)
+    asked = tokens
+    tokens = _pick_tokens(md, sample, max_tokens, asked)
     if not tokens:
         raise FigureError(f"sample {sample} has no recorded prompt-token map")
+    note = _tokens_note(md, sample, len(tokens), asked)
     sub = md.isel(sample=sample, token=tokens)
     rel = 100.0 * np.asarray(sub["token_relative_change"].transpose("token", "step").values, float)
     texts = np.asarray(sub["token_text"].values).astype(object) if "token_text" in sub.coords else [""] * len(tokens)
@@ -445,7 +504,7 @@ def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16, 
         prompt = str(sub["prompt"].values) if "prompt" in sub.coords else ""
         ax.set_title(_fit(title or (f"Per-token change of visual→text attention, TACA − baseline\n'{_wrap(prompt, 60)}', "
                                f"seed {int(sub['seed'].values) if 'seed' in sub.coords else ''}; relative to the "
-                               f"baseline; n = 1 sample (of {md.attrs.get('n_pairs')} pairs)"), fig, frac=0.8), fontsize=10)
+                               f"baseline; n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"), fig, frac=0.8), fontsize=10)
     return fig
 
 
@@ -563,8 +622,9 @@ def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | N
             ax.invert_yaxis()
             ax.set_xlabel("share of the visual→text attention mass (%)")
             pad = float(sub["padding_share"].values)
-            ax.set_title(f"'{_wrap(p, 70)}' — {int(sub['n_prompt_tokens'])} prompt tokens; "
-                         f"{int(sub['n_padding_tokens'])} padding tokens take {pad:.1%}",
+            # wrapped to the panel (right of the token labels), so that it is never cut at the right
+            ax.set_title(_fit(f"'{p}' — {int(sub['n_prompt_tokens'])} prompt tokens; "
+                              f"{int(sub['n_padding_tokens'])} padding tokens take {pad:.1%}", fig, fontsize=9, frac=0.62),
                          fontsize=9, fontweight="normal", loc="left")
         fig.suptitle(_fit(title or ("Prompt tokens ranked by the visual attention they receive (padding reported "
                                f"separately)\n{rank.attrs.get('model', '')}, schedule {rank.attrs.get('schedule') or 'none'}; "
@@ -656,6 +716,7 @@ def render_figures(
     sample: int = 0,
     steps: Sequence[int] | None = None,
     max_tokens: int = 8,
+    tokens: Sequence[int | str] | None = None,
     overlay: bool = False,
     formats: Sequence[str] = ("png", "pdf"),
     dpi: int = 150,
@@ -683,9 +744,10 @@ def render_figures(
         store path or a schedule spec.
     by
         Layer grouping of the Fig. 2 lines (:data:`taca_probe.analysis.GROUP_BY`).
-    sample, steps, max_tokens, overlay
+    sample, steps, max_tokens, tokens, overlay
         Fig. 3: which paired sample, which steps (default: the first steps with maps, at most 4),
-        how many tokens, and whether to draw the maps over the decoded image.
+        how many tokens (the most changed) or which tokens (positions or words), and whether to
+        draw the maps over the decoded image.
     formats, dpi
         File formats and PNG resolution.
     n_resamples, seed, branch
@@ -698,7 +760,8 @@ def render_figures(
     Returns
     -------
     dict
-        ``{"written": {figure name: [paths]}, "skipped": {group: reason}}``.
+        ``{"written": {figure name: [paths]}, "skipped": {group: reason},
+        "sources": {figure name: the run(s) it was drawn from}}``.
     """
     from . import analysis as A
     from .schedules import parse
@@ -737,10 +800,15 @@ def render_figures(
 
     written: dict[str, list[Path]] = {}
     skipped: dict[str, str] = {}
+    used: dict[str, str] = {}
 
-    def emit(name: str, fig) -> None:
+    def what(run) -> str:
+        return f"{run[0]} ({run[1]})" if run[0] != run[1] and f"[{run[1]}]" not in run[0] else run[0]
+
+    def emit(name: str, fig, source: str) -> None:
         written[name] = save_figure(fig, out, name, formats=fmt, dpi=dpi)
-        say(f"wrote {', '.join(str(p) for p in written[name])}")
+        used[name] = source
+        say(f"wrote {', '.join(str(p) for p in written[name])} from {source}")
 
     def skip(group: str, reason: str) -> None:
         if explicit:
@@ -751,11 +819,12 @@ def render_figures(
     label, spec, ds = main_run
     if "fig2" in wanted:
         A.require(ds, "vis_txt_mass", needed_for="Fig. 2", label=label)
-        emit("fig2_suppression", plot_suppression(A.suppression(ds, by=by, **stats)))
-        emit("fig2_suppression_heatmap", plot_suppression_heatmap(A.suppression(ds, by="layer", **stats)))
-        emit("fig2_timestep_slope", plot_timestep_slope(A.timestep_awareness(ds, by="layer", **stats)))
+        emit("fig2_suppression", plot_suppression(A.suppression(ds, by=by, **stats)), what(main_run))
+        emit("fig2_suppression_heatmap", plot_suppression_heatmap(A.suppression(ds, by="layer", **stats)), what(main_run))
+        emit("fig2_timestep_slope", plot_timestep_slope(A.timestep_awareness(ds, by="layer", **stats)), what(main_run))
         if treat_run is not None:
-            emit("fig2_amplification", plot_amplification(A.amplification(treat_run[2], by=by, **stats)))
+            emit("fig2_amplification", plot_amplification(A.amplification(treat_run[2], by=by, **stats)),
+                 what(treat_run))
     if "fig3" in wanted:
         if base_run is None or treat_run is None:
             skip("fig3", "fig3 needs a TACA store and a baseline store (schedule none) recorded with the same "
@@ -771,16 +840,20 @@ def render_figures(
             except AnalysisError as e:
                 skip("fig3", str(e))
             else:
-                emit("fig3_attention_map_diff", plot_map_difference(md, sample=sample, max_tokens=max_tokens, overlay=overlay))
-                emit("fig3_token_change", plot_token_change(md, sample=sample))
+                pair = f"{what(treat_run)} − {what(base_run)}"
+                emit("fig3_attention_map_diff", plot_map_difference(md, sample=sample, max_tokens=max_tokens,
+                                                                    tokens=tokens, overlay=overlay), pair)
+                emit("fig3_token_change", plot_token_change(md, sample=sample, tokens=tokens), pair)
     if "fig4" in wanted:
         if sweep is None or sweep.sizes.get("schedule", 0) < 2:
             skip("fig4", why_no_sweep if sweep is None else "fig4 needs at least two schedules in the sweep")
         else:
-            emit("fig4_gamma_grid", plot_gamma_grid(A.gamma_image_grid(sweep)))
-            emit("fig4_mass_vs_gamma", plot_mass_vs_gamma(A.mass_vs_gamma(sweep, by="all", **stats)))
+            specs = ", ".join(str(v) for v in sweep["schedule"].values)
+            emit("fig4_gamma_grid", plot_gamma_grid(A.gamma_image_grid(sweep)), f"the sweep ({specs})")
+            emit("fig4_mass_vs_gamma", plot_mass_vs_gamma(A.mass_vs_gamma(sweep, by="all", **stats)),
+                 f"the sweep ({specs})")
     if "fig5" in wanted:
-        emit("fig5_token_ranking", plot_token_ranking(A.token_ranking(ds, branch=branch)))
+        emit("fig5_token_ranking", plot_token_ranking(A.token_ranking(ds, branch=branch)), what(main_run))
     if not written:
         raise FigureError("no figure could be drawn: " + "; ".join(skipped.values()))
-    return {"written": written, "skipped": skipped}
+    return {"written": written, "skipped": skipped, "sources": used}

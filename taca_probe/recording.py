@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import fnmatch
+import inspect
 import os
 import sys
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from ._ranges import int_ranges
 from .attention import JointLayout, attention_statistics, describe_stats_backend
 from .errors import TacaProbeError
 from .intervention import TacaConfig, TacaHandle, apply_taca
+from .models import model_call_defaults, model_name
 from .processors import Site
 from .schedules import Schedule, parse
 from .store import RunLayout, RunWriter, StoreError, is_store, remove_store
@@ -207,6 +209,7 @@ class Run:
         self.family = handle.family
         self.heads = int(self.transformer.config.num_attention_heads)
         self.attrs = attrs
+        self.call_defaults: dict[str, Any] = {}
         self.writer: RunWriter | None = None
         if mode == "resume" and path.exists():
             self.writer = RunWriter.reopen(path)
@@ -237,6 +240,7 @@ class Run:
         """
         if not isinstance(prompt, str) or not prompt:
             raise TacaProbeError("prompt must be a non-empty string")
+        pipe_kwargs = self._resolve_call(pipe_kwargs)
         n = int(num_images_per_prompt)
         slots = self.writer.slots() if self.writer is not None else []
         if slot is not None:
@@ -270,6 +274,18 @@ class Run:
         from PIL import Image
 
         return [Image.fromarray(im) for im in images]
+
+    def _resolve_call(self, pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The model's call defaults under ``pipe_kwargs``; the first sample's settings become the
+        store's ``pipeline_kwargs`` and ``guidance`` (unless given, as the CLI gives them)."""
+        call = {**self.call_defaults, **pipe_kwargs}
+        plain = {k: v for k, v in call.items() if v is None or isinstance(v, (bool, int, float, str))}
+        self.attrs.setdefault("pipeline_kwargs", plain)
+        if "guidance" not in self.attrs:
+            param = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
+            default = None if param is None or param.default is inspect.Parameter.empty else param.default
+            self.attrs["guidance"] = call.get("guidance_scale", default)
+        return call
 
     # -- hooks ---------------------------------------------------------------------------------
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -572,6 +588,8 @@ def probe(
 
         base_attrs = {
             **settings,
+            "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale),
+            "planned_samples": None,  # a store planned up front (record, sweep) holds its slot count
             "taca_probe_version": __version__, "torch_version": torch.__version__,
             "diffusers_version": diffusers.__version__,
             "schedule_description": schedule.describe(),
@@ -582,6 +600,7 @@ def probe(
             **(attrs or {}),
         }
         run = Run(pipe, p, handle, maps=maps, branch=branch, mode=mode, attrs=base_attrs)
+        run.call_defaults = model_call_defaults(pipe)  # run.sample applies them, as the CLI does
         yield run
     finally:
         if run is not None:
@@ -594,7 +613,7 @@ def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, br
     """The settings a resumed run must share with its store."""
     transformer = pipe.transformer
     return {
-        "model": str(model or getattr(pipe, "name_or_path", None) or getattr(transformer.config, "_name_or_path", "")),
+        "model": str(model or model_name(pipe) or getattr(transformer.config, "_name_or_path", "")),
         "model_class": type(transformer).__name__,
         "pipeline_class": type(pipe).__name__,
         "dtype": str(transformer.dtype).removeprefix("torch."),

@@ -438,7 +438,12 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     Returns
     -------
     xarray.Dataset
-        Only complete samples unless asked otherwise; ``attrs`` hold the provenance.
+        Only complete samples unless asked otherwise. Data variables in a fixed order
+        (:data:`VARIABLE_ORDER`); coordinates include ``channel`` (``R``, ``G``, ``B``: the image's
+        last axis). ``attrs`` hold the provenance, among them ``lora`` and ``lora_scale`` (the LoRA
+        active where gamma != 1, and its weight) and ``planned_samples`` (the number of slots a
+        ``record``/``sweep`` run planned up front; None for a store grown sample by sample with
+        :func:`taca_probe.probe`).
     """
     import xarray as xr
 
@@ -453,7 +458,17 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     if not include_incomplete:
         ds = ds.isel(sample=np.flatnonzero(complete))
     ds.attrs.pop("layout", None)
-    return ds
+    # zarr lists arrays in no fixed order; a stable order keeps printouts and tests comparable
+    names = [v for v in VARIABLE_ORDER if v in ds.data_vars] + sorted(v for v in ds.data_vars if v not in VARIABLE_ORDER)
+    coords = [c for c in COORD_ORDER if c in ds.coords] + sorted(c for c in ds.coords if c not in COORD_ORDER)
+    return xr.Dataset({v: ds[v].variable for v in names}, coords={c: ds.coords[c].variable for c in coords},
+                      attrs=ds.attrs)
+
+
+#: The order of a run's data variables and coordinates in :func:`open_run`.
+VARIABLE_ORDER = ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass", "maps", "image")
+COORD_ORDER = ("sample", "prompt", "seed", "batch_index", "branch", "step", "timestep", "sigma", "gamma", "layer",
+               "block_type", "head", "token", "token_source", "token_text", "token_is_padding", "y", "x", "channel")
 
 
 def store_info(path: str | os.PathLike) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -321,12 +322,13 @@ def run_sweep(
         from .models import load_pipeline
 
         pipe = load_pipeline(model, device=device, dtype=dtype)
-        if progress is not False:
-            pipe.set_progress_bar_config(disable=True)  # one bar for the sweep, not one per sample
+        pipe.set_progress_bar_config(disable=True)  # at most one bar, the sweep's; never one per sample
         name = str(model_name or model)
     else:
+        from .models import model_name as loaded_name
+
         pipe = model
-        name = str(model_name or getattr(pipe, "name_or_path", "") or "")
+        name = str(model_name or loaded_name(pipe))
     settings = _call_settings(pipe, model, call)
 
     prompt_list = list(dict.fromkeys(p for p, _ in plan))
@@ -404,7 +406,7 @@ def run_sweep(
                                   attrs=attrs))
                         current = entry
                     prompt, seed = plan[slot]
-                    report(f"{entry['spec']}: seed {seed}: {prompt[:40]}")
+                    report(f"{entry['spec']}: seed {seed}: {textwrap.shorten(prompt, 40, placeholder=' …')}")
                     result = run.sample(prompt, seed=seed, slot=slot, **settings)
                     if result:
                         images = folder / entry["images"]

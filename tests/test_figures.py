@@ -121,7 +121,80 @@ def test_figures_from_single_stores_and_lazy(sweep_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{n}.png" for n in plotting.FIGURES["fig3"] + plotting.FIGURES["fig4"])
     assert "TACA (step:1.5@970)" not in out  # titles are in the images, the listing names the files
-    assert "fig3_attention_map_diff: fig3_attention_map_diff.png" in out
+    line = next(x for x in out.splitlines() if "fig3_attention_map_diff" in x)
+    assert stores[2] in line and stores[0] in line  # the runs it was drawn from
+
+
+def test_figures_lists_each_figure_once_with_its_run(sweep_dir, tmp_path, capsys):
+    rc, out, err = _run(["figures", sweep_dir, "--out", tmp_path, "--format", "png", "--n-resamples", "100"], capsys)
+    assert rc == 0, err
+    lines = (out + err).splitlines()
+    for name in FIGURE_NAMES:
+        assert sum(name in x.split() for x in lines) == 1, (name, lines)
+    res = plotting.render_figures(sweep_dir, tmp_path / "again", formats="png", n_resamples=100)
+    assert res["sources"]["fig2_suppression"].endswith("[none]")  # Fig. 2 from the baseline
+    assert res["sources"]["fig5_token_ranking"].endswith("[none]")
+    assert res["sources"]["fig2_amplification"].endswith("[step:1.2@970]")
+    assert "[step:1.2@970]" in res["sources"]["fig3_attention_map_diff"] and "[none]" in res["sources"]["fig3_attention_map_diff"]
+
+
+def test_suppression_axis_fits_the_data_and_the_uniform_reference(sweep_dir):
+    res = A.suppression(open_sweep(sweep_dir).sel(schedule="none"), n_resamples=200)
+    ax = plotting.plot_suppression(res).axes[0]
+    lo, hi = ax.get_ylim()
+    values = np.concatenate([res[v].values.ravel() for v in ("mean", "ci_low", "ci_high")]
+                            + [[float(res["uniform_reference"])]])
+    values = values[np.isfinite(values)]
+    assert lo <= values.min() and hi >= values.max()  # nothing clipped, the reference visible
+    assert (values.max() - values.min()) / (hi - lo) > 0.75  # the data fill the axis
+    if values.max() * 1.1 < 1.0:
+        assert hi < 1.0
+
+
+def test_token_ranking_titles_stay_inside_the_figure():
+    import xarray as xr
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    prompts = ["a red circle to the left of a blue square and a very long tail of words that goes on", "x"]
+    k = 3
+    rank = xr.Dataset(
+        {"token": (("prompt", "rank"), np.arange(6).reshape(2, 3)), "token_text": (("prompt", "rank"), np.full((2, 3), "red")),
+         "token_source": (("prompt", "rank"), np.full((2, 3), "t5")), "share": (("prompt", "rank"), np.full((2, 3), 0.2)),
+         "padding_share": ("prompt", [0.25, 0.1]), "n_prompt_tokens": ("prompt", [23, 5]),
+         "n_padding_tokens": ("prompt", [9, 27])},
+        coords={"prompt": prompts, "rank": np.arange(k)})
+    fig = plotting.plot_token_ranking(rank)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    width = fig.bbox.width
+    for ax in fig.axes:
+        box = ax.title.get_window_extent(canvas.get_renderer())
+        assert box.x0 >= 0 and box.x1 <= width + 1, (ax.title.get_text(), box, width)
+
+
+def _row_labels(fig):
+    return [t.get_text() for ax in fig.axes if not ax.axison for t in ax.texts]
+
+
+def test_fig3_rows_are_the_most_changed_tokens_or_the_named_ones(sweep_dir):
+    sweep = open_sweep(sweep_dir)
+    md = A.map_difference(sweep.sel(schedule="step:1.5@970"), sweep.sel(schedule="none"))
+    sub = md.isel(sample=0)
+    score = np.nanmean(np.abs(sub["token_abs_change"].values), axis=0)
+    ok = np.isfinite(score) & ~sub["token_is_padding"].values
+    top = sorted(np.flatnonzero(ok)[np.argsort(-score[ok], kind="stable")[:3]])
+    labels = _row_labels(plotting.plot_map_difference(md, max_tokens=3))
+    texts = [A.readable_token(sub["token_text"].values[k]) for k in top]
+    assert len(labels) == 3 and [x.split()[0] for x in labels] == texts
+    # named by word: every recorded occurrence of 'red'
+    red = [k for k in np.flatnonzero(ok) if A.readable_token(sub["token_text"].values[k]) == "red"]
+    labels = _row_labels(plotting.plot_map_difference(md, tokens=["red"]))
+    assert len(labels) == len(red) >= 1 and all(x.startswith("red") for x in labels)
+    from taca_probe.errors import TacaProbeError
+
+    with pytest.raises(TacaProbeError, match="zebra"):
+        plotting.plot_map_difference(md, tokens=["zebra"])
 
 
 def test_sweep_resume_records_only_what_is_missing(sweep_dir, tmp_path, capsys):
@@ -240,3 +313,12 @@ def test_plots_refuse_results_with_extra_dimensions(sweep_dir):
         plotting.plot_suppression(res)
     fig = plotting.plot_suppression(res.sel(schedule="none"))
     assert fig.axes and "n = 4 samples" in fig.axes[0].get_title()
+
+
+def test_figures_tokens_option_names_fig3_rows(sweep_dir, tmp_path, capsys):
+    rc, _, err = _run(["figures", sweep_dir, "--figures", "fig3", "--tokens", "red,cube", "--format", "png",
+                       "--out", tmp_path / "ok"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "ok" / "fig3_attention_map_diff.png").is_file()
+    rc, _, err = _run(["figures", sweep_dir, "--figures", "fig3", "--tokens", "zebra", "--out", tmp_path / "no"], capsys)
+    _one_line_error(rc, err, "'zebra'")

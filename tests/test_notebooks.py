@@ -48,3 +48,22 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     assert images, f"{path.name} drew no figure"
     assert any(tmp_path.iterdir())
     assert os.environ["TACA_PROBE_NOTEBOOK_OUT"] == str(tmp_path)
+
+
+def test_quickstart_notebook_shows_progress_and_the_report_inline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TACA_PROBE_NOTEBOOK_FAST", "1")
+    monkeypatch.setenv("TACA_PROBE_NOTEBOOK_MODEL", "tiny-sd3")
+    monkeypatch.setenv("TACA_PROBE_NOTEBOOK_OUT", str(tmp_path))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    path = NOTEBOOKS[0]
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    record = next(c for c in nb.cells if c.cell_type == "code" and "run.sample(" in c.source)
+    # a progress bar over the samples: tqdm's widget, or its text form on stderr
+    bars = [o for o in record.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+            or (o.get("name") == "stderr" and "sample" in o.get("text", ""))]
+    assert bars, record.outputs
+    last = [o for o in nb.cells[-1].outputs if "text/html" in o.get("data", {})]
+    assert last and last[0]["data"]["text/html"].startswith("<iframe srcdoc=")
+    assert (tmp_path / "01_quickstart" / "report" / "index.html").is_file()

@@ -395,3 +395,30 @@ def test_resume_after_sigkill_completes_the_store(tmp_path):
     for v, before in snapshot.items():
         np.testing.assert_array_equal(ds[v].values[:n_before], before)
     assert store_info(store)["samples_incomplete"] == 0
+
+
+def test_probe_applies_the_model_call_defaults_and_records_what_the_cli_records(tmp_path, capsys):
+    """The README's probe() example on the shapes model: 16 T5 tokens (not 256), and the same attributes
+    as `taca-probe record` (model named as given, pipeline_kwargs, guidance, lora, lora_scale)."""
+    from taca_probe.models import model_call_defaults
+
+    defaults = model_call_defaults("shapes")
+    rc = main(["record", "--model", "shapes", "--prompt", "a red circle", "--seeds", "0", "--steps", "2",
+               "--schedule", "step:1.2@970", "--out", str(tmp_path / "cli.zarr")])
+    assert rc == 0, capsys.readouterr().err
+    pipe = load_pipeline("shapes", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    with probe(pipe, tmp_path / "py.zarr", schedule="step:1.2@970") as run:
+        run.sample("a red circle", seed=0, num_inference_steps=2)
+    cli, py = open_run(tmp_path / "cli.zarr"), open_run(tmp_path / "py.zarr")
+    assert set(py.attrs) == set(cli.attrs)
+    assert py.attrs["model"] == cli.attrs["model"] == "shapes"
+    # the trained text length: CLIP 16 + T5 16 tokens, not the pipeline's 256 T5 tokens
+    assert py.attrs["n_txt"] == cli.attrs["n_txt"] == 16 + defaults["max_sequence_length"]
+    assert py.attrs["pipeline_kwargs"]["max_sequence_length"] == defaults["max_sequence_length"]
+    assert py.attrs["pipeline_kwargs"]["num_inference_steps"] == 2
+    for key in ("guidance", "lora", "lora_scale", "height", "width", "steps"):
+        assert py.attrs[key] == cli.attrs[key], key
+    assert py.attrs["guidance"] == defaults["guidance_scale"]
+    # same images: the same call settings reached the pipeline
+    np.testing.assert_array_equal(py["image"].values, cli["image"].values)

@@ -1,0 +1,451 @@
+"""``taca-probe report``: one self-contained interactive HTML page for stores and sweeps.
+
+The page opens from disk with no server and no network: plotly.js is inlined once, every figure
+is a Plotly figure built here in Python, images are PNG data URIs, and the attention maps travel
+as base64 float16 arrays. The only hand-written JavaScript is the map viewer's selection logic
+(decode one map, hand it to ``Plotly.restyle``); drawing is Plotly's.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import xarray as xr
+from PIL import Image
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
+
+from . import analysis as A
+from .errors import TacaProbeError
+from .plotting import _open_inputs, _short_layer, _token_label
+from .schedules import parse
+
+__all__ = ["report", "Report", "ReportError"]
+
+# seaborn's colorblind palette, so that the page and the PNG figures agree
+_COLORS = ["#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
+           "#56b4e9"]
+_DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+
+
+class ReportError(TacaProbeError):
+    """A report that cannot be built from the given inputs."""
+
+
+@dataclass
+class Report:
+    """The written page: ``path`` (``DIR/index.html``) and its size; shows inline in Jupyter."""
+
+    path: Path
+    size_bytes: int
+    runs: list[str]
+
+    def _repr_html_(self) -> str:
+        # srcdoc keeps the page's scripts in their own document, as when opened from disk
+        doc = html.escape(self.path.read_text(encoding="utf-8"), quote=True)
+        return f'<iframe srcdoc="{doc}" style="width:100%;height:1100px;border:1px solid #ccc"></iframe>'
+
+
+def _band(color: str) -> str:
+    """A hex colour as the translucent fill of a CI band (overlapping bands stay readable)."""
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},0.2)"
+
+
+def _png_uri(pixels: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _keys(ds: xr.Dataset) -> list[tuple[str, int, int]]:
+    return A._sample_keys(ds)
+
+
+def _mass(ds: xr.Dataset, branch: str | None) -> xr.Dataset:
+    return A._select_branch(ds, branch)
+
+
+def _suppression_figure(runs: list[tuple[str, str, xr.Dataset]], stats: dict[str, Any]) -> go.Figure:
+    """Visual->text mass against timestep, one line per (run, block type), CI bands, uniform reference."""
+    fig = go.Figure()
+    uniform = None
+    lo_all, hi_all = [], []
+    for r, (label, spec, ds) in enumerate(runs):
+        res = A.suppression(ds, by="block_type", **stats)
+        uniform = float(res["uniform_reference"]) if "uniform_reference" in res else uniform
+        t = np.asarray(res["timestep"].values, float)
+        for g, bt in enumerate(str(v) for v in res["block_type"].values):
+            sub = res.sel(block_type=bt)
+            mean, lo, hi = (np.asarray(sub[v].values, float) for v in ("mean", "ci_low", "ci_high"))
+            lo = np.where(np.isfinite(lo), lo, mean)
+            hi = np.where(np.isfinite(hi), hi, mean)
+            lo_all.append(np.nanmin(lo))
+            hi_all.append(np.nanmax(hi))
+            color = _COLORS[(r * 3 + g) % len(_COLORS)]
+            name = f"{spec} · {bt}"
+            fig.add_trace(go.Scatter(x=np.concatenate([t, t[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
+                                     fillcolor=_band(color), line={"width": 0}, hoverinfo="skip",
+                                     showlegend=False, legendgroup=name))
+            fig.add_trace(go.Scatter(x=t, y=mean, mode="lines+markers", name=name, legendgroup=name,
+                                     line={"color": color, "dash": _DASHES[r % len(_DASHES)]},
+                                     hovertemplate="t=%{x:.0f}<br>mass %{y:.4f}<extra>" + html.escape(name) + "</extra>"))
+    n = runs[0][2].sizes.get("sample", 0)
+    if uniform is not None:
+        fig.add_hline(y=uniform, line={"color": "#555", "dash": "dash"},
+                      annotation_text=f"uniform attention N_txt/(N_txt+N_vis) = {uniform:.3g}",
+                      annotation_position="top left")
+        lo_all.append(uniform)
+        hi_all.append(uniform)
+    # fit the data and the uniform reference, not 0-1: the masses sit in a narrow band
+    lo, hi = float(np.nanmin(lo_all)), float(np.nanmax(hi_all))
+    pad = 0.08 * (hi - lo or abs(hi) or 1.0)
+    fig.update_layout(
+        title=f"Visual→text attention mass over timesteps by block type (95% bootstrap CI; n = {n} per run)",
+        xaxis={"title": "timestep t (1000 = pure noise; denoising runs left to right)", "autorange": "reversed"},
+        yaxis={"title": "visual→text attention mass (fraction)", "range": [lo - pad, hi + pad]},
+        height=460, margin={"t": 60, "l": 70, "r": 20, "b": 60}, legend={"title": "run · block type"},
+    )
+    return fig
+
+
+def _difference_figure(treated: tuple[str, str, xr.Dataset], baseline: tuple[str, str, xr.Dataset],
+                       stats: dict[str, Any]) -> go.Figure:
+    """Paired TACA - baseline difference of the mass over timesteps, per block type, with 95% CIs."""
+    res = A.compare_runs(treated[2], baseline[2], by="block_type", **stats)
+    t = np.asarray(res["timestep"].values, float)
+    fig = go.Figure()
+    for g, bt in enumerate(str(v) for v in res["block_type"].values):
+        sub = res.sel(block_type=bt)
+        diff, lo, hi = (np.asarray(sub[v].values, float) for v in ("diff", "diff_ci_low", "diff_ci_high"))
+        lo, hi = np.where(np.isfinite(lo), lo, diff), np.where(np.isfinite(hi), hi, diff)
+        color = _COLORS[g % len(_COLORS)]
+        fig.add_trace(go.Scatter(x=np.concatenate([t, t[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
+                                 fillcolor=_band(color), line={"width": 0}, hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Scatter(x=t, y=diff, mode="lines+markers", name=bt, line={"color": color},
+                                 hovertemplate="t=%{x:.0f}<br>Δ mass %{y:+.4f}<extra>" + html.escape(bt) + "</extra>"))
+    fig.add_hline(y=0, line={"color": "#555", "dash": "dot"})
+    fig.update_layout(
+        title=f"{treated[1]} − {baseline[1]}: paired difference of the visual→text mass "
+              f"(95% bootstrap CI; n = {res.attrs.get('n_pairs')} pairs)",
+        xaxis={"title": "timestep t", "autorange": "reversed"},
+        yaxis={"title": "Δ visual→text mass"}, height=360, margin={"t": 60, "l": 70, "r": 20, "b": 60},
+        legend={"title": "block type"})
+    return fig
+
+
+def _heatmap_figure(runs: list[tuple[str, str, xr.Dataset]], pair: tuple[int, int] | None,
+                    branch: str | None) -> go.Figure:
+    """Layer x step mean mass per run, and treated - baseline where a pair exists."""
+    means, titles = [], []
+    for label, spec, ds in runs:
+        m = _mass(ds, branch)["vis_txt_mass"].mean(("sample", "head")).transpose("layer", "step")
+        means.append(np.asarray(m.values, float))
+        titles.append(spec)
+    if pair is not None:
+        ti, bi = pair
+        means.append(means[ti] - means[bi])
+        titles.append(f"{runs[ti][1]} − {runs[bi][1]}")
+    ds0 = runs[0][2]
+    layers = [_short_layer(str(n), str(b)) for n, b in zip(ds0["layer"].values, ds0["block_type"].values)]
+    t = np.asarray(ds0["timestep"].isel(sample=0).values, float) if ds0.sizes.get("sample") else ds0["step"].values
+    x = [f"{v:.0f}" for v in t]
+    fig = make_subplots(rows=1, cols=len(means), subplot_titles=titles, horizontal_spacing=0.1)
+    vmin = min(float(np.nanmin(m)) for m in means[: len(runs)])
+    vmax = max(float(np.nanmax(m)) for m in means[: len(runs)])
+    for c, m in enumerate(means, 1):
+        is_diff = pair is not None and c == len(means)
+        bar_x = fig.layout[f"xaxis{c if c > 1 else ''}"].domain[1] + 0.005
+        kw: dict[str, Any] = ({"colorscale": "RdBu_r", "zmid": 0.0} if is_diff
+                              else {"colorscale": "Viridis", "zmin": vmin, "zmax": vmax})
+        show = is_diff or c == len(runs)
+        fig.add_trace(go.Heatmap(z=m, x=x, y=layers, showscale=show,
+                                 colorbar={"x": bar_x, "len": 0.9,
+                                           "title": "diff" if is_diff else "mass", "thickness": 10},
+                                 hovertemplate="t=%{x}<br>%{y}<br>%{z:.4f}<extra></extra>", **kw), row=1, col=c)
+        fig.update_xaxes(title_text="timestep t", row=1, col=c, type="category", nticks=8)
+        fig.update_yaxes(autorange="reversed", row=1, col=c, type="category", showticklabels=c == 1)
+    fig.update_layout(title="Visual→text attention mass per layer and timestep (mean over heads and samples)",
+                      height=360, margin={"t": 80, "l": 90, "r": 30, "b": 60})
+    return fig
+
+
+def _map_viewer(runs: list[tuple[str, str, xr.Dataset]], base_index: int | None, treated_index: int | None,
+                branch: str | None) -> tuple[dict[str, Any] | None, go.Figure | None]:
+    """Data and the Plotly figure of the map viewer (None without maps)."""
+    with_maps = [i for i, (_, _, ds) in enumerate(runs) if "maps" in ds and ds.sizes.get("sample", 0)]
+    if not with_maps:
+        return None, None
+    common = _keys(runs[with_maps[0]][2])
+    for i in with_maps[1:]:
+        other = set(_keys(runs[i][2]))
+        kept = [k for k in common if k in other]
+        if kept:
+            common = kept
+    viewer = [i for i in with_maps if set(common) <= set(_keys(runs[i][2]))]
+    steps = A.recorded_map_steps(runs[viewer[0]][2])
+    layers = A._recorded_map_layers(runs[viewer[0]][2])
+    for i in viewer[1:]:
+        steps = [s for s in steps if s in set(A.recorded_map_steps(runs[i][2]))]
+        layers = [name for name in layers if name in set(A._recorded_map_layers(runs[i][2]))]
+    if not steps or not layers:
+        return None, None
+    ref = runs[viewer[0]][2]
+    ref_pos = {k: j for j, k in enumerate(_keys(ref))}
+    ref_idx = [ref_pos[k] for k in common]
+    text = np.asarray(ref["token_text"].values)[ref_idx]
+    padding = np.asarray(ref["token_is_padding"].values, bool)[ref_idx] if "token_is_padding" in ref else np.zeros(text.shape, bool)
+    source = [str(s) for s in ref["token_source"].values] if "token_source" in ref.coords else [None] * text.shape[1]
+    layer_bt = dict(zip((str(v) for v in ref["layer"].values), (str(v) for v in ref["block_type"].values)))
+    maps_b64, images, recorded = {}, {}, None
+    for i in viewer:
+        ds = _mass(runs[i][2], branch)
+        pos = {k: j for j, k in enumerate(_keys(ds))}
+        idx = [pos[k] for k in common]
+        arr = ds["maps"].isel(sample=idx).sel(step=steps, layer=layers).transpose("sample", "step", "layer", "token", "y", "x")
+        values = np.ascontiguousarray(np.asarray(arr.values, dtype="<f2"))
+        maps_b64[str(i)] = base64.b64encode(values.tobytes()).decode("ascii")
+        rec = np.isfinite(values).any(axis=(1, 2, 4, 5))  # (sample, token): recorded somewhere
+        recorded = rec if recorded is None else recorded & rec
+        images[str(i)] = [_png_uri(ds["image"].isel(sample=j).values) for j in idx]
+    ny, nx = ref.sizes["y"], ref.sizes["x"]
+    t = np.asarray(ref["timestep"].isel(sample=ref_idx[0]).values, float)
+    step_pos = {int(s): j for j, s in enumerate(ref["step"].values)}
+    data = {
+        "runs": [{"index": i, "label": runs[i][0], "spec": runs[i][1]} for i in viewer],
+        "baseline": base_index if base_index in viewer else None,
+        "treated": treated_index if treated_index in viewer else viewer[0],
+        "samples": [{"prompt": p, "seed": s, "batch_index": b,
+                     "tokens": [{"pos": q, "label": _token_label(text[j, q], source[q], q),
+                                 "padding": bool(padding[j, q]), "recorded": bool(recorded[j, q])}
+                                for q in range(text.shape[1])]}
+                    for j, (p, s, b) in enumerate(common)],
+        "steps": [{"step": int(s), "timestep": float(t[step_pos[int(s)]])} for s in steps],
+        "layers": [{"name": n, "label": _short_layer(n, layer_bt.get(n))} for n in layers],
+        "shape": [len(common), len(steps), len(layers), int(text.shape[1]), int(ny), int(nx)],
+        "maps": maps_b64,
+        "images": images,
+    }
+    panels = ["selected run"] + (["baseline", "selected − baseline"] if data["baseline"] is not None else [])
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.11)
+    empty = np.full((ny, nx), np.nan)
+    for c, name in enumerate(panels, 1):
+        is_diff = name.endswith("baseline") and c == 3
+        kw: dict[str, Any] = {"colorscale": "RdBu_r", "zmid": 0.0} if is_diff else {"colorscale": "Viridis"}
+        right = fig.layout[f"xaxis{c if c > 1 else ''}"].domain[1]
+        fig.add_trace(go.Heatmap(z=empty, name=name, colorbar={"x": right + 0.005, "len": 0.8, "thickness": 10},
+                                 hovertemplate="y=%{y} x=%{x}<br>%{z:.4g}<extra>" + name + "</extra>", **kw),
+                      row=1, col=c)
+        fig.update_xaxes(title_text="latent x", row=1, col=c, constrain="domain")
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{c if c > 1 else ''}", row=1, col=c, constrain="domain")
+    fig.update_layout(height=380, margin={"t": 50, "l": 40, "r": 30, "b": 50})
+    return data, fig
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:1.2em 2em;color:#222;max-width:1400px}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
+.gallery{display:flex;flex-wrap:wrap;gap:12px}.gallery figure{margin:0;width:150px;font-size:0.78em}
+.gallery img,#view-image{image-rendering:pixelated;width:128px;height:128px;border:1px solid #ccc}
+.controls label{margin-right:1em;font-size:0.9em}.controls select{margin-left:0.3em}
+.viewer{display:flex;gap:1em;align-items:flex-start}.viewer>div.plot{flex:1}
+.note{color:#555;font-size:0.85em}table.meta td{padding:0 1em 0 0;font-size:0.85em;vertical-align:top}
+"""
+
+# The viewer's selection logic: decode the chosen float16 map(s) and restyle the Plotly heatmaps.
+_JS = r"""
+(function () {
+  const D = JSON.parse(document.getElementById('taca-data').textContent);
+  const $ = (id) => document.getElementById(id);
+  const bytes = {};
+  for (const k in D.maps) {
+    const s = atob(D.maps[k]); const b = new Uint8Array(s.length);
+    for (let i = 0; i < s.length; i++) b[i] = s.charCodeAt(i);
+    bytes[k] = new Uint16Array(b.buffer);
+  }
+  function half(h) {  // IEEE 754 binary16 -> number
+    const s = (h & 0x8000) ? -1 : 1, e = (h >> 10) & 0x1f, f = h & 0x3ff;
+    if (e === 0) return s * Math.pow(2, -14) * (f / 1024);
+    if (e === 31) return f ? NaN : s * Infinity;
+    return s * Math.pow(2, e - 15) * (1 + f / 1024);
+  }
+  const [NS, NST, NL, NT, NY, NX] = D.shape;
+  function map(run, sample, step, layer, token) {
+    const off = ((((sample * NST + step) * NL + layer) * NT + token) * NY * NX);
+    const a = bytes[String(run)], z = [];
+    for (let y = 0; y < NY; y++) {
+      const row = [];
+      for (let x = 0; x < NX; x++) row.push(half(a[off + y * NX + x]));
+      z.push(row);
+    }
+    return z;
+  }
+  function fill(sel, items) {
+    const old = sel.value; sel.innerHTML = '';
+    for (const [v, t] of items) { const o = document.createElement('option'); o.value = v; o.textContent = t; sel.appendChild(o); }
+    if ([...sel.options].some((o) => o.value === old)) sel.value = old;
+  }
+  fill($('sel-run'), D.runs.map((r) => [r.index, r.spec + (r.index === D.baseline ? ' (baseline)' : '')]));
+  $('sel-run').value = String(D.treated);
+  fill($('sel-sample'), D.samples.map((s, i) => [i, `${s.prompt} · seed ${s.seed}` + (s.batch_index ? ` #${s.batch_index}` : '')]));
+  fill($('sel-step'), D.steps.map((s, i) => [i, `step ${s.step} (t = ${s.timestep.toFixed(0)})`]));
+  fill($('sel-layer'), D.layers.map((l, i) => [i, l.label]));
+  function tokens() {
+    const s = D.samples[+$('sel-sample').value], pad = $('show-padding').checked;
+    fill($('sel-token'), s.tokens.filter((t) => t.recorded && (pad || !t.padding)).map((t) => [t.pos, t.label]));
+  }
+  function update() {
+    const run = +$('sel-run').value, i = +$('sel-sample').value, st = +$('sel-step').value;
+    const l = +$('sel-layer').value, tok = +$('sel-token').value;
+    const zs = [map(run, i, st, l, tok)];
+    if (D.baseline !== null) {
+      const b = map(D.baseline, i, st, l, tok);
+      zs.push(b, zs[0].map((row, y) => row.map((v, x) => Math.fround(v) - Math.fround(b[y][x]))));
+    }
+    // the run and the baseline share one colour scale, so that their maps compare by eye
+    let top = 0;
+    for (const z of zs.slice(0, 2)) for (const row of z) for (const v of row) if (v > top) top = v;
+    Plotly.restyle('map-view', {z: zs}, zs.map((_, k) => k));
+    Plotly.restyle('map-view', {zmin: 0, zmax: top || 1}, zs.length === 3 ? [0, 1] : [0]);
+    $('view-image').src = D.images[String(run)][i];
+    const s = D.samples[i], t = s.tokens[tok];
+    $('view-caption').textContent = `${D.runs.find((r) => r.index === run).spec} · ${s.prompt} · seed ${s.seed} · ` +
+      `step ${D.steps[st].step} (t = ${D.steps[st].timestep.toFixed(0)}) · ${D.layers[l].label} · token ${t.label}`;
+    window.tacaReport.selection = {run, sample: i, step: D.steps[st].step, layer: D.layers[l].name, token: tok};
+  }
+  window.tacaReport = {data: D, update};
+  $('sel-sample').addEventListener('change', () => { tokens(); update(); });
+  $('show-padding').addEventListener('change', () => { tokens(); update(); });
+  for (const id of ['sel-run', 'sel-step', 'sel-layer', 'sel-token']) $(id).addEventListener('change', update);
+  tokens(); update();
+})();
+"""
+
+
+def _div(fig: go.Figure, div_id: str) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
+                       config={"displaylogo": False, "responsive": True})
+
+
+def report(
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    baseline: str | None = None,
+    treated: str | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    branch: str | None = None,
+) -> Report:
+    """Write ``out/index.html``: images, suppression with CIs, layer x step heat map, map viewer.
+
+    Parameters
+    ----------
+    sources
+        Run stores and/or sweep folders (as for :func:`taca_probe.render_figures`).
+    out
+        Output folder; the page is ``out/index.html`` and needs nothing else.
+    baseline, treated
+        Store path or schedule spec of the baseline (default: the run with schedule ``none``) and
+        of the run compared with it (default: ``step:1.2@970`` if present, else the first other).
+    n_resamples, seed, branch
+        Bootstrap and CFG-branch options of the analysis.
+
+    Returns
+    -------
+    Report
+        The page's path and size; displays the page inline in Jupyter.
+    """
+    from .plotting import _find_run
+
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if not sources:
+        raise ReportError("no input: give one or more stores or sweep folders")
+    runs, _, _ = _open_inputs(sources, None)
+    runs = [r for r in runs if r[2].sizes.get("sample", 0)]
+    if not runs:
+        raise ReportError("no complete sample in the inputs")
+    base = _find_run(runs, baseline, "baseline") if baseline else next((r for r in runs if parse(r[1]).is_identity), None)
+    if treated:
+        treat = _find_run(runs, treated, "treated")
+    else:
+        others = [r for r in runs if r is not base and not parse(r[1]).is_identity]
+        treat = next((r for r in others if r[1] == "step:1.2@970"), others[0] if others else None)
+    bi = next((i for i, r in enumerate(runs) if r is base), None)
+    ti = next((i for i, r in enumerate(runs) if r is treat), None)
+    pair = None
+    if bi is not None and ti is not None:
+        try:
+            A.pair_samples(runs[ti][2], runs[bi][2])
+            A._check_same_structure(runs[ti][2], runs[bi][2], ("layer", "step"))
+            pair = (ti, bi)
+        except A.AnalysisError:
+            pair = None
+    stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
+
+    sections = []
+    gallery = []
+    for label, spec, ds in runs:
+        figs = "".join(
+            f'<figure><img src="{_png_uri(ds["image"].isel(sample=j).values)}" alt="{html.escape(str(p))}">'
+            f"<figcaption>{html.escape(str(p))}<br>seed {int(s)}</figcaption></figure>"
+            for j, (p, s, _) in enumerate(_keys(ds)))
+        gallery.append(f"<h3>{html.escape(spec)} <span class='note'>{html.escape(label)}</span></h3>"
+                       f"<div class='gallery'>{figs}</div>")
+    sections.append("<h2>Generated images</h2>" + "".join(gallery))
+    sections.append("<h2>Suppression: visual→text attention over timesteps</h2>"
+                    + _div(_suppression_figure(runs, stats), "suppression")
+                    + "<p class='note'>Dashed line: the mass that uniform attention over all keys would put on "
+                      "text. Cross-attention alone (text keys only) would give 1, far above this axis.</p>")
+    if pair is not None:
+        sections.append(_div(_difference_figure(runs[pair[0]], runs[pair[1]], stats), "difference"))
+    sections.append("<h2>Layer × timestep</h2>" + _div(_heatmap_figure(runs, pair, branch), "heatmap"))
+    data, viewer = _map_viewer(runs, bi, ti, branch)
+    script = ""
+    if data is not None:
+        sections.append(
+            "<h2>Attention maps</h2><p class='note'>Head-mean attention from each image token (latent grid) to the "
+            "chosen text token. Padding tokens are hidden unless shown below.</p>"
+            "<div class='controls'>"
+            "<label>run<select id='sel-run'></select></label><label>sample<select id='sel-sample'></select></label>"
+            "<label>step<select id='sel-step'></select></label><label>layer<select id='sel-layer'></select></label>"
+            "<label>token<select id='sel-token'></select></label>"
+            "<label><input type='checkbox' id='show-padding'> show padding tokens</label></div>"
+            "<div class='viewer'><figure style='margin:0'><img id='view-image' alt='generated image'>"
+            "<figcaption id='view-caption' class='note' style='width:200px'></figcaption></figure>"
+            f"<div class='plot'>{_div(viewer, 'map-view')}</div></div>")
+        payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+        script = f"<script type='application/json' id='taca-data'>{payload}</script><script>{_JS}</script>"
+    else:
+        sections.append("<h2>Attention maps</h2><p class='note'>No maps in these runs: record with "
+                        "<code>--maps steps=0-4</code> to get the map viewer.</p>")
+    ds0 = runs[0][2]
+    meta = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(ds0.attrs.get(k)))}</td></tr>"
+                   for k in ("model", "pipeline_class", "steps", "height", "width", "guidance", "n_txt", "n_vis")
+                   if k in ds0.attrs)
+    pair_text = (f"compared: <b>{html.escape(runs[pair[0]][1])}</b> against the baseline "
+                 f"<b>{html.escape(runs[pair[1]][1])}</b>" if pair else "no TACA/baseline pair in the inputs")
+    page = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>taca-probe report</title>"
+        f"<style>{_CSS}</style><script>{get_plotlyjs()}</script></head><body>"
+        f"<h1>taca-probe report</h1><p>{len(runs)} run(s): "
+        + ", ".join(f"<b>{html.escape(spec)}</b> ({r[2].sizes['sample']} samples)" for r in runs for spec in [r[1]])
+        + f"; {pair_text}.</p><table class='meta'>{meta}</table>"
+        + "".join(sections) + script + "</body></html>"
+    )
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return Report(path=path, size_bytes=path.stat().st_size, runs=[r[1] for r in runs])

@@ -1,0 +1,199 @@
+"""`taca-probe report`: the page's data against the stores, and the page itself in headless Chromium.
+
+One sweep (tiny-sd3, 64 px, 2 steps, 2 prompts x 2 seeds, schedules none and step:1.5@970, maps at
+steps 0-1) is recorded once per module. The browser test drives Debian's chromium through
+Playwright (no downloaded browser); where Chromium is missing it fails and says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from taca_probe import analysis as A
+from taca_probe import open_sweep, report, run_sweep
+from taca_probe.cli import main
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("report") / "sweep"
+    run_sweep("tiny-sd3", folder, prompts=["a red cube", "a blue ball"], seeds=[0, 1], schedules=["none", "step:1.5@970"],
+              maps="steps=0-1;tokens=all", device="cpu", progress=False,
+              call={"num_inference_steps": 2, "height": 64, "width": 64, "max_sequence_length": 8})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def page(sweep_dir, tmp_path_factory):
+    return report(sweep_dir, tmp_path_factory.mktemp("page"), n_resamples=200)
+
+
+def _page_data(path: Path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    m = re.search(r"<script type='application/json' id='taca-data'>(.*?)</script>", text, re.S)
+    return json.loads(m.group(1).replace("<\\/", "</"))
+
+
+def _png(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+
+
+def test_page_is_self_contained_and_holds_the_stored_maps_and_images(page, sweep_dir):
+    text = page.path.read_text(encoding="utf-8")
+    assert page.path.name == "index.html" and page.size_bytes == page.path.stat().st_size
+    # nothing fetched from elsewhere: no external scripts, stylesheets or images
+    assert not re.search(r"""<(script|img|link)[^>]+(src|href)=["']?(https?:)?//""", text)
+    data = _page_data(page.path)
+    sweep = open_sweep(sweep_dir)
+    specs = [r["spec"] for r in data["runs"]]
+    assert specs == ["none", "step:1.5@970"]
+    assert specs[data["baseline"]] == "none" and specs[data["treated"]] == "step:1.5@970"
+    assert [s["step"] for s in data["steps"]] == [0, 1]
+    n_s, n_st, n_l, n_t, ny, nx = data["shape"]
+    assert (n_s, n_st, n_l, n_t, ny, nx) == (4, 2, sweep.sizes["layer"], sweep.sizes["token"], sweep.sizes["y"], sweep.sizes["x"])
+    for run in data["runs"]:
+        maps = np.frombuffer(base64.b64decode(data["maps"][str(run["index"])]), "<f2").reshape(data["shape"])
+        ref = sweep["maps"].sel(schedule=run["spec"]).isel(step=[0, 1]).transpose("sample", "step", "layer", "token", "y", "x")
+        np.testing.assert_array_equal(maps, ref.values)
+        for i in range(4):
+            np.testing.assert_array_equal(_png(data["images"][str(run["index"])][i]),
+                                          sweep["image"].sel(schedule=run["spec"]).isel(sample=i).values)
+    pad = sweep["token_is_padding"].values
+    for i, s in enumerate(data["samples"]):
+        assert (s["prompt"], s["seed"]) == (str(sweep["prompt"].values[i]), int(sweep["seed"].values[i]))
+        assert [t["padding"] for t in s["tokens"]] == pad[i].tolist()
+
+
+def test_report_of_one_store_has_a_viewer_without_a_baseline(sweep_dir, tmp_path):
+    store = sweep_dir / "stores" / "01_step_1.5@970.zarr"
+    res = report(store, tmp_path, n_resamples=100)
+    data = _page_data(res.path)
+    assert res.runs == ["step:1.5@970"] and data["baseline"] is None and len(data["runs"]) == 1
+    text = res.path.read_text(encoding="utf-8")
+    # the viewer has one panel (no baseline, no difference)
+    assert text.count('"type":"heatmap"') >= 1 and "selected − baseline" not in text
+
+
+def test_report_shows_inline_in_jupyter(page):
+    frame = page._repr_html_()
+    assert frame.startswith("<iframe srcdoc=") and "taca-data" in frame and "<script" not in frame.split('"')[0]
+
+
+def _chromium(candidates=None) -> str:
+    """Debian's chromium binary; a missing browser is a failure that says how to install it."""
+    if candidates is None:
+        candidates = (os.environ.get("TACA_PROBE_CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser"))
+    for cand in candidates:
+        if cand and Path(cand).is_file():
+            return cand
+    pytest.fail("Chromium is not installed, so the report cannot be tested in a browser: install it "
+                "(`apt-get install -y chromium`, as .ci/run does) or set TACA_PROBE_CHROMIUM to its binary")
+
+
+def test_a_missing_chromium_fails_and_says_how_to_install_it():
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
+        _chromium([None, "/nonexistent/chromium"])
+
+
+@pytest.mark.slow
+def test_report_in_headless_chromium_shows_the_selected_image_and_maps(page, sweep_dir):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the browser test needs playwright (pip install -e '.[dev]')")
+    chromium = _chromium()
+    sweep = open_sweep(sweep_dir)
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(tempfile.mkdtemp(prefix="chromium-"), executable_path=chromium,
+                                                    headless=True, args=CHROMIUM_ARGS,
+                                                    viewport={"width": 1400, "height": 1000})
+        try:
+            tab = ctx.new_page()
+            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            tab.on("pageerror", lambda e: errors.append(str(e)))
+            t0 = time.perf_counter()
+            tab.goto(page.path.resolve().as_uri(), wait_until="load")
+            tab.wait_for_function("window.tacaReport !== undefined")
+            load_s = time.perf_counter() - t0
+            # padding hidden by default: the token list holds prompt tokens only
+            tokens = [int(v) for v in tab.eval_on_selector_all("#sel-token option", "os => os.map(o => o.value)")]
+            sample = 3
+            pad = sweep["token_is_padding"].values
+            tab.select_option("#sel-sample", str(sample))
+            tokens = [int(v) for v in tab.eval_on_selector_all("#sel-token option", "os => os.map(o => o.value)")]
+            assert tokens and not pad[sample, tokens].any()
+            tab.check("#show-padding")
+            with_pad = [int(v) for v in tab.eval_on_selector_all("#sel-token option", "os => os.map(o => o.value)")]
+            assert set(with_pad) > set(tokens) and pad[sample, sorted(set(with_pad) - set(tokens))].all()
+            tab.uncheck("#show-padding")
+            token, layer = tokens[-1], sweep.sizes["layer"] - 1
+            tab.select_option("#sel-step", "1")
+            tab.select_option("#sel-layer", str(layer))
+            tab.select_option("#sel-token", str(token))
+            treated_index = tab.evaluate("window.tacaReport.data.treated")
+            tab.select_option("#sel-run", str(treated_index))
+            z = tab.evaluate("document.getElementById('map-view').data.map(t => t.z)")
+            zmax = tab.evaluate("document.getElementById('map-view').data.map(t => t.zmax)")
+            src = tab.get_attribute("#view-image", "src")
+            caption = tab.text_content("#view-caption")
+            tab.locator("#map-view").screenshot(path=str(page.path.parent / "viewer.png"))
+            charts = tab.evaluate("""['suppression', 'difference'].map(id => {
+                const el = document.getElementById(id);
+                return {y: el._fullData.map(t => Array.from(t.y)), name: el._fullData.map(t => t.name || null),
+                        range: el._fullLayout.yaxis.range};
+            })""")
+        finally:
+            ctx.close()
+    assert not errors, errors
+    assert load_s < 30
+    sel = {"sample": sample, "step": 1, "token": token}
+    treated = sweep["maps"].sel(schedule="step:1.5@970").isel(layer=layer)[sel].values.astype(np.float32)
+    base = sweep["maps"].sel(schedule="none").isel(layer=layer)[sel].values.astype(np.float32)
+    got = [np.array([[np.nan if v is None else v for v in row] for row in m], dtype=np.float64) for m in z]
+    assert len(got) == 3
+    np.testing.assert_array_equal(got[0], treated)
+    np.testing.assert_array_equal(got[1], base)
+    np.testing.assert_allclose(got[2], treated - base, rtol=0, atol=1e-7)
+    assert zmax[0] == zmax[1] == pytest.approx(max(np.nanmax(treated), np.nanmax(base)))  # one shared colour scale
+    assert np.nanmax(np.abs(got[2])) > 0  # TACA (gamma 1.5 at step 0) changed it: the comparison is not vacuous
+    np.testing.assert_array_equal(_png(src), sweep["image"].sel(schedule="step:1.5@970").isel(sample=sample).values)
+    assert str(sweep["prompt"].values[sample]) in caption
+    # the suppression chart draws the stored means, on an axis that holds them and the uniform reference
+    supp, diff = charts
+    base = A.suppression(sweep.sel(schedule="none"), n_resamples=200)
+    line = supp["y"][supp["name"].index("none · joint")]
+    np.testing.assert_allclose(line, base["mean"].sel(block_type="joint").values, rtol=1e-6)
+    lo, hi = supp["range"]
+    shown = np.concatenate([np.ravel(y) for y in supp["y"]] + [[float(base["uniform_reference"])]])
+    assert lo <= np.nanmin(shown) and hi >= np.nanmax(shown) and hi < 1.0  # fitted, not 0-1
+    # the paired difference: TACA minus baseline per sample, averaged
+    paired = A.compare_runs(sweep.sel(schedule="step:1.5@970"), sweep.sel(schedule="none"), n_resamples=200)
+    np.testing.assert_allclose(diff["y"][diff["name"].index("joint")],
+                               paired["diff"].sel(block_type="joint").values, rtol=1e-6, atol=1e-9)
+
+
+def test_report_command(sweep_dir, tmp_path, capsys):
+    rc = main(["report", str(sweep_dir), "--out", str(tmp_path / "r"), "--n-resamples", "100"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert (tmp_path / "r" / "index.html").is_file() and "index.html" in out
+    rc = main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
