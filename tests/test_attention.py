@@ -154,11 +154,6 @@ def _reference_masses(q, k, n_txt, txt_first, gamma, attn_mask=None):
 BACKENDS = ["fused", "block", "triton"]
 
 
-@pytest.fixture(autouse=True)
-def _triton_on_the_cpu(monkeypatch):
-    # The Triton kernel runs on the CPU through Triton's interpreter (set before the kernel is built).
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["bool", "additive"])

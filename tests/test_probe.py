@@ -51,8 +51,7 @@ def _reference_stats(p: torch.Tensor, n_txt: int, txt_first: bool):
 
 
 @pytest.mark.parametrize("backend", ["fused", "block", "triton"])
-def test_attention_statistics_match_the_reference(backend, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton's kernel on the CPU
+def test_attention_statistics_match_the_reference(backend):
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, 3, 60, 16, generator=g) * 2 for _ in range(2))
     v = torch.randn(2, 3, 60, 16, generator=g)
@@ -93,8 +92,7 @@ class _Inputs:
 @pytest.mark.parametrize("backend", ["block", "fused", "triton"])
 def test_recorded_statistics_equal_explicit_recomputation(pipes, tmp_path, model, schedule, gammas, backend,
                                                           monkeypatch):
-    monkeypatch.setenv("TACA_PROBE_STATS", backend)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton's kernel on the CPU
+    monkeypatch.setenv("TACA_PROBE_STATS", backend)  # triton: through its interpreter (conftest)
     pipe = pipes[model]
     transformer = pipe.transformer
     stock = dict(transformer.attn_processors)
