@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from ._ranges import MAX_INT, int_ranges
 from .errors import TacaProbeError
 
 EMBEDDED_NOTE = (
@@ -25,17 +27,18 @@ EMBEDDED_NOTE = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        raise TacaProbeError(f"{self.prog}: {message} (see --help)")
+        # main() prints "taca-probe: error: "; name only the subcommand here, not the program twice
+        where = self.prog.removeprefix("taca-probe").strip()
+        raise TacaProbeError(f"{where + ': ' if where else ''}{message} (see --help)")
 
 
 def _seeds(text: str) -> list[int]:
     """``0,1,2`` or ``0-3`` or a mix -> list of ints."""
-    from ._ranges import int_ranges
-
     try:
         return int_ranges(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad seeds {text!r}: expected e.g. 0,1,2 or 0-7") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"bad seeds {text!r}: {e}; seeds are integers 0..{MAX_INT}, e.g. 0,1,2 or 0-7") from None
 
 
 def _positive_int(text: str) -> int:
@@ -48,14 +51,80 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _bounded_int(lo: int, hi: int):
+    """An argparse type: an integer in ``lo..hi`` (refused before any model loads)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in {lo}..{hi}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _bounded_float(lo: float, hi: float):
+    """An argparse type: a finite number in ``lo..hi`` (``nan`` and ``inf`` are refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {lo:g}..{hi:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: Largest image side accepted before a model loads (SD3 models then check their own position table).
+MAX_IMAGE_SIDE = 4096
+#: More denoising steps than a scheduler has training timesteps is a typo.
+MAX_STEPS = 1000
+_steps = _bounded_int(1, MAX_STEPS)
+_image_side = _bounded_int(16, MAX_IMAGE_SIDE)
+_guidance = _bounded_float(0.0, 100.0)
+_lora_scale = _bounded_float(-100.0, 100.0)
+
+
+def _check_out(path: Path) -> None:
+    """Refuse an output path under a file or in a folder that cannot be written, before loading a model."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TacaProbeError(f"--out {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TacaProbeError(f"--out {str(path)!r}: cannot write in {str(parent)!r} (permission denied or read-only)")
+
+
+def _seed_value(value: object, where: str) -> int:
+    """A seed from a JSON prompts file: an integer in 0..MAX_INT (not a bool, not 1.7)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+        raise TacaProbeError(f"{where}: seed {value!r} is not an integer in 0..{MAX_INT}")
+    return value
+
+
 def _read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
     """(prompt, seeds) pairs from --prompt and --prompts FILE (text: one a line; JSONL: prompt, seed)."""
+    for p in args.prompt or []:
+        if not p.strip():
+            raise TacaProbeError("--prompt: a prompt must be non-empty text")
     items: list[tuple[str, list[int]]] = [(p, args.seeds) for p in (args.prompt or [])]
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
             raise TacaProbeError(f"prompt file {str(path)!r} does not exist")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TacaProbeError(f"prompt file {str(path)!r} is not UTF-8 text (byte {e.start})") from None
+        # lines end at "\n" only: str.splitlines would also split at U+2028 and other separators
+        for n, line in enumerate(text.split("\n"), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -63,10 +132,12 @@ def _read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
                 try:
                     rec = json.loads(line)
                     prompt = rec["prompt"]
-                    seeds = [int(rec["seed"])] if "seed" in rec else args.seeds
                 except (ValueError, KeyError, TypeError):
                     raise TacaProbeError(f"{path}:{n}: expected a JSON object with 'prompt' (and optional 'seed')") from None
-                items.append((str(prompt), seeds))
+                if not isinstance(prompt, str) or not prompt.strip():
+                    raise TacaProbeError(f"{path}:{n}: 'prompt' must be non-empty text, got {prompt!r}")
+                seeds = [_seed_value(rec["seed"], f"{path}:{n}")] if "seed" in rec else args.seeds
+                items.append((prompt, seeds))
             else:
                 items.append((line, args.seeds))
     if not items:
@@ -91,11 +162,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", metavar="FILE", help="prompts, one per line, or JSONL with 'prompt' and 'seed'")
     p.add_argument("--seeds", type=_seeds, default=[0], help="seeds for every prompt, e.g. 0,1,2 or 0-7 (default 0)")
-    p.add_argument("--steps", type=_positive_int, default=None,
+    p.add_argument("--steps", type=_steps, default=None,
                    help="denoising steps (default: the model's recommended, else 28)")
-    p.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
-    p.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's or pipeline's)")
+    p.add_argument("--height", type=_image_side, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=_image_side, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--guidance", type=_guidance, default=None, help="guidance scale (default: the model's or pipeline's)")
 
 
 def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
@@ -141,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.add_argument("--schedule", default="step:1.2@970", help=_schedule_help())
     gen.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
-    gen.add_argument("--lora-scale", type=float, default=1.0, help="LoRA weight while active (default 1)")
+    gen.add_argument("--lora-scale", type=_lora_scale, default=1.0, help="LoRA weight while active (default 1)")
     gen.add_argument("--out", default="out", help="output folder (default ./out)")
     gen.set_defaults(func=cmd_generate)
 
@@ -162,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--branch", default="cond", choices=["cond", "uncond", "both"],
                      help="CFG branch to record (default cond; both adds a branch dimension)")
     rec.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
-    rec.add_argument("--lora-scale", type=float, default=1.0, help="LoRA weight while active (default 1)")
+    rec.add_argument("--lora-scale", type=_lora_scale, default=1.0, help="LoRA weight while active (default 1)")
     rec.add_argument("--out", default="run.zarr", help="store folder (default ./run.zarr)")
     group = rec.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="complete an existing store (same settings)")
@@ -229,7 +300,7 @@ def _check_size(pipe, height: int | None, width: int | None) -> None:
     multiple = int(getattr(pipe, "vae_scale_factor", 8)) * max(2, patch)
     # SD3 learned position tables cover pos_embed_max_size tokens a side.
     max_tokens = getattr(pipe.transformer.config, "pos_embed_max_size", None)
-    largest = int(max_tokens) * multiple if max_tokens else None
+    largest = int(max_tokens) * multiple if max_tokens else MAX_IMAGE_SIDE  # FLUX: no table, a memory cap
     for name, value in (("height", height), ("width", width)):
         if value is not None and value % multiple:
             raise TacaProbeError(f"--{name} {value} is not a multiple of {multiple}, which this model needs")
@@ -251,6 +322,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     schedule = parse(args.schedule)  # validate before loading anything
     items = _read_prompts(args)
+    _check_out(Path(args.out))
     import torch
 
     from .intervention import taca
@@ -314,6 +386,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     maps = MapSelection.parse(args.maps)
     items = _read_prompts(args)
     out = Path(args.out)
+    _check_out(out)
     # Under torchrun, rank 0 creates the store while the others may still be starting: only it checks.
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if out.exists() and not (args.resume or args.overwrite) and main_rank:
@@ -456,12 +529,10 @@ def _floats(text: str) -> list[float]:
 
 def _int_list(text: str) -> list[int]:
     """``0,1,2`` or ``0-3`` -> list of non-negative ints."""
-    from ._ranges import int_ranges
-
     try:
         return int_ranges(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad step list {text!r}: expected e.g. 0,1,2 or 0-3") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad step list {text!r}: {e}; expected e.g. 0,1,2 or 0-3") from None
 
 
 def _add_sweep_parser(sub) -> None:
@@ -490,7 +561,7 @@ def _add_sweep_parser(sub) -> None:
     sw.add_argument("--schedule", action="append", dest="schedules", metavar="SPEC",
                     help="an extra schedule of any form (repeatable), e.g. first:1.2@3. " + _schedule_help())
     sw.add_argument("--no-grid", action="store_true", help="record only the --schedule specs (and 'none')")
-    sw.add_argument("--max-sequence-length", type=_positive_int, default=None, metavar="N",
+    sw.add_argument("--max-sequence-length", type=_bounded_int(1, 512), default=None, metavar="N",
                     help="T5 text length (default: the model's recommended, else the pipeline's)")
     sw.add_argument("--maps", default=None, metavar="SPEC",
                     help="also record per-token attention maps (needed for Fig. 3), e.g. 'steps=0-3' "
@@ -498,7 +569,7 @@ def _add_sweep_parser(sub) -> None:
     sw.add_argument("--branch", default="cond", choices=["cond", "uncond", "both"],
                     help="CFG branch to record (default cond)")
     sw.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
-    sw.add_argument("--lora-scale", type=float, default=1.0, help="LoRA weight while active (default 1)")
+    sw.add_argument("--lora-scale", type=_lora_scale, default=1.0, help="LoRA weight while active (default 1)")
     sw.add_argument("--out", default="sweep", help="sweep folder (default ./sweep)")
     group = sw.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an existing sweep (same settings)")
@@ -539,8 +610,8 @@ def _add_figures_parser(sub) -> None:
     fg.add_argument("--overlay", action="store_true", help="Fig. 3: draw the maps over the decoded image")
     fg.add_argument("--format", default="png,pdf", metavar="LIST",
                     help=f"comma list of {', '.join(FORMATS)} (default png,pdf)")
-    fg.add_argument("--dpi", type=_positive_int, default=150, help="PNG resolution (default 150)")
-    fg.add_argument("--n-resamples", type=_positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    fg.add_argument("--dpi", type=_bounded_int(10, 1200), default=150, help="PNG resolution (default 150)")
+    fg.add_argument("--n-resamples", type=_bounded_int(100, 1_000_000), default=2000, help="bootstrap resamples (default 2000)")
     fg.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     fg.add_argument("--branch", default=None, choices=["cond", "uncond"], help="CFG branch of stores that hold both")
     fg.add_argument("--lazy", action="store_true", help="open stores with dask (for stores larger than memory)")
@@ -563,6 +634,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     maps = MapSelection.parse(args.maps)
     items = _read_prompts(args)
     out = Path(args.out)
+    _check_out(out)
     if out.exists() and not out.is_dir():
         raise SweepError(f"{str(out)!r} is a file; choose another --out")
     non_empty = out.exists() and any(out.iterdir())
@@ -635,9 +707,14 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    rows = bench_attention(shapes, device=device, dtype=dtype, gamma=args.gamma, repeats=args.repeats,
-                           variants=variants, memory=not args.no_memory,
-                           progress=lambda msg: print(msg, file=sys.stderr))
+    try:
+        rows = bench_attention(shapes, device=device, dtype=dtype, gamma=args.gamma, repeats=args.repeats,
+                               variants=variants, memory=not args.no_memory,
+                               progress=lambda msg: print(msg, file=sys.stderr))
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            raise
+        raise TacaProbeError(f"--shape: a shape does not fit in {device} memory; choose a smaller one") from None
     meta = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), **_versions(), "cuda": torch.version.cuda}
     if args.json == "-":
@@ -688,8 +765,8 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     try:
+        parser = build_parser()  # inside the try: it imports torch, and Ctrl-C may come meanwhile
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
@@ -703,6 +780,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `taca-probe info STORE | head`
         return 0
+    except OSError as e:  # disk full, read-only, a file where a folder should be: the user's to fix
+        where = f": {e.filename!r}" if e.filename else ""
+        print(f"taca-probe: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except Exception as e:  # an internal error: still one line, unless debugging
         if os.environ.get("TACA_PROBE_DEBUG"):
             raise

@@ -102,8 +102,8 @@ class MapSelection:
                     kw["tokens"] = value if value in ("prompt", "all") else _int_set(value)
                 else:
                     raise ValueError(part)
-        except ValueError:
-            raise TacaProbeError(f"bad maps selection {spec!r}; valid forms: none | {_MAPS_FORMS}") from None
+        except ValueError as e:
+            raise TacaProbeError(f"bad maps selection {spec!r} ({e}); valid forms: none | {_MAPS_FORMS}") from None
         return cls(**kw)
 
     @property

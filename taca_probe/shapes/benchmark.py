@@ -309,6 +309,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = Path(args.json)
         if out.parent and not out.parent.exists():
             raise TacaProbeError(f"--json: folder {str(out.parent)!r} does not exist")
+        if out.is_dir():  # checked now: the evaluation would be lost when the write fails at the end
+            raise TacaProbeError(f"--json {str(out)!r} is a folder; name a file")
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     result = run_benchmark(
         pipe,
