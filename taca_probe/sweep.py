@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -294,7 +293,7 @@ def run_sweep(
     from .distributed import ranks_from_env
     from .recording import MapSelection, probe
     from .schedules import parse
-    from .store import is_store, open_run, remove_store
+    from .store import open_run
 
     if mode not in ("create", "resume", "overwrite"):
         raise SweepError(f"unknown mode {mode!r}; choose from create, resume, overwrite")
@@ -365,11 +364,7 @@ def run_sweep(
     try:
         if ranks.is_main:
             if mode == "overwrite" and is_sweep(folder):
-                old = read_manifest(folder)
-                for entry in old.get("schedules", []):
-                    remove_store(folder / entry["store"])
-                    shutil.rmtree(folder / entry["images"], ignore_errors=True)
-                (folder / MANIFEST).unlink()
+                _remove_sweep_outputs(folder, read_manifest(folder))
             folder.mkdir(parents=True, exist_ok=True)
             _write_manifest(folder, doc)
             for entry in entries:
@@ -424,6 +419,54 @@ def run_sweep(
     doc["status"] = "complete"
     _write_manifest(folder, doc)
     return folder
+
+
+_PNG = re.compile(r"p\d{2,}_seed\d+(_\d+)?\.png")
+
+
+def _inside(folder: Path, relative: Any, kind: str) -> Path:
+    """``folder / relative``, refused unless it stays inside ``folder`` (no ``..``, absolute path or link out)."""
+    if not isinstance(relative, str) or not relative:
+        raise SweepError(f"{str(folder / MANIFEST)!r}: a schedule's {kind} path is {relative!r}; refusing to delete")
+    path = folder / relative
+    root = folder.resolve()
+    if Path(relative).is_absolute() or ".." in Path(relative).parts or root not in path.resolve().parents:
+        raise SweepError(f"{str(folder / MANIFEST)!r} names {kind} {relative!r} outside the sweep folder; "
+                         "refusing to delete it (fix or remove the manifest)")
+    return path
+
+
+def _remove_sweep_outputs(folder: Path, doc: dict[str, Any]) -> None:
+    """``--overwrite``: delete what this tool made in ``folder`` (stores, its PNGs, the manifest), nothing else.
+
+    Every path is checked before anything is deleted: a manifest that names something outside the
+    folder, or a store path that holds no taca-probe store, is refused.
+    """
+    from .store import is_store, remove_store
+
+    entries = doc.get("schedules", [])
+    if not isinstance(entries, list):
+        raise SweepError(f"{str(folder / MANIFEST)!r} is damaged (schedules is not a list); refusing to delete")
+    targets = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise SweepError(f"{str(folder / MANIFEST)!r} is damaged (a schedule is not an object); refusing to delete")
+        store = _inside(folder, entry.get("store"), "store")
+        images = _inside(folder, entry.get("images"), "image folder")
+        if store.exists() and not is_store(store):
+            raise SweepError(f"refusing to overwrite {str(store)!r}: the manifest names it but it is not a taca-probe store")
+        if images.exists() and not images.is_dir():
+            raise SweepError(f"refusing to overwrite {str(images)!r}: the manifest names it as an image folder")
+        targets.append((store, images))
+    for store, images in targets:
+        remove_store(store)
+        if images.is_dir():
+            for png in images.iterdir():
+                if png.is_file() and _PNG.fullmatch(png.name):
+                    png.unlink()
+            with contextlib.suppress(OSError):  # a folder with other files stays
+                images.rmdir()
+    (folder / MANIFEST).unlink()
 
 
 def _png_name(prompt_index: int, seed: int, batch_index: int = 0) -> str:
