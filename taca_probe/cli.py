@@ -421,23 +421,34 @@ def cmd_record(args: argparse.Namespace) -> int:
             ranks.barrier()  # rank 0 creates (or checks) the whole store first
             mode = "resume"
         recorded = 0
+        created_now = False
         with probe(pipe, out, schedule=schedule, maps=maps, branch=args.branch, mode=mode, lora=args.lora,
                    lora_scale=args.lora_scale, attrs=run_attrs, model=args.model) as run:
             if ranks.is_main:
                 if run.writer is None:
                     run.create_planned(plan, call)  # every slot, before any sampling
+                    created_now = True
                 else:
+                    _repair(out, run.writer)
                     _check_plan(out, [(p, s, b) for p, s, b, _ in run.writer.slots()], plan)
                 ranks.barrier()
             todo = [i for i, (*_, done) in enumerate(run.writer.slots()) if not done]
             mine = ranks.share(todo)
             bar = tqdm(mine, desc="samples" if ranks.world == 1 else f"rank {ranks.rank}", unit="sample",
                        file=sys.stderr, position=ranks.rank)
-            for slot in bar:
-                prompt, seed = plan[slot]
-                bar.set_postfix_str(f"seed {seed}: {prompt[:40]}")
-                if run.sample(prompt, seed=seed, slot=slot, **call):
-                    recorded += 1
+            try:
+                for slot in bar:
+                    prompt, seed = plan[slot]
+                    bar.set_postfix_str(f"seed {seed}: {prompt[:40]}")
+                    if run.sample(prompt, seed=seed, slot=slot, **call):
+                        recorded += 1
+            except BaseException:
+                # A store this run created in which nothing finished would only block the rerun.
+                if created_now and ranks.world == 1 and not any(done for *_, done in run.writer.slots()):
+                    from .store import remove_store
+
+                    remove_store(out)
+                raise
         ranks.barrier()
         if ranks.is_main:
             print(f"store: {out}  ({len(todo)} recorded now by {ranks.world} process(es), "
@@ -448,17 +459,48 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repair(path: Path, writer) -> None:
+    """``--resume``: mark complete samples whose chunks are missing, moved or damaged for re-recording."""
+    damaged = writer.damaged_slots()
+    if damaged:
+        listed = "; ".join(f"sample {slot}: {problems[0]}" for slot, problems in sorted(damaged.items())[:5])
+        more = f" (and {len(damaged) - 5} more)" if len(damaged) > 5 else ""
+        print(f"taca-probe: repairing {len(damaged)} damaged sample(s) of {str(path)!r}: {listed}{more}",
+              file=sys.stderr)
+        writer.mark_for_repair(sorted(damaged))
+
+
 def _check_plan(path: Path, slots: list[tuple[str, int, int]], plan: list[tuple[str, int]]) -> None:
-    """A resumed store must hold exactly this run's (prompt, seed) samples, in this order."""
-    from .store import StoreError
+    """A resumed store must hold exactly this run's (prompt, seed) samples, in this order; the refusal
+    names what differs (prompts, seeds, their count), the store's value against this run's."""
+    from .store import UNKNOWN_SLOT, StoreError
 
     planned = [(p, int(s), 0) for p, s in plan]
-    if slots != planned:
+    if len(slots) == len(planned) and all(a in (b, UNKNOWN_SLOT[:3]) for a, b in zip(slots, planned)):
+        return
+    known = [a for a in slots if a != UNKNOWN_SLOT[:3]]
+    diffs = []
+
+    def short(values: list) -> str:
+        text = ",".join(map(str, values[:8])) + (",..." if len(values) > 8 else "")
+        return f"{len(values)} [{text}]"
+
+    seeds_then, seeds_now = list(dict.fromkeys(s for _, s, _ in known)), list(dict.fromkeys(s for _, s in plan))
+    if seeds_then != seeds_now:
+        diffs.append(f"--seeds: store has {short(seeds_then)}, now {short(seeds_now)}")
+    prompts_then, prompts_now = list(dict.fromkeys(p for p, _, _ in known)), list(dict.fromkeys(p for p, _ in plan))
+    if prompts_then != prompts_now:
+        first = next((i for i, (a, b) in enumerate(zip(prompts_then, prompts_now)) if a != b),
+                     min(len(prompts_then), len(prompts_now)))
+        a = prompts_then[first] if first < len(prompts_then) else None
+        b = prompts_now[first] if first < len(prompts_now) else None
+        diffs.append(f"prompts: store has {len(prompts_then)}, now {len(prompts_now)}; prompt {first}: "
+                     f"store {a!r}, now {b!r}")
+    if not diffs:
         diff = next((i for i, (a, b) in enumerate(zip(slots, planned)) if a != b), min(len(slots), len(planned)))
-        raise StoreError(
-            f"cannot resume {str(path)!r}: its samples differ from this run's prompts x seeds "
-            f"({len(slots)} stored, {len(planned)} now; first difference at sample {diff})"
-        )
+        diffs.append(f"order: sample {diff} is {slots[diff][:2] if diff < len(slots) else None} in the store, "
+                     f"{planned[diff][:2] if diff < len(planned) else None} now")
+    raise StoreError(f"cannot resume {str(path)!r} with different samples: " + "; ".join(diffs))
 
 
 def _summary(path: Path) -> str:
@@ -501,6 +543,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{info['path']}: taca-probe store, schema {info['schema']}")
     print(f"samples: {info['samples_complete']} complete, {info['samples_incomplete']} incomplete; "
           f"{info['stored_bytes'] / 2**20:.2f} MiB on disk")
+    if info["samples_damaged"]:
+        first = next(iter(info["samples_damaged"].values()))[0]
+        print(f"DAMAGED: {len(info['samples_damaged'])} complete sample(s) "
+              f"({', '.join(map(str, info['samples_damaged']))}); first: {first}; `taca-probe record ... --resume` "
+              "records them again")
     print("variables:")
     for name, a in info["arrays"].items():
         dims = ", ".join(f"{d}={n}" for d, n in zip(a["dims"], a["shape"]))

@@ -293,7 +293,7 @@ def run_sweep(
     from .distributed import ranks_from_env
     from .recording import MapSelection, probe
     from .schedules import parse
-    from .store import open_run
+    from .store import UNKNOWN_SLOT, RunWriter, open_run
 
     if mode not in ("create", "resume", "overwrite"):
         raise SweepError(f"unknown mode {mode!r}; choose from create, resume, overwrite")
@@ -363,6 +363,13 @@ def run_sweep(
              "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale)}
     try:
         if ranks.is_main:
+            # Check every schedule's layers and the maps selection against this model before the
+            # folder is touched; a probe on a path that does not exist writes nothing.
+            for entry in entries:
+                with probe(pipe, folder / ".unused", schedule=entry["spec"], maps=maps_sel, branch=branch,
+                           mode="create", lora=lora, lora_scale=lora_scale, model=name) as run:
+                    if maps_sel is not None:
+                        maps_sel.check(run.planned_layout(settings))
             if mode == "overwrite" and is_sweep(folder):
                 _remove_sweep_outputs(folder, read_manifest(folder))
             folder.mkdir(parents=True, exist_ok=True)
@@ -373,6 +380,13 @@ def run_sweep(
                     with probe(pipe, store, schedule=entry["spec"], maps=maps_sel, branch=branch, mode="create",
                                lora=lora, lora_scale=lora_scale, model=name, attrs=attrs) as run:
                         run.create_planned(plan, settings)
+                else:  # resumed: samples whose chunks are missing, moved or damaged are recorded again
+                    writer = RunWriter.reopen(store)
+                    damaged = writer.damaged_slots()
+                    if damaged:
+                        print(f"taca-probe: repairing {len(damaged)} damaged sample(s) of {entry['store']}: "
+                              f"{next(iter(damaged.values()))[0]} ...", file=sys.stderr)
+                        writer.mark_for_repair(sorted(damaged))
         ranks.barrier()
 
         todo = []
@@ -380,7 +394,9 @@ def run_sweep(
             with probe(pipe, folder / entry["store"], schedule=entry["spec"], maps=maps_sel, branch=branch,
                        mode="resume", lora=lora, lora_scale=lora_scale, model=name, attrs=attrs) as run:
                 slots = run.writer.slots()
-                if [(p, s) for p, s, _, _ in slots] != [(p, int(s)) for p, s in plan]:
+                stored = [(p, s) for p, s, _, _ in slots]
+                if len(stored) != len(plan) or any(a not in ((p, int(s)), UNKNOWN_SLOT[:2])
+                                                   for a, (p, s) in zip(stored, plan)):
                     raise SweepError(f"{entry['store']} does not hold this sweep's prompts x seeds; use --overwrite")
                 todo.extend((entry, i) for i, (*_, done) in enumerate(slots) if not done)
         mine = ranks.share(todo)
