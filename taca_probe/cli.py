@@ -811,6 +811,15 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+def _settle() -> None:
+    """After an error, let zarr's reads still in flight finish (only if zarr was used at all), so that
+    no "Task was destroyed but it is pending!" or task traceback follows the one-line message."""
+    if "zarr" in sys.modules:
+        from .store import settle_pending_reads
+
+        settle_pending_reads()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()  # inside the try: it imports torch, and Ctrl-C may come meanwhile
@@ -820,6 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return int(args.func(args) or 0)
     except TacaProbeError as e:
+        _settle()
         print(f"taca-probe: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -717,6 +717,30 @@ class _ChecksumLocalStore(LocalStore):
         return buf
 
 
+def settle_pending_reads(timeout: float = 5.0) -> None:
+    """Wait for zarr's chunk reads still running after one of them failed, and collect their errors.
+
+    zarr reads chunks concurrently; when one raises (a damaged chunk), the others keep running in
+    zarr's event-loop thread and, left alone, print asyncio noise when the process exits.
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def settle() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: no "Task exception was never retrieved"
+
+    try:
+        sync(settle())
+    except Exception:  # best effort: never mask the error being reported
+        pass
+
+
 def _checksum_store(root: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> _ChecksumLocalStore:
     return _ChecksumLocalStore(root, read_only=True, manifest=manifest)
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -315,3 +318,22 @@ def test_interrupt_while_starting_and_os_errors_are_one_line(monkeypatch, capsys
     monkeypatch.setattr(cli, "cmd_info", disk_full)
     rc, _, err = _run(["info", str(tmp_path)], capsys)
     assert rc == 2 and str(tmp_path / "r.zarr" / "image") in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_failed_read_leaves_no_asyncio_noise(store):
+    """Defect 17: after a checksum error, zarr's other reads used to print asyncio tracebacks at exit."""
+    code = (
+        "import os, sys\n"
+        "from taca_probe.store import open_run\n"
+        "import taca_probe.cli as cli\n"
+        f"ds = open_run({str(store)!r})\n"
+        f"a, b = {str(store / 'image/c/0/0/0/0')!r}, {str(store / 'image/c/2/0/0/0')!r}\n"
+        "os.rename(a, a + '.t'); os.rename(b, a); os.rename(a + '.t', b)\n"
+        "cli.cmd_info = lambda args: ds['image'].values\n"
+        "sys.exit(cli.main(['info', 'x']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 2 and "image/c/" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
