@@ -132,3 +132,14 @@ def test_train_resume_never_runs_code_from_a_checkpoint(tmp_path, monkeypatch):
     torch.save({"modules": {}}, tmp_path / "checkpoint.pt")  # malformed: no config
     with pytest.raises(TrainError, match="config"):
         train(TrainConfig(), tmp_path, resume=True)
+
+
+def test_bench_shape_too_large_is_a_user_error(monkeypatch, capsys):
+    import taca_probe.bench as bench
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 GiB")
+
+    monkeypatch.setattr(bench, "bench_attention", out_of_memory)
+    rc, _, err = _run(["bench", "attention", "--device", "cpu", "--shape", "1,1,4,100000000,8"], capsys)
+    _refused(rc, err, "--shape")

@@ -337,3 +337,18 @@ def test_a_failed_read_leaves_no_asyncio_noise(store):
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == 2 and "image/c/" in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_sweep_resume_rerecords_damaged_samples(tmp_path, capsys):
+    sweep = tmp_path / "sw"
+    argv = ["sweep", *TINY, "--prompt", "x", "--seeds", "1,2", "--no-grid", "--schedule", "none", "--schedule",
+            "const:1.1", "--out", str(sweep)]
+    assert _run(argv, capsys)[0] == 0
+    store = sweep / "stores" / "01_const_1.1.zarr"
+    before = open_run(store).load()
+    (store / "image/c/1/0/0/0").unlink()
+    rc, _, err = _run(argv + ["--resume"], capsys)
+    assert rc == 0 and "repairing 1 damaged sample" in err and "image/c/1/0/0/0" in err
+    assert verify_store(store) == []
+    after = open_run(store).load()
+    np.testing.assert_array_equal(after["image"].values, before["image"].values)
