@@ -264,9 +264,6 @@ def _slot_of(key: str) -> int | None:
 
 #: :func:`store_info` compares the digests of files up to this size (cheap), sizes of larger ones.
 _INFO_READ_LIMIT = 64 * 1024
-#: :func:`open_run` does so up to this size: the per-sample coordinates (prompt, seed, ...), which
-#: label every other value; larger chunks are checked when they are read.
-_OPEN_READ_LIMIT = 4 * 1024
 
 
 def _check_slot(path: Path, arrays: Mapping[str, Any], slot: int, manifest_text: Any, *,
@@ -850,14 +847,15 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     Raises
     ------
     StoreError
-        For a damaged store: an array or a complete sample's chunk missing, moved, resized, or a
-        small chunk (up to 4 KiB: the per-sample coordinates) changed, checked here; reading any
-        other chunk that is not the one recorded raises :class:`ChunkChecksumError`.
+        For a damaged store: an array, or a complete sample's chunk missing, moved or resized
+        (checked here); reading a chunk that is not the one recorded (changed, swapped) raises
+        :class:`ChunkChecksumError` naming it, while the other chunks still read.
     """
     import xarray as xr
 
     p = Path(path)
-    _, _, complete, damaged, listed = _checked_open(p, read=_OPEN_READ_LIMIT)
+    # presence and sizes only: opening stays cheap, the digests are checked as chunks are read
+    _, _, complete, damaged, listed = _checked_open(p)
     if damaged:
         raise _damage_error(p, damaged)
     try:
