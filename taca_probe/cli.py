@@ -533,12 +533,22 @@ def _summary(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _strict_json(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .store import store_info
 
     info = store_info(args.store)
-    if args.json:
-        print(json.dumps(info, indent=2, default=str))
+    if args.json:  # strict JSON: a NaN or inf attribute (older stores) is written as a string
+        print(json.dumps(_strict_json(info), indent=2, default=str, allow_nan=False))
         return 0
     print(f"{info['path']}: taca-probe store, schema {info['schema']}")
     print(f"samples: {info['samples_complete']} complete, {info['samples_incomplete']} incomplete; "

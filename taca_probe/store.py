@@ -440,7 +440,13 @@ class RunWriter:
                 group["batch_index"][:] = np.array([b for _, _, b in slots], dtype=np.int64)
                 group["sample"][:] = np.arange(n)
                 group.attrs["planned_samples"] = n
-            os.rename(tmp, p)  # atomic: the store appears whole or not at all
+            try:
+                os.rename(tmp, p)  # atomic: the store appears whole or not at all
+            except OSError:
+                if p.exists():  # another process created it meanwhile
+                    raise StoreError(f"{str(p)!r} was created by another process meanwhile; pass --resume to "
+                                     "complete it") from None
+                raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-created store
             raise

@@ -114,6 +114,8 @@ def test_missing_or_swapped_chunks_are_found_everywhere(store, tmp_path, capsys,
         info = store_info(store)
         assert info["samples_damaged"] and info["samples_complete"] < 4
         assert any(key in p for problems in info["samples_damaged"].values() for p in problems)
+        rc, out, _ = _run(["info", str(store)], capsys)
+        assert rc == 0 and key in out
     if name != "swap seed chunks":  # equal sizes: found when read (test_reads_are_bound...), not at open
         rc, _, err = _run(["figures", str(store), "--out", str(tmp_path / "f"), "--figures", "fig2"], capsys)
         assert rc == 2 and key in err and err.count("\n") == 1
@@ -356,3 +358,13 @@ def test_sweep_resume_rerecords_damaged_samples(tmp_path, capsys):
     assert verify_store(store) == []
     after = open_run(store).load()
     np.testing.assert_array_equal(after["image"].values, before["image"].values)
+
+
+def test_info_json_is_strict_json_for_old_nan_attributes(store, capsys):
+    """Defect 12: a store recorded with --guidance nan (before it was refused) made `info --json` print NaN."""
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["guidance"] = float("nan")
+    (store / "zarr.json").write_text(json.dumps(meta))
+    rc, out, _ = _run(["info", str(store), "--json"], capsys)
+    assert rc == 0
+    json.loads(out, parse_constant=lambda name: pytest.fail(f"invalid JSON constant {name}"))
