@@ -368,3 +368,34 @@ def test_info_json_is_strict_json_for_old_nan_attributes(store, capsys):
     rc, out, _ = _run(["info", str(store), "--json"], capsys)
     assert rc == 0
     json.loads(out, parse_constant=lambda name: pytest.fail(f"invalid JSON constant {name}"))
+
+
+@pytest.mark.slow
+def test_sigkill_while_the_store_is_created_leaves_nothing(tmp_path):
+    """Defect 6, for real: kill `record` while it lays out a store with many planned slots."""
+    import signal
+    import time
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"prompt {i}" for i in range(20000)) + "\n")
+    out = tmp_path / "r.zarr"
+    argv = [sys.executable, "-m", "taca_probe", "record", *TINY, "--prompts", str(prompts), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob(".creating.*")):
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before the store was being created"
+        time.sleep(0.3)  # well inside the layout of 20,000 slots
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()  # nothing half-made at the output path
+    rerun = subprocess.run(argv[:-4] + ["--prompt", "x", "--out", str(out)], env=env, capture_output=True,
+                           text=True, timeout=300)  # no --overwrite, no hand clean-up
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt", "r.zarr"]  # the killed one's folder is gone
+    assert open_run(out).sizes["sample"] == 1
