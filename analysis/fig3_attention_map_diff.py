@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=int, default=0, help="which paired sample to draw")
     p.add_argument("--overlay", action="store_true", help="draw the maps over the decoded image")
     args = p.parse_args(argv)
-    stores = args.stores or [_common.record(args, schedules=["none", args.schedule], seeds=[0], maps="steps=0-3",
+    first_steps = f"steps=0-{min(3, args.steps - 1)}" if args.steps else "steps=0-3"  # steps that exist
+    stores = args.stores or [_common.record(args, schedules=["none", args.schedule], seeds=[0], maps=first_steps,
                                             n_prompts=2)]
     if len(stores) == 1 and is_sweep(stores[0]):
         sweep = open_sweep(stores[0])

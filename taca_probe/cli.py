@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import re
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from ._ranges import MAX_INT, int_ranges
 from .errors import TacaProbeError
 
 EMBEDDED_NOTE = (
@@ -29,7 +31,9 @@ EMBEDDED_NOTE = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        raise TacaProbeError(f"{self.prog}: {message}{_did_you_mean(message)} (see --help)")
+        # main() prints "taca-probe: error: "; name only the subcommand here, not the program twice
+        where = self.prog.removeprefix("taca-probe").strip()
+        raise TacaProbeError(f"{where + ': ' if where else ''}{message}{_did_you_mean(message)} (see --help)")
 
 
 def _did_you_mean(message: str) -> str:
@@ -44,12 +48,11 @@ def _did_you_mean(message: str) -> str:
 
 def _seeds(text: str) -> list[int]:
     """``0,1,2`` or ``0-3`` or a mix -> list of ints."""
-    from ._ranges import int_ranges
-
     try:
         return int_ranges(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad seeds {text!r}: expected e.g. 0,1,2 or 0-7") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"bad seeds {text!r}: {e}; seeds are integers 0..{MAX_INT}, e.g. 0,1,2 or 0-7") from None
 
 
 def short_prompt(prompt: str, width: int = 40) -> str:
@@ -67,14 +70,80 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _bounded_int(lo: int, hi: int):
+    """An argparse type: an integer in ``lo..hi`` (refused before any model loads)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in {lo}..{hi}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _bounded_float(lo: float, hi: float):
+    """An argparse type: a finite number in ``lo..hi`` (``nan`` and ``inf`` are refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {lo:g}..{hi:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: Largest image side accepted before a model loads (SD3 models then check their own position table).
+MAX_IMAGE_SIDE = 4096
+#: More denoising steps than a scheduler has training timesteps is a typo.
+MAX_STEPS = 1000
+_steps = _bounded_int(1, MAX_STEPS)
+_image_side = _bounded_int(16, MAX_IMAGE_SIDE)
+_guidance = _bounded_float(0.0, 100.0)
+_lora_scale = _bounded_float(-100.0, 100.0)
+
+
+def _check_out(path: Path) -> None:
+    """Refuse an output path under a file or in a folder that cannot be written, before loading a model."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TacaProbeError(f"--out {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TacaProbeError(f"--out {str(path)!r}: cannot write in {str(parent)!r} (permission denied or read-only)")
+
+
+def _seed_value(value: object, where: str) -> int:
+    """A seed from a JSON prompts file: an integer in 0..MAX_INT (not a bool, not 1.7)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+        raise TacaProbeError(f"{where}: seed {value!r} is not an integer in 0..{MAX_INT}")
+    return value
+
+
 def _read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
     """(prompt, seeds) pairs from --prompt and --prompts FILE (text: one a line; JSONL: prompt, seed)."""
+    for p in args.prompt or []:
+        if not p.strip():
+            raise TacaProbeError("--prompt: a prompt must be non-empty text")
     items: list[tuple[str, list[int]]] = [(p, args.seeds) for p in (args.prompt or [])]
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
             raise TacaProbeError(f"prompt file {str(path)!r} does not exist")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TacaProbeError(f"prompt file {str(path)!r} is not UTF-8 text (byte {e.start})") from None
+        # lines end at "\n" only: str.splitlines would also split at U+2028 and other separators
+        for n, line in enumerate(text.split("\n"), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -82,10 +151,12 @@ def _read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
                 try:
                     rec = json.loads(line)
                     prompt = rec["prompt"]
-                    seeds = [int(rec["seed"])] if "seed" in rec else args.seeds
                 except (ValueError, KeyError, TypeError):
                     raise TacaProbeError(f"{path}:{n}: expected a JSON object with 'prompt' (and optional 'seed')") from None
-                items.append((str(prompt), seeds))
+                if not isinstance(prompt, str) or not prompt.strip():
+                    raise TacaProbeError(f"{path}:{n}: 'prompt' must be non-empty text, got {prompt!r}")
+                seeds = [_seed_value(rec["seed"], f"{path}:{n}")] if "seed" in rec else args.seeds
+                items.append((prompt, seeds))
             else:
                 items.append((line, args.seeds))
     if not items:
@@ -110,12 +181,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", metavar="FILE", help="prompts, one per line, or JSONL with 'prompt' and 'seed'")
     p.add_argument("--seeds", type=_seeds, default=[0], help="seeds for every prompt, e.g. 0,1,2 or 0-7 (default 0)")
-    p.add_argument("--steps", type=_positive_int, default=None,
+    p.add_argument("--steps", type=_steps, default=None,
                    help="denoising steps (default: the model's recommended, else 28)")
-    p.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
-    p.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's or pipeline's)")
-    p.add_argument("--max-sequence-length", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--height", type=_image_side, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=_image_side, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--guidance", type=_guidance, default=None, help="guidance scale (default: the model's or pipeline's)")
+    p.add_argument("--max-sequence-length", type=_bounded_int(1, 512), default=None, metavar="N",
                    help="T5 text length (default: the model's recommended, else the pipeline's)")
 
 
@@ -165,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.add_argument("--schedule", default="step:1.2@970", help=_schedule_help("step:1.2@970"))
     gen.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
-    gen.add_argument("--lora-scale", type=float, default=1.0, help="LoRA weight while active (default 1)")
+    gen.add_argument("--lora-scale", type=_lora_scale, default=1.0, help="LoRA weight while active (default 1)")
     gen.add_argument("--out", default="out", help="output folder (default ./out)")
     gen.set_defaults(func=cmd_generate)
 
@@ -185,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--branch", default="cond", choices=["cond", "uncond", "both"],
                      help="CFG branch to record (default cond; both adds a branch dimension)")
     rec.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
-    rec.add_argument("--lora-scale", type=float, default=1.0, help="LoRA weight while active (default 1)")
+    rec.add_argument("--lora-scale", type=_lora_scale, default=1.0, help="LoRA weight while active (default 1)")
     rec.add_argument("--out", default="run.zarr", help="store folder (default ./run.zarr)")
     group = rec.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="complete an existing store (same settings)")
@@ -269,7 +340,7 @@ def _check_size(pipe, height: int | None, width: int | None) -> None:
     multiple = int(getattr(pipe, "vae_scale_factor", 8)) * max(2, patch)
     # SD3 learned position tables cover pos_embed_max_size tokens a side.
     max_tokens = getattr(pipe.transformer.config, "pos_embed_max_size", None)
-    largest = int(max_tokens) * multiple if max_tokens else None
+    largest = int(max_tokens) * multiple if max_tokens else MAX_IMAGE_SIDE  # FLUX: no table, a memory cap
     for name, value in (("height", height), ("width", width)):
         if value is not None and value % multiple:
             raise TacaProbeError(f"--{name} {value} is not a multiple of {multiple}, which this model needs")
@@ -291,6 +362,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     schedule = parse(args.schedule)  # validate before loading anything
     items = _read_prompts(args)
+    _check_out(Path(args.out))
     import torch
     from tqdm.auto import tqdm
 
@@ -359,6 +431,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     maps = MapSelection.parse(args.maps)
     items = _read_prompts(args)
     out = Path(args.out)
+    _check_out(out)
     # Under torchrun, rank 0 creates the store while the others may still be starting: only it checks.
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if out.exists() and not (args.resume or args.overwrite) and main_rank:
@@ -394,23 +467,34 @@ def cmd_record(args: argparse.Namespace) -> int:
             ranks.barrier()  # rank 0 creates (or checks) the whole store first
             mode = "resume"
         recorded = 0
+        created_now = False
         with probe(pipe, out, schedule=schedule, maps=maps, branch=args.branch, mode=mode, lora=args.lora,
                    lora_scale=args.lora_scale, attrs=run_attrs, model=args.model) as run:
             if ranks.is_main:
                 if run.writer is None:
                     run.create_planned(plan, call)  # every slot, before any sampling
+                    created_now = True
                 else:
+                    _repair(out, run.writer)
                     _check_plan(out, [(p, s, b) for p, s, b, _ in run.writer.slots()], plan)
                 ranks.barrier()
             todo = [i for i, (*_, done) in enumerate(run.writer.slots()) if not done]
             mine = ranks.share(todo)
             bar = tqdm(mine, desc="samples" if ranks.world == 1 else f"rank {ranks.rank}", unit="sample",
                        file=sys.stderr, position=ranks.rank)
-            for slot in bar:
-                prompt, seed = plan[slot]
-                bar.set_postfix_str(f"seed {seed}: {short_prompt(prompt)}")
-                if run.sample(prompt, seed=seed, slot=slot, **call):
-                    recorded += 1
+            try:
+                for slot in bar:
+                    prompt, seed = plan[slot]
+                    bar.set_postfix_str(f"seed {seed}: {short_prompt(prompt)}")
+                    if run.sample(prompt, seed=seed, slot=slot, **call):
+                        recorded += 1
+            except BaseException:
+                # A store this run created in which nothing finished would only block the rerun.
+                if created_now and ranks.world == 1 and not any(done for *_, done in run.writer.slots()):
+                    from .store import remove_store
+
+                    remove_store(out)
+                raise
         ranks.barrier()
         if ranks.is_main:
             print(f"store: {out}  ({len(todo)} recorded now by {ranks.world} process(es), "
@@ -421,17 +505,48 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repair(path: Path, writer) -> None:
+    """``--resume``: mark complete samples whose chunks are missing, moved or damaged for re-recording."""
+    damaged = writer.damaged_slots()
+    if damaged:
+        listed = "; ".join(f"sample {slot}: {problems[0]}" for slot, problems in sorted(damaged.items())[:5])
+        more = f" (and {len(damaged) - 5} more)" if len(damaged) > 5 else ""
+        print(f"taca-probe: repairing {len(damaged)} damaged sample(s) of {str(path)!r}: {listed}{more}",
+              file=sys.stderr)
+        writer.mark_for_repair(sorted(damaged))
+
+
 def _check_plan(path: Path, slots: list[tuple[str, int, int]], plan: list[tuple[str, int]]) -> None:
-    """A resumed store must hold exactly this run's (prompt, seed) samples, in this order."""
-    from .store import StoreError
+    """A resumed store must hold exactly this run's (prompt, seed) samples, in this order; the refusal
+    names what differs (prompts, seeds, their count), the store's value against this run's."""
+    from .store import UNKNOWN_SLOT, StoreError
 
     planned = [(p, int(s), 0) for p, s in plan]
-    if slots != planned:
+    if len(slots) == len(planned) and all(a in (b, UNKNOWN_SLOT[:3]) for a, b in zip(slots, planned)):
+        return
+    known = [a for a in slots if a != UNKNOWN_SLOT[:3]]
+    diffs = []
+
+    def short(values: list) -> str:
+        text = ",".join(map(str, values[:8])) + (",..." if len(values) > 8 else "")
+        return f"{len(values)} [{text}]"
+
+    seeds_then, seeds_now = list(dict.fromkeys(s for _, s, _ in known)), list(dict.fromkeys(s for _, s in plan))
+    if seeds_then != seeds_now:
+        diffs.append(f"--seeds: store has {short(seeds_then)}, now {short(seeds_now)}")
+    prompts_then, prompts_now = list(dict.fromkeys(p for p, _, _ in known)), list(dict.fromkeys(p for p, _ in plan))
+    if prompts_then != prompts_now:
+        first = next((i for i, (a, b) in enumerate(zip(prompts_then, prompts_now)) if a != b),
+                     min(len(prompts_then), len(prompts_now)))
+        a = prompts_then[first] if first < len(prompts_then) else None
+        b = prompts_now[first] if first < len(prompts_now) else None
+        diffs.append(f"prompts: store has {len(prompts_then)}, now {len(prompts_now)}; prompt {first}: "
+                     f"store {a!r}, now {b!r}")
+    if not diffs:
         diff = next((i for i, (a, b) in enumerate(zip(slots, planned)) if a != b), min(len(slots), len(planned)))
-        raise StoreError(
-            f"cannot resume {str(path)!r}: its samples differ from this run's prompts x seeds "
-            f"({len(slots)} stored, {len(planned)} now; first difference at sample {diff})"
-        )
+        diffs.append(f"order: sample {diff} is {slots[diff][:2] if diff < len(slots) else None} in the store, "
+                     f"{planned[diff][:2] if diff < len(planned) else None} now")
+    raise StoreError(f"cannot resume {str(path)!r} with different samples: " + "; ".join(diffs))
 
 
 def _summary(path: Path) -> str:
@@ -464,6 +579,16 @@ def _summary(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _strict_json(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def _sweep_summary(folder: Path) -> str:
     """One line per (schedule, block type): mean visual->text mass at the first and last step."""
     from .sweep import open_sweep
@@ -494,10 +619,11 @@ def format_info(info: dict) -> str:
     """``taca-probe info``: data variables, coordinates and internal arrays in aligned tables."""
     from .store import COORD_ORDER, VARIABLE_ORDER
 
-    coords = [n for n in info["arrays"] if n not in VARIABLE_ORDER and n != "complete"]
+    internal = ("complete", "chunk_manifest")  # bookkeeping that open_run hides
+    coords = [n for n in info["arrays"] if n not in VARIABLE_ORDER and n not in internal]
     groups = {"data variables": [n for n in VARIABLE_ORDER if n in info["arrays"]],
               "coordinates": sorted(coords, key=lambda n: (COORD_ORDER.index(n) if n in COORD_ORDER else len(COORD_ORDER), n)),
-              "internal (open_run hides it)": [n for n in ("complete",) if n in info["arrays"]]}
+              "internal (open_run hides them)": [n for n in internal if n in info["arrays"]]}
     rows = {}
     for name, a in info["arrays"].items():
         dims = ", ".join(f"{d}={n}" for d, n in zip(a["dims"], a["shape"]))
@@ -507,6 +633,11 @@ def format_info(info: dict) -> str:
     lines = [f"{info['path']}: taca-probe store, schema {info['schema']}",
              f"samples: {info['samples_complete']} complete, {info['samples_incomplete']} incomplete; "
              f"{info['stored_bytes'] / 2**20:.2f} MiB on disk"]
+    if info.get("samples_damaged"):
+        first = next(iter(info["samples_damaged"].values()))[0]
+        lines.append(f"DAMAGED: {len(info['samples_damaged'])} complete sample(s) "
+                     f"({', '.join(map(str, info['samples_damaged']))}); first: {first}; "
+                     "`taca-probe record ... --resume` records them again")
     for title, names in groups.items():
         if names:
             lines.append(f"{title}:")
@@ -522,8 +653,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .store import store_info
 
     info = store_info(args.store)
-    if args.json:
-        print(json.dumps(info, indent=2, default=str))
+    if args.json:  # strict JSON: a NaN or inf attribute (older stores) is written as a string
+        print(json.dumps(_strict_json(info), indent=2, default=str, allow_nan=False))
         return 0
     print(format_info(info))
     return 0
@@ -576,12 +707,10 @@ def _floats(text: str) -> list[float]:
 
 def _int_list(text: str) -> list[int]:
     """``0,1,2`` or ``0-3`` -> list of non-negative ints."""
-    from ._ranges import int_ranges
-
     try:
         return int_ranges(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad step list {text!r}: expected e.g. 0,1,2 or 0-3") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad step list {text!r}: {e}; expected e.g. 0,1,2 or 0-3") from None
 
 
 def _add_sweep_parser(sub) -> None:
@@ -617,7 +746,7 @@ def _add_sweep_parser(sub) -> None:
     sw.add_argument("--branch", default="cond", choices=["cond", "uncond", "both"],
                     help="CFG branch to record (default cond)")
     sw.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
-    sw.add_argument("--lora-scale", type=float, default=1.0, help="LoRA weight while active (default 1)")
+    sw.add_argument("--lora-scale", type=_lora_scale, default=1.0, help="LoRA weight while active (default 1)")
     sw.add_argument("--out", default="sweep", help="sweep folder (default ./sweep)")
     group = sw.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an existing sweep (same settings)")
@@ -661,8 +790,8 @@ def _add_figures_parser(sub) -> None:
     fg.add_argument("--overlay", action="store_true", help="Fig. 3: draw the maps over the decoded image")
     fg.add_argument("--format", default="png,pdf", metavar="LIST",
                     help=f"comma list of {', '.join(FORMATS)} (default png,pdf)")
-    fg.add_argument("--dpi", type=_positive_int, default=150, help="PNG resolution (default 150)")
-    fg.add_argument("--n-resamples", type=_positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    fg.add_argument("--dpi", type=_bounded_int(10, 1200), default=150, help="PNG resolution (default 150)")
+    fg.add_argument("--n-resamples", type=_bounded_int(100, 1_000_000), default=2000, help="bootstrap resamples (default 2000)")
     fg.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     fg.add_argument("--branch", default=None, choices=["cond", "uncond"], help="CFG branch of stores that hold both")
     fg.add_argument("--lazy", action="store_true", help="open stores with dask (for stores larger than memory)")
@@ -685,6 +814,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     maps = MapSelection.parse(args.maps)
     items = _read_prompts(args)
     out = Path(args.out)
+    _check_out(out)
     if out.exists() and not out.is_dir():
         raise SweepError(f"{str(out)!r} is a file; choose another --out")
     non_empty = out.exists() and any(out.iterdir())
@@ -792,9 +922,14 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    rows = bench_attention(shapes, device=device, dtype=dtype, gamma=args.gamma, repeats=args.repeats,
-                           variants=variants, memory=not args.no_memory,
-                           progress=lambda msg: print(msg, file=sys.stderr))
+    try:
+        rows = bench_attention(shapes, device=device, dtype=dtype, gamma=args.gamma, repeats=args.repeats,
+                               variants=variants, memory=not args.no_memory,
+                               progress=lambda msg: print(msg, file=sys.stderr))
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            raise
+        raise TacaProbeError(f"--shape: a shape does not fit in {device} memory; choose a smaller one") from None
     meta = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), **_versions(), "cuda": torch.version.cuda}
     if args.json == "-":
@@ -847,15 +982,25 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+def _settle() -> None:
+    """After an error, let zarr's reads still in flight finish (only if zarr was used at all), so that
+    no "Task was destroyed but it is pending!" or task traceback follows the one-line message."""
+    if "zarr" in sys.modules:
+        from .store import settle_pending_reads
+
+        settle_pending_reads()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     try:
+        parser = build_parser()  # inside the try: it imports torch, and Ctrl-C may come meanwhile
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
         return int(args.func(args) or 0)
     except TacaProbeError as e:
+        _settle()
         print(f"taca-probe: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -863,6 +1008,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `taca-probe info STORE | head`
         return 0
+    except OSError as e:  # disk full, read-only, a file where a folder should be: the user's to fix
+        where = f": {e.filename!r}" if e.filename else ""
+        print(f"taca-probe: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except Exception as e:  # an internal error: still one line, unless debugging
         if os.environ.get("TACA_PROBE_DEBUG"):
             raise

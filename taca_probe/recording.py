@@ -38,7 +38,7 @@ from .intervention import TacaConfig, TacaHandle, apply_taca
 from .models import model_call_defaults, model_name
 from .processors import Site
 from .schedules import Schedule, parse
-from .store import RunLayout, RunWriter, StoreError, is_store, remove_store
+from .store import UNKNOWN_SLOT, RunLayout, RunWriter, StoreError, is_store, remove_store
 
 __all__ = ["MapSelection", "probe", "Run", "BRANCHES", "prompt_tokens"]
 
@@ -104,8 +104,8 @@ class MapSelection:
                     kw["tokens"] = value if value in ("prompt", "all") else _int_set(value)
                 else:
                     raise ValueError(part)
-        except ValueError:
-            raise TacaProbeError(f"bad maps selection {spec!r}; valid forms: none | {_MAPS_FORMS}") from None
+        except ValueError as e:
+            raise TacaProbeError(f"bad maps selection {spec!r} ({e}); valid forms: none | {_MAPS_FORMS}") from None
         return cls(**kw)
 
     @property
@@ -119,6 +119,20 @@ class MapSelection:
         if self.steps is not None and step not in self.steps:
             return False
         return self.layers is None or any(fnmatch.fnmatchcase(layer, p) for p in self.layers)
+
+    def check(self, layout: RunLayout) -> None:
+        """Refuse a selection that names steps, tokens or layers this run does not have."""
+        where = f"--maps {self.spec!r}"
+        if self.steps is not None and max(self.steps) >= layout.steps:
+            raise TacaProbeError(f"{where}: step {max(self.steps)} does not exist; this run has steps "
+                                 f"0..{layout.steps - 1}")
+        if not isinstance(self.tokens, str) and max(self.tokens) >= layout.n_txt:
+            raise TacaProbeError(f"{where}: token {max(self.tokens)} does not exist; this model has text tokens "
+                                 f"0..{layout.n_txt - 1}")
+        for pattern in self.layers or ():
+            if not any(fnmatch.fnmatchcase(layer, pattern) for layer in layout.layers):
+                raise TacaProbeError(f"{where}: layers={pattern} matches none of this model's {len(layout.layers)} "
+                                     f"attention layers ({layout.layers[0]} ... {layout.layers[-1]})")
 
     def token_indices(self, is_padding: np.ndarray) -> np.ndarray:
         n = len(is_padding)
@@ -242,18 +256,18 @@ class Run:
             raise TacaProbeError("prompt must be a non-empty string")
         pipe_kwargs = self._resolve_call(pipe_kwargs)
         n = int(num_images_per_prompt)
-        slots = self.writer.slots() if self.writer is not None else []
+        writer = self.writer  # O(1) look-ups: the writer keeps the slot table in memory
         if slot is not None:
-            if n != 1 or slot >= len(slots) or slots[slot][:3] != (prompt, int(seed), 0):
+            planned = writer.slot(slot) if writer is not None else None
+            if n != 1 or planned is None or planned[:3] not in ((prompt, int(seed), 0), UNKNOWN_SLOT[:3]):
                 raise StoreError(f"slot {slot} of {str(self.path)!r} is not planned for ({prompt!r}, seed {seed})")
-            if slots[slot][3]:
+            if planned[3]:
                 return []
             first_slot = slot
         else:
-            done = {(p, s, b) for p, s, b, c in slots if c}
-            if all((prompt, int(seed), b) in done for b in range(n)):
+            if writer is not None and all(writer.is_done((prompt, int(seed), b)) for b in range(n)):
                 return []
-            first_slot = next((i for i, (_, _, _, c) in enumerate(slots) if not c), len(slots))
+            first_slot = writer.first_free() if writer is not None else 0
         self._n_images = n
         self._current_prompt, self._current_seed = prompt, int(seed)
         self._max_seq = int(pipe_kwargs.get("max_sequence_length", 256 if self.family == "sd3" else 512))
@@ -446,6 +460,8 @@ class Run:
     def create_planned(self, plan: Sequence[tuple[str, int]], call: dict[str, Any]) -> None:
         """Create the store with one slot per (prompt, seed) of ``plan``, none complete yet."""
         layout = self.planned_layout(call)
+        if self.maps is not None:
+            self.maps.check(layout)  # before the store exists
         sample_attrs = {"steps": layout.steps, "height": layout.image_shape[0], "width": layout.image_shape[1],
                         "n_txt": layout.n_txt, "n_vis": layout.grid[0] * layout.grid[1],
                         "latent_grid": list(layout.grid)}
@@ -473,6 +489,8 @@ class Run:
                         "n_txt": layout.n_txt, "n_vis": layout.grid[0] * layout.grid[1], "latent_grid": list(layout.grid)}
         created = False
         if self.writer is None:
+            if self.maps is not None:
+                self.maps.check(layout)
             self.writer = RunWriter.create(self.path, layout, {**self.attrs, **sample_attrs})
             created = True
         else:
@@ -579,6 +597,7 @@ def probe(
     handle = apply_taca(pipe, TacaConfig(schedule=schedule, lora=lora, lora_scale=lora_scale))
     run = None
     try:
+        _check_schedule_layers(schedule, handle.sites)
         settings = run_settings(pipe, schedule=schedule, maps=maps, branch=branch, model=model)
         if mode == "resume" and p.exists():
             check_resume(p, settings)
@@ -606,6 +625,20 @@ def probe(
         if run is not None:
             run.close()
         handle.remove()
+
+
+def _check_schedule_layers(schedule: Schedule, sites: Sequence[Site]) -> None:
+    """Refuse a restricted schedule that selects no attention layer of this model: the store would
+    say TACA was applied when it was not."""
+    if schedule.is_identity:
+        return
+    for pattern in getattr(schedule, "layers", None) or ():
+        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in sites):
+            raise TacaProbeError(f"--schedule {schedule.spec!r}: layers={pattern} matches none of this model's "
+                                 f"{len(sites)} attention layers ({sites[0].name} ... {sites[-1].name})")
+    if hasattr(schedule, "selects") and not any(schedule.selects(layer=s.name, block_type=s.block_type)
+                                                for s in sites):
+        raise TacaProbeError(f"--schedule {schedule.spec!r} selects none of this model's attention layers")
 
 
 def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, branch: str,

@@ -18,13 +18,25 @@ and only then is ``complete[slot]`` set. A process killed in between leaves a sl
 complete: :func:`open_run` hides it and a resumed run rewrites it, so nothing finished is lost
 and nothing is duplicated. ``maps`` chunks that were not selected are never written and read back
 as NaN (the fill value).
+
+Integrity: every chunk carries a CRC32C (the codec), and when a sample completes its
+``chunk_manifest`` entry records, for every chunk file the sample owns, its key, digest and size, or
+that it has none (a chunk equal to the fill value is not stored). So a deleted, moved or swapped
+chunk of a complete sample is found: :func:`open_run` and :func:`store_info` check presence and
+sizes, each read checks the checksum bound to the key, :func:`verify_store` checks everything, and
+``taca-probe record --resume`` re-records damaged samples. Stores recorded before the manifest
+still open; absence cannot be checked in them (:func:`verify_store` warns).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,12 +48,17 @@ from .errors import TacaProbeError
 
 __all__ = [
     "SCHEMA_VERSION", "StoreError", "ChunkChecksumError", "RunLayout", "RunWriter", "open_run", "store_info",
-    "is_store", "verify_store",
+    "is_store", "verify_store", "StoreIntegrityWarning",
 ]
 
 SCHEMA_VERSION = 1
 _SCHEMA_ATTR = "taca_probe_schema"
 _COMPLETE = "complete"
+#: Per sample: JSON {chunk key: [blake2b-64 digest, size] or None}, written just before ``complete``.
+_MANIFEST = "chunk_manifest"
+_MANIFEST_ATTR = "chunk_manifest"  # group attribute: this store keeps manifests (absence is checkable)
+#: Per-sample arrays that hold bookkeeping rather than the sample's data.
+_BOOKKEEPING = (_COMPLETE, _MANIFEST)
 
 #: Non-dimension coordinates, by the dimensions they hang on.
 _COORDS_SAMPLE = ("prompt", "seed", "batch_index")
@@ -50,6 +67,10 @@ _COORDS_ALL = "prompt seed batch_index timestep sigma gamma block_type token_tex
 
 class StoreError(TacaProbeError):
     """A store that is missing, not a taca-probe store, of an unknown schema, or inconsistent."""
+
+
+class StoreIntegrityWarning(UserWarning):
+    """A store recorded before chunk manifests: a deleted chunk cannot be told from an empty one."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +157,7 @@ def is_store(path: str | os.PathLike) -> bool:
     return _SCHEMA_ATTR in attrs
 
 
-def _open_group(path: str | os.PathLike, mode: str):
+def _open_group(path: str | os.PathLike, mode: str, *, store: Any = None):
     import zarr
 
     p = Path(path)
@@ -145,10 +166,10 @@ def _open_group(path: str | os.PathLike, mode: str):
     if not (p / "zarr.json").is_file():
         raise StoreError(f"{str(p)!r} is not a taca-probe store (no zarr v3 metadata)")
     try:
-        group = zarr.open_group(str(p), mode=mode, zarr_format=3)
+        group = zarr.open_group(store if store is not None else str(p), mode=mode, zarr_format=3)
+        version = group.attrs.get(_SCHEMA_ATTR)
     except Exception as e:  # zarr raises many kinds for a damaged store
-        raise StoreError(f"cannot open {str(p)!r} as a zarr v3 group: {str(e).splitlines()[0]}") from None
-    version = group.attrs.get(_SCHEMA_ATTR)
+        raise StoreError(f"cannot open {str(p)!r} as a zarr v3 group: {_first_line(e)}") from None
     if version is None:
         raise StoreError(f"{str(p)!r} is a zarr store but not a taca-probe store (no {_SCHEMA_ATTR} attribute)")
     if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
@@ -159,22 +180,184 @@ def _open_group(path: str | os.PathLike, mode: str):
     return group
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if not isinstance(e, TacaProbeError) else text
+
+
+_DAMAGED_HINT = "re-record it with --overwrite, or restore it from a copy"
+
+
+def _arrays(group: Any, path: Path) -> dict[str, Any]:
+    """Every array of the group; damaged metadata is named instead of raising zarr's own error."""
+    out = {}
+    for child in sorted(p.name for p in path.iterdir() if p.is_dir()):
+        if not (path / child / "zarr.json").is_file():
+            continue
+        try:
+            out[child] = group[child]
+        except Exception as e:
+            raise StoreError(f"the metadata of {str(path / child / 'zarr.json')!r} is damaged ({_first_line(e)}); "
+                             + _DAMAGED_HINT) from None
+    return out
+
+
+def _layout_of(group: Any, path: Path) -> RunLayout:
+    try:
+        return _layout_from_json(group.attrs["layout"])
+    except Exception as e:
+        raise StoreError(f"the 'layout' attribute of {str(path / 'zarr.json')!r} is missing or damaged "
+                         f"({_first_line(e)}); " + _DAMAGED_HINT) from None
+
+
+def _is_sample_array(arr: Any) -> bool:
+    names = arr.metadata.dimension_names
+    return bool(names) and names[0] == "sample"
+
+
+def _expected_arrays(layout: RunLayout) -> list[str]:
+    names = ["step", "layer", "block_type", "head", "token", "token_source", "y", "x", "channel",
+             "sample", _COMPLETE, "prompt", "seed", "batch_index", "timestep", "sigma", "gamma", "token_text",
+             "token_is_padding", *layout.variables()]
+    return names + (["branch"] if layout.branch_dim else [])
+
+
+def _structure_problems(path: Path, group: Any, arrays: Mapping[str, Any], layout: RunLayout) -> list[str]:
+    """What is wrong with the store as a whole: arrays missing, checksums switched off in metadata."""
+    problems = [f"array {name!r} is missing" for name in _expected_arrays(layout) if name not in arrays]
+    if group.attrs.get(_MANIFEST_ATTR) and _MANIFEST not in arrays:
+        problems.append(f"array {_MANIFEST!r} is missing")
+    kinds = _ChecksumLocalStore(path)
+    for name in arrays:
+        if kinds._kind(name) is None:
+            problems.append(f"array {name!r} has no crc32c codec in its metadata (checksums switched off)")
+    return problems
+
+
+def _raise_structure(path: Path, problems: list[str]) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise StoreError(f"{str(path)!r} is damaged: {problems[0]}{more}; " + _DAMAGED_HINT)
+
+
+def _slot_keys(name: str, arr: Any, slot: int) -> list[str]:
+    """The storage keys (chunk or shard files) that hold ``slot`` of a per-sample array."""
+    per_file = arr.shards or arr.chunks
+    grid = [-(-n // c) for n, c in zip(arr.shape[1:], per_file[1:])]
+    return [f"{name}/{arr.metadata.encode_chunk_key((slot, *idx))}" for idx in np.ndindex(*grid)]
+
+
+def _digest(data: bytes) -> str:
+    """A file's fingerprint for the manifest. Not CRC32C: over a chunk that ends in its own CRC32C
+    (the codec's), CRC32C gives the same constant for every chunk."""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def _slot_of(key: str) -> int | None:
+    """``image/c/3/0/0/0`` -> 3 (the sample slot a per-sample chunk key belongs to)."""
+    parts = key.split("/")
+    try:
+        return int(parts[parts.index("c") + 1])
+    except (ValueError, IndexError):
+        return None
+
+
+#: :func:`store_info` compares the digests of files up to this size (cheap), sizes of larger ones.
+_INFO_READ_LIMIT = 64 * 1024
+
+
+def _check_slot(path: Path, arrays: Mapping[str, Any], slot: int, manifest_text: Any, *,
+                read: bool | int) -> list[str]:
+    """Problems of one complete sample against its manifest: ``"KEY: what"`` each, empty when intact.
+
+    ``read``: True compares the digest of every file, a number those of files up to that many
+    bytes, False none (presence and sizes only).
+    """
+    if not manifest_text:
+        return [f"{_MANIFEST}/c/{slot}: the sample's chunk manifest is missing"]
+    try:
+        manifest = json.loads(str(manifest_text))
+        assert isinstance(manifest, dict)
+    except (ValueError, AssertionError):
+        return [f"{_MANIFEST}/c/{slot}: the sample's chunk manifest is damaged"]
+    expected = [key for name, arr in arrays.items() if _is_sample_array(arr) and name not in _BOOKKEEPING
+                for key in _slot_keys(name, arr, slot)]
+    expected_set = set(expected)
+    problems = [f"{key}: not in the sample's manifest (another sample's manifest?)" for key in expected
+                if key not in manifest]
+    problems += [f"{key}: the manifest of sample {slot} names it" for key in manifest if key not in expected_set]
+    for key in expected:
+        if key not in manifest:
+            continue
+        entry, f = manifest[key], path / key
+        exists = f.is_file()
+        if entry is None:
+            if exists:
+                problems.append(f"{key}: a chunk where the sample had none (moved here?)")
+            continue
+        if not exists:
+            problems.append(f"{key}: missing")
+        elif (size := f.stat().st_size) != entry[1] or (
+                (read is True or (read is not False and size <= read)) and _digest(f.read_bytes()) != entry[0]):
+            problems.append(f"{key}: does not match the checksum recorded when the sample completed "
+                            "(damaged, swapped or moved)")
+    return problems
+
+
+def _sample_problems(path: Path, arrays: Mapping[str, Any], *, read: bool | int,
+                     complete: np.ndarray | None = None) -> dict[int, list[str]]:
+    """slot -> problems, for every complete sample (empty for stores without manifests)."""
+    if _MANIFEST not in arrays:
+        return {}
+    if complete is None:
+        complete = np.array([bool(v) for v in _read_each(arrays[_COMPLETE])], dtype=bool)
+    slots = np.flatnonzero(complete)
+    if not len(slots):
+        return {}
+    manifests = _read_each(arrays[_MANIFEST], int(slots[-1]) + 1)
+    out = {}
+    for slot in slots.tolist():
+        if manifests[slot] is _DAMAGED:
+            out[slot] = [f"{_MANIFEST}/c/{slot}: the sample's chunk manifest is damaged"]
+            continue
+        problems = _check_slot(path, arrays, slot, manifests[slot], read=read)
+        if problems:
+            out[slot] = problems
+    return out
+
+
+_DAMAGED = object()
+
+
+def _read_each(arr: Any, n: int | None = None) -> list[Any]:
+    """The first ``n`` values of a 1-D per-sample array; a damaged chunk gives ``_DAMAGED`` (complete: False)."""
+    n = arr.shape[0] if n is None else n
+    try:
+        return list(arr[:n])
+    except ChunkChecksumError:  # find which: one read per slot, only when something is wrong
+        out = []
+        for i in range(n):
+            try:
+                out.append(arr[i])
+            except ChunkChecksumError:
+                out.append(_DAMAGED)
+        return out
+
+
 class RunWriter:
     """Creates a store and fills it sample slot by sample slot.
 
-    Parameters
-    ----------
-    path
-        Folder of the store.
-    layout
-        Fixed sizes.
-    attrs
-        Provenance attributes (JSON-serialisable).
+    The slot table (prompt, seed, batch index, complete) is read once when the writer opens and
+    then kept up to date in memory, so that the work per sample does not grow with the store.
     """
 
     def __init__(self, group: Any, layout: RunLayout, path: Path):
         self.group, self.layout, self.path = group, layout, path
-        self.arrays = {name: group[name] for name in group.array_keys()}
+        self.arrays = _arrays(group, path)
+        _raise_structure(path, _structure_problems(path, group, self.arrays, layout))
+        self._slots = self._read_slots()
+        self._done = {s[:3] for s in self._slots if s[3]}
+        self._free_hint = 0
 
     # -- creation / reopening ------------------------------------------------------------------
     @classmethod
@@ -190,6 +373,9 @@ class RunWriter:
 
         ``slots`` pre-allocates the sample dimension with its (prompt, seed, batch_index) plan,
         all marked not complete, so that several processes can fill disjoint slots.
+
+        The store is built in a hidden folder next to ``path`` and renamed into place, so that a
+        process killed meanwhile leaves either nothing at ``path`` or a whole store.
         """
         import zarr
 
@@ -197,9 +383,12 @@ class RunWriter:
         p = Path(path)
         if p.exists():
             raise StoreError(f"{str(p)!r} already exists; pass --resume to complete it or --overwrite to replace it")
-        group = zarr.open_group(str(p), mode="w-", zarr_format=3)
+        _remove_stale_temporaries(p)
+        tmp = p.parent / f"{_TMP_PREFIX}{p.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
         try:
-            group.attrs.update({_SCHEMA_ATTR: SCHEMA_VERSION, "layout": _layout_json(layout), **attrs})
+            group.attrs.update({_SCHEMA_ATTR: SCHEMA_VERSION, "layout": _layout_json(layout), _MANIFEST_ATTR: True,
+                                **attrs})
             L = layout
 
             def fixed(name, dims, values, dtype):
@@ -229,6 +418,7 @@ class RunWriter:
 
             growing("sample", ("sample",), (), "int64", (), 0, coords=False)
             growing(_COMPLETE, ("sample",), (), "bool", (), False, coords=False)
+            growing(_MANIFEST, ("sample",), (), str, (), "", coords=False)
             growing("prompt", ("sample",), (), str, (), "", coords=False)
             growing("seed", ("sample",), (), "int64", (), 0, coords=False)
             growing("batch_index", ("sample",), (), "int64", (), 0, coords=False)
@@ -250,44 +440,90 @@ class RunWriter:
                 group["batch_index"][:] = np.array([b for _, _, b in slots], dtype=np.int64)
                 group["sample"][:] = np.arange(n)
                 group.attrs["planned_samples"] = n
+            try:
+                os.rename(tmp, p)  # atomic: the store appears whole or not at all
+            except OSError:
+                if p.exists():  # another process created it meanwhile
+                    raise StoreError(f"{str(p)!r} was created by another process meanwhile; pass --resume to "
+                                     "complete it") from None
+                raise
         except BaseException:
-            shutil.rmtree(p, ignore_errors=True)  # never leave a half-created store
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-created store
             raise
-        return cls(group, layout, p)
+        return cls(_open_group(p, "r+", store=_ChecksumLocalStore(p, read_only=False)), layout, p)
 
     @classmethod
     def reopen(cls, path: str | os.PathLike) -> RunWriter:
-        """Open an existing store for appending (resume)."""
-        group = _open_group(path, "r+")
-        return cls(group, _layout_from_json(group.attrs["layout"]), Path(path))
+        """Open an existing store for appending (resume); damaged metadata is a :class:`StoreError`."""
+        p = Path(path)
+        group = _open_group(p, "r+", store=_ChecksumLocalStore(p, read_only=False) if p.is_dir() else None)
+        return cls(group, _layout_of(group, p), p)
 
     # -- state ---------------------------------------------------------------------------------
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
 
-    def slots(self) -> list[tuple[str, int, int, bool]]:
-        """(prompt, seed, batch_index, complete) of every slot."""
+    def _read_slots(self) -> list[tuple[str, int, int, bool]]:
         n = self.arrays[_COMPLETE].shape[0]
         if n == 0:
             return []
-        prompts = self.arrays["prompt"][:n]
-        seeds = self.arrays["seed"][:n]
-        batch = self.arrays["batch_index"][:n]
-        done = self.arrays[_COMPLETE][:n]
-        return [(str(prompts[i]), int(seeds[i]), int(batch[i]), bool(done[i])) for i in range(n)]
+        prompts, seeds, batch = (_read_each(self.arrays[k], n) for k in ("prompt", "seed", "batch_index"))
+        done = _read_each(self.arrays[_COMPLETE], n)
+        out = []
+        for i in range(n):
+            # a damaged key or flag: the slot counts as not complete and is recorded again
+            bad = any(v[i] is _DAMAGED for v in (prompts, seeds, batch, done))
+            out.append(UNKNOWN_SLOT if bad else (str(prompts[i]), int(seeds[i]), int(batch[i]), bool(done[i])))
+        return out
+
+    def slots(self) -> list[tuple[str, int, int, bool]]:
+        """(prompt, seed, batch_index, complete) of every slot (as this writer knows them)."""
+        return list(self._slots)
+
+    def slot(self, slot: int) -> tuple[str, int, int, bool] | None:
+        """One slot's (prompt, seed, batch_index, complete), or None beyond the end; O(1)."""
+        return self._slots[slot] if 0 <= slot < len(self._slots) else None
+
+    def is_done(self, key: tuple[str, int, int]) -> bool:
+        """Whether a (prompt, seed, batch_index) sample is complete; O(1)."""
+        return key in self._done
+
+    def first_free(self) -> int:
+        """The first slot that is not complete (or the next new one); amortized O(1)."""
+        i = self._free_hint
+        while i < len(self._slots) and self._slots[i][3]:
+            i += 1
+        self._free_hint = i
+        return i
 
     def reserve(self, slot: int) -> None:
         """Make the arrays hold ``slot`` and mark it not complete (it is about to be (re)written)."""
-        for name, arr in self.arrays.items():
-            if arr.metadata.dimension_names and arr.metadata.dimension_names[0] == "sample" and arr.shape[0] <= slot:
+        for arr in self.arrays.values():
+            if _is_sample_array(arr) and arr.shape[0] <= slot:
                 arr.resize((slot + 1, *arr.shape[1:]))
         self.arrays[_COMPLETE][slot] = False
+        while len(self._slots) <= slot:
+            self._slots.append(("", 0, 0, False))
+        self._set_slot(slot, done=False)
+
+    def _set_slot(self, slot: int, **change: Any) -> None:
+        prompt, seed, batch, done = self._slots[slot]
+        if done:
+            self._done.discard((prompt, seed, batch))
+        prompt, seed = change.get("prompt", prompt), change.get("seed", seed)
+        batch, done = change.get("batch_index", batch), change.get("done", done)
+        self._slots[slot] = (str(prompt), int(seed), int(batch), bool(done))
+        if done:
+            self._done.add((str(prompt), int(seed), int(batch)))
+        else:
+            self._free_hint = min(self._free_hint, slot)
 
     def write(self, slot: int, values: Mapping[str, np.ndarray]) -> None:
         """Write per-sample values (anything with a leading ``sample`` dimension) into ``slot``."""
         for name, value in values.items():
             self.arrays[name][slot] = value
+        self._set_slot(slot, **{k: v for k, v in values.items() if k in ("prompt", "seed", "batch_index")})
 
     def write_maps(self, slot: int, index: tuple[int, ...], block: np.ndarray) -> None:
         """Write one maps shard: ``index`` is ([branch,] step); block (layer, token, y, x) float16
@@ -295,12 +531,82 @@ class RunWriter:
         self.arrays["maps"][(slot, *index)] = block
 
     def complete(self, slot: int) -> None:
-        """Mark ``slot`` complete: the last write of a sample."""
+        """Mark ``slot`` complete: the last write of a sample, after its chunk manifest."""
         self.arrays["sample"][slot] = slot
+        if _MANIFEST in self.arrays:
+            self.arrays[_MANIFEST][slot] = json.dumps(self._manifest(slot), sort_keys=True)
         self.arrays[_COMPLETE][slot] = True
+        self._set_slot(slot, done=True)
+
+    def _manifest(self, slot: int) -> dict[str, list | None]:
+        """Key -> [digest of the file, size], or None where the sample has no file (all fill value)."""
+        out: dict[str, list | None] = {}
+        for name, arr in self.arrays.items():
+            if not _is_sample_array(arr) or name in _BOOKKEEPING:
+                continue
+            for key in _slot_keys(name, arr, slot):
+                try:
+                    data = (self.path / key).read_bytes()
+                except FileNotFoundError:
+                    out[key] = None
+                else:
+                    out[key] = [_digest(data), len(data)]
+        return out
+
+    def damaged_slots(self) -> dict[int, list[str]]:
+        """Complete samples whose chunks are missing, moved or damaged: slot -> problems (reads everything).
+
+        Stores without manifests: the chunks whose checksum fails, by slot. Damage outside the
+        samples (a coordinate array) cannot be repaired by re-recording: :class:`StoreError`.
+        """
+        done = np.array([s[3] for s in self._slots], dtype=bool)
+        if _MANIFEST in self.arrays:
+            out = _sample_problems(self.path, self.arrays, read=True, complete=done)
+            keys = _chunk_read_problems(self.path, [n for n, a in self.arrays.items() if not _is_sample_array(a)])
+        else:
+            out = {}
+            keys = []
+            for key in _chunk_read_problems(self.path, list(self.arrays)):
+                slot = _slot_of(key)
+                name = key.split("/", 1)[0]
+                if slot is not None and _is_sample_array(self.arrays[name]) and name not in _BOOKKEEPING:
+                    if slot < len(done) and done[slot]:
+                        out.setdefault(slot, []).append(f"{key}: damaged")
+                else:
+                    keys.append(key)
+        if keys:
+            raise StoreError(f"{str(self.path)!r}: chunk {keys[0]!r} is damaged and holds no sample that can be "
+                             "recorded again; " + _DAMAGED_HINT)
+        return out
+
+    def mark_for_repair(self, slots: Sequence[int]) -> None:
+        """Mark damaged samples not complete, their keys unknown, so that a resumed run records them again."""
+        for slot in slots:
+            self.arrays[_COMPLETE][slot] = False
+            self._set_slot(slot, done=False)
+            self._slots[slot] = UNKNOWN_SLOT
 
     def set_attrs(self, **attrs: Any) -> None:
         self.group.attrs.update(attrs)
+
+
+_TMP_PREFIX = ".creating."
+#: A slot whose (prompt, seed, batch_index) could not be read: any planned sample may fill it.
+UNKNOWN_SLOT = ("", -1, -1, False)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the hidden build folders of ``path`` that a killed process of this host left behind."""
+    host = socket.gethostname()
+    for tmp in path.parent.glob(f"{_TMP_PREFIX}{path.name}.{host}.*"):
+        try:
+            pid = int(tmp.name[len(f"{_TMP_PREFIX}{path.name}.{host}."):].split(".")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:  # its creator is gone: nobody else would finish it
+            if tmp.is_dir() and (not (tmp / "zarr.json").exists() or is_store(tmp)):
+                shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def _compressors(dtype: Any) -> tuple:
@@ -311,7 +617,7 @@ def _compressors(dtype: Any) -> tuple:
 
 
 class ChunkChecksumError(StoreError):
-    """A chunk whose CRC32C does not match its data: the file was damaged after writing."""
+    """A chunk whose CRC32C does not match its data, or that is missing, moved or swapped."""
 
 
 def _crc_ok(data: bytes) -> bool:
@@ -320,21 +626,32 @@ def _crc_ok(data: bytes) -> bool:
     return len(data) >= 4 and google_crc32c.value(data[:-4]).to_bytes(4, "little") == data[-4:]
 
 
+_UNLISTED = object()
+
+
 class _ChecksumLocalStore(LocalStore):
-    """A read-only zarr ``LocalStore`` that verifies each chunk's CRC32C as it is read and names
-    the damaged chunk in the error (zarr's own codec check cannot say which chunk failed).
+    """A zarr ``LocalStore`` that verifies each chunk's CRC32C as it is read and names the damaged
+    chunk in the error (zarr's own codec check cannot say which chunk failed).
+
+    Given ``manifest`` (key -> [digest, size] or None, from the complete samples' manifests), a
+    read also checks that the file is the one recorded under that key: a missing chunk, a moved or
+    swapped one, fails instead of reading back as the fill value or as another sample's data.
 
     Module-level (not a closure) so that dask workers can unpickle it.
     """
 
-    def __init__(self, root: str | os.PathLike, *, read_only: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike, *, read_only: bool = True,
+                 manifest: Mapping[str, Any] | None = None) -> None:
         super().__init__(str(root), read_only=read_only)
         self._kinds: dict[str, tuple[bool, int] | None] = {}
+        self._manifest = dict(manifest or {})
+        self._verified: set[str] = set()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
         state = dict(state)
         state["_kinds"] = {}
+        state["_verified"] = set()
         return state
 
     def _kind(self, name: str) -> tuple[bool, int] | None:
@@ -342,19 +659,18 @@ class _ChecksumLocalStore(LocalStore):
         if name not in self._kinds:
             try:
                 meta = json.loads((Path(str(self.root)) / name / "zarr.json").read_text())
-            except (OSError, ValueError):
+                codecs = meta.get("codecs", [])
+                if codecs and codecs[0].get("name") == "sharding_indexed":
+                    conf = codecs[0]["configuration"]
+                    inner = conf["chunk_shape"]
+                    outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+                    has = any(c.get("name") == "crc32c" for c in conf.get("codecs", [])) and any(
+                        c.get("name") == "crc32c" for c in conf.get("index_codecs", []))
+                    self._kinds[name] = (True, int(np.prod([o // i for o, i in zip(outer, inner)]))) if has else None
+                else:
+                    self._kinds[name] = (False, 0) if any(c.get("name") == "crc32c" for c in codecs) else None
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 self._kinds[name] = None
-                return None
-            codecs = meta.get("codecs", [])
-            if codecs and codecs[0].get("name") == "sharding_indexed":
-                conf = codecs[0]["configuration"]
-                inner = conf["chunk_shape"]
-                outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
-                has = any(c.get("name") == "crc32c" for c in conf.get("codecs", [])) and any(
-                    c.get("name") == "crc32c" for c in conf.get("index_codecs", []))
-                self._kinds[name] = (True, int(np.prod([o // i for o, i in zip(outer, inner)]))) if has else None
-            else:
-                self._kinds[name] = (False, 0) if any(c.get("name") == "crc32c" for c in codecs) else None
         return self._kinds[name]
 
     def _check(self, key: str, data: bytes) -> None:
@@ -362,41 +678,83 @@ class _ChecksumLocalStore(LocalStore):
             raise ChunkChecksumError(
                 f"corrupted chunk {key!r} in {str(self.root)!r}: its CRC32C checksum does not match")
 
+    async def _check_listed(self, key: str, buf: Any, prototype: Any, byte_range: Any) -> None:
+        entry = self._manifest.get(key, _UNLISTED)
+        if entry is _UNLISTED or key in self._verified:
+            return
+        hint = "; `taca-probe record --resume` records the sample again"
+        if buf is None and entry is not None:
+            raise ChunkChecksumError(f"missing chunk {key!r} in {str(self.root)!r}: its sample's manifest lists it{hint}")
+        if buf is not None and entry is None:
+            raise ChunkChecksumError(f"unexpected chunk {key!r} in {str(self.root)!r}: its sample had none there "
+                                     f"(moved?){hint}")
+        if buf is not None:
+            whole = buf if byte_range is None else await super().get(key, prototype)
+            if _digest(whole.to_bytes()) != entry[0]:
+                raise ChunkChecksumError(f"damaged chunk {key!r} in {str(self.root)!r}: it is not the file recorded "
+                                         f"when its sample completed (changed, swapped or moved){hint}")
+        self._verified.add(key)
+
     async def get(self, key, prototype=None, byte_range=None):
         buf = await super().get(key, prototype, byte_range)
-        if buf is None or "/c/" not in key:
+        if "/c/" not in key:
+            return buf
+        if buf is None:
+            await self._check_listed(key, buf, prototype, byte_range)
             return buf
         kind = self._kind(key.split("/c/", 1)[0])
-        if kind is None:
-            return buf
-        data = buf.to_bytes()
-        sharded, n_inner = kind
-        if not sharded or byte_range is not None:
-            self._check(key, data)  # a whole chunk, or one inner chunk / the index of a shard
-            return buf
-        index_size = 16 * n_inner + 4  # a whole shard: verify its index, then each inner chunk
-        index = data[-index_size:]
-        self._check(key, index)
-        pairs = np.frombuffer(index[:-4], dtype="<u8").reshape(-1, 2)
-        for i, (offset, nbytes) in enumerate(pairs):
-            if offset != np.iinfo(np.uint64).max:
-                self._check(f"{key} (inner chunk {i})", data[int(offset) : int(offset + nbytes)])
+        if kind is not None:
+            data = buf.to_bytes()
+            sharded, n_inner = kind
+            if not sharded or byte_range is not None:
+                self._check(key, data)  # a whole chunk, or one inner chunk / the index of a shard
+            else:
+                index_size = 16 * n_inner + 4  # a whole shard: verify its index, then each inner chunk
+                index = data[-index_size:]
+                self._check(key, index)
+                pairs = np.frombuffer(index[:-4], dtype="<u8").reshape(-1, 2)
+                for i, (offset, nbytes) in enumerate(pairs):
+                    if offset != np.iinfo(np.uint64).max:
+                        self._check(f"{key} (inner chunk {i})", data[int(offset) : int(offset + nbytes)])
+        await self._check_listed(key, buf, prototype, byte_range)
         return buf
 
 
-def _checksum_store(root: str | os.PathLike) -> _ChecksumLocalStore:
-    return _ChecksumLocalStore(root, read_only=True)
+def settle_pending_reads(timeout: float = 5.0) -> None:
+    """Wait for zarr's chunk reads still running after one of them failed, and collect their errors.
+
+    zarr reads chunks concurrently; when one raises (a damaged chunk), the others keep running in
+    zarr's event-loop thread and, left alone, print asyncio noise when the process exits.
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def settle() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: no "Task exception was never retrieved"
+
+    try:
+        sync(settle())
+    except Exception:  # best effort: never mask the error being reported
+        pass
 
 
-def verify_store(path: str | os.PathLike) -> list[str]:
-    """Read every chunk of every array; return the keys of damaged chunks (empty: all good)."""
+def _checksum_store(root: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> _ChecksumLocalStore:
+    return _ChecksumLocalStore(root, read_only=True, manifest=manifest)
+
+
+def _chunk_read_problems(path: Path, names: Sequence[str]) -> list[str]:
+    """Keys of the chunks of ``names`` whose CRC32C codec check fails (reads every chunk)."""
     import zarr
 
-    _open_group(path, "r")
     bad: list[str] = []
-    store = _checksum_store(path)
-    group = zarr.open_group(store=store, mode="r", zarr_format=3)
-    for name in sorted(group.array_keys()):
+    group = zarr.open_group(store=_checksum_store(path), mode="r", zarr_format=3)
+    for name in sorted(names):
         arr = group[name]
         for idx in np.ndindex(*arr.cdata_shape):
             sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))
@@ -407,6 +765,28 @@ def verify_store(path: str | os.PathLike) -> list[str]:
             except ValueError as e:  # zarr's own codec check, should ours not have run
                 bad.append(f"{name} chunk {idx}: {str(e).splitlines()[0]}")
     return bad
+
+
+def verify_store(path: str | os.PathLike) -> list[str]:
+    """Check every chunk; return the keys of damaged, missing, moved or swapped ones (empty: all good).
+
+    Whole-store damage (an array missing, checksums switched off in metadata) is returned as one
+    line each. A store recorded before chunk manifests is checked for damaged chunks only, with a
+    :class:`StoreIntegrityWarning` (a deleted chunk reads back as the fill value there).
+    """
+    p = Path(path)
+    group = _open_group(p, "r", store=_checksum_store(p) if p.is_dir() else None)
+    arrays = _arrays(group, p)
+    layout = _layout_of(group, p)
+    bad = _structure_problems(p, group, arrays, layout)
+    if _MANIFEST not in arrays:
+        warnings.warn(f"{str(p)!r} was recorded before chunk manifests: a deleted or moved chunk cannot be detected "
+                      "in it, only a damaged one", StoreIntegrityWarning, stacklevel=2)
+    for problems in _sample_problems(p, arrays, read=True).values():
+        bad.extend(problem.split(": ", 1)[0] for problem in problems)
+    kinds = _ChecksumLocalStore(p)
+    bad.extend(_chunk_read_problems(p, [n for n in arrays if kinds._kind(n) is not None]))
+    return list(dict.fromkeys(bad))
 
 
 def _layout_json(layout: RunLayout) -> dict:
@@ -420,6 +800,36 @@ def _layout_from_json(d: Mapping[str, Any]) -> RunLayout:
         n_txt=int(d["n_txt"]), grid=tuple(d["grid"]), image_shape=tuple(d["image_shape"]),
         token_source=tuple(d["token_source"]), branches=tuple(d["branches"]), maps=bool(d["maps"]),
     )
+
+
+def _checked_open(path: Path, read: bool | int = False,
+                  ) -> tuple[Any, dict[str, Any], np.ndarray, dict[int, list[str]], dict[str, Any]]:
+    """Open read-only and run the cheap checks: (group, arrays, complete, damaged slots, manifest by key)."""
+    group = _open_group(path, "r", store=_checksum_store(path) if path.is_dir() else None)
+    arrays = _arrays(group, path)
+    _raise_structure(path, _structure_problems(path, group, arrays, _layout_of(group, path)))
+    try:
+        complete = np.asarray(arrays[_COMPLETE][:], dtype=bool)
+        damaged = _sample_problems(path, arrays, read=read, complete=complete)
+        listed: dict[str, Any] = {}
+        if _MANIFEST in arrays and complete.any():
+            texts = arrays[_MANIFEST][: int(np.flatnonzero(complete)[-1]) + 1]
+            for slot in np.flatnonzero(complete).tolist():
+                if slot not in damaged:
+                    listed.update(json.loads(str(texts[slot])))
+    except ChunkChecksumError:
+        raise
+    except Exception as e:
+        raise StoreError(f"cannot read {str(path)!r}: {_first_line(e)}") from None
+    return group, arrays, complete, damaged, listed
+
+
+def _damage_error(path: Path, damaged: Mapping[int, list[str]]) -> StoreError:
+    slots = sorted(damaged)
+    first = damaged[slots[0]][0]
+    return StoreError(f"{str(path)!r}: {len(slots)} complete sample(s) are damaged (slot(s) "
+                      f"{', '.join(map(str, slots[:10]))}{'...' if len(slots) > 10 else ''}; first: {first}); "
+                      "`taca-probe record ... --resume` records them again")
 
 
 def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete: bool = False):
@@ -444,20 +854,32 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
         active where gamma != 1, and its weight) and ``planned_samples`` (the number of slots a
         ``record``/``sweep`` run planned up front; None for a store grown sample by sample with
         :func:`taca_probe.probe`).
+
+    Raises
+    ------
+    StoreError
+        For a damaged store: an array, or a complete sample's chunk missing, moved or resized
+        (checked here); reading a chunk that is not the one recorded (changed, swapped) raises
+        :class:`ChunkChecksumError` naming it, while the other chunks still read.
     """
     import xarray as xr
 
-    group = _open_group(path, "r")  # validates the schema before xarray sees anything
-    del group
+    p = Path(path)
+    # presence and sizes only: opening stays cheap, the digests are checked as chunks are read
+    _, _, complete, damaged, listed = _checked_open(p)
+    if damaged:
+        raise _damage_error(p, damaged)
     try:
-        ds = xr.open_zarr(_checksum_store(path), consolidated=False, zarr_format=3, chunks=chunks)
+        ds = xr.open_zarr(_checksum_store(p, listed), consolidated=False, zarr_format=3, chunks=chunks)
+    except StoreError:
+        raise
     except Exception as e:
-        raise StoreError(f"cannot read {str(path)!r}: {str(e).splitlines()[0]}") from None
-    complete = ds[_COMPLETE].values.astype(bool)
-    ds = ds.drop_vars(_COMPLETE)
+        raise StoreError(f"cannot read {str(path)!r}: {_first_line(e)}") from None
+    ds = ds.drop_vars([v for v in _BOOKKEEPING if v in ds.variables])
     if not include_incomplete:
         ds = ds.isel(sample=np.flatnonzero(complete))
-    ds.attrs.pop("layout", None)
+    for key in ("layout", _MANIFEST_ATTR):
+        ds.attrs.pop(key, None)
     # zarr lists arrays in no fixed order; a stable order keeps printouts and tests comparable
     names = [v for v in VARIABLE_ORDER if v in ds.data_vars] + sorted(v for v in ds.data_vars if v not in VARIABLE_ORDER)
     coords = [c for c in COORD_ORDER if c in ds.coords] + sorted(c for c in ds.coords if c not in COORD_ORDER)
@@ -472,13 +894,18 @@ COORD_ORDER = ("sample", "prompt", "seed", "batch_index", "branch", "step", "tim
 
 
 def store_info(path: str | os.PathLike) -> dict[str, Any]:
-    """Schema, sizes and provenance of a store, for ``taca-probe info``."""
-    group = _open_group(path, "r")
+    """Schema, sizes and provenance of a store, for ``taca-probe info``.
+
+    ``samples_damaged`` lists complete samples whose chunks are missing, moved or swapped (presence,
+    sizes, and digests of files up to 64 KiB; :func:`verify_store` compares every digest).
+    """
+    p = Path(path)
+    group, arrays_by_name, complete, damaged, _ = _checked_open(p, read=_INFO_READ_LIMIT)
     arrays = {}
     total_stored = 0
-    for name in sorted(group.array_keys()):
-        arr = group[name]
-        stored = _folder_bytes(Path(path) / name)
+    for name in sorted(arrays_by_name):
+        arr = arrays_by_name[name]
+        stored = _folder_bytes(p / name)
         total_stored += stored
         arrays[name] = {
             "dims": list(arr.metadata.dimension_names or []),
@@ -487,14 +914,15 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
             "chunks": list(arr.chunks),
             "stored_bytes": stored,
         }
-    complete = group[_COMPLETE][:] if group[_COMPLETE].shape[0] else np.zeros(0, bool)
     attrs = dict(group.attrs)
     attrs.pop("layout", None)
     return {
         "path": str(path),
         "schema": attrs.get(_SCHEMA_ATTR),
-        "samples_complete": int(complete.sum()),
-        "samples_incomplete": int((~complete.astype(bool)).sum()),
+        "samples_complete": int(complete.sum()) - len(damaged),
+        "samples_incomplete": int((~complete).sum()),
+        "samples_damaged": {int(k): v for k, v in sorted(damaged.items())},
+        "integrity": "chunk manifests" if _MANIFEST in arrays_by_name else "checksums only (recorded before manifests)",
         "stored_bytes": total_stored,
         "arrays": arrays,
         "attrs": attrs,

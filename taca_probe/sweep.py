@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import textwrap
 import warnings
@@ -295,7 +294,7 @@ def run_sweep(
     from .distributed import ranks_from_env
     from .recording import MapSelection, probe
     from .schedules import parse
-    from .store import is_store, open_run, remove_store
+    from .store import UNKNOWN_SLOT, RunWriter, open_run
 
     if mode not in ("create", "resume", "overwrite"):
         raise SweepError(f"unknown mode {mode!r}; choose from create, resume, overwrite")
@@ -366,12 +365,15 @@ def run_sweep(
              "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale)}
     try:
         if ranks.is_main:
+            # Check every schedule's layers and the maps selection against this model before the
+            # folder is touched; a probe on a path that does not exist writes nothing.
+            for entry in entries:
+                with probe(pipe, folder / ".unused", schedule=entry["spec"], maps=maps_sel, branch=branch,
+                           mode="create", lora=lora, lora_scale=lora_scale, model=name) as run:
+                    if maps_sel is not None:
+                        maps_sel.check(run.planned_layout(settings))
             if mode == "overwrite" and is_sweep(folder):
-                old = read_manifest(folder)
-                for entry in old.get("schedules", []):
-                    remove_store(folder / entry["store"])
-                    shutil.rmtree(folder / entry["images"], ignore_errors=True)
-                (folder / MANIFEST).unlink()
+                _remove_sweep_outputs(folder, read_manifest(folder))
             folder.mkdir(parents=True, exist_ok=True)
             _write_manifest(folder, doc)
             for entry in entries:
@@ -380,6 +382,13 @@ def run_sweep(
                     with probe(pipe, store, schedule=entry["spec"], maps=maps_sel, branch=branch, mode="create",
                                lora=lora, lora_scale=lora_scale, model=name, attrs=attrs) as run:
                         run.create_planned(plan, settings)
+                else:  # resumed: samples whose chunks are missing, moved or damaged are recorded again
+                    writer = RunWriter.reopen(store)
+                    damaged = writer.damaged_slots()
+                    if damaged:
+                        print(f"taca-probe: repairing {len(damaged)} damaged sample(s) of {entry['store']}: "
+                              f"{next(iter(damaged.values()))[0]} ...", file=sys.stderr)
+                        writer.mark_for_repair(sorted(damaged))
         ranks.barrier()
 
         todo = []
@@ -387,7 +396,9 @@ def run_sweep(
             with probe(pipe, folder / entry["store"], schedule=entry["spec"], maps=maps_sel, branch=branch,
                        mode="resume", lora=lora, lora_scale=lora_scale, model=name, attrs=attrs) as run:
                 slots = run.writer.slots()
-                if [(p, s) for p, s, _, _ in slots] != [(p, int(s)) for p, s in plan]:
+                stored = [(p, s) for p, s, _, _ in slots]
+                if len(stored) != len(plan) or any(a not in ((p, int(s)), UNKNOWN_SLOT[:2])
+                                                   for a, (p, s) in zip(stored, plan)):
                     raise SweepError(f"{entry['store']} does not hold this sweep's prompts x seeds; use --overwrite")
                 todo.extend((entry, i) for i, (*_, done) in enumerate(slots) if not done)
         mine = ranks.share(todo)
@@ -426,6 +437,54 @@ def run_sweep(
     doc["status"] = "complete"
     _write_manifest(folder, doc)
     return folder
+
+
+_PNG = re.compile(r"p\d{2,}_seed\d+(_\d+)?\.png")
+
+
+def _inside(folder: Path, relative: Any, kind: str) -> Path:
+    """``folder / relative``, refused unless it stays inside ``folder`` (no ``..``, absolute path or link out)."""
+    if not isinstance(relative, str) or not relative:
+        raise SweepError(f"{str(folder / MANIFEST)!r}: a schedule's {kind} path is {relative!r}; refusing to delete")
+    path = folder / relative
+    root = folder.resolve()
+    if Path(relative).is_absolute() or ".." in Path(relative).parts or root not in path.resolve().parents:
+        raise SweepError(f"{str(folder / MANIFEST)!r} names {kind} {relative!r} outside the sweep folder; "
+                         "refusing to delete it (fix or remove the manifest)")
+    return path
+
+
+def _remove_sweep_outputs(folder: Path, doc: dict[str, Any]) -> None:
+    """``--overwrite``: delete what this tool made in ``folder`` (stores, its PNGs, the manifest), nothing else.
+
+    Every path is checked before anything is deleted: a manifest that names something outside the
+    folder, or a store path that holds no taca-probe store, is refused.
+    """
+    from .store import is_store, remove_store
+
+    entries = doc.get("schedules", [])
+    if not isinstance(entries, list):
+        raise SweepError(f"{str(folder / MANIFEST)!r} is damaged (schedules is not a list); refusing to delete")
+    targets = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise SweepError(f"{str(folder / MANIFEST)!r} is damaged (a schedule is not an object); refusing to delete")
+        store = _inside(folder, entry.get("store"), "store")
+        images = _inside(folder, entry.get("images"), "image folder")
+        if store.exists() and not is_store(store):
+            raise SweepError(f"refusing to overwrite {str(store)!r}: the manifest names it but it is not a taca-probe store")
+        if images.exists() and not images.is_dir():
+            raise SweepError(f"refusing to overwrite {str(images)!r}: the manifest names it as an image folder")
+        targets.append((store, images))
+    for store, images in targets:
+        remove_store(store)
+        if images.is_dir():
+            for png in images.iterdir():
+                if png.is_file() and _PNG.fullmatch(png.name):
+                    png.unlink()
+            with contextlib.suppress(OSError):  # a folder with other files stays
+                images.rmdir()
+    (folder / MANIFEST).unlink()
 
 
 def _png_name(prompt_index: int, seed: int, batch_index: int = 0) -> str:

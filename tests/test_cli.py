@@ -66,7 +66,7 @@ BAD = [
     (["generate", "--prompt", "x", "--schedule", "wobble:2"], "valid forms"),
     (["generate", "--prompt", "x", "--model", "tiny-sd3", "--height", "100"], "multiple of 16"),
     (["generate", "--prompt", "x", "--model", "shapes", "--height", "128"], "larger than this model supports (64"),
-    (["generate", "--prompt", "x", "--steps", "0"], "positive integer"),
+    (["generate", "--prompt", "x", "--steps", "0"], "1..1000"),
     (["generate", "--prompt", "x", "--seeds", "a,b"], "bad seeds"),
     (["generate", "--prompt", "x", "--dtype", "fp8"], "fp32"),
     (["generate", "--prompt", "x", "--device", "gpu7"], "cpu"),

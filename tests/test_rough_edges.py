@@ -159,7 +159,7 @@ def test_info_groups_variables_coordinates_and_the_internal_flag_aligned(store, 
     assert {"prompt", "token_text", "layer", "seed"} <= set(names["coordinates"])
     assert not set(names["coordinates"]) & set(VARIABLE_ORDER) and "complete" not in names["coordinates"]
     internal = next(k for k in sec if k.startswith("internal"))
-    assert names[internal] == ["complete"]
+    assert names[internal] == ["complete", "chunk_manifest"]
     rows = [x for k in ("data variables", "coordinates", internal) for x in sec[k]]
     # aligned: the dtype, dims and chunks columns start at the same offset on every row, strings included
     for col in (1, 2):

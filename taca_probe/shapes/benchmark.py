@@ -363,6 +363,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = Path(args.json)
         if out.parent and not out.parent.exists():
             raise TacaProbeError(f"--json: folder {str(out.parent)!r} does not exist")
+        if out.is_dir():  # checked now: the evaluation would be lost when the write fails at the end
+            raise TacaProbeError(f"--json {str(out)!r} is a folder; name a file")
     if args.full and args.seeds is not None:
         raise TacaProbeError("--full fixes the seeds (0-7); give either --full or --seeds")
     seeds = list(DEFAULT_SEEDS) if args.full else list(QUICK_SEEDS) if args.seeds is None else args.seeds

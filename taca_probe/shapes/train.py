@@ -387,6 +387,7 @@ def _checkpoint_state(pipe, opt, vae_opt, ema, state, config) -> dict[str, Any]:
 
 
 _MODULES = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+_CHECKPOINT_KEYS = ("config", "modules", "opt", "vae_opt", "ema", "state", "torch_rng")
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -493,10 +494,15 @@ def train(
     if resume:
         if not ckpt_path.is_file():
             raise TrainError(f"cannot resume: no checkpoint at {ckpt_path}")
-        try:
-            payload = torch.load(ckpt_path, weights_only=False)
+        try:  # weights_only: a checkpoint is data; never run code that a file brings along
+            payload = torch.load(ckpt_path, weights_only=True)
         except Exception as exc:
-            raise TrainError(f"cannot read checkpoint {ckpt_path}: {type(exc).__name__}: {exc}") from exc
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise TrainError(f"cannot read checkpoint {ckpt_path}: {type(exc).__name__}: {first}") from None
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
+        if missing or not isinstance(payload["config"], dict):
+            raise TrainError(f"cannot resume from {ckpt_path}: not a checkpoint of this trainer "
+                             f"(missing or bad: {', '.join(missing) or 'config'})")
         steps = config.steps
         config = TrainConfig.from_dict(payload["config"])
         config.steps = max(config.steps, steps)
@@ -512,14 +518,19 @@ def train(
     ema = _Ema(trained, config.ema_decay)
     state: dict[str, Any] = {"step": 0, "vae_step": 0, "elapsed": 0.0, "loss_log": [], "loss_ema": None}
     if payload is not None:
-        for name in _MODULES:
-            getattr(pipe, name).load_state_dict(payload["modules"][name])
-        opt.load_state_dict(payload["opt"])
-        vae_opt.load_state_dict(payload["vae_opt"])
-        for s, v in zip(ema.shadow, payload["ema"]):
-            s.copy_(v)
-        state = payload["state"]
-        torch.set_rng_state(payload["torch_rng"])
+        try:
+            for name in _MODULES:
+                getattr(pipe, name).load_state_dict(payload["modules"][name])
+            opt.load_state_dict(payload["opt"])
+            vae_opt.load_state_dict(payload["vae_opt"])
+            for s, v in zip(ema.shadow, payload["ema"], strict=True):
+                s.copy_(v)
+            state = payload["state"]
+            torch.set_rng_state(payload["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise TrainError(f"cannot resume from {ckpt_path}: it does not fit this trainer "
+                             f"({type(exc).__name__}: {first})") from None
         log(f"resumed at step {state['step']} (vae {state['vae_step']}), {state['elapsed'] / 60:.1f} min done")
 
     budget = math.inf if minutes is None else minutes * 60.0

@@ -1,0 +1,145 @@
+"""Bad input is refused in one line, exit 2, before a model loads or a store is created (issue #14)."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import pytest
+import torch
+
+from taca_probe._ranges import int_ranges
+from taca_probe.cli import main
+
+
+def _run(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _refused(rc: int, err: str, key: str) -> None:
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("taca-probe: error:"), err
+    assert key in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_int_ranges_is_linear_and_capped():
+    t0 = time.perf_counter()
+    assert len(int_ranges("0-99999")) == 100_000  # the cap itself is fine, and fast
+    for text in ("0-10000000", "0-99999999", "5-9223372036854775807"):
+        with pytest.raises(ValueError, match="100000"):
+            int_ranges(text)
+    assert time.perf_counter() - t0 < 2.0
+    with pytest.raises(ValueError, match="outside"):
+        int_ranges(str(2**63))
+    with pytest.raises(ValueError, match="negative"):
+        int_ranges("-1")
+    assert int_ranges("3,1-3,0") == [3, 1, 2, 0]
+
+
+# Every case is refused before a model loads: the --out path must not appear.
+CASES = [
+    (["--seeds", "-1"], "0..9223372036854775807"),  # issue #12 (b): no doubled prefix, says >= 0
+    (["--seeds", "0-10000000"], "100000"),  # defect 5
+    (["--seeds", str(2**63)], "outside"),  # defect 11
+    (["--guidance", "nan"], "--guidance"),  # defect 12
+    (["--guidance", "-5"], "--guidance"),
+    (["--guidance", "inf"], "--guidance"),  # defect 13
+    (["--height", "100000"], "--height"),  # defect 8: no model has a size limit of its own here
+    (["--model", "tiny-flux", "--width", "100000"], "--width"),
+    (["--steps", "100000000"], "--steps"),
+    (["--maps", "steps=0-99999999"], "100000"),  # defect 5
+    (["--lora-scale", "nan"], "--lora-scale"),
+]
+
+
+@pytest.mark.parametrize("extra,key", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_record_refuses_bad_numbers_before_loading(tmp_path, capsys, extra, key):
+    out = tmp_path / "r.zarr"
+    t0 = time.perf_counter()
+    rc, _, err = _run(["record", "--prompt", "x", *extra, "--out", str(out)], capsys)
+    _refused(rc, err, key)
+    assert "taca-probe: error: taca-probe" not in err  # the program is named once
+    assert not out.exists() and time.perf_counter() - t0 < 5
+
+
+PROMPT_FILES = [
+    ('{"prompt": null}\n', "prompt"),  # would become the prompt "None"
+    ('{"prompt": ""}\n', "prompt"),
+    ('{"prompt": "a", "seed": 1.7}\n', "1.7"),  # would become seed 1
+    ('{"prompt": "a", "seed": true}\n', "True"),
+    ('{"prompt": "a", "seed": -5}\n', "-5"),  # --seeds -1 is refused, so is this
+    ('{"prompt": "a", "seed": 18446744073709551616}\n', "18446744073709551616"),
+]
+
+
+@pytest.mark.parametrize("text,key", PROMPT_FILES, ids=[t.strip() for t, _ in PROMPT_FILES])
+def test_prompts_file_values_are_checked(tmp_path, capsys, text, key):
+    f = tmp_path / "p.jsonl"
+    f.write_text(text, encoding="utf-8")
+    rc, _, err = _run(["record", "--prompts", str(f), "--out", str(tmp_path / "r.zarr")], capsys)
+    _refused(rc, err, key)
+    assert str(f) in err and not (tmp_path / "r.zarr").exists()
+
+
+def test_prompts_file_line_separator_is_not_a_new_prompt_and_bytes_must_be_utf8(tmp_path, capsys):
+    from taca_probe.cli import _read_prompts, build_parser
+
+    f = tmp_path / "p.txt"
+    f.write_text("one\u2028still one\nsecond\r\n", encoding="utf-8")
+    args = build_parser().parse_args(["record", "--prompts", str(f)])
+    assert [p for p, _ in _read_prompts(args)] == ["one\u2028still one", "second"]
+    f.write_bytes(b"caf\xe9\n")
+    rc, _, err = _run(["record", "--prompts", str(f), "--out", str(tmp_path / "r.zarr")], capsys)
+    _refused(rc, err, str(f))
+    rc, _, err = _run(["record", "--prompt", "", "--out", str(tmp_path / "r.zarr")], capsys)
+    _refused(rc, err, "--prompt")
+
+
+def test_out_under_a_file_is_a_user_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for cmd in (["record"], ["generate"], ["sweep", "--no-grid", "--schedule", "const:1.1"]):
+        rc, _, err = _run([*cmd, "--prompt", "x", "--out", str(blocker / "sub" / "o")], capsys)
+        _refused(rc, err, str(blocker))
+    assert blocker.read_text() == ""
+
+
+def test_figures_caps_and_eval_json_folder(tmp_path, capsys):
+    for flag, value in (("--dpi", "100000"), ("--n-resamples", "1")):
+        rc, _, err = _run(["figures", str(tmp_path), flag, value, "--out", str(tmp_path / "f")], capsys)
+        _refused(rc, err, flag)
+    rc, _, err = _run(["eval", "--json", str(tmp_path), "--out", str(tmp_path / "e")], capsys)
+    _refused(rc, err, str(tmp_path))
+
+
+class _Boom:
+    def __reduce__(self):  # what a hostile checkpoint.pt carries: a call made while unpickling
+        return (exec, ("open(__import__('os').environ['TACA_BOOM'], 'w').write('ran')",))
+
+
+def test_train_resume_never_runs_code_from_a_checkpoint(tmp_path, monkeypatch):
+    from taca_probe.shapes.train import TrainConfig, TrainError, train
+
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("TACA_BOOM", str(marker))
+    (tmp_path / "checkpoint.pt").write_bytes(pickle.dumps({"config": _Boom()}))
+    with pytest.raises(TrainError, match="checkpoint"):
+        train(TrainConfig(), tmp_path, resume=True)
+    assert not marker.exists()
+    torch.save({"modules": {}}, tmp_path / "checkpoint.pt")  # malformed: no config
+    with pytest.raises(TrainError, match="config"):
+        train(TrainConfig(), tmp_path, resume=True)
+
+
+def test_bench_shape_too_large_is_a_user_error(monkeypatch, capsys):
+    import taca_probe.bench as bench
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 GiB")
+
+    monkeypatch.setattr(bench, "bench_attention", out_of_memory)
+    rc, _, err = _run(["bench", "attention", "--device", "cpu", "--shape", "1,1,4,100000000,8"], capsys)
+    _refused(rc, err, "--shape")

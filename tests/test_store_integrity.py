@@ -1,0 +1,401 @@
+"""Stores and sweeps: nothing silently wrong, nothing deleted outside the output (issue #14)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from taca_probe.cli import main
+from taca_probe.store import ChunkChecksumError, StoreError, open_run, store_info, verify_store
+
+TINY = ["--model", "tiny-sd3", "--steps", "1", "--height", "64", "--width", "64"]
+
+
+def _run(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_sweep_overwrite_deletes_nothing_outside_its_folder(tmp_path, capsys):
+    other = tmp_path / "other.zarr"
+    assert _run(["record", *TINY, "--prompt", "keep me", "--out", str(other)], capsys)[0] == 0
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "precious.txt").write_text("do not delete")
+    sweep = tmp_path / "sw1"
+    argv = ["sweep", *TINY, "--prompt", "x", "--no-grid", "--schedule", "none", "--schedule", "const:1.1", "--out", str(sweep)]
+    assert _run(argv, capsys)[0] == 0
+    honest = (sweep / "sweep.json").read_bytes()
+    doc = json.loads(honest)
+    assert len(doc["schedules"]) == 2
+    doc["schedules"][0]["images"] = "../decoy"
+    doc["schedules"][1]["store"] = str(other.resolve())
+    (sweep / "sweep.json").write_text(json.dumps(doc))
+    before_sweep, before_other, before_decoy = _tree(sweep), _tree(other), _tree(decoy)
+    rc, _, err = _run(argv + ["--overwrite"], capsys)
+    assert rc == 2 and "outside the sweep folder" in err
+    assert _tree(sweep) == before_sweep and _tree(other) == before_other and _tree(decoy) == before_decoy
+    # a path inside the folder that is no store of ours is refused too
+    doc["schedules"][0]["images"] = "images/00_none"
+    doc["schedules"][1]["store"] = "images/00_none"
+    (sweep / "sweep.json").write_text(json.dumps(doc))
+    rc, _, err = _run(argv + ["--overwrite"], capsys)
+    assert rc == 2 and "not a taca-probe store" in err and _tree(other) == before_other
+    # an honest manifest: overwrite works, and files the tool did not make stay
+    (sweep / "sweep.json").write_bytes(honest)
+    (sweep / "images" / "00_none" / "notes.txt").write_text("mine")
+    rc, _, err = _run(argv + ["--overwrite"], capsys)
+    assert rc == 0, err
+    assert (sweep / "images" / "00_none" / "notes.txt").read_text() == "mine"
+    assert open_run(sweep / "stores" / "01_const_1.1.zarr").sizes["sample"] == 1
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Path:
+    """One small store (2 prompts x seeds 1,2, maps at step 0), recorded once; tests damage copies."""
+    store = tmp_path_factory.mktemp("rec") / "s.zarr"
+    assert main(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2",
+                 "--maps", "steps=0", "--out", str(store)]) == 0
+    return store
+
+
+@pytest.fixture
+def store(recorded, tmp_path) -> Path:
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(recorded, copy)
+    return copy
+
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_name(a.name + ".tmp")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+# (damage, the key a reader must name); every one read back as plausible data before (defect 2)
+DAMAGE = {
+    "rm image chunk": (lambda s: (s / "image/c/1/0/0/0").unlink(), "image/c/1/0/0/0"),
+    "rm seed chunk": (lambda s: (s / "seed/c/1").unlink(), "seed/c/1"),
+    "rm prompt chunk": (lambda s: (s / "prompt/c/3").unlink(), "prompt/c/3"),
+    "rm mass chunk": (lambda s: (s / "vis_txt_mass/c/1/0/0/0").unlink(), "vis_txt_mass/c/1/0/0/0"),
+    "swap seed chunks": (lambda s: _swap(s / "seed/c/0", s / "seed/c/1"), "seed/c/"),  # same size
+    "swap mass chunks": (lambda s: _swap(s / "token_mass/c/0/0/0/0", s / "token_mass/c/2/0/0/0"), "token_mass/c/"),
+    "swap maps shards": (lambda s: _swap(s / "maps/c/0/0/0/0/0/0", s / "maps/c/3/0/0/0/0/0"), "maps/c/"),
+}
+WHOLE = {
+    "rm -r image": (lambda s: shutil.rmtree(s / "image"), "'image'"),
+    "rm -r maps": (lambda s: shutil.rmtree(s / "maps"), "'maps'"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGE) + list(WHOLE))
+def test_missing_or_swapped_chunks_are_found_everywhere(store, tmp_path, capsys, name):
+    damage, key = {**DAMAGE, **WHOLE}[name]
+    assert verify_store(store) == []
+    damage(store)
+    assert any(key.strip("'") in k for k in verify_store(store))
+    with pytest.raises(StoreError, match=key):
+        open_run(store).load()
+    if name in DAMAGE:
+        info = store_info(store)
+        assert info["samples_damaged"] and info["samples_complete"] < 4
+        assert any(key in p for problems in info["samples_damaged"].values() for p in problems)
+        rc, out, _ = _run(["info", str(store)], capsys)
+        assert rc == 0 and key in out
+    if name != "swap seed chunks":  # equal sizes: found when read (test_reads_are_bound...), not at open
+        rc, _, err = _run(["figures", str(store), "--out", str(tmp_path / "f"), "--figures", "fig2"], capsys)
+        assert rc == 2 and key in err and err.count("\n") == 1
+
+
+def test_reads_are_bound_to_the_recorded_file(store):
+    """Chunk files swapped (equal sizes, or after opening): the read itself fails, naming the chunk."""
+    _swap(store / "seed/c/0", store / "seed/c/1")
+    ds = open_run(store)
+    with pytest.raises(ChunkChecksumError, match="seed/c/"):
+        ds["seed"].values
+    _swap(store / "image/c/0/0/0/0", store / "image/c/2/0/0/0")
+    with pytest.raises(ChunkChecksumError, match="image/c/"):
+        ds["image"].values
+    ds["vis_txt_mass"].values  # the other chunks still read
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_resume_rerecords_damaged_samples(recorded, store, capsys, name):
+    damage, key = DAMAGE[name]
+    damage(store)
+    rc, _, err = _run(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2",
+                       "--maps", "steps=0", "--out", str(store), "--resume"], capsys)
+    assert rc == 0, err
+    assert "repairing" in err and key in err
+    assert verify_store(store) == []
+    a, b = open_run(recorded).load(), open_run(store).load()
+    for k in ("command", "created"):
+        a.attrs.pop(k, None)
+        b.attrs.pop(k, None)
+    xr.testing.assert_identical(a, b)  # the repaired store equals the undamaged one
+
+
+def _resume(store: Path, capsys, *extra: str):
+    return _run(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2",
+                 "--maps", "steps=0", *extra, "--out", str(store), "--resume"], capsys)
+
+
+def _drop_codec(store: Path) -> None:
+    meta = json.loads((store / "vis_txt_mass/zarr.json").read_text())
+    meta["codecs"] = [c for c in meta["codecs"] if c["name"] != "crc32c"]
+    (store / "vis_txt_mass/zarr.json").write_text(json.dumps(meta))
+
+
+def _drop_layout(store: Path) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["layout"]
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+METADATA = {
+    "array zarr.json not JSON": lambda s: (s / "seed/zarr.json").write_text("{not json"),
+    "array zarr.json wrong type": lambda s: (s / "seed/zarr.json").write_text("[1, 2]"),
+    "layout attribute removed": _drop_layout,
+    "crc32c codec removed": _drop_codec,  # used to turn checking off and fail in zstd
+    "group zarr.json not JSON": lambda s: (s / "zarr.json").write_text("{"),
+}
+
+
+@pytest.mark.parametrize("name", list(METADATA))
+def test_damaged_metadata_is_one_line_everywhere(store, capsys, name):
+    METADATA[name](store)
+    before = _tree(store)
+    for argv in (["info", str(store)], ["info", str(store), "--json"]):
+        rc, _, err = _run(argv, capsys)
+        assert rc == 2 and err.count("\n") == 1 and str(store) in err and "internal error" not in err, err
+    rc, _, err = _resume(store, capsys)
+    assert rc == 2 and err.count("\n") == 1 and "internal error" not in err, err
+    with pytest.raises(StoreError):
+        open_run(store)
+    assert _tree(store) == before  # nothing written while refusing
+
+
+def test_stores_without_manifests_still_open(store):
+    """A store recorded before chunk manifests: opens, verify_store says absence is not checkable."""
+    from taca_probe.store import StoreIntegrityWarning
+
+    shutil.rmtree(store / "chunk_manifest")
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["chunk_manifest"]
+    (store / "zarr.json").write_text(json.dumps(meta))
+    assert open_run(store).sizes["sample"] == 4 and store_info(store)["samples_damaged"] == {}
+    with pytest.warns(StoreIntegrityWarning, match="before chunk manifests"):
+        assert verify_store(store) == []
+    raw = bytearray((store / "token_mass/c/2/0/0/0").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (store / "token_mass/c/2/0/0/0").write_bytes(bytes(raw))
+    with pytest.warns(StoreIntegrityWarning):
+        assert verify_store(store) == ["token_mass/c/2/0/0/0"]
+
+
+def test_store_creation_is_atomic(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import taca_probe.store as store_module
+
+    target = tmp_path / "r.zarr"
+    stale = tmp_path / f".creating.r.zarr.{socket.gethostname()}.999999999.deadbeef"  # a killed creator's
+    stale.mkdir()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # as if the process died just before the store would appear
+
+    monkeypatch.setattr(store_module.os, "rename", killed)
+    rc, _, err = _run(["record", *TINY, "--prompt", "x", "--out", str(target)], capsys)
+    assert rc == 130 and not target.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # neither the half-built store nor the stale one
+    monkeypatch.undo()
+    rc, _, err = _run(["record", *TINY, "--prompt", "x", "--out", str(target)], capsys)  # no --overwrite needed
+    assert rc == 0, err
+    assert [p.name for p in tmp_path.iterdir()] == ["r.zarr"]
+
+
+def test_a_half_created_store_of_an_older_version_is_named_and_overwritable(tmp_path, capsys):
+    import zarr
+
+    target = tmp_path / "r.zarr"
+    group = zarr.open_group(str(target), mode="w-", zarr_format=3)
+    group.attrs["taca_probe_schema"] = 1  # killed right after this: no layout, no arrays
+    rc, _, err = _run(["record", *TINY, "--prompt", "x", "--out", str(target), "--resume"], capsys)
+    assert rc == 2 and "layout" in err and "internal error" not in err
+    rc, _, err = _run(["record", *TINY, "--prompt", "x", "--out", str(target), "--overwrite"], capsys)
+    assert rc == 0, err
+    assert open_run(target).sizes["sample"] == 1
+
+
+def test_sampling_reads_nothing_of_the_slot_table(pipes, tmp_path, monkeypatch):
+    """Per-sample work must not grow with the store: after opening, a sample reads no slot-table chunk."""
+    import taca_probe.store as store_module
+    from taca_probe.recording import probe
+
+    reads: list[str] = []
+    get = store_module._ChecksumLocalStore.get
+
+    async def counting(self, key, *args, **kwargs):
+        reads.append(key)
+        return await get(self, key, *args, **kwargs)
+
+    pipe = pipes("tiny-sd3")
+    call = {"num_inference_steps": 1, "height": 64, "width": 64}
+    plan = [(f"p{i}", 0) for i in range(6)]
+    with probe(pipe, tmp_path / "s.zarr") as run:
+        run.create_planned(plan, call)
+        monkeypatch.setattr(store_module._ChecksumLocalStore, "get", counting)
+        for slot, (prompt, seed) in enumerate(plan):
+            run.sample(prompt, seed=seed, slot=slot, **call)
+    table = [k for k in reads if k.split("/")[0] in ("prompt", "seed", "batch_index", "complete")]
+    assert table == []
+    assert open_run(tmp_path / "s.zarr").sizes["sample"] == 6
+
+
+def test_resume_names_the_setting_that_differs(recorded, store, capsys):
+    before = _tree(store)
+    rc, _, err = _run(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2,3",
+                       "--maps", "steps=0", "--out", str(store), "--resume"], capsys)
+    assert rc == 2 and "--seeds" in err and "[1,2]" in err and "[1,2,3]" in err
+    rc, _, err = _run(["record", *TINY, "--prompt", "a red cube", "--prompt", "a green ball", "--seeds", "1,2",
+                       "--maps", "steps=0", "--out", str(store), "--resume"], capsys)
+    assert rc == 2 and "prompts" in err and "a green ball" in err
+    rc, _, err = _resume(store, capsys, "--guidance", "3")
+    assert rc == 2 and "guidance" in err
+    assert _tree(store) == before
+
+
+SELECTIONS = [
+    (["--steps", "2", "--maps", "steps=5-9"], "0..1"),
+    (["--steps", "2", "--maps", "steps=0-99"], "0..1"),  # issue #12 (a)
+    (["--maps", "tokens=400,500"], "0..332"),
+    (["--maps", "layers=nomatch"], "nomatch"),
+    (["--schedule", "step:1.2@970;layers=nomatch*"], "nomatch*"),
+]
+
+
+@pytest.mark.parametrize("extra,key", SELECTIONS, ids=[" ".join(a) for a, _ in SELECTIONS])
+def test_selections_that_match_nothing_are_refused(tmp_path, capsys, extra, key):
+    out = tmp_path / "r.zarr"
+    rc, _, err = _run(["record", *TINY, "--prompt", "x", *extra, "--out", str(out)], capsys)
+    assert rc == 2 and key in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bad_input_found_while_sampling_leaves_no_store(tmp_path, capsys):
+    out = tmp_path / "r.zarr"
+    rc, _, err = _run(["record", *TINY, "--prompt", "x", "--schedule", "const:1e308", "--out", str(out)], capsys)
+    assert rc == 2 and "non-finite" in err
+    assert not out.exists()  # so the corrected rerun needs no --overwrite
+    assert _run(["record", *TINY, "--prompt", "x", "--out", str(out)], capsys)[0] == 0
+
+
+def test_interrupt_while_starting_and_os_errors_are_one_line(monkeypatch, capsys, tmp_path):
+    import errno
+
+    import taca_probe.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt  # Ctrl-C while the parser imports torch
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    rc, _, err = _run(["info", "x"], capsys)
+    assert rc == 130 and err.count("\n") == 1 and "Traceback" not in err
+    monkeypatch.undo()
+
+    def disk_full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r.zarr" / "image"))
+
+    monkeypatch.setattr(cli, "cmd_info", disk_full)
+    rc, _, err = _run(["info", str(tmp_path)], capsys)
+    assert rc == 2 and str(tmp_path / "r.zarr" / "image") in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_failed_read_leaves_no_asyncio_noise(store):
+    """Defect 17: after a checksum error, zarr's other reads used to print asyncio tracebacks at exit."""
+    code = (
+        "import os, sys\n"
+        "from taca_probe.store import open_run\n"
+        "import taca_probe.cli as cli\n"
+        f"ds = open_run({str(store)!r})\n"
+        f"a, b = {str(store / 'image/c/0/0/0/0')!r}, {str(store / 'image/c/2/0/0/0')!r}\n"
+        "os.rename(a, a + '.t'); os.rename(b, a); os.rename(a + '.t', b)\n"
+        "cli.cmd_info = lambda args: ds['image'].values\n"
+        "sys.exit(cli.main(['info', 'x']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 2 and "image/c/" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_sweep_resume_rerecords_damaged_samples(tmp_path, capsys):
+    sweep = tmp_path / "sw"
+    argv = ["sweep", *TINY, "--prompt", "x", "--seeds", "1,2", "--no-grid", "--schedule", "none", "--schedule",
+            "const:1.1", "--out", str(sweep)]
+    assert _run(argv, capsys)[0] == 0
+    store = sweep / "stores" / "01_const_1.1.zarr"
+    before = open_run(store).load()
+    (store / "image/c/1/0/0/0").unlink()
+    rc, _, err = _run(argv + ["--resume"], capsys)
+    assert rc == 0 and "repairing 1 damaged sample" in err and "image/c/1/0/0/0" in err
+    assert verify_store(store) == []
+    after = open_run(store).load()
+    np.testing.assert_array_equal(after["image"].values, before["image"].values)
+
+
+def test_info_json_is_strict_json_for_old_nan_attributes(store, capsys):
+    """Defect 12: a store recorded with --guidance nan (before it was refused) made `info --json` print NaN."""
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["guidance"] = float("nan")
+    (store / "zarr.json").write_text(json.dumps(meta))
+    rc, out, _ = _run(["info", str(store), "--json"], capsys)
+    assert rc == 0
+    json.loads(out, parse_constant=lambda name: pytest.fail(f"invalid JSON constant {name}"))
+
+
+@pytest.mark.slow
+def test_sigkill_while_the_store_is_created_leaves_nothing(tmp_path):
+    """Defect 6, for real: kill `record` while it lays out a store with many planned slots."""
+    import signal
+    import time
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"prompt {i}" for i in range(20000)) + "\n")
+    out = tmp_path / "r.zarr"
+    argv = [sys.executable, "-m", "taca_probe", "record", *TINY, "--prompts", str(prompts), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob(".creating.*")):
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before the store was being created"
+        time.sleep(0.3)  # well inside the layout of 20,000 slots
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()  # nothing half-made at the output path
+    rerun = subprocess.run(argv[:-4] + ["--prompt", "x", "--out", str(out)], env=env, capture_output=True,
+                           text=True, timeout=300)  # no --overwrite, no hand clean-up
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt", "r.zarr"]  # the killed one's folder is gone
+    assert open_run(out).sizes["sample"] == 1
