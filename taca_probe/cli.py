@@ -60,44 +60,31 @@ def short_prompt(prompt: str, width: int = 40) -> str:
     return textwrap.shorten(" ".join(prompt.split()), width, placeholder=" …")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _bounded(lo: float, hi: float, *, integer: bool):
+    """An argparse type: an integer (or a finite number) in ``lo..hi``, refused before any model loads."""
+    kind, span = ("an integer", f"{lo}..{hi}") if integer else ("a finite number", f"{lo:g}..{hi:g}")
 
-
-def _bounded_int(lo: int, hi: int):
-    """An argparse type: an integer in ``lo..hi`` (refused before any model loads)."""
-
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
-        except ValueError:
-            value = lo - 1
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be an integer in {lo}..{hi}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _bounded_float(lo: float, hi: float):
-    """An argparse type: a finite number in ``lo..hi`` (``nan`` and ``inf`` are refused)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
+            value = int(text) if integer else float(text)
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and lo <= value <= hi):
-            raise argparse.ArgumentTypeError(f"must be a finite number in {lo:g}..{hi:g}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {kind} in {span}, got {text!r}")
         return value
 
     return parse
+
+
+def _bounded_int(lo: int, hi: int):
+    return _bounded(lo, hi, integer=True)
+
+
+def _bounded_float(lo: float, hi: float):
+    return _bounded(lo, hi, integer=False)
+
+
+_positive_int = _bounded_int(1, MAX_INT)
 
 
 #: Largest image side accepted before a model loads (SD3 models then check their own position table).

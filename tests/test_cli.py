@@ -11,18 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from taca_probe.cli import main
-
-
-def _run(argv, capsys):
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
+from tests.clitools import run_cli
 
 
 @pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
 def test_generate_writes_png_and_sidecar(tmp_path, capsys, model):
-    rc, out, err = _run(
+    rc, out, err = run_cli(
         ["generate", "--model", model, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "3,4",
          "--steps", "3", "--height", "64", "--width", "96", "--schedule", "first:1.3@1", "--out", str(tmp_path)],
         capsys,
@@ -42,7 +36,7 @@ def test_generate_none_equals_library_stock(tmp_path, capsys):
 
     from taca_probe.models import load_pipeline
 
-    rc, _, err = _run(["generate", "--model", "tiny-sd3", "--prompt", "a cat", "--seeds", "7", "--steps", "2", "--height", "64",
+    rc, _, err = run_cli(["generate", "--model", "tiny-sd3", "--prompt", "a cat", "--seeds", "7", "--steps", "2", "--height", "64",
                        "--width", "64", "--schedule", "none", "--out", str(tmp_path)], capsys)
     assert rc == 0, err
     pipe = load_pipeline("tiny-sd3", device="cpu", dtype="fp32")
@@ -53,7 +47,7 @@ def test_generate_none_equals_library_stock(tmp_path, capsys):
 def test_prompts_file_text_and_jsonl(tmp_path, capsys):
     f = tmp_path / "prompts.jsonl"
     f.write_text('{"prompt": "a red cube", "seed": 11}\n# a comment\n\nplain line prompt\n')
-    rc, _, err = _run(["generate", "--prompts", str(f), "--seeds", "1", "--steps", "1", "--height", "32",
+    rc, _, err = run_cli(["generate", "--prompts", str(f), "--seeds", "1", "--steps", "1", "--height", "32",
                        "--width", "32", "--out", str(tmp_path / "o")], capsys)
     assert rc == 0, err
     metas = [json.loads(p.read_text()) for p in sorted((tmp_path / "o").glob("*.json"))]
@@ -84,7 +78,7 @@ BAD = [
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     if argv[0] == "generate" and "--out" not in argv:
         argv = argv + ["--out", str(tmp_path / "o")]
-    rc, out, err = _run(argv, capsys)
+    rc, out, err = run_cli(argv, capsys)
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("taca-probe: error:"), err
@@ -94,7 +88,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
 
 
 def test_bench_attention_json(capsys):
-    rc, out, err = _run(["bench", "attention", "--device", "cpu", "--shape", "1,2,16,48,16", "--shape",
+    rc, out, err = run_cli(["bench", "attention", "--device", "cpu", "--shape", "1,2,16,48,16", "--shape",
                          "1,2,20,40,8,img-first", "--repeats", "2", "--json", "-"], capsys)
     assert rc == 0, err
     doc = json.loads(out)

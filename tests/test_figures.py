@@ -19,6 +19,7 @@ from PIL import Image
 from taca_probe import analysis as A
 from taca_probe import open_sweep, plotting
 from taca_probe.cli import main
+from tests.clitools import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny-sd3", "--device", "cpu", "--steps", "2", "--height", "64", "--width", "64",
@@ -26,21 +27,6 @@ TINY = ["--model", "tiny-sd3", "--device", "cpu", "--steps", "2", "--height", "6
 SWEEP = ["sweep", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "0,1",
          "--gamma0", "1.0,1.2,1.5", "--t-thresh", "970", "--maps", "steps=0-1"]
 FIGURE_NAMES = [name for names in plotting.FIGURES.values() for name in names]
-
-
-def _run(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("taca-probe: error:"), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +101,7 @@ def test_dask_backed_sweep_gives_the_same_numbers(sweep_dir):
 
 def test_figures_from_single_stores_and_lazy(sweep_dir, tmp_path, capsys):
     stores = sorted(str(p) for p in (sweep_dir / "stores").glob("*.zarr"))
-    rc, out, err = _run(["figures", *stores, "--out", tmp_path, "--figures", "fig3,fig4", "--format", "png",
+    rc, out, err = run_cli(["figures", *stores, "--out", tmp_path, "--figures", "fig3,fig4", "--format", "png",
                          "--lazy", "--treated", "step:1.5@970", "--n-resamples", "100"], capsys)
     assert rc == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -126,7 +112,7 @@ def test_figures_from_single_stores_and_lazy(sweep_dir, tmp_path, capsys):
 
 
 def test_figures_lists_each_figure_once_with_its_run(sweep_dir, tmp_path, capsys):
-    rc, out, err = _run(["figures", sweep_dir, "--out", tmp_path, "--format", "png", "--n-resamples", "100"], capsys)
+    rc, out, err = run_cli(["figures", sweep_dir, "--out", tmp_path, "--format", "png", "--n-resamples", "100"], capsys)
     assert rc == 0, err
     lines = (out + err).splitlines()
     for name in FIGURE_NAMES:
@@ -205,7 +191,7 @@ def test_sweep_resume_records_only_what_is_missing(sweep_dir, tmp_path, capsys):
     shutil.rmtree(folder / "stores" / "02_step_1.5@970.zarr")
     shutil.rmtree(folder / "images" / "02_step_1.5@970")
     (folder / "images" / "01_step_1.2@970" / "p01_seed1.png").unlink()  # a PNG lost: rewritten from the store
-    rc, out, err = _run([*SWEEP, "--out", folder, "--resume"], capsys)
+    rc, out, err = run_cli([*SWEEP, "--out", folder, "--resume"], capsys)
     assert rc == 0, err
     assert len(list(folder.glob("images/*/*.png"))) == 12
     assert first_png.stat().st_mtime_ns == before  # complete samples are not redone
@@ -213,10 +199,10 @@ def test_sweep_resume_records_only_what_is_missing(sweep_dir, tmp_path, capsys):
     assert sweep.sizes["sample"] == 4
     np.testing.assert_array_equal(sweep["image"].sel(schedule="step:1.5@970").values,
                                   open_sweep(sweep_dir)["image"].sel(schedule="step:1.5@970").values)
-    rc, _, err = _run([*SWEEP, "--out", folder, "--resume", "--seeds", "0"], capsys)
-    _one_line_error(rc, err, "cannot resume", "plan")
-    rc, _, err = _run([*SWEEP, "--out", folder], capsys)
-    _one_line_error(rc, err, "already exists", "--resume")
+    rc, _, err = run_cli([*SWEEP, "--out", folder, "--resume", "--seeds", "0"], capsys)
+    one_line_error(rc, err, "cannot resume", "plan")
+    rc, _, err = run_cli([*SWEEP, "--out", folder], capsys)
+    one_line_error(rc, err, "already exists", "--resume")
 
 
 def test_figure_without_maps_names_the_variable_and_the_flag(pipes, tmp_path, capsys):
@@ -226,8 +212,8 @@ def test_figure_without_maps_names_the_variable_and_the_flag(pipes, tmp_path, ca
                        schedules=["none", "step:1.2@970"], call={"num_inference_steps": 1, "height": 32, "width": 32,
                                                                  "max_sequence_length": 8},
                        progress=False)
-    rc, _, err = _run(["figures", folder, "--figures", "fig3", "--out", tmp_path / "f"], capsys)
-    _one_line_error(rc, err, "'maps'", "--maps", "Fig. 3")
+    rc, _, err = run_cli(["figures", folder, "--figures", "fig3", "--out", tmp_path / "f"], capsys)
+    one_line_error(rc, err, "'maps'", "--maps", "Fig. 3")
     assert not (tmp_path / "f").exists() or not any((tmp_path / "f").iterdir())
 
 
@@ -257,8 +243,8 @@ def test_bad_input_is_one_line_exit_2(argv, message, sweep_dir, tmp_path, capsys
     argv = [a.replace("{sweep}", str(sweep_dir)).replace("{tmp}", str(tmp_path)) for a in argv]
     if argv[0] == "figures" and "--out" not in argv:
         argv += ["--out", str(tmp_path / "figs")]
-    rc, _, err = _run(argv, capsys)
-    _one_line_error(rc, err, message)
+    rc, _, err = run_cli(argv, capsys)
+    one_line_error(rc, err, message)
 
 
 def test_cli_choice_lists_match_the_library():
@@ -316,9 +302,9 @@ def test_plots_refuse_results_with_extra_dimensions(sweep_dir):
 
 
 def test_figures_tokens_option_names_fig3_rows(sweep_dir, tmp_path, capsys):
-    rc, _, err = _run(["figures", sweep_dir, "--figures", "fig3", "--tokens", "red,cube", "--format", "png",
+    rc, _, err = run_cli(["figures", sweep_dir, "--figures", "fig3", "--tokens", "red,cube", "--format", "png",
                        "--out", tmp_path / "ok"], capsys)
     assert rc == 0, err
     assert (tmp_path / "ok" / "fig3_attention_map_diff.png").is_file()
-    rc, _, err = _run(["figures", sweep_dir, "--figures", "fig3", "--tokens", "zebra", "--out", tmp_path / "no"], capsys)
-    _one_line_error(rc, err, "'zebra'")
+    rc, _, err = run_cli(["figures", sweep_dir, "--figures", "fig3", "--tokens", "zebra", "--out", tmp_path / "no"], capsys)
+    one_line_error(rc, err, "'zebra'")

@@ -9,13 +9,7 @@ import pytest
 import torch
 
 from taca_probe._ranges import int_ranges
-from taca_probe.cli import main
-
-
-def _run(argv, capsys):
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
+from tests.clitools import run_cli
 
 
 def _refused(rc: int, err: str, key: str) -> None:
@@ -59,7 +53,7 @@ CASES = [
 def test_record_refuses_bad_numbers_before_loading(tmp_path, capsys, extra, key):
     out = tmp_path / "r.zarr"
     t0 = time.perf_counter()
-    rc, _, err = _run(["record", "--prompt", "x", *extra, "--out", str(out)], capsys)
+    rc, _, err = run_cli(["record", "--prompt", "x", *extra, "--out", str(out)], capsys)
     _refused(rc, err, key)
     assert "taca-probe: error: taca-probe" not in err  # the program is named once
     assert not out.exists() and time.perf_counter() - t0 < 5
@@ -79,7 +73,7 @@ PROMPT_FILES = [
 def test_prompts_file_values_are_checked(tmp_path, capsys, text, key):
     f = tmp_path / "p.jsonl"
     f.write_text(text, encoding="utf-8")
-    rc, _, err = _run(["record", "--prompts", str(f), "--out", str(tmp_path / "r.zarr")], capsys)
+    rc, _, err = run_cli(["record", "--prompts", str(f), "--out", str(tmp_path / "r.zarr")], capsys)
     _refused(rc, err, key)
     assert str(f) in err and not (tmp_path / "r.zarr").exists()
 
@@ -92,9 +86,9 @@ def test_prompts_file_line_separator_is_not_a_new_prompt_and_bytes_must_be_utf8(
     args = build_parser().parse_args(["record", "--prompts", str(f)])
     assert [p for p, _ in _read_prompts(args)] == ["one\u2028still one", "second"]
     f.write_bytes(b"caf\xe9\n")
-    rc, _, err = _run(["record", "--prompts", str(f), "--out", str(tmp_path / "r.zarr")], capsys)
+    rc, _, err = run_cli(["record", "--prompts", str(f), "--out", str(tmp_path / "r.zarr")], capsys)
     _refused(rc, err, str(f))
-    rc, _, err = _run(["record", "--prompt", "", "--out", str(tmp_path / "r.zarr")], capsys)
+    rc, _, err = run_cli(["record", "--prompt", "", "--out", str(tmp_path / "r.zarr")], capsys)
     _refused(rc, err, "--prompt")
 
 
@@ -102,16 +96,16 @@ def test_out_under_a_file_is_a_user_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     for cmd in (["record"], ["generate"], ["sweep", "--no-grid", "--schedule", "const:1.1"]):
-        rc, _, err = _run([*cmd, "--prompt", "x", "--out", str(blocker / "sub" / "o")], capsys)
+        rc, _, err = run_cli([*cmd, "--prompt", "x", "--out", str(blocker / "sub" / "o")], capsys)
         _refused(rc, err, str(blocker))
     assert blocker.read_text() == ""
 
 
 def test_figures_caps_and_eval_json_folder(tmp_path, capsys):
     for flag, value in (("--dpi", "100000"), ("--n-resamples", "1")):
-        rc, _, err = _run(["figures", str(tmp_path), flag, value, "--out", str(tmp_path / "f")], capsys)
+        rc, _, err = run_cli(["figures", str(tmp_path), flag, value, "--out", str(tmp_path / "f")], capsys)
         _refused(rc, err, flag)
-    rc, _, err = _run(["eval", "--json", str(tmp_path), "--out", str(tmp_path / "e")], capsys)
+    rc, _, err = run_cli(["eval", "--json", str(tmp_path), "--out", str(tmp_path / "e")], capsys)
     _refused(rc, err, str(tmp_path))
 
 
@@ -141,5 +135,5 @@ def test_bench_shape_too_large_is_a_user_error(monkeypatch, capsys):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 GiB")
 
     monkeypatch.setattr(bench, "bench_attention", out_of_memory)
-    rc, _, err = _run(["bench", "attention", "--device", "cpu", "--shape", "1,1,4,100000000,8"], capsys)
+    rc, _, err = run_cli(["bench", "attention", "--device", "cpu", "--shape", "1,1,4,100000000,8"], capsys)
     _refused(rc, err, "--shape")

@@ -13,23 +13,10 @@ from PIL import Image
 
 from taca_probe.cli import build_parser, main
 from taca_probe.store import COORD_ORDER, VARIABLE_ORDER, open_run
+from tests.clitools import one_line_error, run_cli
 
 LONG = "a red cube on a blue table next to a green sphere under a yellow lamp in a quiet room"
 TINY = ["--model", "tiny-sd3", "--device", "cpu", "--steps", "2", "--height", "64", "--width", "64"]
-
-
-def _run(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    lines = [x for x in err.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +61,7 @@ def test_record_takes_max_sequence_length(store):
 
 
 def test_record_shows_one_bar_over_samples_and_cuts_prompts_at_words(tmp_path, capsys):
-    rc, _, err = _run(["record", *TINY, "--prompt", LONG, "--seeds", "0", "--out", tmp_path / "r.zarr"], capsys)
+    rc, _, err = run_cli(["record", *TINY, "--prompt", LONG, "--seeds", "0", "--out", tmp_path / "r.zarr"], capsys)
     assert rc == 0, err
     frames = [f for f in re.split(r"[\r\n]", err) if "|" in f]
     assert frames and all("sample" in f for f in frames)  # no pipeline bar (it/s over steps) inside it
@@ -85,7 +72,7 @@ def test_record_shows_one_bar_over_samples_and_cuts_prompts_at_words(tmp_path, c
 
 
 def test_generate_shows_one_bar_over_images(tmp_path, capsys):
-    rc, _, err = _run(["generate", *TINY, "--prompt", LONG, "--seeds", "0,1", "--out", tmp_path / "g"], capsys)
+    rc, _, err = run_cli(["generate", *TINY, "--prompt", LONG, "--seeds", "0,1", "--out", tmp_path / "g"], capsys)
     assert rc == 0, err
     frames = [f for f in re.split(r"[\r\n]", err) if "|" in f]
     assert frames and all("image" in f for f in frames) and "2/2" in frames[-1]
@@ -150,7 +137,7 @@ def _sections(text: str) -> dict[str, list[str]]:
 
 
 def test_info_groups_variables_coordinates_and_the_internal_flag_aligned(store, capsys):
-    rc, out, err = _run(["info", store], capsys)
+    rc, out, err = run_cli(["info", store], capsys)
     assert rc == 0, err
     sec = _sections(out)
     names = {k: [x.split()[0] for x in v] for k, v in sec.items()}
@@ -169,7 +156,7 @@ def test_info_groups_variables_coordinates_and_the_internal_flag_aligned(store, 
 
 
 def test_export_images_writes_each_sample_as_png_named_by_prompt_and_seed(store, tmp_path, capsys):
-    rc, _, err = _run(["export-images", store, "--out", tmp_path / "png"], capsys)
+    rc, _, err = run_cli(["export-images", store, "--out", tmp_path / "png"], capsys)
     assert rc == 0, err
     ds = open_run(store)
     files = sorted((tmp_path / "png").glob("*.png"))
@@ -178,21 +165,21 @@ def test_export_images_writes_each_sample_as_png_named_by_prompt_and_seed(store,
         prompt, seed = str(ds["prompt"].values[i]), int(ds["seed"].values[i])
         assert f.name.endswith(f"_seed{seed}.png") and "-".join(prompt.split()[:3]) in f.name
         np.testing.assert_array_equal(np.asarray(Image.open(f)), ds["image"].isel(sample=i).values)
-    rc, _, err = _run(["export-images", tmp_path / "nothing", "--out", tmp_path / "x"], capsys)
-    _one_line_error(rc, err)
+    rc, _, err = run_cli(["export-images", tmp_path / "nothing", "--out", tmp_path / "x"], capsys)
+    one_line_error(rc, err)
 
 
 # --- did you mean, open_run order ----------------------------------------------------------------
 
 
 def test_misspelled_command_choice_and_model_get_a_suggestion(capsys, tmp_path):
-    rc, _, err = _run(["recrod", "--prompt", "x"], capsys)
-    _one_line_error(rc, err, "'record'")
-    rc, _, err = _run(["record", "--branch", "cnd", "--prompt", "x"], capsys)
-    _one_line_error(rc, err, "'cond'")
-    rc, _, err = _run(["record", "--model", "shapez", "--prompt", "a red circle", "--out", tmp_path / "s.zarr"], capsys)
-    _one_line_error(rc, err, "'shapes'")
-    rc, _, err = _run(["record", "--model", "zzzzzz-unrelated", "--prompt", "x", "--out", tmp_path / "t.zarr"], capsys)
+    rc, _, err = run_cli(["recrod", "--prompt", "x"], capsys)
+    one_line_error(rc, err, "'record'")
+    rc, _, err = run_cli(["record", "--branch", "cnd", "--prompt", "x"], capsys)
+    one_line_error(rc, err, "'cond'")
+    rc, _, err = run_cli(["record", "--model", "shapez", "--prompt", "a red circle", "--out", tmp_path / "s.zarr"], capsys)
+    one_line_error(rc, err, "'shapes'")
+    rc, _, err = run_cli(["record", "--model", "zzzzzz-unrelated", "--prompt", "x", "--out", tmp_path / "t.zarr"], capsys)
     assert rc == 2 and "did you mean" not in err
 
 

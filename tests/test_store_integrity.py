@@ -15,14 +15,9 @@ import xarray as xr
 
 from taca_probe.cli import main
 from taca_probe.store import ChunkChecksumError, StoreError, open_run, store_info, verify_store
+from tests.clitools import run_cli
 
 TINY = ["--model", "tiny-sd3", "--steps", "1", "--height", "64", "--width", "64"]
-
-
-def _run(argv, capsys):
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -31,13 +26,13 @@ def _tree(path: Path) -> dict[str, bytes]:
 
 def test_sweep_overwrite_deletes_nothing_outside_its_folder(tmp_path, capsys):
     other = tmp_path / "other.zarr"
-    assert _run(["record", *TINY, "--prompt", "keep me", "--out", str(other)], capsys)[0] == 0
+    assert run_cli(["record", *TINY, "--prompt", "keep me", "--out", str(other)], capsys)[0] == 0
     decoy = tmp_path / "decoy"
     decoy.mkdir()
     (decoy / "precious.txt").write_text("do not delete")
     sweep = tmp_path / "sw1"
     argv = ["sweep", *TINY, "--prompt", "x", "--no-grid", "--schedule", "none", "--schedule", "const:1.1", "--out", str(sweep)]
-    assert _run(argv, capsys)[0] == 0
+    assert run_cli(argv, capsys)[0] == 0
     honest = (sweep / "sweep.json").read_bytes()
     doc = json.loads(honest)
     assert len(doc["schedules"]) == 2
@@ -45,19 +40,19 @@ def test_sweep_overwrite_deletes_nothing_outside_its_folder(tmp_path, capsys):
     doc["schedules"][1]["store"] = str(other.resolve())
     (sweep / "sweep.json").write_text(json.dumps(doc))
     before_sweep, before_other, before_decoy = _tree(sweep), _tree(other), _tree(decoy)
-    rc, _, err = _run(argv + ["--overwrite"], capsys)
+    rc, _, err = run_cli(argv + ["--overwrite"], capsys)
     assert rc == 2 and "outside the sweep folder" in err
     assert _tree(sweep) == before_sweep and _tree(other) == before_other and _tree(decoy) == before_decoy
     # a path inside the folder that is no store of ours is refused too
     doc["schedules"][0]["images"] = "images/00_none"
     doc["schedules"][1]["store"] = "images/00_none"
     (sweep / "sweep.json").write_text(json.dumps(doc))
-    rc, _, err = _run(argv + ["--overwrite"], capsys)
+    rc, _, err = run_cli(argv + ["--overwrite"], capsys)
     assert rc == 2 and "not a taca-probe store" in err and _tree(other) == before_other
     # an honest manifest: overwrite works, and files the tool did not make stay
     (sweep / "sweep.json").write_bytes(honest)
     (sweep / "images" / "00_none" / "notes.txt").write_text("mine")
-    rc, _, err = _run(argv + ["--overwrite"], capsys)
+    rc, _, err = run_cli(argv + ["--overwrite"], capsys)
     assert rc == 0, err
     assert (sweep / "images" / "00_none" / "notes.txt").read_text() == "mine"
     assert open_run(sweep / "stores" / "01_const_1.1.zarr").sizes["sample"] == 1
@@ -114,10 +109,10 @@ def test_missing_or_swapped_chunks_are_found_everywhere(store, tmp_path, capsys,
         info = store_info(store)
         assert info["samples_damaged"] and info["samples_complete"] < 4
         assert any(key in p for problems in info["samples_damaged"].values() for p in problems)
-        rc, out, _ = _run(["info", str(store)], capsys)
+        rc, out, _ = run_cli(["info", str(store)], capsys)
         assert rc == 0 and key in out
     if name != "swap seed chunks":  # equal sizes: found when read (test_reads_are_bound...), not at open
-        rc, _, err = _run(["figures", str(store), "--out", str(tmp_path / "f"), "--figures", "fig2"], capsys)
+        rc, _, err = run_cli(["figures", str(store), "--out", str(tmp_path / "f"), "--figures", "fig2"], capsys)
         assert rc == 2 and key in err and err.count("\n") == 1
 
 
@@ -137,7 +132,7 @@ def test_reads_are_bound_to_the_recorded_file(store):
 def test_resume_rerecords_damaged_samples(recorded, store, capsys, name):
     damage, key = DAMAGE[name]
     damage(store)
-    rc, _, err = _run(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2",
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2",
                        "--maps", "steps=0", "--out", str(store), "--resume"], capsys)
     assert rc == 0, err
     assert "repairing" in err and key in err
@@ -150,7 +145,7 @@ def test_resume_rerecords_damaged_samples(recorded, store, capsys, name):
 
 
 def _resume(store: Path, capsys, *extra: str):
-    return _run(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2",
+    return run_cli(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2",
                  "--maps", "steps=0", *extra, "--out", str(store), "--resume"], capsys)
 
 
@@ -180,7 +175,7 @@ def test_damaged_metadata_is_one_line_everywhere(store, capsys, name):
     METADATA[name](store)
     before = _tree(store)
     for argv in (["info", str(store)], ["info", str(store), "--json"]):
-        rc, _, err = _run(argv, capsys)
+        rc, _, err = run_cli(argv, capsys)
         assert rc == 2 and err.count("\n") == 1 and str(store) in err and "internal error" not in err, err
     rc, _, err = _resume(store, capsys)
     assert rc == 2 and err.count("\n") == 1 and "internal error" not in err, err
@@ -220,11 +215,11 @@ def test_store_creation_is_atomic(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt  # as if the process died just before the store would appear
 
     monkeypatch.setattr(store_module.os, "rename", killed)
-    rc, _, err = _run(["record", *TINY, "--prompt", "x", "--out", str(target)], capsys)
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "x", "--out", str(target)], capsys)
     assert rc == 130 and not target.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # neither the half-built store nor the stale one
     monkeypatch.undo()
-    rc, _, err = _run(["record", *TINY, "--prompt", "x", "--out", str(target)], capsys)  # no --overwrite needed
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "x", "--out", str(target)], capsys)  # no --overwrite needed
     assert rc == 0, err
     assert [p.name for p in tmp_path.iterdir()] == ["r.zarr"]
 
@@ -235,9 +230,9 @@ def test_a_half_created_store_of_an_older_version_is_named_and_overwritable(tmp_
     target = tmp_path / "r.zarr"
     group = zarr.open_group(str(target), mode="w-", zarr_format=3)
     group.attrs["taca_probe_schema"] = 1  # killed right after this: no layout, no arrays
-    rc, _, err = _run(["record", *TINY, "--prompt", "x", "--out", str(target), "--resume"], capsys)
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "x", "--out", str(target), "--resume"], capsys)
     assert rc == 2 and "layout" in err and "internal error" not in err
-    rc, _, err = _run(["record", *TINY, "--prompt", "x", "--out", str(target), "--overwrite"], capsys)
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "x", "--out", str(target), "--overwrite"], capsys)
     assert rc == 0, err
     assert open_run(target).sizes["sample"] == 1
 
@@ -269,10 +264,10 @@ def test_sampling_reads_nothing_of_the_slot_table(pipes, tmp_path, monkeypatch):
 
 def test_resume_names_the_setting_that_differs(recorded, store, capsys):
     before = _tree(store)
-    rc, _, err = _run(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2,3",
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2,3",
                        "--maps", "steps=0", "--out", str(store), "--resume"], capsys)
     assert rc == 2 and "--seeds" in err and "[1,2]" in err and "[1,2,3]" in err
-    rc, _, err = _run(["record", *TINY, "--prompt", "a red cube", "--prompt", "a green ball", "--seeds", "1,2",
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "a red cube", "--prompt", "a green ball", "--seeds", "1,2",
                        "--maps", "steps=0", "--out", str(store), "--resume"], capsys)
     assert rc == 2 and "prompts" in err and "a green ball" in err
     rc, _, err = _resume(store, capsys, "--guidance", "3")
@@ -292,17 +287,17 @@ SELECTIONS = [
 @pytest.mark.parametrize("extra,key", SELECTIONS, ids=[" ".join(a) for a, _ in SELECTIONS])
 def test_selections_that_match_nothing_are_refused(tmp_path, capsys, extra, key):
     out = tmp_path / "r.zarr"
-    rc, _, err = _run(["record", *TINY, "--prompt", "x", *extra, "--out", str(out)], capsys)
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "x", *extra, "--out", str(out)], capsys)
     assert rc == 2 and key in err and err.count("\n") == 1
     assert not out.exists()
 
 
 def test_bad_input_found_while_sampling_leaves_no_store(tmp_path, capsys):
     out = tmp_path / "r.zarr"
-    rc, _, err = _run(["record", *TINY, "--prompt", "x", "--schedule", "const:1e308", "--out", str(out)], capsys)
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "x", "--schedule", "const:1e308", "--out", str(out)], capsys)
     assert rc == 2 and "non-finite" in err
     assert not out.exists()  # so the corrected rerun needs no --overwrite
-    assert _run(["record", *TINY, "--prompt", "x", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(["record", *TINY, "--prompt", "x", "--out", str(out)], capsys)[0] == 0
 
 
 def test_interrupt_while_starting_and_os_errors_are_one_line(monkeypatch, capsys, tmp_path):
@@ -314,7 +309,7 @@ def test_interrupt_while_starting_and_os_errors_are_one_line(monkeypatch, capsys
         raise KeyboardInterrupt  # Ctrl-C while the parser imports torch
 
     monkeypatch.setattr(cli, "build_parser", interrupted)
-    rc, _, err = _run(["info", "x"], capsys)
+    rc, _, err = run_cli(["info", "x"], capsys)
     assert rc == 130 and err.count("\n") == 1 and "Traceback" not in err
     monkeypatch.undo()
 
@@ -322,7 +317,7 @@ def test_interrupt_while_starting_and_os_errors_are_one_line(monkeypatch, capsys
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r.zarr" / "image"))
 
     monkeypatch.setattr(cli, "cmd_info", disk_full)
-    rc, _, err = _run(["info", str(tmp_path)], capsys)
+    rc, _, err = run_cli(["info", str(tmp_path)], capsys)
     assert rc == 2 and str(tmp_path / "r.zarr" / "image") in err and err.count("\n") == 1
 
 
@@ -349,11 +344,11 @@ def test_sweep_resume_rerecords_damaged_samples(tmp_path, capsys):
     sweep = tmp_path / "sw"
     argv = ["sweep", *TINY, "--prompt", "x", "--seeds", "1,2", "--no-grid", "--schedule", "none", "--schedule",
             "const:1.1", "--out", str(sweep)]
-    assert _run(argv, capsys)[0] == 0
+    assert run_cli(argv, capsys)[0] == 0
     store = sweep / "stores" / "01_const_1.1.zarr"
     before = open_run(store).load()
     (store / "image/c/1/0/0/0").unlink()
-    rc, _, err = _run(argv + ["--resume"], capsys)
+    rc, _, err = run_cli(argv + ["--resume"], capsys)
     assert rc == 0 and "repairing 1 damaged sample" in err and "image/c/1/0/0/0" in err
     assert verify_store(store) == []
     after = open_run(store).load()
@@ -365,7 +360,7 @@ def test_info_json_is_strict_json_for_old_nan_attributes(store, capsys):
     meta = json.loads((store / "zarr.json").read_text())
     meta["attributes"]["guidance"] = float("nan")
     (store / "zarr.json").write_text(json.dumps(meta))
-    rc, out, _ = _run(["info", str(store), "--json"], capsys)
+    rc, out, _ = run_cli(["info", str(store), "--json"], capsys)
     assert rc == 0
     json.loads(out, parse_constant=lambda name: pytest.fail(f"invalid JSON constant {name}"))
 
