@@ -449,6 +449,23 @@ def _lse_visual_keys(q_v, k, vis, base, attn_mask):
     return sdpa_with_lse(q_v, k_v, k_v, scale=base, attn_mask=_mask_part(attn_mask, vis, vis))[1]
 
 
+def _lse_visual_keys_from_total(q_v, k_t, lse_all, scale, mask_vt):
+    """The visual keys' lse as ``lse_all + log(1 - mass)``, where that is exact, else None.
+
+    Only on the CPU in fp32 (deciding needs the values on the host, free there; the output's
+    ``gamma * k`` is exact in fp32) and only while every query's text mass is <= 1/2, where the
+    subtraction amplifies the lse's rounding at most once. It replaces a call over all visual keys
+    with one over the text keys.
+    """
+    if q_v.device.type != "cpu" or q_v.dtype != torch.float32:
+        return None
+    _, lse_t = sdpa_with_lse(q_v, k_t, k_t, scale=scale, attn_mask=mask_vt)
+    log_mass = lse_t - lse_all
+    if float(log_mass.max()) > -math.log(2.0):
+        return None
+    return lse_all + torch.log(-torch.expm1(log_mass))
+
+
 def _statistics_block(q, k, layout, gamma, parts, *, scale, attn_mask, map_tokens, block_bytes):
     """The statistics from an fp32 visual-query x text-key logit block, a few heads at a time."""
     txt, vis = layout.split(q.shape[2])
@@ -458,7 +475,11 @@ def _statistics_block(q, k, layout, gamma, parts, *, scale, attn_mask, map_token
     n_vis, n_txt = q_v.shape[2], k_t.shape[2]
     mask_vt = _mask_part(attn_mask, vis, txt)
     mask_tt = _mask_part(attn_mask, txt, txt)
-    lse_vv = _lse_visual_keys(q_v, k, vis, base, attn_mask) if gamma != 1.0 else None
+    lse_vv = None
+    if gamma != 1.0:
+        lse_vv = _lse_visual_keys_from_total(q_v, k_t, parts["lse_vis"], base * gamma, mask_vt)
+        if lse_vv is None:
+            lse_vv = _lse_visual_keys(q_v, k, vis, base, attn_mask)
 
     # Text queries: their mass on visual keys is 1 - (their mass on text keys).
     s_tt = torch.matmul(q_t.float(), k_t.float().transpose(-1, -2)).mul_(base)  # (B, H, N_txt, N_txt)

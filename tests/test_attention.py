@@ -240,3 +240,24 @@ def test_default_statistics_backend_and_override(monkeypatch):
     monkeypatch.setenv("TACA_PROBE_STATS", "nonsense")
     with pytest.raises(ValueError, match="TACA_PROBE_STATS"):
         stats_backend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("spread,direct", [(1.0, False), (3.0, True)])
+def test_block_path_takes_the_visual_keys_lse_directly_only_where_needed(spread, direct, monkeypatch):
+    # On the CPU the block path derives the visual keys' lse from the total while every query's
+    # text mass is <= 1/2, and asks a kernel for it otherwise; both must match the reference.
+    import taca_probe.attention as A
+
+    calls = []
+    real = A._lse_visual_keys
+    monkeypatch.setattr(A, "_lse_visual_keys", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(12)
+    q, k = (torch.randn(1, 2, 40 + 300, 32, generator=g) * spread for _ in range(2))
+    v = torch.randn(1, 2, 340, 32, generator=g)
+    layout = JointLayout(40, txt_first=True)
+    _, parts = taca_attention(q, k, v, layout, 1.3, with_parts=True)
+    stats = attention_statistics(q, k, layout, 1.3, parts, backend="block")
+    assert bool(calls) == direct
+    ref = _reference_masses(q, k, 40, True, 1.3)
+    for name in ("vis_txt_mass", "vis_txt_mass_ref", "token_mass"):
+        assert (stats[name].double() - ref[name]).abs().max().item() <= 1e-5, name
