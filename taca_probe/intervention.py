@@ -202,6 +202,7 @@ class TacaHandle:
         self.sites = find_sites(transformer, self.family)
         self.state = RunState(self.sites, observer)
         self.calls: list[CallRecord] = []
+        self._current_arguments: dict[str, Any] = {}
         self._schedule_src: Any = None  # the scheduler's timesteps tensor that _schedule_host mirrors
         self._schedule_host: tuple[list[float], list[float] | None] = ([], None)
         self._last_t: float | None = None
@@ -225,9 +226,14 @@ class TacaHandle:
         self._removed = False
 
     # -- per forward call ------------------------------------------------------------------
-    def call_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+    def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The transformer's forward arguments of a call, by name (read-only use)."""
         return self._sig.bind_partial(*args, **kwargs).arguments
+
+    @property
+    def current_arguments(self) -> dict[str, Any]:
+        """The forward arguments of the transformer call in progress, bound once by the pre-hook."""
+        return self._current_arguments
 
     @property
     def current_call(self) -> CallRecord:
@@ -237,7 +243,7 @@ class TacaHandle:
         return self.calls[-1]
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = self.call_arguments(args, kwargs)
+        bound = self._current_arguments = self._bind(args, kwargs)
         enc = bound.get("encoder_hidden_states")  # (B, N_txt, C)
         self.state.n_txt = None if enc is None else int(enc.shape[1])
         step, t, sigma, num_steps = self._locate(bound.get("timestep"))

@@ -308,7 +308,8 @@ class Run:
             self._call_step, self._call_in_step = call.step, 0
         else:
             self._call_in_step += 1
-        hidden = self.handle.call_arguments(args, kwargs)["hidden_states"]
+        bound = self.handle.current_arguments  # bound once per call by the TACA handle's pre-hook
+        hidden = bound["hidden_states"]
         batch = hidden.shape[0]
         n = self._n_images
         self._rows = None
@@ -331,7 +332,7 @@ class Run:
         self._current_branch = branch
         n_txt = self.handle.state.n_txt
         if self._buffer is None:  # the first recorded call of this sample
-            grid = self._latent_grid(hidden, self.handle.call_arguments(args, kwargs))
+            grid = self._latent_grid(hidden, bound)
             steps = call.num_steps or len(self.pipe.scheduler.timesteps)
             self._buffer = _SampleBuffer(n, steps, self.sites, self.heads, n_txt, self.branches)
             self._grid, self._n_txt = grid, n_txt
