@@ -28,7 +28,7 @@ _EXPORTS = {
     "TacaProbeError": "errors",
     "taca_attention": "attention",
     "probe": "recording",
-    "MapSelection": "recording",
+    "MapSelection": "selection",
     "open_run": "store",
     "run_sweep": "sweep",
     "open_sweep": "sweep",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from ._ranges import MAX_INT, int_ranges
+from .selection import MAX_INT, int_ranges
 from .errors import TacaProbeError
 
 EMBEDDED_NOTE = (

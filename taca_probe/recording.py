@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from ._ranges import int_ranges
+from .selection import MapSelection
 from .attention import JointLayout, attention_statistics, describe_stats_backend
 from .errors import TacaProbeError
 from .intervention import TacaConfig, TacaHandle, apply_taca
@@ -49,98 +49,6 @@ _MASS_VARS = ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass")
 # ------------------------------------------------------------------------------------------------
 # Which maps to record
 # ------------------------------------------------------------------------------------------------
-
-
-def _int_set(text: str) -> tuple[int, ...]:
-    return tuple(sorted(int_ranges(text)))
-
-
-_MAPS_FORMS = (
-    "steps=all|0-4,7 ; layers=all|GLOB[|GLOB] ; tokens=prompt|all|0-10,12 "
-    "(parts separated by ';', each optional; e.g. 'steps=0-4;tokens=prompt')"
-)
-
-
-@dataclass(frozen=True)
-class MapSelection:
-    """Which (step, layer, token) maps to record.
-
-    Attributes
-    ----------
-    steps
-        Step indices, or None for all.
-    layers
-        fnmatch globs on the module path, or None for all.
-    tokens
-        ``"prompt"`` (the prompt's own, non-padding tokens), ``"all"``, or explicit indices.
-    """
-
-    steps: tuple[int, ...] | None = None
-    layers: tuple[str, ...] | None = None
-    tokens: str | tuple[int, ...] = "prompt"
-
-    @classmethod
-    def parse(cls, spec: "str | MapSelection | None") -> "MapSelection | None":
-        """``None``/``"none"`` -> no maps; otherwise e.g. ``"steps=0-4;layers=*;tokens=prompt"``."""
-        if spec is None or isinstance(spec, MapSelection):
-            return spec
-        text = spec.strip()
-        if text.lower() in ("", "none"):
-            return None
-        kw: dict[str, Any] = {}
-        try:
-            for part in text.split(";"):
-                if not part.strip():
-                    continue
-                key, _, value = part.partition("=")
-                key, value = key.strip().lower(), value.strip()
-                if not value or key in kw:
-                    raise ValueError(part)
-                if key == "steps":
-                    kw["steps"] = None if value == "all" else _int_set(value)
-                elif key == "layers":
-                    kw["layers"] = None if value == "all" else tuple(p.strip() for p in value.split("|") if p.strip())
-                elif key == "tokens":
-                    kw["tokens"] = value if value in ("prompt", "all") else _int_set(value)
-                else:
-                    raise ValueError(part)
-        except ValueError as e:
-            raise TacaProbeError(f"bad maps selection {spec!r} ({e}); valid forms: none | {_MAPS_FORMS}") from None
-        return cls(**kw)
-
-    @property
-    def spec(self) -> str:
-        steps = "all" if self.steps is None else ",".join(map(str, self.steps))
-        layers = "all" if self.layers is None else "|".join(self.layers)
-        tokens = self.tokens if isinstance(self.tokens, str) else ",".join(map(str, self.tokens))
-        return f"steps={steps};layers={layers};tokens={tokens}"
-
-    def selects(self, step: int, layer: str) -> bool:
-        if self.steps is not None and step not in self.steps:
-            return False
-        return self.layers is None or any(fnmatch.fnmatchcase(layer, p) for p in self.layers)
-
-    def check(self, layout: RunLayout) -> None:
-        """Refuse a selection that names steps, tokens or layers this run does not have."""
-        where = f"--maps {self.spec!r}"
-        if self.steps is not None and max(self.steps) >= layout.steps:
-            raise TacaProbeError(f"{where}: step {max(self.steps)} does not exist; this run has steps "
-                                 f"0..{layout.steps - 1}")
-        if not isinstance(self.tokens, str) and max(self.tokens) >= layout.n_txt:
-            raise TacaProbeError(f"{where}: token {max(self.tokens)} does not exist; this model has text tokens "
-                                 f"0..{layout.n_txt - 1}")
-        for pattern in self.layers or ():
-            if not any(fnmatch.fnmatchcase(layer, pattern) for layer in layout.layers):
-                raise TacaProbeError(f"{where}: layers={pattern} matches none of this model's {len(layout.layers)} "
-                                     f"attention layers ({layout.layers[0]} ... {layout.layers[-1]})")
-
-    def token_indices(self, is_padding: np.ndarray) -> np.ndarray:
-        n = len(is_padding)
-        if self.tokens == "all":
-            return np.arange(n)
-        if self.tokens == "prompt":
-            return np.flatnonzero(~is_padding)
-        return np.array([t for t in self.tokens if t < n], dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -653,6 +561,7 @@ def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, br
         "dtype": str(transformer.dtype).removeprefix("torch."),
         "schedule": schedule.spec,
         "maps": None if maps is None else maps.spec,
+        "map_selection": None if maps is None else maps.to_attrs(),
         "branch": branch,
     }
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from taca_probe._ranges import int_ranges
+from taca_probe.selection import int_ranges
 from tests.clitools import run_cli
 
 

@@ -1,0 +1,167 @@
+"""Torch-free parsers for what a user selects: integer lists (``0,2-4``) and map selections."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import TacaProbeError
+
+__all__ = ["int_ranges", "MapSelection", "MAX_VALUES", "MAX_INT"]
+
+#: At most this many values in one list: a longer list is a typo (``0-10000000``), not a plan.
+MAX_VALUES = 100_000
+#: The largest value a list may hold (stores keep seeds and indices as int64).
+MAX_INT = 2**63 - 1
+
+
+def int_ranges(text: str, *, maximum: int = MAX_INT, max_values: int = MAX_VALUES) -> list[int]:
+    """``"0,2-4,7"`` -> ``[0, 2, 3, 4, 7]``, in the order written, each value once.
+
+    Linear in the number of values; a range is checked against ``maximum`` and ``max_values``
+    before it is expanded, so ``0-99999999`` is refused at once.
+
+    Raises
+    ------
+    ValueError
+        For an empty list, a part that is not an integer in ``0..maximum``, an inverted range, or
+        more than ``max_values`` values; the message names the part and the valid range.
+    """
+    out: dict[int, None] = {}  # ordered and O(1) membership
+    for part in text.split(","):
+        part = part.strip()
+        a, dash, b = part.partition("-")
+        if dash and not a.strip() and b.strip():
+            raise ValueError(f"{part!r} is negative; values are 0..{maximum}")
+        try:
+            lo = int(a)
+            hi = int(b) if dash else lo
+        except ValueError:
+            raise ValueError(f"{part!r} is not an integer or a range like 0-7") from None
+        if not 0 <= lo <= maximum or not 0 <= hi <= maximum:
+            raise ValueError(f"{part!r} is outside 0..{maximum}")
+        if hi < lo:
+            raise ValueError(f"{part!r} is an inverted range")
+        if hi - lo + 1 + len(out) > max_values:
+            raise ValueError(f"{part!r} makes more than {max_values} values")
+        out.update(dict.fromkeys(range(lo, hi + 1)))
+    if not out:
+        raise ValueError(f"{text!r} is empty")
+    return list(out)
+
+
+def _int_set(text: str) -> tuple[int, ...]:
+    return tuple(sorted(int_ranges(text)))
+
+
+_MAPS_FORMS = (
+    "steps=all|0-4,7 ; layers=all|GLOB[|GLOB] ; tokens=prompt|all|0-10,12 "
+    "(parts separated by ';', each optional; e.g. 'steps=0-4;tokens=prompt')"
+)
+
+
+@dataclass(frozen=True)
+class MapSelection:
+    """Which (step, layer, token) maps to record.
+
+    Attributes
+    ----------
+    steps
+        Step indices, or None for all.
+    layers
+        fnmatch globs on the module path, or None for all.
+    tokens
+        ``"prompt"`` (the prompt's own, non-padding tokens), ``"all"``, or explicit indices.
+    """
+
+    steps: tuple[int, ...] | None = None
+    layers: tuple[str, ...] | None = None
+    tokens: str | tuple[int, ...] = "prompt"
+
+    @classmethod
+    def parse(cls, spec: "str | MapSelection | None") -> "MapSelection | None":
+        """``None``/``"none"`` -> no maps; otherwise e.g. ``"steps=0-4;layers=*;tokens=prompt"``."""
+        if spec is None or isinstance(spec, MapSelection):
+            return spec
+        text = spec.strip()
+        if text.lower() in ("", "none"):
+            return None
+        kw: dict[str, Any] = {}
+        try:
+            for part in text.split(";"):
+                if not part.strip():
+                    continue
+                key, _, value = part.partition("=")
+                key, value = key.strip().lower(), value.strip()
+                if not value or key in kw:
+                    raise ValueError(part)
+                if key == "steps":
+                    kw["steps"] = None if value == "all" else _int_set(value)
+                elif key == "layers":
+                    kw["layers"] = None if value == "all" else tuple(p.strip() for p in value.split("|") if p.strip())
+                elif key == "tokens":
+                    kw["tokens"] = value if value in ("prompt", "all") else _int_set(value)
+                else:
+                    raise ValueError(part)
+        except ValueError as e:
+            raise TacaProbeError(f"bad maps selection {spec!r} ({e}); valid forms: none | {_MAPS_FORMS}") from None
+        return cls(**kw)
+
+    @property
+    def spec(self) -> str:
+        steps = "all" if self.steps is None else ",".join(map(str, self.steps))
+        layers = "all" if self.layers is None else "|".join(self.layers)
+        tokens = self.tokens if isinstance(self.tokens, str) else ",".join(map(str, self.tokens))
+        return f"steps={steps};layers={layers};tokens={tokens}"
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The selection as a JSON-able mapping, stored as the ``map_selection`` attribute."""
+        return {"steps": None if self.steps is None else list(self.steps),
+                "layers": None if self.layers is None else list(self.layers),
+                "tokens": self.tokens if isinstance(self.tokens, str) else list(self.tokens)}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "MapSelection | None":
+        """The selection a store was recorded with (None: no maps).
+
+        Reads the structured ``map_selection`` attribute; stores written before it existed only
+        have the ``maps`` string, which is parsed (its parts were validated when it was written).
+        """
+        structured = attrs.get("map_selection")
+        if isinstance(structured, dict):
+            tokens = structured.get("tokens", "prompt")
+            return cls(steps=None if structured.get("steps") is None else tuple(structured["steps"]),
+                       layers=None if structured.get("layers") is None else tuple(structured["layers"]),
+                       tokens=tokens if isinstance(tokens, str) else tuple(tokens))
+        spec = attrs.get("maps")
+        return cls.parse(spec) if isinstance(spec, str) else None
+
+    def selects(self, step: int, layer: str) -> bool:
+        if self.steps is not None and step not in self.steps:
+            return False
+        return self.layers is None or any(fnmatch.fnmatchcase(layer, p) for p in self.layers)
+
+    def check(self, layout: RunLayout) -> None:
+        """Refuse a selection that names steps, tokens or layers this run does not have."""
+        where = f"--maps {self.spec!r}"
+        if self.steps is not None and max(self.steps) >= layout.steps:
+            raise TacaProbeError(f"{where}: step {max(self.steps)} does not exist; this run has steps "
+                                 f"0..{layout.steps - 1}")
+        if not isinstance(self.tokens, str) and max(self.tokens) >= layout.n_txt:
+            raise TacaProbeError(f"{where}: token {max(self.tokens)} does not exist; this model has text tokens "
+                                 f"0..{layout.n_txt - 1}")
+        for pattern in self.layers or ():
+            if not any(fnmatch.fnmatchcase(layer, pattern) for layer in layout.layers):
+                raise TacaProbeError(f"{where}: layers={pattern} matches none of this model's {len(layout.layers)} "
+                                     f"attention layers ({layout.layers[0]} ... {layout.layers[-1]})")
+
+    def token_indices(self, is_padding: np.ndarray) -> np.ndarray:
+        n = len(is_padding)
+        if self.tokens == "all":
+            return np.arange(n)
+        if self.tokens == "prompt":
+            return np.flatnonzero(~is_padding)
+        return np.array([t for t in self.tokens if t < n], dtype=np.int64)
