@@ -47,9 +47,9 @@ step attention_gamma1.0 30 bench attention --device cuda --dtype bf16 --repeats 
 # Sampling at full depth, 1024px (4096 image tokens), 10 steps: without the probe, with all masses,
 # with masses + maps of 5 steps x 20 tokens. FLUX.1-dev eager and regionally compiled; SD3.5-Large CFG.
 E2E=(bench e2e --device cuda --dtype bf16 --depth full --image-tokens 4096 --steps 10 --repeats 3 --maps "steps=0-4;tokens=0-19")
-step e2e_flux_full 70 "${E2E[@]}" --width flux-dev
-step e2e_flux_full_regional 90 "${E2E[@]}" --width flux-dev --compile regional
-step e2e_sd35large_full 60 "${E2E[@]}" --width sd35-large
+step e2e_flux_full 70 "${E2E[@]}" --preset flux-dev
+step e2e_flux_full_regional 90 "${E2E[@]}" --preset flux-dev --compile regional
+step e2e_sd35large_full 60 "${E2E[@]}" --preset sd35-large
 
 python3 - "$TMP" "$OUT/gpu_results.json" <<'PY'
 import json, pathlib, sys

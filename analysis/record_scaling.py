@@ -1,11 +1,10 @@
-"""Per-sample cost of ``record`` against the store's size (issue #14, defect 4): not a test.
+"""Per-sample cost of ``record`` against the store's size: a benchmark, not a test.
 
-Records N planned samples (tiny-sd3, 1 step, 64 px) the way ``taca-probe record`` does (one slot
-per prompt, created before sampling) and prints, for the first and the last 100, the median and
-the 10th percentile of the seconds per sample, and of the seconds spent writing to the store
-(``Run._write``: the part that used to grow with the store). On a shared machine the medians
-follow the load; the percentiles and the store part less so.
-``python analysis/record_scaling.py [--samples 1000] [--out DIR]``.
+Records N planned samples (tiny-sd3, 1 step, 64 px) through the loop behind ``taca-probe record``
+(:func:`taca_probe.runner.record_plan`) and prints, for the first and the last window, the median
+and the 10th percentile of the seconds per sample, and of the seconds spent writing to the store
+(``RunWriter.write_sample``). On a shared machine the medians follow the load; the percentiles and
+the store part less so. ``python analysis/record_scaling.py [--samples 200] [--window 20] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -19,14 +18,15 @@ from pathlib import Path
 
 import torch
 
-from taca_probe import load_pipeline, probe
-from taca_probe.recording import Run
+from taca_probe import load_pipeline
+from taca_probe.runner import Target, record_plan
+from taca_probe.store import RunWriter
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--window", type=int, default=100)
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--window", type=int, default=20)
     p.add_argument("--out", default=None, help="folder for the store and times.json (default: a temporary one)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -36,21 +36,19 @@ def main() -> int:
     pipe.set_progress_bar_config(disable=True)
     call = {"num_inference_steps": 1, "height": 64, "width": 64}
     plan = [(f"prompt number {i}", 0) for i in range(args.samples)]
-    times, store_times = [], []
-    write = Run._write
+    stamps, store_times = [], []
+    write = RunWriter.write_sample
 
     def timed_write(self, *a, **k):
         t0 = time.perf_counter()
         write(self, *a, **k)
         store_times.append(time.perf_counter() - t0)
 
-    Run._write = timed_write
-    with probe(pipe, folder / "s.zarr", model="tiny-sd3") as run:
-        run.create_planned(plan, call)
-        for slot, (prompt, seed) in enumerate(plan):
-            t0 = time.perf_counter()
-            run.sample(prompt, seed=seed, slot=slot, **call)
-            times.append(time.perf_counter() - t0)
+    RunWriter.write_sample = timed_write
+    record_plan(pipe, [Target("none", folder / "s.zarr")], plan, call, model="tiny-sd3",
+                progress=lambda line: stamps.append(time.perf_counter()))
+    stamps.append(time.perf_counter())  # the end of the last sample
+    times = [b - a for a, b in zip(stamps, stamps[1:])]
     w = args.window
     result = {"samples": args.samples}
     for name, series in (("sample", times), ("store", store_times)):

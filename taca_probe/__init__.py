@@ -27,7 +27,7 @@ _EXPORTS = {
     "DEFAULT_MODEL": "models",
     "TacaProbeError": "errors",
     "taca_attention": "attention",
-    "probe": "recording",
+    "probe": "runner",
     "MapSelection": "selection",
     "open_run": "store",
     "run_sweep": "sweep",

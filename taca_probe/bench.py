@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -27,10 +28,15 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from torch.nn.attention.flex_attention import flex_attention
+from torch.profiler import ProfilerActivity, profile
 
 from .attention import JointLayout, attention_statistics, describe_stats_backend, taca_attention
 from .errors import TacaProbeError
+from .intervention import taca
+from .models import load_pipeline
+from .runner import probe
 
 __all__ = ["AttnShape", "DEFAULT_SHAPES", "bench_attention", "parse_shape", "VARIANTS"]
 
@@ -165,8 +171,6 @@ def _peak_extra_bytes(fn: Callable[[], torch.Tensor], device: torch.device) -> i
         peak = torch.cuda.max_memory_allocated(device) - base
         del out
         return int(peak)
-    from torch.profiler import ProfilerActivity, profile
-
     # The profiler's C++ side prints start/stop lines on stderr: silence the descriptor meanwhile.
     sys.stderr.flush()
     saved = os.dup(2)
@@ -318,9 +322,6 @@ def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int | None = 2
     in ``dtype``. Text encoders, tokenizers, VAE and scheduler stay tiny: their cost is the same
     with and without the probe, and the transformer's input projections adapt to their sizes.
     """
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    from .models import load_pipeline
 
     if width not in WIDTHS:
         raise TacaProbeError(f"unknown width {width!r}; choose from {', '.join(WIDTHS)}")
@@ -382,11 +383,6 @@ def bench_e2e(
     Returns a dict with, per variant (``plain``, ``probe``, ``probe+maps``), the seconds of each
     run, their median, seconds per denoising step, the ratio to ``plain`` and (CUDA) peak memory.
     """
-    import shutil
-
-    from .intervention import taca
-    from .recording import probe
-
     side = int(round(math.sqrt(image_tokens)))
     if side * side != image_tokens:
         raise TacaProbeError(f"--image-tokens {image_tokens} must be a square number (e.g. 1024 = 32 x 32)")

@@ -15,17 +15,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from .errors import TacaProbeError
 from .models import check_supported
-from .processors import Observer, Site, SUPPORTED_PROCESSORS, TacaAttnProcessor, find_sites, wrap_processor
+from .processors import Observer, RunState, SUPPORTED_PROCESSORS, TacaAttnProcessor, find_sites, wrap_processor
 from .schedules import Schedule, parse
 
-__all__ = ["TacaConfig", "TacaHandle", "CallRecord", "apply_taca", "taca", "RunState"]
+__all__ = ["TacaConfig", "TacaHandle", "CallRecord", "CallListener", "apply_taca", "taca"]
 
 _HANDLE_ATTR = "_taca_probe_handle"
 # Timesteps closer than this (0..1000 scale) belong to the same step (bf16 rounding of t/1000).
@@ -72,19 +73,13 @@ class CallRecord:
     n_txt: int | None
     active: bool  # some layer had gamma != 1
     lora_active: bool | None  # None when no LoRA is managed
+    gammas: Mapping[str, float] = field(default_factory=dict)  # site name -> gamma of this call
 
 
-class RunState:
-    """Per-transformer state that the processors read: gammas of the current call, text length."""
-
-    def __init__(self, sites: list[Site], observer: Observer | None = None):
-        self.sites = sites
-        self.observer = observer
-        self.n_txt: int | None = None
-        self.gammas: dict[str, float] = {}
-
-    def gamma(self, site: Site) -> float:
-        return self.gammas.get(site.name, 1.0)
+#: Told of every transformer call, after the handle located it: ``before(call, arguments)`` may
+#: return an observer for this call's attention sites; ``after(call)`` runs when the call returned.
+CallListener = tuple[Callable[[CallRecord, Mapping[str, Any]], "Observer | None"] | None,
+                     Callable[[CallRecord], None] | None]
 
 
 class _LoraSwitch:
@@ -221,7 +216,9 @@ class TacaHandle:
         self._lora = _LoraSwitch(transformer, config.lora, config.lora_scale) if config.lora is not None else None
         self._sig = inspect.signature(transformer.forward)
         transformer.set_attn_processor(dict(new))  # set_attn_processor pops the dict it is given
-        self._hook = outer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._listeners: list[CallListener] = []
+        self._hooks = [outer.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+                       outer.register_forward_hook(self._post_forward)]
         setattr(transformer, _HANDLE_ATTR, self)
         self._removed = False
 
@@ -233,7 +230,7 @@ class TacaHandle:
     @property
     def current_arguments(self) -> dict[str, Any]:
         """The forward arguments of the transformer call in progress, bound once by the pre-hook."""
-        return self._current_arguments
+        return MappingProxyType(self._current_arguments)
 
     @property
     def current_call(self) -> CallRecord:
@@ -256,10 +253,30 @@ class TacaHandle:
         active = any(g != 1.0 for g in gammas.values())
         if self._lora is not None:
             self._lora.set(active)
-        self.calls.append(
-            CallRecord(step, t, sigma, num_steps, self.state.n_txt, active,
-                       None if self._lora is None else self._lora.on)
-        )
+        call = CallRecord(step, t, sigma, num_steps, self.state.n_txt, active,
+                          None if self._lora is None else self._lora.on, MappingProxyType(gammas))
+        self.calls.append(call)
+        self.state.observer = None
+        for before, _ in self._listeners:
+            observer = before(call, MappingProxyType(bound)) if before is not None else None
+            if observer is not None:
+                self.state.observer = observer
+
+    def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self.state.observer = None
+        for _, after in self._listeners:
+            if after is not None:
+                after(self.calls[-1])
+
+    def listen(self, before=None, after=None) -> Callable[[], None]:
+        """Be told of every transformer call (see :data:`CallListener`); returns the remover.
+
+        The handle calls listeners from its own hooks, after it has located the call, so a
+        listener never depends on the order in which hooks were registered.
+        """
+        entry = (before, after)
+        self._listeners.append(entry)
+        return lambda: self._listeners.remove(entry) if entry in self._listeners else None
 
     def _locate(self, timestep: Any) -> tuple[int, float, float | None, int | None]:
         """(step index, t on 0..1000, sigma, number of steps) of the current call."""
@@ -299,7 +316,10 @@ class TacaHandle:
             return
         self._removed = True
         try:
-            self._hook.remove()
+            for hook in self._hooks:
+                hook.remove()
+            self._listeners.clear()
+            self.state.observer = None
             self.transformer.set_attn_processor(dict(self._original))
             if self._lora is not None:
                 self._lora.restore()

@@ -948,6 +948,19 @@ def model_call_defaults(model: str | os.PathLike[str] | Any) -> dict[str, Any]:
     return data
 
 
+def call_settings(pipe: Any, model: str | os.PathLike[str] | None = None, **overrides: Any) -> dict[str, Any]:
+    """The ``pipe(...)`` arguments of a run: ``overrides`` that are not None, else the model's
+    recommended ones (:func:`model_call_defaults` of ``model``, else of ``pipe``), else 28 steps at
+    the pipeline's default size. Always holds ``num_inference_steps``, ``height`` and ``width``."""
+    call = model_call_defaults(model if model is not None else pipe)
+    call.update({k: v for k, v in overrides.items() if v is not None})
+    size = int(getattr(pipe, "default_sample_size", 128)) * int(getattr(pipe, "vae_scale_factor", 8))
+    call.setdefault("num_inference_steps", 28)
+    call.setdefault("height", size)
+    call.setdefault("width", size)
+    return call
+
+
 # --------------------------------------------------------------------------------------------
 # Embedded tiny models: cache
 # --------------------------------------------------------------------------------------------

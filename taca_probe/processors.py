@@ -19,7 +19,7 @@ import inspect
 import itertools
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,7 @@ from torch.overrides import TorchFunctionMode
 from .attention import JointLayout, taca_attention
 from .errors import TacaProbeError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .intervention import RunState
-
-__all__ = ["Site", "TacaAttnProcessor", "wrap_processor", "find_sites", "SUPPORTED_PROCESSORS"]
+__all__ = ["Site", "RunState", "TacaAttnProcessor", "wrap_processor", "find_sites", "SUPPORTED_PROCESSORS"]
 
 #: Names of the stock processor classes TACA wraps (the attention call inside is the native SDPA).
 SUPPORTED_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0", "FluxAttnProcessor")
@@ -80,6 +77,19 @@ def find_sites(transformer: torch.nn.Module, family: str) -> list[Site]:
             continue  # image-only attention (SD3.5 attn2): no text keys, nothing to scale
         sites.append(Site(name, block_type, txt_first=(family == "flux"), index=len(sites)))
     return sites
+
+
+class RunState:
+    """Per-transformer state that the processors read: gammas of the current call, text length."""
+
+    def __init__(self, sites: list[Site], observer: "Observer | None" = None):
+        self.sites = sites
+        self.observer = observer
+        self.n_txt: int | None = None
+        self.gammas: dict[str, float] = {}
+
+    def gamma(self, site: Site) -> float:
+        return self.gammas.get(site.name, 1.0)
 
 
 class _SDPAOverride(TorchFunctionMode):

@@ -144,7 +144,7 @@ class MapSelection:
             return False
         return self.layers is None or any(fnmatch.fnmatchcase(layer, p) for p in self.layers)
 
-    def check(self, layout: RunLayout) -> None:
+    def check(self, layout: Any) -> None:  # a store.RunLayout (steps, n_txt, layers)
         """Refuse a selection that names steps, tokens or layers this run does not have."""
         where = f"--maps {self.spec!r}"
         if self.steps is not None and max(self.steps) >= layout.steps:

@@ -30,6 +30,7 @@ still open; absence cannot be checked in them (:func:`verify_store` warns).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -41,7 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import google_crc32c
 import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from .errors import TacaProbeError
@@ -158,8 +164,6 @@ def is_store(path: str | os.PathLike) -> bool:
 
 
 def _open_group(path: str | os.PathLike, mode: str, *, store: Any = None):
-    import zarr
-
     p = Path(path)
     if not p.exists():
         raise StoreError(f"no store at {str(p)!r}")
@@ -377,8 +381,6 @@ class RunWriter:
         The store is built in a hidden folder next to ``path`` and renamed into place, so that a
         process killed meanwhile leaves either nothing at ``path`` or a whole store.
         """
-        import zarr
-
         n_samples = len(slots) if slots else 0
         p = Path(path)
         if p.exists():
@@ -519,16 +521,34 @@ class RunWriter:
         else:
             self._free_hint = min(self._free_hint, slot)
 
-    def write(self, slot: int, values: Mapping[str, np.ndarray]) -> None:
-        """Write per-sample values (anything with a leading ``sample`` dimension) into ``slot``."""
-        for name, value in values.items():
-            self.arrays[name][slot] = value
-        self._set_slot(slot, **{k: v for k, v in values.items() if k in ("prompt", "seed", "batch_index")})
-
-    def write_maps(self, slot: int, index: tuple[int, ...], block: np.ndarray) -> None:
-        """Write one maps shard: ``index`` is ([branch,] step); block (layer, token, y, x) float16
-        with NaN where nothing was selected (those inner chunks are not stored)."""
-        self.arrays["maps"][(slot, *index)] = block
+    def write_sample(self, first_slot: int, sample: Any) -> None:
+        """Write a recorded :class:`~taca_probe.probe.Sample` (n images) into slots ``first_slot..+n``,
+        each completed only after all its chunks are written."""
+        L = self.layout
+        diffs = [f"{k}: store {getattr(L, k)!r} vs now {getattr(sample.layout, k)!r}"
+                 for k in ("steps", "layers", "heads", "n_txt", "grid", "image_shape", "branches", "maps")
+                 if getattr(L, k) != getattr(sample.layout, k)]
+        if diffs:
+            raise StoreError(f"sample does not fit the store {str(self.path)!r}: " + "; ".join(diffs))
+        squeeze = not L.branch_dim
+        for b in range(sample.images.shape[0]):
+            slot = first_slot + b
+            self.reserve(slot)
+            values = {"prompt": sample.prompt, "seed": sample.seed, "batch_index": b, "timestep": sample.timestep,
+                      "sigma": sample.sigma, "gamma": sample.gamma, "image": sample.images[b],
+                      "token_text": np.array(sample.token_text, dtype=object),
+                      "token_is_padding": sample.token_is_padding,
+                      **{name: v[b, 0] if squeeze else v[b] for name, v in sample.values.items()}}
+            for name, value in values.items():
+                self.arrays[name][slot] = value
+            self._set_slot(slot, prompt=sample.prompt, seed=sample.seed, batch_index=b)
+            for (bi, step), entries in sorted(sample.maps.items()):
+                # one shard: every layer of this step; unselected layers stay NaN (those chunks are not stored)
+                block = np.full((len(L.layers), L.n_txt, *L.grid), np.nan, np.float16)
+                for li, m in entries:
+                    block[li, sample.map_tokens] = m[b].T.reshape(len(sample.map_tokens), *L.grid)
+                self.arrays["maps"][(slot, *(() if squeeze else (bi,)), step)] = block
+            self.complete(slot)
 
     def complete(self, slot: int) -> None:
         """Mark ``slot`` complete: the last write of a sample, after its chunk manifest."""
@@ -586,9 +606,6 @@ class RunWriter:
             self._set_slot(slot, done=False)
             self._slots[slot] = UNKNOWN_SLOT
 
-    def set_attrs(self, **attrs: Any) -> None:
-        self.group.attrs.update(attrs)
-
 
 _TMP_PREFIX = ".creating."
 #: A slot whose (prompt, seed, batch_index) could not be read: any planned sample may fill it.
@@ -611,8 +628,6 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 def _compressors(dtype: Any) -> tuple:
     """zstd, then a CRC32C checksum so that a corrupted chunk is detected on read."""
-    from zarr.codecs import Crc32cCodec, ZstdCodec
-
     return (ZstdCodec(level=3), Crc32cCodec())
 
 
@@ -621,8 +636,6 @@ class ChunkChecksumError(StoreError):
 
 
 def _crc_ok(data: bytes) -> bool:
-    import google_crc32c
-
     return len(data) >= 4 and google_crc32c.value(data[:-4]).to_bytes(4, "little") == data[-4:]
 
 
@@ -726,10 +739,6 @@ def settle_pending_reads(timeout: float = 5.0) -> None:
     zarr reads chunks concurrently; when one raises (a damaged chunk), the others keep running in
     zarr's event-loop thread and, left alone, print asyncio noise when the process exits.
     """
-    import asyncio
-
-    from zarr.core.sync import sync
-
     async def settle() -> None:
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         if tasks:
@@ -750,8 +759,6 @@ def _checksum_store(root: str | os.PathLike, manifest: Mapping[str, Any] | None 
 
 def _chunk_read_problems(path: Path, names: Sequence[str]) -> list[str]:
     """Keys of the chunks of ``names`` whose CRC32C codec check fails (reads every chunk)."""
-    import zarr
-
     bad: list[str] = []
     group = zarr.open_group(store=_checksum_store(path), mode="r", zarr_format=3)
     for name in sorted(names):
@@ -862,8 +869,6 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
         (checked here); reading a chunk that is not the one recorded (changed, swapped) raises
         :class:`ChunkChecksumError` naming it, while the other chunks still read.
     """
-    import xarray as xr
-
     p = Path(path)
     # presence and sizes only: opening stays cheap, the digests are checked as chunks are read
     _, _, complete, damaged, listed = _checked_open(p)

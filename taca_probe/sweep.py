@@ -13,7 +13,7 @@ A sweep folder holds::
 :func:`run_sweep` records it (``taca-probe sweep``), continuing each schedule's store on
 ``mode="resume"``; :func:`open_sweep` concatenates the stores along a new ``schedule``
 dimension with ``gamma0`` and ``t_thresh`` coordinates. This module does not import zarr: it
-goes through :func:`taca_probe.recording.probe` and :func:`taca_probe.store.open_run`.
+goes through :func:`taca_probe.runner.probe` and :func:`taca_probe.store.open_run`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,25 @@ import math
 import os
 import re
 import sys
-import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import xarray as xr
+from PIL import Image
 
+from . import __version__
+from .distributed import ranks_from_env
 from .errors import TacaProbeError
+from .models import call_settings, load_pipeline
+from .models import model_name as loaded_name
+from .runner import Target, record_plan
+from .schedules import parse
+from .selection import MapSelection
+from .store import is_store, open_run, remove_store
 
 __all__ = [
     "SweepError",
@@ -81,8 +91,6 @@ def sweep_schedules(
     >>> sweep_schedules(gamma0=[1.0, 1.2], t_thresh=[970, 900])
     ['none', 'step:1.2@970', 'step:1.2@900']
     """
-    from .schedules import parse
-
     specs: list[str] = []
     for t in t_thresh:
         for g in gamma0:
@@ -106,8 +114,6 @@ def _schedule_coords(spec: str) -> tuple[float, float]:
 
     Other forms give (NaN, NaN); :func:`open_sweep` then takes gamma0 as the largest gamma recorded.
     """
-    from .schedules import parse
-
     s = parse(spec)
     base = getattr(s, "base", s)
     kind = getattr(type(base), "kind", None)
@@ -207,25 +213,6 @@ def _plan(prompts: Sequence[Any], seeds: Sequence[int]) -> list[tuple[str, int]]
     return plan
 
 
-def _call_settings(pipe: Any, model: Any, call: dict[str, Any] | None) -> dict[str, Any]:
-    """The pipe(...) arguments: the model's recommended ones, overridden by ``call``."""
-    from . import models
-
-    defaults_fn = getattr(models, "model_call_defaults", None)
-    defaults: dict[str, Any] = {}
-    if defaults_fn is not None:
-        defaults = dict(defaults_fn(model if isinstance(model, (str, os.PathLike)) else pipe) or {})
-    settings = {**defaults, **{k: v for k, v in (call or {}).items() if v is not None}}
-    size = int(getattr(pipe, "default_sample_size", 128)) * int(getattr(pipe, "vae_scale_factor", 8))
-    settings.setdefault("num_inference_steps", 28)
-    settings.setdefault("height", size)
-    settings.setdefault("width", size)
-    for key in ("generator", "num_images_per_prompt", "output_type", "prompt"):
-        if key in settings:
-            raise SweepError(f"call setting {key!r} is set by the sweep itself; leave it out")
-    return settings
-
-
 def _resume_diffs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     diffs = []
     for key in ("model", "plan", "call", "maps", "branch", "lora", "lora_scale"):
@@ -291,11 +278,6 @@ def run_sweep(
         ``True`` for a progress bar on stderr, ``False`` for none, or a callable taking one line
         per sample.
     """
-    from .distributed import ranks_from_env
-    from .recording import MapSelection, probe
-    from .schedules import parse
-    from .store import UNKNOWN_SLOT, RunWriter, open_run
-
     if mode not in ("create", "resume", "overwrite"):
         raise SweepError(f"unknown mode {mode!r}; choose from create, resume, overwrite")
     specs = sweep_schedules(gamma0=gamma0, t_thresh=t_thresh) if schedules is None else [parse(s).spec for s in schedules]
@@ -306,11 +288,11 @@ def run_sweep(
     maps_sel = MapSelection.parse(maps)
     plan = _plan(prompts, seeds)
     folder = Path(out)
-    exists = folder.exists() and any(folder.iterdir()) if folder.exists() else False
     if folder.exists() and not folder.is_dir():
         raise SweepError(f"{str(folder)!r} is a file; choose another folder for the sweep")
-    ranks = ranks_from_env()  # several processes: rank 0 checks and lays out, the others follow
-    if mode == "create" and exists and ranks.is_main:
+    exists = folder.exists() and any(folder.iterdir())
+    main_rank = ranks_from_env().is_main  # rank 0 checks and lays out; the others follow
+    if mode == "create" and exists and main_rank:
         raise SweepError(f"{str(folder)!r} already exists; pass --resume to complete it or --overwrite to replace it")
     if mode == "resume" and not is_sweep(folder):
         raise SweepError(f"--resume: no sweep at {str(folder)!r} (no {MANIFEST})")
@@ -318,17 +300,15 @@ def run_sweep(
         raise SweepError(f"refusing to overwrite {str(folder)!r}: it is not a sweep folder (no {MANIFEST})")
 
     if isinstance(model, (str, os.PathLike)):
-        from .models import load_pipeline
-
         pipe = load_pipeline(model, device=device, dtype=dtype)
         pipe.set_progress_bar_config(disable=True)  # at most one bar, the sweep's; never one per sample
         name = str(model_name or model)
     else:
-        from .models import model_name as loaded_name
-
-        pipe = model
-        name = str(model_name or loaded_name(pipe))
-    settings = _call_settings(pipe, model, call)
+        pipe, name = model, str(model_name or loaded_name(model))
+    for key in ("generator", "num_images_per_prompt", "output_type", "prompt"):
+        if key in (call or {}):
+            raise SweepError(f"call setting {key!r} is set by the sweep itself; leave it out")
+    settings = call_settings(pipe, model if isinstance(model, (str, os.PathLike)) else None, **(call or {}))
 
     prompt_list = list(dict.fromkeys(p for p, _ in plan))
     entries = []
@@ -347,93 +327,38 @@ def run_sweep(
                                                     "t_thresh": [float(t) for t in t_thresh]},
         "image_names": "p{prompt_index:02d}_seed{seed}.png",
         "schedules": entries, "status": "running", "created": _now(),
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "taca_probe_version": __version__,
     }
-    from . import __version__
-
-    doc["taca_probe_version"] = __version__
-    if mode == "resume" and ranks.is_main:
+    if mode == "resume" and main_rank:
         old = read_manifest(folder)
         diffs = _resume_diffs(old, doc)
         if diffs:
             raise SweepError(f"cannot resume {str(folder)!r} with different settings: " + "; ".join(diffs))
         doc["created"] = old.get("created", doc["created"])
 
-    # Under torchrun / accelerate launch, rank 0 lays out the folder and every store (one slot per
-    # prompt x seed, none complete); then each rank samples its share of the unfinished slots.
-    attrs = {"sweep": str(folder), "guidance": settings.get("guidance_scale"),
-             "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale)}
-    try:
-        if ranks.is_main:
-            # Check every schedule's layers and the maps selection against this model before the
-            # folder is touched; a probe on a path that does not exist writes nothing.
-            for entry in entries:
-                with probe(pipe, folder / ".unused", schedule=entry["spec"], maps=maps_sel, branch=branch,
-                           mode="create", lora=lora, lora_scale=lora_scale, model=name) as run:
-                    if maps_sel is not None:
-                        maps_sel.check(run.planned_layout(settings))
-            if mode == "overwrite" and is_sweep(folder):
-                _remove_sweep_outputs(folder, read_manifest(folder))
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_manifest(folder, doc)
-            for entry in entries:
-                store = folder / entry["store"]
-                if not store.exists():
-                    with probe(pipe, store, schedule=entry["spec"], maps=maps_sel, branch=branch, mode="create",
-                               lora=lora, lora_scale=lora_scale, model=name, attrs=attrs) as run:
-                        run.create_planned(plan, settings)
-                else:  # resumed: samples whose chunks are missing, moved or damaged are recorded again
-                    writer = RunWriter.reopen(store)
-                    damaged = writer.damaged_slots()
-                    if damaged:
-                        print(f"taca-probe: repairing {len(damaged)} damaged sample(s) of {entry['store']}: "
-                              f"{next(iter(damaged.values()))[0]} ...", file=sys.stderr)
-                        writer.mark_for_repair(sorted(damaged))
-        ranks.barrier()
+    def prepare() -> None:  # rank 0, once every schedule is known to fit the model
+        if mode == "overwrite" and is_sweep(folder):
+            _remove_sweep_outputs(folder, read_manifest(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_manifest(folder, doc)
 
-        todo = []
-        for entry in entries:
-            with probe(pipe, folder / entry["store"], schedule=entry["spec"], maps=maps_sel, branch=branch,
-                       mode="resume", lora=lora, lora_scale=lora_scale, model=name, attrs=attrs) as run:
-                slots = run.writer.slots()
-                stored = [(p, s) for p, s, _, _ in slots]
-                if len(stored) != len(plan) or any(a not in ((p, int(s)), UNKNOWN_SLOT[:2])
-                                                   for a, (p, s) in zip(stored, plan)):
-                    raise SweepError(f"{entry['store']} does not hold this sweep's prompts x seeds; use --overwrite")
-                todo.extend((entry, i) for i, (*_, done) in enumerate(slots) if not done)
-        mine = ranks.share(todo)
-        report = _progress(progress, total=len(mine))
-        try:
-            current = None
-            run = None
-            stack = contextlib.ExitStack()
-            with stack:
-                for entry, slot in mine:
-                    if entry is not current:  # one probe per schedule, in order
-                        stack.close()
-                        run = stack.enter_context(
-                            probe(pipe, folder / entry["store"], schedule=entry["spec"], maps=maps_sel,
-                                  branch=branch, mode="resume", lora=lora, lora_scale=lora_scale, model=name,
-                                  attrs=attrs))
-                        current = entry
-                    prompt, seed = plan[slot]
-                    report(f"{entry['spec']}: seed {seed}: {textwrap.shorten(prompt, 40, placeholder=' …')}")
-                    result = run.sample(prompt, seed=seed, slot=slot, **settings)
-                    if result:
-                        images = folder / entry["images"]
-                        images.mkdir(parents=True, exist_ok=True)
-                        result[0].save(images / _png_name(prompt_list.index(prompt), seed))
-        finally:
-            report(None)
-        ranks.barrier()
-        if not ranks.is_main:
-            return folder
-        for entry in entries:
-            images = folder / entry["images"]
-            images.mkdir(parents=True, exist_ok=True)
-            entry["samples_complete"] = _save_missing_pngs(open_run(folder / entry["store"]), images, prompt_list)
-    finally:
-        ranks.close()
+    def save_png(target: Target, prompt: str, seed: int, images: list) -> None:
+        path = folder / by_store[target.store]["images"]
+        path.mkdir(parents=True, exist_ok=True)
+        images[0].save(path / _png_name(prompt_list.index(prompt), seed))
+
+    by_store = {folder / e["store"]: e for e in entries}
+    targets = [Target(e["spec"], folder / e["store"], label=e["spec"]) for e in entries]
+    record_plan(pipe, targets, plan, settings, maps=maps_sel, branch=branch,
+                mode="resume" if mode == "resume" or not main_rank else "create", lora=lora, lora_scale=lora_scale,
+                model=name, attrs={"sweep": str(folder)}, prepare=prepare, on_sample=save_png,
+                progress=progress, desc="sweep")
+    if not main_rank:
+        return folder
+    for entry in entries:
+        images = folder / entry["images"]
+        images.mkdir(parents=True, exist_ok=True)
+        entry["samples_complete"] = _save_missing_pngs(open_run(folder / entry["store"]), images, prompt_list)
     doc["status"] = "complete"
     _write_manifest(folder, doc)
     return folder
@@ -460,8 +385,6 @@ def _remove_sweep_outputs(folder: Path, doc: dict[str, Any]) -> None:
     Every path is checked before anything is deleted: a manifest that names something outside the
     folder, or a store path that holds no taca-probe store, is refused.
     """
-    from .store import is_store, remove_store
-
     entries = doc.get("schedules", [])
     if not isinstance(entries, list):
         raise SweepError(f"{str(folder / MANIFEST)!r} is damaged (schedules is not a list); refusing to delete")
@@ -493,8 +416,6 @@ def _png_name(prompt_index: int, seed: int, batch_index: int = 0) -> str:
 
 def _save_missing_pngs(ds: Any, images: Path, prompt_list: list[str]) -> int:
     """Write the PNG of every complete sample that has none yet (e.g. after a resume); returns the count."""
-    from PIL import Image
-
     prompts = [str(p) for p in np.asarray(ds["prompt"].values).tolist()]
     seeds = [int(s) for s in np.asarray(ds["seed"].values)]
     batch = [int(b) for b in np.asarray(ds["batch_index"].values)]
@@ -504,30 +425,6 @@ def _save_missing_pngs(ds: Any, images: Path, prompt_list: list[str]) -> int:
         if not path.exists():
             Image.fromarray(np.asarray(ds["image"].isel(sample=i).values, dtype=np.uint8)).save(path)
     return len(prompts)
-
-
-def _progress(progress: bool | Callable[[str], None], total: int) -> Callable[[str | None], None]:
-    if callable(progress):
-        return lambda msg: progress(msg) if msg is not None else None
-    if not progress:
-        return lambda msg: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="sweep", unit="sample", file=sys.stderr)
-    state = {"first": True}
-
-    def report(msg: str | None) -> None:
-        if msg is None:
-            if not state["first"]:
-                bar.update(1)
-            bar.close()
-            return
-        if not state["first"]:
-            bar.update(1)
-        state["first"] = False
-        bar.set_postfix_str(msg)
-
-    return report
 
 
 # ------------------------------------------------------------------------------------------------
@@ -560,11 +457,6 @@ def open_sweep(
         Samples are those complete in every store, in plan order; others are left out with a
         warning (resume the sweep to complete them).
     """
-    import pandas as pd
-    import xarray as xr
-
-    from .store import open_run
-
     if isinstance(source, (str, os.PathLike)) and is_sweep(source):
         folder = Path(source)
         doc = read_manifest(folder)

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 
 from taca_probe.intervention import taca
 from taca_probe.models import load_pipeline
-from taca_probe.recording import probe
+from taca_probe.runner import probe
 from taca_probe.store import open_run
 
 pytestmark = pytest.mark.slow  # each case compiles a model with inductor (20-40 s on 2 cores)

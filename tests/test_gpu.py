@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from taca_probe.attention import JointLayout, attention_statistics, taca_attention
 from taca_probe.intervention import taca
 from taca_probe.models import load_pipeline
-from taca_probe.recording import probe
+from taca_probe.runner import probe
 from taca_probe.store import open_run
 from tests.reference import ExplicitTacaSDPA, taca_output, taca_probabilities, text_mask
 

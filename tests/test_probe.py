@@ -20,7 +20,8 @@ from taca_probe.cli import main
 from taca_probe.errors import TacaProbeError
 from taca_probe.intervention import taca
 from taca_probe.models import load_pipeline
-from taca_probe.recording import MapSelection, probe
+from taca_probe.runner import probe
+from taca_probe.selection import MapSelection
 from taca_probe.store import StoreError, open_run, store_info
 from tests.reference import ExplicitTacaSDPA, taca_probabilities, text_mask
 

@@ -344,8 +344,8 @@ def test_training_smoke_lowers_the_loss_resumes_and_exports(tmp_path: Path) -> N
 
 
 def _eval_args(*argv: str) -> argparse.Namespace:
-    from taca_probe.cli import _Parser
-    from taca_probe.shapes.benchmark import add_eval_parser
+    from taca_probe.cli.args import _Parser
+    from taca_probe.cli.eval import add_parser as add_eval_parser
 
     parser = _Parser(prog="taca-probe")
     add_eval_parser(parser.add_subparsers(dest="command", parser_class=_Parser))

@@ -240,7 +240,7 @@ def test_a_half_created_store_of_an_older_version_is_named_and_overwritable(tmp_
 def test_sampling_reads_nothing_of_the_slot_table(pipes, tmp_path, monkeypatch):
     """Per-sample work must not grow with the store: after opening, a sample reads no slot-table chunk."""
     import taca_probe.store as store_module
-    from taca_probe.recording import probe
+    from taca_probe.runner import probe
 
     reads: list[str] = []
     get = store_module._ChecksumLocalStore.get

@@ -1,0 +1,251 @@
+"""Argument types, shared parent parsers and input checks of the ``taca-probe`` commands.
+
+Every flag is defined once, in one of the parent-parser factories below; a command lists the
+parents it takes. The factories return a new parser each time because argparse shares action
+objects between a parent and its children (a default changed for one command would change for all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import re
+import textwrap
+from pathlib import Path
+
+from ..errors import TacaProbeError
+from ..models import DEFAULT_MODEL, EMBEDDED_MODELS
+from ..schedules import FORMS
+from ..selection import MAX_INT, int_ranges
+
+EMBEDDED_NOTE = (
+    "The default model, shapes, is a tiny SD3 trained on coloured shapes and shipped in the package; the other "
+    "embedded models (tiny-sd3, tiny-sd35, tiny-flux) have RANDOM weights: they exercise the machinery, not the "
+    "science."
+)
+#: Largest image side accepted before a model loads (SD3 models then check their own position table).
+MAX_IMAGE_SIDE = 4096
+#: More denoising steps than a scheduler has training timesteps is a typo.
+MAX_STEPS = 1000
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        # main() prints "taca-probe: error: "; name only the subcommand here, not the program twice
+        where = self.prog.removeprefix("taca-probe").strip()
+        raise TacaProbeError(f"{where + ': ' if where else ''}{message}{_did_you_mean(message)} (see --help)")
+
+
+def _did_you_mean(message: str) -> str:
+    """'; did you mean 'record'?' for argparse's "invalid choice: 'recrod' (choose from ...)"."""
+    m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if not m:
+        return ""
+    choices = re.findall(r"'?([\w.:@-]+)'?", m.group(2))
+    close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# -- types ---------------------------------------------------------------------------------------
+
+
+def _ints(what: str, example: str):
+    """An argparse type: ``0,1,2`` or ``0-3`` or a mix, refused with the valid form."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            return int_ranges(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"bad {what} {text!r}: {e}; expected e.g. {example}") from None
+
+    return parse
+
+
+seeds = _ints("seeds", f"0,1,2 or 0-7 (integers 0..{MAX_INT})")
+int_list = _ints("step list", "0,1,2 or 0-3")
+
+
+def bounded(lo: float, hi: float, *, integer: bool = True):
+    """An argparse type: an integer (or a finite number) in ``lo..hi``, refused before any model loads."""
+    kind, span = ("an integer", f"{lo}..{hi}") if integer else ("a finite number", f"{lo:g}..{hi:g}")
+
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"must be {kind} in {span}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = bounded(1, MAX_INT)
+
+
+def floats(text: str) -> list[float]:
+    """``1.0,1.2,1.5`` -> list of floats."""
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"bad number list {text!r}: expected e.g. 1.0,1.2,1.5")
+    return values
+
+
+def schedule_help(default: str | None) -> str:
+    """The --schedule help: its default (stated once, by the caller's parser) and the forms."""
+    when = {None: "no default", "none": "default none: the stock model",
+            "step:1.2@970": "default step:1.2@970, the paper's rule"}.get(default, f"default {default}")
+    return f"gamma schedule ({when}; 'none' = stock model). Forms: " + " | ".join(
+        line.strip() for line in FORMS.strip().splitlines() if line.strip())
+
+
+# -- parent parsers (a new one per use) -------------------------------------------------------------
+
+
+def _parent() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False)
+
+
+def device_args() -> argparse.ArgumentParser:
+    p = _parent()
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu)")
+    return p
+
+
+def model_args() -> argparse.ArgumentParser:
+    p = device_args()
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"embedded name ({', '.join(EMBEDDED_MODELS)}), a local diffusers folder, or a hub id already "
+                   f"in the local Hugging Face cache (default: {DEFAULT_MODEL}, the trained shapes model)")
+    return p
+
+
+def sampling_args() -> argparse.ArgumentParser:
+    p = _parent()
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", metavar="FILE", help="prompts, one per line, or JSONL with 'prompt' and 'seed'")
+    p.add_argument("--seeds", type=seeds, default=[0], help="seeds for every prompt, e.g. 0,1,2 or 0-7 (default 0)")
+    p.add_argument("--steps", type=bounded(1, MAX_STEPS), default=None,
+                   help="denoising steps (default: the model's recommended, else 28)")
+    p.add_argument("--height", type=bounded(16, MAX_IMAGE_SIDE), default=None,
+                   help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=bounded(16, MAX_IMAGE_SIDE), default=None,
+                   help="image width in pixels (default: the model's)")
+    p.add_argument("--guidance", type=bounded(0.0, 100.0, integer=False), default=None,
+                   help="guidance scale (default: the model's or pipeline's)")
+    p.add_argument("--max-sequence-length", type=bounded(1, 512), default=None, metavar="N",
+                   help="T5 text length (default: the model's recommended, else the pipeline's)")
+    return p
+
+
+def lora_args() -> argparse.ArgumentParser:
+    p = _parent()
+    p.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
+    p.add_argument("--lora-scale", type=bounded(-100.0, 100.0, integer=False), default=1.0,
+                   help="LoRA weight while active (default 1)")
+    return p
+
+
+def recording_args(what: str) -> argparse.ArgumentParser:
+    """--maps, --branch, --resume / --overwrite of a command that records into ``what``."""
+    p = _parent()
+    p.add_argument("--maps", default=None, metavar="SPEC",
+                   help="also record per-token attention maps for a selection (needed for Fig. 3), e.g. "
+                   "'steps=0-4;layers=all;tokens=prompt' (default: no maps)")
+    p.add_argument("--branch", default="cond", choices=["cond", "uncond", "both"],
+                   help="CFG branch to record (default cond; both adds a branch dimension)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help=f"complete an existing {what} (same settings)")
+    group.add_argument("--overwrite", action="store_true", help=f"replace an existing {what}")
+    return p
+
+
+def comparison_args(n_resamples: int) -> argparse.ArgumentParser:
+    """--baseline, --treated, --n-resamples, --branch of the commands that compare runs."""
+    p = _parent()
+    p.add_argument("stores", nargs="+", metavar="STORE", help="run stores and/or sweep folders")
+    p.add_argument("--baseline", default=None, metavar="STORE|SPEC",
+                   help="the baseline run (default: the one recorded with schedule none)")
+    p.add_argument("--treated", default=None, metavar="STORE|SPEC",
+                   help="the TACA run compared with it (default: step:1.2@970 if present, else the first other)")
+    p.add_argument("--n-resamples", type=bounded(100, 1_000_000), default=n_resamples,
+                   help=f"bootstrap resamples (default {n_resamples})")
+    p.add_argument("--branch", default=None, choices=["cond", "uncond"], help="CFG branch of stores that hold both")
+    return p
+
+
+def bench_args(repeats: int) -> argparse.ArgumentParser:
+    p = device_args()
+    p.add_argument("--repeats", type=positive_int, default=repeats, help=f"timed repeats per variant (default {repeats})")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1: steadier timings)")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-' for stdout only)")
+    return p
+
+
+# -- input checks --------------------------------------------------------------------------------
+
+
+def short_prompt(prompt: str, width: int = 40) -> str:
+    """A prompt for a progress bar: cut at a word, never inside one."""
+    return textwrap.shorten(" ".join(prompt.split()), width, placeholder=" …")
+
+
+def check_out(path: Path) -> None:
+    """Refuse an output path under a file or in a folder that cannot be written, before loading a model."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TacaProbeError(f"--out {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TacaProbeError(f"--out {str(path)!r}: cannot write in {str(parent)!r} (permission denied or read-only)")
+
+
+def _seed_value(value: object, where: str) -> int:
+    """A seed from a JSON prompts file: an integer in 0..MAX_INT (not a bool, not 1.7)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+        raise TacaProbeError(f"{where}: seed {value!r} is not an integer in 0..{MAX_INT}")
+    return value
+
+
+def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
+    """(prompt, seeds) pairs from --prompt and --prompts FILE (text: one a line; JSONL: prompt, seed)."""
+    for p in args.prompt or []:
+        if not p.strip():
+            raise TacaProbeError("--prompt: a prompt must be non-empty text")
+    items: list[tuple[str, list[int]]] = [(p, args.seeds) for p in (args.prompt or [])]
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise TacaProbeError(f"prompt file {str(path)!r} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TacaProbeError(f"prompt file {str(path)!r} is not UTF-8 text (byte {e.start})") from None
+        # lines end at "\n" only: str.splitlines would also split at U+2028 and other separators
+        for n, line in enumerate(text.split("\n"), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if not line.startswith("{"):
+                items.append((line, args.seeds))
+                continue
+            try:
+                rec = json.loads(line)
+                prompt = rec["prompt"]
+            except (ValueError, KeyError, TypeError):
+                raise TacaProbeError(f"{path}:{n}: expected a JSON object with 'prompt' (and optional 'seed')") from None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise TacaProbeError(f"{path}:{n}: 'prompt' must be non-empty text, got {prompt!r}")
+            items.append((prompt, [_seed_value(rec["seed"], f"{path}:{n}")] if "seed" in rec else args.seeds))
+    if not items:
+        raise TacaProbeError("no prompt given: use --prompt TEXT (repeatable) or --prompts FILE")
+    return items

@@ -1,0 +1,406 @@
+"""Recording runs: ``probe()`` for Python, and the one loop behind ``record`` and ``sweep``.
+
+:func:`probe` installs TACA with a :class:`~taca_probe.capture.Recorder` and yields a :class:`Run`
+whose :meth:`Run.sample` records one pipeline call and writes it to the store. :func:`record_plan`
+is the loop every command uses: lay out (or check and repair) each target store on rank 0, share
+the unfinished slots among the ranks, record them, one probe per schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fnmatch
+import inspect
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import __version__
+from .attention import describe_stats_backend
+from .capture import BRANCHES, Recorder, planned_layout
+from .distributed import ranks_from_env
+from .errors import TacaProbeError
+from .intervention import TacaConfig, TacaHandle, apply_taca
+from .models import model_call_defaults, model_name
+from .schedules import Schedule, parse
+from .selection import MapSelection
+from .store import UNKNOWN_SLOT, RunWriter, StoreError, is_store, remove_store
+
+__all__ = ["probe", "Run", "Target", "record_plan", "run_settings", "check_resume"]
+
+_MODES = ("create", "resume", "overwrite")
+_RESUME_KEYS = ("model_class", "pipeline_class", "dtype", "schedule", "maps", "branch")
+
+
+class Run:
+    """What :func:`probe` yields: :meth:`sample` generates, records and writes."""
+
+    def __init__(self, pipe: Any, path: Path, handle: TacaHandle, recorder: Recorder, attrs: dict[str, Any]):
+        self.pipe, self.path, self.handle, self.recorder, self.attrs = pipe, path, handle, recorder, attrs
+        self.maps, self.branches, self.sites = recorder.maps, recorder.branches, handle.sites
+        self.call_defaults = model_call_defaults(pipe)
+        self.writer: RunWriter | None = RunWriter.reopen(path) if path.exists() else None
+
+    def sample(self, prompt: str, *, seed: int = 0, num_images_per_prompt: int = 1, slot: int | None = None,
+               **pipe_kwargs: Any) -> list:
+        """Generate from ``prompt`` with ``torch.Generator('cpu').manual_seed(seed)`` and record.
+
+        Other keyword arguments go to the pipeline unchanged. Returns the PIL images; a prompt and
+        seed already complete in the store are skipped (returns ``[]``). ``slot`` writes into a
+        planned slot of the store (one image each).
+        """
+        if not isinstance(prompt, str) or not prompt:
+            raise TacaProbeError("prompt must be a non-empty string")
+        call = self._resolve_call(pipe_kwargs)
+        n, seed, writer = int(num_images_per_prompt), int(seed), self.writer
+        if slot is not None:
+            planned = writer.slot(slot) if writer is not None else None
+            if n != 1 or planned is None or planned[:3] not in ((prompt, seed, 0), UNKNOWN_SLOT[:3]):
+                raise StoreError(f"slot {slot} of {str(self.path)!r} is not planned for ({prompt!r}, seed {seed})")
+            if planned[3]:
+                return []
+        elif writer is not None and all(writer.is_done((prompt, seed, b)) for b in range(n)):
+            return []
+        self.recorder.begin(prompt, n, call.get("max_sequence_length"))
+        self.handle.calls.clear()
+        try:
+            out = self.pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=n,
+                            output_type="np", **call)
+        except BaseException:
+            self.recorder.cancel()
+            raise
+        images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)  # (n, H, W, 3), as diffusers' PIL
+        sample = self.recorder.finish(images, seed)
+        created = writer is None
+        if created:
+            if self.maps is not None:
+                self.maps.check(sample.layout)
+            self.writer = writer = RunWriter.create(self.path, sample.layout, {**self.attrs, **_size_attrs(sample.layout)})
+        try:
+            writer.write_sample(writer.first_free() if slot is None else slot, sample)
+        except BaseException:
+            if created and not any(done for *_, done in writer.slots()):
+                remove_store(self.path)  # a store with no finished sample is not left behind
+                self.writer = None
+            raise
+        return [Image.fromarray(im) for im in images]
+
+    def _resolve_call(self, pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The model's call defaults under ``pipe_kwargs``; the first sample's settings become the
+        store's ``pipeline_kwargs`` and ``guidance`` unless the caller gave them."""
+        call = {**self.call_defaults, **pipe_kwargs}
+        plain = {k: v for k, v in call.items() if v is None or isinstance(v, (bool, int, float, str))}
+        self.attrs.setdefault("pipeline_kwargs", plain)
+        if "guidance" not in self.attrs:
+            param = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
+            default = None if param is None or param.default is inspect.Parameter.empty else param.default
+            self.attrs["guidance"] = call.get("guidance_scale", default)
+        return call
+
+    def planned_layout(self, call: dict[str, Any]):
+        """The layout the samples of ``pipe(**call)`` will have, computed without sampling."""
+        return planned_layout(self.pipe, self.handle, call, branches=self.branches, maps=self.maps is not None)
+
+    def create_planned(self, plan: Sequence[tuple[str, int]], call: dict[str, Any]) -> None:
+        """Create the store with one slot per (prompt, seed) of ``plan``, none complete yet."""
+        layout = self.planned_layout(call)
+        if self.maps is not None:
+            self.maps.check(layout)  # before the store exists
+        self.writer = RunWriter.create(self.path, layout, {**self.attrs, **_size_attrs(layout)},
+                                       slots=[(p, int(s), 0) for p, s in plan])
+
+
+def _size_attrs(layout) -> dict[str, Any]:
+    return {"steps": layout.steps, "height": layout.image_shape[0], "width": layout.image_shape[1],
+            "n_txt": layout.n_txt, "n_vis": layout.grid[0] * layout.grid[1], "latent_grid": list(layout.grid)}
+
+
+@contextlib.contextmanager
+def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "none",
+          maps: MapSelection | str | None = None, branch: str = "cond", mode: str = "create",
+          lora: str | os.PathLike | None = None, lora_scale: float = 1.0, attrs: dict[str, Any] | None = None,
+          model: str | None = None) -> Iterator[Run]:
+    """Record cross-modal attention into a zarr store while ``pipe`` samples.
+
+    Parameters
+    ----------
+    pipe
+        A ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or compatible).
+    path
+        Store folder (created on the first finished sample).
+    schedule
+        TACA schedule applied while recording (``"none"``: the stock model).
+    maps
+        Map selection (:class:`~taca_probe.selection.MapSelection` or its string form), or None.
+    branch
+        ``"cond"``, ``"uncond"`` or ``"both"`` (adds a ``branch`` dimension).
+    mode
+        ``"create"`` refuses an existing path; ``"resume"`` appends to it, skipping samples already
+        complete; ``"overwrite"`` replaces it.
+    lora, lora_scale
+        As for :func:`taca_probe.taca`.
+    attrs
+        Extra provenance attributes.
+    model
+        The model's name as the user gave it (default: the pipeline's ``name_or_path``); stored and
+        compared on resume.
+    """
+    if branch not in BRANCHES:
+        raise TacaProbeError(f"unknown branch {branch!r}; choose from {', '.join(BRANCHES)}")
+    if mode not in _MODES:
+        raise TacaProbeError(f"unknown mode {mode!r}; choose from {', '.join(_MODES)}")
+    schedule, maps, p = parse(schedule), MapSelection.parse(maps), Path(path)
+    if mode == "create" and p.exists():
+        raise StoreError(f"{str(p)!r} already exists; pass --resume to complete it or --overwrite to replace it")
+    if p.exists() and not is_store(p):
+        raise StoreError(f"{str(p)!r} exists and is not a taca-probe store; choose another path")
+    handle = apply_taca(pipe, TacaConfig(schedule=schedule, lora=lora, lora_scale=lora_scale))
+    recorder = None
+    try:
+        _check_schedule_layers(schedule, handle)
+        settings = run_settings(pipe, schedule=schedule, maps=maps, branch=branch, model=model)
+        if mode == "resume" and p.exists():
+            check_resume(p, settings)
+        if mode == "overwrite":
+            remove_store(p)
+        base_attrs = {
+            **settings,
+            "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale),
+            "planned_samples": None,  # a store planned up front (record, sweep) holds its slot count
+            "taca_probe_version": __version__, "torch_version": torch.__version__,
+            "diffusers_version": diffusers.__version__, "schedule_description": schedule.describe(),
+            "device": str(handle.transformer.device),
+            "stats_backend": describe_stats_backend(handle.transformer.device, handle.transformer.dtype),
+            "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **(attrs or {}),
+        }
+        recorder = Recorder(pipe, handle, maps=maps, branch=branch)
+        yield Run(pipe, p, handle, recorder, base_attrs)
+    finally:
+        if recorder is not None:
+            recorder.close()
+        handle.remove()
+
+
+def _check_schedule_layers(schedule: Schedule, handle: TacaHandle) -> None:
+    """Refuse a restricted schedule that selects no attention layer of this model: the store would
+    say TACA was applied when it was not."""
+    sites = handle.sites
+    if schedule.is_identity:
+        return
+    for pattern in getattr(schedule, "layers", None) or ():
+        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in sites):
+            raise TacaProbeError(f"--schedule {schedule.spec!r}: layers={pattern} matches none of this model's "
+                                 f"{len(sites)} attention layers ({sites[0].name} ... {sites[-1].name})")
+    if hasattr(schedule, "selects") and not any(schedule.selects(layer=s.name, block_type=s.block_type)
+                                                for s in sites):
+        raise TacaProbeError(f"--schedule {schedule.spec!r} selects none of this model's attention layers")
+
+
+def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, branch: str,
+                 model: str | None = None) -> dict[str, Any]:
+    """The settings a resumed run must share with its store."""
+    transformer = pipe.transformer
+    return {
+        "model": str(model or model_name(pipe) or getattr(transformer.config, "_name_or_path", "")),
+        "model_class": type(transformer).__name__,
+        "pipeline_class": type(pipe).__name__,
+        "dtype": str(transformer.dtype).removeprefix("torch."),
+        "schedule": schedule.spec,
+        "maps": None if maps is None else maps.spec,
+        "map_selection": None if maps is None else maps.to_attrs(),
+        "branch": branch,
+    }
+
+
+def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Refuse to resume ``path`` with different settings, listing every difference."""
+    stored = RunWriter.reopen(path).attrs
+    want = {k: settings.get(k) for k in _RESUME_KEYS}
+    if settings.get("model"):
+        want["model"] = settings["model"]
+    want.update(extra or {})
+    diffs = [f"{k}: store has {stored.get(k)!r}, now {v!r}" for k, v in want.items() if k in stored and stored.get(k) != v]
+    if diffs:
+        raise StoreError(f"cannot resume {str(path)!r} with different settings: " + "; ".join(diffs))
+
+
+# ------------------------------------------------------------------------------------------------
+# The one loop
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One store of a job and the schedule it is recorded with."""
+
+    schedule: str
+    store: Path
+    label: str = ""  # how progress lines and messages name it (default: the store path)
+
+
+def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, int]], call: dict[str, Any], *,
+                maps: MapSelection | None = None, branch: str = "cond", mode: str = "create",
+                lora: str | os.PathLike | None = None, lora_scale: float = 1.0, model: str | None = None,
+                attrs: dict[str, Any] | None = None,
+                prepare: Callable[[], None] | None = None,
+                on_sample: Callable[[Target, str, int, list], None] | None = None,
+                progress: bool | Callable[[str], None] = True, desc: str = "samples") -> list[int]:
+    """Record every (prompt, seed) of ``plan`` into every target store; returns, per target, the
+    number of samples that were not complete when it started (recorded now, by all ranks).
+
+    Rank 0 first checks every target against this model (schedule layers, the maps selection)
+    before any store is touched, then creates each missing store with one slot per planned
+    sample (``mode="overwrite"`` replaces existing ones), or checks an existing one against the
+    settings and the plan and marks its damaged samples for re-recording (``mode="resume"``).
+    After a barrier every rank records its share of the unfinished slots. ``prepare`` runs on
+    rank 0 after the checks, before any store is written (a sweep writes its manifest there);
+    ``on_sample(target, prompt, seed, images)`` after each recorded sample.
+    """
+    ranks = ranks_from_env()  # torchrun / accelerate launch: several processes share the slots
+    common = dict(maps=maps, branch=branch, lora=lora, lora_scale=lora_scale, model=model,
+                  attrs={**(attrs or {}), "guidance": call.get("guidance_scale"), "pipeline_kwargs": call})
+    extra = {"steps": call["num_inference_steps"], "height": call["height"], "width": call["width"],
+             "guidance": call.get("guidance_scale")}
+    created: list[Path] = []
+    writers: dict[Path, RunWriter | None] = {}
+    recorded = [0] * len(targets)
+    report = _progress(False, 0, desc, 0)
+    try:
+        if ranks.is_main:
+            for t in targets:  # nothing is written until every target is known to fit this model
+                with probe(pipe, t.store.parent / ".unused", schedule=t.schedule, mode="create", **common) as run:
+                    if maps is not None:
+                        maps.check(run.planned_layout(call))
+            if prepare is not None:
+                prepare()
+            for t in targets:
+                if mode == "overwrite":
+                    remove_store(t.store)
+                if t.store.exists():
+                    if mode != "resume":
+                        raise StoreError(f"{str(t.store)!r} already exists; pass --resume to complete it or "
+                                         "--overwrite to replace it")
+                    check_resume(t.store, run_settings(pipe, schedule=parse(t.schedule), maps=maps, branch=branch,
+                                                       model=model), extra)
+                    with probe(pipe, t.store, schedule=t.schedule, mode="resume", **common) as run:
+                        _repair(t, run.writer)
+                        _check_plan(t.store, [s[:3] for s in run.writer.slots()], plan)
+                else:
+                    with probe(pipe, t.store, schedule=t.schedule, mode="create", **common) as run:
+                        run.create_planned(plan, call)
+                    created.append(t.store)
+                writers[t.store] = run.writer  # it knows which damaged samples are to be recorded again
+        ranks.barrier()
+        todo = []
+        for i, t in enumerate(targets):
+            if writers.get(t.store) is None:  # other ranks open the stores rank 0 laid out
+                writers[t.store] = RunWriter.reopen(t.store)
+            slots = writers[t.store].slots()
+            todo += [(i, slot) for slot, (*_, done) in enumerate(slots) if not done]
+            recorded[i] = sum(1 for *_, done in slots if not done)
+        mine = ranks.share(todo)
+        report = _progress(progress, len(mine), desc if ranks.world == 1 else f"rank {ranks.rank}", ranks.rank)
+        stack = contextlib.ExitStack()
+        with stack:
+            current, run = None, None
+            for i, slot in mine:
+                if i != current:  # one probe per target, in order
+                    stack.close()
+                    run = stack.enter_context(probe(pipe, targets[i].store, schedule=targets[i].schedule,
+                                                    mode="resume", **common))
+                    run.writer = writers[targets[i].store]
+                    current = i
+                prompt, seed = plan[slot]
+                report(f"{targets[i].label + ': ' if targets[i].label else ''}seed {seed}: "
+                       + textwrap.shorten(" ".join(prompt.split()), 40, placeholder=" …"))
+                images = run.sample(prompt, seed=seed, slot=slot, **call)
+                if images and on_sample is not None:
+                        on_sample(targets[i], prompt, seed, images)
+    except BaseException:
+        # A store this run created in which nothing finished would only block the rerun.
+        if ranks.world == 1:
+            for path in created:
+                if path.exists() and not any(done for *_, done in RunWriter.reopen(path).slots()):
+                    remove_store(path)
+        raise
+        ranks.barrier()
+    finally:
+        report(None)
+        ranks.close()
+    return recorded
+
+
+def _repair(target: Target, writer: RunWriter) -> None:
+    """Mark complete samples whose chunks are missing, moved or damaged for re-recording."""
+    damaged = writer.damaged_slots()
+    if damaged:
+        listed = "; ".join(f"sample {slot}: {problems[0]}" for slot, problems in sorted(damaged.items())[:5])
+        more = f" (and {len(damaged) - 5} more)" if len(damaged) > 5 else ""
+        print(f"taca-probe: repairing {len(damaged)} damaged sample(s) of {str(target.store)!r}: {listed}{more}",
+              file=sys.stderr)
+        writer.mark_for_repair(sorted(damaged))
+
+
+def _check_plan(path: Path, slots: list[tuple[str, int, int]], plan: Sequence[tuple[str, int]]) -> None:
+    """A resumed store must hold exactly this run's (prompt, seed) samples, in this order; the refusal
+    names what differs (prompts, seeds, their count), the store's value against this run's."""
+    planned = [(p, int(s), 0) for p, s in plan]
+    if len(slots) == len(planned) and all(a in (b, UNKNOWN_SLOT[:3]) for a, b in zip(slots, planned)):
+        return
+    known = [a for a in slots if a != UNKNOWN_SLOT[:3]]
+
+    def short(values: list) -> str:
+        return f"{len(values)} [" + ",".join(map(str, values[:8])) + (",..." if len(values) > 8 else "") + "]"
+
+    diffs = []
+    seeds_then, seeds_now = list(dict.fromkeys(s for _, s, _ in known)), list(dict.fromkeys(s for _, s in plan))
+    if seeds_then != seeds_now:
+        diffs.append(f"--seeds: store has {short(seeds_then)}, now {short(seeds_now)}")
+    prompts_then, prompts_now = list(dict.fromkeys(p for p, _, _ in known)), list(dict.fromkeys(p for p, _ in plan))
+    if prompts_then != prompts_now:
+        first = next((i for i, (a, b) in enumerate(zip(prompts_then, prompts_now)) if a != b),
+                     min(len(prompts_then), len(prompts_now)))
+        a = prompts_then[first] if first < len(prompts_then) else None
+        b = prompts_now[first] if first < len(prompts_now) else None
+        diffs.append(f"prompts: store has {len(prompts_then)}, now {len(prompts_now)}; prompt {first}: "
+                     f"store {a!r}, now {b!r}")
+    if not diffs:
+        diff = next((i for i, (a, b) in enumerate(zip(slots, planned)) if a != b), min(len(slots), len(planned)))
+        diffs.append(f"order: sample {diff} is {slots[diff][:2] if diff < len(slots) else None} in the store, "
+                     f"{planned[diff][:2] if diff < len(planned) else None} now")
+    raise StoreError(f"cannot resume {str(path)!r} with different samples: " + "; ".join(diffs))
+
+
+def _progress(progress: bool | Callable[[str], None], total: int, desc: str, position: int) -> Callable[[str | None], None]:
+    """A progress reporter: one line per sample to a callable, a tqdm bar on stderr, or nothing;
+    called with None at the end."""
+    if callable(progress):
+        return lambda line: progress(line) if line is not None else None
+    if not progress:
+        return lambda line: None
+    bar = tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, position=position)
+    started = [False]
+
+    def report(line: str | None) -> None:
+        if started[0]:
+            bar.update(1)  # the previous sample is done
+        started[0] = line is not None
+        if line is None:
+            bar.close()
+        else:
+            bar.set_postfix_str(line)
+
+    return report
