@@ -403,7 +403,7 @@ def model_name(pipe: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Shipped (trained) models and recommended call settings
+# Embedded models and call settings
 # --------------------------------------------------------------------------------------------
 
 

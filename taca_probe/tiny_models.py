@@ -79,7 +79,9 @@ def tokenizers() -> tuple[CLIPTokenizer, T5Tokenizer]:
     clip = json.loads((data / "clip" / "tokenizer.json").read_text(encoding="utf-8"))["model"]
     t5 = json.loads((data / "t5" / "tokenizer.json").read_text(encoding="utf-8"))["model"]
     return (
-        CLIPTokenizer(vocab=clip["vocab"], merges=[tuple(m) for m in clip["merges"]], model_max_length=_CLIP_MAX_LENGTH),
+        CLIPTokenizer(
+            vocab=clip["vocab"], merges=[tuple(m) for m in clip["merges"]], model_max_length=_CLIP_MAX_LENGTH
+        ),
         T5Tokenizer(vocab=[tuple(p) for p in t5["vocab"]], extra_ids=0, model_max_length=_T5_MAX_LENGTH),
     )
 
