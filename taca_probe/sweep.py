@@ -308,7 +308,7 @@ def run_sweep(
     for key in ("generator", "num_images_per_prompt", "output_type", "prompt"):
         if key in (call or {}):
             raise SweepError(f"call setting {key!r} is set by the sweep itself; leave it out")
-    settings = call_settings(pipe, model if isinstance(model, (str, os.PathLike)) else None, **(call or {}))
+    settings = call_settings(pipe, call, model=model)
 
     prompt_list = list(dict.fromkeys(p for p, _ in plan))
     entries = []

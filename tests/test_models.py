@@ -1,13 +1,14 @@
-"""Tests of taca_probe.models: embedded tiny pipelines, cache, loading, devices/dtypes, support check."""
+"""Tests of taca_probe.models and taca_probe.tiny_models: embedded tiny pipelines, cache, loading,
+devices/dtypes, support check, call settings."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
-import os
+import math
+import re
 import shutil
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from taca_probe import models
+from taca_probe import models, tiny_models
 from taca_probe.errors import ModelError, TacaProbeError
 
 # The random-weight recipes; the trained, shipped model has its own tests (tests/test_shapes.py).
@@ -153,7 +154,6 @@ def test_check_supported(loaded: dict) -> None:
 
     assert [models.check_supported(loaded[n]) for n in NAMES] == ["sd3", "sd3", "flux"]
     assert [models.check_supported(loaded[n].transformer) for n in NAMES] == ["sd3", "sd3", "flux"]
-    assert models.model_family(loaded["tiny-flux"]) == "flux"
 
     class MySD3(SD3Transformer2DModel):
         pass
@@ -197,7 +197,7 @@ def test_two_step_generation(loaded: dict, name: str, size: tuple[int, int]) -> 
 
 def test_cache_layout(taca_cache: Path) -> None:
     path = models.embedded_model_path("tiny-sd3")
-    assert path == taca_cache / "models" / f"tiny-sd3-v{models.RECIPE_VERSION}"
+    assert path == taca_cache / "models" / f"tiny-sd3-v{tiny_models.RECIPE_VERSION}"
     assert (path / "model_index.json").is_file()
     assert json.loads((path / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
     assert not list(path.parent.glob(".*building*"))  # no temporary folders left behind
@@ -207,11 +207,11 @@ def test_cache_location_falls_back_to_xdg_then_home(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("TACA_PROBE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     path = models.embedded_model_path("tiny-flux")
-    assert path == tmp_path / "xdg" / "taca-probe" / "models" / f"tiny-flux-v{models.RECIPE_VERSION}"
+    assert path == tmp_path / "xdg" / "taca-probe" / "models" / f"tiny-flux-v{tiny_models.RECIPE_VERSION}"
     assert (path / "model_index.json").is_file()
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert models._cache_root() == tmp_path / "home" / ".cache" / "taca-probe"
+    assert tiny_models._cache_root() == tmp_path / "home" / ".cache" / "taca-probe"
 
 
 def test_second_use_loads_from_cache(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,7 +221,7 @@ def test_second_use_loads_from_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_rebuild(name: str, folder: Path) -> None:
         raise AssertionError(f"rebuilt {name} although it is cached")
 
-    monkeypatch.setattr(models, "_build_into", no_rebuild)
+    monkeypatch.setattr(tiny_models, "_build_into", no_rebuild)
     assert models.embedded_model_path("tiny-sd35") == path
     pipe = models.load_pipeline("tiny-sd35", device="cpu")
     assert models.check_supported(pipe) == "sd3"
@@ -230,25 +230,25 @@ def test_second_use_loads_from_cache(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_interrupted_build_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TACA_PROBE_CACHE", str(tmp_path))
-    real_build = models._build_into
+    real_build = tiny_models._build_into
 
     def killed(name: str, folder: Path) -> None:
         (folder / "model_index.json").write_text("{}")  # half-written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_build_into", killed)
+    monkeypatch.setattr(tiny_models, "_build_into", killed)
     with pytest.raises(KeyboardInterrupt):
         models.embedded_model_path("tiny-flux")
     assert list((tmp_path / "models").iterdir()) == []
 
-    monkeypatch.setattr(models, "_build_into", real_build)
+    monkeypatch.setattr(tiny_models, "_build_into", real_build)
     assert (models.embedded_model_path("tiny-flux") / "transformer").is_dir()
 
 
 def test_concurrent_build_keeps_the_first_finished(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TACA_PROBE_CACHE", str(tmp_path))
-    target = tmp_path / "models" / f"tiny-flux-v{models.RECIPE_VERSION}"
-    real_build = models._build_into
+    target = tmp_path / "models" / f"tiny-flux-v{tiny_models.RECIPE_VERSION}"
+    real_build = tiny_models._build_into
 
     def racing(name: str, folder: Path) -> None:
         real_build(name, folder)
@@ -256,7 +256,7 @@ def test_concurrent_build_keeps_the_first_finished(monkeypatch: pytest.MonkeyPat
         real_build(name, target)
         (target / "winner").write_text("other process")
 
-    monkeypatch.setattr(models, "_build_into", racing)
+    monkeypatch.setattr(tiny_models, "_build_into", racing)
     assert models.embedded_model_path("tiny-flux") == target
     assert (target / "winner").read_text() == "other process"
     assert [p.name for p in (tmp_path / "models").iterdir()] == [target.name]
@@ -289,26 +289,97 @@ def test_builds_are_identical(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, n
     assert file_digests(first) == file_digests(second)  # byte for byte, every file
 
 
-def test_tokenizers_do_not_depend_on_hash_seed() -> None:
-    """Tokenizer training must not depend on set/dict order, which PYTHONHASHSEED changes.
+#: sha256 of each tiny model's weights (weights_digest below), computed over the folders built by
+#: the recipes of commit e5d3205, the last one that trained the tokenizers at build time. A
+#: mismatch means the built models changed (a recipe, or torch's / diffusers' initialisation):
+#: bump tiny_models.RECIPE_VERSION, so that caches holding the old builds are not reused.
+WEIGHT_DIGESTS = {
+    "tiny-sd3": "03b71951c50dc15cedb2aabbe36261bd48b7a52fe7207ed32dc4bd62e65b9cbb",
+    "tiny-sd35": "5583f9dcff0f047938cfb227d96dc90f6b807248101ead38f250d15f690daad3",
+    "tiny-flux": "af57a0ad9b7334e783bf742394fe1d74e151bd12e2adeb2c84705c4b0b0b0196",
+}
 
-    (``tokenizers``' own BPE trainer fails this: its tie-breaking varies between processes.)
-    """
-    code = (
-        "import hashlib\n"
-        "from taca_probe.models import _build_clip_tokenizer, _build_t5_tokenizer\n"
-        "text = _build_clip_tokenizer().backend_tokenizer.to_str()"
-        " + _build_t5_tokenizer().backend_tokenizer.to_str()\n"
-        "print(hashlib.sha256(text.encode()).hexdigest())\n"
-    )
-    here = {}
-    exec(code.replace("print(", "digest = ("), here)  # noqa: S102 - the same code, in-process
-    # This process's hash seed is random (or set); the child's is fixed and different.
-    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
-    root = str(Path(models.__file__).resolve().parents[1])  # importable without installing
-    env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": root}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert run.stdout.strip().splitlines()[-1] == here["digest"]
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over every tensor (component/name, dtype, shape, raw bytes) of a pipeline folder."""
+    digest = hashlib.sha256()
+    for file in sorted(folder.glob("*/*.safetensors")):
+        tensors = load_file(file)
+        for key in sorted(tensors):
+            t = tensors[key].contiguous()
+            digest.update(f"{file.parent.name}/{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weights_match_the_recipe_version(name: str) -> None:
+    assert weights_digest(models.embedded_model_path(name)) == WEIGHT_DIGESTS[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_built_tokenizers_are_the_shipped_files(name: str) -> None:
+    """The shipped tokenizer files are what transformers saves for the tokenizers built from them
+    (a fixed point: nothing is lost reading them), and every built model carries them unchanged."""
+    data = Path(str(importlib.resources.files("taca_probe") / "tiny_models_data"))
+    built = models.embedded_model_path(name)
+    for sub, shipped in [("tokenizer", "clip"), (T5_TOKENIZER[name], "t5")]:
+        assert file_digests(built / sub) == file_digests(data / shipped)
+
+
+def _clip_reference_ids(text: str, vocab: dict[str, int], merges: list[list[str]]) -> list[int]:
+    """OpenAI CLIP's BPE (simple_tokenizer.py), written out for ASCII text: lower-case, split into
+    words, digits and punctuation runs, map bytes to GPT-2's printable characters, then merge the
+    lowest-ranked adjacent pair until none applies; BOS first, EOS last."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    byte_map = {b: chr(b) if b in printable else chr(256 + [c for c in range(256) if c not in printable].index(b))
+                for b in range(256)}
+    rank = {tuple(m): i for i, m in enumerate(merges)}
+    ids = [vocab["<|startoftext|>"]]
+    for word in re.findall(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+", " ".join(text.lower().split())):
+        symbols = [byte_map[b] for b in word.encode()]
+        symbols[-1] += "</w>"
+        while len(symbols) > 1:
+            pair = min(zip(symbols, symbols[1:]), key=lambda p: rank.get(p, len(rank)))
+            if pair not in rank:
+                break
+            i = next(i for i in range(len(symbols) - 1) if (symbols[i], symbols[i + 1]) == pair)
+            symbols[i : i + 2] = [pair[0] + pair[1]]
+        ids += [vocab[s] for s in symbols]
+    return ids + [vocab["<|endoftext|>"]]
+
+
+def _t5_reference_ids(text: str, pieces: list[list]) -> list[int]:
+    """Unigram tokenization by Viterbi: each whitespace-separated word, prefixed with "▁", is cut
+    into the pieces whose log-probabilities (scores) sum highest; </s> (id 1) last."""
+    score = {p: (i, s) for i, (p, s) in enumerate(pieces) if i > 2}  # not <pad>, </s>, <unk>
+    ids: list[int] = []
+    for word in text.split():
+        word = "▁" + word
+        best: list[tuple[float, list[int]]] = [(0.0, [])] + [(-math.inf, [])] * len(word)
+        for end in range(1, len(word) + 1):
+            for start in range(end):
+                if word[start:end] in score and best[start][0] > -math.inf:
+                    i, s = score[word[start:end]]
+                    if best[start][0] + s > best[end][0]:
+                        best[end] = (best[start][0] + s, best[start][1] + [i])
+        ids += best[-1][1]
+    return ids + [1]
+
+
+REFERENCE_PROMPTS = [PROMPT, "a red circle to the left of a blue square", "Two ZEBRAS, 3 dogs & a cat's toy!",
+                     "antidisestablishmentarianism rocks"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tokenization_matches_independent_references(loaded: dict, name: str) -> None:
+    data = importlib.resources.files("taca_probe") / "tiny_models_data"
+    clip = json.loads((data / "clip" / "tokenizer.json").read_text())["model"]
+    t5 = json.loads((data / "t5" / "tokenizer.json").read_text())["model"]["vocab"]
+    pipe = loaded[name]
+    for text in REFERENCE_PROMPTS:
+        assert pipe.tokenizer(text).input_ids == _clip_reference_ids(text, clip["vocab"], clip["merges"])
+        assert getattr(pipe, T5_TOKENIZER[name])(text).input_ids == _t5_reference_ids(text, t5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,3 +539,31 @@ def test_pipeline_without_transformer() -> None:
     with pytest.raises(ModelError) as excinfo:
         models.check_supported(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()))
     one_line_error(excinfo, "DDPMPipeline", "SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+# ---------------------------------------------------------------------------------------------
+# Call settings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_call_settings_fall_back_to_the_pipeline_size_and_28_steps(loaded: dict) -> None:
+    pipe = loaded["tiny-sd3"]  # no recommended settings; default_sample_size 32 x VAE factor 8
+    assert models.call_settings(pipe) == {"num_inference_steps": 28, "height": 256, "width": 256}
+    assert models.call_settings(pipe, {"height": 64, "guidance_scale": None}, model="tiny-sd3") == {
+        "height": 64, "num_inference_steps": 28, "width": 256}  # None means "not given"
+    assert models.call_settings(pipe, {"width": 128}, default_steps=None, default_size=64) == {
+        "width": 128, "height": 64}
+    assert models.call_settings(types.SimpleNamespace(), default_steps=5) == {
+        "num_inference_steps": 5, "height": 1024, "width": 1024}  # diffusers' 128 x 8
+
+
+def test_call_settings_put_the_user_over_the_model_over_the_fallbacks() -> None:
+    pipe = types.SimpleNamespace(default_sample_size=8, vae_scale_factor=8)  # no folder to read
+    recommended = models.model_call_defaults("shapes")
+    assert {"height", "width", "num_inference_steps", "max_sequence_length"} <= recommended.keys()
+    assert models.call_settings(pipe, model="shapes") == recommended
+    assert models.call_settings(pipe, model="shapes", default_steps=None, default_size=1) == recommended
+    got = models.call_settings(pipe, {"num_inference_steps": 3, "max_sequence_length": None}, model="shapes")
+    assert got == {**recommended, "num_inference_steps": 3}
+    assert models.call_settings(pipe, model=pipe) == {"num_inference_steps": 28, "height": 64, "width": 64}
+

@@ -107,8 +107,9 @@ def _load(args: argparse.Namespace, device: torch.device | None = None):
     device = device or resolve_device(args.device)
     pipe = load_pipeline(args.model, device=str(device), dtype=resolve_dtype(args.dtype, device))
     pipe.set_progress_bar_config(disable=True)  # one bar over the samples, not one per sample inside it
-    call = call_settings(pipe, args.model, num_inference_steps=args.steps, height=args.height, width=args.width,
-                         guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length)
+    call = call_settings(pipe, {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
+                                "guidance_scale": args.guidance, "max_sequence_length": args.max_sequence_length},
+                         model=args.model)
     _check_size(pipe, call["height"], call["width"])
     return pipe, call
 

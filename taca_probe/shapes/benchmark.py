@@ -15,6 +15,7 @@ from typing import Any
 
 
 from ..errors import TacaProbeError
+from ..models import call_settings
 from . import dataset as ds
 from . import evaluator as ev
 
@@ -29,14 +30,8 @@ TABLE_WIDTH = 100
 
 
 def _call_settings(pipe: Any, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    from ..models import model_call_defaults
-
-    call = model_call_defaults(pipe)
     # The evaluator's thresholds are defined at the dataset's resolution.
-    call.setdefault("height", ds.IMAGE_SIZE)
-    call.setdefault("width", ds.IMAGE_SIZE)
-    call.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return call
+    return call_settings(pipe, overrides, default_steps=None, default_size=ds.IMAGE_SIZE)
 
 
 def generate_images(
