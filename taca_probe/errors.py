@@ -6,7 +6,7 @@ line and exits with status 2; the Python API lets it propagate so notebooks show
 
 from __future__ import annotations
 
-__all__ = ["TacaProbeError", "ModelError", "ScheduleError"]
+__all__ = ["TacaProbeError", "ModelError", "ScheduleError", "StoreError"]
 
 
 class TacaProbeError(Exception):
@@ -19,3 +19,7 @@ class ModelError(TacaProbeError):
 
 class ScheduleError(TacaProbeError, ValueError):
     """A malformed or impossible gamma schedule (also a ``ValueError``)."""
+
+
+class StoreError(TacaProbeError):
+    """A store that is missing, not a taca-probe store, of an unknown schema, or inconsistent."""

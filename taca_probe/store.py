@@ -19,19 +19,13 @@ complete: :func:`open_run` hides it and a resumed run rewrites it, so nothing fi
 and nothing is duplicated. ``maps`` chunks that were not selected are never written and read back
 as NaN (the fill value).
 
-Integrity: every chunk carries a CRC32C (the codec), and when a sample completes its
-``chunk_manifest`` entry records, for every chunk file the sample owns, its key, digest and size, or
-that it has none (a chunk equal to the fill value is not stored). So a deleted, moved or swapped
-chunk of a complete sample is found: :func:`open_run` and :func:`store_info` check presence and
-sizes, each read checks the checksum bound to the key, :func:`verify_store` checks everything, and
-``taca-probe record --resume`` re-records damaged samples. Stores recorded before the manifest
-still open; absence cannot be checked in them (:func:`verify_store` warns).
+Integrity (:mod:`taca_probe.integrity`): every chunk carries a CRC32C and every complete sample a
+manifest of its chunk files, so damage, absence and swaps are found when a store is opened or read,
+by :func:`verify_store`, and repaired by ``taca-probe record --resume``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -42,15 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import google_crc32c
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
-from .errors import TacaProbeError
+from .errors import StoreError, TacaProbeError
+from .integrity import BOOKKEEPING, COMPLETE, DAMAGED, INFO_READ_LIMIT, MANIFEST, ChecksumStore, ChunkChecksumError, \
+    checksum_store, chunk_read_problems, compressors, digest, is_sample_array, read_each, sample_problems, \
+    slot_keys, slot_of
 
 __all__ = [
     "SCHEMA_VERSION", "StoreError", "ChunkChecksumError", "RunLayout", "RunWriter", "open_run", "store_info",
@@ -59,20 +52,11 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 _SCHEMA_ATTR = "taca_probe_schema"
-_COMPLETE = "complete"
-#: Per sample: JSON {chunk key: [blake2b-64 digest, size] or None}, written just before ``complete``.
-_MANIFEST = "chunk_manifest"
 _MANIFEST_ATTR = "chunk_manifest"  # group attribute: this store keeps manifests (absence is checkable)
-#: Per-sample arrays that hold bookkeeping rather than the sample's data.
-_BOOKKEEPING = (_COMPLETE, _MANIFEST)
 
 #: Non-dimension coordinates, by the dimensions they hang on.
 _COORDS_SAMPLE = ("prompt", "seed", "batch_index")
 _COORDS_ALL = "prompt seed batch_index timestep sigma gamma block_type token_text token_source token_is_padding"
-
-
-class StoreError(TacaProbeError):
-    """A store that is missing, not a taca-probe store, of an unknown schema, or inconsistent."""
 
 
 class StoreIntegrityWarning(UserWarning):
@@ -214,14 +198,9 @@ def _layout_of(group: Any, path: Path) -> RunLayout:
                          f"({_first_line(e)}); " + _DAMAGED_HINT) from None
 
 
-def _is_sample_array(arr: Any) -> bool:
-    names = arr.metadata.dimension_names
-    return bool(names) and names[0] == "sample"
-
-
 def _expected_arrays(layout: RunLayout) -> list[str]:
     names = ["step", "layer", "block_type", "head", "token", "token_source", "y", "x", "channel",
-             "sample", _COMPLETE, "prompt", "seed", "batch_index", "timestep", "sigma", "gamma", "token_text",
+             "sample", COMPLETE, "prompt", "seed", "batch_index", "timestep", "sigma", "gamma", "token_text",
              "token_is_padding", *layout.variables()]
     return names + (["branch"] if layout.branch_dim else [])
 
@@ -229,9 +208,9 @@ def _expected_arrays(layout: RunLayout) -> list[str]:
 def _structure_problems(path: Path, group: Any, arrays: Mapping[str, Any], layout: RunLayout) -> list[str]:
     """What is wrong with the store as a whole: arrays missing, checksums switched off in metadata."""
     problems = [f"array {name!r} is missing" for name in _expected_arrays(layout) if name not in arrays]
-    if group.attrs.get(_MANIFEST_ATTR) and _MANIFEST not in arrays:
-        problems.append(f"array {_MANIFEST!r} is missing")
-    kinds = _ChecksumLocalStore(path)
+    if group.attrs.get(_MANIFEST_ATTR) and MANIFEST not in arrays:
+        problems.append(f"array {MANIFEST!r} is missing")
+    kinds = ChecksumStore(path)
     for name in arrays:
         if kinds._kind(name) is None:
             problems.append(f"array {name!r} has no crc32c codec in its metadata (checksums switched off)")
@@ -244,116 +223,21 @@ def _raise_structure(path: Path, problems: list[str]) -> None:
         raise StoreError(f"{str(path)!r} is damaged: {problems[0]}{more}; " + _DAMAGED_HINT)
 
 
-def _slot_keys(name: str, arr: Any, slot: int) -> list[str]:
-    """The storage keys (chunk or shard files) that hold ``slot`` of a per-sample array."""
-    per_file = arr.shards or arr.chunks
-    grid = [-(-n // c) for n, c in zip(arr.shape[1:], per_file[1:])]
-    return [f"{name}/{arr.metadata.encode_chunk_key((slot, *idx))}" for idx in np.ndindex(*grid)]
-
-
-def _digest(data: bytes) -> str:
-    """A file's fingerprint for the manifest. Not CRC32C: over a chunk that ends in its own CRC32C
-    (the codec's), CRC32C gives the same constant for every chunk."""
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
-
-
-def _slot_of(key: str) -> int | None:
-    """``image/c/3/0/0/0`` -> 3 (the sample slot a per-sample chunk key belongs to)."""
-    parts = key.split("/")
-    try:
-        return int(parts[parts.index("c") + 1])
-    except (ValueError, IndexError):
-        return None
-
-
-#: :func:`store_info` compares the digests of files up to this size (cheap), sizes of larger ones.
-_INFO_READ_LIMIT = 64 * 1024
-
-
-def _check_slot(path: Path, arrays: Mapping[str, Any], slot: int, manifest_text: Any, *,
-                read: bool | int) -> list[str]:
-    """Problems of one complete sample against its manifest: ``"KEY: what"`` each, empty when intact.
-
-    ``read``: True compares the digest of every file, a number those of files up to that many
-    bytes, False none (presence and sizes only).
-    """
-    if not manifest_text:
-        return [f"{_MANIFEST}/c/{slot}: the sample's chunk manifest is missing"]
-    try:
-        manifest = json.loads(str(manifest_text))
-        assert isinstance(manifest, dict)
-    except (ValueError, AssertionError):
-        return [f"{_MANIFEST}/c/{slot}: the sample's chunk manifest is damaged"]
-    expected = [key for name, arr in arrays.items() if _is_sample_array(arr) and name not in _BOOKKEEPING
-                for key in _slot_keys(name, arr, slot)]
-    expected_set = set(expected)
-    problems = [f"{key}: not in the sample's manifest (another sample's manifest?)" for key in expected
-                if key not in manifest]
-    problems += [f"{key}: the manifest of sample {slot} names it" for key in manifest if key not in expected_set]
-    for key in expected:
-        if key not in manifest:
-            continue
-        entry, f = manifest[key], path / key
-        exists = f.is_file()
-        if entry is None:
-            if exists:
-                problems.append(f"{key}: a chunk where the sample had none (moved here?)")
-            continue
-        if not exists:
-            problems.append(f"{key}: missing")
-        elif (size := f.stat().st_size) != entry[1] or (
-                (read is True or (read is not False and size <= read)) and _digest(f.read_bytes()) != entry[0]):
-            problems.append(f"{key}: does not match the checksum recorded when the sample completed "
-                            "(damaged, swapped or moved)")
-    return problems
-
-
-def _sample_problems(path: Path, arrays: Mapping[str, Any], *, read: bool | int,
-                     complete: np.ndarray | None = None) -> dict[int, list[str]]:
-    """slot -> problems, for every complete sample (empty for stores without manifests)."""
-    if _MANIFEST not in arrays:
-        return {}
-    if complete is None:
-        complete = np.array([bool(v) for v in _read_each(arrays[_COMPLETE])], dtype=bool)
-    slots = np.flatnonzero(complete)
-    if not len(slots):
-        return {}
-    manifests = _read_each(arrays[_MANIFEST], int(slots[-1]) + 1)
-    out = {}
-    for slot in slots.tolist():
-        if manifests[slot] is _DAMAGED:
-            out[slot] = [f"{_MANIFEST}/c/{slot}: the sample's chunk manifest is damaged"]
-            continue
-        problems = _check_slot(path, arrays, slot, manifests[slot], read=read)
-        if problems:
-            out[slot] = problems
-    return out
-
-
-_DAMAGED = object()
-
-
-def _read_each(arr: Any, n: int | None = None) -> list[Any]:
-    """The first ``n`` values of a 1-D per-sample array; a damaged chunk gives ``_DAMAGED`` (complete: False)."""
-    n = arr.shape[0] if n is None else n
-    try:
-        return list(arr[:n])
-    except ChunkChecksumError:  # find which: one read per slot, only when something is wrong
-        out = []
-        for i in range(n):
-            try:
-                out.append(arr[i])
-            except ChunkChecksumError:
-                out.append(_DAMAGED)
-        return out
-
-
 class RunWriter:
     """Creates a store and fills it sample slot by sample slot.
 
     The slot table (prompt, seed, batch index, complete) is read once when the writer opens and
     then kept up to date in memory, so that the work per sample does not grow with the store.
     """
+
+    # Why not xarray's template ``to_zarr(compute=False)`` + ``to_zarr(region=...)`` per sample: the
+    # layout it would write is this one (the stores open with xarray), but a sample here must become
+    # visible only after its chunk manifest and ``complete`` flag are written, each map step is one
+    # shard whose unselected layers are never written, and an unplanned run grows along ``sample``
+    # while planned runs fill pre-allocated slots from several ranks. Region writes have no
+    # per-region commit point, cannot tell which chunk files a region produced (the manifest needs
+    # their keys and digests), and ``append_dim`` cannot be combined with ``region``; so the zarr
+    # arrays are written directly, in xarray's encoding (dimension names, coordinates attribute).
 
     def __init__(self, group: Any, layout: RunLayout, path: Path):
         self.group, self.layout, self.path = group, layout, path
@@ -396,7 +280,7 @@ class RunWriter:
             def fixed(name, dims, values, dtype):
                 values = np.asarray(values, dtype=dtype if dtype is not str else None)
                 arr = group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=dtype,
-                                         dimension_names=list(dims), compressors=_compressors(dtype))
+                                         dimension_names=list(dims), compressors=compressors(dtype))
                 arr[...] = values
 
             fixed("step", ("step",), np.arange(L.steps), "int64")
@@ -416,11 +300,11 @@ class RunWriter:
                 extra = {} if rest_shards is None else {"shards": (1, *rest_shards)}
                 group.create_array(name, shape=(n_samples, *rest_shape), chunks=(1, *rest_chunks), dtype=dtype,
                                    fill_value=fill, dimension_names=list(dims), attributes=attributes,
-                                   compressors=_compressors(dtype), **extra)
+                                   compressors=compressors(dtype), **extra)
 
             growing("sample", ("sample",), (), "int64", (), 0, coords=False)
-            growing(_COMPLETE, ("sample",), (), "bool", (), False, coords=False)
-            growing(_MANIFEST, ("sample",), (), str, (), "", coords=False)
+            growing(COMPLETE, ("sample",), (), "bool", (), False, coords=False)
+            growing(MANIFEST, ("sample",), (), str, (), "", coords=False)
             growing("prompt", ("sample",), (), str, (), "", coords=False)
             growing("seed", ("sample",), (), "int64", (), 0, coords=False)
             growing("batch_index", ("sample",), (), "int64", (), 0, coords=False)
@@ -452,13 +336,13 @@ class RunWriter:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-created store
             raise
-        return cls(_open_group(p, "r+", store=_ChecksumLocalStore(p, read_only=False)), layout, p)
+        return cls(_open_group(p, "r+", store=ChecksumStore(p, read_only=False)), layout, p)
 
     @classmethod
     def reopen(cls, path: str | os.PathLike) -> RunWriter:
         """Open an existing store for appending (resume); damaged metadata is a :class:`StoreError`."""
         p = Path(path)
-        group = _open_group(p, "r+", store=_ChecksumLocalStore(p, read_only=False) if p.is_dir() else None)
+        group = _open_group(p, "r+", store=ChecksumStore(p, read_only=False) if p.is_dir() else None)
         return cls(group, _layout_of(group, p), p)
 
     # -- state ---------------------------------------------------------------------------------
@@ -467,15 +351,15 @@ class RunWriter:
         return dict(self.group.attrs)
 
     def _read_slots(self) -> list[tuple[str, int, int, bool]]:
-        n = self.arrays[_COMPLETE].shape[0]
+        n = self.arrays[COMPLETE].shape[0]
         if n == 0:
             return []
-        prompts, seeds, batch = (_read_each(self.arrays[k], n) for k in ("prompt", "seed", "batch_index"))
-        done = _read_each(self.arrays[_COMPLETE], n)
+        prompts, seeds, batch = (read_each(self.arrays[k], n) for k in ("prompt", "seed", "batch_index"))
+        done = read_each(self.arrays[COMPLETE], n)
         out = []
         for i in range(n):
             # a damaged key or flag: the slot counts as not complete and is recorded again
-            bad = any(v[i] is _DAMAGED for v in (prompts, seeds, batch, done))
+            bad = any(v[i] is DAMAGED for v in (prompts, seeds, batch, done))
             out.append(UNKNOWN_SLOT if bad else (str(prompts[i]), int(seeds[i]), int(batch[i]), bool(done[i])))
         return out
 
@@ -502,9 +386,9 @@ class RunWriter:
     def reserve(self, slot: int) -> None:
         """Make the arrays hold ``slot`` and mark it not complete (it is about to be (re)written)."""
         for arr in self.arrays.values():
-            if _is_sample_array(arr) and arr.shape[0] <= slot:
+            if is_sample_array(arr) and arr.shape[0] <= slot:
                 arr.resize((slot + 1, *arr.shape[1:]))
-        self.arrays[_COMPLETE][slot] = False
+        self.arrays[COMPLETE][slot] = False
         while len(self._slots) <= slot:
             self._slots.append(("", 0, 0, False))
         self._set_slot(slot, done=False)
@@ -553,24 +437,24 @@ class RunWriter:
     def complete(self, slot: int) -> None:
         """Mark ``slot`` complete: the last write of a sample, after its chunk manifest."""
         self.arrays["sample"][slot] = slot
-        if _MANIFEST in self.arrays:
-            self.arrays[_MANIFEST][slot] = json.dumps(self._manifest(slot), sort_keys=True)
-        self.arrays[_COMPLETE][slot] = True
+        if MANIFEST in self.arrays:
+            self.arrays[MANIFEST][slot] = json.dumps(self._manifest(slot), sort_keys=True)
+        self.arrays[COMPLETE][slot] = True
         self._set_slot(slot, done=True)
 
     def _manifest(self, slot: int) -> dict[str, list | None]:
         """Key -> [digest of the file, size], or None where the sample has no file (all fill value)."""
         out: dict[str, list | None] = {}
         for name, arr in self.arrays.items():
-            if not _is_sample_array(arr) or name in _BOOKKEEPING:
+            if not is_sample_array(arr) or name in BOOKKEEPING:
                 continue
-            for key in _slot_keys(name, arr, slot):
+            for key in slot_keys(name, arr, slot):
                 try:
                     data = (self.path / key).read_bytes()
                 except FileNotFoundError:
                     out[key] = None
                 else:
-                    out[key] = [_digest(data), len(data)]
+                    out[key] = [digest(data), len(data)]
         return out
 
     def damaged_slots(self) -> dict[int, list[str]]:
@@ -580,16 +464,16 @@ class RunWriter:
         samples (a coordinate array) cannot be repaired by re-recording: :class:`StoreError`.
         """
         done = np.array([s[3] for s in self._slots], dtype=bool)
-        if _MANIFEST in self.arrays:
-            out = _sample_problems(self.path, self.arrays, read=True, complete=done)
-            keys = _chunk_read_problems(self.path, [n for n, a in self.arrays.items() if not _is_sample_array(a)])
+        if MANIFEST in self.arrays:
+            out = sample_problems(self.path, self.arrays, read=True, complete=done)
+            keys = chunk_read_problems(self.path, [n for n, a in self.arrays.items() if not is_sample_array(a)])
         else:
             out = {}
             keys = []
-            for key in _chunk_read_problems(self.path, list(self.arrays)):
-                slot = _slot_of(key)
+            for key in chunk_read_problems(self.path, list(self.arrays)):
+                slot = slot_of(key)
                 name = key.split("/", 1)[0]
-                if slot is not None and _is_sample_array(self.arrays[name]) and name not in _BOOKKEEPING:
+                if slot is not None and is_sample_array(self.arrays[name]) and name not in BOOKKEEPING:
                     if slot < len(done) and done[slot]:
                         out.setdefault(slot, []).append(f"{key}: damaged")
                 else:
@@ -602,7 +486,7 @@ class RunWriter:
     def mark_for_repair(self, slots: Sequence[int]) -> None:
         """Mark damaged samples not complete, their keys unknown, so that a resumed run records them again."""
         for slot in slots:
-            self.arrays[_COMPLETE][slot] = False
+            self.arrays[COMPLETE][slot] = False
             self._set_slot(slot, done=False)
             self._slots[slot] = UNKNOWN_SLOT
 
@@ -626,154 +510,6 @@ def _remove_stale_temporaries(path: Path) -> None:
             continue
 
 
-def _compressors(dtype: Any) -> tuple:
-    """zstd, then a CRC32C checksum so that a corrupted chunk is detected on read."""
-    return (ZstdCodec(level=3), Crc32cCodec())
-
-
-class ChunkChecksumError(StoreError):
-    """A chunk whose CRC32C does not match its data, or that is missing, moved or swapped."""
-
-
-def _crc_ok(data: bytes) -> bool:
-    return len(data) >= 4 and google_crc32c.value(data[:-4]).to_bytes(4, "little") == data[-4:]
-
-
-_UNLISTED = object()
-
-
-class _ChecksumLocalStore(LocalStore):
-    """A zarr ``LocalStore`` that verifies each chunk's CRC32C as it is read and names the damaged
-    chunk in the error (zarr's own codec check cannot say which chunk failed).
-
-    Given ``manifest`` (key -> [digest, size] or None, from the complete samples' manifests), a
-    read also checks that the file is the one recorded under that key: a missing chunk, a moved or
-    swapped one, fails instead of reading back as the fill value or as another sample's data.
-
-    Module-level (not a closure) so that dask workers can unpickle it.
-    """
-
-    def __init__(self, root: str | os.PathLike, *, read_only: bool = True,
-                 manifest: Mapping[str, Any] | None = None) -> None:
-        super().__init__(str(root), read_only=read_only)
-        self._kinds: dict[str, tuple[bool, int] | None] = {}
-        self._manifest = dict(manifest or {})
-        self._verified: set[str] = set()
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
-        state = dict(state)
-        state["_kinds"] = {}
-        state["_verified"] = set()
-        return state
-
-    def _kind(self, name: str) -> tuple[bool, int] | None:
-        """None: no checksum; (False, 0): plain chunks; (True, n): shards of n inner chunks."""
-        if name not in self._kinds:
-            try:
-                meta = json.loads((Path(str(self.root)) / name / "zarr.json").read_text())
-                codecs = meta.get("codecs", [])
-                if codecs and codecs[0].get("name") == "sharding_indexed":
-                    conf = codecs[0]["configuration"]
-                    inner = conf["chunk_shape"]
-                    outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
-                    has = any(c.get("name") == "crc32c" for c in conf.get("codecs", [])) and any(
-                        c.get("name") == "crc32c" for c in conf.get("index_codecs", []))
-                    self._kinds[name] = (True, int(np.prod([o // i for o, i in zip(outer, inner)]))) if has else None
-                else:
-                    self._kinds[name] = (False, 0) if any(c.get("name") == "crc32c" for c in codecs) else None
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                self._kinds[name] = None
-        return self._kinds[name]
-
-    def _check(self, key: str, data: bytes) -> None:
-        if not _crc_ok(data):
-            raise ChunkChecksumError(
-                f"corrupted chunk {key!r} in {str(self.root)!r}: its CRC32C checksum does not match")
-
-    async def _check_listed(self, key: str, buf: Any, prototype: Any, byte_range: Any) -> None:
-        entry = self._manifest.get(key, _UNLISTED)
-        if entry is _UNLISTED or key in self._verified:
-            return
-        hint = "; `taca-probe record --resume` records the sample again"
-        if buf is None and entry is not None:
-            raise ChunkChecksumError(f"missing chunk {key!r} in {str(self.root)!r}: its sample's manifest lists it{hint}")
-        if buf is not None and entry is None:
-            raise ChunkChecksumError(f"unexpected chunk {key!r} in {str(self.root)!r}: its sample had none there "
-                                     f"(moved?){hint}")
-        if buf is not None:
-            whole = buf if byte_range is None else await super().get(key, prototype)
-            if _digest(whole.to_bytes()) != entry[0]:
-                raise ChunkChecksumError(f"damaged chunk {key!r} in {str(self.root)!r}: it is not the file recorded "
-                                         f"when its sample completed (changed, swapped or moved){hint}")
-        self._verified.add(key)
-
-    async def get(self, key, prototype=None, byte_range=None):
-        buf = await super().get(key, prototype, byte_range)
-        if "/c/" not in key:
-            return buf
-        if buf is None:
-            await self._check_listed(key, buf, prototype, byte_range)
-            return buf
-        kind = self._kind(key.split("/c/", 1)[0])
-        if kind is not None:
-            data = buf.to_bytes()
-            sharded, n_inner = kind
-            if not sharded or byte_range is not None:
-                self._check(key, data)  # a whole chunk, or one inner chunk / the index of a shard
-            else:
-                index_size = 16 * n_inner + 4  # a whole shard: verify its index, then each inner chunk
-                index = data[-index_size:]
-                self._check(key, index)
-                pairs = np.frombuffer(index[:-4], dtype="<u8").reshape(-1, 2)
-                for i, (offset, nbytes) in enumerate(pairs):
-                    if offset != np.iinfo(np.uint64).max:
-                        self._check(f"{key} (inner chunk {i})", data[int(offset) : int(offset + nbytes)])
-        await self._check_listed(key, buf, prototype, byte_range)
-        return buf
-
-
-def settle_pending_reads(timeout: float = 5.0) -> None:
-    """Wait for zarr's chunk reads still running after one of them failed, and collect their errors.
-
-    zarr reads chunks concurrently; when one raises (a damaged chunk), the others keep running in
-    zarr's event-loop thread and, left alone, print asyncio noise when the process exits.
-    """
-    async def settle() -> None:
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
-        for t in tasks:
-            if t.done() and not t.cancelled():
-                t.exception()  # retrieved: no "Task exception was never retrieved"
-
-    try:
-        sync(settle())
-    except Exception:  # best effort: never mask the error being reported
-        pass
-
-
-def _checksum_store(root: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> _ChecksumLocalStore:
-    return _ChecksumLocalStore(root, read_only=True, manifest=manifest)
-
-
-def _chunk_read_problems(path: Path, names: Sequence[str]) -> list[str]:
-    """Keys of the chunks of ``names`` whose CRC32C codec check fails (reads every chunk)."""
-    bad: list[str] = []
-    group = zarr.open_group(store=_checksum_store(path), mode="r", zarr_format=3)
-    for name in sorted(names):
-        arr = group[name]
-        for idx in np.ndindex(*arr.cdata_shape):
-            sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))
-            try:
-                arr[sel]
-            except ChunkChecksumError as e:
-                bad.append(str(e).split("'")[1])
-            except ValueError as e:  # zarr's own codec check, should ours not have run
-                bad.append(f"{name} chunk {idx}: {str(e).splitlines()[0]}")
-    return bad
-
-
 def verify_store(path: str | os.PathLike) -> list[str]:
     """Check every chunk; return the keys of damaged, missing, moved or swapped ones (empty: all good).
 
@@ -782,17 +518,17 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     :class:`StoreIntegrityWarning` (a deleted chunk reads back as the fill value there).
     """
     p = Path(path)
-    group = _open_group(p, "r", store=_checksum_store(p) if p.is_dir() else None)
+    group = _open_group(p, "r", store=checksum_store(p) if p.is_dir() else None)
     arrays = _arrays(group, p)
     layout = _layout_of(group, p)
     bad = _structure_problems(p, group, arrays, layout)
-    if _MANIFEST not in arrays:
+    if MANIFEST not in arrays:
         warnings.warn(f"{str(p)!r} was recorded before chunk manifests: a deleted or moved chunk cannot be detected "
                       "in it, only a damaged one", StoreIntegrityWarning, stacklevel=2)
-    for problems in _sample_problems(p, arrays, read=True).values():
+    for problems in sample_problems(p, arrays, read=True).values():
         bad.extend(problem.split(": ", 1)[0] for problem in problems)
-    kinds = _ChecksumLocalStore(p)
-    bad.extend(_chunk_read_problems(p, [n for n in arrays if kinds._kind(n) is not None]))
+    kinds = ChecksumStore(p)
+    bad.extend(chunk_read_problems(p, [n for n in arrays if kinds._kind(n) is not None]))
     return list(dict.fromkeys(bad))
 
 
@@ -812,15 +548,15 @@ def _layout_from_json(d: Mapping[str, Any]) -> RunLayout:
 def _checked_open(path: Path, read: bool | int = False,
                   ) -> tuple[Any, dict[str, Any], np.ndarray, dict[int, list[str]], dict[str, Any]]:
     """Open read-only and run the cheap checks: (group, arrays, complete, damaged slots, manifest by key)."""
-    group = _open_group(path, "r", store=_checksum_store(path) if path.is_dir() else None)
+    group = _open_group(path, "r", store=checksum_store(path) if path.is_dir() else None)
     arrays = _arrays(group, path)
     _raise_structure(path, _structure_problems(path, group, arrays, _layout_of(group, path)))
     try:
-        complete = np.asarray(arrays[_COMPLETE][:], dtype=bool)
-        damaged = _sample_problems(path, arrays, read=read, complete=complete)
+        complete = np.asarray(arrays[COMPLETE][:], dtype=bool)
+        damaged = sample_problems(path, arrays, read=read, complete=complete)
         listed: dict[str, Any] = {}
-        if _MANIFEST in arrays and complete.any():
-            texts = arrays[_MANIFEST][: int(np.flatnonzero(complete)[-1]) + 1]
+        if MANIFEST in arrays and complete.any():
+            texts = arrays[MANIFEST][: int(np.flatnonzero(complete)[-1]) + 1]
             for slot in np.flatnonzero(complete).tolist():
                 if slot not in damaged:
                     listed.update(json.loads(str(texts[slot])))
@@ -875,12 +611,12 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     if damaged:
         raise _damage_error(p, damaged)
     try:
-        ds = xr.open_zarr(_checksum_store(p, listed), consolidated=False, zarr_format=3, chunks=chunks)
+        ds = xr.open_zarr(checksum_store(p, listed), consolidated=False, zarr_format=3, chunks=chunks)
     except StoreError:
         raise
     except Exception as e:
         raise StoreError(f"cannot read {str(path)!r}: {_first_line(e)}") from None
-    ds = ds.drop_vars([v for v in _BOOKKEEPING if v in ds.variables])
+    ds = ds.drop_vars([v for v in BOOKKEEPING if v in ds.variables])
     if not include_incomplete:
         ds = ds.isel(sample=np.flatnonzero(complete))
     for key in ("layout", _MANIFEST_ATTR):
@@ -905,7 +641,7 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
     sizes, and digests of files up to 64 KiB; :func:`verify_store` compares every digest).
     """
     p = Path(path)
-    group, arrays_by_name, complete, damaged, _ = _checked_open(p, read=_INFO_READ_LIMIT)
+    group, arrays_by_name, complete, damaged, _ = _checked_open(p, read=INFO_READ_LIMIT)
     arrays = {}
     total_stored = 0
     for name in sorted(arrays_by_name):
@@ -927,7 +663,7 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
         "samples_complete": int(complete.sum()) - len(damaged),
         "samples_incomplete": int((~complete).sum()),
         "samples_damaged": {int(k): v for k, v in sorted(damaged.items())},
-        "integrity": "chunk manifests" if _MANIFEST in arrays_by_name else "checksums only (recorded before manifests)",
+        "integrity": "chunk manifests" if MANIFEST in arrays_by_name else "checksums only (recorded before manifests)",
         "stored_bytes": total_stored,
         "arrays": arrays,
         "attrs": attrs,

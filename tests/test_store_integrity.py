@@ -243,7 +243,7 @@ def test_sampling_reads_nothing_of_the_slot_table(pipes, tmp_path, monkeypatch):
     from taca_probe.runner import probe
 
     reads: list[str] = []
-    get = store_module._ChecksumLocalStore.get
+    get = store_module.ChecksumStore.get
 
     async def counting(self, key, *args, **kwargs):
         reads.append(key)
@@ -254,7 +254,7 @@ def test_sampling_reads_nothing_of_the_slot_table(pipes, tmp_path, monkeypatch):
     plan = [(f"p{i}", 0) for i in range(6)]
     with probe(pipe, tmp_path / "s.zarr") as run:
         run.create_planned(plan, call)
-        monkeypatch.setattr(store_module._ChecksumLocalStore, "get", counting)
+        monkeypatch.setattr(store_module.ChecksumStore, "get", counting)
         for slot, (prompt, seed) in enumerate(plan):
             run.sample(prompt, seed=seed, slot=slot, **call)
     table = [k for k in reads if k.split("/")[0] in ("prompt", "seed", "batch_index", "complete")]
@@ -316,7 +316,7 @@ def test_interrupt_while_starting_and_os_errors_are_one_line(monkeypatch, capsys
     def disk_full(args):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r.zarr" / "image"))
 
-    monkeypatch.setattr(cli, "cmd_info", disk_full)
+    monkeypatch.setattr(cli.record, "cmd_info", disk_full)
     rc, _, err = run_cli(["info", str(tmp_path)], capsys)
     assert rc == 2 and str(tmp_path / "r.zarr" / "image") in err and err.count("\n") == 1
 
@@ -331,7 +331,7 @@ def test_a_failed_read_leaves_no_asyncio_noise(store):
         f"ds = open_run({str(store)!r})\n"
         f"a, b = {str(store / 'image/c/0/0/0/0')!r}, {str(store / 'image/c/2/0/0/0')!r}\n"
         "os.rename(a, a + '.t'); os.rename(b, a); os.rename(a + '.t', b)\n"
-        "cli.cmd_info = lambda args: ds['image'].values\n"
+        "cli.record.cmd_info = lambda args: ds['image'].values\n"
         "sys.exit(cli.main(['info', 'x']))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import TacaProbeError
-from ..store import settle_pending_reads
+from ..integrity import settle_pending_reads
 from . import bench, figures, record
 from .args import EMBEDDED_NOTE, _Parser
 from .eval import add_parser as add_eval_parser
