@@ -69,7 +69,7 @@ def _png_uri(pixels: np.ndarray) -> str:
 
 
 def _keys(ds: xr.Dataset) -> list[tuple[str, int, int]]:
-    return A._sample_keys(ds)
+    return A.sample_keys(ds)
 
 
 def _mass(ds: xr.Dataset, branch: str | None) -> xr.Dataset:
@@ -194,10 +194,10 @@ def _map_viewer(runs: list[tuple[str, str, xr.Dataset]], base_index: int | None,
             common = kept
     viewer = [i for i in with_maps if set(common) <= set(_keys(runs[i][2]))]
     steps = A.recorded_map_steps(runs[viewer[0]][2])
-    layers = A._recorded_map_layers(runs[viewer[0]][2])
+    layers = A.recorded_map_layers(runs[viewer[0]][2])
     for i in viewer[1:]:
         steps = [s for s in steps if s in set(A.recorded_map_steps(runs[i][2]))]
-        layers = [name for name in layers if name in set(A._recorded_map_layers(runs[i][2]))]
+        layers = [name for name in layers if name in set(A.recorded_map_layers(runs[i][2]))]
     if not steps or not layers:
         return None, None
     ref = runs[viewer[0]][2]

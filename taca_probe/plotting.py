@@ -782,7 +782,7 @@ def render_figures(
     bad = [f for f in fmt if f not in FORMATS]
     if bad or not fmt:
         raise FigureError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
-    A._choice(by, A.GROUP_BY, "grouping 'by'")
+    A.choice(by, A.GROUP_BY, "grouping 'by'")
     say = log or (lambda msg: None)
     stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
 
