@@ -656,7 +656,7 @@ def cmd_export_images(args: argparse.Namespace) -> int:
     """Every image of a store (or each store of a sweep) as PNG, named by prompt and seed."""
     from PIL import Image
 
-    from .plotting import _open_inputs
+    from .report import open_inputs as _open_inputs
 
     runs, _, _ = _open_inputs([args.store], None)
     out = Path(args.out)
@@ -837,7 +837,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from .plotting import render_figures
+    from .report import render_figures
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     res = render_figures(
@@ -878,7 +878,7 @@ def _add_report_parser(sub) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .htmlreport import report
+    from .report import report
 
     t0 = time.perf_counter()
     res = report(args.stores, args.out, baseline=args.baseline, treated=args.treated,

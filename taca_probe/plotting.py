@@ -1,4 +1,4 @@
-"""Figures for people, from the results of :mod:`taca_probe.analysis` (matplotlib + seaborn).
+"""Figures for people: an analysis result (:mod:`taca_probe.analysis`) in, a matplotlib Figure out.
 
 Every ``plot_*`` function takes an analysis result and returns a :class:`matplotlib.figure.Figure`
 (built without pyplot, so no global figure state is touched; in a notebook, show it as the last
@@ -7,8 +7,7 @@ number of samples, axes carry units, colour palettes are colour-blind safe (seab
 ``colorblind``; ``viridis`` for sequential maps; ``RdBu_r`` centred at 0 for differences), token
 labels are readable (tokenizer markers removed, padding skipped).
 
-:func:`render_figures` is what ``taca-probe figures`` and the ``analysis/`` scripts call: it opens
-stores or sweep folders, computes every figure the inputs allow and writes PNG and PDF files.
+Opening stores and writing every figure of a run is :func:`taca_probe.report.render_figures`.
 """
 
 from __future__ import annotations
@@ -16,15 +15,20 @@ from __future__ import annotations
 import os
 import re
 import textwrap
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import matplotlib
 import numpy as np
+import seaborn as sns
 import xarray as xr
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
 
-from .analysis import AnalysisError, readable_token
+from .analysis import readable_token
 from .errors import TacaProbeError
 
 __all__ = [
@@ -43,7 +47,8 @@ __all__ = [
     "plot_mass_vs_gamma",
     "plot_token_ranking",
     "save_figure",
-    "render_figures",
+    "short_layer",
+    "token_label",
 ]
 
 #: Figure groups (``taca-probe figures --figures``) and the files each writes.
@@ -78,9 +83,6 @@ class FigureError(TacaProbeError):
 @contextmanager
 def _style() -> Iterator[None]:
     """seaborn's whitegrid look for the figures made inside, without changing global settings."""
-    import matplotlib
-    import seaborn as sns
-
     rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
           "axes.titleweight": "bold", "figure.dpi": 100}
     with matplotlib.rc_context(rc):
@@ -89,24 +91,16 @@ def _style() -> Iterator[None]:
 
 def _heatmap(data: np.ndarray, **kwargs: Any):
     """seaborn's heatmap without its internal deprecation chatter."""
-    import warnings
-
-    import seaborn as sns
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PendingDeprecationWarning)
         return sns.heatmap(data, **kwargs)
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
     return Figure(figsize=(width, height), layout="constrained")
 
 
 def _colors(n: int) -> list:
-    import seaborn as sns
-
     return sns.color_palette(PALETTE, n) if n <= 10 else sns.color_palette(SEQUENTIAL_CMAP, n)
 
 
@@ -127,7 +121,7 @@ def _samples_text(n: Any) -> str:
     return f"n = {n} sample" + ("" if n == 1 else "s")
 
 
-def _short_layer(name: str, block_type: str | None = None) -> str:
+def short_layer(name: str, block_type: str | None = None) -> str:
     """``transformer_blocks.3.attn`` -> ``joint 3``; ``single_transformer_blocks.5.attn`` -> ``single 5``."""
     m = re.search(r"(\d+)", name)
     idx = m.group(1) if m else name
@@ -184,7 +178,7 @@ def _wrap(text: str, width: int = 28) -> str:
     return "\n".join(textwrap.wrap(str(text), width)) or str(text)
 
 
-def _token_label(text: str, source: str | None, position: int) -> str:
+def token_label(text: str, source: str | None, position: int) -> str:
     src = f"{source.upper()} " if source else ""
     return f"{readable_token(text)}  [{src}#{position}]"
 
@@ -212,7 +206,7 @@ def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = F
         t = _t_axis(ax, res)
         for color, g in zip(_colors(len(groups)), groups):
             sub = res.sel({gdim: g}) if gdim else res
-            label = _short_layer(g) if gdim == "layer" else g
+            label = short_layer(g) if gdim == "layer" else g
             ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=f"{label}")
             ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
         uniform = float(res["uniform_reference"]) if "uniform_reference" in res else res.attrs.get("uniform_reference")
@@ -251,7 +245,7 @@ def plot_suppression_heatmap(res: xr.Dataset, *, title: str | None = None):
     mean = res["mean"].transpose(gdim, "step")
     names = [str(v) for v in res[gdim].values]
     bts = [str(v) for v in res["block_type"].values] if "block_type" in res.coords and gdim == "layer" else [None] * len(names)
-    ylabels = [_short_layer(n, b) if gdim == "layer" else n for n, b in zip(names, bts)]
+    ylabels = [short_layer(n, b) if gdim == "layer" else n for n, b in zip(names, bts)]
     t = np.asarray(res["timestep"].values, float) if "timestep" in res.coords else np.asarray(res["step"].values, float)
     xlabels = [f"{v:.0f}" for v in t]
     with _style():
@@ -278,7 +272,7 @@ def plot_timestep_slope(res: xr.Dataset, *, title: str | None = None):
     """Timestep awareness: per-layer slope of the mass against t/1000 with CI error bars."""
     gdim = _group_dim(res["slope"].assign_attrs(res.attrs), expect=())
     names = [str(v) for v in res[gdim].values] if gdim else ["all layers"]
-    labels = [_short_layer(n) if gdim == "layer" else n for n in names]
+    labels = [short_layer(n) if gdim == "layer" else n for n in names]
     slope = np.atleast_1d(res["slope"].values)
     lo = np.atleast_1d(res["slope_ci_low"].values)
     hi = np.atleast_1d(res["slope_ci_high"].values)
@@ -311,7 +305,7 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
         colors = _colors(len(groups))
         for color, g in zip(colors, groups):
             sub = res.sel({gdim: g}) if gdim else res
-            label = _short_layer(g) if gdim == "layer" else g
+            label = short_layer(g) if gdim == "layer" else g
             ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=label)
             ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
         ax.axhline(1.0, color="0.3", ls=":", lw=1.2, label="no change (γ = 1)")
@@ -411,8 +405,6 @@ def plot_map_difference(
     overlay
         Draw each difference map over the decoded TACA image (greyscale).
     """
-    from matplotlib.colors import TwoSlopeNorm
-
     if not 0 <= sample < md.sizes["sample"]:
         n = md.sizes["sample"]
         raise FigureError(f"sample {sample} out of range: the result holds {n} paired samples (0..{n - 1})")
@@ -439,9 +431,7 @@ def plot_map_difference(
     t = np.asarray(sub["timestep"].values, float) if "timestep" in sub.coords else None
     ny, nx = diff.shape[-2:]
     with _style():
-        import matplotlib
-
-        labels = [_token_label(texts[k] if texts is not None else "", sources[k] if sources is not None else None,
+        labels = [token_label(texts[k] if texts is not None else "", sources[k] if sources is not None else None,
                                int(positions[k])) for k in tokens]
         fig = _figure(1.55 * len(steps) + 1.6 + 0.08 * max(len(x) for x in labels), 1.3 * len(tokens) + 1.8)
         axes = _grid_with_labels(fig, labels, len(steps))
@@ -489,7 +479,7 @@ def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
     rel = 100.0 * np.asarray(sub["token_relative_change"].transpose("token", "step").values, float)
     texts = np.asarray(sub["token_text"].values).astype(object) if "token_text" in sub.coords else [""] * len(tokens)
     sources = np.asarray(sub["token_source"].values).astype(object) if "token_source" in sub.coords else [None] * len(tokens)
-    labels = [_token_label(x, s, int(p)) for x, s, p in zip(texts, sources, np.asarray(sub["token"].values))]
+    labels = [token_label(x, s, int(p)) for x, s, p in zip(texts, sources, np.asarray(sub["token"].values))]
     t = np.asarray(sub["timestep"].values, float) if "timestep" in sub.coords else np.asarray(sub["step"].values, float)
     v = float(np.nanmax(np.abs(rel))) if np.isfinite(rel).any() else 1.0
     with _style():
@@ -613,7 +603,7 @@ def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | N
             sub = rank.sel(prompt=p)
             ok = np.asarray(sub["token"].values) >= 0
             share = 100.0 * np.asarray(sub["share"].values, float)[ok]
-            labels = [_token_label(x, s, int(q)) for x, s, q in zip(np.asarray(sub["token_text"].values)[ok],
+            labels = [token_label(x, s, int(q)) for x, s, q in zip(np.asarray(sub["token_text"].values)[ok],
                                                                     np.asarray(sub["token_source"].values)[ok],
                                                                     np.asarray(sub["token"].values)[ok])]
             y = np.arange(len(labels))
@@ -653,207 +643,3 @@ def save_figure(fig, out: str | os.PathLike, name: str, *, formats: Sequence[str
         fig.savefig(path, dpi=dpi, format=f, metadata=None if f != "png" else {"Software": "taca-probe"})
         paths.append(path)
     return paths
-
-
-def _open_inputs(sources: Sequence[str | os.PathLike], chunks: Any) -> tuple[list[tuple[str, str, xr.Dataset]], Any, str]:
-    """(label, schedule, dataset) runs, a sweep Dataset or None, and why there is no sweep."""
-    from .store import StoreError, is_store, open_run
-    from .sweep import SweepError, is_sweep, open_sweep
-
-    runs: list[tuple[str, str, xr.Dataset]] = []
-    sweep = None
-    stores: list[str] = []
-    why = "fig4 needs a sweep: a folder written by `taca-probe sweep`, or stores recorded with several schedules"
-    for src in sources:
-        p = Path(src)
-        if is_sweep(p):
-            sw = open_sweep(p, chunks=chunks)
-            if sweep is None:
-                sweep = sw
-            for spec in sw["schedule"].values:
-                runs.append((f"{p} [{spec}]", str(spec), sw.sel(schedule=spec)))
-        elif is_store(p):
-            ds = open_run(p, chunks=chunks)
-            runs.append((str(p), str(ds.attrs.get("schedule", "none")), ds))
-            stores.append(str(p))
-        elif not p.exists():
-            raise StoreError(f"no store or sweep at {str(p)!r}")
-        else:
-            raise StoreError(f"{str(p)!r} is neither a taca-probe store nor a sweep folder (no sweep.json)")
-    if sweep is None and len(stores) >= 2:
-        try:
-            sweep = open_sweep(stores, chunks=chunks)
-        except (SweepError, AnalysisError) as e:
-            why = f"fig4 needs stores of several schedules on the same prompts and seeds: {e}"
-    return runs, sweep, why
-
-
-def _find_run(runs: list[tuple[str, str, xr.Dataset]], key: str, what: str) -> tuple[str, str, xr.Dataset]:
-    for run in runs:
-        label, spec, _ = run
-        if key in (label, spec) or Path(label) == Path(key):
-            return run
-    try:
-        from .schedules import parse
-
-        canonical = parse(key).spec
-        for run in runs:
-            if run[1] == canonical:
-                return run
-    except Exception:
-        pass
-    raise FigureError(f"--{what} {key!r} matches no input; inputs: " + ", ".join(f"{label} ({spec})" for label, spec, _ in runs))
-
-
-def render_figures(
-    sources: str | os.PathLike | Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    figures: str | Sequence[str] = "all",
-    baseline: str | None = None,
-    treated: str | None = None,
-    by: str = "block_type",
-    sample: int = 0,
-    steps: Sequence[int] | None = None,
-    max_tokens: int = 8,
-    tokens: Sequence[int | str] | None = None,
-    overlay: bool = False,
-    formats: Sequence[str] = ("png", "pdf"),
-    dpi: int = 150,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    branch: str | None = None,
-    chunks: Any = None,
-    log: Any = None,
-) -> dict[str, Any]:
-    """Render every figure the inputs allow (or the ones asked for) as PNG and PDF files.
-
-    Parameters
-    ----------
-    sources
-        Run stores and/or sweep folders.
-    out
-        Output folder.
-    figures
-        ``"all"`` or a list of :data:`FIGURES` keys (``fig2``: suppression; ``fig3``: map
-        differences; ``fig4``: gamma sweep; ``fig5``: token ranking). With ``"all"``, a figure the
-        inputs cannot support is skipped with its reason; a figure asked for by name raises.
-    baseline, treated
-        The baseline run (default: the one recorded with schedule ``none``) and the TACA run of
-        Fig. 3 (default: ``step:1.2@970`` if present, else the first other schedule), each as a
-        store path or a schedule spec.
-    by
-        Layer grouping of the Fig. 2 lines (:data:`taca_probe.analysis.GROUP_BY`).
-    sample, steps, max_tokens, tokens, overlay
-        Fig. 3: which paired sample, which steps (default: the first steps with maps, at most 4),
-        how many tokens (the most changed) or which tokens (positions or words), and whether to
-        draw the maps over the decoded image.
-    formats, dpi
-        File formats and PNG resolution.
-    n_resamples, seed, branch
-        Bootstrap and branch options of the analysis.
-    chunks
-        Passed to the store openers (``{}``: dask).
-    log
-        Optional callable taking one line per figure written or skipped.
-
-    Returns
-    -------
-    dict
-        ``{"written": {figure name: [paths]}, "skipped": {group: reason},
-        "sources": {figure name: the run(s) it was drawn from}}``.
-    """
-    from . import analysis as A
-    from .schedules import parse
-
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    if not sources:
-        raise FigureError("no input: give one or more stores or sweep folders")
-    if isinstance(figures, str):
-        wanted = list(FIGURES) if figures == "all" else [f.strip() for f in figures.split(",") if f.strip()]
-        explicit = figures != "all"
-    else:
-        wanted, explicit = list(figures), True
-    bad = [f for f in wanted if f not in FIGURES]
-    if bad or not wanted:
-        raise FigureError(f"unknown figure(s) {', '.join(bad) or '(none)'}; choose from all, {', '.join(FIGURES)}")
-    fmt = [formats] if isinstance(formats, str) else list(formats)
-    bad = [f for f in fmt if f not in FORMATS]
-    if bad or not fmt:
-        raise FigureError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
-    A.choice(by, A.GROUP_BY, "grouping 'by'")
-    say = log or (lambda msg: None)
-    stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
-
-    runs, sweep, why_no_sweep = _open_inputs(sources, chunks)
-    if baseline is not None:
-        base_run = _find_run(runs, baseline, "baseline")
-    else:
-        base_run = next((r for r in runs if parse(r[1]).is_identity), None)
-    if treated is not None:
-        treat_run = _find_run(runs, treated, "treated")
-    else:
-        others = [r for r in runs if r is not base_run and not parse(r[1]).is_identity]
-        treat_run = next((r for r in others if r[1] == "step:1.2@970"), others[0] if others else None)
-    main_run = base_run or runs[0]
-
-    written: dict[str, list[Path]] = {}
-    skipped: dict[str, str] = {}
-    used: dict[str, str] = {}
-
-    def what(run) -> str:
-        return f"{run[0]} ({run[1]})" if run[0] != run[1] and f"[{run[1]}]" not in run[0] else run[0]
-
-    def emit(name: str, fig, source: str) -> None:
-        written[name] = save_figure(fig, out, name, formats=fmt, dpi=dpi)
-        used[name] = source
-        say(f"wrote {', '.join(str(p) for p in written[name])} from {source}")
-
-    def skip(group: str, reason: str) -> None:
-        if explicit:
-            raise FigureError(reason)
-        skipped[group] = reason
-        say(f"skipped {group}: {reason}")
-
-    label, spec, ds = main_run
-    if "fig2" in wanted:
-        A.require(ds, "vis_txt_mass", needed_for="Fig. 2", label=label)
-        emit("fig2_suppression", plot_suppression(A.suppression(ds, by=by, **stats)), what(main_run))
-        emit("fig2_suppression_heatmap", plot_suppression_heatmap(A.suppression(ds, by="layer", **stats)), what(main_run))
-        emit("fig2_timestep_slope", plot_timestep_slope(A.timestep_awareness(ds, by="layer", **stats)), what(main_run))
-        if treat_run is not None:
-            emit("fig2_amplification", plot_amplification(A.amplification(treat_run[2], by=by, **stats)),
-                 what(treat_run))
-    if "fig3" in wanted:
-        if base_run is None or treat_run is None:
-            skip("fig3", "fig3 needs a TACA store and a baseline store (schedule none) recorded with the same "
-                         "prompts and seeds and with --maps; give both (or a sweep folder), or name them with "
-                         "--baseline/--treated")
-        else:
-            try:
-                A.require(treat_run[2], "maps", needed_for="Fig. 3 (attention-map differences)", label=treat_run[0])
-                A.require(base_run[2], "maps", needed_for="Fig. 3 (attention-map differences)", label=base_run[0])
-                common = [s for s in A.recorded_map_steps(treat_run[2]) if s in set(A.recorded_map_steps(base_run[2]))]
-                md = A.map_difference(treat_run[2], base_run[2], steps=list(steps) if steps is not None else common[:4],
-                                      branch=branch)
-            except AnalysisError as e:
-                skip("fig3", str(e))
-            else:
-                pair = f"{what(treat_run)} − {what(base_run)}"
-                emit("fig3_attention_map_diff", plot_map_difference(md, sample=sample, max_tokens=max_tokens,
-                                                                    tokens=tokens, overlay=overlay), pair)
-                emit("fig3_token_change", plot_token_change(md, sample=sample, tokens=tokens), pair)
-    if "fig4" in wanted:
-        if sweep is None or sweep.sizes.get("schedule", 0) < 2:
-            skip("fig4", why_no_sweep if sweep is None else "fig4 needs at least two schedules in the sweep")
-        else:
-            specs = ", ".join(str(v) for v in sweep["schedule"].values)
-            emit("fig4_gamma_grid", plot_gamma_grid(A.gamma_image_grid(sweep)), f"the sweep ({specs})")
-            emit("fig4_mass_vs_gamma", plot_mass_vs_gamma(A.mass_vs_gamma(sweep, by="all", **stats)),
-                 f"the sweep ({specs})")
-    if "fig5" in wanted:
-        emit("fig5_token_ranking", plot_token_ranking(A.token_ranking(ds, branch=branch)), what(main_run))
-    if not written:
-        raise FigureError("no figure could be drawn: " + "; ".join(skipped.values()))
-    return {"written": written, "skipped": skipped, "sources": used}
