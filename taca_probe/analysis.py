@@ -241,42 +241,19 @@ def _step_coords(ds: xr.Dataset) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def suppression(
-    ds: xr.Dataset,
-    *,
-    by: str = "block_type",
-    variable: str = "vis_txt_mass",
-    ci: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    method: str = "BCa",
-    branch: str | None = None,
-    n_groups: int = 3,
-) -> xr.Dataset:
+def suppression(ds: xr.Dataset, *, by: str = "block_type", variable: str = "vis_txt_mass", ci: float = 0.95,
+                n_resamples: int = 2000, seed: int = 0, method: str = "BCa", branch: str | None = None,
+                n_groups: int = 3) -> xr.Dataset:
     """Relative magnitude of full MM-DiT attention against cross-attention (the paper's Fig. 2).
 
     For a visual query, full attention on a text key equals cross-attention times the query's
-    visual->text mass, so the relative magnitude *is* the mass. Per sample it is averaged over
-    heads and the layers of each group; the mean across samples gets a bootstrap CI.
+    visual->text mass, so the relative magnitude *is* the mass (``variable``: as applied, or
+    ``vis_txt_mass_ref`` at gamma = 1). Per sample it is averaged over heads and the layers of each
+    group (``by``, one of :data:`GROUP_BY`); the mean across samples gets a bootstrap CI
+    (:func:`taca_probe.stats.bootstrap_mean`). A sweep's extra dims (``schedule``) are kept.
 
-    Parameters
-    ----------
-    ds
-        A store (:func:`taca_probe.open_run`) or a sweep (extra dims such as ``schedule`` are kept).
-    by
-        Layer grouping, one of :data:`GROUP_BY` (``n_groups`` depth groups for ``"depth"``).
-    variable
-        ``vis_txt_mass`` (as applied) or ``vis_txt_mass_ref`` (at gamma = 1 on the same activations).
-    ci, n_resamples, seed, method
-        Bootstrap options (:func:`taca_probe.stats.bootstrap_mean`).
-    branch
-        CFG branch when the store holds both (default ``cond``).
-
-    Returns
-    -------
-    xarray.Dataset
-        ``mean``, ``ci_low``, ``ci_high``, ``n`` over (``by``, ``step``) with ``timestep`` and
-        ``sigma`` along ``step``; scalars ``uniform_reference`` and ``cross_attention_reference`` (1).
+    Returns ``mean``, ``ci_low``, ``ci_high``, ``n`` over (``by``, ``step``) with ``timestep`` and
+    ``sigma`` along ``step``; scalars ``uniform_reference`` and ``cross_attention_reference`` (1).
     """
     choice(variable, ("vis_txt_mass", "vis_txt_mass_ref"), "variable")
     ds = _select_branch(ds, branch)
@@ -295,17 +272,8 @@ def suppression(
     return res
 
 
-def amplification(
-    ds: xr.Dataset,
-    *,
-    by: str = "block_type",
-    ci: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    method: str = "BCa",
-    branch: str | None = None,
-    n_groups: int = 3,
-) -> xr.Dataset:
+def amplification(ds: xr.Dataset, *, by: str = "block_type", ci: float = 0.95, n_resamples: int = 2000,
+                  seed: int = 0, method: str = "BCa", branch: str | None = None, n_groups: int = 3) -> xr.Dataset:
     """What TACA does to the visual->text mass: applied over gamma = 1 mass, per group and step.
 
     Per sample, the ratio of the head- and group-mean of ``vis_txt_mass`` to that of
@@ -327,39 +295,18 @@ def amplification(
     return res
 
 
-def compare_runs(
-    treated: xr.Dataset,
-    baseline: xr.Dataset,
-    *,
-    variable: str = "vis_txt_mass",
-    by: str = "block_type",
-    test: str = "wilcoxon",
-    alternative: str = "two-sided",
-    ci: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    method: str = "BCa",
-    branch: str | None = None,
-    n_groups: int = 3,
-) -> xr.Dataset:
+def compare_runs(treated: xr.Dataset, baseline: xr.Dataset, *, variable: str = "vis_txt_mass",
+                 by: str = "block_type", test: str = "wilcoxon", alternative: str = "two-sided", ci: float = 0.95,
+                 n_resamples: int = 2000, seed: int = 0, method: str = "BCa", branch: str | None = None,
+                 n_groups: int = 3) -> xr.Dataset:
     """Paired comparison of a TACA store against a baseline store (same prompts and seeds).
 
-    Samples are paired by (prompt, seed, batch_index); per sample ``variable`` (one of
-    :data:`MASS_VARIABLES`) is averaged over heads and the layers of each group, then the paired
-    differences get a bootstrap CI and a paired ``test`` (:data:`PAIRED_TESTS`; ``alternative``
-    ``"two-sided"``, ``"greater"``: treated > baseline, or ``"less"``) at every (group, step).
-
-    Returns
-    -------
-    xarray.Dataset
-        ``treated``, ``baseline`` (means), ``diff`` (mean paired difference) with
-        ``diff_ci_low``/``diff_ci_high``, ``ratio`` (treated / baseline means), ``statistic`` and
-        ``pvalue`` over (``by``, ``step``); p = 1 where every difference is 0.
-
-    Raises
-    ------
-    AnalysisError
-        If the samples do not pair, or the stores differ in steps, layers or heads.
+    Samples are paired by (prompt, seed, batch_index); per sample ``variable`` is averaged over
+    heads and the layers of each group, then the paired differences get a bootstrap CI and a
+    paired ``test`` (:data:`PAIRED_TESTS`; ``alternative="greater"``: treated > baseline).
+    Returns ``treated``, ``baseline`` (means), ``diff`` with ``diff_ci_low``/``diff_ci_high``,
+    ``ratio``, ``statistic`` and ``pvalue`` (1 where every difference is 0) over (``by``, ``step``).
+    Refuses stores whose samples do not pair or that differ in steps, layers or heads.
     """
     choice(variable, MASS_VARIABLES, "variable")
     choice(test, PAIRED_TESTS, "paired test")
@@ -391,30 +338,15 @@ def compare_runs(
     return res
 
 
-def timestep_awareness(
-    ds: xr.Dataset,
-    *,
-    by: str = "layer",
-    variable: str = "vis_txt_mass",
-    split: float = 500.0,
-    ci: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    method: str = "BCa",
-    branch: str | None = None,
-    n_groups: int = 3,
-) -> xr.Dataset:
+def timestep_awareness(ds: xr.Dataset, *, by: str = "layer", variable: str = "vis_txt_mass", split: float = 500.0,
+                       ci: float = 0.95, n_resamples: int = 2000, seed: int = 0, method: str = "BCa",
+                       branch: str | None = None, n_groups: int = 3) -> xr.Dataset:
     """How the visual->text mass changes with the timestep, per layer (the paper's second problem).
 
-    Per sample and group (head- and layer-mean of ``variable``):
-
-    - ``slope``: least-squares slope of the mass against ``t / 1000`` over the steps, i.e. the
-      change in mass from t = 0 to t = 1000 (positive: more text attention at high noise);
-    - ``early_mass`` / ``late_mass``: mean mass over the steps with ``t >= split`` / ``t < split``,
-      and their ratio ``early_late_ratio`` (NaN when one side has no step).
-
-    Returns ``mass`` (``by``, ``step``) and each quantity above (``by``), each with ``*_ci_low`` /
-    ``*_ci_high`` bootstrap bounds across samples; ``timestep`` along ``step``.
+    Per sample and group: ``slope``, the least-squares slope of the mass against ``t / 1000`` (> 0:
+    more text attention at high noise); ``early_mass`` / ``late_mass`` over the steps with
+    ``t >= split`` / ``t < split`` and their ``early_late_ratio``. Returns these (``by``) and
+    ``mass`` (``by``, ``step``), each with ``*_ci_low`` / ``*_ci_high`` bounds across samples.
     """
     choice(variable, MASS_VARIABLES, "variable")
     if not isinstance(split, (int, float)) or not 0 <= split <= 1000:
@@ -471,41 +403,21 @@ def readable_token(text: str) -> str:
     return t.strip() or repr(str(text))
 
 
-def map_difference(
-    treated: xr.Dataset,
-    baseline: xr.Dataset,
-    *,
-    steps: int | Sequence[int] | None = None,
-    layers: str | Sequence[str] | None = None,
-    tokens: str | Sequence[int] = "prompt",
-    branch: str | None = None,
-) -> xr.Dataset:
+def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Sequence[int] | None = None,
+                   layers: str | Sequence[str] | None = None, tokens: str | Sequence[int] = "prompt",
+                   branch: str | None = None) -> xr.Dataset:
     """TACA minus baseline visual->text attention maps per text token (the paper's Fig. 3).
 
     Samples are paired by (prompt, seed); each map is the head-mean probability that each image
-    token (query, on the latent ``y`` x ``x`` grid) puts on a text token, averaged over the
-    selected layers.
+    token (on the latent ``y`` x ``x`` grid) puts on a text token, averaged over the layers.
+    ``steps``: default every step with maps in both stores; ``layers``: default every layer with
+    maps, else a block type, a glob on the module path or a list; ``tokens``: ``"prompt"`` (not
+    padding in some sample), ``"all"`` or positions.
 
-    Parameters
-    ----------
-    steps
-        Step indices (default: every step with maps in both stores).
-    layers
-        ``None`` (every layer with maps), a block type (``"joint"``/``"single"``), an fnmatch glob
-        on the module path, or a list of paths/globs.
-    tokens
-        ``"prompt"`` (positions that are prompt tokens, not padding, in some sample), ``"all"``,
-        or explicit token positions.
-
-    Returns
-    -------
-    xarray.Dataset
-        ``treated``, ``baseline``, ``diff`` (sample, step, token, y, x); per-token summaries
-        ``token_change`` (mean of diff over the grid), ``token_abs_change`` (mean absolute diff),
-        ``token_relative_change`` (``token_change`` over the baseline mean) over (sample, step,
-        token); ``treated_image`` / ``baseline_image``; coordinates ``prompt``, ``seed``,
-        ``token_text``, ``token_is_padding``, ``token_source``, ``timestep``. NaN where a map was
-        not recorded.
+    Returns ``treated``, ``baseline``, ``diff`` (sample, step, token, y, x); ``token_change`` (mean
+    diff over the grid), ``token_abs_change`` (mean absolute diff), ``token_relative_change`` (over
+    the baseline mean) over (sample, step, token); ``treated_image`` / ``baseline_image``; token and
+    sample coordinates. NaN where a map was not recorded.
     """
     for d, which in ((treated, "treated"), (baseline, "baseline")):
         require(d, "maps", needed_for="the attention-map difference (Fig. 3)", label=f"the {which} store")
@@ -575,31 +487,17 @@ def map_difference(
 # ------------------------------------------------------------------------------------------------
 
 
-def token_ranking(
-    ds: xr.Dataset,
-    *,
-    steps: int | Sequence[int] | None = None,
-    layers: str | Sequence[str] | None = None,
-    top: int | None = 10,
-    branch: str | None = None,
-) -> xr.Dataset:
+def token_ranking(ds: xr.Dataset, *, steps: int | Sequence[int] | None = None,
+                  layers: str | Sequence[str] | None = None, top: int | None = 10,
+                  branch: str | None = None) -> xr.Dataset:
     """Which text tokens receive the most visual attention, per prompt (mean over its seeds).
 
-    ``token_mass`` (head- and visual-query-mean probability on each text token) is averaged over
-    the selected ``steps`` (default all) and ``layers`` (``None``: all; a block type, a glob or a
-    list) and over the samples of each prompt, then ranked. Prompt tokens (the tokenizers'
-    attention mask) and padding tokens are ranked separately, because padding positions are
-    identical across prompts and can soak up much of the mass. ``top``: tokens kept per ranking
-    (``None``: all).
-
-    Returns
-    -------
-    xarray.Dataset
-        Along (``prompt``, ``rank``): ``token`` (position, -1 past the end), ``token_text``,
-        ``token_source``, ``mass`` and ``share`` (of the prompt's total visual->text mass);
-        along (``prompt``, ``padding_rank``): the same for padding tokens (``padding_*``);
-        along ``prompt``: ``prompt_token_mass``, ``padding_token_mass``, ``total_mass``,
-        ``padding_share``, ``n_prompt_tokens``, ``n_padding_tokens``, ``n_samples``.
+    ``token_mass`` is averaged over the selected ``steps`` and ``layers`` (as in
+    :func:`map_difference`) and the samples of each prompt, then ranked, keeping ``top`` tokens
+    (``None``: all). Prompt and padding tokens are ranked separately: padding positions are the same
+    in every prompt and can soak up much of the mass. Returns along (``prompt``, ``rank``):
+    ``token`` (-1 past the end), ``token_text``, ``token_source``, ``mass``, ``share``; the same
+    as ``padding_*`` along ``padding_rank``; per prompt the masses, ``padding_share`` and counts.
     """
     require(ds, "token_mass", "token_text", "token_is_padding", "prompt")
     _one_run(ds, "token_ranking")
@@ -678,19 +576,9 @@ def _active_steps(ds: xr.Dataset) -> list[int]:
     return [int(s) for s, a in zip(ds["step"].values, np.asarray(active.values)) if a]
 
 
-def mass_vs_gamma(
-    sweep: xr.Dataset,
-    *,
-    variable: str = "vis_txt_mass",
-    by: str = "all",
-    steps: str | int | Sequence[int] = "active",
-    ci: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    method: str = "BCa",
-    branch: str | None = None,
-    n_groups: int = 3,
-) -> xr.Dataset:
+def mass_vs_gamma(sweep: xr.Dataset, *, variable: str = "vis_txt_mass", by: str = "all",
+                  steps: str | int | Sequence[int] = "active", ci: float = 0.95, n_resamples: int = 2000,
+                  seed: int = 0, method: str = "BCa", branch: str | None = None, n_groups: int = 3) -> xr.Dataset:
     """Visual->text mass against the sweep's schedules (the curve of the paper's Fig. 4).
 
     Per sample and schedule, ``variable`` is averaged over heads, the layers of each group and

@@ -31,25 +31,10 @@ from matplotlib.figure import Figure
 from .analysis import readable_token
 from .errors import TacaProbeError
 
-__all__ = [
-    "FIGURES",
-    "FORMATS",
-    "PALETTE",
-    "DIVERGING_CMAP",
-    "SEQUENTIAL_CMAP",
-    "plot_suppression",
-    "plot_suppression_heatmap",
-    "plot_timestep_slope",
-    "plot_amplification",
-    "plot_map_difference",
-    "plot_token_change",
-    "plot_gamma_grid",
-    "plot_mass_vs_gamma",
-    "plot_token_ranking",
-    "save_figure",
-    "short_layer",
-    "token_label",
-]
+__all__ = ["FIGURES", "FORMATS", "PALETTE", "DIVERGING_CMAP", "SEQUENTIAL_CMAP", "FigureError", "plot_suppression",
+           "plot_suppression_heatmap", "plot_timestep_slope", "plot_amplification", "plot_map_difference",
+           "plot_token_change", "plot_gamma_grid", "plot_mass_vs_gamma", "plot_token_ranking", "save_figure",
+           "short_layer", "token_label"]
 
 #: Figure groups (``taca-probe figures --figures``) and the files each writes.
 FIGURES: dict[str, tuple[str, ...]] = {
@@ -142,6 +127,14 @@ def _t_axis(ax, res: xr.Dataset) -> np.ndarray:
     return np.asarray(res["step"].values, dtype=float)
 
 
+def _group_lines(ax, res: xr.Dataset, gdim: str | None, groups: Sequence[str], t: np.ndarray) -> None:
+    """One line per layer group with its CI band."""
+    for color, g in zip(_colors(len(groups)), groups):
+        sub = res.sel({gdim: g}) if gdim else res
+        ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=short_layer(g) if gdim == "layer" else g)
+        ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
+
+
 def _fit(text: str, fig, fontsize: float = 10.0, frac: float = 0.92) -> str:
     """Wrap each line of a title so that it fits ``frac`` of the figure's width (bold type included)."""
     chars = max(20, int(fig.get_figwidth() * frac * 72 / (fontsize * 0.7)))
@@ -191,12 +184,8 @@ def token_label(text: str, source: str | None, position: int) -> str:
 def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = False):
     """Fig. 2 analogue: relative magnitude (visual->text mass) against timestep, CI bands, references.
 
-    Parameters
-    ----------
-    res
-        :func:`taca_probe.analysis.suppression` result (any ``by``).
-    log
-        Logarithmic mass axis (useful when the uniform reference is far below 1).
+    ``res``: a :func:`~taca_probe.analysis.suppression` result (any ``by``); ``log``: logarithmic
+    mass axis (useful when the uniform reference is far below 1).
     """
     gdim = _group_dim(res)
     groups = [str(g) for g in res[gdim].values] if gdim else [res.attrs.get("by", "all layers")]
@@ -204,11 +193,7 @@ def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = F
         fig = _figure(7.5, 4.6)
         ax = fig.subplots()
         t = _t_axis(ax, res)
-        for color, g in zip(_colors(len(groups)), groups):
-            sub = res.sel({gdim: g}) if gdim else res
-            label = short_layer(g) if gdim == "layer" else g
-            ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=f"{label}")
-            ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
+        _group_lines(ax, res, gdim, groups, t)
         uniform = float(res["uniform_reference"]) if "uniform_reference" in res else res.attrs.get("uniform_reference")
         if uniform is not None:
             ax.axhline(uniform, color="0.35", ls="--", lw=1.5,
@@ -302,12 +287,7 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
         fig = _figure(7.5, 4.4)
         ax = fig.subplots()
         t = _t_axis(ax, res)
-        colors = _colors(len(groups))
-        for color, g in zip(colors, groups):
-            sub = res.sel({gdim: g}) if gdim else res
-            label = short_layer(g) if gdim == "layer" else g
-            ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=label)
-            ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
+        _group_lines(ax, res, gdim, groups, t)
         ax.axhline(1.0, color="0.3", ls=":", lw=1.2, label="no change (γ = 1)")
         ax.set_ylabel("visual→text mass, applied / at γ = 1\n(ratio)")
         if "gamma" in res.coords:
@@ -329,20 +309,26 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
 # ------------------------------------------------------------------------------------------------
 
 
-def _pick_tokens(md: xr.Dataset, i: int, max_tokens: int, tokens: Sequence[int | str] | None = None) -> list[int]:
-    """Positions along ``token`` to show for sample ``i``.
+def _token_rows(md: xr.Dataset, i: int, max_tokens: int, tokens: Sequence[int | str] | None,
+                ) -> tuple[list[int], list[str], str]:
+    """The positions along ``token`` to show for sample ``i``, their labels, and how they were chosen.
 
-    ``tokens``: text positions (ints) or words (matched against the readable token text; every
-    occurrence); otherwise the recorded non-padding tokens whose maps changed most (mean absolute
-    change over the steps), at most ``max_tokens``, in prompt order.
+    ``tokens``: text positions or words (matched against the readable token text, every occurrence);
+    else the recorded non-padding tokens whose maps changed most (mean |diff| over the steps), at
+    most ``max_tokens``, in prompt order.
     """
+    n = md.sizes["sample"]
+    if not 0 <= i < n:
+        raise FigureError(f"sample {i} out of range: the result holds {n} paired samples (0..{n - 1})")
     sub = md.isel(sample=i)
     absch = np.asarray(sub["token_abs_change"].values, float)  # (step, token)
     ok = np.isfinite(absch).any(axis=0)
     positions = [int(v) for v in np.asarray(md["token"].values)]
+    raw = np.asarray(sub["token_text"].values).astype(object) if "token_text" in sub.coords else None
+    sources = np.asarray(sub["token_source"].values).astype(object) if "token_source" in sub.coords else None
     if tokens is not None:
-        texts = [readable_token(t) for t in np.asarray(sub["token_text"].values)] if "token_text" in sub.coords else []
-        picked: list[int] = []
+        texts = [readable_token(t) for t in raw] if raw is not None else []
+        rows: list[int] = []
         for want in tokens:
             if isinstance(want, (int, np.integer)) or str(want).strip().isdigit():
                 hits = [positions.index(int(want))] if int(want) in positions else []
@@ -353,86 +339,49 @@ def _pick_tokens(md: xr.Dataset, i: int, max_tokens: int, tokens: Sequence[int |
                 recorded = sorted({texts[k] for k in np.flatnonzero(ok)}) if texts else []
                 raise FigureError(f"token {want!r} has no recorded map in sample {i}; recorded tokens: "
                                   + ", ".join(recorded[:40]))
-            picked += [k for k in hits if k not in picked]
-        return picked
-    if "token_is_padding" in sub.coords:
-        ok &= ~np.asarray(sub["token_is_padding"].values, bool)
-    pos = np.flatnonzero(ok)
-    if len(pos) > max_tokens:
-        score = np.nanmean(absch[:, pos], axis=0)
-        pos = np.sort(pos[np.argsort(-score, kind="stable")[:max_tokens]])
-    return pos.tolist()
+            rows += [k for k in hits if k not in rows]
+        note = f"rows: the {len(rows)} token(s) asked for"
+    else:
+        if "token_is_padding" in sub.coords:
+            ok &= ~np.asarray(sub["token_is_padding"].values, bool)
+        pos = np.flatnonzero(ok)
+        if len(pos) > max_tokens:
+            score = np.nanmean(absch[:, pos], axis=0)
+            pos = np.sort(pos[np.argsort(-score, kind="stable")[:max_tokens]])
+        rows = pos.tolist()
+        note = (f"rows: the {len(rows)} of {int(ok.sum())} prompt tokens whose maps changed most (mean |Δ|), in prompt "
+                "order" if len(rows) < ok.sum() else f"rows: all {int(ok.sum())} prompt tokens")
+    if not rows:
+        raise FigureError(f"sample {i} has no recorded prompt-token map")
+    labels = [token_label(raw[k] if raw is not None else "", sources[k] if sources is not None else None, positions[k])
+              for k in rows]
+    return rows, labels, note
 
 
-def _tokens_note(md: xr.Dataset, i: int, shown: int, tokens: Sequence[int | str] | None) -> str:
-    """How the rows were chosen, for the title."""
-    if tokens is not None:
-        return f"rows: the {shown} token(s) asked for"
-    sub = md.isel(sample=i)
-    ok = np.isfinite(np.asarray(sub["token_abs_change"].values, float)).any(axis=0)
-    if "token_is_padding" in sub.coords:
-        ok &= ~np.asarray(sub["token_is_padding"].values, bool)
-    total = int(ok.sum())
-    if shown < total:
-        return f"rows: the {shown} of {total} prompt tokens whose maps changed most (mean |Δ|), in prompt order"
-    return f"rows: all {total} prompt tokens"
+def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int] | None = None, max_tokens: int = 8,
+                        tokens: Sequence[int | str] | None = None, overlay: bool = False, title: str | None = None):
+    """Fig. 3 analogue: TACA - baseline maps of a :func:`~taca_probe.analysis.map_difference` result.
 
-
-def plot_map_difference(
-    md: xr.Dataset,
-    *,
-    sample: int = 0,
-    steps: Sequence[int] | None = None,
-    max_tokens: int = 8,
-    tokens: Sequence[int | str] | None = None,
-    overlay: bool = False,
-    title: str | None = None,
-):
-    """Fig. 3 analogue: grid of TACA - baseline maps, rows tokens, columns early steps.
-
-    Parameters
-    ----------
-    md
-        :func:`taca_probe.analysis.map_difference` result.
-    sample
-        Position along ``sample`` (one prompt and seed).
-    steps
-        Step indices (default: every step of ``md``, at most 6).
-    max_tokens
-        Show at most this many tokens (those whose maps changed most, in prompt order).
-    tokens
-        The tokens to show instead: text positions or words (every occurrence of the word).
-    overlay
-        Draw each difference map over the decoded TACA image (greyscale).
+    Rows: tokens (``tokens``: positions or words; else the ``max_tokens`` whose maps changed most);
+    columns: ``steps`` (default the first 6); one paired ``sample``; ``overlay`` draws each map
+    over the decoded TACA image (greyscale).
     """
-    if not 0 <= sample < md.sizes["sample"]:
-        n = md.sizes["sample"]
-        raise FigureError(f"sample {sample} out of range: the result holds {n} paired samples (0..{n - 1})")
+    tokens, labels, note = _token_rows(md, sample, max_tokens, tokens)
     all_steps = [int(s) for s in md["step"].values]
     steps = all_steps[:6] if steps is None else [int(s) for s in steps]
     bad = [s for s in steps if s not in all_steps]
     if bad:
         raise FigureError(f"step(s) {bad} not in the map difference; steps: {all_steps}")
-    asked = tokens
-    tokens = _pick_tokens(md, sample, max_tokens, asked)
-    if not tokens:
-        raise FigureError(f"sample {sample} has no recorded prompt-token map")
-    note = _tokens_note(md, sample, len(tokens), asked)
     sub = md.isel(sample=sample).sel(step=steps)
     diff = np.asarray(sub["diff"].values, float)  # (step, token, y, x)
     shown = diff[:, tokens]
     vmax = float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 0.0
     vmax = vmax if vmax > 0 else 1e-9
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
-    texts = np.asarray(sub["token_text"].values).astype(object) if "token_text" in sub.coords else None
-    sources = np.asarray(sub["token_source"].values).astype(object) if "token_source" in sub.coords else None
-    positions = np.asarray(md["token"].values)
     image = np.asarray(sub["treated_image"].values) if overlay and "treated_image" in sub else None
     t = np.asarray(sub["timestep"].values, float) if "timestep" in sub.coords else None
     ny, nx = diff.shape[-2:]
     with _style():
-        labels = [token_label(texts[k] if texts is not None else "", sources[k] if sources is not None else None,
-                               int(positions[k])) for k in tokens]
         fig = _figure(1.55 * len(steps) + 1.6 + 0.08 * max(len(x) for x in labels), 1.3 * len(tokens) + 1.8)
         axes = _grid_with_labels(fig, labels, len(steps))
         mappable = None
@@ -468,18 +417,9 @@ def plot_map_difference(
 def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
                       tokens: Sequence[int | str] | None = None, title: str | None = None):
     """Per-token summary of Fig. 3: relative change of each token's mean attention, tokens x steps."""
-    if not 0 <= sample < md.sizes["sample"]:
-        raise FigureError(f"sample {sample} out of range: the result holds {md.sizes['sample']} paired samples")
-    asked = tokens
-    tokens = _pick_tokens(md, sample, max_tokens, asked)
-    if not tokens:
-        raise FigureError(f"sample {sample} has no recorded prompt-token map")
-    note = _tokens_note(md, sample, len(tokens), asked)
+    tokens, labels, note = _token_rows(md, sample, max_tokens, tokens)
     sub = md.isel(sample=sample, token=tokens)
     rel = 100.0 * np.asarray(sub["token_relative_change"].transpose("token", "step").values, float)
-    texts = np.asarray(sub["token_text"].values).astype(object) if "token_text" in sub.coords else [""] * len(tokens)
-    sources = np.asarray(sub["token_source"].values).astype(object) if "token_source" in sub.coords else [None] * len(tokens)
-    labels = [token_label(x, s, int(p)) for x, s, p in zip(texts, sources, np.asarray(sub["token"].values))]
     t = np.asarray(sub["timestep"].values, float) if "timestep" in sub.coords else np.asarray(sub["step"].values, float)
     v = float(np.nanmax(np.abs(rel))) if np.isfinite(rel).any() else 1.0
     with _style():

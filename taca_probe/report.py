@@ -132,62 +132,22 @@ def choose_runs(runs: list[Run], *, baseline: str | None = None, treated: str | 
 # ------------------------------------------------------------------------------------------------
 
 
-def render_figures(
-    sources: str | os.PathLike | Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    figures: str | Sequence[str] = "all",
-    baseline: str | None = None,
-    treated: str | None = None,
-    by: str = "block_type",
-    sample: int = 0,
-    steps: Sequence[int] | None = None,
-    max_tokens: int = 8,
-    tokens: Sequence[int | str] | None = None,
-    overlay: bool = False,
-    formats: Sequence[str] = ("png", "pdf"),
-    dpi: int = 150,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    branch: str | None = None,
-    chunks: Any = None,
-    log: Any = None,
-) -> dict[str, Any]:
-    """Render every figure the inputs allow (or the ones asked for) as PNG and PDF files.
+def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                   figures: str | Sequence[str] = "all", baseline: str | None = None, treated: str | None = None,
+                   by: str = "block_type", sample: int = 0, steps: Sequence[int] | None = None, max_tokens: int = 8,
+                   tokens: Sequence[int | str] | None = None, overlay: bool = False,
+                   formats: Sequence[str] = ("png", "pdf"), dpi: int = 150, n_resamples: int = 2000, seed: int = 0,
+                   branch: str | None = None, chunks: Any = None, log: Any = None) -> dict[str, Any]:
+    """Write every figure the inputs (run stores and/or sweep folders) allow, or the ones asked for.
 
-    Parameters
-    ----------
-    sources
-        Run stores and/or sweep folders.
-    out
-        Output folder.
-    figures
-        ``"all"`` or a list of :data:`taca_probe.plotting.FIGURES` keys (``fig2``: suppression;
-        ``fig3``: map differences; ``fig4``: gamma sweep; ``fig5``: token ranking). With ``"all"``, a
-        figure the inputs cannot support is skipped with its reason; one asked for by name raises.
-    baseline, treated
-        The baseline run and the TACA run of Fig. 3, each as a store path or a schedule spec
-        (defaults: :func:`choose_runs`).
-    by
-        Layer grouping of the Fig. 2 lines (:data:`taca_probe.analysis.GROUP_BY`).
-    sample, steps, max_tokens, tokens, overlay
-        Fig. 3: which paired sample, which steps (default: the first steps with maps, at most 4),
-        how many tokens (the most changed) or which tokens (positions or words), and whether to
-        draw the maps over the decoded image.
-    formats, dpi
-        File formats and PNG resolution.
-    n_resamples, seed, branch
-        Bootstrap and branch options of the analysis.
-    chunks
-        Passed to the store openers (``{}``: dask).
-    log
-        Optional callable taking one line per figure written or skipped.
+    ``figures``: ``"all"`` (a figure the inputs cannot support is skipped with its reason) or
+    :data:`~taca_probe.plotting.FIGURES` keys (one that cannot be drawn raises). ``baseline`` /
+    ``treated``: store paths or schedule specs (defaults: :func:`choose_runs`). ``by``: grouping
+    of the Fig. 2 lines. ``sample``, ``steps`` (default the first 4 with maps), ``max_tokens`` /
+    ``tokens``, ``overlay``: Fig. 3. ``n_resamples``, ``seed``, ``branch``: analysis options;
+    ``chunks``: ``{}`` opens with dask; ``log``: called with one line per figure written or skipped.
 
-    Returns
-    -------
-    dict
-        ``{"written": {figure name: [paths]}, "skipped": {group: reason},
-        "sources": {figure name: the run(s) it was drawn from}}``.
+    Returns ``{"written": {name: [paths]}, "skipped": {group: reason}, "sources": {name: run(s)}}``.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -308,6 +268,21 @@ def _png_uri(pixels: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _line_with_band(fig: go.Figure, t: np.ndarray, res: xr.Dataset, names: tuple[str, str, str], name: str,
+                    color: str, hover: str, *, dash: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A line with its CI band (a missing bound collapses onto the line); returns the band's bounds."""
+    mean, lo, hi = (np.asarray(res[v].values, float) for v in names)
+    lo, hi = np.where(np.isfinite(lo), lo, mean), np.where(np.isfinite(hi), hi, mean)
+    group = name if dash else None  # the suppression lines toggle with their bands
+    fig.add_trace(go.Scatter(x=np.concatenate([t, t[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
+                             fillcolor=_band(color), line={"width": 0}, hoverinfo="skip", showlegend=False,
+                             legendgroup=group))
+    fig.add_trace(go.Scatter(x=t, y=mean, mode="lines+markers", name=name, legendgroup=group,
+                             line={"color": color, **({"dash": dash} if dash else {})},
+                             hovertemplate=f"t=%{{x:.0f}}<br>{hover}<extra>{html.escape(name)}</extra>"))
+    return lo, hi
+
+
 def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
     """Visual->text mass against timestep, one line per (run, block type), CI bands, uniform reference."""
     fig = go.Figure()
@@ -318,20 +293,10 @@ def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
         uniform = float(res["uniform_reference"]) if "uniform_reference" in res else uniform
         t = np.asarray(res["timestep"].values, float)
         for g, bt in enumerate(str(v) for v in res["block_type"].values):
-            sub = res.sel(block_type=bt)
-            mean, lo, hi = (np.asarray(sub[v].values, float) for v in ("mean", "ci_low", "ci_high"))
-            lo = np.where(np.isfinite(lo), lo, mean)
-            hi = np.where(np.isfinite(hi), hi, mean)
+            lo, hi = _line_with_band(fig, t, res.sel(block_type=bt), ("mean", "ci_low", "ci_high"), f"{spec} · {bt}",
+                                     _COLORS[(r * 3 + g) % len(_COLORS)], "mass %{y:.4f}", dash=_DASHES[r % len(_DASHES)])
             lo_all.append(np.nanmin(lo))
             hi_all.append(np.nanmax(hi))
-            color = _COLORS[(r * 3 + g) % len(_COLORS)]
-            name = f"{spec} · {bt}"
-            fig.add_trace(go.Scatter(x=np.concatenate([t, t[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
-                                     fillcolor=_band(color), line={"width": 0}, hoverinfo="skip",
-                                     showlegend=False, legendgroup=name))
-            fig.add_trace(go.Scatter(x=t, y=mean, mode="lines+markers", name=name, legendgroup=name,
-                                     line={"color": color, "dash": _DASHES[r % len(_DASHES)]},
-                                     hovertemplate="t=%{x:.0f}<br>mass %{y:.4f}<extra>" + html.escape(name) + "</extra>"))
     n = runs[0].ds.sizes.get("sample", 0)
     if uniform is not None:
         fig.add_hline(y=uniform, line={"color": "#555", "dash": "dash"},
@@ -358,14 +323,8 @@ def _difference_figure(treated: Run, baseline: Run,
     t = np.asarray(res["timestep"].values, float)
     fig = go.Figure()
     for g, bt in enumerate(str(v) for v in res["block_type"].values):
-        sub = res.sel(block_type=bt)
-        diff, lo, hi = (np.asarray(sub[v].values, float) for v in ("diff", "diff_ci_low", "diff_ci_high"))
-        lo, hi = np.where(np.isfinite(lo), lo, diff), np.where(np.isfinite(hi), hi, diff)
-        color = _COLORS[g % len(_COLORS)]
-        fig.add_trace(go.Scatter(x=np.concatenate([t, t[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
-                                 fillcolor=_band(color), line={"width": 0}, hoverinfo="skip", showlegend=False))
-        fig.add_trace(go.Scatter(x=t, y=diff, mode="lines+markers", name=bt, line={"color": color},
-                                 hovertemplate="t=%{x:.0f}<br>Δ mass %{y:+.4f}<extra>" + html.escape(bt) + "</extra>"))
+        _line_with_band(fig, t, res.sel(block_type=bt), ("diff", "diff_ci_low", "diff_ci_high"), bt,
+                        _COLORS[g % len(_COLORS)], "Δ mass %{y:+.4f}")
     fig.add_hline(y=0, line={"color": "#555", "dash": "dot"})
     fig.update_layout(
         title=f"{treated.spec} − {baseline.spec}: paired difference of the visual→text mass "
@@ -569,34 +528,13 @@ def _div(fig: go.Figure, div_id: str) -> str:
                        config={"displaylogo": False, "responsive": True})
 
 
-def report(
-    sources: str | os.PathLike | Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    baseline: str | None = None,
-    treated: str | None = None,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    branch: str | None = None,
-) -> Report:
+def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
+           baseline: str | None = None, treated: str | None = None, n_resamples: int = 1000, seed: int = 0,
+           branch: str | None = None) -> Report:
     """Write ``out/index.html``: images, suppression with CIs, layer x step heat map, map viewer.
 
-    Parameters
-    ----------
-    sources
-        Run stores and/or sweep folders (as for :func:`taca_probe.render_figures`).
-    out
-        Output folder; the page is ``out/index.html`` and needs nothing else.
-    baseline, treated
-        Store path or schedule spec of the baseline (default: the run with schedule ``none``) and
-        of the run compared with it (default: ``step:1.2@970`` if present, else the first other).
-    n_resamples, seed, branch
-        Bootstrap and CFG-branch options of the analysis.
-
-    Returns
-    -------
-    Report
-        The page's path and size; displays the page inline in Jupyter.
+    ``sources``, ``baseline``, ``treated`` as for :func:`render_figures`; ``n_resamples``, ``seed``,
+    ``branch``: analysis options. The returned :class:`Report` displays the page in Jupyter.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]

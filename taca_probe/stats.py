@@ -79,15 +79,8 @@ def _scipy_ci(data: tuple[np.ndarray, ...], statistic: Any, *, ci: float, n_resa
     return low, high
 
 
-def bootstrap_mean(
-    da: xr.DataArray,
-    *,
-    dim: str = "sample",
-    ci: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    method: str = "BCa",
-) -> xr.Dataset:
+def bootstrap_mean(da: xr.DataArray, *, dim: str = "sample", ci: float = 0.95, n_resamples: int = 2000,
+                   seed: int = 0, method: str = "BCa") -> xr.Dataset:
     """Mean along ``dim`` with a seeded bootstrap confidence interval, for every other position.
 
     ``da`` is computed here (reduce a dask-backed array to per-sample values first). Returns
@@ -128,15 +121,8 @@ def bootstrap_mean(
     return out
 
 
-def bootstrap_ci(
-    values: Any,
-    *,
-    clusters: Sequence[Any] | None = None,
-    ci: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    method: str = "BCa",
-) -> tuple[float, float, float]:
+def bootstrap_ci(values: Any, *, clusters: Sequence[Any] | None = None, ci: float = 0.95, n_resamples: int = 2000,
+                 seed: int = 0, method: str = "BCa") -> tuple[float, float, float]:
     """``(mean, low, high)`` of a 1-D array with a seeded bootstrap interval.
 
     With ``clusters`` (one label per value), whole clusters are resampled and the statistic is the
