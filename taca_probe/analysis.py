@@ -1,20 +1,13 @@
 """The quantities of a run store: pure functions over :class:`xarray.Dataset`\\s (no zarr, no plotting).
 
-Every function takes the Dataset that :func:`taca_probe.open_run` (one store) or
-:func:`taca_probe.open_sweep` (a sweep, with a ``schedule`` dimension) returns, reduces it with
-xarray operations first (so a dask-backed Dataset is read lazily and only the small reduced arrays
-are computed), and returns a labeled Dataset or DataArray. Means across samples get seeded
-bootstrap intervals and paired tests from :mod:`taca_probe.stats`.
-
-- **suppression** (Fig. 2): for a visual query, full MM-DiT attention on a text key is the
-  cross-attention probability times the query's visual->text mass, so the *relative magnitude* of
-  full against cross attention is exactly ``vis_txt_mass``. References: cross-attention gives 1,
-  uniform attention ``N_txt / (N_txt + N_vis)``.
-- **amplification**: applied over gamma = 1 mass on the same activations; paired comparisons.
-- **timestep awareness**: how the mass changes with the timestep, per layer.
-- **attention-map differences** (Fig. 3), **token ranking**, **gamma sweep** (Fig. 4).
-
-Every option is keyword-only; bad options raise :class:`AnalysisError` listing the valid choices.
+Each takes what :func:`taca_probe.open_run` or :func:`taca_probe.open_sweep` (a ``schedule``
+dimension) returns, reduces with xarray first (a dask-backed Dataset is read lazily; only the small
+results are computed) and returns a labeled Dataset or DataArray; means across samples get the
+bootstrap intervals and paired tests of :mod:`taca_probe.stats`. The quantities: suppression (Fig.
+2: for a visual query the relative magnitude of full against cross attention *is* its visual->text
+mass ``vis_txt_mass``), amplification, paired comparisons, timestep awareness, attention-map
+differences (Fig. 3), token ranking, the gamma sweep (Fig. 4). Options are keyword-only; bad ones
+raise :class:`AnalysisError` listing the valid choices.
 """
 
 from __future__ import annotations

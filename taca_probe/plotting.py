@@ -568,13 +568,17 @@ def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | N
 # ------------------------------------------------------------------------------------------------
 
 
+def check_formats(formats: Sequence[str]) -> None:
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise FigureError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+
+
 def save_figure(fig, out: str | os.PathLike, name: str, *, formats: Sequence[str] = ("png", "pdf"),
                 dpi: int = 150) -> list[Path]:
     """Write ``fig`` as ``out/name.<format>`` for each format; returns the paths."""
     formats = [formats] if isinstance(formats, str) else list(formats)
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise FigureError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    check_formats(formats)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

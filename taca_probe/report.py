@@ -35,6 +35,7 @@ from .plotting import (
     FIGURES,
     FORMATS,
     FigureError,
+    check_formats,
     plot_amplification,
     plot_gamma_grid,
     plot_map_difference,
@@ -75,6 +76,8 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
     Several stores of different schedules on the same samples are opened together as a sweep.
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    if not sources:
+        raise FigureError("no input: give one or more stores or sweep folders")
     runs: list[Run] = []
     sweep = None
     stores: list[str] = []
@@ -149,10 +152,6 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
 
     Returns ``{"written": {name: [paths]}, "skipped": {group: reason}, "sources": {name: run(s)}}``.
     """
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    if not sources:
-        raise FigureError("no input: give one or more stores or sweep folders")
     if isinstance(figures, str):
         wanted = list(FIGURES) if figures == "all" else [f.strip() for f in figures.split(",") if f.strip()]
         explicit = figures != "all"
@@ -162,9 +161,7 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
     if bad or not wanted:
         raise FigureError(f"unknown figure(s) {', '.join(bad) or '(none)'}; choose from all, {', '.join(FIGURES)}")
     fmt = [formats] if isinstance(formats, str) else list(formats)
-    bad = [f for f in fmt if f not in FORMATS]
-    if bad or not fmt:
-        raise FigureError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    check_formats(fmt)
     A.choice(by, A.GROUP_BY, "grouping 'by'")
     say = log or (lambda msg: None)
     stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
@@ -536,10 +533,6 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     ``sources``, ``baseline``, ``treated`` as for :func:`render_figures`; ``n_resamples``, ``seed``,
     ``branch``: analysis options. The returned :class:`Report` displays the page in Jupyter.
     """
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    if not sources:
-        raise ReportError("no input: give one or more stores or sweep folders")
     runs = [r for r in open_inputs(sources)[0] if r.ds.sizes.get("sample", 0)]
     if not runs:
         raise ReportError("no complete sample in the inputs")
@@ -553,7 +546,7 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
             A._check_same_structure(runs[ti].ds, runs[bi].ds, ("layer", "step"))
             pair = (ti, bi)
         except A.AnalysisError:
-            pair = None
+            pass  # no pair: the page shows each run alone
     stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
 
     sections = []
