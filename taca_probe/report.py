@@ -33,7 +33,6 @@ from . import analysis as A
 from .errors import TacaProbeError
 from .plotting import (
     FIGURES,
-    FORMATS,
     FigureError,
     check_formats,
     plot_amplification,
