@@ -509,7 +509,7 @@ def token_ranking(ds: xr.Dataset, *, steps: int | Sequence[int] | None = None,
     # mean over each prompt's samples; groupby sorts the prompts, the table keeps their order of appearance
     by_prompt = per_sample.groupby(xr.DataArray(prompts, dims="sample", name="prompt"))
     mass_by_prompt = by_prompt.mean("sample", skipna=False).sel(prompt=order).values
-    n_samples = by_prompt.count("sample").isel(token=0).sel(prompt=order).values
+    n_samples = [prompts.count(p) for p in order]
     first = [prompts.index(p) for p in order]  # the token texts and padding of a prompt's first sample
     texts = _strings(ds["token_text"].values)[first]
     padding = np.asarray(ds["token_is_padding"].values, dtype=bool)[first]
