@@ -41,9 +41,9 @@ _EXPORTS = {
     "token_ranking": "analysis",
     "mass_vs_gamma": "analysis",
     "gamma_image_grid": "analysis",
-    "bootstrap_mean": "analysis",
-    "render_figures": "plotting",
-    "report": "htmlreport",
+    "bootstrap_mean": "stats",
+    "render_figures": "rendering",
+    "report": "rendering",
 }
 
 __all__ = sorted(_EXPORTS) + ["schedules", "__version__"]

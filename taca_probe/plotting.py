@@ -1,4 +1,4 @@
-"""Figures for people, from the results of :mod:`taca_probe.analysis` (matplotlib + seaborn).
+"""Figures for people: an analysis result (:mod:`taca_probe.analysis`) in, a matplotlib Figure out.
 
 Every ``plot_*`` function takes an analysis result and returns a :class:`matplotlib.figure.Figure`
 (built without pyplot, so no global figure state is touched; in a notebook, show it as the last
@@ -7,8 +7,7 @@ number of samples, axes carry units, colour palettes are colour-blind safe (seab
 ``colorblind``; ``viridis`` for sequential maps; ``RdBu_r`` centred at 0 for differences), token
 labels are readable (tokenizer markers removed, padding skipped).
 
-:func:`render_figures` is what ``taca-probe figures`` and the ``analysis/`` scripts call: it opens
-stores or sweep folders, computes every figure the inputs allow and writes PNG and PDF files.
+Opening stores and writing every figure of a run is :func:`taca_probe.report.render_figures`.
 """
 
 from __future__ import annotations
@@ -16,35 +15,26 @@ from __future__ import annotations
 import os
 import re
 import textwrap
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import matplotlib
 import numpy as np
+import seaborn as sns
 import xarray as xr
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
 
-from .analysis import AnalysisError, readable_token
+from .analysis import readable_token
 from .errors import TacaProbeError
 
-__all__ = [
-    "FIGURES",
-    "FORMATS",
-    "PALETTE",
-    "DIVERGING_CMAP",
-    "SEQUENTIAL_CMAP",
-    "plot_suppression",
-    "plot_suppression_heatmap",
-    "plot_timestep_slope",
-    "plot_amplification",
-    "plot_map_difference",
-    "plot_token_change",
-    "plot_gamma_grid",
-    "plot_mass_vs_gamma",
-    "plot_token_ranking",
-    "save_figure",
-    "render_figures",
-]
+__all__ = ["FIGURES", "FORMATS", "PALETTE", "DIVERGING_CMAP", "SEQUENTIAL_CMAP", "FigureError", "plot_suppression",
+           "plot_suppression_heatmap", "plot_timestep_slope", "plot_amplification", "plot_map_difference",
+           "plot_token_change", "plot_gamma_grid", "plot_mass_vs_gamma", "plot_token_ranking", "save_figure",
+           "short_layer", "token_label"]
 
 #: Figure groups (``taca-probe figures --figures``) and the files each writes.
 FIGURES: dict[str, tuple[str, ...]] = {
@@ -78,9 +68,6 @@ class FigureError(TacaProbeError):
 @contextmanager
 def _style() -> Iterator[None]:
     """seaborn's whitegrid look for the figures made inside, without changing global settings."""
-    import matplotlib
-    import seaborn as sns
-
     rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
           "axes.titleweight": "bold", "figure.dpi": 100}
     with matplotlib.rc_context(rc):
@@ -89,24 +76,16 @@ def _style() -> Iterator[None]:
 
 def _heatmap(data: np.ndarray, **kwargs: Any):
     """seaborn's heatmap without its internal deprecation chatter."""
-    import warnings
-
-    import seaborn as sns
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PendingDeprecationWarning)
         return sns.heatmap(data, **kwargs)
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
     return Figure(figsize=(width, height), layout="constrained")
 
 
 def _colors(n: int) -> list:
-    import seaborn as sns
-
     return sns.color_palette(PALETTE, n) if n <= 10 else sns.color_palette(SEQUENTIAL_CMAP, n)
 
 
@@ -127,7 +106,7 @@ def _samples_text(n: Any) -> str:
     return f"n = {n} sample" + ("" if n == 1 else "s")
 
 
-def _short_layer(name: str, block_type: str | None = None) -> str:
+def short_layer(name: str, block_type: str | None = None) -> str:
     """``transformer_blocks.3.attn`` -> ``joint 3``; ``single_transformer_blocks.5.attn`` -> ``single 5``."""
     m = re.search(r"(\d+)", name)
     idx = m.group(1) if m else name
@@ -146,6 +125,14 @@ def _t_axis(ax, res: xr.Dataset) -> np.ndarray:
         return t
     ax.set_xlabel("denoising step")
     return np.asarray(res["step"].values, dtype=float)
+
+
+def _group_lines(ax, res: xr.Dataset, gdim: str | None, groups: Sequence[str], t: np.ndarray) -> None:
+    """One line per layer group with its CI band."""
+    for color, g in zip(_colors(len(groups)), groups):
+        sub = res.sel({gdim: g}) if gdim else res
+        ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=short_layer(g) if gdim == "layer" else g)
+        ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
 
 
 def _fit(text: str, fig, fontsize: float = 10.0, frac: float = 0.92) -> str:
@@ -184,7 +171,7 @@ def _wrap(text: str, width: int = 28) -> str:
     return "\n".join(textwrap.wrap(str(text), width)) or str(text)
 
 
-def _token_label(text: str, source: str | None, position: int) -> str:
+def token_label(text: str, source: str | None, position: int) -> str:
     src = f"{source.upper()} " if source else ""
     return f"{readable_token(text)}  [{src}#{position}]"
 
@@ -197,12 +184,8 @@ def _token_label(text: str, source: str | None, position: int) -> str:
 def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = False):
     """Fig. 2 analogue: relative magnitude (visual->text mass) against timestep, CI bands, references.
 
-    Parameters
-    ----------
-    res
-        :func:`taca_probe.analysis.suppression` result (any ``by``).
-    log
-        Logarithmic mass axis (useful when the uniform reference is far below 1).
+    ``res``: a :func:`~taca_probe.analysis.suppression` result (any ``by``); ``log``: logarithmic
+    mass axis (useful when the uniform reference is far below 1).
     """
     gdim = _group_dim(res)
     groups = [str(g) for g in res[gdim].values] if gdim else [res.attrs.get("by", "all layers")]
@@ -210,11 +193,7 @@ def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = F
         fig = _figure(7.5, 4.6)
         ax = fig.subplots()
         t = _t_axis(ax, res)
-        for color, g in zip(_colors(len(groups)), groups):
-            sub = res.sel({gdim: g}) if gdim else res
-            label = _short_layer(g) if gdim == "layer" else g
-            ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=f"{label}")
-            ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
+        _group_lines(ax, res, gdim, groups, t)
         uniform = float(res["uniform_reference"]) if "uniform_reference" in res else res.attrs.get("uniform_reference")
         if uniform is not None:
             ax.axhline(uniform, color="0.35", ls="--", lw=1.5,
@@ -251,7 +230,7 @@ def plot_suppression_heatmap(res: xr.Dataset, *, title: str | None = None):
     mean = res["mean"].transpose(gdim, "step")
     names = [str(v) for v in res[gdim].values]
     bts = [str(v) for v in res["block_type"].values] if "block_type" in res.coords and gdim == "layer" else [None] * len(names)
-    ylabels = [_short_layer(n, b) if gdim == "layer" else n for n, b in zip(names, bts)]
+    ylabels = [short_layer(n, b) if gdim == "layer" else n for n, b in zip(names, bts)]
     t = np.asarray(res["timestep"].values, float) if "timestep" in res.coords else np.asarray(res["step"].values, float)
     xlabels = [f"{v:.0f}" for v in t]
     with _style():
@@ -278,7 +257,7 @@ def plot_timestep_slope(res: xr.Dataset, *, title: str | None = None):
     """Timestep awareness: per-layer slope of the mass against t/1000 with CI error bars."""
     gdim = _group_dim(res["slope"].assign_attrs(res.attrs), expect=())
     names = [str(v) for v in res[gdim].values] if gdim else ["all layers"]
-    labels = [_short_layer(n) if gdim == "layer" else n for n in names]
+    labels = [short_layer(n) if gdim == "layer" else n for n in names]
     slope = np.atleast_1d(res["slope"].values)
     lo = np.atleast_1d(res["slope_ci_low"].values)
     hi = np.atleast_1d(res["slope_ci_high"].values)
@@ -308,12 +287,7 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
         fig = _figure(7.5, 4.4)
         ax = fig.subplots()
         t = _t_axis(ax, res)
-        colors = _colors(len(groups))
-        for color, g in zip(colors, groups):
-            sub = res.sel({gdim: g}) if gdim else res
-            label = _short_layer(g) if gdim == "layer" else g
-            ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=label)
-            ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
+        _group_lines(ax, res, gdim, groups, t)
         ax.axhline(1.0, color="0.3", ls=":", lw=1.2, label="no change (γ = 1)")
         ax.set_ylabel("visual→text mass, applied / at γ = 1\n(ratio)")
         if "gamma" in res.coords:
@@ -335,20 +309,26 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
 # ------------------------------------------------------------------------------------------------
 
 
-def _pick_tokens(md: xr.Dataset, i: int, max_tokens: int, tokens: Sequence[int | str] | None = None) -> list[int]:
-    """Positions along ``token`` to show for sample ``i``.
+def _token_rows(md: xr.Dataset, i: int, max_tokens: int, tokens: Sequence[int | str] | None,
+                ) -> tuple[list[int], list[str], str]:
+    """The positions along ``token`` to show for sample ``i``, their labels, and how they were chosen.
 
-    ``tokens``: text positions (ints) or words (matched against the readable token text; every
-    occurrence); otherwise the recorded non-padding tokens whose maps changed most (mean absolute
-    change over the steps), at most ``max_tokens``, in prompt order.
+    ``tokens``: text positions or words (matched against the readable token text, every occurrence);
+    else the recorded non-padding tokens whose maps changed most (mean |diff| over the steps), at
+    most ``max_tokens``, in prompt order.
     """
+    n = md.sizes["sample"]
+    if not 0 <= i < n:
+        raise FigureError(f"sample {i} out of range: the result holds {n} paired samples (0..{n - 1})")
     sub = md.isel(sample=i)
     absch = np.asarray(sub["token_abs_change"].values, float)  # (step, token)
     ok = np.isfinite(absch).any(axis=0)
     positions = [int(v) for v in np.asarray(md["token"].values)]
+    raw = np.asarray(sub["token_text"].values).astype(object) if "token_text" in sub.coords else None
+    sources = np.asarray(sub["token_source"].values).astype(object) if "token_source" in sub.coords else None
     if tokens is not None:
-        texts = [readable_token(t) for t in np.asarray(sub["token_text"].values)] if "token_text" in sub.coords else []
-        picked: list[int] = []
+        texts = [readable_token(t) for t in raw] if raw is not None else []
+        rows: list[int] = []
         for want in tokens:
             if isinstance(want, (int, np.integer)) or str(want).strip().isdigit():
                 hits = [positions.index(int(want))] if int(want) in positions else []
@@ -359,90 +339,49 @@ def _pick_tokens(md: xr.Dataset, i: int, max_tokens: int, tokens: Sequence[int |
                 recorded = sorted({texts[k] for k in np.flatnonzero(ok)}) if texts else []
                 raise FigureError(f"token {want!r} has no recorded map in sample {i}; recorded tokens: "
                                   + ", ".join(recorded[:40]))
-            picked += [k for k in hits if k not in picked]
-        return picked
-    if "token_is_padding" in sub.coords:
-        ok &= ~np.asarray(sub["token_is_padding"].values, bool)
-    pos = np.flatnonzero(ok)
-    if len(pos) > max_tokens:
-        score = np.nanmean(absch[:, pos], axis=0)
-        pos = np.sort(pos[np.argsort(-score, kind="stable")[:max_tokens]])
-    return pos.tolist()
+            rows += [k for k in hits if k not in rows]
+        note = f"rows: the {len(rows)} token(s) asked for"
+    else:
+        if "token_is_padding" in sub.coords:
+            ok &= ~np.asarray(sub["token_is_padding"].values, bool)
+        pos = np.flatnonzero(ok)
+        if len(pos) > max_tokens:
+            score = np.nanmean(absch[:, pos], axis=0)
+            pos = np.sort(pos[np.argsort(-score, kind="stable")[:max_tokens]])
+        rows = pos.tolist()
+        note = (f"rows: the {len(rows)} of {int(ok.sum())} prompt tokens whose maps changed most (mean |Δ|), in prompt "
+                "order" if len(rows) < ok.sum() else f"rows: all {int(ok.sum())} prompt tokens")
+    if not rows:
+        raise FigureError(f"sample {i} has no recorded prompt-token map")
+    labels = [token_label(raw[k] if raw is not None else "", sources[k] if sources is not None else None, positions[k])
+              for k in rows]
+    return rows, labels, note
 
 
-def _tokens_note(md: xr.Dataset, i: int, shown: int, tokens: Sequence[int | str] | None) -> str:
-    """How the rows were chosen, for the title."""
-    if tokens is not None:
-        return f"rows: the {shown} token(s) asked for"
-    sub = md.isel(sample=i)
-    ok = np.isfinite(np.asarray(sub["token_abs_change"].values, float)).any(axis=0)
-    if "token_is_padding" in sub.coords:
-        ok &= ~np.asarray(sub["token_is_padding"].values, bool)
-    total = int(ok.sum())
-    if shown < total:
-        return f"rows: the {shown} of {total} prompt tokens whose maps changed most (mean |Δ|), in prompt order"
-    return f"rows: all {total} prompt tokens"
+def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int] | None = None, max_tokens: int = 8,
+                        tokens: Sequence[int | str] | None = None, overlay: bool = False, title: str | None = None):
+    """Fig. 3 analogue: TACA - baseline maps of a :func:`~taca_probe.analysis.map_difference` result.
 
-
-def plot_map_difference(
-    md: xr.Dataset,
-    *,
-    sample: int = 0,
-    steps: Sequence[int] | None = None,
-    max_tokens: int = 8,
-    tokens: Sequence[int | str] | None = None,
-    overlay: bool = False,
-    title: str | None = None,
-):
-    """Fig. 3 analogue: grid of TACA - baseline maps, rows tokens, columns early steps.
-
-    Parameters
-    ----------
-    md
-        :func:`taca_probe.analysis.map_difference` result.
-    sample
-        Position along ``sample`` (one prompt and seed).
-    steps
-        Step indices (default: every step of ``md``, at most 6).
-    max_tokens
-        Show at most this many tokens (those whose maps changed most, in prompt order).
-    tokens
-        The tokens to show instead: text positions or words (every occurrence of the word).
-    overlay
-        Draw each difference map over the decoded TACA image (greyscale).
+    Rows: tokens (``tokens``: positions or words; else the ``max_tokens`` whose maps changed most);
+    columns: ``steps`` (default the first 6); one paired ``sample``; ``overlay`` draws each map
+    over the decoded TACA image (greyscale).
     """
-    from matplotlib.colors import TwoSlopeNorm
-
-    if not 0 <= sample < md.sizes["sample"]:
-        n = md.sizes["sample"]
-        raise FigureError(f"sample {sample} out of range: the result holds {n} paired samples (0..{n - 1})")
+    tokens, labels, note = _token_rows(md, sample, max_tokens, tokens)
     all_steps = [int(s) for s in md["step"].values]
     steps = all_steps[:6] if steps is None else [int(s) for s in steps]
     bad = [s for s in steps if s not in all_steps]
     if bad:
         raise FigureError(f"step(s) {bad} not in the map difference; steps: {all_steps}")
-    asked = tokens
-    tokens = _pick_tokens(md, sample, max_tokens, asked)
-    if not tokens:
-        raise FigureError(f"sample {sample} has no recorded prompt-token map")
-    note = _tokens_note(md, sample, len(tokens), asked)
     sub = md.isel(sample=sample).sel(step=steps)
     diff = np.asarray(sub["diff"].values, float)  # (step, token, y, x)
     shown = diff[:, tokens]
     vmax = float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 0.0
     vmax = vmax if vmax > 0 else 1e-9
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
-    texts = np.asarray(sub["token_text"].values).astype(object) if "token_text" in sub.coords else None
-    sources = np.asarray(sub["token_source"].values).astype(object) if "token_source" in sub.coords else None
-    positions = np.asarray(md["token"].values)
     image = np.asarray(sub["treated_image"].values) if overlay and "treated_image" in sub else None
     t = np.asarray(sub["timestep"].values, float) if "timestep" in sub.coords else None
     ny, nx = diff.shape[-2:]
     with _style():
-        import matplotlib
-
-        labels = [_token_label(texts[k] if texts is not None else "", sources[k] if sources is not None else None,
-                               int(positions[k])) for k in tokens]
         fig = _figure(1.55 * len(steps) + 1.6 + 0.08 * max(len(x) for x in labels), 1.3 * len(tokens) + 1.8)
         axes = _grid_with_labels(fig, labels, len(steps))
         mappable = None
@@ -478,18 +417,9 @@ def plot_map_difference(
 def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
                       tokens: Sequence[int | str] | None = None, title: str | None = None):
     """Per-token summary of Fig. 3: relative change of each token's mean attention, tokens x steps."""
-    if not 0 <= sample < md.sizes["sample"]:
-        raise FigureError(f"sample {sample} out of range: the result holds {md.sizes['sample']} paired samples")
-    asked = tokens
-    tokens = _pick_tokens(md, sample, max_tokens, asked)
-    if not tokens:
-        raise FigureError(f"sample {sample} has no recorded prompt-token map")
-    note = _tokens_note(md, sample, len(tokens), asked)
+    tokens, labels, note = _token_rows(md, sample, max_tokens, tokens)
     sub = md.isel(sample=sample, token=tokens)
     rel = 100.0 * np.asarray(sub["token_relative_change"].transpose("token", "step").values, float)
-    texts = np.asarray(sub["token_text"].values).astype(object) if "token_text" in sub.coords else [""] * len(tokens)
-    sources = np.asarray(sub["token_source"].values).astype(object) if "token_source" in sub.coords else [None] * len(tokens)
-    labels = [_token_label(x, s, int(p)) for x, s, p in zip(texts, sources, np.asarray(sub["token"].values))]
     t = np.asarray(sub["timestep"].values, float) if "timestep" in sub.coords else np.asarray(sub["step"].values, float)
     v = float(np.nanmax(np.abs(rel))) if np.isfinite(rel).any() else 1.0
     with _style():
@@ -613,7 +543,7 @@ def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | N
             sub = rank.sel(prompt=p)
             ok = np.asarray(sub["token"].values) >= 0
             share = 100.0 * np.asarray(sub["share"].values, float)[ok]
-            labels = [_token_label(x, s, int(q)) for x, s, q in zip(np.asarray(sub["token_text"].values)[ok],
+            labels = [token_label(x, s, int(q)) for x, s, q in zip(np.asarray(sub["token_text"].values)[ok],
                                                                     np.asarray(sub["token_source"].values)[ok],
                                                                     np.asarray(sub["token"].values)[ok])]
             y = np.arange(len(labels))
@@ -638,13 +568,17 @@ def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | N
 # ------------------------------------------------------------------------------------------------
 
 
+def check_formats(formats: Sequence[str]) -> None:
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise FigureError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+
+
 def save_figure(fig, out: str | os.PathLike, name: str, *, formats: Sequence[str] = ("png", "pdf"),
                 dpi: int = 150) -> list[Path]:
     """Write ``fig`` as ``out/name.<format>`` for each format; returns the paths."""
     formats = [formats] if isinstance(formats, str) else list(formats)
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise FigureError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    check_formats(formats)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -653,207 +587,3 @@ def save_figure(fig, out: str | os.PathLike, name: str, *, formats: Sequence[str
         fig.savefig(path, dpi=dpi, format=f, metadata=None if f != "png" else {"Software": "taca-probe"})
         paths.append(path)
     return paths
-
-
-def _open_inputs(sources: Sequence[str | os.PathLike], chunks: Any) -> tuple[list[tuple[str, str, xr.Dataset]], Any, str]:
-    """(label, schedule, dataset) runs, a sweep Dataset or None, and why there is no sweep."""
-    from .store import StoreError, is_store, open_run
-    from .sweep import SweepError, is_sweep, open_sweep
-
-    runs: list[tuple[str, str, xr.Dataset]] = []
-    sweep = None
-    stores: list[str] = []
-    why = "fig4 needs a sweep: a folder written by `taca-probe sweep`, or stores recorded with several schedules"
-    for src in sources:
-        p = Path(src)
-        if is_sweep(p):
-            sw = open_sweep(p, chunks=chunks)
-            if sweep is None:
-                sweep = sw
-            for spec in sw["schedule"].values:
-                runs.append((f"{p} [{spec}]", str(spec), sw.sel(schedule=spec)))
-        elif is_store(p):
-            ds = open_run(p, chunks=chunks)
-            runs.append((str(p), str(ds.attrs.get("schedule", "none")), ds))
-            stores.append(str(p))
-        elif not p.exists():
-            raise StoreError(f"no store or sweep at {str(p)!r}")
-        else:
-            raise StoreError(f"{str(p)!r} is neither a taca-probe store nor a sweep folder (no sweep.json)")
-    if sweep is None and len(stores) >= 2:
-        try:
-            sweep = open_sweep(stores, chunks=chunks)
-        except (SweepError, AnalysisError) as e:
-            why = f"fig4 needs stores of several schedules on the same prompts and seeds: {e}"
-    return runs, sweep, why
-
-
-def _find_run(runs: list[tuple[str, str, xr.Dataset]], key: str, what: str) -> tuple[str, str, xr.Dataset]:
-    for run in runs:
-        label, spec, _ = run
-        if key in (label, spec) or Path(label) == Path(key):
-            return run
-    try:
-        from .schedules import parse
-
-        canonical = parse(key).spec
-        for run in runs:
-            if run[1] == canonical:
-                return run
-    except Exception:
-        pass
-    raise FigureError(f"--{what} {key!r} matches no input; inputs: " + ", ".join(f"{label} ({spec})" for label, spec, _ in runs))
-
-
-def render_figures(
-    sources: str | os.PathLike | Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    figures: str | Sequence[str] = "all",
-    baseline: str | None = None,
-    treated: str | None = None,
-    by: str = "block_type",
-    sample: int = 0,
-    steps: Sequence[int] | None = None,
-    max_tokens: int = 8,
-    tokens: Sequence[int | str] | None = None,
-    overlay: bool = False,
-    formats: Sequence[str] = ("png", "pdf"),
-    dpi: int = 150,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    branch: str | None = None,
-    chunks: Any = None,
-    log: Any = None,
-) -> dict[str, Any]:
-    """Render every figure the inputs allow (or the ones asked for) as PNG and PDF files.
-
-    Parameters
-    ----------
-    sources
-        Run stores and/or sweep folders.
-    out
-        Output folder.
-    figures
-        ``"all"`` or a list of :data:`FIGURES` keys (``fig2``: suppression; ``fig3``: map
-        differences; ``fig4``: gamma sweep; ``fig5``: token ranking). With ``"all"``, a figure the
-        inputs cannot support is skipped with its reason; a figure asked for by name raises.
-    baseline, treated
-        The baseline run (default: the one recorded with schedule ``none``) and the TACA run of
-        Fig. 3 (default: ``step:1.2@970`` if present, else the first other schedule), each as a
-        store path or a schedule spec.
-    by
-        Layer grouping of the Fig. 2 lines (:data:`taca_probe.analysis.GROUP_BY`).
-    sample, steps, max_tokens, tokens, overlay
-        Fig. 3: which paired sample, which steps (default: the first steps with maps, at most 4),
-        how many tokens (the most changed) or which tokens (positions or words), and whether to
-        draw the maps over the decoded image.
-    formats, dpi
-        File formats and PNG resolution.
-    n_resamples, seed, branch
-        Bootstrap and branch options of the analysis.
-    chunks
-        Passed to the store openers (``{}``: dask).
-    log
-        Optional callable taking one line per figure written or skipped.
-
-    Returns
-    -------
-    dict
-        ``{"written": {figure name: [paths]}, "skipped": {group: reason},
-        "sources": {figure name: the run(s) it was drawn from}}``.
-    """
-    from . import analysis as A
-    from .schedules import parse
-
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    if not sources:
-        raise FigureError("no input: give one or more stores or sweep folders")
-    if isinstance(figures, str):
-        wanted = list(FIGURES) if figures == "all" else [f.strip() for f in figures.split(",") if f.strip()]
-        explicit = figures != "all"
-    else:
-        wanted, explicit = list(figures), True
-    bad = [f for f in wanted if f not in FIGURES]
-    if bad or not wanted:
-        raise FigureError(f"unknown figure(s) {', '.join(bad) or '(none)'}; choose from all, {', '.join(FIGURES)}")
-    fmt = [formats] if isinstance(formats, str) else list(formats)
-    bad = [f for f in fmt if f not in FORMATS]
-    if bad or not fmt:
-        raise FigureError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
-    A._choice(by, A.GROUP_BY, "grouping 'by'")
-    say = log or (lambda msg: None)
-    stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
-
-    runs, sweep, why_no_sweep = _open_inputs(sources, chunks)
-    if baseline is not None:
-        base_run = _find_run(runs, baseline, "baseline")
-    else:
-        base_run = next((r for r in runs if parse(r[1]).is_identity), None)
-    if treated is not None:
-        treat_run = _find_run(runs, treated, "treated")
-    else:
-        others = [r for r in runs if r is not base_run and not parse(r[1]).is_identity]
-        treat_run = next((r for r in others if r[1] == "step:1.2@970"), others[0] if others else None)
-    main_run = base_run or runs[0]
-
-    written: dict[str, list[Path]] = {}
-    skipped: dict[str, str] = {}
-    used: dict[str, str] = {}
-
-    def what(run) -> str:
-        return f"{run[0]} ({run[1]})" if run[0] != run[1] and f"[{run[1]}]" not in run[0] else run[0]
-
-    def emit(name: str, fig, source: str) -> None:
-        written[name] = save_figure(fig, out, name, formats=fmt, dpi=dpi)
-        used[name] = source
-        say(f"wrote {', '.join(str(p) for p in written[name])} from {source}")
-
-    def skip(group: str, reason: str) -> None:
-        if explicit:
-            raise FigureError(reason)
-        skipped[group] = reason
-        say(f"skipped {group}: {reason}")
-
-    label, spec, ds = main_run
-    if "fig2" in wanted:
-        A.require(ds, "vis_txt_mass", needed_for="Fig. 2", label=label)
-        emit("fig2_suppression", plot_suppression(A.suppression(ds, by=by, **stats)), what(main_run))
-        emit("fig2_suppression_heatmap", plot_suppression_heatmap(A.suppression(ds, by="layer", **stats)), what(main_run))
-        emit("fig2_timestep_slope", plot_timestep_slope(A.timestep_awareness(ds, by="layer", **stats)), what(main_run))
-        if treat_run is not None:
-            emit("fig2_amplification", plot_amplification(A.amplification(treat_run[2], by=by, **stats)),
-                 what(treat_run))
-    if "fig3" in wanted:
-        if base_run is None or treat_run is None:
-            skip("fig3", "fig3 needs a TACA store and a baseline store (schedule none) recorded with the same "
-                         "prompts and seeds and with --maps; give both (or a sweep folder), or name them with "
-                         "--baseline/--treated")
-        else:
-            try:
-                A.require(treat_run[2], "maps", needed_for="Fig. 3 (attention-map differences)", label=treat_run[0])
-                A.require(base_run[2], "maps", needed_for="Fig. 3 (attention-map differences)", label=base_run[0])
-                common = [s for s in A.recorded_map_steps(treat_run[2]) if s in set(A.recorded_map_steps(base_run[2]))]
-                md = A.map_difference(treat_run[2], base_run[2], steps=list(steps) if steps is not None else common[:4],
-                                      branch=branch)
-            except AnalysisError as e:
-                skip("fig3", str(e))
-            else:
-                pair = f"{what(treat_run)} − {what(base_run)}"
-                emit("fig3_attention_map_diff", plot_map_difference(md, sample=sample, max_tokens=max_tokens,
-                                                                    tokens=tokens, overlay=overlay), pair)
-                emit("fig3_token_change", plot_token_change(md, sample=sample, tokens=tokens), pair)
-    if "fig4" in wanted:
-        if sweep is None or sweep.sizes.get("schedule", 0) < 2:
-            skip("fig4", why_no_sweep if sweep is None else "fig4 needs at least two schedules in the sweep")
-        else:
-            specs = ", ".join(str(v) for v in sweep["schedule"].values)
-            emit("fig4_gamma_grid", plot_gamma_grid(A.gamma_image_grid(sweep)), f"the sweep ({specs})")
-            emit("fig4_mass_vs_gamma", plot_mass_vs_gamma(A.mass_vs_gamma(sweep, by="all", **stats)),
-                 f"the sweep ({specs})")
-    if "fig5" in wanted:
-        emit("fig5_token_ranking", plot_token_ranking(A.token_ranking(ds, branch=branch)), what(main_run))
-    if not written:
-        raise FigureError("no figure could be drawn: " + "; ".join(skipped.values()))
-    return {"written": written, "skipped": skipped, "sources": used}

@@ -43,6 +43,7 @@ from .models import model_name as loaded_name
 from .runner import Target, record_plan
 from .schedules import parse
 from .selection import MapSelection
+from .stats import sample_keys
 from .store import is_store, open_run, remove_store
 
 __all__ = [
@@ -416,15 +417,13 @@ def _png_name(prompt_index: int, seed: int, batch_index: int = 0) -> str:
 
 def _save_missing_pngs(ds: Any, images: Path, prompt_list: list[str]) -> int:
     """Write the PNG of every complete sample that has none yet (e.g. after a resume); returns the count."""
-    prompts = [str(p) for p in np.asarray(ds["prompt"].values).tolist()]
-    seeds = [int(s) for s in np.asarray(ds["seed"].values)]
-    batch = [int(b) for b in np.asarray(ds["batch_index"].values)]
-    for i, (p, s, b) in enumerate(zip(prompts, seeds, batch)):
+    keys = sample_keys(ds)
+    for i, (p, s, b) in enumerate(keys):
         index = prompt_list.index(p) if p in prompt_list else len(prompt_list) + i
         path = images / _png_name(index, s, b)
         if not path.exists():
             Image.fromarray(np.asarray(ds["image"].isel(sample=i).values, dtype=np.uint8)).save(path)
-    return len(prompts)
+    return len(keys)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,7 +504,7 @@ def open_sweep(
             diffs.append("layer names differ")
         if diffs:
             raise SweepError(f"{label}: the store of {spec!r} does not match the one of {specs[0]!r}: " + "; ".join(diffs))
-    keys = [_keys(ds) for ds in dsets]
+    keys = [sample_keys(ds) for ds in dsets]
     common = [k for k in keys[0] if all(k in set(other) for other in keys[1:])]
     left_out = sum(len(k) for k in keys) - len(common) * len(keys)
     if left_out:
@@ -532,8 +531,3 @@ def open_sweep(
     return combined
 
 
-def _keys(ds: Any) -> list[tuple[str, int, int]]:
-    prompts = [str(p) for p in np.asarray(ds["prompt"].values).tolist()]
-    seeds = [int(s) for s in np.asarray(ds["seed"].values)]
-    batch = [int(b) for b in np.asarray(ds["batch_index"].values)]
-    return list(zip(prompts, seeds, batch))

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from taca_probe import analysis as A
-from taca_probe import open_sweep, plotting
+from taca_probe import open_sweep, plotting, render_figures
 from taca_probe.cli import main
 from tests.clitools import one_line_error, run_cli
 
@@ -117,7 +117,7 @@ def test_figures_lists_each_figure_once_with_its_run(sweep_dir, tmp_path, capsys
     lines = (out + err).splitlines()
     for name in FIGURE_NAMES:
         assert sum(name in x.split() for x in lines) == 1, (name, lines)
-    res = plotting.render_figures(sweep_dir, tmp_path / "again", formats="png", n_resamples=100)
+    res = render_figures(sweep_dir, tmp_path / "again", formats="png", n_resamples=100)
     assert res["sources"]["fig2_suppression"].endswith("[none]")  # Fig. 2 from the baseline
     assert res["sources"]["fig5_token_ranking"].endswith("[none]")
     assert res["sources"]["fig2_amplification"].endswith("[step:1.2@970]")

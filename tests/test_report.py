@@ -24,6 +24,8 @@ from PIL import Image
 from taca_probe import analysis as A
 from taca_probe import open_sweep, report, run_sweep
 from taca_probe.cli import main
+from taca_probe.errors import TacaProbeError
+from taca_probe.rendering import choose_runs, open_inputs
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -87,6 +89,24 @@ def test_report_of_one_store_has_a_viewer_without_a_baseline(sweep_dir, tmp_path
     text = res.path.read_text(encoding="utf-8")
     # the viewer has one panel (no baseline, no difference)
     assert text.count('"type":"heatmap"') >= 1 and "selected − baseline" not in text
+
+
+def test_figures_and_page_open_inputs_and_choose_runs_the_same_way(sweep_dir, tmp_path):
+    import taca_probe
+    import taca_probe.rendering  # noqa: F401 - importing the module must not hide the function
+
+    runs, sweep, _ = open_inputs(sweep_dir)
+    assert [r.spec for r in runs] == ["none", "step:1.5@970"] and sweep.sizes["schedule"] == 2
+    assert [(b.spec, t.spec) for b, t in [choose_runs(runs)]] == [("none", "step:1.5@970")]
+    swapped = choose_runs(runs, baseline="step:1.5@970", treated=runs[0].label)
+    assert [r.spec for r in swapped] == ["step:1.5@970", "none"]
+    with pytest.raises(TacaProbeError, match="matches no input"):
+        choose_runs(runs, baseline="step:9@1")
+    stores = sorted((sweep_dir / "stores").iterdir())
+    runs, sweep, _ = open_inputs(stores)  # stores of several schedules open together as a sweep
+    assert [r.label for r in runs] == [str(p) for p in stores] and list(sweep["schedule"].values) == ["none", "step:1.5@970"]
+    # the package's report is the function (no module is called report), and it writes the page
+    assert taca_probe.report(stores[0], tmp_path, n_resamples=50).runs == ["none"]
 
 
 def test_report_shows_inline_in_jupyter(page):

@@ -6,8 +6,8 @@ import argparse
 import sys
 import time
 
-from ..htmlreport import report
-from ..plotting import render_figures
+from ..rendering import report
+from ..rendering import render_figures
 from .args import bounded, comparison_args, int_list, positive_int
 
 # literal copies of analysis.GROUP_BY, plotting.FIGURES and plotting.FORMATS (a test checks them)

@@ -22,11 +22,12 @@ from ..distributed import ranks_from_env
 from ..errors import TacaProbeError
 from ..intervention import taca
 from ..models import call_settings, load_pipeline, resolve_device, resolve_dtype
-from ..plotting import _open_inputs as open_inputs
+from ..rendering import open_inputs
 from ..runner import Target, record_plan
 from ..schedules import parse
 from ..selection import MapSelection
 from ..store import COORD_ORDER, VARIABLE_ORDER, StoreError, is_store, open_run, store_info
+from ..stats import sample_keys
 from ..sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH, MANIFEST, SweepError, is_sweep, open_sweep, read_manifest, \
     run_sweep, sweep_schedules
 from .args import EMBEDDED_NOTE, MAX_IMAGE_SIDE, check_out, floats, lora_args, model_args, read_prompts, \
@@ -321,9 +322,8 @@ def cmd_export_images(args: argparse.Namespace) -> int:
         # a sweep: one folder per schedule; a store: the images directly in --out
         folder = out / _slug(spec, 40) if len(runs) > 1 or Path(args.store) != Path(label) else out
         folder.mkdir(parents=True, exist_ok=True)
-        batch = ds["batch_index"].values if "batch_index" in ds.coords else [0] * ds.sizes["sample"]
-        for i, (prompt, seed, b) in enumerate(zip(ds["prompt"].values, ds["seed"].values, batch)):
-            name = f"{i:04d}_{_slug(str(prompt))}_seed{int(seed)}" + (f"_{int(b)}" if b else "") + ".png"
+        for i, (prompt, seed, b) in enumerate(sample_keys(ds)):
+            name = f"{i:04d}_{_slug(prompt)}_seed{seed}" + (f"_{b}" if b else "") + ".png"
             Image.fromarray(ds["image"].isel(sample=i).values).save(folder / name)
             written += 1
     print(f"wrote {written} PNG image(s) to {out}/")

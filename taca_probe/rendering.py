@@ -1,9 +1,11 @@
-"""``taca-probe report``: one self-contained interactive HTML page for stores and sweeps.
+"""From stores to files: open inputs, choose the runs, compute, save.
 
-The page opens from disk with no server and no network: plotly.js is inlined once, every figure
-is a Plotly figure built here in Python, images are PNG data URIs, and the attention maps travel
-as base64 float16 arrays. The only hand-written JavaScript is the map viewer's selection logic
-(decode one map, hand it to ``Plotly.restyle``); drawing is Plotly's.
+:func:`render_figures` (``taca-probe figures``, the ``analysis/`` scripts) writes the matplotlib
+figures of :mod:`taca_probe.plotting` as PNG/PDF/SVG; :func:`report` (``taca-probe report``) writes
+one self-contained interactive page, ``DIR/index.html``, that opens from disk with no server and no
+network: plotly.js is inlined once, every chart is a Plotly figure built here, images are PNG data
+URIs and the attention maps travel as base64 float16. The only hand-written JavaScript is the map
+viewer's selection logic (decode one map, hand it to ``Plotly.restyle``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import plotly.graph_objects as go
@@ -27,19 +29,211 @@ from plotly.subplots import make_subplots
 
 from . import analysis as A
 from .errors import TacaProbeError
-from .plotting import _open_inputs, _short_layer, _token_label
+from .plotting import (
+    FIGURES,
+    FigureError,
+    check_formats,
+    plot_amplification,
+    plot_gamma_grid,
+    plot_map_difference,
+    plot_mass_vs_gamma,
+    plot_suppression,
+    plot_suppression_heatmap,
+    plot_timestep_slope,
+    plot_token_change,
+    plot_token_ranking,
+    save_figure,
+    short_layer,
+    token_label,
+)
 from .schedules import parse
+from .stats import sample_keys
+from .store import StoreError, is_store, open_run
+from .sweep import SweepError, is_sweep, open_sweep
 
-__all__ = ["report", "Report", "ReportError"]
+__all__ = ["Run", "open_inputs", "choose_runs", "render_figures", "report", "Report", "ReportError"]
+
+
+class ReportError(TacaProbeError):
+    """A report that cannot be built from the given inputs."""
+
+
+class Run(NamedTuple):
+    """One run of the inputs: a store, or one schedule of a sweep (``label`` says which)."""
+
+    label: str
+    spec: str
+    ds: xr.Dataset
+
+
+def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks: Any = None,
+                ) -> tuple[list[Run], xr.Dataset | None, str]:
+    """The runs of stores and sweep folders, a sweep Dataset (or None) and why there is no sweep.
+
+    Several stores of different schedules on the same samples are opened together as a sweep.
+    """
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    if not sources:
+        raise FigureError("no input: give one or more stores or sweep folders")
+    runs: list[Run] = []
+    sweep = None
+    stores: list[str] = []
+    why = "fig4 needs a sweep: a folder written by `taca-probe sweep`, or stores recorded with several schedules"
+    for src in sources:
+        p = Path(src)
+        if is_sweep(p):
+            sw = open_sweep(p, chunks=chunks)
+            sweep = sw if sweep is None else sweep
+            runs += [Run(f"{p} [{spec}]", str(spec), sw.sel(schedule=spec)) for spec in sw["schedule"].values]
+        elif is_store(p):
+            ds = open_run(p, chunks=chunks)
+            runs.append(Run(str(p), str(ds.attrs.get("schedule", "none")), ds))
+            stores.append(str(p))
+        elif not p.exists():
+            raise StoreError(f"no store or sweep at {str(p)!r}")
+        else:
+            raise StoreError(f"{str(p)!r} is neither a taca-probe store nor a sweep folder (no sweep.json)")
+    if sweep is None and len(stores) >= 2:
+        try:
+            sweep = open_sweep(stores, chunks=chunks)
+        except (SweepError, A.AnalysisError) as e:
+            why = f"fig4 needs stores of several schedules on the same prompts and seeds: {e}"
+    return runs, sweep, why
+
+
+def _find_run(runs: list[Run], key: str, what: str) -> Run:
+    for run in runs:
+        if key in (run.label, run.spec) or Path(run.label) == Path(key):
+            return run
+    try:
+        canonical = parse(key).spec
+    except TacaProbeError:
+        canonical = None
+    for run in runs:
+        if run.spec == canonical:
+            return run
+    raise FigureError(f"--{what} {key!r} matches no input; inputs: " + ", ".join(f"{r.label} ({r.spec})" for r in runs))
+
+
+def choose_runs(runs: list[Run], *, baseline: str | None = None, treated: str | None = None,
+                ) -> tuple[Run | None, Run | None]:
+    """(baseline, treated): the runs named (a store path or a schedule spec), else the run with an
+    identity schedule and ``step:1.2@970`` if present, else the first other schedule."""
+    base = (_find_run(runs, baseline, "baseline") if baseline is not None
+            else next((r for r in runs if parse(r.spec).is_identity), None))
+    if treated is not None:
+        return base, _find_run(runs, treated, "treated")
+    others = [r for r in runs if r is not base and not parse(r.spec).is_identity]
+    return base, next((r for r in others if r.spec == "step:1.2@970"), others[0] if others else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# figure files
+# ------------------------------------------------------------------------------------------------
+
+
+def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                   figures: str | Sequence[str] = "all", baseline: str | None = None, treated: str | None = None,
+                   by: str = "block_type", sample: int = 0, steps: Sequence[int] | None = None, max_tokens: int = 8,
+                   tokens: Sequence[int | str] | None = None, overlay: bool = False,
+                   formats: Sequence[str] = ("png", "pdf"), dpi: int = 150, n_resamples: int = 2000, seed: int = 0,
+                   branch: str | None = None, chunks: Any = None, log: Any = None) -> dict[str, Any]:
+    """Write every figure the inputs (run stores and/or sweep folders) allow, or the ones asked for.
+
+    ``figures``: ``"all"`` (a figure the inputs cannot support is skipped with its reason) or
+    :data:`~taca_probe.plotting.FIGURES` keys (one that cannot be drawn raises). ``baseline`` /
+    ``treated``: store paths or schedule specs (defaults: :func:`choose_runs`). ``by``: grouping
+    of the Fig. 2 lines. ``sample``, ``steps`` (default the first 4 with maps), ``max_tokens`` /
+    ``tokens``, ``overlay``: Fig. 3. ``n_resamples``, ``seed``, ``branch``: analysis options;
+    ``chunks``: ``{}`` opens with dask; ``log``: called with one line per figure written or skipped.
+
+    Returns ``{"written": {name: [paths]}, "skipped": {group: reason}, "sources": {name: run(s)}}``.
+    """
+    if isinstance(figures, str):
+        wanted = list(FIGURES) if figures == "all" else [f.strip() for f in figures.split(",") if f.strip()]
+        explicit = figures != "all"
+    else:
+        wanted, explicit = list(figures), True
+    bad = [f for f in wanted if f not in FIGURES]
+    if bad or not wanted:
+        raise FigureError(f"unknown figure(s) {', '.join(bad) or '(none)'}; choose from all, {', '.join(FIGURES)}")
+    fmt = [formats] if isinstance(formats, str) else list(formats)
+    check_formats(fmt)
+    A.choice(by, A.GROUP_BY, "grouping 'by'")
+    say = log or (lambda msg: None)
+    stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
+
+    runs, sweep, why_no_sweep = open_inputs(sources, chunks)
+    base_run, treat_run = choose_runs(runs, baseline=baseline, treated=treated)
+    main_run = base_run or runs[0]
+    written: dict[str, list[Path]] = {}
+    skipped: dict[str, str] = {}
+    used: dict[str, str] = {}
+
+    def what(run: Run) -> str:
+        return f"{run.label} ({run.spec})" if run.label != run.spec and f"[{run.spec}]" not in run.label else run.label
+
+    def emit(name: str, fig, source: str) -> None:
+        written[name] = save_figure(fig, out, name, formats=fmt, dpi=dpi)
+        used[name] = source
+        say(f"wrote {', '.join(str(p) for p in written[name])} from {source}")
+
+    def skip(group: str, reason: str) -> None:
+        if explicit:
+            raise FigureError(reason)
+        skipped[group] = reason
+        say(f"skipped {group}: {reason}")
+
+    ds = main_run.ds
+    if "fig2" in wanted:
+        A.require(ds, "vis_txt_mass", needed_for="Fig. 2", label=main_run.label)
+        emit("fig2_suppression", plot_suppression(A.suppression(ds, by=by, **stats)), what(main_run))
+        emit("fig2_suppression_heatmap", plot_suppression_heatmap(A.suppression(ds, by="layer", **stats)), what(main_run))
+        emit("fig2_timestep_slope", plot_timestep_slope(A.timestep_awareness(ds, by="layer", **stats)), what(main_run))
+        if treat_run is not None:
+            emit("fig2_amplification", plot_amplification(A.amplification(treat_run.ds, by=by, **stats)),
+                 what(treat_run))
+    if "fig3" in wanted:
+        if base_run is None or treat_run is None:
+            skip("fig3", "fig3 needs a TACA store and a baseline store (schedule none) recorded with the same "
+                         "prompts and seeds and with --maps; give both (or a sweep folder), or name them with "
+                         "--baseline/--treated")
+        else:
+            try:
+                for run in (treat_run, base_run):
+                    A.require(run.ds, "maps", needed_for="Fig. 3 (attention-map differences)", label=run.label)
+                common = [s for s in A.recorded_map_steps(treat_run.ds) if s in set(A.recorded_map_steps(base_run.ds))]
+                md = A.map_difference(treat_run.ds, base_run.ds, steps=list(steps) if steps is not None else common[:4],
+                                      branch=branch)
+            except A.AnalysisError as e:
+                skip("fig3", str(e))
+            else:
+                pair = f"{what(treat_run)} − {what(base_run)}"
+                emit("fig3_attention_map_diff", plot_map_difference(md, sample=sample, max_tokens=max_tokens,
+                                                                    tokens=tokens, overlay=overlay), pair)
+                emit("fig3_token_change", plot_token_change(md, sample=sample, tokens=tokens), pair)
+    if "fig4" in wanted:
+        if sweep is None or sweep.sizes.get("schedule", 0) < 2:
+            skip("fig4", why_no_sweep if sweep is None else "fig4 needs at least two schedules in the sweep")
+        else:
+            specs = f"the sweep ({', '.join(str(v) for v in sweep['schedule'].values)})"
+            emit("fig4_gamma_grid", plot_gamma_grid(A.gamma_image_grid(sweep)), specs)
+            emit("fig4_mass_vs_gamma", plot_mass_vs_gamma(A.mass_vs_gamma(sweep, by="all", **stats)), specs)
+    if "fig5" in wanted:
+        emit("fig5_token_ranking", plot_token_ranking(A.token_ranking(ds, branch=branch)), what(main_run))
+    if not written:
+        raise FigureError("no figure could be drawn: " + "; ".join(skipped.values()))
+    return {"written": written, "skipped": skipped, "sources": used}
+
+
+# ------------------------------------------------------------------------------------------------
+# the interactive page
+# ------------------------------------------------------------------------------------------------
 
 # seaborn's colorblind palette, so that the page and the PNG figures agree
 _COLORS = ["#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
            "#56b4e9"]
 _DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
-
-
-class ReportError(TacaProbeError):
-    """A report that cannot be built from the given inputs."""
 
 
 @dataclass
@@ -68,15 +262,22 @@ def _png_uri(pixels: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _keys(ds: xr.Dataset) -> list[tuple[str, int, int]]:
-    return A._sample_keys(ds)
+def _line_with_band(fig: go.Figure, t: np.ndarray, res: xr.Dataset, names: tuple[str, str, str], name: str,
+                    color: str, hover: str, *, dash: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A line with its CI band (a missing bound collapses onto the line); returns the band's bounds."""
+    mean, lo, hi = (np.asarray(res[v].values, float) for v in names)
+    lo, hi = np.where(np.isfinite(lo), lo, mean), np.where(np.isfinite(hi), hi, mean)
+    group = name if dash else None  # the suppression lines toggle with their bands
+    fig.add_trace(go.Scatter(x=np.concatenate([t, t[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
+                             fillcolor=_band(color), line={"width": 0}, hoverinfo="skip", showlegend=False,
+                             legendgroup=group))
+    fig.add_trace(go.Scatter(x=t, y=mean, mode="lines+markers", name=name, legendgroup=group,
+                             line={"color": color, **({"dash": dash} if dash else {})},
+                             hovertemplate=f"t=%{{x:.0f}}<br>{hover}<extra>{html.escape(name)}</extra>"))
+    return lo, hi
 
 
-def _mass(ds: xr.Dataset, branch: str | None) -> xr.Dataset:
-    return A._select_branch(ds, branch)
-
-
-def _suppression_figure(runs: list[tuple[str, str, xr.Dataset]], stats: dict[str, Any]) -> go.Figure:
+def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
     """Visual->text mass against timestep, one line per (run, block type), CI bands, uniform reference."""
     fig = go.Figure()
     uniform = None
@@ -86,21 +287,11 @@ def _suppression_figure(runs: list[tuple[str, str, xr.Dataset]], stats: dict[str
         uniform = float(res["uniform_reference"]) if "uniform_reference" in res else uniform
         t = np.asarray(res["timestep"].values, float)
         for g, bt in enumerate(str(v) for v in res["block_type"].values):
-            sub = res.sel(block_type=bt)
-            mean, lo, hi = (np.asarray(sub[v].values, float) for v in ("mean", "ci_low", "ci_high"))
-            lo = np.where(np.isfinite(lo), lo, mean)
-            hi = np.where(np.isfinite(hi), hi, mean)
+            lo, hi = _line_with_band(fig, t, res.sel(block_type=bt), ("mean", "ci_low", "ci_high"), f"{spec} · {bt}",
+                                     _COLORS[(r * 3 + g) % len(_COLORS)], "mass %{y:.4f}", dash=_DASHES[r % len(_DASHES)])
             lo_all.append(np.nanmin(lo))
             hi_all.append(np.nanmax(hi))
-            color = _COLORS[(r * 3 + g) % len(_COLORS)]
-            name = f"{spec} · {bt}"
-            fig.add_trace(go.Scatter(x=np.concatenate([t, t[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
-                                     fillcolor=_band(color), line={"width": 0}, hoverinfo="skip",
-                                     showlegend=False, legendgroup=name))
-            fig.add_trace(go.Scatter(x=t, y=mean, mode="lines+markers", name=name, legendgroup=name,
-                                     line={"color": color, "dash": _DASHES[r % len(_DASHES)]},
-                                     hovertemplate="t=%{x:.0f}<br>mass %{y:.4f}<extra>" + html.escape(name) + "</extra>"))
-    n = runs[0][2].sizes.get("sample", 0)
+    n = runs[0].ds.sizes.get("sample", 0)
     if uniform is not None:
         fig.add_hline(y=uniform, line={"color": "#555", "dash": "dash"},
                       annotation_text=f"uniform attention N_txt/(N_txt+N_vis) = {uniform:.3g}",
@@ -119,24 +310,18 @@ def _suppression_figure(runs: list[tuple[str, str, xr.Dataset]], stats: dict[str
     return fig
 
 
-def _difference_figure(treated: tuple[str, str, xr.Dataset], baseline: tuple[str, str, xr.Dataset],
+def _difference_figure(treated: Run, baseline: Run,
                        stats: dict[str, Any]) -> go.Figure:
     """Paired TACA - baseline difference of the mass over timesteps, per block type, with 95% CIs."""
-    res = A.compare_runs(treated[2], baseline[2], by="block_type", **stats)
+    res = A.compare_runs(treated.ds, baseline.ds, by="block_type", **stats)
     t = np.asarray(res["timestep"].values, float)
     fig = go.Figure()
     for g, bt in enumerate(str(v) for v in res["block_type"].values):
-        sub = res.sel(block_type=bt)
-        diff, lo, hi = (np.asarray(sub[v].values, float) for v in ("diff", "diff_ci_low", "diff_ci_high"))
-        lo, hi = np.where(np.isfinite(lo), lo, diff), np.where(np.isfinite(hi), hi, diff)
-        color = _COLORS[g % len(_COLORS)]
-        fig.add_trace(go.Scatter(x=np.concatenate([t, t[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
-                                 fillcolor=_band(color), line={"width": 0}, hoverinfo="skip", showlegend=False))
-        fig.add_trace(go.Scatter(x=t, y=diff, mode="lines+markers", name=bt, line={"color": color},
-                                 hovertemplate="t=%{x:.0f}<br>Δ mass %{y:+.4f}<extra>" + html.escape(bt) + "</extra>"))
+        _line_with_band(fig, t, res.sel(block_type=bt), ("diff", "diff_ci_low", "diff_ci_high"), bt,
+                        _COLORS[g % len(_COLORS)], "Δ mass %{y:+.4f}")
     fig.add_hline(y=0, line={"color": "#555", "dash": "dot"})
     fig.update_layout(
-        title=f"{treated[1]} − {baseline[1]}: paired difference of the visual→text mass "
+        title=f"{treated.spec} − {baseline.spec}: paired difference of the visual→text mass "
               f"(95% bootstrap CI; n = {res.attrs.get('n_pairs')} pairs)",
         xaxis={"title": "timestep t", "autorange": "reversed"},
         yaxis={"title": "Δ visual→text mass"}, height=360, margin={"t": 60, "l": 70, "r": 20, "b": 60},
@@ -144,20 +329,20 @@ def _difference_figure(treated: tuple[str, str, xr.Dataset], baseline: tuple[str
     return fig
 
 
-def _heatmap_figure(runs: list[tuple[str, str, xr.Dataset]], pair: tuple[int, int] | None,
+def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None,
                     branch: str | None) -> go.Figure:
     """Layer x step mean mass per run, and treated - baseline where a pair exists."""
     means, titles = [], []
     for label, spec, ds in runs:
-        m = _mass(ds, branch)["vis_txt_mass"].mean(("sample", "head")).transpose("layer", "step")
+        m = A._select_branch(ds, branch)["vis_txt_mass"].mean(("sample", "head")).transpose("layer", "step")
         means.append(np.asarray(m.values, float))
         titles.append(spec)
     if pair is not None:
         ti, bi = pair
         means.append(means[ti] - means[bi])
-        titles.append(f"{runs[ti][1]} − {runs[bi][1]}")
-    ds0 = runs[0][2]
-    layers = [_short_layer(str(n), str(b)) for n, b in zip(ds0["layer"].values, ds0["block_type"].values)]
+        titles.append(f"{runs[ti].spec} − {runs[bi].spec}")
+    ds0 = runs[0].ds
+    layers = [short_layer(str(n), str(b)) for n, b in zip(ds0["layer"].values, ds0["block_type"].values)]
     t = np.asarray(ds0["timestep"].isel(sample=0).values, float) if ds0.sizes.get("sample") else ds0["step"].values
     x = [f"{v:.0f}" for v in t]
     fig = make_subplots(rows=1, cols=len(means), subplot_titles=titles, horizontal_spacing=0.1)
@@ -180,28 +365,28 @@ def _heatmap_figure(runs: list[tuple[str, str, xr.Dataset]], pair: tuple[int, in
     return fig
 
 
-def _map_viewer(runs: list[tuple[str, str, xr.Dataset]], base_index: int | None, treated_index: int | None,
+def _map_viewer(runs: list[Run], base_index: int | None, treated_index: int | None,
                 branch: str | None) -> tuple[dict[str, Any] | None, go.Figure | None]:
     """Data and the Plotly figure of the map viewer (None without maps)."""
     with_maps = [i for i, (_, _, ds) in enumerate(runs) if "maps" in ds and ds.sizes.get("sample", 0)]
     if not with_maps:
         return None, None
-    common = _keys(runs[with_maps[0]][2])
+    common = sample_keys(runs[with_maps[0]][2])
     for i in with_maps[1:]:
-        other = set(_keys(runs[i][2]))
+        other = set(sample_keys(runs[i].ds))
         kept = [k for k in common if k in other]
         if kept:
             common = kept
-    viewer = [i for i in with_maps if set(common) <= set(_keys(runs[i][2]))]
+    viewer = [i for i in with_maps if set(common) <= set(sample_keys(runs[i].ds))]
     steps = A.recorded_map_steps(runs[viewer[0]][2])
-    layers = A._recorded_map_layers(runs[viewer[0]][2])
+    layers = A.recorded_map_layers(runs[viewer[0]][2])
     for i in viewer[1:]:
-        steps = [s for s in steps if s in set(A.recorded_map_steps(runs[i][2]))]
-        layers = [name for name in layers if name in set(A._recorded_map_layers(runs[i][2]))]
+        steps = [s for s in steps if s in set(A.recorded_map_steps(runs[i].ds))]
+        layers = [name for name in layers if name in set(A.recorded_map_layers(runs[i].ds))]
     if not steps or not layers:
         return None, None
     ref = runs[viewer[0]][2]
-    ref_pos = {k: j for j, k in enumerate(_keys(ref))}
+    ref_pos = {k: j for j, k in enumerate(sample_keys(ref))}
     ref_idx = [ref_pos[k] for k in common]
     text = np.asarray(ref["token_text"].values)[ref_idx]
     padding = np.asarray(ref["token_is_padding"].values, bool)[ref_idx] if "token_is_padding" in ref else np.zeros(text.shape, bool)
@@ -209,8 +394,8 @@ def _map_viewer(runs: list[tuple[str, str, xr.Dataset]], base_index: int | None,
     layer_bt = dict(zip((str(v) for v in ref["layer"].values), (str(v) for v in ref["block_type"].values)))
     maps_b64, images, recorded = {}, {}, None
     for i in viewer:
-        ds = _mass(runs[i][2], branch)
-        pos = {k: j for j, k in enumerate(_keys(ds))}
+        ds = A._select_branch(runs[i].ds, branch)
+        pos = {k: j for j, k in enumerate(sample_keys(ds))}
         idx = [pos[k] for k in common]
         arr = ds["maps"].isel(sample=idx).sel(step=steps, layer=layers).transpose("sample", "step", "layer", "token", "y", "x")
         values = np.ascontiguousarray(np.asarray(arr.values, dtype="<f2"))
@@ -222,16 +407,16 @@ def _map_viewer(runs: list[tuple[str, str, xr.Dataset]], base_index: int | None,
     t = np.asarray(ref["timestep"].isel(sample=ref_idx[0]).values, float)
     step_pos = {int(s): j for j, s in enumerate(ref["step"].values)}
     data = {
-        "runs": [{"index": i, "label": runs[i][0], "spec": runs[i][1]} for i in viewer],
+        "runs": [{"index": i, "label": runs[i].label, "spec": runs[i].spec} for i in viewer],
         "baseline": base_index if base_index in viewer else None,
         "treated": treated_index if treated_index in viewer else viewer[0],
         "samples": [{"prompt": p, "seed": s, "batch_index": b,
-                     "tokens": [{"pos": q, "label": _token_label(text[j, q], source[q], q),
+                     "tokens": [{"pos": q, "label": token_label(text[j, q], source[q], q),
                                  "padding": bool(padding[j, q]), "recorded": bool(recorded[j, q])}
                                 for q in range(text.shape[1])]}
                     for j, (p, s, b) in enumerate(common)],
         "steps": [{"step": int(s), "timestep": float(t[step_pos[int(s)]])} for s in steps],
-        "layers": [{"name": n, "label": _short_layer(n, layer_bt.get(n))} for n in layers],
+        "layers": [{"name": n, "label": short_layer(n, layer_bt.get(n))} for n in layers],
         "shape": [len(common), len(steps), len(layers), int(text.shape[1]), int(ny), int(nx)],
         "maps": maps_b64,
         "images": images,
@@ -337,61 +522,28 @@ def _div(fig: go.Figure, div_id: str) -> str:
                        config={"displaylogo": False, "responsive": True})
 
 
-def report(
-    sources: str | os.PathLike | Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    baseline: str | None = None,
-    treated: str | None = None,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    branch: str | None = None,
-) -> Report:
+def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
+           baseline: str | None = None, treated: str | None = None, n_resamples: int = 1000, seed: int = 0,
+           branch: str | None = None) -> Report:
     """Write ``out/index.html``: images, suppression with CIs, layer x step heat map, map viewer.
 
-    Parameters
-    ----------
-    sources
-        Run stores and/or sweep folders (as for :func:`taca_probe.render_figures`).
-    out
-        Output folder; the page is ``out/index.html`` and needs nothing else.
-    baseline, treated
-        Store path or schedule spec of the baseline (default: the run with schedule ``none``) and
-        of the run compared with it (default: ``step:1.2@970`` if present, else the first other).
-    n_resamples, seed, branch
-        Bootstrap and CFG-branch options of the analysis.
-
-    Returns
-    -------
-    Report
-        The page's path and size; displays the page inline in Jupyter.
+    ``sources``, ``baseline``, ``treated`` as for :func:`render_figures`; ``n_resamples``, ``seed``,
+    ``branch``: analysis options. The returned :class:`Report` displays the page in Jupyter.
     """
-    from .plotting import _find_run
-
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    if not sources:
-        raise ReportError("no input: give one or more stores or sweep folders")
-    runs, _, _ = _open_inputs(sources, None)
-    runs = [r for r in runs if r[2].sizes.get("sample", 0)]
+    runs = [r for r in open_inputs(sources)[0] if r.ds.sizes.get("sample", 0)]
     if not runs:
         raise ReportError("no complete sample in the inputs")
-    base = _find_run(runs, baseline, "baseline") if baseline else next((r for r in runs if parse(r[1]).is_identity), None)
-    if treated:
-        treat = _find_run(runs, treated, "treated")
-    else:
-        others = [r for r in runs if r is not base and not parse(r[1]).is_identity]
-        treat = next((r for r in others if r[1] == "step:1.2@970"), others[0] if others else None)
+    base, treat = choose_runs(runs, baseline=baseline or None, treated=treated or None)
     bi = next((i for i, r in enumerate(runs) if r is base), None)
     ti = next((i for i, r in enumerate(runs) if r is treat), None)
     pair = None
     if bi is not None and ti is not None:
         try:
-            A.pair_samples(runs[ti][2], runs[bi][2])
-            A._check_same_structure(runs[ti][2], runs[bi][2], ("layer", "step"))
+            A.pair_samples(runs[ti].ds, runs[bi].ds)
+            A._check_same_structure(runs[ti].ds, runs[bi].ds, ("layer", "step"))
             pair = (ti, bi)
         except A.AnalysisError:
-            pair = None
+            pass  # no pair: the page shows each run alone
     stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
 
     sections = []
@@ -400,7 +552,7 @@ def report(
         figs = "".join(
             f'<figure><img src="{_png_uri(ds["image"].isel(sample=j).values)}" alt="{html.escape(str(p))}">'
             f"<figcaption>{html.escape(str(p))}<br>seed {int(s)}</figcaption></figure>"
-            for j, (p, s, _) in enumerate(_keys(ds)))
+            for j, (p, s, _) in enumerate(sample_keys(ds)))
         gallery.append(f"<h3>{html.escape(spec)} <span class='note'>{html.escape(label)}</span></h3>"
                        f"<div class='gallery'>{figs}</div>")
     sections.append("<h2>Generated images</h2>" + "".join(gallery))
@@ -430,7 +582,7 @@ def report(
     else:
         sections.append("<h2>Attention maps</h2><p class='note'>No maps in these runs: record with "
                         "<code>--maps steps=0-4</code> to get the map viewer.</p>")
-    ds0 = runs[0][2]
+    ds0 = runs[0].ds
     meta = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(ds0.attrs.get(k)))}</td></tr>"
                    for k in ("model", "pipeline_class", "steps", "height", "width", "guidance", "n_txt", "n_vis")
                    if k in ds0.attrs)
@@ -440,7 +592,7 @@ def report(
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>taca-probe report</title>"
         f"<style>{_CSS}</style><script>{get_plotlyjs()}</script></head><body>"
         f"<h1>taca-probe report</h1><p>{len(runs)} run(s): "
-        + ", ".join(f"<b>{html.escape(spec)}</b> ({r[2].sizes['sample']} samples)" for r in runs for spec in [r[1]])
+        + ", ".join(f"<b>{html.escape(spec)}</b> ({r.ds.sizes['sample']} samples)" for r in runs for spec in [r.spec])
         + f"; {pair_text}.</p><table class='meta'>{meta}</table>"
         + "".join(sections) + script + "</body></html>"
     )
@@ -448,4 +600,4 @@ def report(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "index.html"
     path.write_text(page, encoding="utf-8")
-    return Report(path=path, size_bytes=path.stat().st_size, runs=[r[1] for r in runs])
+    return Report(path=path, size_bytes=path.stat().st_size, runs=[r.spec for r in runs])
