@@ -442,7 +442,7 @@ def parse(spec: str | Schedule) -> Schedule:
                 raise _Invalid(f"option {name!r} given twice")
             options[name] = _option(name, [v.strip().lower() if name == "blocks" else v.strip()
                                            for v in value.split("|")])  # fmt: skip
-        options = {name: v for name, v in options.items() if v != BLOCK_TYPES}  # both block types: no restriction
+        options = {n: v for n, v in options.items() if (n, v) != ("blocks", BLOCK_TYPES)}  # both: no restriction
         return RestrictedSchedule(base, **options) if options else base
     except _Invalid as exc:
         raise exc.error(repr(spec)) from None

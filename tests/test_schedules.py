@@ -445,6 +445,7 @@ def test_gamma_rejects_bad_block_type(spec: str, bad_block: str) -> None:
         ("table:970=1.2", "table:970=1.2"),
         ("table:900=1.1,1000=1.3,970=1.2", "table:1000=1.3,970=1.2,900=1.1"),
         ("step:1.2@970;blocks=joint", "step:1.2@970;blocks=joint"),
+        ("step:1.2@970;layers=joint|single", "step:1.2@970;layers=joint|single"),  # globs, not block types
         ("frac:1.2@0.1;blocks=single", "frac:1.2@0.1;blocks=single"),
         (
             "step:1.2@970;layers=transformer_blocks.1*|single_transformer_blocks.0.attn",
