@@ -6,7 +6,7 @@ line and exits with status 2; the Python API lets it propagate so notebooks show
 
 from __future__ import annotations
 
-__all__ = ["TacaProbeError", "ModelError", "ScheduleError", "StoreError"]
+__all__ = ["first_line", "TacaProbeError", "ModelError", "ScheduleError", "StoreError"]
 
 
 class TacaProbeError(Exception):
@@ -23,3 +23,11 @@ class ScheduleError(TacaProbeError, ValueError):
 
 class StoreError(TacaProbeError):
     """A store that is missing, not a taca-probe store, of an unknown schema, or inconsistent."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``"KeyError: the first non-empty line"`` of an exception from a library, for a one-line message."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return f"{type(exc).__name__}: {line.strip()}"
+    return type(exc).__name__

@@ -19,14 +19,14 @@ import importlib.resources
 import json
 import os
 import re
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, first_line
+from .logs import quiet
 
 # diffusers, transformers and huggingface_hub are imported inside the functions that use them:
 # the CLI imports this module for its --help (DEFAULT_MODEL, EMBEDDED_MODELS), which must stay fast.
@@ -247,44 +247,6 @@ def check_supported(pipe_or_transformer: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if line.strip():
-            return f"{type(exc).__name__}: {line.strip()}"
-    return type(exc).__name__
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence diffusers/transformers info, warnings and progress bars, restoring them after.
-
-    Used around building and loading the embedded models, whose loading chatter ("Loading pipeline
-    components...", torchvision fallbacks of unused image processors) says nothing useful.
-    """
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    saved = (
-        dlog.get_verbosity(),
-        dlog.is_progress_bar_enabled(),
-        tlog.get_verbosity(),
-        tlog.is_progress_bar_enabled(),
-    )
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        dlog.set_verbosity(saved[0])
-        (dlog.enable_progress_bar if saved[1] else dlog.disable_progress_bar)()
-        tlog.set_verbosity(saved[2])
-        (tlog.enable_progress_bar if saved[3] else tlog.disable_progress_bar)()
-
-
 def _hub_cached(model: str) -> bool | None:
     """Whether ``model`` is a Hugging Face repo id with a model_index.json in the local HF cache.
 
@@ -339,12 +301,12 @@ def load_pipeline(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
 
-    quiet = False
+    embedded = False
     if model in EMBEDDED_MODELS:
         source: str | Path = embedded_model_path(model)
         what = f"embedded model {model!r} from {source}"
         hint = "; reinstall taca-probe" if model in SHIPPED_MODELS else f"; delete {source} to rebuild it"
-        quiet = True
+        embedded = True
     elif os.path.exists(os.path.expanduser(model)):
         folder = Path(os.path.expanduser(model))
         if not folder.is_dir():
@@ -382,13 +344,13 @@ def load_pipeline(
 
     from diffusers import DiffusionPipeline
 
-    with _quiet() if quiet else contextlib.nullcontext():
+    with quiet() if embedded else contextlib.nullcontext():
         try:
             # dtype= (not the deprecated torch_dtype=); local_files_only so nothing is downloaded.
             pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - any loader failure becomes one readable line
-            raise ModelError(f"cannot load {what}: {_first_line(exc)}{hint}") from exc
-        # Inside _quiet for the embedded models: diffusers' "fp16 cannot run on the CPU" warning
+            raise ModelError(f"cannot load {what}: {first_line(exc)}{hint}") from exc
+        # Inside quiet for the embedded models: diffusers' "fp16 cannot run on the CPU" warning
         # is stale (torch 2.13 runs the tiny models in fp16 on the CPU).
         pipe = pipe.to(torch_device)
     # The name as the user gave it ("shapes", not the package folder): stores record it, as the CLI does.
@@ -469,7 +431,7 @@ def model_call_defaults(model: str | os.PathLike[str] | Any) -> dict[str, Any]:
     try:
         data = json.loads((folder / CALL_DEFAULTS_FILE).read_text())
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {folder / CALL_DEFAULTS_FILE}: {_first_line(exc)}") from exc
+        raise ModelError(f"cannot read {folder / CALL_DEFAULTS_FILE}: {first_line(exc)}") from exc
     if not isinstance(data, dict):
         raise ModelError(f"{folder / CALL_DEFAULTS_FILE} must hold a JSON object of pipe(...) arguments")
     return data
@@ -537,8 +499,8 @@ def embedded_model_path(name: str) -> Path:
         raise ModelError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
     if name in SHIPPED_MODELS:
         return _shipped_path(name)
-    # Lazy: tiny_models sits above this module (it imports _quiet from here) and is needed only
-    # here; _quiet: importing the pipelines logs torchvision fallbacks of unused image processors.
-    with _quiet():
+    # Lazy, and inside quiet(): importing the pipeline classes logs torchvision fallbacks of image
+    # processors the tiny models do not use; most runs never build a tiny model.
+    with quiet():
         from .tiny_models import cached_model_path
     return cached_model_path(name)

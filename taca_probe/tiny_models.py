@@ -43,8 +43,8 @@ from transformers import (
     T5Tokenizer,
 )
 
-from .errors import ModelError
-from .models import RANDOM_MODELS, _first_line, _quiet
+from .errors import ModelError, first_line
+from .logs import quiet
 
 __all__ = ["RECIPE_VERSION", "cached_model_path", "tokenizers"]
 
@@ -224,7 +224,7 @@ def _build_flux(name: str) -> FluxPipeline:
 
 def _build_into(name: str, folder: Path) -> None:
     """Build tiny model ``name`` and save it (safetensors) into the existing ``folder``."""
-    with _quiet(), torch.random.fork_rng(devices=[]):
+    with quiet(), torch.random.fork_rng(devices=[]):
         # fork_rng: seeding for the build must not disturb the caller's global RNG stream.
         saved_dtype = torch.get_default_dtype()
         torch.set_default_dtype(torch.float32)
@@ -264,8 +264,8 @@ def cached_model_path(name: str) -> Path:
     ModelError
         If ``name`` is not a tiny model, or the cache folder cannot be written.
     """
-    if name not in RANDOM_MODELS:
-        raise ModelError(f"unknown tiny model {name!r}; tiny models: {', '.join(RANDOM_MODELS)}")
+    if name not in ("tiny-sd3", "tiny-sd35", "tiny-flux"):
+        raise ModelError(f"unknown tiny model {name!r}; tiny models: tiny-sd3, tiny-sd35, tiny-flux")
     models_dir = _cache_root() / "models"
     target = models_dir / f"{name}-v{RECIPE_VERSION}"
     if (target / "model_index.json").is_file():
@@ -279,7 +279,7 @@ def cached_model_path(name: str) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=models_dir))
     except OSError as exc:
         raise ModelError(
-            f"cannot create the model cache in {models_dir}: {_first_line(exc)}; "
+            f"cannot create the model cache in {models_dir}: {first_line(exc)}; "
             "set TACA_PROBE_CACHE to a writable folder"
         ) from exc
     try:
@@ -293,12 +293,12 @@ def cached_model_path(name: str) -> Path:
         except OSError as exc:
             if not (target / "model_index.json").is_file():
                 raise ModelError(
-                    f"cannot put the built model {name!r} in place at {target}: {_first_line(exc)}; "
+                    f"cannot put the built model {name!r} in place at {target}: {first_line(exc)}; "
                     "delete that folder and retry"
                 ) from exc
     except OSError as exc:
         raise ModelError(
-            f"cannot write embedded model {name!r} into {models_dir}: {_first_line(exc)}; "
+            f"cannot write embedded model {name!r} into {models_dir}: {first_line(exc)}; "
             "set TACA_PROBE_CACHE to a writable folder"
         ) from exc
     finally:

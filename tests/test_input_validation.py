@@ -79,7 +79,8 @@ def test_prompts_file_values_are_checked(tmp_path, capsys, text, key):
 
 
 def test_prompts_file_line_separator_is_not_a_new_prompt_and_bytes_must_be_utf8(tmp_path, capsys):
-    from taca_probe.cli import _read_prompts, build_parser
+    from taca_probe.cli import build_parser
+    from taca_probe.cli.args import read_prompts as _read_prompts
 
     f = tmp_path / "p.txt"
     f.write_text("one\u2028still one\nsecond\r\n", encoding="utf-8")

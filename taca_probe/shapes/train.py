@@ -404,7 +404,7 @@ def export_pipeline(pipe: Any, ema: _Ema | None, folder: Path, config: TrainConf
     folder = Path(folder)
     if ema is not None:
         ema.swap()
-    from ..models import _quiet
+    from ..logs import quiet as _quiet
 
     try:
         export = copy.deepcopy(pipe)
