@@ -493,9 +493,9 @@ def token_ranking(ds: xr.Dataset, *, steps: int | Sequence[int] | None = None,
     as ``padding_*`` along ``padding_rank``; per prompt the masses, ``padding_share`` and counts.
     """
     require(ds, "token_mass", "token_text", "token_is_padding", "prompt")
-    _one_run(ds, "token_ranking")
     positive_int(top, "top", none_ok=True)
-    ds = _select_branch(ds, branch)
+    ds = _select_branch(ds, branch)  # before the one-run check: branch= is how a two-branch store is ranked
+    _one_run(ds, "token_ranking")
     da = ds["token_mass"].reset_coords(drop=True)
     if steps is not None:
         da = da.sel(step=_pick_steps(steps, [int(s) for s in ds["step"].values], "the store"))

@@ -130,7 +130,7 @@ def test_train_resume_never_runs_code_from_a_checkpoint(tmp_path, monkeypatch):
 
 
 def test_bench_shape_too_large_is_a_user_error(monkeypatch, capsys):
-    import taca_probe.bench as bench
+    import taca_probe.cli.bench as bench
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 GiB")
