@@ -7,10 +7,11 @@ weights), 2 steps at 64 px; they write under ``TACA_PROBE_NOTEBOOK_OUT``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+
+from taca_probe.store import is_store, open_run
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -46,8 +47,9 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert images, f"{path.name} drew no figure"
-    assert any(tmp_path.iterdir())
-    assert os.environ["TACA_PROBE_NOTEBOOK_OUT"] == str(tmp_path)
+    # what it recorded went where it was told, and opens with complete samples
+    stores = [p for p in tmp_path.rglob("*.zarr") if is_store(p)]
+    assert stores and all(open_run(p).sizes["sample"] > 0 for p in stores), f"{path.name} recorded nothing"
 
 
 def test_quickstart_notebook_shows_progress_and_the_report_inline(tmp_path, monkeypatch):
