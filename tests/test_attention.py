@@ -175,6 +175,7 @@ def test_statistics_with_a_mask_match_the_reference(kind, gamma, backend):
     assert stats["token_mass"][0, 3:6].abs().max().item() == 0.0  # masked keys get no mass
 
 
+@pytest.mark.slow  # real-size shapes against the float64 reference
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gamma", [1.0, 1.2])
 def test_statistics_at_an_odd_shape_with_spread_out_logits(gamma, backend):
@@ -196,6 +197,7 @@ def test_statistics_at_an_odd_shape_with_spread_out_logits(gamma, backend):
     assert torch.allclose(stats["token_mass"].sum(-1).double(), stats["vis_txt_mass"].mean(-1).double(), atol=1e-6)
 
 
+@pytest.mark.slow  # real-size shapes against the float64 reference
 @pytest.mark.parametrize("txt_first", [True, False], ids=["txt_first", "img_first"])
 @pytest.mark.parametrize("gamma", [1.2, 1.3, 2.0])
 def test_bf16_output_within_the_accuracy_contract(txt_first, gamma):
@@ -213,6 +215,7 @@ def test_bf16_output_within_the_accuracy_contract(txt_first, gamma):
     assert torch.equal(out, out2)
 
 
+@pytest.mark.slow  # real-size shapes against the float64 reference
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gamma", [1.0, 1.25])
 def test_bf16_statistics_close_to_the_reference(gamma, backend):

@@ -10,6 +10,7 @@ from taca_probe.bench import FULL_DEPTH, WIDTHS, realistic_sd3_pipeline
 from taca_probe.cli import main
 
 
+@pytest.mark.slow  # times whole sampling runs
 def test_bench_e2e_reports_every_variant(capsys):
     rc = main(["bench", "e2e", "--device", "cpu", "--layers", "1", "--image-tokens", "64", "--steps", "2",
                "--repeats", "1", "--maps", "steps=0;tokens=0-3", "--json", "-"])

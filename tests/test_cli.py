@@ -13,6 +13,8 @@ from PIL import Image
 
 from tests.clitools import run_cli
 
+pytestmark = pytest.mark.slow  # runs the CLI end to end on embedded models
+
 
 @pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
 def test_generate_writes_png_and_sidecar(tmp_path, capsys, model):

@@ -21,6 +21,8 @@ from taca_probe import open_sweep, plotting, render_figures
 from taca_probe.cli import main
 from tests.clitools import one_line_error, run_cli
 
+pytestmark = pytest.mark.slow  # records sweeps and renders every figure
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny-sd3", "--device", "cpu", "--steps", "2", "--height", "64", "--width", "64",
         "--max-sequence-length", "8"]

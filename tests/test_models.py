@@ -214,6 +214,7 @@ def test_cache_location_falls_back_to_xdg_then_home(monkeypatch: pytest.MonkeyPa
     assert tiny_models._cache_root() == tmp_path / "home" / ".cache" / "taca-probe"
 
 
+@pytest.mark.slow  # builds and loads a model twice
 def test_second_use_loads_from_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     path = models.embedded_model_path("tiny-sd35")
     before = {f: f.stat().st_mtime_ns for f in path.rglob("*")}

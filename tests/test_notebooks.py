@@ -13,6 +13,8 @@ import pytest
 
 from taca_probe.store import is_store, open_run
 
+pytestmark = pytest.mark.slow  # executes every notebook in a Jupyter kernel
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")

@@ -25,6 +25,8 @@ from taca_probe.selection import MapSelection
 from taca_probe.store import StoreError, open_run, store_info
 from tests.reference import ExplicitTacaSDPA, taca_probabilities, text_mask
 
+pytestmark = pytest.mark.slow  # records through every embedded pipeline and statistics path
+
 SIZE = {"height": 64, "width": 96}
 
 

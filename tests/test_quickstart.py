@@ -12,6 +12,8 @@ import pytest
 
 from taca_probe import open_sweep, plotting
 
+pytestmark = pytest.mark.slow  # the README quick start and CI script, end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

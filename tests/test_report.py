@@ -27,6 +27,8 @@ from taca_probe.cli import main
 from taca_probe.errors import TacaProbeError
 from taca_probe.rendering import choose_runs, open_inputs
 
+pytestmark = pytest.mark.slow  # records sweeps, renders the page, drives a browser
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 

@@ -15,6 +15,8 @@ from taca_probe.cli import build_parser, main
 from taca_probe.store import COORD_ORDER, VARIABLE_ORDER, open_run
 from tests.clitools import one_line_error, run_cli
 
+pytestmark = pytest.mark.slow  # runs the CLI end to end on embedded models
+
 LONG = "a red cube on a blue table next to a green sphere under a yellow lamp in a quiet room"
 TINY = ["--model", "tiny-sd3", "--device", "cpu", "--steps", "2", "--height", "64", "--width", "64"]
 

@@ -15,6 +15,8 @@ import xarray as xr
 
 from taca_probe.store import ChunkChecksumError, open_run, store_info, verify_store
 
+pytestmark = pytest.mark.slow  # multi-process and large-run recordings
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [f"a shape number {i}" for i in range(5)]
 # Attributes that name the process that wrote them; everything else must match.

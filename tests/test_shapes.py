@@ -258,6 +258,7 @@ def test_missing_weights_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) ->
         one_line(excinfo.value, "'shapes'", "no weights", "taca_probe.shapes.train")
 
 
+@pytest.mark.slow  # samples or trains the shapes model
 def test_shipped_model_generates_and_taca_applies(shapes_pipe) -> None:
     import torch
 
@@ -278,6 +279,7 @@ def test_shipped_model_generates_and_taca_applies(shapes_pipe) -> None:
     assert not np.allclose(base, boosted)  # the first step (t = 1000) is scaled
 
 
+@pytest.mark.slow  # samples or trains the shapes model
 def test_shipped_model_follows_seen_prompts(shapes_pipe) -> None:
     """A quality floor on training (seen) one-object prompts at the model's own settings."""
     from taca_probe.shapes.benchmark import generate_images
@@ -299,6 +301,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow  # samples or trains the shapes model
 def test_training_smoke_lowers_the_loss_resumes_and_exports(tmp_path: Path) -> None:
     import torch
     from diffusers import StableDiffusion3Pipeline
@@ -352,6 +355,7 @@ def _eval_args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(["eval", *argv])
 
 
+@pytest.mark.slow  # samples or trains the shapes model
 def test_eval_cli_writes_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "eval.json"
     args = _eval_args("--prompt", "a red triangle", "--prompt", "a green square below a red circle", "--seeds", "0-1",

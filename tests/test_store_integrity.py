@@ -17,6 +17,8 @@ from taca_probe.cli import main
 from taca_probe.store import ChunkChecksumError, StoreError, open_run, store_info, verify_store
 from tests.clitools import run_cli
 
+pytestmark = pytest.mark.slow  # records stores, damages and repairs them, kills processes
+
 TINY = ["--model", "tiny-sd3", "--steps", "1", "--height", "64", "--width", "64"]
 
 
