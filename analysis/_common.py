@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import taca_probe
+from taca_probe.selection import int_ranges
 
 #: Prompts in the grammar of the embedded shapes model (objects it saw in training).
 DEFAULT_PROMPTS = (
@@ -36,7 +37,7 @@ def parser(description: str, default_record_dir: str) -> argparse.ArgumentParser
     rec.add_argument("--model", default=taca_probe.DEFAULT_MODEL,
                      help=f"model to record on (default {taca_probe.DEFAULT_MODEL})")
     rec.add_argument("--prompt", action="append", help="a prompt (repeatable; default: shapes prompts)")
-    rec.add_argument("--seeds", default=None, help="comma list of seeds")
+    rec.add_argument("--seeds", type=int_ranges, default=None, help="seeds, e.g. 0,1,2 or 0-3")
     rec.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's recommended)")
     rec.add_argument("--height", type=int, default=None)
     rec.add_argument("--width", type=int, default=None)
@@ -50,7 +51,7 @@ def record(args: argparse.Namespace, *, schedules: Sequence[str], seeds: Sequenc
     """Record (or resume) a sweep of ``schedules`` into ``args.record_dir``; returns the folder."""
     folder = Path(args.record_dir)
     prompts = args.prompt or list(DEFAULT_PROMPTS[:n_prompts])
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(seeds)
+    seeds = args.seeds or list(seeds)
     call = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
             "max_sequence_length": args.max_sequence_length}
     mode = "resume" if (folder / "sweep.json").is_file() else "create"

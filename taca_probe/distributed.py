@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["Ranks", "ranks_from_env"]
 
@@ -42,8 +43,6 @@ class Ranks:
 
     def barrier(self, timeout_s: float = 3600.0) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
             if not dist.is_initialized():
                 # Joined lazily, after the model is loaded: libraries that see an initialized
                 # group save weights on rank 0 only, which breaks the cache build of an embedded
@@ -54,8 +53,6 @@ class Ranks:
 
     def close(self) -> None:
         if self._group:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
             self._group = False
 

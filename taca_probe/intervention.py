@@ -156,7 +156,7 @@ def _lora_file(path: str | os.PathLike) -> tuple[str, str]:
 
 
 def _lora_disabled(transformer: torch.nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # peft is optional (the lora extra); present here
 
     return any(m.disable_adapters for m in transformer.modules() if isinstance(m, BaseTunerLayer))
 

@@ -21,17 +21,15 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .errors import ModelError, first_line
 from .logs import quiet
-
-# diffusers, transformers and huggingface_hub are imported inside the functions that use them:
-# the CLI imports this module for its --help (DEFAULT_MODEL, EMBEDDED_MODELS), which must stay fast.
-if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -218,7 +216,6 @@ def check_supported(pipe_or_transformer: Any) -> str:
     ModelError
         If there is no transformer, or its class is not supported.
     """
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     obj = pipe_or_transformer
     if isinstance(obj, torch.nn.Module):
@@ -252,8 +249,6 @@ def _hub_cached(model: str) -> bool | None:
 
     Returns None when ``model`` is not even a valid repo id.
     """
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(model)
@@ -342,7 +337,6 @@ def load_pipeline(
         source, what = model, f"hub model {model!r} from the local Hugging Face cache"
         hint = f"; it may be incomplete: run `hf download {model}` and retry"
 
-    from diffusers import DiffusionPipeline
 
     with quiet() if embedded else contextlib.nullcontext():
         try:
