@@ -138,3 +138,19 @@ def test_bench_shape_too_large_is_a_user_error(monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench_attention", out_of_memory)
     rc, _, err = run_cli(["bench", "attention", "--device", "cpu", "--shape", "1,1,4,100000000,8"], capsys)
     _refused(rc, err, "--shape")
+
+
+def test_flags_with_two_meanings_keep_their_old_spelling_with_a_deprecation(capsys):
+    """``--steps`` means denoising steps and ``--width`` image width in every command; ``figures --steps``
+    (Fig. 3 steps) and ``bench e2e --width`` (a width preset) still work, saying the new name."""
+    from taca_probe.cli import build_parser
+
+    parser = build_parser()
+    old = parser.parse_args(["figures", "s.zarr", "--steps", "0-2"])
+    new = parser.parse_args(["figures", "s.zarr", "--map-steps", "0-2"])
+    assert old.map_steps == new.map_steps == [0, 1, 2]
+    assert capsys.readouterr().err.count("--map-steps") == 1  # said for the old spelling only
+    old = parser.parse_args(["bench", "e2e", "--width", "flux-dev"])
+    assert old.preset == parser.parse_args(["bench", "e2e", "--preset", "flux-dev"]).preset == "flux-dev"
+    assert "--preset" in capsys.readouterr().err
+    assert parser.parse_args(["bench", "e2e"]).preset == "sd35-medium"
