@@ -173,13 +173,12 @@ class TacaHandle:
         One entry per transformer forward call since installation.
     """
 
-    def __init__(self, target: Any, config: TacaConfig, observer: Observer | None = None):
+    def __init__(self, target: Any, config: TacaConfig):
         pipe = target if hasattr(target, "transformer") and not isinstance(target, torch.nn.Module) else None
         outer = pipe.transformer if pipe is not None else target
         # torch.compile(transformer) wraps it: processors go on the model inside, the per-call hooks
         # on the wrapper, so that they run eagerly, before the compiled forward.
         transformer = getattr(outer, "_orig_mod", outer)
-        self.hook_module: torch.nn.Module = outer
         self.family = check_supported(transformer)
         if getattr(transformer, _HANDLE_ATTR, None) is not None:
             raise TacaProbeError(
@@ -195,9 +194,8 @@ class TacaHandle:
             )
         _check_attention_backend(transformer)
         self.sites = find_sites(transformer, self.family)
-        self.state = RunState(self.sites, observer)
+        self.state = RunState(self.sites)
         self.calls: list[CallRecord] = []
-        self._current_arguments: dict[str, Any] = {}
         self._schedule_src: Any = None  # the scheduler's timesteps tensor that _schedule_host mirrors
         self._schedule_host: tuple[list[float], list[float] | None] = ([], None)
         self._last_t: float | None = None
@@ -227,20 +225,9 @@ class TacaHandle:
         """The transformer's forward arguments of a call, by name (read-only use)."""
         return self._sig.bind_partial(*args, **kwargs).arguments
 
-    @property
-    def current_arguments(self) -> dict[str, Any]:
-        """The forward arguments of the transformer call in progress, bound once by the pre-hook."""
-        return MappingProxyType(self._current_arguments)
-
-    @property
-    def current_call(self) -> CallRecord:
-        """The transformer call in progress (or the last one): step, timestep, sigma, gammas active."""
-        if not self.calls:
-            raise TacaProbeError("the transformer has not been called since TACA was installed")
-        return self.calls[-1]
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = self._current_arguments = self._bind(args, kwargs)
+        bound = self._bind(args, kwargs)
         enc = bound.get("encoder_hidden_states")  # (B, N_txt, C)
         self.state.n_txt = None if enc is None else int(enc.shape[1])
         step, t, sigma, num_steps = self._locate(bound.get("timestep"))
@@ -351,7 +338,7 @@ def _check_attention_backend(transformer: torch.nn.Module) -> None:
         )
 
 
-def apply_taca(target: Any, config: TacaConfig | None = None, *, observer: Observer | None = None) -> TacaHandle:
+def apply_taca(target: Any, config: TacaConfig | None = None) -> TacaHandle:
     """Install TACA on a pipeline or transformer; call ``handle.remove()`` to undo.
 
     Parameters
@@ -361,15 +348,12 @@ def apply_taca(target: Any, config: TacaConfig | None = None, *, observer: Obser
         ``.transformer``), or a bare ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``.
     config
         What to install; default ``TacaConfig()`` (the paper's ``step:1.2@970``).
-    observer
-        Internal hook for the probe: called in every wrapped attention call with the parts of
-        the attention it needs.
 
     Returns
     -------
     TacaHandle
     """
-    return TacaHandle(target, config or TacaConfig(), observer)
+    return TacaHandle(target, config or TacaConfig())
 
 
 @contextlib.contextmanager

@@ -328,7 +328,8 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
                        + textwrap.shorten(" ".join(prompt.split()), 40, placeholder=" …"))
                 images = run.sample(prompt, seed=seed, slot=slot, **call)
                 if images and on_sample is not None:
-                        on_sample(targets[i], prompt, seed, images)
+                    on_sample(targets[i], prompt, seed, images)
+        ranks.barrier()  # every rank's samples are in the stores before rank 0 reads them
     except BaseException:
         # A store this run created in which nothing finished would only block the rerun.
         if ranks.world == 1:
@@ -336,7 +337,6 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
                 if path.exists() and not any(done for *_, done in RunWriter.reopen(path).slots()):
                     remove_store(path)
         raise
-        ranks.barrier()
     finally:
         report(None)
         ranks.close()
