@@ -133,17 +133,40 @@ def sampling_args() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", metavar="FILE", help="prompts, one per line, or JSONL with 'prompt' and 'seed'")
     p.add_argument("--seeds", type=seeds, default=[0], help="seeds for every prompt, e.g. 0,1,2 or 0-7 (default 0)")
+    return call_args(p)
+
+
+def call_args(p: argparse.ArgumentParser | None = None, *, size: bool = True) -> argparse.ArgumentParser:
+    """--steps, --guidance and (``size``) --height, --width, --max-sequence-length: the pipeline call."""
+    p = p or _parent()
     p.add_argument("--steps", type=bounded(1, MAX_STEPS), default=None,
                    help="denoising steps (default: the model's recommended, else 28)")
-    p.add_argument("--height", type=bounded(16, MAX_IMAGE_SIDE), default=None,
-                   help="image height in pixels (default: the model's)")
-    p.add_argument("--width", type=bounded(16, MAX_IMAGE_SIDE), default=None,
-                   help="image width in pixels (default: the model's)")
     p.add_argument("--guidance", type=bounded(0.0, 100.0, integer=False), default=None,
                    help="guidance scale (default: the model's or pipeline's)")
-    p.add_argument("--max-sequence-length", type=bounded(1, 512), default=None, metavar="N",
-                   help="T5 text length (default: the model's recommended, else the pipeline's)")
+    if size:
+        p.add_argument("--height", type=bounded(16, MAX_IMAGE_SIDE), default=None,
+                       help="image height in pixels (default: the model's)")
+        p.add_argument("--width", type=bounded(16, MAX_IMAGE_SIDE), default=None,
+                       help="image width in pixels (default: the model's)")
+        p.add_argument("--max-sequence-length", type=bounded(1, 512), default=None, metavar="N",
+                       help="T5 text length (default: the model's recommended, else the pipeline's)")
     return p
+
+
+def json_args(what: str = "the result") -> argparse.ArgumentParser:
+    """--json [PATH]: write JSON to PATH, or to stdout alone with '-' or no PATH."""
+    p = _parent()
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help=f"write {what} as JSON to PATH ('-' or no PATH: to stdout, instead of the text)")
+    return p
+
+
+def write_json(path: str, text: str) -> None:
+    """What --json asks for: ``text`` to stdout ('-') or into the file ``path``."""
+    if path == "-":
+        print(text)
+    else:
+        Path(path).write_text(text + "\n", encoding="utf-8")
 
 
 def lora_args() -> argparse.ArgumentParser:
@@ -186,7 +209,6 @@ def bench_args(repeats: int) -> argparse.ArgumentParser:
     p = device_args()
     p.add_argument("--repeats", type=positive_int, default=repeats, help=f"timed repeats per variant (default {repeats})")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1: steadier timings)")
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-' for stdout only)")
     return p
 
 

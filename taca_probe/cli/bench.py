@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import diffusers
 import torch
@@ -18,7 +17,7 @@ from ..errors import TacaProbeError
 from ..models import resolve_device, resolve_dtype
 from ..schedules import parse
 from ..selection import MapSelection
-from .args import bench_args, positive_int
+from .args import bench_args, json_args, positive_int, write_json
 from .figures import _Deprecated
 
 _PRESETS = "sd35-medium (default, 24 x 64), sd3-medium, sd35-large, flux-dev"
@@ -27,7 +26,7 @@ _PRESETS = "sd35-medium (default, 24 x 64), sd3-medium, sd35-large, flux-dev"
 def add_parsers(sub, parser_class) -> None:
     bench = sub.add_parser("bench", help="benchmarks (not tests): the cost of TACA against stock attention")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=parser_class)
-    ba = bsub.add_parser("attention", parents=[bench_args(7)],
+    ba = bsub.add_parser("attention", parents=[bench_args(7), json_args("the rows")],
                          help="time stock SDPA, TACA, the naive materialized path and eager flex",
                          description="Interleaved timings, median of N, ratio to stock SDPA, peak extra memory.")
     ba.add_argument("--shape", action="append", metavar="B,H,NTXT,NVIS,D[,ORDER]",
@@ -40,7 +39,7 @@ def add_parsers(sub, parser_class) -> None:
                     "taca+masses:triton, taca+masses:fused, taca+masses:block, taca+maps, naive, flex, flex-compiled")
     ba.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ba.set_defaults(func=cmd_bench_attention)
-    be = bsub.add_parser("e2e", parents=[bench_args(5)], help="time whole sampling runs with and without the probe",
+    be = bsub.add_parser("e2e", parents=[bench_args(5), json_args()], help="time whole sampling runs with and without the probe",
                          description="A random-weight SD3 transformer of a real width (text encoders and VAE "
                          "stay tiny) samples with CFG, interleaved with and without recording; median of N.")
     be.add_argument("--preset", default="sd35-medium", help=f"transformer width preset: {_PRESETS}")
@@ -74,12 +73,10 @@ def _setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, dict]:
 
 
 def _emit(args: argparse.Namespace, result: dict, text: str) -> None:
-    if args.json == "-":
-        print(json.dumps(result, indent=2))
-        return
-    print(text)
+    if args.json != "-":
+        print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, json.dumps(result, indent=2))
 
 
 def cmd_bench_attention(args: argparse.Namespace) -> int:

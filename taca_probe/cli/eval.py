@@ -18,7 +18,7 @@ from ..models import load_pipeline
 from ..schedules import parse
 from ..shapes import dataset as ds
 from ..shapes.benchmark import DEFAULT_SEEDS, QUICK_SEEDS, _call_settings, format_table, run_benchmark
-from .args import model_args, positive_int, seeds
+from .args import call_args, json_args, model_args, positive_int, seeds, write_json
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -35,7 +35,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         The ``eval`` parser (its ``func`` default is :func:`cmd_eval`).
     """
     p = subparsers.add_parser(
-        "eval", parents=[model_args()],
+        "eval", parents=[model_args(), call_args(size=False),
+                         json_args("the full result (aggregates and per-image detections)")],
         help="compositional benchmark: held-out shapes prompts x seeds, scored exactly (colour, shape, binding, spatial)",
         description="Generate the shapes dataset's held-out prompts (compositions never seen in training) once per "
         "seed under each --schedule, detect every object's colour, shape and position by image analysis, and "
@@ -57,11 +58,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt-set", choices=["all", "one", "two"], default="all",
                    help="held-out one-object prompts, two-object prompts, or both (default all)")
     p.add_argument("--prompt", action="append", help="a prompt of the shapes grammar instead of the held-out set (repeatable)")
-    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per pipeline call (default 16)")
     p.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--json", metavar="PATH", help="write the full result (aggregates and per-image detections) as JSON")
     p.add_argument("--save-images", metavar="DIR", help="also save the generated images under DIR/<schedule>/")
     p.set_defaults(func=cmd_eval)
     return p
@@ -138,9 +136,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result["model"] = str(args.model)
     print(format_table(result))
     if args.json:
-        text = json.dumps(result, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+        write_json(args.json, json.dumps(result, indent=1))
     return 0

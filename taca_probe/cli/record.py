@@ -30,8 +30,8 @@ from ..store import COORD_ORDER, VARIABLE_ORDER, StoreError, is_store, open_run,
 from ..stats import sample_keys
 from ..sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH, MANIFEST, SweepError, is_sweep, open_sweep, read_manifest, \
     run_sweep, sweep_schedules
-from .args import EMBEDDED_NOTE, MAX_IMAGE_SIDE, check_out, floats, lora_args, model_args, read_prompts, \
-    recording_args, sampling_args, schedule_help, short_prompt
+from .args import EMBEDDED_NOTE, MAX_IMAGE_SIDE, check_out, floats, json_args, lora_args, model_args, read_prompts, \
+    recording_args, sampling_args, schedule_help, short_prompt, write_json
 
 
 def add_parsers(sub) -> None:
@@ -72,9 +72,9 @@ def add_parsers(sub) -> None:
     sw.add_argument("--out", default="sweep", help="sweep folder (default ./sweep)")
     sw.set_defaults(func=cmd_sweep)
 
-    info = sub.add_parser("info", help="schema, sizes and provenance of a store")
+    info = sub.add_parser("info", parents=[json_args("the store's description")],
+                          help="schema, sizes and provenance of a store")
     info.add_argument("store", help="store folder")
-    info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
     ex = sub.add_parser("export-images", help="write a store's (or sweep's) images as PNG files, named by prompt and seed",
@@ -304,7 +304,10 @@ def format_info(info: dict) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     info = store_info(args.store)
-    print(json.dumps(_strict_json(info), indent=2, default=str, allow_nan=False) if args.json else format_info(info))
+    if args.json:  # strict JSON: a NaN or inf attribute (older stores) is written as a string
+        write_json(args.json, json.dumps(_strict_json(info), indent=2, default=str, allow_nan=False))
+    else:
+        print(format_info(info))
     return 0
 
 
