@@ -343,6 +343,16 @@ def test_training_warm_start_and_shortened_schedule(tmp_path: Path) -> None:
     from taca_probe.shapes.train import TrainConfig, TrainError, _lr_factor, train
 
     first = train(TrainConfig(**TINY), tmp_path / "a", log=lambda _: None)
+    # Exporting the checkpoint afterwards gives the trainer's own export (the EMA weights).
+    from safetensors.torch import load_file
+
+    from taca_probe.shapes.train import export_checkpoint
+
+    again = export_checkpoint(tmp_path / "a", tmp_path / "x")
+    for name in ("transformer", "text_encoder_3"):
+        (f1,), (f2,) = sorted((first["pipeline"] / name).glob("*.safetensors")), sorted((again / name).glob("*.safetensors"))
+        w1, w2 = load_file(f1), load_file(f2)
+        assert w1.keys() == w2.keys() and all(np.array_equal(w1[k].numpy(), w2[k].numpy()) for k in w1)
     fresh_start = np.mean(first["losses"][:4])
     end = np.mean(first["losses"][-8:])
     # A warm start at a tiny learning rate continues from the trained weights: its first losses are

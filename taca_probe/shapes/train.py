@@ -756,6 +756,26 @@ def train(
     return {**state, "losses": losses, "pipeline": folder}
 
 
+def export_checkpoint(out: str | os.PathLike[str], folder: str | os.PathLike[str]) -> Path:
+    """Export the EMA weights of ``out/checkpoint.pt`` to ``folder`` without training.
+
+    For looking at a run while it trains (the checkpoint is replaced atomically, so reading it
+    while the trainer runs is safe).
+    """
+    ckpt_path = Path(out) / "checkpoint.pt"
+    if not ckpt_path.is_file():
+        raise TrainError(f"no checkpoint at {ckpt_path}")
+    payload = torch.load(ckpt_path, weights_only=True)
+    config = TrainConfig.from_dict(payload["config"])
+    pipe = build_pipeline(config)
+    for name in _MODULES:
+        getattr(pipe, name).load_state_dict(payload["modules"][name])
+    ema = _Ema(_text_and_transformer(pipe), config.ema_decay)
+    for s, v in zip(ema.shadow, payload["ema"], strict=True):
+        s.copy_(v)
+    return export_pipeline(pipe, ema, Path(folder), config, payload["state"])
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -773,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--export-only", metavar="DIR", default=None,
+                        help="export OUT/checkpoint.pt's EMA weights to DIR and exit (no training)")
     parser.add_argument("--init-from", default=None, help="warm start from this pipeline folder's weights (same architecture)")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
     parser.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
@@ -791,6 +813,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.export_only is not None:
+        try:
+            folder = export_checkpoint(out, args.export_only)
+        except TacaProbeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"exported {folder}")
+        return 0
     try:
         out.mkdir(parents=True, exist_ok=True)
         logfile = open(out / "train.log", "a", buffering=1)  # noqa: SIM115 - closed below
