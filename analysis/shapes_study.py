@@ -186,9 +186,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     res = Path(args.results)
     recs = _records(res)
+    # Only seeds that every schedule finished (a stopped worker leaves a partial block behind).
+    counts: dict[tuple[str, int], int] = {}
+    for r in recs:
+        if r["kind"] == "two":
+            counts[(r["schedule"], r["seed"])] = counts.get((r["schedule"], r["seed"]), 0) + 1
+    seeds_all = sorted({k[1] for k in counts})
+    complete = {sd for sd in seeds_all if all(counts.get((spec, sd), 0) >= 40 for spec in SCHEDULES)}
     by: dict[str, dict[tuple[str, int], dict]] = {}
     for r in recs:
-        by.setdefault(r["schedule"], {})[(r["prompt"], r["seed"])] = r
+        if r["seed"] in complete:
+            by.setdefault(r["schedule"], {})[(r["prompt"], r["seed"])] = r
     base = by.get(BASELINE, {})
     pipe = _load(args.model)
     study: dict = {"model": args.model, "chance": ev.chance_levels(), "schedules": {}}
@@ -223,6 +231,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         }
         rows.append(spec)
     (res / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    if args.record:  # the shipped model's manifest keeps the README's figures
+        from taca_probe.shapes.benchmark import record_scores
+
+        result = {"call": study.get("call", {}), "seeds": study["baseline_seeds"], "chance": study["chance"],
+                  "prompts": sorted({k[0] for k in keys_all}),
+                  "schedules": {BASELINE: {"aggregate": study["baseline"]}}}
+        for spec, s in study["schedules"].items():
+            result["schedules"][spec] = {"aggregate": s["aggregate"],
+                                         "difference": {"versus": BASELINE, **s["difference"]}}
+        print("recorded in", record_scores(args.record, result))
 
     def cell(s: dict, c: str, sign: bool = False) -> str:
         f = "{:+.3f} [{:+.2f}, {:+.2f}]" if sign else "{:.3f} [{:.2f}, {:.2f}]"
@@ -307,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--batch-size", type=int, default=20)
     a = sub.add_parser("analyze")
     a.add_argument("--bootstrap", type=int, default=2000)
+    a.add_argument("--record", metavar="PIPELINE_DIR", default=None,
+                   help="also record the figures in this model folder's manifest.json")
     s = sub.add_parser("suppression")
     s.add_argument("--n-prompts", type=int, default=8)
     s.add_argument("--guidance", type=float, default=None)
