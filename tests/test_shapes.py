@@ -341,6 +341,72 @@ def test_training_smoke_lowers_the_loss_resumes_and_exports(tmp_path: Path) -> N
     assert out.images.shape == (1, 64, 64, 3)
 
 
+def test_training_warm_start_and_shortened_schedule(tmp_path: Path) -> None:
+    """--init-from starts from an export's weights; --resume --steps may shorten the schedule."""
+    from taca_probe.shapes.train import TrainConfig, TrainError, _lr_factor, train
+
+    first = train(TrainConfig(**TINY), tmp_path / "a", log=lambda _: None)
+    # Exporting the checkpoint afterwards gives the trainer's own export (the EMA weights).
+    from safetensors.torch import load_file
+
+    from taca_probe.shapes.train import export_checkpoint
+
+    again = export_checkpoint(tmp_path / "a", tmp_path / "x")
+    for name in ("transformer", "text_encoder_3"):
+        (f1,), (f2,) = sorted((first["pipeline"] / name).glob("*.safetensors")), sorted((again / name).glob("*.safetensors"))
+        w1, w2 = load_file(f1), load_file(f2)
+        assert w1.keys() == w2.keys() and all(np.array_equal(w1[k].numpy(), w2[k].numpy()) for k in w1)
+    fresh_start = np.mean(first["losses"][:4])
+    end = np.mean(first["losses"][-8:])
+    # A warm start at a tiny learning rate continues from the trained weights: its first losses are
+    # those of the end of the first run, not of a fresh initialisation.
+    warm_cfg = TrainConfig(**dict(TINY, steps=6, lr=1e-7, init_from=str(first["pipeline"])))
+    warm = train(warm_cfg, tmp_path / "b", log=lambda _: None)
+    assert np.mean(warm["losses"][:4]) < 0.5 * (fresh_start + end)
+    assert abs(np.mean(warm["losses"]) - end) < 0.5 * (fresh_start - end)
+    assert warm["vae_step"] == TINY["vae_steps"]  # the VAE came with the weights
+    manifest = json.loads((warm["pipeline"] / "manifest.json").read_text())
+    assert manifest["init"]["steps_done"] == 30 and manifest["steps_done"] == 6
+    assert manifest["total_steps"] == 36
+    assert manifest["total_wall_s"] >= manifest["train_wall_s"]
+
+    # The architecture must match.
+    with pytest.raises(TrainError) as excinfo:
+        train(TrainConfig(**dict(TINY, num_layers=2, init_from=str(first["pipeline"]))), tmp_path / "c",
+              log=lambda _: None)
+    one_line(excinfo.value, "does not fit")
+    with pytest.raises(TrainError) as excinfo:
+        train(TrainConfig(**dict(TINY, init_from=str(tmp_path))), tmp_path / "d", log=lambda _: None)
+    one_line(excinfo.value, "not a pipeline folder")
+
+    # Resuming with a shorter schedule: the learning rate follows the new length from the current
+    # step and the run stops there.
+    more = train(TrainConfig(**TINY), tmp_path / "a", resume=True, steps=32, export=False, log=lambda _: None)
+    assert more["step"] == 32 and len(more["losses"]) == 2
+    cfg = TrainConfig(**dict(TINY, steps=32))
+    assert _lr_factor(31, cfg) == pytest.approx(cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (
+        1 + np.cos(np.pi * (31 - cfg.warmup_steps) / (32 - cfg.warmup_steps))))
+
+
+def test_training_tokenizers_are_the_shipped_ones() -> None:
+    """train.py builds (without the package's model registry) exactly the shipped tokenizers."""
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    from taca_probe.shapes.train import _clip_tokenizer, _t5_tokenizer
+
+    weights = models.embedded_model_path("shapes")
+    shipped_clip = CLIPTokenizer.from_pretrained(weights / "tokenizer")
+    shipped_t5 = T5Tokenizer.from_pretrained(weights / "tokenizer_3")
+    clip, t5 = _clip_tokenizer(16), _t5_tokenizer(16)
+    assert clip.get_vocab() == shipped_clip.get_vocab()
+    for p in ALL_PROMPTS[:: max(1, len(ALL_PROMPTS) // 50)]:
+        ids = clip(p.text).input_ids
+        assert ids == shipped_clip(p.text).input_ids
+        assert len(ids) == len(p.text.split()) + 2  # one token per caption word, plus BOS/EOS
+        assert t5(p.text).input_ids == shipped_t5(p.text).input_ids
+        assert len(t5(p.text).input_ids) == len(p.text.split()) + 1
+
+
 # ---------------------------------------------------------------------------------------------
 # taca-probe eval
 # ---------------------------------------------------------------------------------------------

@@ -42,19 +42,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "seed under each --schedule, detect every object's colour, shape and position by image analysis, and "
         "score colour, shape, colour-shape binding and spatial relation with bootstrap 95% intervals. "
         "By default a quick preset: seed 0 only, 44 images a schedule (4 one-object + 40 two-object prompts; "
-        "about 2.5 min a schedule on 2 CPU cores). It shows colour and spatial relation against chance "
-        "(two-object intervals about +-0.15: spatial 0.50 [0.35, 0.65] against chance 0.25); it cannot separate "
-        "binding from chance (0.125 [0.03, 0.23] against 0.111), judge one-object prompts (n = 4) or resolve "
-        "differences between schedules as small as TACA's here (~0.01). --full runs the 8-seed protocol "
-        "(352 images a schedule, about 35 min).",
+        "about 1 min a schedule on a CPU core). It shows binding and spatial relation against chance "
+        "(two-object intervals about +-0.15); it cannot judge one-object prompts (n = 4) or resolve "
+        "differences between schedules. --full runs the protocol of the README's table: seeds 0-19, 880 images a "
+        "schedule (800 two-object images, paired across schedules by prompt and seed: 95% intervals of "
+        "a schedule-minus-baseline difference about +-0.03), about 18 min a schedule on a CPU core.",
     )
     p.add_argument("--schedule", action="append", default=None,
                    help="TACA schedule, repeatable to compare several (default: none = the stock model)")
     p.add_argument("--seeds", type=seeds, default=None,
-                   help="seeds per prompt (default: 0, the quick preset; --full: 0-7)")
+                   help="seeds per prompt (default: 0, the quick preset; --full: 0-19)")
     p.add_argument("--full", action="store_true",
-                   help="the full protocol of the README's results: seeds 0-7 (8 x 44 images a schedule, about "
-                   "35 min on 2 CPU cores) instead of the quick preset")
+                   help="the full protocol of the README's results: seeds 0-19 (20 x 44 images a schedule, about "
+                   "18 min a schedule on a CPU core) instead of the quick preset")
     p.add_argument("--prompt-set", choices=["all", "one", "two"], default="all",
                    help="held-out one-object prompts, two-object prompts, or both (default all)")
     p.add_argument("--prompt", action="append", help="a prompt of the shapes grammar instead of the held-out set (repeatable)")
@@ -102,9 +102,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if out.is_dir():  # checked now: the evaluation would be lost when the write fails at the end
             raise TacaProbeError(f"--json {str(out)!r} is a folder; name a file")
     if args.full and args.seeds is not None:
-        raise TacaProbeError("--full fixes the seeds (0-7); give either --full or --seeds")
+        raise TacaProbeError(f"--full fixes the seeds (0-{DEFAULT_SEEDS[-1]}); give either --full or --seeds")
     seeds = list(DEFAULT_SEEDS) if args.full else list(QUICK_SEEDS) if args.seeds is None else args.seeds
-    preset = "full protocol" if args.full else "quick preset (--full: 8 seeds)" if args.seeds is None else "custom seeds"
+    preset = "full protocol" if args.full else f"quick preset (--full: {len(DEFAULT_SEEDS)} seeds)" if args.seeds is None else "custom seeds"
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
     n_images = len(prompts) * len(seeds)

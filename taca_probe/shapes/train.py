@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import heapq
 import json
 import math
 import os
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import TacaProbeError
+from ..logs import quiet
 from . import dataset as ds
 
 __all__ = [
@@ -68,6 +70,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.998
+    min_lr_fraction: float = 0.1  # the cosine decays to this fraction of lr
+    # Warm start: a pipeline folder (e.g. an earlier export) whose weights start this run instead
+    # of a fresh initialisation; its architecture must be this config's. The VAE is taken as is.
+    init_from: str | None = None
     cfg_dropout: float = 0.1  # caption -> "" (the pipeline's negative prompt) for CFG
     shift: float = 3.0  # timestep shift, as SD3 and the scheduler below
     logit_normal_fraction: float = 0.5  # rest of the sigmas are uniform (mixed sampling)
@@ -109,6 +115,81 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 
 
+# Self-contained copies of the small helpers this module needs (no private imports from ..models).
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map of the 256 bytes onto printable unicode characters."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
+
+
+def _learn_bpe(words: dict[tuple[str, ...], int]) -> list[tuple[str, str]]:
+    """Learn BPE merges until every word is one symbol, deterministically.
+
+    ``tokenizers``' BpeTrainer breaks ties between equally frequent pairs differently from one
+    process to the next (hash-map order), which would make the "fixed" tokenizer vary between
+    builds; here ties go to the lexicographically smallest pair. Pair counts are updated
+    incrementally (a max-heap with lazy deletion), so the ~1500 merges take milliseconds.
+    """
+    symbols = [list(w) for w in words]
+    freqs = list(words.values())
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, syms in enumerate(symbols):
+        for pair in zip(syms, syms[1:]):
+            counts[pair] += freqs[i]
+            where[pair].add(i)
+    heap = [(-c, pair) for pair, c in counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    while heap:
+        neg, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) != -neg:
+            continue  # stale heap entry: the count changed since it was pushed
+        merges.append(pair)
+        joined = pair[0] + pair[1]
+        touched: set[tuple[str, str]] = set()
+        for i in sorted(where.pop(pair)):
+            old = symbols[i]
+            new: list[str] = []
+            j = 0
+            while j < len(old):
+                if j + 1 < len(old) and old[j] == pair[0] and old[j + 1] == pair[1]:
+                    new.append(joined)
+                    j += 2
+                else:
+                    new.append(old[j])
+                    j += 1
+            if new == old:
+                continue
+            for p in zip(old, old[1:]):
+                counts[p] -= freqs[i]
+                touched.add(p)
+            for p in zip(new, new[1:]):
+                counts[p] += freqs[i]
+                where[p].add(i)
+                touched.add(p)
+            symbols[i] = new
+        for p in sorted(touched):
+            if counts[p] > 0:
+                heapq.heappush(heap, (-counts[p], p))
+            else:
+                counts.pop(p, None)
+    return merges
+
+
 def _caption_words() -> list[str]:
     words = {w for p in ds.training_prompts() + ds.held_out_prompts() for w in p.text.split()}
     return sorted(words)
@@ -117,8 +198,6 @@ def _caption_words() -> list[str]:
 def _clip_tokenizer(max_length: int) -> Any:
     """A byte-level BPE CLIPTokenizer whose merges make every caption word a single token."""
     from transformers import CLIPTokenizer
-
-    from ..models import _bytes_to_unicode, _learn_bpe
 
     backend = CLIPTokenizer().backend_tokenizer
     counts: dict[tuple[str, ...], int] = defaultdict(int)
@@ -267,6 +346,34 @@ def build_pipeline(config: TrainConfig) -> Any:
     return pipe
 
 
+def _init_from(pipe: Any, folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load every trained module of ``pipe`` from the pipeline folder ``folder`` (warm start).
+
+    Returns a summary of the source (its manifest's steps and wall time, if it has one).
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise TrainError(f"--init-from {folder}: not a pipeline folder (no model_index.json)")
+    with quiet():
+        src = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    for name in _MODULES:
+        try:
+            getattr(pipe, name).load_state_dict(getattr(src, name).state_dict())
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise TrainError(f"--init-from {folder}: its {name} does not fit this architecture ({first})") from None
+    summary: dict[str, Any] = {"path": str(folder)}
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        summary.update({k: m.get(k) for k in ("steps_done", "train_wall_s", "final_loss_ema")})
+        summary["source_total_steps"] = m.get("total_steps", m.get("steps_done"))
+        summary["source_total_wall_s"] = m.get("total_wall_s", m.get("train_wall_s"))
+    return summary
+
+
 def _text_and_transformer(pipe: Any) -> list[torch.nn.Module]:
     return [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
 
@@ -305,9 +412,10 @@ def _sigmas(rng: np.random.Generator, n: int, config: TrainConfig) -> torch.Tens
 def _lr_factor(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    # Cosine decay to 10% over the scheduled steps.
+    # Cosine decay to min_lr_fraction over the scheduled steps.
     frac = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+    floor = config.min_lr_fraction
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def _autocast(config: TrainConfig) -> Any:
@@ -404,14 +512,12 @@ def export_pipeline(pipe: Any, ema: _Ema | None, folder: Path, config: TrainConf
     folder = Path(folder)
     if ema is not None:
         ema.swap()
-    from ..logs import quiet as _quiet
-
     try:
         export = copy.deepcopy(pipe)
     finally:
         if ema is not None:
             ema.swap()
-    with _quiet():  # diffusers' "cast with to()" and progress-bar chatter
+    with quiet():  # diffusers' "cast with to()" and progress-bar chatter
         export.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     for path in folder.rglob("*"):
         # The safetensors writer makes owner-only files; these are ordinary package data.
@@ -424,6 +530,10 @@ def export_pipeline(pipe: Any, ema: _Ema | None, folder: Path, config: TrainConf
         "steps_done": state["step"],
         "vae_steps_done": state["vae_step"],
         "train_wall_s": round(state["elapsed"], 1),
+        "init": state.get("init"),
+        # Including the run this one was warm-started from (if any).
+        "total_steps": state["step"] + int((state.get("init") or {}).get("source_total_steps") or 0),
+        "total_wall_s": round(state["elapsed"] + float((state.get("init") or {}).get("source_total_wall_s") or 0), 1),
         "final_loss_ema": state.get("loss_ema"),
         "loss_log": state.get("loss_log", []),
         "parameters": {
@@ -454,6 +564,7 @@ def train(
     *,
     minutes: float | None = None,
     resume: bool = False,
+    steps: int | None = None,
     export: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -471,6 +582,10 @@ def train(
         and export. The run is then shorter than ``config.steps`` (the manifest says how long).
     resume : bool
         Continue from ``out/checkpoint.pt``.
+    steps : int, optional
+        When resuming: the new length of the learning-rate schedule (may shorten or lengthen the
+        run; the cosine is re-read against it from the current step). Default: the checkpoint's,
+        raised to ``config.steps`` if that is larger.
     export : bool
         Write ``out/pipeline`` at the end.
     log : callable
@@ -503,13 +618,17 @@ def train(
         if missing or not isinstance(payload["config"], dict):
             raise TrainError(f"cannot resume from {ckpt_path}: not a checkpoint of this trainer "
                              f"(missing or bad: {', '.join(missing) or 'config'})")
-        steps = config.steps
+        new_steps = config.steps
         config = TrainConfig.from_dict(payload["config"])
-        config.steps = max(config.steps, steps)
+        config.steps = max(config.steps, new_steps) if steps is None else steps
     elif ckpt_path.exists():
         raise TrainError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
 
     pipe = build_pipeline(config)
+    init_summary = None
+    if config.init_from is not None and payload is None:
+        init_summary = _init_from(pipe, config.init_from)
+        log(f"initialised from {config.init_from} ({init_summary.get('source_total_steps')} steps before)")
     trained = _text_and_transformer(pipe)
     opt = torch.optim.AdamW(
         [p for m in trained for p in m.parameters()], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99)
@@ -517,6 +636,9 @@ def train(
     vae_opt = torch.optim.AdamW(pipe.vae.parameters(), lr=config.vae_lr)
     ema = _Ema(trained, config.ema_decay)
     state: dict[str, Any] = {"step": 0, "vae_step": 0, "elapsed": 0.0, "loss_log": [], "loss_ema": None}
+    if init_summary is not None:
+        state["vae_step"] = config.vae_steps  # the VAE comes trained with the initial weights
+        state["init"] = init_summary
     if payload is not None:
         try:
             for name in _MODULES:
@@ -602,6 +724,26 @@ def train(
     return {**state, "losses": losses, "pipeline": folder}
 
 
+def export_checkpoint(out: str | os.PathLike[str], folder: str | os.PathLike[str]) -> Path:
+    """Export the EMA weights of ``out/checkpoint.pt`` to ``folder`` without training.
+
+    For looking at a run while it trains (the checkpoint is replaced atomically, so reading it
+    while the trainer runs is safe).
+    """
+    ckpt_path = Path(out) / "checkpoint.pt"
+    if not ckpt_path.is_file():
+        raise TrainError(f"no checkpoint at {ckpt_path}")
+    payload = torch.load(ckpt_path, weights_only=True)
+    config = TrainConfig.from_dict(payload["config"])
+    pipe = build_pipeline(config)
+    for name in _MODULES:
+        getattr(pipe, name).load_state_dict(payload["modules"][name])
+    ema = _Ema(_text_and_transformer(pipe), config.ema_decay)
+    for s, v in zip(ema.shadow, payload["ema"], strict=True):
+        s.copy_(v)
+    return export_pipeline(pipe, ema, Path(folder), config, payload["state"])
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -612,17 +754,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m taca_probe.shapes.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (checkpoint.pt, train.log, pipeline/)")
     parser.add_argument("--minutes", type=float, default=None, help="wall-time budget in minutes (total, across resumes)")
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps (learning-rate schedule length)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps (learning-rate schedule length; default {TrainConfig.steps}; "
+                        "with --resume: the new schedule length, default the checkpoint's)")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--export-only", metavar="DIR", default=None,
+                        help="export OUT/checkpoint.pt's EMA weights to DIR and exit (no training)")
+    parser.add_argument("--init-from", default=None, help="warm start from this pipeline folder's weights (same architecture)")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
+    parser.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    parser.add_argument("--min-lr-fraction", type=float, default=TrainConfig.min_lr_fraction)
+    parser.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
+    parser.add_argument("--guidance-scale", type=float, default=TrainConfig.guidance_scale,
+                        help="CFG scale recorded in call_defaults.json")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.threads < 1 or (args.minutes is not None and args.minutes <= 0):
+    if (args.steps is not None and args.steps < 1) or args.batch_size < 1 or args.threads < 1 or (args.minutes is not None and args.minutes <= 0):
         print("error: --steps, --batch-size, --threads and --minutes must be positive", file=sys.stderr)
+        return 2
+    if not (args.lr > 0 and args.warmup_steps >= 1 and 0 <= args.min_lr_fraction <= 1 and 0 <= args.ema_decay < 1
+            and args.guidance_scale >= 1):
+        print("error: need --lr > 0, --warmup-steps >= 1, 0 <= --min-lr-fraction <= 1, 0 <= --ema-decay < 1, "
+              "--guidance-scale >= 1", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.export_only is not None:
+        try:
+            folder = export_checkpoint(out, args.export_only)
+        except TacaProbeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"exported {folder}")
+        return 0
     try:
         out.mkdir(parents=True, exist_ok=True)
         logfile = open(out / "train.log", "a", buffering=1)  # noqa: SIM115 - closed below
@@ -635,10 +801,14 @@ def main(argv: list[str] | None = None) -> int:
         print(stamped, flush=True)
         logfile.write(stamped + "\n")
 
-    config = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size)
+    config = TrainConfig(
+        seed=args.seed, steps=TrainConfig.steps if args.steps is None else args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        min_lr_fraction=args.min_lr_fraction, ema_decay=args.ema_decay, guidance_scale=args.guidance_scale,
+        init_from=None if args.init_from is None else str(Path(args.init_from).resolve()),
+    )
     with logfile:
         try:
-            train(config, out, minutes=args.minutes, resume=args.resume, log=log)
+            train(config, out, minutes=args.minutes, resume=args.resume, steps=args.steps if args.resume else None, log=log)
         except TacaProbeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
