@@ -13,9 +13,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from ..errors import TacaProbeError
+from ..intervention import taca
 from ..models import call_settings
+from ..schedules import parse
 from . import dataset as ds
 from . import evaluator as ev
 
@@ -72,9 +75,6 @@ def generate_images(
     prompts, seeds, images : lists
         One entry per image, prompt-major.
     """
-    import torch
-
-    from ..intervention import taca
 
     if batch_size < 1:
         raise TacaProbeError(f"batch size must be positive, got {batch_size}")
@@ -143,7 +143,6 @@ def run_benchmark(
     TacaProbeError
         On a bad schedule or a prompt outside the grammar (before anything is generated).
     """
-    from ..schedules import parse
 
     specs = [parse(s).spec for s in schedules]  # ScheduleError (one line) on a bad one
     texts = [p.text for p in ds.held_out_prompts()] if prompts is None else [ds.parse_prompt(p).text for p in prompts]

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from ..errors import TacaProbeError
 from ..logs import quiet
@@ -197,7 +199,6 @@ def _caption_words() -> list[str]:
 
 def _clip_tokenizer(max_length: int) -> Any:
     """A byte-level BPE CLIPTokenizer whose merges make every caption word a single token."""
-    from transformers import CLIPTokenizer
 
     backend = CLIPTokenizer().backend_tokenizer
     counts: dict[tuple[str, ...], int] = defaultdict(int)
@@ -221,7 +222,6 @@ def _t5_tokenizer(max_length: int) -> Any:
     and single characters -10, so Viterbi segmentation keeps every caption word whole, and the
     result does not depend on sentencepiece's EM. Ids follow T5: <pad>=0, </s>=1, <unk>=2.
     """
-    from transformers import T5Tokenizer
 
     words = _caption_words()
     chars = sorted({c for w in words for c in w})
@@ -243,18 +243,6 @@ def build_pipeline(config: TrainConfig) -> Any:
     diffusers.StableDiffusion3Pipeline
         On the CPU, float32, modules in eval mode.
     """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        T5Config,
-        T5EncoderModel,
-    )
 
     if 2 * config.clip_hidden > config.t5_dim:
         # SD3 zero-pads the joined CLIP features to the T5 width.
@@ -351,7 +339,6 @@ def _init_from(pipe: Any, folder: str | os.PathLike[str]) -> dict[str, Any]:
 
     Returns a summary of the source (its manifest's steps and wall time, if it has one).
     """
-    from diffusers import StableDiffusion3Pipeline
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
