@@ -39,11 +39,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from ..errors import TacaProbeError
 from ..logs import quiet
+
+with quiet():  # importing the pipeline classes logs torchvision fallbacks of image processors SD3 never uses
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
+                              T5Tokenizer)
 from . import dataset as ds
 
 __all__ = [
