@@ -460,3 +460,19 @@ def test_eval_cli_bad_arguments() -> None:
         with pytest.raises(TacaProbeError) as excinfo:
             _eval_args(*argv)
         one_line(excinfo.value)
+
+
+def test_aggregate_interval_is_a_prompt_cluster_bootstrap():
+    """The interval resamples whole prompts: checked against an independent numpy cluster bootstrap."""
+    rng = np.random.default_rng(3)
+    p_true = rng.uniform(0.1, 0.9, size=20)  # prompts differ: clustering widens the interval
+    results = [ev.PromptScore(f"p{i}", "two", {"binding": float(rng.random() < p)})
+               for i, p in enumerate(p_true) for _ in range(6)]
+    got = ev.aggregate(results, n_boot=4000, seed=0)["two.binding"]
+    sums = np.array([sum(r.scores["binding"] for r in results if r.prompt == f"p{i}") for i in range(20)])
+    idx = np.random.default_rng(1).integers(0, 20, size=(20000, 20))
+    boot = sums[idx].sum(1) / (6 * 20)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    assert got.mean == pytest.approx(sums.sum() / 120, abs=1e-4)
+    assert got.low == pytest.approx(lo, abs=0.015) and got.high == pytest.approx(hi, abs=0.015)
+    assert got.n_images == 120 and got.n_prompts == 20

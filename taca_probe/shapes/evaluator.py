@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from ..stats import bootstrap_ci
 from . import dataset as ds
 
 __all__ = [
@@ -301,23 +302,18 @@ def aggregate(results: Sequence[PromptScore], *, n_boot: int = 2000, seed: int =
     dict of str to CategoryScore
         Keys from :data:`CATEGORIES` that have at least one image.
     """
-    rng = np.random.default_rng(seed)
     out: dict[str, CategoryScore] = {}
     for cat in CATEGORIES:
         kind, name = cat.split(".")
-        per_prompt: dict[str, list[float]] = {}
-        for r in results:
-            if r.kind == kind and name in r.scores:
-                per_prompt.setdefault(r.prompt, []).append(r.scores[name])
-        if not per_prompt:
+        rows = [(r.prompt, r.scores[name]) for r in results if r.kind == kind and name in r.scores]
+        if not rows:
             continue
-        sums = np.array([sum(v) for v in per_prompt.values()])
-        counts = np.array([len(v) for v in per_prompt.values()])
-        mean = float(sums.sum() / counts.sum())
-        idx = rng.integers(0, len(sums), size=(n_boot, len(sums)))
-        boot = sums[idx].sum(1) / counts[idx].sum(1)
-        lo, hi = np.percentile(boot, [2.5, 97.5])
-        out[cat] = CategoryScore(round(mean, 4), round(float(lo), 4), round(float(hi), 4), int(counts.sum()), len(sums))
+        prompts, values = zip(*rows)
+        # the package's one bootstrap: whole prompts resampled (all seeds of a prompt together)
+        mean, lo, hi = bootstrap_ci(values, clusters=prompts, n_resamples=n_boot, seed=seed, method="percentile")
+        if not np.isfinite(lo):  # one prompt: no spread to resample
+            lo = hi = mean
+        out[cat] = CategoryScore(round(mean, 4), round(lo, 4), round(hi, 4), len(values), len(set(prompts)))
     return out
 
 
