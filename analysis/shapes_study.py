@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from taca_probe.selection import int_ranges
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "analysis" / "results" / "shapes_study"
 
@@ -50,14 +52,6 @@ SCHEDULES = (
     "step:1.5@900",
 )
 OFFICIAL = "first:1.2@3"
-
-
-def _seeds(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b or a) + 1))
-    return out
 
 
 def _load(model: str):
@@ -145,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         (res / "call.json").write_text(json.dumps({"model": args.model, "call": call}, indent=1) + "\n")
     two = [p.text for p in ds.held_out_prompts("two")]
     one = [p.text for p in ds.held_out_prompts("one")]
-    seeds = [s for s in _seeds(args.seeds) if s % args.workers == args.worker]
+    seeds = [s for s in int_ranges(args.seeds) if s % args.workers == args.worker]
     with path.open("a") as fh:
         for seed in seeds:
             for spec in SCHEDULES:
