@@ -47,6 +47,17 @@ def pipes() -> Callable[..., Any]:
     return load
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``-m "not slow"``, do not even import a module whose every test is slow (module-level
+    ``pytestmark = pytest.mark.slow``): importing them costs the fast lane seconds for nothing."""
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    if config.getoption("markexpr", "").replace(" ", "") != "notslow":
+        return None
+    text = collection_path.read_text(encoding="utf-8")
+    return "\npytestmark = pytest.mark.slow" in text or None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked ``gpu`` where CUDA is not available (they run in analysis/gpu_check.sh)."""
     import torch
