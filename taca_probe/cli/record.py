@@ -235,7 +235,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_out(out)
     if out.exists() and not out.is_dir():
         raise SweepError(f"{str(out)!r} is a file; choose another --out")
-    non_empty = out.exists() and any(out.iterdir())
+    # Under torchrun, rank 0 lays the sweep out while the others may still be starting: only it checks.
+    non_empty = out.exists() and any(out.iterdir()) and ranks_from_env().is_main
     if non_empty and not (args.resume or args.overwrite):
         raise SweepError(f"{str(out)!r} already exists; pass --resume to complete it or --overwrite to replace it")
     if args.resume and not is_sweep(out):
