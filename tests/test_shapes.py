@@ -392,7 +392,7 @@ def test_training_tokenizers_are_the_shipped_ones() -> None:
     """train.py builds (without the package's model registry) exactly the shipped tokenizers."""
     from transformers import CLIPTokenizer, T5Tokenizer
 
-    from taca_probe.shapes.train import _clip_tokenizer, _t5_tokenizer
+    from taca_probe.shapes.tokenizers import clip_tokenizer as _clip_tokenizer, t5_tokenizer as _t5_tokenizer
 
     weights = models.embedded_model_path("shapes")
     shipped_clip = CLIPTokenizer.from_pretrained(weights / "tokenizer")
