@@ -35,7 +35,7 @@ from .intervention import TacaConfig, TacaHandle, apply_taca
 from .models import model_call_defaults, model_name
 from .schedules import Schedule, parse
 from .selection import MapSelection
-from .store import UNKNOWN_SLOT, RunWriter, StoreError, is_store, remove_store
+from .store import UNKNOWN_SLOT, RunWriter, StoreError, is_store, read_attrs, remove_store
 
 __all__ = ["probe", "Run", "Target", "record_plan", "run_settings", "check_resume"]
 
@@ -50,7 +50,20 @@ class Run:
         self.pipe, self.path, self.handle, self.recorder, self.attrs = pipe, path, handle, recorder, attrs
         self.maps, self.branches, self.sites = recorder.maps, recorder.branches, handle.sites
         self.call_defaults = model_call_defaults(pipe)
-        self.writer: RunWriter | None = RunWriter.reopen(path) if path.exists() else None
+        self._writer: RunWriter | None = None
+        self._writer_set = False
+
+    @property
+    def writer(self) -> RunWriter | None:
+        """The store's writer (None until the store exists); opened on first use, so that a caller
+        that already holds one (the record loop) hands it over without the slot table read twice."""
+        if not self._writer_set and self.path.exists():
+            self.writer = RunWriter.reopen(self.path)
+        return self._writer
+
+    @writer.setter
+    def writer(self, writer: RunWriter | None) -> None:
+        self._writer, self._writer_set = writer, writer is not None
 
     def sample(self, prompt: str, *, seed: int = 0, num_images_per_prompt: int = 1, slot: int | None = None,
                **pipe_kwargs: Any) -> list:
@@ -227,7 +240,7 @@ def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, br
 
 def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     """Refuse to resume ``path`` with different settings, listing every difference."""
-    stored = RunWriter.reopen(path).attrs
+    stored = read_attrs(path)
     want = {k: settings.get(k) for k in _RESUME_KEYS}
     if settings.get("model"):
         want["model"] = settings["model"]

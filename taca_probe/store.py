@@ -147,6 +147,11 @@ def is_store(path: str | os.PathLike) -> bool:
     return _SCHEMA_ATTR in attrs
 
 
+def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """A store's attributes (provenance, settings), without reading any array."""
+    return dict(_open_group(path, "r").attrs)
+
+
 def _open_group(path: str | os.PathLike, mode: str, *, store: Any = None):
     p = Path(path)
     if not p.exists():
