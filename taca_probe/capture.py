@@ -173,7 +173,7 @@ class Recorder:
         buf = self._buf
         if buf is None:
             raise TacaProbeError("the pipeline never called the transformer; nothing was recorded")
-        for kind in self._kinds():
+        for kind in ["both"] if "both" in buf.device else self.branches:  # "both": one SD3 call held both
             missing = sorted(set(range(buf.steps)) - buf.recorded.get(kind, set()))
             if missing:
                 raise TacaProbeError(f"steps {missing} were not recorded for branch(es) {self.branches}")
@@ -186,9 +186,6 @@ class Recorder:
                         map_tokens=buf.map_idx)
         self._collect(buf, sample)
         return sample
-
-    def _kinds(self) -> list[str]:
-        return ["both"] if self.branch == "both" and "both" in (self._buf.device if self._buf else {}) else list(self.branches)
 
     # -- per transformer call ------------------------------------------------------------------
     def _before(self, call: CallRecord, bound: Mapping[str, Any]):
