@@ -54,10 +54,10 @@ SCHEDULES = (
 OFFICIAL = "first:1.2@3"
 
 
-def _load(model: str):
+def _load(model: str, device: str = "cpu"):
     from taca_probe import load_pipeline
 
-    return load_pipeline(model, device="cpu", dtype="fp32")
+    return load_pipeline(model, device=device, dtype="fp32")
 
 
 def gammas_per_step(pipe, spec: str) -> list[float]:
@@ -85,7 +85,7 @@ def cmd_cfg(args: argparse.Namespace) -> int:
     from taca_probe.shapes import dataset as ds
     from taca_probe.shapes import evaluator as ev
 
-    pipe = _load(args.model)
+    pipe = _load(args.model, args.device)
     rng = np.random.default_rng(12345)
     two = [p.text for p in ds.training_prompts() if p.relation is not None]
     one = [p.text for p in ds.training_prompts() if p.relation is None]
@@ -133,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     res.mkdir(parents=True, exist_ok=True)
     path = res / f"images-w{args.worker}.jsonl"
     done = _done_blocks(path)
-    pipe = _load(args.model)
+    pipe = _load(args.model, args.device)
     call = dict(bm._call_settings(pipe, {"guidance_scale": args.guidance}))
     if args.worker == 0:
         (res / "call.json").write_text(json.dumps({"model": args.model, "call": call}, indent=1) + "\n")
@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="shapes")
     p.add_argument("--results", default=str(DEFAULT_RESULTS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where cfg and generate sample (fp32 either way)")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cfg")
     c.add_argument("--scales", default="5,7,9")

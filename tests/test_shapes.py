@@ -315,8 +315,9 @@ def test_training_smoke_lowers_the_loss_resumes_and_exports(tmp_path: Path) -> N
     assert len(losses) == 30 and all(np.isfinite(losses))
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
     assert any(line.startswith("step 30/30") for line in lines)
-    # Seeded: a second run in another folder sees the same batches and gets the same losses.
-    again = train(TrainConfig(**TINY), tmp_path / "again", export=False, log=lambda _: None)
+    # Seeded: a second run in another folder sees the same batches and gets the same losses, also
+    # when worker processes make the batches ahead.
+    again = train(TrainConfig(**TINY), tmp_path / "again", export=False, workers=2, log=lambda _: None)
     assert again["losses"] == losses
 
     with pytest.raises(TrainError) as excinfo:  # refuses to overwrite a run

@@ -23,9 +23,11 @@ The pipeline is a real ``StableDiffusion3Pipeline``:
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
@@ -38,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import TacaProbeError
+from ..errors import TacaProbeError, first_line
 from ..logs import quiet
 
 with quiet():  # importing the pipeline classes logs torchvision fallbacks of image processors SD3 never uses
@@ -275,14 +277,13 @@ def _to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _sigmas(rng: np.random.Generator, n: int, config: TrainConfig) -> torch.Tensor:
+def _sigmas(rng: np.random.Generator, n: int, config: TrainConfig) -> np.ndarray:
     # Mixed sampling: logit-normal concentrates on mid noise levels, the uniform part keeps the
     # extremes (sigma near 1 is where TACA acts) trained; then SD3's shift, as at inference.
     u = rng.uniform(size=n)
     logit = 1 / (1 + np.exp(-rng.normal(size=n)))
     u = np.where(rng.uniform(size=n) < config.logit_normal_fraction, logit, u)
-    s = config.shift * u / (1 + (config.shift - 1) * u)
-    return torch.from_numpy(s).float()
+    return (config.shift * u / (1 + (config.shift - 1) * u)).astype(np.float32)
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
@@ -294,25 +295,38 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def _autocast(config: TrainConfig) -> Any:
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
+def _autocast(config: TrainConfig, device: torch.device) -> Any:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
 
-def diffusion_loss(pipe: Any, images: np.ndarray, captions: list[str], rng: np.random.Generator, config: TrainConfig) -> torch.Tensor:
-    """Flow-matching loss of one batch (text encoders run through the pipeline's own encode_prompt).
+def training_batch(config: TrainConfig, k: int) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Step ``k``'s batch, a pure function of ``(config.seed, k)``: pixels, captions, sigmas, noise.
 
-    ``x_t = (1 - s) x0 + s * noise`` and the transformer predicts ``noise - x0`` at timestep
-    ``1000 s``, which is what ``FlowMatchEulerDiscreteScheduler`` integrates.
+    Captions are already dropped to ``""`` (the pipeline's negative prompt) with probability
+    ``cfg_dropout``; ``x_t = (1 - s) x0 + s * noise``. Runs in the data workers.
     """
-    x0 = _to_pixels(images)
+    images, captions = ds.sample_batch((config.seed, 0, k), config.batch_size)
+    rng = np.random.default_rng((config.seed, 2, k))
     drop = rng.uniform(size=len(captions)) < config.cfg_dropout
     captions = ["" if d else c for c, d in zip(captions, drop)]
     s = _sigmas(rng, len(captions), config)
-    noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+    x0 = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 127.5 - 1.0
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    return x0, captions, s, noise
+
+
+def diffusion_loss(pipe: Any, batch: tuple[np.ndarray, list[str], np.ndarray, np.ndarray], config: TrainConfig,
+                   device: torch.device) -> torch.Tensor:
+    """Flow-matching loss of one :func:`training_batch` (text encoders run through the pipeline's own encode_prompt).
+
+    The transformer predicts ``noise - x0`` at timestep ``1000 s``, which is what
+    ``FlowMatchEulerDiscreteScheduler`` integrates.
+    """
+    x0, captions, s, noise = (torch.from_numpy(a).to(device) if isinstance(a, np.ndarray) else a for a in batch)
     x_t = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
-    with _autocast(config):
+    with _autocast(config, device):
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-            captions, None, None, device=torch.device("cpu"), do_classifier_free_guidance=False,
+            captions, None, None, device=device, do_classifier_free_guidance=False,
             max_sequence_length=config.t5_length,
         )
         pred = pipe.transformer(
@@ -325,17 +339,47 @@ def diffusion_loss(pipe: Any, images: np.ndarray, captions: list[str], rng: np.r
     return torch.nn.functional.mse_loss(pred.float(), noise - x0)
 
 
-def _vae_loss(vae: Any, images: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+class _Batches:
+    """Training batches ``k, k+1, ...`` in order, made ahead by ``workers`` processes (0: inline).
+
+    The pool is forked before the model touches the GPU; at most ``2 * workers`` batches wait.
+    """
+
+    def __init__(self, config: TrainConfig, start: int, workers: int):
+        self.config, self.next, self.pending = config, start, collections.deque()
+        self.pool = multiprocessing.get_context("fork").Pool(workers) if workers else None
+        self.depth = 2 * workers
+
+    def get(self) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+        if self.pool is None:
+            self.next += 1
+            return training_batch(self.config, self.next - 1)
+        while len(self.pending) < self.depth:
+            self.pending.append(self.pool.apply_async(training_batch, (self.config, self.next)))
+            self.next += 1
+        return self.pending.popleft().get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+def _vae_loss(vae: Any, images: np.ndarray, rng: np.random.Generator, device: torch.device) -> torch.Tensor:
     # Identity on a neighbourhood of the data: the decoder also sees slightly perturbed pixels,
     # as the transformer's outputs are never exactly on the data.
     x = _to_pixels(images)
-    z = (x + 0.05 * torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))).clamp(-1.1, 1.1)
+    x, z = x.to(device), (x + 0.05 * torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))).clamp(-1.1, 1.1).to(device)
     dist = vae.encode(x).latent_dist
     return (
         torch.nn.functional.mse_loss(vae.decode(z).sample, z)
         + torch.nn.functional.mse_loss(dist.mean, x)
         + 1e-3 * torch.nn.functional.mse_loss(dist.logvar, torch.full_like(dist.logvar, -9.0))
     )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _Ema:
@@ -370,6 +414,8 @@ def _checkpoint_state(pipe, opt, vae_opt, ema, state, config) -> dict[str, Any]:
     }
 
 
+#: The architecture settings the command line sets (a resumed run keeps its checkpoint's).
+_ARCHITECTURE = ("num_layers", "num_heads", "head_dim", "clip_hidden", "clip_layers", "t5_dim", "t5_layers")
 _MODULES = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 _CHECKPOINT_KEYS = ("config", "modules", "opt", "vae_opt", "ema", "state", "torch_rng")
 
@@ -424,6 +470,7 @@ def export_pipeline(pipe: Any, ema: _Ema | None, folder: Path, config: TrainConf
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
+            "device": state.get("device", "cpu"),
         },
         "scores": {},
     }
@@ -442,6 +489,9 @@ def train(
     resume: bool = False,
     steps: int | None = None,
     export: bool = True,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    fit_steps: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train (or resume training) and export the pipeline.
@@ -464,6 +514,13 @@ def train(
         raised to ``config.steps`` if that is larger.
     export : bool
         Write ``out/pipeline`` at the end.
+    device : str or torch.device
+        Where to train (the weights are exported on the CPU-loadable, float16 format either way).
+    workers : int
+        Processes making batches ahead (0: in the training loop).
+    fit_steps : bool
+        With ``minutes``: after 100 steps, set the schedule length from the measured rate so that
+        the cosine ends with the budget (recorded as ``steps`` in the manifest).
     log : callable
         Receives progress lines.
 
@@ -486,7 +543,7 @@ def train(
         if not ckpt_path.is_file():
             raise TrainError(f"cannot resume: no checkpoint at {ckpt_path}")
         try:  # weights_only: a checkpoint is data; never run code that a file brings along
-            payload = torch.load(ckpt_path, weights_only=True)
+            payload = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise TrainError(f"cannot read checkpoint {ckpt_path}: {type(exc).__name__}: {first}") from None
@@ -500,14 +557,21 @@ def train(
     elif ckpt_path.exists():
         raise TrainError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
 
+    if fit_steps and minutes is None:
+        raise TrainError("fitting the schedule to the time budget needs --minutes")
+    device = torch.device(device)
     pipe = build_pipeline(config)
     init_summary = None
     if config.init_from is not None and payload is None:
         init_summary = _init_from(pipe, config.init_from)
         log(f"initialised from {config.init_from} ({init_summary.get('source_total_steps')} steps before)")
+    state_step = 0 if payload is None else int(payload["state"]["step"])
+    batches = _Batches(config, state_step, workers)  # forks before CUDA is initialised
+    pipe.to(device)
     trained = _text_and_transformer(pipe)
     opt = torch.optim.AdamW(
-        [p for m in trained for p in m.parameters()], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99)
+        [p for m in trained for p in m.parameters()], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99),
+        fused=device.type == "cuda",
     )
     vae_opt = torch.optim.AdamW(pipe.vae.parameters(), lr=config.vae_lr)
     ema = _Ema(trained, config.ema_decay)
@@ -531,6 +595,7 @@ def train(
                              f"({type(exc).__name__}: {first})") from None
         log(f"resumed at step {state['step']} (vae {state['vae_step']}), {state['elapsed'] / 60:.1f} min done")
 
+    state["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     budget = math.inf if minutes is None else minutes * 60.0
     start = time.perf_counter() - state["elapsed"]
     last_ckpt = time.perf_counter()
@@ -549,7 +614,7 @@ def train(
         k = state["vae_step"]
         rng = np.random.default_rng((config.seed, 1, k))
         images, _ = ds.sample_batch((config.seed, 1, k), config.vae_batch_size)
-        loss = _vae_loss(pipe.vae, images, rng)
+        loss = _vae_loss(pipe.vae, images, rng, device)
         vae_opt.zero_grad(set_to_none=True)
         loss.backward()
         vae_opt.step()
@@ -561,35 +626,52 @@ def train(
     # Phase 2: transformer and text encoders, flow matching.
     for m in trained:
         m.train()
-    window: list[float] = []
+    pending: list[torch.Tensor] = []  # this window's losses, read back at the log lines (one sync per window)
     t_window = time.perf_counter()
-    while state["step"] < config.steps and elapsed() < budget:
-        k = state["step"]
-        for group in opt.param_groups:
-            group["lr"] = config.lr * _lr_factor(k, config)
-        images, captions = ds.sample_batch((config.seed, 0, k), config.batch_size)
-        loss = diffusion_loss(pipe, images, captions, np.random.default_rng((config.seed, 2, k)), config)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], config.grad_clip)
-        opt.step()
-        ema.update(k)
-        state["step"] += 1
-        value = float(loss.item())
+    # fit_steps: time steps [first + 50, first + 100) (the first ones warm up the allocator and kernels).
+    fit_from = state["step"] + 50 if fit_steps else None
+    try:
+        while state["step"] < config.steps and elapsed() < budget:
+            k = state["step"]
+            if fit_from is not None and k in (fit_from, fit_from + 50):
+                _sync(device)
+                if k == fit_from:
+                    t_fit = time.perf_counter()
+                else:
+                    rate = 50 / (time.perf_counter() - t_fit)
+                    config.steps = max(k + 1, config.warmup_steps + 1, k + int(0.97 * rate * (budget - elapsed())))
+                    log(f"{rate:.2f} it/s: schedule fitted to the time budget, {config.steps} steps")
+            for group in opt.param_groups:
+                group["lr"] = config.lr * _lr_factor(k, config)
+            loss = diffusion_loss(pipe, batches.get(), config, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], config.grad_clip)
+            opt.step()
+            ema.update(k)
+            state["step"] += 1
+            pending.append(loss.detach())
+            if state["step"] % config.log_every == 0 or state["step"] == config.steps:
+                window = torch.stack(pending).float().tolist()
+                pending = []
+                for value in window:
+                    losses.append(value)
+                    state["loss_ema"] = value if state["loss_ema"] is None else 0.98 * state["loss_ema"] + 0.02 * value
+                rate = len(window) / (time.perf_counter() - t_window)
+                state["loss_log"].append([state["step"], round(float(np.mean(window)), 5)])
+                log(
+                    f"step {state['step']}/{config.steps} loss {np.mean(window):.4f} (ema {state['loss_ema']:.4f}) "
+                    f"lr {opt.param_groups[0]['lr']:.2e} {rate:.2f} it/s {elapsed() / 60:.1f} min"
+                )
+                t_window = time.perf_counter()
+            if time.perf_counter() - last_ckpt > config.checkpoint_minutes * 60:
+                checkpoint()
+                last_ckpt = time.perf_counter()
+    finally:
+        batches.close()
+    for value in torch.stack(pending).float().tolist() if pending else []:  # the steps after the last log line
         losses.append(value)
-        window.append(value)
         state["loss_ema"] = value if state["loss_ema"] is None else 0.98 * state["loss_ema"] + 0.02 * value
-        if state["step"] % config.log_every == 0 or state["step"] == config.steps:
-            rate = len(window) / (time.perf_counter() - t_window)
-            state["loss_log"].append([state["step"], round(float(np.mean(window)), 5)])
-            log(
-                f"step {state['step']}/{config.steps} loss {np.mean(window):.4f} (ema {state['loss_ema']:.4f}) "
-                f"lr {opt.param_groups[0]['lr']:.2e} {rate:.2f} it/s {elapsed() / 60:.1f} min"
-            )
-            window, t_window = [], time.perf_counter()
-        if time.perf_counter() - last_ckpt > config.checkpoint_minutes * 60:
-            checkpoint()
-            last_ckpt = time.perf_counter()
     for m in trained:
         m.eval()
     checkpoint()
@@ -609,7 +691,7 @@ def export_checkpoint(out: str | os.PathLike[str], folder: str | os.PathLike[str
     ckpt_path = Path(out) / "checkpoint.pt"
     if not ckpt_path.is_file():
         raise TrainError(f"no checkpoint at {ckpt_path}")
-    payload = torch.load(ckpt_path, weights_only=True)
+    payload = torch.load(ckpt_path, weights_only=True, map_location="cpu")
     config = TrainConfig.from_dict(payload["config"])
     pipe = build_pipeline(config)
     for name in _MODULES:
@@ -636,6 +718,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default cpu)")
+    parser.add_argument("--workers", type=int, default=0, help="processes making batches ahead (default 0: inline)")
+    parser.add_argument("--fit-steps", action="store_true",
+                        help="with --minutes: after 100 steps, fit the schedule length to the budget from the measured rate")
+    parser.add_argument("--checkpoint-minutes", type=float, default=TrainConfig.checkpoint_minutes)
+    arch = parser.add_argument_group("architecture (new runs)")
+    for name in _ARCHITECTURE:
+        arch.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TrainConfig, name))
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--export-only", metavar="DIR", default=None,
                         help="export OUT/checkpoint.pt's EMA weights to DIR and exit (no training)")
@@ -647,8 +737,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=TrainConfig.guidance_scale,
                         help="CFG scale recorded in call_defaults.json")
     args = parser.parse_args(argv)
-    if (args.steps is not None and args.steps < 1) or args.batch_size < 1 or args.threads < 1 or (args.minutes is not None and args.minutes <= 0):
-        print("error: --steps, --batch-size, --threads and --minutes must be positive", file=sys.stderr)
+    positive = {"steps": args.steps, "batch_size": args.batch_size, "threads": args.threads, "minutes": args.minutes,
+                "checkpoint_minutes": args.checkpoint_minutes, **{n: getattr(args, n) for n in _ARCHITECTURE}}
+    bad = [n for n, v in positive.items() if v is not None and v <= 0] + (["workers"] if args.workers < 0 else [])
+    if bad:
+        print(f"error: --{bad[0].replace('_', '-')} must be positive", file=sys.stderr)
+        return 2
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available here")
+    except RuntimeError as exc:
+        print(f"error: --device {args.device}: {first_line(exc)}", file=sys.stderr)
         return 2
     if not (args.lr > 0 and args.warmup_steps >= 1 and 0 <= args.min_lr_fraction <= 1 and 0 <= args.ema_decay < 1
             and args.guidance_scale >= 1):
@@ -681,10 +781,12 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, steps=TrainConfig.steps if args.steps is None else args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         min_lr_fraction=args.min_lr_fraction, ema_decay=args.ema_decay, guidance_scale=args.guidance_scale,
         init_from=None if args.init_from is None else str(Path(args.init_from).resolve()),
+        checkpoint_minutes=args.checkpoint_minutes, **{n: getattr(args, n) for n in _ARCHITECTURE},
     )
     with logfile:
         try:
-            train(config, out, minutes=args.minutes, resume=args.resume, steps=args.steps if args.resume else None, log=log)
+            train(config, out, minutes=args.minutes, resume=args.resume, steps=args.steps if args.resume else None,
+                  device=device, workers=args.workers, fit_steps=args.fit_steps, log=log)
         except TacaProbeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
