@@ -1,14 +1,8 @@
 """Models: loading, devices and dtypes, the supported-model check and the call settings.
 
-taca-probe works on MM-DiT diffusion transformers in diffusers: Stable Diffusion 3 / 3.5
-(``SD3Transformer2DModel``) and FLUX.1 (``FluxTransformer2DModel``). Besides local folders and
-cached hub models, four tiny pipelines are *embedded*: three random-weight recipes (tiny-sd3,
-tiny-sd35, tiny-flux; built into a cache by :mod:`taca_probe.tiny_models`) that exercise the
-machinery without multi-gigabyte downloads, and one trained model, ``shapes``: a tiny Stable
-Diffusion 3 pipeline trained on the procedural shapes dataset of :mod:`taca_probe.shapes`, whose
-weights ship inside the package. It follows colour / shape / spatial-relation prompts, so its
-attention means something, and :mod:`taca_probe.shapes.evaluator` scores its images exactly. It
-is the default.
+Besides local folders and cached hub models, four tiny pipelines are *embedded*: the trained
+``shapes`` model (weights ship in the package; the default) and three random-weight recipes built
+into a cache by :mod:`taca_probe.tiny_models`.
 """
 
 from __future__ import annotations
@@ -83,9 +77,6 @@ EMBEDDED_MODELS: dict[str, str] = {
 DEFAULT_MODEL = "shapes"
 
 
-# --------------------------------------------------------------------------------------------
-# Devices and dtypes
-# --------------------------------------------------------------------------------------------
 
 _DEVICE_FORMS = "cpu, cuda, cuda:N (N = GPU index), mps"
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
@@ -101,22 +92,10 @@ def _available_devices() -> list[str]:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Turn a device name into a :class:`torch.device` that exists on this machine.
+    """A :class:`torch.device` that exists on this machine.
 
-    Parameters
-    ----------
-    device : str, torch.device or None
-        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (case-insensitive). ``None`` picks
-        ``"cuda"`` when CUDA is available, else ``"cpu"``.
-
-    Returns
-    -------
-    torch.device
-
-    Raises
-    ------
-    ModelError
-        If the name is malformed, or names a device this machine does not have.
+    ``device`` is ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (case-insensitive); ``None`` picks
+    CUDA when available, else the CPU. Raises :class:`ModelError` for a malformed or absent device.
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,26 +132,10 @@ _DTYPE_CHOICES = "fp32 (float32), bf16 (bfloat16), fp16 (float16)"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Turn a dtype name into a :class:`torch.dtype`, with a per-device default.
+    """A :class:`torch.dtype` from ``"fp32"``, ``"bf16"``, ``"fp16"`` (or their long names, the dtype itself).
 
-    Parameters
-    ----------
-    dtype : str, torch.dtype or None
-        One of ``"fp32"``/``"float32"``, ``"bf16"``/``"bfloat16"``, ``"fp16"``/``"float16"``
-        (case-insensitive, an optional ``"torch."`` prefix is allowed), the matching
-        :class:`torch.dtype`, or ``None`` for the default: bfloat16 on CUDA (float16 on GPUs
-        without bfloat16 support), float32 elsewhere.
-    device : torch.device
-        The device the model will run on (decides the default).
-
-    Returns
-    -------
-    torch.dtype
-
-    Raises
-    ------
-    ModelError
-        If ``dtype`` is not one of the choices above.
+    ``None`` is the device's default: bfloat16 on CUDA (float16 on GPUs without bfloat16), float32
+    elsewhere. Raises :class:`ModelError` for anything else.
     """
     if dtype is None:
         if torch.device(device).type == "cuda":
@@ -189,34 +152,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[key]
 
 
-# --------------------------------------------------------------------------------------------
-# Supported models
-# --------------------------------------------------------------------------------------------
 
 _SUPPORTED = "SD3Transformer2DModel (SD3, SD3.5) or FluxTransformer2DModel (FLUX.1)"
 
 
 def check_supported(pipe_or_transformer: Any) -> str:
-    """Say which MM-DiT family a pipeline or transformer belongs to.
+    """The MM-DiT family of a pipeline or transformer: ``"sd3"`` (SD3, SD3.5) or ``"flux"`` (FLUX.1).
 
-    Parameters
-    ----------
-    pipe_or_transformer : DiffusionPipeline or torch.nn.Module
-        A pipeline (its ``.transformer`` is checked) or a bare transformer module. Subclasses of the
-        supported classes pass, and a ``torch.compile`` wrapper is looked through.
-
-    Returns
-    -------
-    str
-        ``"sd3"`` for ``SD3Transformer2DModel`` (SD3 and SD3.5), ``"flux"`` for
-        ``FluxTransformer2DModel`` (FLUX.1).
-
-    Raises
-    ------
-    ModelError
-        If there is no transformer, or its class is not supported.
+    A ``torch.compile`` wrapper is looked through. Raises :class:`ModelError` when there is no
+    transformer or its class is not supported.
     """
-
     obj = pipe_or_transformer
     if isinstance(obj, torch.nn.Module):
         transformer = obj
@@ -239,17 +184,10 @@ def check_supported(pipe_or_transformer: Any) -> str:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
 
 
 def _hub_cached(model: str) -> bool | None:
-    """Whether ``model`` is a Hugging Face repo id with a model_index.json in the local HF cache.
-
-    Returns None when ``model`` is not even a valid repo id.
-    """
-
+    """Whether the repo id ``model`` has a model_index.json in the local HF cache (None: not a repo id)."""
     try:
         validate_repo_id(model)
     except HFValidationError:
@@ -284,8 +222,7 @@ def load_pipeline(
     Returns
     -------
     diffusers.DiffusionPipeline
-        The pipeline, moved to ``device``. It is not checked for support: call
-        :func:`check_supported` for that.
+        On ``device``; not checked for support (:func:`check_supported` does that).
 
     Raises
     ------
@@ -337,7 +274,6 @@ def load_pipeline(
         source, what = model, f"hub model {model!r} from the local Hugging Face cache"
         hint = f"; it may be incomplete: run `hf download {model}` and retry"
 
-
     with quiet() if embedded else contextlib.nullcontext():
         try:
             # dtype= (not the deprecated torch_dtype=); local_files_only so nothing is downloaded.
@@ -358,14 +294,10 @@ def model_name(pipe: Any) -> str:
                or getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
 
 
-# --------------------------------------------------------------------------------------------
-# Embedded models and call settings
-# --------------------------------------------------------------------------------------------
 
 
 def _shipped_path(name: str) -> Path:
     """The folder of a shipped model inside the installed package, checked to be complete."""
-
     package, folder = SHIPPED_MODELS[name]
     path = Path(str(importlib.resources.files(package) / folder))
     if not (path / "model_index.json").is_file():
@@ -385,29 +317,12 @@ def _pipeline_folder(pipe: Any) -> Path | None:
 
 
 def model_call_defaults(model: str | os.PathLike[str] | Any) -> dict[str, Any]:
-    """The recommended ``pipe(...)`` arguments of a model (size, steps, guidance, text length).
+    """The recommended ``pipe(...)`` arguments of a model, from ``call_defaults.json`` beside its model_index.json.
 
-    Trained models need them: the shapes model was trained with 16 T5 tokens, and the SD3
-    pipeline's default ``max_sequence_length=256`` would append 240 padding tokens it never saw.
-
-    Parameters
-    ----------
-    model : str, os.PathLike or DiffusionPipeline
-        An embedded model name, a local pipeline folder, or a loaded pipeline (its source folder is
-        looked up). The settings come from ``call_defaults.json`` next to ``model_index.json``
-        (written by ``python -m taca_probe.shapes.train``).
-
-    Returns
-    -------
-    dict
-        E.g. ``{"height": 64, "width": 64, "num_inference_steps": 25, "guidance_scale": 5.0,
-        "max_sequence_length": 16}``; empty for models without such a file (the random tiny models,
-        hub models, other folders). A new dict each call: the caller may change it.
-
-    Raises
-    ------
-    ModelError
-        If a shipped model's weights are missing, or its call_defaults.json is unreadable.
+    Trained models need them: the shapes model was trained with 16 T5 tokens, and SD3's default
+    ``max_sequence_length=256`` would append 240 padding tokens it never saw. ``model`` is an
+    embedded name, a local folder or a loaded pipeline. Returns a new dict, empty for models without
+    the file; raises :class:`ModelError` if the file is unreadable or a shipped model is missing.
     """
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
@@ -444,27 +359,20 @@ def call_settings(
     Parameters
     ----------
     pipe : DiffusionPipeline
-        The loaded pipeline; its default image size is the size fallback, and its source folder is
-        where the recommended settings are read unless ``model`` names them.
+        Gives the size fallback, and the recommended settings unless ``model`` names them.
     overrides : mapping, optional
-        The user's settings (``num_inference_steps``, ``height``, ``width``, ``guidance_scale``,
-        ``max_sequence_length``, ...); ``None`` values mean "not given" and are dropped.
+        The user's settings; ``None`` values mean "not given".
     model : str or os.PathLike, optional
-        The name the model was given by (embedded name, folder, hub id): its recommended settings
-        (:func:`model_call_defaults`) are read by that name instead of from ``pipe``'s folder.
-        Anything else (``None``, a pipeline) means: read them from ``pipe``.
+        The name the model was loaded by: its :func:`model_call_defaults` are read by that name.
     default_steps : int or None
-        ``num_inference_steps`` when neither the user nor the model gives it; ``None``: leave it
-        out (the pipeline's own default applies).
+        Steps when neither user nor model gives them; ``None``: the pipeline's own default.
     default_size : int or None
-        ``height`` and ``width`` when neither the user nor the model gives them; ``None``: the
-        pipeline's default, ``default_sample_size * vae_scale_factor`` (128 * 8 when it lacks them).
+        Height and width likewise; ``None``: ``default_sample_size * vae_scale_factor``.
 
     Returns
     -------
     dict
-        A new dict: model defaults, updated by the overrides, then the fallbacks where still unset.
-        Always holds ``height`` and ``width`` (and ``num_inference_steps`` unless
+        A new dict that always holds ``height``, ``width`` (and ``num_inference_steps`` unless
         ``default_steps`` is None).
     """
     call = model_call_defaults(model if isinstance(model, (str, os.PathLike)) else pipe)
@@ -479,15 +387,9 @@ def call_settings(
 
 
 def embedded_model_path(name: str) -> Path:
-    """The diffusers folder of an embedded model: a shipped model's folder inside the installed
-    package, or a random recipe's cache folder (built on first use; see
-    :func:`taca_probe.tiny_models.cached_model_path` for where the cache lives).
+    """The diffusers folder of an embedded model: inside the package, or a random recipe's cache folder.
 
-    Raises
-    ------
-    ModelError
-        If ``name`` is not an embedded model, the cache folder cannot be written, or a shipped
-        model's weights are missing from the installation.
+    Raises :class:`ModelError` for an unknown name, an unwritable cache or missing shipped weights.
     """
     if name not in EMBEDDED_MODELS:
         raise ModelError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")

@@ -1,14 +1,9 @@
 """The random-weight test models (tiny-sd3, tiny-sd35, tiny-flux): built from configs, cached.
 
-So that everything can be exercised without downloading multi-gigabyte checkpoints, three tiny
-pipelines are *recipes*: configs with seeded random weights, and the shipped tokenizer files in
-``tiny_models_data/`` (a byte-level BPE CLIP tokenizer and a unigram T5 tokenizer, trained once on
-a small English corpus: ordinary prompts become whole-word tokens and no ASCII character is
-``<unk>``). A recipe is built once into the cache and loaded from there with ``from_pretrained``
-like any other diffusers folder. They exercise the machinery (hooks, processors, schedules,
-pipelines), not the science: their images are noise.
-
-Layering: this module sits above :mod:`taca_probe.models`, which imports it lazily, only to build.
+A recipe is configs with seeded random weights plus the shipped tokenizer files in
+``tiny_models_data/``; it is built once into the cache and loaded from there like any diffusers
+folder. They exercise the machinery, not the science: their images are noise.
+:mod:`taca_probe.models` imports this module lazily, only to build.
 """
 
 from __future__ import annotations
@@ -67,13 +62,10 @@ _LATENT_CHANNELS = 16
 
 
 def tokenizers() -> tuple[CLIPTokenizer, T5Tokenizer]:
-    """The shipped CLIP and T5 tokenizers, made by the constructors that made the shipped files.
+    """The shipped CLIP (byte-level BPE) and T5 (unigram) tokenizers.
 
-    CLIP: byte-level BPE, ids as in OpenAI's CLIP (256 bytes, the same with ``</w>``, one per
-    merge, then BOS and EOS last: CLIPTextModel's pooling looks for the highest id). T5: unigram,
-    ``<pad>``=0, ``</s>``=1, ``<unk>``=2, no sentinel tokens (``extra_ids=0``). The vocabularies
-    are read from the tokenizer.json files rather than loaded with ``from_pretrained``, which would
-    add loading keys (``is_local``...) to the tokenizer_config.json saved with every built model.
+    Built from the tokenizer.json vocabularies rather than ``from_pretrained``, which would add
+    loading keys (``is_local``...) to the tokenizer_config.json saved with every built model.
     """
     data = importlib.resources.files("taca_probe") / _DATA
     clip = json.loads((data / "clip" / "tokenizer.json").read_text(encoding="utf-8"))["model"]
@@ -235,9 +227,6 @@ def _build_into(name: str, folder: Path) -> None:
         pipe.save_pretrained(folder, safe_serialization=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Cache
-# --------------------------------------------------------------------------------------------
 
 _STALE_BUILD_S = 3600.0  # a build takes seconds; a temporary folder this old was abandoned
 
@@ -251,18 +240,12 @@ def _cache_root() -> Path:
 
 
 def cached_model_path(name: str) -> Path:
-    """The cache folder of tiny model ``name``, building it first if needed.
+    """``<cache>/models/<name>-v<RECIPE_VERSION>``, built first if needed.
 
-    The folder is ``<cache>/models/<name>-v<RECIPE_VERSION>``, where ``<cache>`` is
-    ``$TACA_PROBE_CACHE`` if set, else ``$XDG_CACHE_HOME/taca-probe``, else
-    ``~/.cache/taca-probe``. A build goes into a temporary sibling folder that is renamed into
-    place when complete, so an interrupted build never leaves a half-written model, and when two
-    processes build at once the first to finish wins and the other discards its copy.
-
-    Raises
-    ------
-    ModelError
-        If ``name`` is not a tiny model, or the cache folder cannot be written.
+    ``<cache>`` is ``$TACA_PROBE_CACHE``, else ``$XDG_CACHE_HOME/taca-probe``, else
+    ``~/.cache/taca-probe``. A build goes into a temporary sibling renamed into place when complete:
+    an interrupted build leaves nothing half-written, and of two concurrent builds the first wins.
+    Raises :class:`ModelError` for an unknown name or an unwritable cache.
     """
     if name not in ("tiny-sd3", "tiny-sd35", "tiny-flux"):
         raise ModelError(f"unknown tiny model {name!r}; tiny models: tiny-sd3, tiny-sd35, tiny-flux")
