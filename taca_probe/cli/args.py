@@ -49,8 +49,6 @@ def _did_you_mean(message: str) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-# -- types ---------------------------------------------------------------------------------------
-
 
 def _ints(what: str, example: str):
     """An argparse type: ``0,1,2`` or ``0-3`` or a mix, refused with the valid form."""
@@ -105,8 +103,6 @@ def schedule_help(default: str | None) -> str:
     return f"gamma schedule ({when}; 'none' = stock model). Forms: " + " | ".join(
         line.strip() for line in FORMS.strip().splitlines() if line.strip())
 
-
-# -- parent parsers (a new one per use) -------------------------------------------------------------
 
 
 def _parent() -> argparse.ArgumentParser:
@@ -211,8 +207,6 @@ def bench_args(repeats: int) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1: steadier timings)")
     return p
 
-
-# -- input checks --------------------------------------------------------------------------------
 
 
 def short_prompt(prompt: str, width: int = 40) -> str:

@@ -85,8 +85,6 @@ def add_parsers(sub) -> None:
     ex.set_defaults(func=cmd_export_images)
 
 
-# -- shared ----------------------------------------------------------------------------------------
-
 
 def _check_size(pipe, height: int | None, width: int | None) -> None:
     # VAE downsampling x patch size (SD3; FLUX packs 2x2 latents)
@@ -151,8 +149,6 @@ def _summary(path: Path) -> str:
         lines.append(f"  TACA amplification at step 0 (applied / gamma=1 mass): {r:.3f}x")
     return "\n".join(lines)
 
-
-# -- commands ------------------------------------------------------------------------------------
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
