@@ -49,7 +49,6 @@ def _did_you_mean(message: str) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-
 def _ints(what: str, example: str):
     """An argparse type: ``0,1,2`` or ``0-3`` or a mix, refused with the valid form."""
 
@@ -102,7 +101,6 @@ def schedule_help(default: str | None) -> str:
             "step:1.2@970": "default step:1.2@970, the paper's rule"}.get(default, f"default {default}")
     return f"gamma schedule ({when}; 'none' = stock model). Forms: " + " | ".join(
         line.strip() for line in FORMS.strip().splitlines() if line.strip())
-
 
 
 def _parent() -> argparse.ArgumentParser:
@@ -206,7 +204,6 @@ def bench_args(repeats: int) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=repeats, help=f"timed repeats per variant (default {repeats})")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1: steadier timings)")
     return p
-
 
 
 def short_prompt(prompt: str, width: int = 40) -> str:

@@ -85,7 +85,6 @@ def add_parsers(sub) -> None:
     ex.set_defaults(func=cmd_export_images)
 
 
-
 def _check_size(pipe, height: int | None, width: int | None) -> None:
     # VAE downsampling x patch size (SD3; FLUX packs 2x2 latents)
     patch = int(getattr(pipe.transformer.config, "patch_size", 2) or 2)
@@ -148,7 +147,6 @@ def _summary(path: Path) -> str:
         r = float(mass.isel(step=0).mean()) / float(ref.isel(step=0).mean())
         lines.append(f"  TACA amplification at step 0 (applied / gamma=1 mass): {r:.3f}x")
     return "\n".join(lines)
-
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
