@@ -187,7 +187,7 @@ def record_scores(folder: str | Path, result: dict[str, Any]) -> Path:
     Returns
     -------
     pathlib.Path
-        The manifest path. Existing scores of other schedules are kept.
+        The manifest (existing scores of other schedules are kept).
     """
     path = Path(folder) / "manifest.json"
     if not path.is_file():

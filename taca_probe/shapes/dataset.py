@@ -118,10 +118,6 @@ def parse_prompt(text: str) -> PromptSpec:
         ``"a <colour> <shape>"`` or ``"a <colour> <shape> <relation> a <colour> <shape>"``, with a
         relation from :data:`RELATIONS`; case, extra spaces and a final full stop are ignored.
 
-    Returns
-    -------
-    PromptSpec
-
     Raises
     ------
     DatasetError
@@ -210,10 +206,6 @@ def held_out_prompts(kind: str = "all") -> list[PromptSpec]:
     kind : {"all", "one", "two"}
         One-object prompts (the :data:`HELD_OUT_OBJECTS`), two-object prompts (both captions of
         both layouts of every :func:`held_out_pair_axes` entry), or both (one-object first).
-
-    Returns
-    -------
-    list of PromptSpec
     """
     if kind not in ("all", "one", "two"):
         raise DatasetError(f"unknown prompt kind {kind!r}; choose all, one or two")
@@ -258,10 +250,6 @@ def scene_for_prompt(prompt: PromptSpec | str, rng: np.random.Generator) -> Scen
     prompt : PromptSpec or str
         A prompt of the grammar (see :func:`parse_prompt`).
     rng : numpy.random.Generator
-
-    Returns
-    -------
-    Scene
     """
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     return Scene((_place_one(rng, *spec.objects[0]),) if spec.relation is None else _place_pair(rng, spec), spec)
@@ -276,10 +264,6 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     split : {"train", "held_out"}
         ``"train"``: a caption from :func:`training_prompts`, one object with probability
         :data:`P_ONE_OBJECT`; ``"held_out"``: a prompt from :func:`held_out_prompts`.
-
-    Returns
-    -------
-    Scene
     """
     if split == "train":
         prompts = _TRAIN_ONE if rng.random() < P_ONE_OBJECT else _TRAIN_TWO

@@ -215,10 +215,6 @@ def evaluate_images(prompts: Sequence[str | ds.PromptSpec], images: Sequence[Any
     images : sequence of PIL.Image.Image or numpy.ndarray
         Aligned with ``prompts``.
 
-    Returns
-    -------
-    list of PromptScore
-
     Raises
     ------
     DatasetError
@@ -274,9 +270,8 @@ def paired_difference(
 ) -> dict[str, CategoryScore]:
     """Mean of ``other - base`` per category, image by image, with a prompt-cluster bootstrap 95% interval.
 
-    Both runs must score the same images in the same order (same prompts and seeds, e.g. one
-    schedule against another), so that each difference compares one starting noise under two
-    settings; this removes the seed-to-seed variation that separate intervals carry.
+    Both runs score the same prompts and seeds in the same order, so each difference compares one starting
+    noise under two settings, free of the seed-to-seed variation that separate intervals carry.
 
     Parameters
     ----------

@@ -42,6 +42,9 @@ __all__ = ["TrainConfig", "TrainError", "build_pipeline", "export_pipeline", "ma
 
 #: The architecture settings the command line sets (a resumed run keeps its checkpoint's).
 _ARCHITECTURE = ("num_layers", "num_heads", "head_dim", "clip_hidden", "clip_layers", "t5_dim", "t5_layers")
+#: The other settings with a flag of their own name.
+_FLAGS = ("seed", "batch_size", "lr", "warmup_steps", "min_lr_fraction", "ema_decay", "guidance_scale",
+          "checkpoint_minutes")
 _MODULES = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 _CHECKPOINT_KEYS = ("config", "modules", "opt", "vae_opt", "ema", "state", "torch_rng")
 
@@ -606,12 +609,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="export OUT/checkpoint.pt's EMA weights to DIR and exit (no training)")
     parser.add_argument("--init-from", default=None,
                         help="warm start from this pipeline folder's weights (same architecture)")
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
-    parser.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
-    parser.add_argument("--min-lr-fraction", type=float, default=TrainConfig.min_lr_fraction)
-    parser.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
-    parser.add_argument("--guidance-scale", type=float, default=TrainConfig.guidance_scale,
-                        help="CFG scale recorded in call_defaults.json")
+    helps = {"lr": "peak learning rate", "guidance_scale": "CFG scale recorded in call_defaults.json"}
+    for name in ("lr", "warmup_steps", "min_lr_fraction", "ema_decay", "guidance_scale"):
+        default = getattr(TrainConfig, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=helps.get(name))
     args = parser.parse_args(argv)
     positive = {"steps": args.steps, "batch_size": args.batch_size, "threads": args.threads, "minutes": args.minutes,
                 "checkpoint_minutes": args.checkpoint_minutes, **{n: getattr(args, n) for n in _ARCHITECTURE}}
@@ -654,11 +655,9 @@ def main(argv: list[str] | None = None) -> int:
         logfile.write(stamped + "\n")
 
     config = TrainConfig(
-        seed=args.seed, steps=TrainConfig.steps if args.steps is None else args.steps, batch_size=args.batch_size,
-        lr=args.lr, warmup_steps=args.warmup_steps, min_lr_fraction=args.min_lr_fraction, ema_decay=args.ema_decay,
-        guidance_scale=args.guidance_scale, checkpoint_minutes=args.checkpoint_minutes,
+        steps=TrainConfig.steps if args.steps is None else args.steps,
         init_from=None if args.init_from is None else str(Path(args.init_from).resolve()),
-        **{n: getattr(args, n) for n in _ARCHITECTURE},
+        **{n: getattr(args, n) for n in _FLAGS + _ARCHITECTURE},
     )
     with logfile:
         try:
