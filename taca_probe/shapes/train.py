@@ -195,14 +195,9 @@ def _text_and_transformer(pipe: Any) -> list[torch.nn.Module]:
 
 def call_defaults(config: TrainConfig) -> dict[str, Any]:
     """The recommended ``pipe(...)`` arguments for a model trained with ``config``."""
-    return {
-        "height": ds.IMAGE_SIZE,
-        "width": ds.IMAGE_SIZE,
-        "num_inference_steps": config.num_inference_steps,
-        "guidance_scale": config.guidance_scale,
-        # The pipeline default (256) would append 240 T5 padding tokens never seen in training.
-        "max_sequence_length": config.t5_length,
-    }
+    # max_sequence_length: the pipeline default (256) would append 240 T5 padding tokens never seen in training.
+    return {"height": ds.IMAGE_SIZE, "width": ds.IMAGE_SIZE, "num_inference_steps": config.num_inference_steps,
+            "guidance_scale": config.guidance_scale, "max_sequence_length": config.t5_length}
 
 
 def _sigmas(rng: np.random.Generator, n: int, config: TrainConfig) -> np.ndarray:
@@ -303,13 +298,6 @@ class _Ema:
         d = min(self.decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
 
-    @torch.no_grad()
-    def swap(self) -> None:
-        for p, s in zip(self.params, self.shadow):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
-
 
 def _load_checkpoint(pipe: Any, ema: _Ema, payload: dict[str, Any]) -> None:
     for name in _MODULES:
@@ -324,13 +312,10 @@ def export_pipeline(pipe: Any, ema: _Ema | None, folder: Path, config: TrainConf
     Weights are stored in float16 (half the size; loading upcasts to the requested dtype).
     """
     folder = Path(folder)
-    if ema is not None:
-        ema.swap()
-    try:
-        export = copy.deepcopy(pipe)
-    finally:
-        if ema is not None:
-            ema.swap()
+    export = copy.deepcopy(pipe)
+    if ema is not None:  # the EMA weights, into the copy
+        with torch.no_grad():
+            torch._foreach_copy_([p for m in _text_and_transformer(export) for p in m.parameters()], ema.shadow)
     with quiet():  # diffusers' "cast with to()" and progress-bar chatter
         export.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     for path in folder.rglob("*"):
