@@ -100,13 +100,6 @@ def _templates(shape: tuple[int, int], area: float, cx: float, cy: float) -> dic
     }
 
 
-def _classify(mask: np.ndarray, cx: float, cy: float) -> tuple[str, float]:
-    templates = _templates(mask.shape, float(mask.sum()), cx, cy)
-    ious = {name: float((mask & t).sum() / (mask | t).sum()) for name, t in templates.items()}
-    best = max(ious, key=ious.__getitem__)
-    return (best if ious[best] >= MIN_TEMPLATE_IOU else "irregular"), ious[best]
-
-
 def detect_objects(image: Any) -> list[DetectedObject]:
     """Find the objects in an image: colour, shape, centroid.
 
@@ -131,18 +124,18 @@ def detect_objects(image: Any) -> list[DetectedObject]:
     for i, name in enumerate(names):
         mask = coloured & close & (nearest == i)
         labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-        if n == 0:
-            continue
         areas = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-        k = int(np.argmax(areas)) + 1
-        if areas[k - 1] < _MIN_AREA:
+        if n == 0 or areas.max() < _MIN_AREA:
             continue
-        comp = ndimage.binary_fill_holes(labels == k)
+        comp = ndimage.binary_fill_holes(labels == int(np.argmax(areas)) + 1)
         cy, cx = ndimage.center_of_mass(comp)
         # Centroids in the same pixel-centre coordinates as dataset.ObjectSpec.
         cx, cy = float(cx) + 0.5, float(cy) + 0.5
-        shape, iou = _classify(comp, cx, cy)
-        found.append(DetectedObject(name, shape, cx, cy, int(comp.sum()), round(iou, 4)))
+        ious = {shape: float((comp & t).sum() / (comp | t).sum())
+                for shape, t in _templates(comp.shape, float(comp.sum()), cx, cy).items()}
+        best = max(ious, key=ious.__getitem__)
+        shape = best if ious[best] >= MIN_TEMPLATE_IOU else "irregular"
+        found.append(DetectedObject(name, shape, cx, cy, int(comp.sum()), round(ious[best], 4)))
     return sorted(found, key=lambda o: -o.area)
 
 
