@@ -146,7 +146,7 @@ def run_benchmark(
         t0 = time.perf_counter()
         quarter = 0  # the last quarter of the images logged
 
-        def batch_done(k: int, n: int) -> None:  # called within this iteration only
+        def batch_done(k: int, n: int, spec: str = spec, t0: float = t0) -> None:
             nonlocal quarter
             if progress is not None:
                 progress(spec, k, n)

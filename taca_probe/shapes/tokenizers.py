@@ -6,6 +6,7 @@ T5Tokenizer with one piece per word; both are built deterministically, without t
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from typing import Any
 
@@ -30,7 +31,7 @@ def _learn_bpe(words: dict[tuple[str, ...], int]) -> list[tuple[str, str]]:
     while True:
         counts: Counter[tuple[str, str]] = Counter()
         for syms, freq in zip(symbols, words.values()):
-            for pair in zip(syms, syms[1:]):
+            for pair in itertools.pairwise(syms):
                 counts[pair] += freq
         if not counts:
             return merges
