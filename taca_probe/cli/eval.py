@@ -22,22 +22,12 @@ from .args import call_args, json_args, model_args, positive_int, seeds, write_j
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``eval`` command to a ``taca-probe`` subparsers object.
-
-    Parameters
-    ----------
-    subparsers : argparse._SubParsersAction
-        From ``parser.add_subparsers(...)``.
-
-    Returns
-    -------
-    argparse.ArgumentParser
-        The ``eval`` parser (its ``func`` default is :func:`cmd_eval`).
-    """
+    """Add the ``eval`` command to ``taca-probe``'s subparsers; returns its parser (``func``: :func:`cmd_eval`)."""
     p = subparsers.add_parser(
         "eval", parents=[model_args(), call_args(size=False),
                          json_args("the full result (aggregates and per-image detections)")],
-        help="compositional benchmark: held-out shapes prompts x seeds, scored exactly (colour, shape, binding, spatial)",
+        help="compositional benchmark: held-out shapes prompts x seeds, scored exactly "
+        "(colour, shape, binding, spatial)",
         description="Generate the shapes dataset's held-out prompts (compositions never seen in training) once per "
         "seed under each --schedule, detect every object's colour, shape and position by image analysis, and "
         "score colour, shape, colour-shape binding and spatial relation with bootstrap 95% intervals. "
@@ -57,7 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "18 min a schedule on a CPU core) instead of the quick preset")
     p.add_argument("--prompt-set", choices=["all", "one", "two"], default="all",
                    help="held-out one-object prompts, two-object prompts, or both (default all)")
-    p.add_argument("--prompt", action="append", help="a prompt of the shapes grammar instead of the held-out set (repeatable)")
+    p.add_argument("--prompt", action="append",
+                   help="a prompt of the shapes grammar instead of the held-out set (repeatable)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per pipeline call (default 16)")
     p.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--save-images", metavar="DIR", help="also save the generated images under DIR/<schedule>/")
@@ -92,9 +83,8 @@ def _duration(seconds: float) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``taca-probe eval``: print the table, optionally write JSON. Returns the exit status."""
     schedules = [parse(s).spec for s in (args.schedule or ["none"])]  # fail before loading
-    prompts = [ds.parse_prompt(p).text for p in args.prompt] if args.prompt else [
-        p.text for p in ds.held_out_prompts(args.prompt_set)
-    ]
+    specs = [ds.parse_prompt(p) for p in args.prompt] if args.prompt else ds.held_out_prompts(args.prompt_set)
+    prompts = [p.text for p in specs]
     if args.json and args.json != "-":
         out = Path(args.json)
         if out.parent and not out.parent.exists():
@@ -104,7 +94,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.full and args.seeds is not None:
         raise TacaProbeError(f"--full fixes the seeds (0-{DEFAULT_SEEDS[-1]}); give either --full or --seeds")
     seeds = list(DEFAULT_SEEDS) if args.full else list(QUICK_SEEDS) if args.seeds is None else args.seeds
-    preset = "full protocol" if args.full else f"quick preset (--full: {len(DEFAULT_SEEDS)} seeds)" if args.seeds is None else "custom seeds"
+    preset = ("full protocol" if args.full else "custom seeds" if args.seeds is not None
+              else f"quick preset (--full: {len(DEFAULT_SEEDS)} seeds)")
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
     n_images = len(prompts) * len(seeds)
@@ -120,17 +111,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seen[spec] = k
 
     try:
-        result = run_benchmark(
-            pipe,
-            schedules,
-            prompts=prompts,
-            seeds=seeds,
-            call=call,
-            batch_size=args.batch_size,
-            n_boot=args.bootstrap,
-            save_images=args.save_images,
-            progress=progress,
-        )
+        result = run_benchmark(pipe, schedules, prompts=prompts, seeds=seeds, call=call, batch_size=args.batch_size,
+                               n_boot=args.bootstrap, save_images=args.save_images, progress=progress)
     finally:
         bar.close()
     result["model"] = str(args.model)

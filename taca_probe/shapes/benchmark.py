@@ -24,10 +24,8 @@ from . import evaluator as ev
 
 __all__ = ["format_table", "generate_images", "record_scores", "run_benchmark"]
 
-#: Seeds of the full protocol (``taca-probe eval --full``; the README's results): 40 two-object held-out
-#: prompts x 20 seeds = 800 paired images a schedule, enough for a 95% interval of a paired
-#: schedule-minus-baseline difference of about +-0.03 on binding and spatial on the shipped model
-#: (``analysis/shapes_study.py``, which generates the same images seed by seed).
+#: Seeds of the full protocol (``taca-probe eval --full``; the README's results): 40 two-object prompts x 20
+#: seeds = 800 paired images a schedule, a paired difference's 95% interval about +-0.03 on the shipped model.
 DEFAULT_SEEDS: tuple[int, ...] = tuple(range(20))
 #: Seeds of the quick preset (``taca-probe eval`` without --full or --seeds).
 QUICK_SEEDS: tuple[int, ...] = (0,)
@@ -55,12 +53,11 @@ def generate_images(
     Parameters
     ----------
     pipe : diffusers.DiffusionPipeline
-        The pipeline (normally ``load_pipeline("shapes")``).
+        Normally ``load_pipeline("shapes")``.
     prompts : sequence of str
-        Prompts.
     seeds : sequence of int
-        Image ``(prompt, seed)`` starts from ``torch.Generator("cpu").manual_seed(seed)``, so it is
-        the same image whatever the batching.
+        Image ``(prompt, seed)`` starts from ``torch.Generator("cpu").manual_seed(seed)``: the same
+        image whatever the batching.
     schedule : str
         TACA schedule (``"none"``: the stock model); see :mod:`taca_probe.schedules`.
     call : dict, optional
@@ -75,7 +72,6 @@ def generate_images(
     prompts, seeds, images : lists
         One entry per image, prompt-major.
     """
-
     if batch_size < 1:
         raise TacaProbeError(f"batch size must be positive, got {batch_size}")
     kwargs = _call_settings(pipe, call)
@@ -111,7 +107,6 @@ def run_benchmark(
     Parameters
     ----------
     pipe : diffusers.DiffusionPipeline
-        The pipeline.
     schedules : sequence of str
         TACA schedules to compare (validated before any generation).
     prompts : sequence of str, optional
@@ -120,10 +115,8 @@ def run_benchmark(
         Seeds per prompt.
     call : dict, optional
         ``pipe(...)`` overrides (e.g. ``num_inference_steps``, ``guidance_scale``).
-    batch_size : int
-        Images per pipeline call.
-    n_boot : int
-        Bootstrap resamples of the intervals.
+    batch_size, n_boot : int
+        Images per pipeline call; bootstrap resamples of the intervals.
     save_images : path, optional
         Also save every image as ``<dir>/<schedule>/<index>-seed<seed>.png``.
     log : callable, optional
@@ -136,60 +129,48 @@ def run_benchmark(
     dict
         ``call`` (the pipe arguments used), ``seeds``, ``prompts``, ``chance``, and ``schedules``:
         schedule spec -> {``aggregate``: category -> {mean, low, high, n_images, n_prompts},
-        ``seconds``, ``images``: per-image records}.
+        ``difference`` (after the first: paired, against it), ``seconds``, ``images``: per-image records}.
 
     Raises
     ------
     TacaProbeError
         On a bad schedule or a prompt outside the grammar (before anything is generated).
     """
-
     specs = [parse(s).spec for s in schedules]  # ScheduleError (one line) on a bad one
     texts = [p.text for p in ds.held_out_prompts()] if prompts is None else [ds.parse_prompt(p).text for p in prompts]
     if not seeds:
         raise TacaProbeError("no seeds given")
-    call_used = _call_settings(pipe, call)
-    result: dict[str, Any] = {
-        "call": call_used,
-        "seeds": list(seeds),
-        "prompts": texts,
-        "chance": ev.chance_levels(),
-        "schedules": {},
-    }
-    base_scores: list[ev.PromptScore] | None = None
-    base_spec = ""
-    for spec in specs:
+    result: dict[str, Any] = {"call": _call_settings(pipe, call), "seeds": list(seeds), "prompts": texts,
+                              "chance": ev.chance_levels(), "schedules": {}}
+    for i, spec in enumerate(specs):
         t0 = time.perf_counter()
-        done = [0]
+        quarter = 0  # the last quarter of the images logged
 
-        def batch_done(k: int, n: int, spec: str = spec, t0: float = t0, done: list[int] = done) -> None:
+        def batch_done(k: int, n: int, spec: str = spec, t0: float = t0) -> None:
+            nonlocal quarter
             if progress is not None:
                 progress(spec, k, n)
-            if log is not None and (k == n or k // max(1, n // 4) != done[0]):
-                done[0] = k // max(1, n // 4)
+            if log is not None and (k == n or k // max(1, n // 4) != quarter):
+                quarter = k // max(1, n // 4)
                 log(f"{spec}: {k}/{n} images ({time.perf_counter() - t0:.0f} s)")
 
-        p_list, s_list, images = generate_images(
-            pipe, texts, seeds, schedule=spec, call=call, batch_size=batch_size, progress=batch_done
-        )
+        p_list, s_list, images = generate_images(pipe, texts, seeds, schedule=spec, call=call, batch_size=batch_size,
+                                                 progress=batch_done)
         scores = ev.evaluate_images(p_list, images)
-        agg = ev.aggregate(scores, n_boot=n_boot)
+        entry: dict[str, Any] = {"aggregate": {k: vars(v) for k, v in ev.aggregate(scores, n_boot=n_boot).items()}}
         if save_images is not None:
             folder = Path(save_images) / spec.replace("/", "_").replace(":", "_")
             folder.mkdir(parents=True, exist_ok=True)
-            for i, (img, seed) in enumerate(zip(images, s_list)):
-                img.save(folder / f"{i:04d}-seed{seed}.png")
-        entry: dict[str, Any] = {"aggregate": {k: vars(v) for k, v in agg.items()}}
-        if base_scores is None:
-            base_scores, base_spec = scores, spec
+            for j, (img, seed) in enumerate(zip(images, s_list)):
+                img.save(folder / f"{j:04d}-seed{seed}.png")
+        if i == 0:
+            base_scores = scores
         else:  # same prompts and seeds: compare image by image with the first schedule
             diff = ev.paired_difference(base_scores, scores, n_boot=n_boot)
-            entry["difference"] = {"versus": base_spec, **{k: vars(v) for k, v in diff.items()}}
-        result["schedules"][spec] = {
-            **entry,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "images": [dict(r.to_dict(), seed=s) for r, s in zip(scores, s_list)],
-        }
+            entry["difference"] = {"versus": specs[0], **{k: vars(v) for k, v in diff.items()}}
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        entry["images"] = [dict(r.to_dict(), seed=s) for r, s in zip(scores, s_list)]
+        result["schedules"][spec] = entry
     return result
 
 
@@ -206,7 +187,7 @@ def record_scores(folder: str | Path, result: dict[str, Any]) -> Path:
     Returns
     -------
     pathlib.Path
-        The manifest path. Existing scores of other schedules are kept.
+        The manifest (existing scores of other schedules are kept).
     """
     path = Path(folder) / "manifest.json"
     if not path.is_file():
@@ -229,18 +210,16 @@ def format_table(result: dict[str, Any], *, width: int = TABLE_WIDTH) -> str:
     Each block is the schedule on its own line, then ``category  mean [low, high]`` cells, as
     many a line as fit.
     """
-    cats = [c for c in ev.CATEGORIES if any(c in r["aggregate"] for r in result["schedules"].values())]
-    blocks: list[tuple[str, list[str]]] = []
-    for spec, r in result["schedules"].items():
-        agg = r["aggregate"]
-        blocks.append((spec, [f"{c} {agg[c]['mean']:.3f} [{agg[c]['low']:.2f}, {agg[c]['high']:.2f}]"
-                              for c in cats if c in agg]))
-    for spec, r in result["schedules"].items():
-        diff = r.get("difference")
-        if diff:
-            blocks.append((f"{spec} - {diff['versus']} (paired difference)",
-                           [f"{c} {diff[c]['mean']:+.3f} [{diff[c]['low']:+.2f}, {diff[c]['high']:+.2f}]"
-                            for c in cats if c in diff]))
+    runs = result["schedules"]
+    cats = [c for c in ev.CATEGORIES if any(c in r["aggregate"] for r in runs.values())]
+
+    def cells(d: dict[str, Any], sign: str = "") -> list[str]:
+        return [f"{c} {d[c]['mean']:{sign}.3f} [{d[c]['low']:{sign}.2f}, {d[c]['high']:{sign}.2f}]"
+                for c in cats if c in d]
+
+    blocks = [(spec, cells(r["aggregate"])) for spec, r in runs.items()]
+    blocks += [(f"{spec} - {r['difference']['versus']} (paired difference)", cells(r["difference"], "+"))
+               for spec, r in runs.items() if r.get("difference")]
     cell = max((len(x) for _, cells in blocks for x in cells), default=0) + 2
     per_line = max(1, (width - 2) // cell)
     lines: list[str] = []
@@ -248,7 +227,7 @@ def format_table(result: dict[str, Any], *, width: int = TABLE_WIDTH) -> str:
         lines.append(title)
         for i in range(0, len(cells), per_line):
             lines.append("  " + "".join(x.ljust(cell) for x in cells[i : i + per_line]).rstrip())
-    first = next(iter(result["schedules"].values()))["aggregate"]
+    first = next(iter(runs.values()))["aggregate"]
     sizes = ", ".join(
         f"{kind}-object: {first[f'{kind}.colour']['n_images']} images of {first[f'{kind}.colour']['n_prompts']} prompts"
         for kind in ("one", "two") if f"{kind}.colour" in first

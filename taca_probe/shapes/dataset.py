@@ -1,37 +1,19 @@
 """The procedural shapes dataset: images, captions, the prompt grammar and the held-out split.
 
-Every image is 64x64 RGB: one or two flat-coloured objects (circle, square, triangle) on a plain
-light-grey background. Captions name colour, shape and, for two objects, the spatial relation of
-the first object to the second: ``"a red circle"``, ``"a red circle to the left of a blue square"``.
-The two objects of a scene always have different colours, so that an object is identified by its
-colour alone (which is what makes the evaluator in :mod:`taca_probe.shapes.evaluator` exact).
-
-Nothing is stored: a scene is a pure function of a seed, rendered on the fly with numpy.
-
-The held-out split
-------------------
-Two kinds of compositions are never shown in training:
-
-- :data:`HELD_OUT_OBJECTS`: four colour-shape pairs (one per colour) that appear in no training
-  image at all, alone or in a pair. Each colour and each shape is still seen, with other partners,
-  so "a red triangle" tests whether the model composes a colour word and a shape word it knows.
-- :func:`held_out_pair_axes`: a fixed, seeded fifth of the two-object *pair-axes*: an unordered
-  pair of seen objects {A, B} on one axis (horizontal or vertical). Both layouts (A left of B and
-  B left of A) are held out, each with both of its captions ("A to the left of B" and "B to the
-  right of A" describe the same picture). Holding out both layouts matters: if only "A left of B"
-  were held out, training would show the pair on that axis in the other layout only, and a
-  model could place the held-out prompt's objects from that memorised layout without reading the
-  relation word (a first version of this split did exactly that: the model reversed 80% of
-  held-out relations). A pair held out on one axis is still seen on the other.
-
-:func:`held_out_prompts` lists the evaluation prompts built from those.
+Every image is 64x64 RGB: one or two flat-coloured objects (circle, square, triangle) on a light-grey
+background, captioned ``"a red circle"`` or ``"a red circle to the left of a blue square"``. The two
+objects of a scene always have different colours, so an object is identified by its colour alone
+(which makes :mod:`taca_probe.shapes.evaluator` exact). A scene is a pure function of a seed; nothing
+is stored. Held out of training: :data:`HELD_OUT_OBJECTS` and both layouts of every
+:func:`held_out_pair_axes` entry (holding out one layout let a model place the objects from the
+memorised other one without reading the relation word: README, "The dataset").
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,27 +21,9 @@ import numpy as np
 from ..errors import TacaProbeError
 
 __all__ = [
-    "BACKGROUND",
-    "COLOURS",
-    "HELD_OUT_OBJECTS",
-    "IMAGE_SIZE",
-    "RELATIONS",
-    "SHAPES",
-    "DatasetError",
-    "ObjectSpec",
-    "PromptSpec",
-    "Scene",
-    "all_objects",
-    "held_out_pair_axes",
-    "held_out_prompts",
-    "held_out_scene_types",
-    "parse_prompt",
-    "render",
-    "sample_batch",
-    "sample_scene",
-    "scene_for_prompt",
-    "seen_objects",
-    "training_prompts",
+    "BACKGROUND", "COLOURS", "HELD_OUT_OBJECTS", "IMAGE_SIZE", "RELATIONS", "SHAPES", "DatasetError", "ObjectSpec",
+    "PromptSpec", "Scene", "all_objects", "held_out_pair_axes", "held_out_prompts", "held_out_scene_types",
+    "parse_prompt", "render", "sample_batch", "sample_scene", "scene_for_prompt", "seen_objects", "training_prompts",
 ]
 
 
@@ -67,29 +31,19 @@ class DatasetError(TacaProbeError, ValueError):
     """A prompt outside the shapes grammar, or an impossible dataset request."""
 
 
-# --------------------------------------------------------------------------------------------
-# The dataset's own definitions
-# --------------------------------------------------------------------------------------------
-
 IMAGE_SIZE = 64
 #: Light grey: low saturation, so that the evaluator separates it from every object colour.
 BACKGROUND: tuple[int, int, int] = (235, 235, 235)
 #: Saturated colours with well-separated hues (red 0, yellow ~50, green 120, blue ~230 degrees).
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 20, 20),
-    "green": (20, 160, 20),
-    "blue": (30, 50, 220),
-    "yellow": (240, 200, 0),
+    "red": (220, 20, 20), "green": (20, 160, 20), "blue": (30, 50, 220), "yellow": (240, 200, 0),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 #: Relation words as they appear in captions; "A <relation> B" relates object A to object B.
 RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "below")
 #: Axis of each relation and the sign of (A - B) along it (image y grows downwards).
 _RELATION_AXIS: dict[str, tuple[int, int]] = {
-    "to the left of": (0, -1),
-    "to the right of": (0, 1),
-    "above": (1, -1),
-    "below": (1, 1),
+    "to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1),
 }
 
 #: Object side length in pixels (bounding square of circle, square and triangle), inclusive range.
@@ -105,20 +59,12 @@ P_ONE_OBJECT = 0.3
 #: Colour-shape pairs that never appear in training (one per colour; every colour and shape is
 #: still seen with other partners).
 HELD_OUT_OBJECTS: tuple[tuple[str, str], ...] = (
-    ("red", "triangle"),
-    ("green", "circle"),
-    ("blue", "square"),
-    ("yellow", "triangle"),
+    ("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "triangle"),
 )
 #: Fraction of the two-object scene types (from seen objects) that are held out, and the seed of
 #: the permutation that picks them.
 HELD_OUT_FRACTION = 0.2
 HELD_OUT_SEED = 20250607
-
-
-# --------------------------------------------------------------------------------------------
-# Scenes and prompts
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -143,9 +89,7 @@ class PromptSpec:
     def text(self) -> str:
         """The caption in the dataset's grammar."""
         phrases = [f"a {c} {s}" for c, s in self.objects]
-        if self.relation is None:
-            return phrases[0]
-        return f"{phrases[0]} {self.relation} {phrases[1]}"
+        return phrases[0] if self.relation is None else f"{phrases[0]} {self.relation} {phrases[1]}"
 
 
 @dataclass(frozen=True)
@@ -157,7 +101,6 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        """The caption of the scene."""
         return self.prompt.text
 
 
@@ -173,23 +116,18 @@ def parse_prompt(text: str) -> PromptSpec:
     ----------
     text : str
         ``"a <colour> <shape>"`` or ``"a <colour> <shape> <relation> a <colour> <shape>"``, with a
-        relation from :data:`RELATIONS`; case and surrounding/multiple spaces are ignored.
-
-    Returns
-    -------
-    PromptSpec
+        relation from :data:`RELATIONS`; case, extra spaces and a final full stop are ignored.
 
     Raises
     ------
     DatasetError
-        If the text is not in the grammar, names an unknown colour or shape, or gives two objects
-        the same colour (the evaluator identifies objects by colour).
+        Outside the grammar, an unknown colour or shape, or two objects of one colour.
     """
     norm = " ".join(str(text).lower().split()).rstrip(".")
     m = _PROMPT_RE.match(norm)
-    grammar = "expected 'a <colour> <shape>' or 'a <colour> <shape> <relation> a <colour> <shape>'"
     if not m:
-        raise DatasetError(f"prompt {text!r} is not in the shapes grammar; {grammar}")
+        raise DatasetError(f"prompt {text!r} is not in the shapes grammar; expected 'a <colour> <shape>' or "
+                           "'a <colour> <shape> <relation> a <colour> <shape>'")
     objects = [(m["c1"], m["s1"])] + ([(m["c2"], m["s2"])] if m["rel"] else [])
     for colour, shape in objects:
         if colour not in COLOURS:
@@ -212,18 +150,9 @@ def seen_objects() -> list[tuple[str, str]]:
 
 
 def _scene_types() -> list[tuple[tuple[str, str], tuple[str, str], int]]:
-    """Canonical two-object scene types from seen objects: (first, second, axis).
-
-    ``first`` is the left (axis 0) or upper (axis 1) object, so each picture layout appears once.
-    """
+    """Two-object scene types from seen objects: (left or upper object, the other, axis), each layout once."""
     seen = seen_objects()
-    return [
-        (a, b, axis)
-        for axis in (0, 1)
-        for a in seen
-        for b in seen
-        if a[0] != b[0]  # different colours
-    ]
+    return [(a, b, axis) for axis in (0, 1) for a in seen for b in seen if a[0] != b[0]]
 
 
 def held_out_pair_axes() -> list[tuple[tuple[str, str], tuple[str, str], int]]:
@@ -238,14 +167,13 @@ def held_out_pair_axes() -> list[tuple[tuple[str, str], tuple[str, str], int]]:
     list of ((colour, shape), (colour, shape), axis)
         The pair in :func:`all_objects` order; ``axis`` 0 horizontal, 1 vertical.
     """
-    order = {o: i for i, o in enumerate(all_objects())}
-    pairs = sorted({tuple(sorted((a, b), key=order.__getitem__)) for a, b, _ in _scene_types()}, key=lambda p: (order[p[0]], order[p[1]]))
+    pairs = [(a, b) for a, b in itertools.combinations(seen_objects(), 2) if a[0] != b[0]]
     rng = np.random.default_rng(HELD_OUT_SEED)
     held: list[tuple[tuple[str, str], tuple[str, str], int]] = []
     taken: set[tuple] = set()
+    k = round(HELD_OUT_FRACTION * len(pairs))
     for axis in (0, 1):
         candidates = [p for p in pairs if p not in taken]
-        k = round(HELD_OUT_FRACTION * len(pairs))
         chosen = [candidates[i] for i in sorted(rng.permutation(len(candidates))[:k])]
         taken.update(chosen)
         held += [(a, b, axis) for a, b in chosen]
@@ -278,10 +206,6 @@ def held_out_prompts(kind: str = "all") -> list[PromptSpec]:
     kind : {"all", "one", "two"}
         One-object prompts (the :data:`HELD_OUT_OBJECTS`), two-object prompts (both captions of
         both layouts of every :func:`held_out_pair_axes` entry), or both (one-object first).
-
-    Returns
-    -------
-    list of PromptSpec
     """
     if kind not in ("all", "one", "two"):
         raise DatasetError(f"unknown prompt kind {kind!r}; choose all, one or two")
@@ -296,11 +220,6 @@ def training_prompts() -> list[PromptSpec]:
     one = [PromptSpec((o,)) for o in seen_objects()]
     two = [p for t in _scene_types() if t not in held for p in _captions_of_type(t)]
     return one + two
-
-
-# --------------------------------------------------------------------------------------------
-# Sampling and rendering
-# --------------------------------------------------------------------------------------------
 
 
 def _place_one(rng: np.random.Generator, colour: str, shape: str) -> ObjectSpec:
@@ -331,16 +250,9 @@ def scene_for_prompt(prompt: PromptSpec | str, rng: np.random.Generator) -> Scen
     prompt : PromptSpec or str
         A prompt of the grammar (see :func:`parse_prompt`).
     rng : numpy.random.Generator
-        Source of sizes and positions.
-
-    Returns
-    -------
-    Scene
     """
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    if spec.relation is None:
-        return Scene((_place_one(rng, *spec.objects[0]),), spec)
-    return Scene(_place_pair(rng, spec), spec)
+    return Scene((_place_one(rng, *spec.objects[0]),) if spec.relation is None else _place_pair(rng, spec), spec)
 
 
 def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
@@ -349,14 +261,9 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     Parameters
     ----------
     rng : numpy.random.Generator
-        Source of randomness.
     split : {"train", "held_out"}
         ``"train"``: a caption from :func:`training_prompts`, one object with probability
         :data:`P_ONE_OBJECT`; ``"held_out"``: a prompt from :func:`held_out_prompts`.
-
-    Returns
-    -------
-    Scene
     """
     if split == "train":
         prompts = _TRAIN_ONE if rng.random() < P_ONE_OBJECT else _TRAIN_TWO
@@ -395,8 +302,7 @@ def render(scene: Scene | Sequence[ObjectSpec]) -> np.ndarray:
         ``(64, 64, 3)`` uint8 RGB image.
     """
     objects = scene.objects if isinstance(scene, Scene) else scene
-    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    image[:] = BACKGROUND
+    image = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), BACKGROUND, np.uint8)
     for obj in objects:
         image[_object_mask(obj)] = COLOURS[obj.colour]
     return image
@@ -410,7 +316,6 @@ def sample_batch(seed: int | Sequence[int], n: int, split: str = "train") -> tup
     seed : int or sequence of int
         Seeds a :class:`numpy.random.Generator` (e.g. ``(run_seed, step)`` for a training step).
     n : int
-        Batch size.
     split : {"train", "held_out"}
         See :func:`sample_scene`.
 
@@ -423,12 +328,6 @@ def sample_batch(seed: int | Sequence[int], n: int, split: str = "train") -> tup
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, split) for _ in range(n)]
     return np.stack([render(s) for s in scenes]), [s.caption for s in scenes]
-
-
-def iter_batches(seed: int, n: int, start: int = 0) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Endless training batches; batch ``k`` is ``sample_batch((seed, k), n)`` (resumable)."""
-    for k in itertools.count(start):
-        yield sample_batch((seed, k), n)
 
 
 _TRAIN_ALL = training_prompts()

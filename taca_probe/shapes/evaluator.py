@@ -1,41 +1,20 @@
-"""An exact, learning-free evaluator for images of the shapes dataset.
+"""An exact, learning-free evaluator for images of the shapes dataset (README: "The evaluator").
 
-Detection (:func:`detect_objects`), by plain image analysis:
-
-1. **Colour segmentation.** A pixel belongs to an object when its HSV saturation and value are
-   high enough (the light-grey background has saturation ~0); it takes the dataset colour with
-   the nearest hue (hues computed from :data:`~taca_probe.shapes.dataset.COLOURS`), provided the
-   hue is close enough to one.
-2. **Connected components** per colour (8-connectivity, holes filled); components smaller than a
-   fraction of the smallest dataset object are noise. The largest component of a colour is *the*
-   object of that colour (the dataset never gives two objects one colour).
-3. **Shape by template matching.** The component is compared with an ideal circle, square and
-   upright triangle of the *same area and centroid* (intersection over union); the best template
-   wins, and a component far from every template (low IoU, e.g. elongated) is ``"irregular"``.
-   Area and centroid are moments, so stray pixels on a ragged edge barely move the templates
-   (a bounding-box fit would let one protruding pixel stretch the square template and call a
-   ragged square a circle).
-4. **Position**: the component's centroid.
-
-Scoring (:func:`score_prompt`), on the T2I-CompBench categories that apply to this grammar:
-
-- ``colour``: fraction of the named colours present as an object;
-- ``shape``: fraction of the named shapes present among the detected objects (any colour);
-- ``binding``: 1 if *every* named object is present with both its colour and its shape (the object
-  of that colour has that shape), else 0;
-- ``spatial`` (two-object prompts): 1 if both objects are present and object A's centroid lies in
-  the stated direction from B's, the stated axis dominating (``|dx| > |dy|`` for left/right),
-  as in T2I-CompBench's spatial rule; else 0.
-
-Aggregates (:func:`aggregate`) split by prompt kind (``one.*``, ``two.*``) and carry percentile
-bootstrap 95% intervals that resample *prompts* (all seeds of a prompt together), because images of
-one prompt are not independent.
+:func:`detect_objects`: HSV colour segmentation, the largest connected component of each dataset
+colour, its shape by IoU with an ideal circle, square and upright triangle of the component's own
+area and centroid ("irregular" below :data:`MIN_TEMPLATE_IOU`), and its centroid. Area and centroid
+are moments, so stray pixels on a ragged edge barely move the templates (a bounding-box fit would let
+one protruding pixel stretch the square template and call a ragged square a circle).
+:func:`score_prompt` scores colour, shape, binding and spatial relation (T2I-CompBench's rule);
+:func:`aggregate` adds bootstrap intervals that resample whole prompts (their seeds are not independent).
 """
 
 from __future__ import annotations
 
 import colorsys
+import itertools
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,16 +26,8 @@ from ..stats import bootstrap_ci
 from . import dataset as ds
 
 __all__ = [
-    "CATEGORIES",
-    "CategoryScore",
-    "DetectedObject",
-    "PromptScore",
-    "aggregate",
-    "chance_levels",
-    "detect_objects",
-    "evaluate_images",
-    "paired_difference",
-    "score_prompt",
+    "CATEGORIES", "CategoryScore", "DetectedObject", "PromptScore", "aggregate", "chance_levels", "detect_objects",
+    "evaluate_images", "paired_difference", "score_prompt",
 ]
 
 #: Pixels less saturated / darker than this are background (or shadow-free blur towards it).
@@ -73,21 +44,11 @@ MIN_TEMPLATE_IOU = 0.6
 
 #: Aggregate categories: (prompt kind, score name).
 CATEGORIES: tuple[str, ...] = (
-    "one.colour",
-    "one.shape",
-    "one.binding",
-    "two.colour",
-    "two.shape",
-    "two.binding",
-    "two.spatial",
+    "one.colour", "one.shape", "one.binding", "two.colour", "two.shape", "two.binding", "two.spatial",
 )
 
 
-def _hue_deg(rgb: tuple[int, int, int]) -> float:
-    return 360.0 * colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0]
-
-
-_HUES = {name: _hue_deg(rgb) for name, rgb in ds.COLOURS.items()}
+_HUES = {name: 360.0 * colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for name, rgb in ds.COLOURS.items()}
 # Smallest dataset object: a triangle of the smallest size has half its bounding square's area.
 _MIN_AREA = MIN_AREA_FRACTION * 0.5 * ds.SIZE_RANGE[0] ** 2
 
@@ -139,15 +100,6 @@ def _templates(shape: tuple[int, int], area: float, cx: float, cy: float) -> dic
     }
 
 
-def _classify(mask: np.ndarray, cx: float, cy: float) -> tuple[str, float]:
-    best, best_iou = "irregular", 0.0
-    for name, tmpl in _templates(mask.shape, float(mask.sum()), cx, cy).items():
-        iou = float((mask & tmpl).sum() / (mask | tmpl).sum())
-        if iou > best_iou:
-            best, best_iou = name, iou
-    return (best if best_iou >= MIN_TEMPLATE_IOU else "irregular"), best_iou
-
-
 def detect_objects(image: Any) -> list[DetectedObject]:
     """Find the objects in an image: colour, shape, centroid.
 
@@ -172,18 +124,18 @@ def detect_objects(image: Any) -> list[DetectedObject]:
     for i, name in enumerate(names):
         mask = coloured & close & (nearest == i)
         labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-        if n == 0:
-            continue
         areas = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-        k = int(np.argmax(areas)) + 1
-        if areas[k - 1] < _MIN_AREA:
+        if n == 0 or areas.max() < _MIN_AREA:
             continue
-        comp = ndimage.binary_fill_holes(labels == k)
+        comp = ndimage.binary_fill_holes(labels == int(np.argmax(areas)) + 1)
         cy, cx = ndimage.center_of_mass(comp)
         # Centroids in the same pixel-centre coordinates as dataset.ObjectSpec.
         cx, cy = float(cx) + 0.5, float(cy) + 0.5
-        shape, iou = _classify(comp, cx, cy)
-        found.append(DetectedObject(name, shape, cx, cy, int(comp.sum()), round(iou, 4)))
+        ious = {shape: float((comp & t).sum() / (comp | t).sum())
+                for shape, t in _templates(comp.shape, float(comp.sum()), cx, cy).items()}
+        best = max(ious, key=ious.__getitem__)
+        shape = best if ious[best] >= MIN_TEMPLATE_IOU else "irregular"
+        found.append(DetectedObject(name, shape, cx, cy, int(comp.sum()), round(ious[best], 4)))
     return sorted(found, key=lambda o: -o.area)
 
 
@@ -209,7 +161,7 @@ class PromptScore:
 
 
 def score_prompt(prompt: str | ds.PromptSpec, image: Any) -> PromptScore:
-    """Score one image against its prompt (see the module docstring for the categories).
+    """Score one image against its prompt.
 
     Parameters
     ----------
@@ -221,7 +173,10 @@ def score_prompt(prompt: str | ds.PromptSpec, image: Any) -> PromptScore:
     Returns
     -------
     PromptScore
-        ``scores`` has ``colour``, ``shape``, ``binding`` and, for two objects, ``spatial``.
+        ``scores``: ``colour`` (fraction of the named colours present), ``shape`` (fraction of the
+        named shapes present, any colour), ``binding`` (1 if every named object is present with its
+        colour and shape, else 0) and, for two objects, ``spatial`` (1 if A's centroid is in the stated
+        direction from B's, the stated axis dominating: ``|dx| > |dy|`` for left/right; else 0).
 
     Raises
     ------
@@ -233,14 +188,7 @@ def score_prompt(prompt: str | ds.PromptSpec, image: Any) -> PromptScore:
     by_colour = {o.colour: o for o in objects}
     named = spec.objects
     colour = sum(c in by_colour for c, _ in named) / len(named)
-    # Shapes as a multiset: "a red circle ... a blue circle" needs two circles.
-    pool = [o.shape for o in objects]
-    hits = 0
-    for _, s in named:
-        if s in pool:
-            pool.remove(s)
-            hits += 1
-    shape = hits / len(named)
+    shape = _shape_hits([s for _, s in named], [o.shape for o in objects]) / len(named)
     binding = float(all(c in by_colour and by_colour[c].shape == s for c, s in named))
     scores = {"colour": colour, "shape": shape, "binding": binding}
     if spec.relation is not None:
@@ -251,18 +199,14 @@ def score_prompt(prompt: str | ds.PromptSpec, image: Any) -> PromptScore:
 
 
 def evaluate_images(prompts: Sequence[str | ds.PromptSpec], images: Sequence[Any]) -> list[PromptScore]:
-    """Score images against their prompts, one image per prompt entry.
+    """Score images against their prompts (:func:`score_prompt`), one image per prompt entry.
 
     Parameters
     ----------
     prompts : sequence of str or PromptSpec
         Prompt of each image (repeat a prompt for several seeds).
     images : sequence of PIL.Image.Image or numpy.ndarray
-        The images, aligned with ``prompts``.
-
-    Returns
-    -------
-    list of PromptScore
+        Aligned with ``prompts``.
 
     Raises
     ------
@@ -292,10 +236,8 @@ def aggregate(results: Sequence[PromptScore], *, n_boot: int = 2000, seed: int =
     ----------
     results : sequence of PromptScore
         From :func:`evaluate_images`.
-    n_boot : int
-        Bootstrap resamples.
-    seed : int
-        Seed of the bootstrap (the intervals are reproducible).
+    n_boot, seed : int
+        Bootstrap resamples and seed (the intervals are reproducible).
 
     Returns
     -------
@@ -309,7 +251,6 @@ def aggregate(results: Sequence[PromptScore], *, n_boot: int = 2000, seed: int =
         if not rows:
             continue
         prompts, values = zip(*rows)
-        # the package's one bootstrap: whole prompts resampled (all seeds of a prompt together)
         mean, lo, hi = bootstrap_ci(values, clusters=prompts, n_resamples=n_boot, seed=seed, method="percentile")
         if not np.isfinite(lo):  # one prompt: no spread to resample
             lo = hi = mean
@@ -322,18 +263,15 @@ def paired_difference(
 ) -> dict[str, CategoryScore]:
     """Mean of ``other - base`` per category, image by image, with a prompt-cluster bootstrap 95% interval.
 
-    Both runs must score the same images in the same order (same prompts and seeds, e.g. one
-    schedule against another), so that each difference compares one starting noise under two
-    settings; this removes the seed-to-seed variation that separate intervals carry.
+    Both runs score the same prompts and seeds in the same order, so each difference compares one starting
+    noise under two settings, free of the seed-to-seed variation that separate intervals carry.
 
     Parameters
     ----------
     base, other : sequence of PromptScore
         Aligned results (from :func:`evaluate_images`).
-    n_boot : int
-        Bootstrap resamples.
-    seed : int
-        Seed of the bootstrap.
+    n_boot, seed : int
+        Bootstrap resamples and seed.
 
     Returns
     -------
@@ -347,10 +285,14 @@ def paired_difference(
     """
     if len(base) != len(other) or any(a.prompt != b.prompt for a, b in zip(base, other)):
         raise ds.DatasetError("paired_difference needs two runs over the same prompts in the same order")
-    diffs = [
-        PromptScore(a.prompt, a.kind, {k: b.scores[k] - a.scores[k] for k in a.scores}) for a, b in zip(base, other)
-    ]
+    diffs = [PromptScore(a.prompt, a.kind, {k: b.scores[k] - a.scores[k] for k in a.scores})
+             for a, b in zip(base, other)]
     return aggregate(diffs, n_boot=n_boot, seed=seed)
+
+
+def _shape_hits(named: Sequence[str], drawn: Sequence[str]) -> int:
+    """Named shapes found among the drawn ones, as multisets ("a red circle ... a blue circle" needs two circles)."""
+    return sum((Counter(named) & Counter(drawn)).values())
 
 
 def chance_levels() -> dict[str, float]:
@@ -361,27 +303,7 @@ def chance_levels() -> dict[str, float]:
     uniformly random one of the four relations (1/4).
     """
     k = len(ds.SHAPES)
-    return {
-        "one.shape": 1 / k,
-        "one.binding": 1 / k,
-        "two.shape": _two_shape_chance(),
-        "two.binding": 1 / k**2,
-        "two.spatial": 1 / len(ds.RELATIONS),
-    }
-
-
-def _two_shape_chance() -> float:
-    # Expected multiset-match fraction when both drawn shapes are uniform and independent.
-    shapes = ds.SHAPES
-    total = 0.0
-    pairs = [(a, b) for a in shapes for b in shapes]
-    for named in pairs:
-        for drawn in pairs:
-            pool = list(drawn)
-            hits = 0
-            for s in named:
-                if s in pool:
-                    pool.remove(s)
-                    hits += 1
-            total += hits / 2
-    return total / len(pairs) ** 2
+    pairs = list(itertools.product(ds.SHAPES, repeat=2))
+    two_shape = sum(_shape_hits(named, drawn) / 2 for named in pairs for drawn in pairs) / len(pairs) ** 2
+    return {"one.shape": 1 / k, "one.binding": 1 / k, "two.shape": two_shape, "two.binding": 1 / k**2,
+            "two.spatial": 1 / len(ds.RELATIONS)}

@@ -1,23 +1,10 @@
 """Train the ``shapes`` model: a tiny Stable Diffusion 3 pipeline on the procedural shapes data.
 
-Run ``python -m taca_probe.shapes.train --out DIR [--steps N] [--minutes M] [--resume]``. Training
-is seeded (the batch of step k is a pure function of ``(seed, k)``), reports the loss, saves a
-resumable checkpoint (``DIR/checkpoint.pt``) every few minutes and at the end, and exports the EMA
-weights as a diffusers folder (``DIR/pipeline``) that ``StableDiffusion3Pipeline.from_pretrained``
-loads, with ``call_defaults.json`` (the recommended ``pipe(...)`` arguments) and ``manifest.json``
-(the training settings).
-
-The pipeline is a real ``StableDiffusion3Pipeline``:
-
-- ``transformer``: ``SD3Transformer2DModel`` with patch 4 on 64x64 pixels -> 256 image tokens;
-- ``text_encoder``/``text_encoder_2``: two tiny ``CLIPTextModelWithProjection`` (the CLIP-L/G
-  slots) and ``text_encoder_3``: a tiny ``T5EncoderModel``, all trained jointly with the
-  transformer on word-level tokenizers; 16 CLIP + 16 T5 = 32 text tokens, the same
-  CLIP-then-T5 layout as SD3 (77 + 256 tokens) at an image/text ratio of 8 (SD3 at 1024 px: 12);
-- ``vae``: a one-level ``AutoencoderKL`` (scale factor 1, 3 latent channels) trained to the
-  identity, so the diffusion runs in pixel space, like the feasibility experiment, while the
-  pipeline keeps its usual encode/decode path;
-- ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` with shift 3, as SD3.
+``python -m taca_probe.shapes.train --out DIR [--steps N] [--minutes M] [--resume]``: seeded (step k's
+batch is a pure function of ``(seed, k)``), resumable from ``DIR/checkpoint.pt``; exports the EMA weights
+as a diffusers folder ``DIR/pipeline`` with ``call_defaults.json`` and ``manifest.json``. The VAE is a
+one-level ``AutoencoderKL`` trained to the identity, so the diffusion runs in pixel space (README: the
+architecture and recipe).
 """
 
 from __future__ import annotations
@@ -44,20 +31,22 @@ from ..errors import TacaProbeError, first_line
 from ..logs import quiet
 
 with quiet():  # importing the pipeline classes logs torchvision fallbacks of image processors SD3 never uses
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from . import dataset as ds
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
-__all__ = [
-    "TrainConfig",
-    "TrainError",
-    "build_pipeline",
-    "export_pipeline",
-    "main",
-    "train",
-]
+__all__ = ["TrainConfig", "TrainError", "build_pipeline", "export_pipeline", "main", "train"]
+
+#: The architecture settings the command line sets (a resumed run keeps its checkpoint's).
+_ARCHITECTURE = ("num_layers", "num_heads", "head_dim", "clip_hidden", "clip_layers", "t5_dim", "t5_layers")
+#: The other settings with a flag of their own name.
+_FLAGS = ("seed", "batch_size", "lr", "warmup_steps", "min_lr_fraction", "ema_decay", "guidance_scale",
+          "checkpoint_minutes")
+_MODULES = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+_CHECKPOINT_KEYS = ("config", "modules", "opt", "vae_opt", "ema", "state", "torch_rng")
 
 
 class TrainError(TacaProbeError):
@@ -84,7 +73,6 @@ class TrainConfig:
     shift: float = 3.0  # timestep shift, as SD3 and the scheduler below
     logit_normal_fraction: float = 0.5  # rest of the sigmas are uniform (mixed sampling)
     bf16: bool = True  # autocast on the CPU (AVX512-BF16) or GPU
-    # Architecture
     num_layers: int = 6
     num_heads: int = 3
     head_dim: int = 32
@@ -102,23 +90,16 @@ class TrainConfig:
     # Recommended sampling settings (exported to call_defaults.json)
     num_inference_steps: int = 25
     guidance_scale: float = 5.0
-    # Bookkeeping
     log_every: int = 100
     checkpoint_minutes: float = 5.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """A config from a (possibly older) dict; unknown keys are an error."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise TrainError(f"unknown training setting(s) in checkpoint: {', '.join(unknown)}")
         return cls(**data)
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizers and pipeline
-# --------------------------------------------------------------------------------------------
 
 
 def build_pipeline(config: TrainConfig) -> Any:
@@ -134,7 +115,6 @@ def build_pipeline(config: TrainConfig) -> Any:
     diffusers.StableDiffusion3Pipeline
         On the CPU, float32, modules in eval mode.
     """
-
     if 2 * config.clip_hidden > config.t5_dim:
         # SD3 zero-pads the joined CLIP features to the T5 width.
         raise TrainError(f"2 * clip_hidden ({2 * config.clip_hidden}) must be <= t5_dim ({config.t5_dim})")
@@ -145,92 +125,49 @@ def build_pipeline(config: TrainConfig) -> Any:
     torch.manual_seed(config.seed)
 
     def clip(act: str) -> Any:
-        cfg = CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=config.clip_hidden,
-            intermediate_size=4 * config.clip_hidden,
-            projection_dim=config.clip_hidden,
-            num_hidden_layers=config.clip_layers,
-            num_attention_heads=2,
-            max_position_embeddings=config.clip_length,
-            hidden_act=act,
-            bos_token_id=clip_tok.bos_token_id,
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=config.clip_hidden, intermediate_size=4 * config.clip_hidden,
+            projection_dim=config.clip_hidden, num_hidden_layers=config.clip_layers, num_attention_heads=2,
+            max_position_embeddings=config.clip_length, hidden_act=act, bos_token_id=clip_tok.bos_token_id,
             eos_token_id=clip_tok.eos_token_id,  # pooling reads the first EOS
             pad_token_id=clip_tok.pad_token_id,
-        )
-        return CLIPTextModelWithProjection(cfg)
+        ))
 
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=config.t5_dim,
-            d_kv=16,
-            d_ff=2 * config.t5_dim,
-            num_layers=config.t5_layers,
-            num_heads=config.t5_dim // 16,
-            relative_attention_num_buckets=16,
-            relative_attention_max_distance=32,
-            feed_forward_proj="gated-gelu",
-            dropout_rate=0.0,
-            tie_word_embeddings=False,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
-    grid = ds.IMAGE_SIZE // config.patch_size
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tok), d_model=config.t5_dim, d_kv=16, d_ff=2 * config.t5_dim, num_layers=config.t5_layers,
+        num_heads=config.t5_dim // 16, relative_attention_num_buckets=16, relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    ))
     transformer = SD3Transformer2DModel(
         sample_size=ds.IMAGE_SIZE,  # latent size = pixel size (VAE scale factor 1): 64 px default
-        patch_size=config.patch_size,
-        in_channels=3,
-        out_channels=3,
-        num_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        attention_head_dim=config.head_dim,
-        joint_attention_dim=config.t5_dim,
-        caption_projection_dim=config.num_heads * config.head_dim,
-        pooled_projection_dim=2 * config.clip_hidden,
-        pos_embed_max_size=grid,
+        patch_size=config.patch_size, in_channels=3, out_channels=3, num_layers=config.num_layers,
+        num_attention_heads=config.num_heads, attention_head_dim=config.head_dim, joint_attention_dim=config.t5_dim,
+        caption_projection_dim=config.num_heads * config.head_dim, pooled_projection_dim=2 * config.clip_hidden,
+        pos_embed_max_size=ds.IMAGE_SIZE // config.patch_size,
         qk_norm="rms_norm",  # SD3.5-style; keeps attention logits bounded at lr 1e-3
     )
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(config.vae_channels,),
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=3,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(config.vae_channels,), layers_per_block=1, norm_num_groups=8, latent_channels=3,
         sample_size=ds.IMAGE_SIZE,
         mid_block_add_attention=False,  # 4096-token attention would dominate the cost
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=1.0,  # latents are pixels in [-1, 1]
-        shift_factor=0.0,
+        use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.0, shift_factor=0.0,  # latents are pixels in [-1, 1]
     )
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
+        transformer=transformer, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.shift),
-        vae=vae,
-        text_encoder=clip("quick_gelu"),
-        tokenizer=clip_tok,
-        text_encoder_2=clip("gelu"),
-        tokenizer_2=clip_tok,
-        text_encoder_3=t5,
-        tokenizer_3=t5_tok,
+        text_encoder=clip("quick_gelu"), tokenizer=clip_tok, text_encoder_2=clip("gelu"), tokenizer_2=clip_tok,
+        text_encoder_3=t5, tokenizer_3=t5_tok,
     )
-    for module in _text_and_transformer(pipe) + [pipe.vae]:
-        module.eval()
+    for name in _MODULES:
+        getattr(pipe, name).eval()
     return pipe
 
 
 def _init_from(pipe: Any, folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load every trained module of ``pipe`` from the pipeline folder ``folder`` (warm start).
-
-    Returns a summary of the source (its manifest's steps and wall time, if it has one).
-    """
-
+    """Load every trained module of ``pipe`` from a pipeline folder; returns a summary of the source."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise TrainError(f"--init-from {folder}: not a pipeline folder (no model_index.json)")
@@ -253,28 +190,14 @@ def _init_from(pipe: Any, folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _text_and_transformer(pipe: Any) -> list[torch.nn.Module]:
-    return [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    return [getattr(pipe, name) for name in _MODULES[:-1]]
 
 
 def call_defaults(config: TrainConfig) -> dict[str, Any]:
     """The recommended ``pipe(...)`` arguments for a model trained with ``config``."""
-    return {
-        "height": ds.IMAGE_SIZE,
-        "width": ds.IMAGE_SIZE,
-        "num_inference_steps": config.num_inference_steps,
-        "guidance_scale": config.guidance_scale,
-        # The pipeline default (256) would append 240 T5 padding tokens never seen in training.
-        "max_sequence_length": config.t5_length,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
-
-
-def _to_pixels(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    # max_sequence_length: the pipeline default (256) would append 240 T5 padding tokens never seen in training.
+    return {"height": ds.IMAGE_SIZE, "width": ds.IMAGE_SIZE, "num_inference_steps": config.num_inference_steps,
+            "guidance_scale": config.guidance_scale, "max_sequence_length": config.t5_length}
 
 
 def _sigmas(rng: np.random.Generator, n: int, config: TrainConfig) -> np.ndarray:
@@ -295,15 +218,11 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def _autocast(config: TrainConfig, device: torch.device) -> Any:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-
-
 def training_batch(config: TrainConfig, k: int) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Step ``k``'s batch, a pure function of ``(config.seed, k)``: pixels, captions, sigmas, noise.
 
     Captions are already dropped to ``""`` (the pipeline's negative prompt) with probability
-    ``cfg_dropout``; ``x_t = (1 - s) x0 + s * noise``. Runs in the data workers.
+    ``cfg_dropout``. Runs in the data workers.
     """
     images, captions = ds.sample_batch((config.seed, 0, k), config.batch_size)
     rng = np.random.default_rng((config.seed, 2, k))
@@ -311,39 +230,27 @@ def training_batch(config: TrainConfig, k: int) -> tuple[np.ndarray, list[str], 
     captions = ["" if d else c for c, d in zip(captions, drop)]
     s = _sigmas(rng, len(captions), config)
     x0 = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 127.5 - 1.0
-    noise = rng.standard_normal(x0.shape).astype(np.float32)
-    return x0, captions, s, noise
+    return x0, captions, s, rng.standard_normal(x0.shape).astype(np.float32)
 
 
 def diffusion_loss(pipe: Any, batch: tuple[np.ndarray, list[str], np.ndarray, np.ndarray], config: TrainConfig,
                    device: torch.device) -> torch.Tensor:
-    """Flow-matching loss of one :func:`training_batch` (text encoders run through the pipeline's own encode_prompt).
-
-    The transformer predicts ``noise - x0`` at timestep ``1000 s``, which is what
-    ``FlowMatchEulerDiscreteScheduler`` integrates.
-    """
+    """Flow-matching loss of one :func:`training_batch`: ``x_t = (1 - s) x0 + s noise``, predict
+    ``noise - x0`` at timestep ``1000 s`` (what ``FlowMatchEulerDiscreteScheduler`` integrates)."""
     x0, captions, s, noise = (torch.from_numpy(a).to(device) if isinstance(a, np.ndarray) else a for a in batch)
     x_t = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
-    with _autocast(config, device):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(
             captions, None, None, device=device, do_classifier_free_guidance=False,
             max_sequence_length=config.t5_length,
         )
-        pred = pipe.transformer(
-            hidden_states=x_t,
-            timestep=s * 1000,
-            encoder_hidden_states=prompt_embeds,
-            pooled_projections=pooled,
-            return_dict=False,
-        )[0]
+        pred = pipe.transformer(hidden_states=x_t, timestep=s * 1000, encoder_hidden_states=prompt_embeds,
+                                pooled_projections=pooled, return_dict=False)[0]
     return torch.nn.functional.mse_loss(pred.float(), noise - x0)
 
 
 class _Batches:
-    """Training batches ``k, k+1, ...`` in order, made ahead by ``workers`` processes (0: inline).
-
-    The pool is forked before the model touches the GPU; at most ``2 * workers`` batches wait.
-    """
+    """Training batches ``k, k+1, ...`` in order, made ahead by ``workers`` forked processes (0: inline)."""
 
     def __init__(self, config: TrainConfig, start: int, workers: int):
         self.config, self.next, self.pending = config, start, collections.deque()
@@ -367,19 +274,16 @@ class _Batches:
 def _vae_loss(vae: Any, images: np.ndarray, rng: np.random.Generator, device: torch.device) -> torch.Tensor:
     # Identity on a neighbourhood of the data: the decoder also sees slightly perturbed pixels,
     # as the transformer's outputs are never exactly on the data.
-    x = _to_pixels(images)
-    x, z = x.to(device), (x + 0.05 * torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))).clamp(-1.1, 1.1).to(device)
+    # Channels-last strides kept (a contiguous copy, as in training_batch, changes the conv numerics).
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    z = (x + 0.05 * torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))).clamp(-1.1, 1.1).to(device)
+    x = x.to(device)
     dist = vae.encode(x).latent_dist
     return (
         torch.nn.functional.mse_loss(vae.decode(z).sample, z)
         + torch.nn.functional.mse_loss(dist.mean, x)
         + 1e-3 * torch.nn.functional.mse_loss(dist.logvar, torch.full_like(dist.logvar, -9.0))
     )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _Ema:
@@ -394,36 +298,12 @@ class _Ema:
         d = min(self.decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
 
-    @torch.no_grad()
-    def swap(self) -> None:
-        for p, s in zip(self.params, self.shadow):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
 
-
-def _checkpoint_state(pipe, opt, vae_opt, ema, state, config) -> dict[str, Any]:
-    return {
-        "config": asdict(config),
-        "modules": {name: getattr(pipe, name).state_dict() for name in _MODULES},
-        "opt": opt.state_dict(),
-        "vae_opt": vae_opt.state_dict(),
-        "ema": ema.shadow,
-        "state": state,
-        "torch_rng": torch.get_rng_state(),
-    }
-
-
-#: The architecture settings the command line sets (a resumed run keeps its checkpoint's).
-_ARCHITECTURE = ("num_layers", "num_heads", "head_dim", "clip_hidden", "clip_layers", "t5_dim", "t5_layers")
-_MODULES = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-_CHECKPOINT_KEYS = ("config", "modules", "opt", "vae_opt", "ema", "state", "torch_rng")
-
-
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint
+def _load_checkpoint(pipe: Any, ema: _Ema, payload: dict[str, Any]) -> None:
+    for name in _MODULES:
+        getattr(pipe, name).load_state_dict(payload["modules"][name])
+    for s, v in zip(ema.shadow, payload["ema"], strict=True):
+        s.copy_(v)
 
 
 def export_pipeline(pipe: Any, ema: _Ema | None, folder: Path, config: TrainConfig, state: dict[str, Any]) -> Path:
@@ -432,19 +312,17 @@ def export_pipeline(pipe: Any, ema: _Ema | None, folder: Path, config: TrainConf
     Weights are stored in float16 (half the size; loading upcasts to the requested dtype).
     """
     folder = Path(folder)
-    if ema is not None:
-        ema.swap()
-    try:
-        export = copy.deepcopy(pipe)
-    finally:
-        if ema is not None:
-            ema.swap()
+    export = copy.deepcopy(pipe)
+    if ema is not None:  # the EMA weights, into the copy
+        with torch.no_grad():
+            torch._foreach_copy_([p for m in _text_and_transformer(export) for p in m.parameters()], ema.shadow)
     with quiet():  # diffusers' "cast with to()" and progress-bar chatter
         export.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     for path in folder.rglob("*"):
         # The safetensors writer makes owner-only files; these are ordinary package data.
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     (folder / "call_defaults.json").write_text(json.dumps(call_defaults(config), indent=2) + "\n")
+    init = state.get("init") or {}
     manifest = {
         "model": "shapes",
         "description": "tiny StableDiffusion3Pipeline trained on the procedural shapes dataset (taca_probe.shapes)",
@@ -454,24 +332,15 @@ def export_pipeline(pipe: Any, ema: _Ema | None, folder: Path, config: TrainConf
         "train_wall_s": round(state["elapsed"], 1),
         "init": state.get("init"),
         # Including the run this one was warm-started from (if any).
-        "total_steps": state["step"] + int((state.get("init") or {}).get("source_total_steps") or 0),
-        "total_wall_s": round(state["elapsed"] + float((state.get("init") or {}).get("source_total_wall_s") or 0), 1),
+        "total_steps": state["step"] + int(init.get("source_total_steps") or 0),
+        "total_wall_s": round(state["elapsed"] + float(init.get("source_total_wall_s") or 0), 1),
         "final_loss_ema": state.get("loss_ema"),
         "loss_log": state.get("loss_log", []),
-        "parameters": {
-            name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in _MODULES
-        },
-        "tokens": {
-            "image": (ds.IMAGE_SIZE // config.patch_size) ** 2,
-            "text": config.clip_length + config.t5_length,
-        },
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "device": state.get("device", "cpu"),
-        },
+        "parameters": {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in _MODULES},
+        "tokens": {"image": (ds.IMAGE_SIZE // config.patch_size) ** 2, "text": config.clip_length + config.t5_length},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "machine": platform.machine(),
+                        "device": state.get("device", "cpu")},
         "scores": {},
     }
     manifest_path = folder / "manifest.json"
@@ -499,23 +368,22 @@ def train(
     Parameters
     ----------
     config : TrainConfig
-        Settings of a new run; ignored when resuming (the checkpoint's settings are used, except
-        ``steps``, which may be raised to continue a finished run).
+        Settings of a new run; when resuming, the checkpoint's are used, except ``steps``, which
+        may be raised to continue a finished run.
     out : path
         Output folder: ``checkpoint.pt``, ``train.log`` and ``pipeline/``.
     minutes : float, optional
-        Stop after this much wall time in total (counting time before a resume), checkpoint
-        and export. The run is then shorter than ``config.steps`` (the manifest says how long).
+        Wall-time budget in total (counting time before a resume); the run then stops early,
+        checkpoints and exports (the manifest says how long it ran).
     resume : bool
         Continue from ``out/checkpoint.pt``.
     steps : int, optional
-        When resuming: the new length of the learning-rate schedule (may shorten or lengthen the
-        run; the cosine is re-read against it from the current step). Default: the checkpoint's,
-        raised to ``config.steps`` if that is larger.
+        When resuming: the new schedule length, shorter or longer (the cosine is re-read against it
+        from the current step). Default: the checkpoint's, raised to ``config.steps`` if larger.
     export : bool
         Write ``out/pipeline`` at the end.
     device : str or torch.device
-        Where to train (the weights are exported on the CPU-loadable, float16 format either way).
+        Where to train; the export is float16 and CPU-loadable either way.
     workers : int
         Processes making batches ahead (0: in the training loop).
     fit_steps : bool
@@ -545,8 +413,7 @@ def train(
         try:  # weights_only: a checkpoint is data; never run code that a file brings along
             payload = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise TrainError(f"cannot read checkpoint {ckpt_path}: {type(exc).__name__}: {first}") from None
+            raise TrainError(f"cannot read checkpoint {ckpt_path}: {first_line(exc)}") from None
         missing = [k for k in _CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
         if missing or not isinstance(payload["config"], dict):
             raise TrainError(f"cannot resume from {ckpt_path}: not a checkpoint of this trainer "
@@ -581,18 +448,14 @@ def train(
         state["init"] = init_summary
     if payload is not None:
         try:
-            for name in _MODULES:
-                getattr(pipe, name).load_state_dict(payload["modules"][name])
+            _load_checkpoint(pipe, ema, payload)
             opt.load_state_dict(payload["opt"])
             vae_opt.load_state_dict(payload["vae_opt"])
-            for s, v in zip(ema.shadow, payload["ema"], strict=True):
-                s.copy_(v)
             state = payload["state"]
             torch.set_rng_state(payload["torch_rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else ""
             raise TrainError(f"cannot resume from {ckpt_path}: it does not fit this trainer "
-                             f"({type(exc).__name__}: {first})") from None
+                             f"({first_line(exc)})") from None
         log(f"resumed at step {state['step']} (vae {state['vae_step']}), {state['elapsed'] / 60:.1f} min done")
 
     state["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -600,13 +463,26 @@ def train(
     start = time.perf_counter() - state["elapsed"]
     last_ckpt = time.perf_counter()
     losses: list[float] = []
+    pending: list[torch.Tensor] = []  # losses not yet read back (one device sync per log window)
 
     def elapsed() -> float:
         return time.perf_counter() - start
 
     def checkpoint() -> None:
         state["elapsed"] = elapsed()
-        _save_checkpoint(ckpt_path, _checkpoint_state(pipe, opt, vae_opt, ema, state, config))
+        ckpt = {"config": asdict(config), "modules": {name: getattr(pipe, name).state_dict() for name in _MODULES},
+                   "opt": opt.state_dict(), "vae_opt": vae_opt.state_dict(), "ema": ema.shadow, "state": state,
+                   "torch_rng": torch.get_rng_state()}
+        torch.save(ckpt, ckpt_path.with_suffix(".tmp"))
+        os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)  # never leave a half-written checkpoint
+
+    def read_losses() -> list[float]:
+        window = torch.stack(pending).float().tolist() if pending else []
+        pending.clear()
+        for value in window:
+            losses.append(value)
+            state["loss_ema"] = value if state["loss_ema"] is None else 0.98 * state["loss_ema"] + 0.02 * value
+        return window
 
     # Phase 1: the VAE to the identity (independent of the text and the transformer).
     pipe.vae.train()
@@ -626,7 +502,6 @@ def train(
     # Phase 2: transformer and text encoders, flow matching.
     for m in trained:
         m.train()
-    pending: list[torch.Tensor] = []  # this window's losses, read back at the log lines (one sync per window)
     t_window = time.perf_counter()
     # fit_steps: time steps [first + 50, first + 100) (the first ones warm up the allocator and kernels).
     fit_from = state["step"] + 50 if fit_steps else None
@@ -634,7 +509,8 @@ def train(
         while state["step"] < config.steps and elapsed() < budget:
             k = state["step"]
             if fit_from is not None and k in (fit_from, fit_from + 50):
-                _sync(device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 if k == fit_from:
                     t_fit = time.perf_counter()
                 else:
@@ -652,11 +528,7 @@ def train(
             state["step"] += 1
             pending.append(loss.detach())
             if state["step"] % config.log_every == 0 or state["step"] == config.steps:
-                window = torch.stack(pending).float().tolist()
-                pending = []
-                for value in window:
-                    losses.append(value)
-                    state["loss_ema"] = value if state["loss_ema"] is None else 0.98 * state["loss_ema"] + 0.02 * value
+                window = read_losses()
                 rate = len(window) / (time.perf_counter() - t_window)
                 state["loss_log"].append([state["step"], round(float(np.mean(window)), 5)])
                 log(
@@ -669,9 +541,7 @@ def train(
                 last_ckpt = time.perf_counter()
     finally:
         batches.close()
-    for value in torch.stack(pending).float().tolist() if pending else []:  # the steps after the last log line
-        losses.append(value)
-        state["loss_ema"] = value if state["loss_ema"] is None else 0.98 * state["loss_ema"] + 0.02 * value
+    read_losses()  # the steps after the last log line
     for m in trained:
         m.eval()
     checkpoint()
@@ -694,24 +564,17 @@ def export_checkpoint(out: str | os.PathLike[str], folder: str | os.PathLike[str
     payload = torch.load(ckpt_path, weights_only=True, map_location="cpu")
     config = TrainConfig.from_dict(payload["config"])
     pipe = build_pipeline(config)
-    for name in _MODULES:
-        getattr(pipe, name).load_state_dict(payload["modules"][name])
     ema = _Ema(_text_and_transformer(pipe), config.ema_decay)
-    for s, v in zip(ema.shadow, payload["ema"], strict=True):
-        s.copy_(v)
+    _load_checkpoint(pipe, ema, payload)
     return export_pipeline(pipe, ema, Path(folder), config, payload["state"])
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m taca_probe.shapes.train``: train the shapes model (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m taca_probe.shapes.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (checkpoint.pt, train.log, pipeline/)")
-    parser.add_argument("--minutes", type=float, default=None, help="wall-time budget in minutes (total, across resumes)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="wall-time budget in minutes (total, across resumes)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training steps (learning-rate schedule length; default {TrainConfig.steps}; "
                         "with --resume: the new schedule length, default the checkpoint's)")
@@ -720,8 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default cpu)")
     parser.add_argument("--workers", type=int, default=0, help="processes making batches ahead (default 0: inline)")
-    parser.add_argument("--fit-steps", action="store_true",
-                        help="with --minutes: after 100 steps, fit the schedule length to the budget from the measured rate")
+    parser.add_argument("--fit-steps", action="store_true", help="with --minutes: after 100 steps, fit the "
+                        "schedule length to the budget from the measured rate")
     parser.add_argument("--checkpoint-minutes", type=float, default=TrainConfig.checkpoint_minutes)
     arch = parser.add_argument_group("architecture (new runs)")
     for name in _ARCHITECTURE:
@@ -729,13 +592,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--export-only", metavar="DIR", default=None,
                         help="export OUT/checkpoint.pt's EMA weights to DIR and exit (no training)")
-    parser.add_argument("--init-from", default=None, help="warm start from this pipeline folder's weights (same architecture)")
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
-    parser.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
-    parser.add_argument("--min-lr-fraction", type=float, default=TrainConfig.min_lr_fraction)
-    parser.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
-    parser.add_argument("--guidance-scale", type=float, default=TrainConfig.guidance_scale,
-                        help="CFG scale recorded in call_defaults.json")
+    parser.add_argument("--init-from", default=None,
+                        help="warm start from this pipeline folder's weights (same architecture)")
+    helps = {"lr": "peak learning rate", "guidance_scale": "CFG scale recorded in call_defaults.json"}
+    for name in ("lr", "warmup_steps", "min_lr_fraction", "ema_decay", "guidance_scale"):
+        default = getattr(TrainConfig, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=helps.get(name))
     args = parser.parse_args(argv)
     positive = {"steps": args.steps, "batch_size": args.batch_size, "threads": args.threads, "minutes": args.minutes,
                 "checkpoint_minutes": args.checkpoint_minutes, **{n: getattr(args, n) for n in _ARCHITECTURE}}
@@ -778,10 +640,9 @@ def main(argv: list[str] | None = None) -> int:
         logfile.write(stamped + "\n")
 
     config = TrainConfig(
-        seed=args.seed, steps=TrainConfig.steps if args.steps is None else args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        min_lr_fraction=args.min_lr_fraction, ema_decay=args.ema_decay, guidance_scale=args.guidance_scale,
+        steps=TrainConfig.steps if args.steps is None else args.steps,
         init_from=None if args.init_from is None else str(Path(args.init_from).resolve()),
-        checkpoint_minutes=args.checkpoint_minutes, **{n: getattr(args, n) for n in _ARCHITECTURE},
+        **{n: getattr(args, n) for n in _FLAGS + _ARCHITECTURE},
     )
     with logfile:
         try:
