@@ -173,20 +173,17 @@ class Recorder:
     def _before(self, call: CallRecord, bound: Mapping[str, Any]):
         if not self._active:
             return None
-        if call.step != self._step:
-            self._step, self._in_step = call.step, 0
-        else:
-            self._in_step += 1
+        self._in_step = self._in_step + 1 if call.step == self._step else 0
+        self._step = call.step
         hidden = bound["hidden_states"]
         batch, n = hidden.shape[0], self._n
         rows = kind = None
         if self.handle.family == "sd3":
-            if self._in_step == 0:
-                if batch == 2 * n:  # batched CFG: [uncond..., cond...]
-                    rows = {"both": slice(0, 2 * n), "cond": slice(n, 2 * n), "uncond": slice(0, n)}[self.branch]
-                    kind = self.branch
-                elif batch == n and self.branch == "cond":
-                    rows, kind = slice(0, n), "cond"
+            if self._in_step == 0 and batch == 2 * n:  # batched CFG: [uncond..., cond...]
+                rows = {"both": slice(0, 2 * n), "cond": slice(n, 2 * n), "uncond": slice(0, n)}[self.branch]
+                kind = self.branch
+            elif self._in_step == 0 and batch == n and self.branch == "cond":
+                rows, kind = slice(0, n), "cond"
         else:
             which = {0: "cond", 1: "uncond"}.get(self._in_step)
             if which is not None and which in self.branches and batch == n:
@@ -246,15 +243,12 @@ class Recorder:
         if want_map:
             m = stats["maps"].to(torch.float16)
             if m.is_cuda:  # off the device without waiting: pinned memory, copied in stream order
-                host = torch.empty(m.shape, dtype=m.dtype, pin_memory=True)
-                host.copy_(m, non_blocking=True)
-                m = host
+                m = torch.empty(m.shape, dtype=m.dtype, pin_memory=True).copy_(m, non_blocking=True)
             buf.device_maps.append((self._kind, step, site.index, m))
 
     def _collect(self, buf: _Buffer, sample: Sample) -> None:
         L, H, T, n = len(self.sites), self.heads, buf.n_txt, self._n
-        nb = len(self.branches)
-        values = {name: np.full((n, nb, buf.steps, L, T if name == "token_mass" else H), np.nan, np.float32)
+        values = {name: np.full((n, len(self.branches), buf.steps, L, T if name == "token_mass" else H), np.nan, np.float32)
                   for name in MASS_VARS}
         for kind, dev in buf.device.items():
             host = dev.cpu().numpy()  # (steps, L, rows * (3H + T))

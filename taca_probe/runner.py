@@ -46,19 +46,18 @@ class Run:
         self.maps, self.branches, self.sites = recorder.maps, recorder.branches, handle.sites
         self.call_defaults = model_call_defaults(pipe)
         self._writer: RunWriter | None = None
-        self._writer_set = False
 
     @property
     def writer(self) -> RunWriter | None:
         """The store's writer (None until the store exists); opened on first use, so that the record
         loop can hand over the one it holds without the slot table read twice."""
-        if not self._writer_set and self.path.exists():
-            self.writer = RunWriter.reopen(self.path)
+        if self._writer is None and self.path.exists():
+            self._writer = RunWriter.reopen(self.path)
         return self._writer
 
     @writer.setter
     def writer(self, writer: RunWriter | None) -> None:
-        self._writer, self._writer_set = writer, writer is not None
+        self._writer = writer
 
     def sample(self, prompt: str, *, seed: int = 0, num_images_per_prompt: int = 1, slot: int | None = None,
                **pipe_kwargs: Any) -> list:

@@ -227,8 +227,8 @@ class RunWriter:
         tmp = p.parent / f"{_TMP_PREFIX}{p.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
         try:
-            group.attrs.update({_SCHEMA_ATTR: SCHEMA_VERSION, "layout": _layout_json(layout), _MANIFEST_ATTR: True,
-                                **attrs})
+            layout_json = {k: list(v) if isinstance(v, tuple) else v for k, v in layout.__dict__.items()}
+            group.attrs.update({_SCHEMA_ATTR: SCHEMA_VERSION, "layout": layout_json, _MANIFEST_ATTR: True, **attrs})
             L, S, T = layout, layout.steps, layout.n_txt
             fixed = {"step": ("step", np.arange(S), "int64"), "layer": ("layer", list(L.layers), str),
                      "block_type": ("layer", list(L.block_types), str), "head": ("head", np.arange(L.heads), "int64"),
@@ -263,9 +263,9 @@ class RunWriter:
                 grow(name, dims[1:], shape, dtype, 0 if dtype == "uint8" else np.nan, chunks,
                      None if name == "image" else _COORDS_ALL, shards)
             if slots:
-                group["prompt"][:] = np.array([p for p, _, _ in slots], dtype=object)
-                group["seed"][:] = np.array([s for _, s, _ in slots], dtype=np.int64)
-                group["batch_index"][:] = np.array([b for _, _, b in slots], dtype=np.int64)
+                prompts, seeds, batches = zip(*slots)
+                group["prompt"][:] = np.array(prompts, dtype=object)
+                group["seed"][:], group["batch_index"][:] = np.array(seeds, np.int64), np.array(batches, np.int64)
                 group["sample"][:] = np.arange(len(slots))
                 group.attrs["planned_samples"] = len(slots)
             try:
@@ -286,10 +286,6 @@ class RunWriter:
         p = Path(path)
         group = _open_group(p, "r+", store=ChecksumStore(p, read_only=False) if p.is_dir() else None)
         return cls(group, _layout_of(group, p), p)
-
-    @property
-    def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs)
 
     def _read_slots(self) -> list[tuple[str, int, int, bool]]:
         n = self.arrays[COMPLETE].shape[0]
@@ -325,17 +321,17 @@ class RunWriter:
                 arr.resize((slot + 1, *arr.shape[1:]))
         self.arrays[COMPLETE][slot] = False
         self._slots += [("", 0, 0, False)] * (slot + 1 - len(self._slots))
-        self._set_slot(slot, done=False)
+        self._set_slot(slot, False)
 
-    def _set_slot(self, slot: int, **change: Any) -> None:
-        prompt, seed, batch, done = self._slots[slot]
+    def _set_slot(self, slot: int, done: bool, key: tuple[str, int, int] | None = None) -> None:
+        """Set a slot's complete flag and, if given, its (prompt, seed, batch_index) in the table."""
+        old = self._slots[slot]
+        if old[3]:
+            self._done.discard(old[:3])
+        key = old[:3] if key is None else key
+        self._slots[slot] = (*key, done)
         if done:
-            self._done.discard((prompt, seed, batch))
-        prompt, seed = change.get("prompt", prompt), change.get("seed", seed)
-        batch, done = change.get("batch_index", batch), change.get("done", done)
-        self._slots[slot] = (str(prompt), int(seed), int(batch), bool(done))
-        if done:
-            self._done.add((str(prompt), int(seed), int(batch)))
+            self._done.add(key)
         else:
             self._free_hint = min(self._free_hint, slot)
 
@@ -359,7 +355,7 @@ class RunWriter:
                       **{name: v[b, 0] if squeeze else v[b] for name, v in sample.values.items()}}
             for name, value in values.items():
                 self.arrays[name][slot] = value
-            self._set_slot(slot, prompt=sample.prompt, seed=sample.seed, batch_index=b)
+            self._set_slot(slot, False, (str(sample.prompt), int(sample.seed), b))
             for (bi, step), entries in sorted(sample.maps.items()):
                 # one shard: every layer of this step; unselected layers stay NaN (those chunks are not stored)
                 block = np.full((len(L.layers), L.n_txt, *L.grid), np.nan, np.float16)
@@ -374,7 +370,7 @@ class RunWriter:
         if MANIFEST in self.arrays:
             self.arrays[MANIFEST][slot] = json.dumps(self._manifest(slot), sort_keys=True)
         self.arrays[COMPLETE][slot] = True
-        self._set_slot(slot, done=True)
+        self._set_slot(slot, True)
 
     def _manifest(self, slot: int) -> dict[str, list | None]:
         """Key -> [digest of the file, size], or None where the sample has no file (all fill value)."""
@@ -420,8 +416,7 @@ class RunWriter:
         """Mark damaged samples not complete, their keys unknown, so that a resumed run records them again."""
         for slot in slots:
             self.arrays[COMPLETE][slot] = False
-            self._set_slot(slot, done=False)
-            self._slots[slot] = UNKNOWN_SLOT
+            self._set_slot(slot, False, UNKNOWN_SLOT[:3])
 
 
 _TMP_PREFIX = ".creating."
@@ -459,10 +454,6 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     kinds = ChecksumStore(p)
     bad.extend(chunk_read_problems(p, [n for n in arrays if kinds._kind(n) is not None]))
     return list(dict.fromkeys(bad))
-
-
-def _layout_json(layout: RunLayout) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in layout.__dict__.items()}
 
 
 def _checked_open(path: Path, read: bool | int = False,
