@@ -177,17 +177,14 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
         if mode == "overwrite":
             remove_store(p)
         base_attrs = {
-            **settings,
-            "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale),
+            **settings, "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale),
             "planned_samples": None,  # a store planned up front (record, sweep) holds its slot count
             "taca_probe_version": __version__, "torch_version": torch.__version__,
             "diffusers_version": diffusers.__version__, "schedule_description": schedule.describe(),
             "device": str(handle.transformer.device),
             "stats_backend": describe_stats_backend(handle.transformer.device, handle.transformer.dtype),
             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **(attrs or {}),
-        }
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(attrs or {})}
         recorder = Recorder(pipe, handle, maps=maps, branch=branch)
         yield Run(pipe, p, handle, recorder, base_attrs)
     finally:
@@ -215,16 +212,11 @@ def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, br
                  model: str | None = None) -> dict[str, Any]:
     """The settings a resumed run must share with its store."""
     transformer = pipe.transformer
-    return {
-        "model": str(model or model_name(pipe) or getattr(transformer.config, "_name_or_path", "")),
-        "model_class": type(transformer).__name__,
-        "pipeline_class": type(pipe).__name__,
-        "dtype": str(transformer.dtype).removeprefix("torch."),
-        "schedule": schedule.spec,
-        "maps": None if maps is None else maps.spec,
-        "map_selection": None if maps is None else maps.to_attrs(),
-        "branch": branch,
-    }
+    return {"model": str(model or model_name(pipe) or getattr(transformer.config, "_name_or_path", "")),
+            "model_class": type(transformer).__name__, "pipeline_class": type(pipe).__name__,
+            "dtype": str(transformer.dtype).removeprefix("torch."), "schedule": schedule.spec,
+            "maps": None if maps is None else maps.spec,
+            "map_selection": None if maps is None else maps.to_attrs(), "branch": branch}
 
 
 def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[str, Any] | None = None) -> None:

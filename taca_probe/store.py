@@ -121,10 +121,8 @@ def _open_group(path: str | os.PathLike, mode: str, *, store: Any = None):
     if version is None:
         raise StoreError(f"{str(p)!r} is a zarr store but not a taca-probe store (no {_SCHEMA_ATTR} attribute)")
     if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
-        raise StoreError(
-            f"{str(p)!r} has store schema {version!r}; this taca-probe reads schema 1..{SCHEMA_VERSION}: "
-            "upgrade taca-probe to read it"
-        )
+        raise StoreError(f"{str(p)!r} has store schema {version!r}; this taca-probe reads schema 1..{SCHEMA_VERSION}: "
+                         "upgrade taca-probe to read it")
     return group
 
 
@@ -526,7 +524,7 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     for key in ("layout", _MANIFEST_ATTR):
         ds.attrs.pop(key, None)
     # zarr lists arrays in no fixed order; a stable order keeps printouts and tests comparable
-    names = [v for v in VARIABLE_ORDER if v in ds.data_vars] + sorted(v for v in ds.data_vars if v not in VARIABLE_ORDER)
+    names = [v for v in VARIABLE_ORDER if v in ds.data_vars] + sorted(set(ds.data_vars) - set(VARIABLE_ORDER))
     coords = [c for c in COORD_ORDER if c in ds.coords] + sorted(c for c in ds.coords if c not in COORD_ORDER)
     return xr.Dataset({v: ds[v].variable for v in names}, coords={c: ds.coords[c].variable for c in coords},
                       attrs=ds.attrs)
@@ -552,17 +550,12 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
               for name, arr in sorted(arrays_by_name.items())}
     attrs = dict(group.attrs)
     attrs.pop("layout", None)
-    return {
-        "path": str(path),
-        "schema": attrs.get(_SCHEMA_ATTR),
-        "samples_complete": int(complete.sum()) - len(damaged),
-        "samples_incomplete": int((~complete).sum()),
-        "samples_damaged": {int(k): v for k, v in sorted(damaged.items())},
-        "integrity": "chunk manifests" if MANIFEST in arrays_by_name else "checksums only (recorded before manifests)",
-        "stored_bytes": sum(a["stored_bytes"] for a in arrays.values()),
-        "arrays": arrays,
-        "attrs": attrs,
-    }
+    return {"path": str(path), "schema": attrs.get(_SCHEMA_ATTR),
+            "samples_complete": int(complete.sum()) - len(damaged), "samples_incomplete": int((~complete).sum()),
+            "samples_damaged": {int(k): v for k, v in sorted(damaged.items())},
+            "integrity": "chunk manifests" if MANIFEST in arrays_by_name
+            else "checksums only (recorded before manifests)",
+            "stored_bytes": sum(a["stored_bytes"] for a in arrays.values()), "arrays": arrays, "attrs": attrs}
 
 
 def remove_store(path: str | os.PathLike) -> None:
