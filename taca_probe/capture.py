@@ -248,8 +248,8 @@ class Recorder:
 
     def _collect(self, buf: _Buffer, sample: Sample) -> None:
         L, H, T, n = len(self.sites), self.heads, buf.n_txt, self._n
-        values = {name: np.full((n, len(self.branches), buf.steps, L, T if name == "token_mass" else H), np.nan, np.float32)
-                  for name in MASS_VARS}
+        values = {name: np.full((n, len(self.branches), buf.steps, L, T if name == "token_mass" else H), np.nan,
+                                np.float32) for name in MASS_VARS}
         for kind, dev in buf.device.items():
             host = dev.cpu().numpy()  # (steps, L, rows * (3H + T))
             rows = host.shape[-1] // (3 * H + T)

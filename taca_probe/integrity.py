@@ -136,10 +136,6 @@ def compressors(dtype: Any) -> tuple:
     return (ZstdCodec(level=3), Crc32cCodec())
 
 
-def _crc_ok(data: bytes) -> bool:
-    return len(data) >= 4 and google_crc32c.value(data[:-4]).to_bytes(4, "little") == data[-4:]
-
-
 _UNLISTED = object()
 
 
@@ -185,7 +181,7 @@ class ChecksumStore(LocalStore):
         return self._kinds[name]
 
     def _check(self, key: str, data: bytes) -> None:
-        if not _crc_ok(data):
+        if len(data) < 4 or google_crc32c.value(data[:-4]).to_bytes(4, "little") != data[-4:]:
             raise ChunkChecksumError(
                 f"corrupted chunk {key!r} in {str(self.root)!r}: its CRC32C checksum does not match")
 

@@ -362,8 +362,8 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
         step, layer). Samples are those complete in every store, in plan order; the others are
         left out with a warning.
     """
-    doc = None
-    if isinstance(source, (str, os.PathLike)) and is_sweep(source):
+    doc, one = None, isinstance(source, (str, os.PathLike))
+    if one and is_sweep(source):
         folder = Path(source)
         doc = read_manifest(folder)
         items = [(folder / e["store"], e["spec"], e.get("gamma0"), e.get("t_thresh")) for e in doc["schedules"]]
@@ -376,13 +376,9 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
             raise SweepError(f"sweep {str(folder)!r} has no recorded store yet; run or resume `taca-probe sweep`")
         label = str(folder)
     else:
-        if isinstance(source, (str, os.PathLike)):
-            p = Path(source)
-            if p.is_dir() and not (p / "zarr.json").exists():
-                raise SweepError(f"{str(p)!r} is neither a sweep folder (no {MANIFEST}) nor a store")
-            sources = [p]
-        else:
-            sources = [Path(s) for s in source]
+        sources = [Path(source)] if one else [Path(s) for s in source]
+        if one and sources[0].is_dir() and not (sources[0] / "zarr.json").exists():
+            raise SweepError(f"{str(sources[0])!r} is neither a sweep folder (no {MANIFEST}) nor a store")
         items = [(p, None, None, None) for p in sources]
         label = ", ".join(map(str, sources))
     dsets, specs, g0s, tts = [], [], [], []
