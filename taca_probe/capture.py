@@ -1,16 +1,10 @@
 """Capture: transformer calls -> CFG routing -> one in-memory :class:`Sample`. Knows no store.
 
-A :class:`Recorder` listens to a TACA handle (:meth:`~taca_probe.intervention.TacaHandle.listen`).
-In each recorded call the statistics of :func:`taca_probe.attention.attention_statistics` are
-computed by the very attention call that produces the output and written into a device buffer
-indexed by (step, layer); the sample crosses to the host once, when it is finished.
-
-Which transformer calls are recorded (``branch``):
-
-- SD3 with batched CFG: one call per step with batch ``[uncond..., cond...]``; ``cond`` takes the
-  second half of the rows, ``uncond`` the first.
-- FLUX: one call per step (guidance-distilled, ``cond``), or two with true CFG, cond then uncond.
-- Further calls in a step (SD3 skip-layer guidance) are not recorded.
+A :class:`Recorder` listens to a TACA handle; each recorded attention call writes its statistics
+(:func:`~taca_probe.attention.attention_statistics`) into a device buffer indexed by (step, layer),
+and the sample crosses to the host once, when finished. Recorded calls (``branch``): SD3 batched
+CFG, one call per step with rows ``[uncond..., cond...]``; FLUX, one call per step (``cond``) or
+two with true CFG, cond then uncond. Further calls in a step (SD3 skip-layer guidance) are not.
 """
 
 from __future__ import annotations
@@ -68,11 +62,8 @@ def prompt_tokens(pipe: Any, prompt: str, n_txt: int, max_sequence_length: int) 
 
 def _family_text(pipe: Any, family: str, call: Mapping[str, Any]) -> tuple[int, int]:
     """(text tokens the transformer sees, T5 length) for a pipeline call."""
-    if family == "sd3":
-        max_seq = int(call.get("max_sequence_length", 256))
-        return int(getattr(pipe, "tokenizer_max_length", 77)) + max_seq, max_seq
-    max_seq = int(call.get("max_sequence_length", 512))
-    return max_seq, max_seq
+    max_seq = int(call.get("max_sequence_length", 256 if family == "sd3" else 512))
+    return (int(getattr(pipe, "tokenizer_max_length", 77)) if family == "sd3" else 0) + max_seq, max_seq
 
 
 def planned_layout(pipe: Any, handle: TacaHandle, call: Mapping[str, Any], *, branches: tuple[str, ...],
@@ -118,7 +109,9 @@ class Sample:
 
 
 class _Buffer:
-    """One sample being recorded: device buffers per call kind, filled call by call."""
+    """One sample being recorded: per call kind ("both": one SD3 call holds both branches), a
+    (steps, layers, rows x (3 heads + n_txt)) fp32 device tensor; maps as they come (pinned host
+    memory on CUDA, copied without blocking)."""
 
     def __init__(self, steps: int, n_txt: int, grid: tuple[int, int], tokens: tuple, map_idx: np.ndarray | None,
                  map_tokens: torch.Tensor | None):
@@ -128,18 +121,13 @@ class _Buffer:
         self.sigma = np.full(steps, np.nan, np.float32)
         self.gamma: list[Mapping[str, float] | None] = [None] * steps
         self.recorded: dict[str, set[int]] = {}  # call kind -> steps
-        # per call kind ("both": one SD3 call holds both branches), a (steps, layers, rows x (3 heads + n_txt))
-        # fp32 tensor; maps as they come (pinned host memory on CUDA, copied without blocking)
         self.device: dict[str, torch.Tensor] = {}
         self.device_maps: list[tuple[str, int, int, torch.Tensor]] = []
 
 
 class Recorder:
-    """Turns the transformer calls of one pipeline call into a :class:`Sample`.
-
-    ``begin(prompt, n_images, max_sequence_length)`` before the pipeline call, ``finish(images)``
-    after it. It reads the handle's public view of each call and never the store.
-    """
+    """Turns the transformer calls of one pipeline call into a :class:`Sample`: ``begin`` before the
+    pipeline call, ``finish`` after it (``cancel`` if it failed)."""
 
     def __init__(self, pipe: Any, handle: TacaHandle, *, maps: MapSelection | None, branch: str):
         if branch not in BRANCHES:
@@ -155,16 +143,11 @@ class Recorder:
     def close(self) -> None:
         self._remove()
 
-    # -- one sample ----------------------------------------------------------------------------
     def begin(self, prompt: str, n_images: int, max_sequence_length: int | None) -> None:
-        self._prompt, self._n = prompt, int(n_images)
-        self._max_seq = max_sequence_length
-        self._buf = None
-        self._step, self._in_step = -1, 0
-        self._active = True
+        self._prompt, self._n, self._max_seq, self._buf = prompt, int(n_images), max_sequence_length, None
+        self._step, self._in_step, self._active = -1, 0, True
 
     def cancel(self) -> None:
-        """Stop recording the current sample (its pipeline call failed)."""
         self._active = False
 
     def finish(self, images: np.ndarray, seed: int) -> Sample:
@@ -187,24 +170,20 @@ class Recorder:
         self._collect(buf, sample)
         return sample
 
-    # -- per transformer call ------------------------------------------------------------------
     def _before(self, call: CallRecord, bound: Mapping[str, Any]):
         if not self._active:
             return None
-        if call.step != self._step:
-            self._step, self._in_step = call.step, 0
-        else:
-            self._in_step += 1
+        self._in_step = self._in_step + 1 if call.step == self._step else 0
+        self._step = call.step
         hidden = bound["hidden_states"]
         batch, n = hidden.shape[0], self._n
         rows = kind = None
         if self.handle.family == "sd3":
-            if self._in_step == 0:
-                if batch == 2 * n:  # batched CFG: [uncond..., cond...]
-                    rows = {"both": slice(0, 2 * n), "cond": slice(n, 2 * n), "uncond": slice(0, n)}[self.branch]
-                    kind = self.branch
-                elif batch == n and self.branch == "cond":
-                    rows, kind = slice(0, n), "cond"
+            if self._in_step == 0 and batch == 2 * n:  # batched CFG: [uncond..., cond...]
+                rows = {"both": slice(0, 2 * n), "cond": slice(n, 2 * n), "uncond": slice(0, n)}[self.branch]
+                kind = self.branch
+            elif self._in_step == 0 and batch == n and self.branch == "cond":
+                rows, kind = slice(0, n), "cond"
         else:
             which = {0: "cond", 1: "uncond"}.get(self._in_step)
             if which is not None and which in self.branches and batch == n:
@@ -264,16 +243,13 @@ class Recorder:
         if want_map:
             m = stats["maps"].to(torch.float16)
             if m.is_cuda:  # off the device without waiting: pinned memory, copied in stream order
-                host = torch.empty(m.shape, dtype=m.dtype, pin_memory=True)
-                host.copy_(m, non_blocking=True)
-                m = host
+                m = torch.empty(m.shape, dtype=m.dtype, pin_memory=True).copy_(m, non_blocking=True)
             buf.device_maps.append((self._kind, step, site.index, m))
 
     def _collect(self, buf: _Buffer, sample: Sample) -> None:
         L, H, T, n = len(self.sites), self.heads, buf.n_txt, self._n
-        nb = len(self.branches)
-        values = {name: np.full((n, nb, buf.steps, L, T if name == "token_mass" else H), np.nan, np.float32)
-                  for name in MASS_VARS}
+        values = {name: np.full((n, len(self.branches), buf.steps, L, T if name == "token_mass" else H), np.nan,
+                                np.float32) for name in MASS_VARS}
         for kind, dev in buf.device.items():
             host = dev.cpu().numpy()  # (steps, L, rows * (3H + T))
             rows = host.shape[-1] // (3 * H + T)

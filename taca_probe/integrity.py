@@ -1,9 +1,8 @@
-"""Chunk integrity: CRC32C on every chunk, named when it fails, and per-sample chunk manifests.
+"""Chunk integrity: a CRC32C on every chunk, named when it fails, and per-sample chunk manifests.
 
-Every chunk carries a CRC32C (the codec); :class:`ChecksumStore` verifies it as the chunk is read
-and names the chunk in the error. When a sample completes, its manifest records, for every chunk
-file it owns, the file's digest and size, or that it has none (a chunk equal to the fill value is
-not stored), so that a deleted, moved or swapped chunk of a complete sample is found as well.
+:class:`ChecksumStore` verifies each chunk's CRC32C as it is read. A completed sample's manifest
+records, for every chunk file it owns, the file's digest and size, or that it has none (a chunk
+equal to the fill value is not stored), so that a deleted, moved or swapped chunk is found too.
 """
 
 from __future__ import annotations
@@ -29,6 +28,14 @@ COMPLETE = "complete"
 MANIFEST = "chunk_manifest"
 #: Per-sample arrays that hold bookkeeping rather than the sample's data.
 BOOKKEEPING = (COMPLETE, MANIFEST)
+#: :func:`store_info` compares the digests of files up to this size (cheap), sizes of larger ones.
+INFO_READ_LIMIT = 64 * 1024
+#: What :func:`read_each` gives for a value whose chunk is damaged.
+DAMAGED = object()
+
+
+class ChunkChecksumError(StoreError):
+    """A chunk whose CRC32C does not match its data, or that is missing, moved or swapped."""
 
 
 def is_sample_array(arr: Any) -> bool:
@@ -58,17 +65,10 @@ def slot_of(key: str) -> int | None:
         return None
 
 
-#: :func:`store_info` compares the digests of files up to this size (cheap), sizes of larger ones.
-INFO_READ_LIMIT = 64 * 1024
-
-
 def check_slot(path: Path, arrays: Mapping[str, Any], slot: int, manifest_text: Any, *,
-                read: bool | int) -> list[str]:
-    """Problems of one complete sample against its manifest: ``"KEY: what"`` each, empty when intact.
-
-    ``read``: True compares the digest of every file, a number those of files up to that many
-    bytes, False none (presence and sizes only).
-    """
+               read: bool | int) -> list[str]:
+    """Problems of one complete sample against its manifest, ``"KEY: what"`` each. ``read``: compare
+    the digest of every file (True), of files up to that many bytes, or of none (False)."""
     if not manifest_text:
         return [f"{MANIFEST}/c/{slot}: the sample's chunk manifest is missing"]
     try:
@@ -78,20 +78,16 @@ def check_slot(path: Path, arrays: Mapping[str, Any], slot: int, manifest_text: 
         return [f"{MANIFEST}/c/{slot}: the sample's chunk manifest is damaged"]
     expected = [key for name, arr in arrays.items() if is_sample_array(arr) and name not in BOOKKEEPING
                 for key in slot_keys(name, arr, slot)]
-    expected_set = set(expected)
     problems = [f"{key}: not in the sample's manifest (another sample's manifest?)" for key in expected
                 if key not in manifest]
+    expected_set = set(expected)
     problems += [f"{key}: the manifest of sample {slot} names it" for key in manifest if key not in expected_set]
-    for key in expected:
-        if key not in manifest:
-            continue
+    for key in (key for key in expected if key in manifest):
         entry, f = manifest[key], path / key
-        exists = f.is_file()
         if entry is None:
-            if exists:
+            if f.is_file():
                 problems.append(f"{key}: a chunk where the sample had none (moved here?)")
-            continue
-        if not exists:
+        elif not f.is_file():
             problems.append(f"{key}: missing")
         elif (size := f.stat().st_size) != entry[1] or (
                 (read is True or (read is not False and size <= read)) and digest(f.read_bytes()) != entry[0]):
@@ -101,7 +97,7 @@ def check_slot(path: Path, arrays: Mapping[str, Any], slot: int, manifest_text: 
 
 
 def sample_problems(path: Path, arrays: Mapping[str, Any], *, read: bool | int,
-                     complete: np.ndarray | None = None) -> dict[int, list[str]]:
+                    complete: np.ndarray | None = None) -> dict[int, list[str]]:
     """slot -> problems, for every complete sample (empty for stores without manifests)."""
     if MANIFEST not in arrays:
         return {}
@@ -115,14 +111,9 @@ def sample_problems(path: Path, arrays: Mapping[str, Any], *, read: bool | int,
     for slot in slots.tolist():
         if manifests[slot] is DAMAGED:
             out[slot] = [f"{MANIFEST}/c/{slot}: the sample's chunk manifest is damaged"]
-            continue
-        problems = check_slot(path, arrays, slot, manifests[slot], read=read)
-        if problems:
+        elif problems := check_slot(path, arrays, slot, manifests[slot], read=read):
             out[slot] = problems
     return out
-
-
-DAMAGED = object()
 
 
 def read_each(arr: Any, n: int | None = None) -> list[Any]:
@@ -145,14 +136,6 @@ def compressors(dtype: Any) -> tuple:
     return (ZstdCodec(level=3), Crc32cCodec())
 
 
-class ChunkChecksumError(StoreError):
-    """A chunk whose CRC32C does not match its data, or that is missing, moved or swapped."""
-
-
-def _crc_ok(data: bytes) -> bool:
-    return len(data) >= 4 and google_crc32c.value(data[:-4]).to_bytes(4, "little") == data[-4:]
-
-
 _UNLISTED = object()
 
 
@@ -161,9 +144,8 @@ class ChecksumStore(LocalStore):
     chunk in the error (zarr's own codec check cannot say which chunk failed).
 
     Given ``manifest`` (key -> [digest, size] or None, from the complete samples' manifests), a
-    read also checks that the file is the one recorded under that key: a missing chunk, a moved or
-    swapped one, fails instead of reading back as the fill value or as another sample's data.
-
+    read also checks that the file is the one recorded under that key: a missing, moved or swapped
+    chunk fails instead of reading back as the fill value or as another sample's data.
     Module-level (not a closure) so that dask workers can unpickle it.
     """
 
@@ -175,33 +157,31 @@ class ChecksumStore(LocalStore):
         self._verified: set[str] = set()
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
-        state = dict(state)
-        state["_kinds"] = {}
-        state["_verified"] = set()
-        return state
+        return {**dict(super().__getstate__()), "_kinds": {}, "_verified": set()}
 
     def _kind(self, name: str) -> tuple[bool, int] | None:
         """None: no checksum; (False, 0): plain chunks; (True, n): shards of n inner chunks."""
         if name not in self._kinds:
+            def crc(codecs: list) -> bool:
+                return any(c.get("name") == "crc32c" for c in codecs)
+
             try:
                 meta = json.loads((Path(str(self.root)) / name / "zarr.json").read_text())
                 codecs = meta.get("codecs", [])
                 if codecs and codecs[0].get("name") == "sharding_indexed":
                     conf = codecs[0]["configuration"]
-                    inner = conf["chunk_shape"]
                     outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
-                    has = any(c.get("name") == "crc32c" for c in conf.get("codecs", [])) and any(
-                        c.get("name") == "crc32c" for c in conf.get("index_codecs", []))
-                    self._kinds[name] = (True, int(np.prod([o // i for o, i in zip(outer, inner)]))) if has else None
+                    n_inner = int(np.prod([o // i for o, i in zip(outer, conf["chunk_shape"])]))
+                    has = crc(conf.get("codecs", [])) and crc(conf.get("index_codecs", []))
+                    self._kinds[name] = (True, n_inner) if has else None
                 else:
-                    self._kinds[name] = (False, 0) if any(c.get("name") == "crc32c" for c in codecs) else None
+                    self._kinds[name] = (False, 0) if crc(codecs) else None
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 self._kinds[name] = None
         return self._kinds[name]
 
     def _check(self, key: str, data: bytes) -> None:
-        if not _crc_ok(data):
+        if len(data) < 4 or google_crc32c.value(data[:-4]).to_bytes(4, "little") != data[-4:]:
             raise ChunkChecksumError(
                 f"corrupted chunk {key!r} in {str(self.root)!r}: its CRC32C checksum does not match")
 
@@ -226,10 +206,7 @@ class ChecksumStore(LocalStore):
         buf = await super().get(key, prototype, byte_range)
         if "/c/" not in key:
             return buf
-        if buf is None:
-            await self._check_listed(key, buf, prototype, byte_range)
-            return buf
-        kind = self._kind(key.split("/c/", 1)[0])
+        kind = None if buf is None else self._kind(key.split("/c/", 1)[0])
         if kind is not None:
             data = buf.to_bytes()
             sharded, n_inner = kind
@@ -248,11 +225,8 @@ class ChecksumStore(LocalStore):
 
 
 def settle_pending_reads(timeout: float = 5.0) -> None:
-    """Wait for zarr's chunk reads still running after one of them failed, and collect their errors.
-
-    zarr reads chunks concurrently; when one raises (a damaged chunk), the others keep running in
-    zarr's event-loop thread and, left alone, print asyncio noise when the process exits.
-    """
+    """Wait for zarr's chunk reads still running after one of them failed, and collect their errors
+    (left alone, they print asyncio noise when the process exits)."""
     async def settle() -> None:
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         if tasks:
@@ -267,20 +241,15 @@ def settle_pending_reads(timeout: float = 5.0) -> None:
         pass
 
 
-def checksum_store(root: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> ChecksumStore:
-    return ChecksumStore(root, read_only=True, manifest=manifest)
-
-
 def chunk_read_problems(path: Path, names: Sequence[str]) -> list[str]:
     """Keys of the chunks of ``names`` whose CRC32C codec check fails (reads every chunk)."""
     bad: list[str] = []
-    group = zarr.open_group(store=checksum_store(path), mode="r", zarr_format=3)
+    group = zarr.open_group(store=ChecksumStore(path), mode="r", zarr_format=3)
     for name in sorted(names):
         arr = group[name]
         for idx in np.ndindex(*arr.cdata_shape):
-            sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))
             try:
-                arr[sel]
+                arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))]
             except ChunkChecksumError as e:
                 bad.append(str(e).split("'")[1])
             except ValueError as e:  # zarr's own codec check, should ours not have run

@@ -1,10 +1,5 @@
-"""Recording runs: ``probe()`` for Python, and the one loop behind ``record`` and ``sweep``.
-
-:func:`probe` installs TACA with a :class:`~taca_probe.capture.Recorder` and yields a :class:`Run`
-whose :meth:`Run.sample` records one pipeline call and writes it to the store. :func:`record_plan`
-is the loop every command uses: lay out (or check and repair) each target store on rank 0, share
-the unfinished slots among the ranks, record them, one probe per schedule.
-"""
+"""Recording runs: :func:`probe` for Python, and :func:`record_plan`, the loop behind ``record``
+and ``sweep`` (rank 0 lays out or checks and repairs each store, the ranks share the unfinished slots)."""
 
 from __future__ import annotations
 
@@ -51,27 +46,25 @@ class Run:
         self.maps, self.branches, self.sites = recorder.maps, recorder.branches, handle.sites
         self.call_defaults = model_call_defaults(pipe)
         self._writer: RunWriter | None = None
-        self._writer_set = False
 
     @property
     def writer(self) -> RunWriter | None:
-        """The store's writer (None until the store exists); opened on first use, so that a caller
-        that already holds one (the record loop) hands it over without the slot table read twice."""
-        if not self._writer_set and self.path.exists():
-            self.writer = RunWriter.reopen(self.path)
+        """The store's writer (None until the store exists); opened on first use, so that the record
+        loop can hand over the one it holds without the slot table read twice."""
+        if self._writer is None and self.path.exists():
+            self._writer = RunWriter.reopen(self.path)
         return self._writer
 
     @writer.setter
     def writer(self, writer: RunWriter | None) -> None:
-        self._writer, self._writer_set = writer, writer is not None
+        self._writer = writer
 
     def sample(self, prompt: str, *, seed: int = 0, num_images_per_prompt: int = 1, slot: int | None = None,
                **pipe_kwargs: Any) -> list:
         """Generate from ``prompt`` with ``torch.Generator('cpu').manual_seed(seed)`` and record.
 
-        Other keyword arguments go to the pipeline unchanged. Returns the PIL images; a prompt and
-        seed already complete in the store are skipped (returns ``[]``). ``slot`` writes into a
-        planned slot of the store (one image each).
+        Other keyword arguments go to the pipeline. Returns the PIL images, ``[]`` for a prompt and
+        seed already complete in the store. ``slot`` writes into a planned slot (one image).
         """
         if not isinstance(prompt, str) or not prompt:
             raise TacaProbeError("prompt must be a non-empty string")
@@ -97,9 +90,7 @@ class Run:
         sample = self.recorder.finish(images, seed)
         created = writer is None
         if created:
-            if self.maps is not None:
-                self.maps.check(sample.layout)
-            self.writer = writer = RunWriter.create(self.path, sample.layout, {**self.attrs, **_size_attrs(sample.layout)})
+            writer = self._create(sample.layout)
         try:
             writer.write_sample(writer.first_free() if slot is None else slot, sample)
         except BaseException:
@@ -110,8 +101,8 @@ class Run:
         return [Image.fromarray(im) for im in images]
 
     def _resolve_call(self, pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The model's call defaults under ``pipe_kwargs``; the first sample's settings become the
-        store's ``pipeline_kwargs`` and ``guidance`` unless the caller gave them."""
+        """The model's call defaults under ``pipe_kwargs``; the first sample's become the store's
+        ``pipeline_kwargs`` and ``guidance`` unless the caller gave them."""
         call = {**self.call_defaults, **pipe_kwargs}
         plain = {k: v for k, v in call.items() if v is None or isinstance(v, (bool, int, float, str))}
         self.attrs.setdefault("pipeline_kwargs", plain)
@@ -127,16 +118,15 @@ class Run:
 
     def create_planned(self, plan: Sequence[tuple[str, int]], call: dict[str, Any]) -> None:
         """Create the store with one slot per (prompt, seed) of ``plan``, none complete yet."""
-        layout = self.planned_layout(call)
+        self._create(self.planned_layout(call), slots=[(p, int(s), 0) for p, s in plan])
+
+    def _create(self, layout: Any, slots: list | None = None) -> RunWriter:
         if self.maps is not None:
             self.maps.check(layout)  # before the store exists
-        self.writer = RunWriter.create(self.path, layout, {**self.attrs, **_size_attrs(layout)},
-                                       slots=[(p, int(s), 0) for p, s in plan])
-
-
-def _size_attrs(layout) -> dict[str, Any]:
-    return {"steps": layout.steps, "height": layout.image_shape[0], "width": layout.image_shape[1],
-            "n_txt": layout.n_txt, "n_vis": layout.grid[0] * layout.grid[1], "latent_grid": list(layout.grid)}
+        size = {"steps": layout.steps, "height": layout.image_shape[0], "width": layout.image_shape[1],
+                "n_txt": layout.n_txt, "n_vis": layout.grid[0] * layout.grid[1], "latent_grid": list(layout.grid)}
+        self.writer = RunWriter.create(self.path, layout, {**self.attrs, **size}, slots=slots)
+        return self.writer
 
 
 @contextlib.contextmanager
@@ -144,7 +134,7 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
           maps: MapSelection | str | None = None, branch: str = "cond", mode: str = "create",
           lora: str | os.PathLike | None = None, lora_scale: float = 1.0, attrs: dict[str, Any] | None = None,
           model: str | None = None) -> Iterator[Run]:
-    """Record cross-modal attention into a zarr store while ``pipe`` samples.
+    """Record cross-modal attention into a zarr store while ``pipe`` samples; yields a :class:`Run`.
 
     Parameters
     ----------
@@ -159,15 +149,14 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
     branch
         ``"cond"``, ``"uncond"`` or ``"both"`` (adds a ``branch`` dimension).
     mode
-        ``"create"`` refuses an existing path; ``"resume"`` appends to it, skipping samples already
-        complete; ``"overwrite"`` replaces it.
+        ``"create"`` refuses an existing path; ``"resume"`` appends, skipping complete samples;
+        ``"overwrite"`` replaces it.
     lora, lora_scale
         As for :func:`taca_probe.taca`.
     attrs
         Extra provenance attributes.
     model
-        The model's name as the user gave it (default: the pipeline's ``name_or_path``); stored and
-        compared on resume.
+        The model's name as given (default: the pipeline's ``name_or_path``); compared on resume.
     """
     if branch not in BRANCHES:
         raise TacaProbeError(f"unknown branch {branch!r}; choose from {', '.join(BRANCHES)}")
@@ -188,17 +177,14 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
         if mode == "overwrite":
             remove_store(p)
         base_attrs = {
-            **settings,
-            "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale),
+            **settings, "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale),
             "planned_samples": None,  # a store planned up front (record, sweep) holds its slot count
             "taca_probe_version": __version__, "torch_version": torch.__version__,
             "diffusers_version": diffusers.__version__, "schedule_description": schedule.describe(),
             "device": str(handle.transformer.device),
             "stats_backend": describe_stats_backend(handle.transformer.device, handle.transformer.dtype),
             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **(attrs or {}),
-        }
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(attrs or {})}
         recorder = Recorder(pipe, handle, maps=maps, branch=branch)
         yield Run(pipe, p, handle, recorder, base_attrs)
     finally:
@@ -208,8 +194,8 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
 
 
 def _check_schedule_layers(schedule: Schedule, handle: TacaHandle) -> None:
-    """Refuse a restricted schedule that selects no attention layer of this model: the store would
-    say TACA was applied when it was not."""
+    """Refuse a schedule that selects no attention layer of this model: the store would say TACA
+    was applied when it was not."""
     sites = handle.sites
     if schedule.is_identity:
         return
@@ -226,16 +212,11 @@ def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, br
                  model: str | None = None) -> dict[str, Any]:
     """The settings a resumed run must share with its store."""
     transformer = pipe.transformer
-    return {
-        "model": str(model or model_name(pipe) or getattr(transformer.config, "_name_or_path", "")),
-        "model_class": type(transformer).__name__,
-        "pipeline_class": type(pipe).__name__,
-        "dtype": str(transformer.dtype).removeprefix("torch."),
-        "schedule": schedule.spec,
-        "maps": None if maps is None else maps.spec,
-        "map_selection": None if maps is None else maps.to_attrs(),
-        "branch": branch,
-    }
+    return {"model": str(model or model_name(pipe) or getattr(transformer.config, "_name_or_path", "")),
+            "model_class": type(transformer).__name__, "pipeline_class": type(pipe).__name__,
+            "dtype": str(transformer.dtype).removeprefix("torch."), "schedule": schedule.spec,
+            "maps": None if maps is None else maps.spec,
+            "map_selection": None if maps is None else maps.to_attrs(), "branch": branch}
 
 
 def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
@@ -248,11 +229,6 @@ def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[
     diffs = [f"{k}: store has {stored.get(k)!r}, now {v!r}" for k, v in want.items() if k in stored and stored.get(k) != v]
     if diffs:
         raise StoreError(f"cannot resume {str(path)!r} with different settings: " + "; ".join(diffs))
-
-
-# ------------------------------------------------------------------------------------------------
-# The one loop
-# ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -272,15 +248,13 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
                 on_sample: Callable[[Target, str, int, list], None] | None = None,
                 progress: bool | Callable[[str], None] = True, desc: str = "samples") -> list[int]:
     """Record every (prompt, seed) of ``plan`` into every target store; returns, per target, the
-    number of samples that were not complete when it started (recorded now, by all ranks).
+    number of samples not complete when it started (recorded now, by all ranks).
 
-    Rank 0 first checks every target against this model (schedule layers, the maps selection)
-    before any store is touched, then creates each missing store with one slot per planned
-    sample (``mode="overwrite"`` replaces existing ones), or checks an existing one against the
-    settings and the plan and marks its damaged samples for re-recording (``mode="resume"``).
-    After a barrier every rank records its share of the unfinished slots. ``prepare`` runs on
-    rank 0 after the checks, before any store is written (a sweep writes its manifest there);
-    ``on_sample(target, prompt, seed, images)`` after each recorded sample.
+    Rank 0 checks every target against this model before any store is touched, then creates each
+    missing store with one slot per planned sample, or checks an existing one against the settings
+    and the plan and marks its damaged samples for re-recording (``mode="resume"``). After a
+    barrier every rank records its share of the unfinished slots. ``prepare`` runs on rank 0
+    before any store is written; ``on_sample(target, prompt, seed, images)`` after each sample.
     """
     ranks = ranks_from_env()  # torchrun / accelerate launch: several processes share the slots
     common = dict(maps=maps, branch=branch, lora=lora, lora_scale=lora_scale, model=model,
@@ -302,16 +276,13 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
             for t in targets:
                 if mode == "overwrite":
                     remove_store(t.store)
-                if t.store.exists():
-                    if mode != "resume":
-                        raise StoreError(f"{str(t.store)!r} already exists; pass --resume to complete it or "
-                                         "--overwrite to replace it")
+                if t.store.exists() and mode == "resume":
                     check_resume(t.store, run_settings(pipe, schedule=parse(t.schedule), maps=maps, branch=branch,
                                                        model=model), extra)
                     with probe(pipe, t.store, schedule=t.schedule, mode="resume", **common) as run:
                         _repair(t, run.writer)
                         _check_plan(t.store, [s[:3] for s in run.writer.slots()], plan)
-                else:
+                else:  # refuses an existing store
                     with probe(pipe, t.store, schedule=t.schedule, mode="create", **common) as run:
                         run.create_planned(plan, call)
                     created.append(t.store)
@@ -326,8 +297,7 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
             recorded[i] = sum(1 for *_, done in slots if not done)
         mine = ranks.share(todo)
         report = _progress(progress, len(mine), desc if ranks.world == 1 else f"rank {ranks.rank}", ranks.rank)
-        stack = contextlib.ExitStack()
-        with stack:
+        with contextlib.ExitStack() as stack:
             current, run = None, None
             for i, slot in mine:
                 if i != current:  # one probe per target, in order
@@ -368,8 +338,7 @@ def _repair(target: Target, writer: RunWriter) -> None:
 
 
 def _check_plan(path: Path, slots: list[tuple[str, int, int]], plan: Sequence[tuple[str, int]]) -> None:
-    """A resumed store must hold exactly this run's (prompt, seed) samples, in this order; the refusal
-    names what differs (prompts, seeds, their count), the store's value against this run's."""
+    """Refuse a resumed store that does not hold exactly this plan's samples, in order, naming what differs."""
     planned = [(p, int(s), 0) for p, s in plan]
     if len(slots) == len(planned) and all(a in (b, UNKNOWN_SLOT[:3]) for a, b in zip(slots, planned)):
         return
@@ -378,28 +347,27 @@ def _check_plan(path: Path, slots: list[tuple[str, int, int]], plan: Sequence[tu
     def short(values: list) -> str:
         return f"{len(values)} [" + ",".join(map(str, values[:8])) + (",..." if len(values) > 8 else "") + "]"
 
+    def first_difference(then: list, now: list) -> tuple[int, Any, Any]:
+        i = next((i for i, (a, b) in enumerate(zip(then, now)) if a != b), min(len(then), len(now)))
+        return i, then[i] if i < len(then) else None, now[i] if i < len(now) else None
+
     diffs = []
     seeds_then, seeds_now = list(dict.fromkeys(s for _, s, _ in known)), list(dict.fromkeys(s for _, s in plan))
     if seeds_then != seeds_now:
         diffs.append(f"--seeds: store has {short(seeds_then)}, now {short(seeds_now)}")
     prompts_then, prompts_now = list(dict.fromkeys(p for p, _, _ in known)), list(dict.fromkeys(p for p, _ in plan))
     if prompts_then != prompts_now:
-        first = next((i for i, (a, b) in enumerate(zip(prompts_then, prompts_now)) if a != b),
-                     min(len(prompts_then), len(prompts_now)))
-        a = prompts_then[first] if first < len(prompts_then) else None
-        b = prompts_now[first] if first < len(prompts_now) else None
+        first, a, b = first_difference(prompts_then, prompts_now)
         diffs.append(f"prompts: store has {len(prompts_then)}, now {len(prompts_now)}; prompt {first}: "
                      f"store {a!r}, now {b!r}")
     if not diffs:
-        diff = next((i for i, (a, b) in enumerate(zip(slots, planned)) if a != b), min(len(slots), len(planned)))
-        diffs.append(f"order: sample {diff} is {slots[diff][:2] if diff < len(slots) else None} in the store, "
-                     f"{planned[diff][:2] if diff < len(planned) else None} now")
+        diff, a, b = first_difference(slots, planned)
+        diffs.append(f"order: sample {diff} is {a and a[:2]} in the store, {b and b[:2]} now")
     raise StoreError(f"cannot resume {str(path)!r} with different samples: " + "; ".join(diffs))
 
 
 def _progress(progress: bool | Callable[[str], None], total: int, desc: str, position: int) -> Callable[[str | None], None]:
-    """A progress reporter: one line per sample to a callable, a tqdm bar on stderr, or nothing;
-    called with None at the end."""
+    """One line per sample to a callable, a tqdm bar on stderr, or nothing; called with None at the end."""
     if callable(progress):
         return lambda line: progress(line) if line is not None else None
     if not progress:

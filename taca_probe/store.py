@@ -1,27 +1,9 @@
 """Run stores: zarr v3 groups that open as labeled ``xarray.Dataset``\\s. This module alone knows zarr.
 
-Layout (schema version :data:`SCHEMA_VERSION`; the names are a contract, see the README):
-
-=====================  ==========================================  =========  ===============================
-variable               dimensions                                  dtype      chunk
-=====================  ==========================================  =========  ===============================
-``vis_txt_mass``       (sample, [branch,] step, layer, head)       float32    one sample
-``txt_vis_mass``       (sample, [branch,] step, layer, head)       float32    one sample
-``vis_txt_mass_ref``   (sample, [branch,] step, layer, head)       float32    one sample
-``token_mass``         (sample, [branch,] step, layer, token)      float32    one sample
-``maps`` (optional)    (sample, [branch,] step, layer, token, y, x) float16   one (sample, step, layer)
-``image``              (sample, image_y, image_x, channel)         uint8      one sample
-=====================  ==========================================  =========  ===============================
-
-Samples are written slot by slot: the arrays grow by one slot along ``sample``, the slot is filled,
-and only then is ``complete[slot]`` set. A process killed in between leaves a slot that is not
-complete: :func:`open_run` hides it and a resumed run rewrites it, so nothing finished is lost
-and nothing is duplicated. ``maps`` chunks that were not selected are never written and read back
-as NaN (the fill value).
-
-Integrity (:mod:`taca_probe.integrity`): every chunk carries a CRC32C and every complete sample a
-manifest of its chunk files, so damage, absence and swaps are found when a store is opened or read,
-by :func:`verify_store`, and repaired by ``taca-probe record --resume``.
+The layout (schema :data:`SCHEMA_VERSION`) is documented in the README. A sample becomes visible
+only when its slot's manifest and ``complete`` flag are written, after all its chunks: a process
+killed in between leaves a slot that :func:`open_run` hides and a resumed run rewrites. Integrity
+(CRC32C per chunk, per-sample manifests) lives in :mod:`taca_probe.integrity`.
 """
 
 from __future__ import annotations
@@ -42,8 +24,7 @@ import zarr
 
 from .errors import StoreError, TacaProbeError
 from .integrity import BOOKKEEPING, COMPLETE, DAMAGED, INFO_READ_LIMIT, MANIFEST, ChecksumStore, ChunkChecksumError, \
-    checksum_store, chunk_read_problems, compressors, digest, is_sample_array, read_each, sample_problems, \
-    slot_keys, slot_of
+    chunk_read_problems, compressors, digest, is_sample_array, read_each, sample_problems, slot_keys, slot_of
 
 __all__ = [
     "SCHEMA_VERSION", "StoreError", "ChunkChecksumError", "RunLayout", "RunWriter", "open_run", "store_info",
@@ -53,9 +34,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 _SCHEMA_ATTR = "taca_probe_schema"
 _MANIFEST_ATTR = "chunk_manifest"  # group attribute: this store keeps manifests (absence is checkable)
-
-#: Non-dimension coordinates, by the dimensions they hang on.
-_COORDS_SAMPLE = ("prompt", "seed", "batch_index")
+#: The ``coordinates`` attribute of the data variables (xarray's encoding).
 _COORDS_ALL = "prompt seed batch_index timestep sigma gamma block_type token_text token_source token_is_padding"
 
 
@@ -82,56 +61,33 @@ class RunLayout:
     def branch_dim(self) -> tuple[str, ...]:
         return ("branch",) if len(self.branches) > 1 else ()
 
-    def map_shards(self) -> tuple[int, ...]:
-        """Shard of ``maps`` without the sample axis: all layers of one (sample, [branch,] step).
-
-        Inner chunks stay one (sample, step, layer) block; a shard holds a step's layers in one
-        file, so a FLUX store has steps x samples files instead of steps x layers x samples.
-        """
-        ones = (1,) * len(self.branch_dim)
-        y, x = self.grid
-        return (*ones, 1, len(self.layers), self.n_txt, y, x)
-
     def bytes_per_sample(self, *, map_steps: int | None = None, map_tokens: int | None = None) -> dict[str, int]:
-        """Uncompressed bytes that one sample adds, by variable (what compression starts from).
-
-        ``maps`` counts the written shards only: ``map_steps`` selected steps (default all) of
-        ``map_tokens`` tokens (default all), the rest of each inner chunk being NaN.
-        """
+        """Uncompressed bytes one sample adds, by variable; ``maps`` counts the shards of ``map_steps``
+        selected steps and, as ``maps (selected tokens)``, ``map_tokens`` tokens (defaults: all)."""
         itemsize = {"float32": 4, "float16": 2, "uint8": 1}
         out: dict[str, int] = {}
         for name, (_, shape, dtype, _) in self.variables().items():
             n = int(np.prod(shape)) * itemsize[dtype]
             if name == "maps":
-                steps = self.steps if map_steps is None else map_steps
-                tokens = self.n_txt if map_tokens is None else map_tokens
-                n = n // self.steps * steps  # only the written steps' shards
-                out["maps (selected tokens)"] = n // self.n_txt * tokens
+                n = n // self.steps * (self.steps if map_steps is None else map_steps)
+                out["maps (selected tokens)"] = n // self.n_txt * (self.n_txt if map_tokens is None else map_tokens)
             out[name] = n
-        L = len(self.layers)
-        out["coordinates"] = self.steps * 4 * 2 + self.steps * L * 4 + self.n_txt * 1  # timestep, sigma, gamma, padding
+        # timestep, sigma, gamma, padding
+        out["coordinates"] = self.steps * 4 * 2 + self.steps * len(self.layers) * 4 + self.n_txt * 1
         return out
 
     def variables(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str, tuple[int, ...]]]:
         """name -> (dims, shape without sample, dtype, chunk without sample)."""
         s, L, H, T = self.steps, len(self.layers), self.heads, self.n_txt
         b = (len(self.branches),) if self.branch_dim else ()
-        y, x = self.grid
-        out = {
-            "vis_txt_mass": (("sample", *self.branch_dim, "step", "layer", "head"), (*b, s, L, H), "float32", (*b, s, L, H)),
-            "txt_vis_mass": (("sample", *self.branch_dim, "step", "layer", "head"), (*b, s, L, H), "float32", (*b, s, L, H)),
-            "vis_txt_mass_ref": (("sample", *self.branch_dim, "step", "layer", "head"), (*b, s, L, H), "float32", (*b, s, L, H)),
-            "token_mass": (("sample", *self.branch_dim, "step", "layer", "token"), (*b, s, L, T), "float32", (*b, s, L, T)),
-            "image": (("sample", "image_y", "image_x", "channel"), self.image_shape, "uint8", self.image_shape),
-        }
-        if self.maps:
-            ones = (1,) * len(b)
-            out["maps"] = (
-                ("sample", *self.branch_dim, "step", "layer", "token", "y", "x"),
-                (*b, s, L, T, y, x),
-                "float16",
-                (*ones, 1, 1, T, y, x),
-            )
+        lead = ("sample", *self.branch_dim, "step", "layer")
+        out = {name: ((*lead, "head"), (*b, s, L, H), "float32", (*b, s, L, H))
+               for name in ("vis_txt_mass", "txt_vis_mass", "vis_txt_mass_ref")}
+        out["token_mass"] = ((*lead, "token"), (*b, s, L, T), "float32", (*b, s, L, T))
+        out["image"] = (("sample", "image_y", "image_x", "channel"), self.image_shape, "uint8", self.image_shape)
+        if self.maps:  # one chunk per (sample, [branch,] step, layer)
+            out["maps"] = ((*lead, "token", "y", "x"), (*b, s, L, T, *self.grid), "float16",
+                           (*(1,) * len(b), 1, 1, T, *self.grid))
         return out
 
 
@@ -141,10 +97,9 @@ def is_store(path: str | os.PathLike) -> bool:
     if not meta.is_file():
         return False
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
+        return _SCHEMA_ATTR in json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError):
         return False
-    return _SCHEMA_ATTR in attrs
 
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
@@ -166,10 +121,8 @@ def _open_group(path: str | os.PathLike, mode: str, *, store: Any = None):
     if version is None:
         raise StoreError(f"{str(p)!r} is a zarr store but not a taca-probe store (no {_SCHEMA_ATTR} attribute)")
     if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
-        raise StoreError(
-            f"{str(p)!r} has store schema {version!r}; this taca-probe reads schema 1..{SCHEMA_VERSION}: "
-            "upgrade taca-probe to read it"
-        )
+        raise StoreError(f"{str(p)!r} has store schema {version!r}; this taca-probe reads schema 1..{SCHEMA_VERSION}: "
+                         "upgrade taca-probe to read it")
     return group
 
 
@@ -184,9 +137,7 @@ _DAMAGED_HINT = "re-record it with --overwrite, or restore it from a copy"
 def _arrays(group: Any, path: Path) -> dict[str, Any]:
     """Every array of the group; damaged metadata is named instead of raising zarr's own error."""
     out = {}
-    for child in sorted(p.name for p in path.iterdir() if p.is_dir()):
-        if not (path / child / "zarr.json").is_file():
-            continue
+    for child in sorted(p.name for p in path.iterdir() if p.is_dir() and (p / "zarr.json").is_file()):
         try:
             out[child] = group[child]
         except Exception as e:
@@ -197,29 +148,34 @@ def _arrays(group: Any, path: Path) -> dict[str, Any]:
 
 def _layout_of(group: Any, path: Path) -> RunLayout:
     try:
-        return _layout_from_json(group.attrs["layout"])
+        d = group.attrs["layout"]
+        return RunLayout(
+            steps=int(d["steps"]), layers=tuple(d["layers"]), block_types=tuple(d["block_types"]),
+            heads=int(d["heads"]), n_txt=int(d["n_txt"]), grid=tuple(d["grid"]), image_shape=tuple(d["image_shape"]),
+            token_source=tuple(d["token_source"]), branches=tuple(d["branches"]), maps=bool(d["maps"]))
     except Exception as e:
         raise StoreError(f"the 'layout' attribute of {str(path / 'zarr.json')!r} is missing or damaged "
                          f"({_first_line(e)}); " + _DAMAGED_HINT) from None
 
 
-def _expected_arrays(layout: RunLayout) -> list[str]:
-    names = ["step", "layer", "block_type", "head", "token", "token_source", "y", "x", "channel",
-             "sample", COMPLETE, "prompt", "seed", "batch_index", "timestep", "sigma", "gamma", "token_text",
-             "token_is_padding", *layout.variables()]
-    return names + (["branch"] if layout.branch_dim else [])
-
-
 def _structure_problems(path: Path, group: Any, arrays: Mapping[str, Any], layout: RunLayout) -> list[str]:
     """What is wrong with the store as a whole: arrays missing, checksums switched off in metadata."""
-    problems = [f"array {name!r} is missing" for name in _expected_arrays(layout) if name not in arrays]
-    if group.attrs.get(_MANIFEST_ATTR) and MANIFEST not in arrays:
-        problems.append(f"array {MANIFEST!r} is missing")
+    expected = ["step", "layer", "block_type", "head", "token", "token_source", "y", "x", "channel", "sample",
+                COMPLETE, "prompt", "seed", "batch_index", "timestep", "sigma", "gamma", "token_text",
+                "token_is_padding", *layout.variables(), *(["branch"] if layout.branch_dim else [])]
+    if group.attrs.get(_MANIFEST_ATTR):
+        expected.append(MANIFEST)
+    problems = [f"array {name!r} is missing" for name in expected if name not in arrays]
     kinds = ChecksumStore(path)
-    for name in arrays:
-        if kinds._kind(name) is None:
-            problems.append(f"array {name!r} has no crc32c codec in its metadata (checksums switched off)")
-    return problems
+    return problems + [f"array {name!r} has no crc32c codec in its metadata (checksums switched off)"
+                       for name in arrays if kinds._kind(name) is None]
+
+
+def _open_checked(path: Path, mode: str = "r") -> tuple[Any, dict[str, Any], list[str]]:
+    """(group, arrays, whole-store problems), through a checksumming store."""
+    group = _open_group(path, mode, store=ChecksumStore(path, read_only=mode == "r") if path.is_dir() else None)
+    arrays = _arrays(group, path)
+    return group, arrays, _structure_problems(path, group, arrays, _layout_of(group, path))
 
 
 def _raise_structure(path: Path, problems: list[str]) -> None:
@@ -252,23 +208,14 @@ class RunWriter:
         self._done = {s[:3] for s in self._slots if s[3]}
         self._free_hint = 0
 
-    # -- creation / reopening ------------------------------------------------------------------
     @classmethod
-    def create(
-        cls,
-        path: str | os.PathLike,
-        layout: RunLayout,
-        attrs: Mapping[str, Any],
-        *,
-        slots: Sequence[tuple[str, int, int]] | None = None,
-    ) -> RunWriter:
+    def create(cls, path: str | os.PathLike, layout: RunLayout, attrs: Mapping[str, Any], *,
+               slots: Sequence[tuple[str, int, int]] | None = None) -> RunWriter:
         """Create a new store; refuses an existing path.
 
-        ``slots`` pre-allocates the sample dimension with its (prompt, seed, batch_index) plan,
-        all marked not complete, so that several processes can fill disjoint slots.
-
-        The store is built in a hidden folder next to ``path`` and renamed into place, so that a
-        process killed meanwhile leaves either nothing at ``path`` or a whole store.
+        ``slots`` pre-allocates the sample dimension with its (prompt, seed, batch_index) plan, none
+        complete, so that several processes can fill disjoint slots. The store is built in a hidden
+        folder and renamed into place: a process killed meanwhile leaves nothing or a whole store.
         """
         n_samples = len(slots) if slots else 0
         p = Path(path)
@@ -278,59 +225,47 @@ class RunWriter:
         tmp = p.parent / f"{_TMP_PREFIX}{p.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
         try:
-            group.attrs.update({_SCHEMA_ATTR: SCHEMA_VERSION, "layout": _layout_json(layout), _MANIFEST_ATTR: True,
-                                **attrs})
-            L = layout
-
-            def fixed(name, dims, values, dtype):
-                values = np.asarray(values, dtype=dtype if dtype is not str else None)
-                arr = group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=dtype,
-                                         dimension_names=list(dims), compressors=compressors(dtype))
-                arr[...] = values
-
-            fixed("step", ("step",), np.arange(L.steps), "int64")
-            fixed("layer", ("layer",), list(L.layers), str)
-            fixed("block_type", ("layer",), list(L.block_types), str)
-            fixed("head", ("head",), np.arange(L.heads), "int64")
-            fixed("token", ("token",), np.arange(L.n_txt), "int64")
-            fixed("token_source", ("token",), list(L.token_source), str)
-            fixed("y", ("y",), np.arange(L.grid[0]), "int64")
-            fixed("x", ("x",), np.arange(L.grid[1]), "int64")
-            fixed("channel", ("channel",), list("RGB")[: L.image_shape[2]], str)
+            layout_json = {k: list(v) if isinstance(v, tuple) else v for k, v in layout.__dict__.items()}
+            group.attrs.update({_SCHEMA_ATTR: SCHEMA_VERSION, "layout": layout_json, _MANIFEST_ATTR: True, **attrs})
+            L, S, T = layout, layout.steps, layout.n_txt
+            fixed = {"step": ("step", np.arange(S), "int64"), "layer": ("layer", list(L.layers), str),
+                     "block_type": ("layer", list(L.block_types), str), "head": ("head", np.arange(L.heads), "int64"),
+                     "token": ("token", np.arange(T), "int64"), "token_source": ("token", list(L.token_source), str),
+                     "y": ("y", np.arange(L.grid[0]), "int64"), "x": ("x", np.arange(L.grid[1]), "int64"),
+                     "channel": ("channel", list("RGB")[: L.image_shape[2]], str)}
             if L.branch_dim:
-                fixed("branch", ("branch",), list(L.branches), str)
+                fixed["branch"] = ("branch", list(L.branches), str)
+            for name, (dim, values, dtype) in fixed.items():
+                values = np.asarray(values, dtype=dtype if dtype is not str else None)
+                group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=dtype,
+                                   dimension_names=[dim], compressors=compressors(dtype))[...] = values
 
-            def growing(name, dims, rest_shape, dtype, rest_chunks, fill, coords=True, rest_shards=None):
-                attributes = {"coordinates": _COORDS_ALL} if coords else {}
-                extra = {} if rest_shards is None else {"shards": (1, *rest_shards)}
-                group.create_array(name, shape=(n_samples, *rest_shape), chunks=(1, *rest_chunks), dtype=dtype,
-                                   fill_value=fill, dimension_names=list(dims), attributes=attributes,
-                                   compressors=compressors(dtype), **extra)
+            def grow(name, dims, shape, dtype, fill, chunks=None, coords=None, shards=None):
+                group.create_array(name, shape=(n_samples, *shape), chunks=(1, *(shape if chunks is None else chunks)),
+                                   dtype=dtype, fill_value=fill, dimension_names=["sample", *dims],
+                                   attributes={"coordinates": coords} if coords else {}, compressors=compressors(dtype),
+                                   **({} if shards is None else {"shards": (1, *shards)}))
 
-            growing("sample", ("sample",), (), "int64", (), 0, coords=False)
-            growing(COMPLETE, ("sample",), (), "bool", (), False, coords=False)
-            growing(MANIFEST, ("sample",), (), str, (), "", coords=False)
-            growing("prompt", ("sample",), (), str, (), "", coords=False)
-            growing("seed", ("sample",), (), "int64", (), 0, coords=False)
-            growing("batch_index", ("sample",), (), "int64", (), 0, coords=False)
-            growing("timestep", ("sample", "step"), (L.steps,), "float32", (L.steps,), np.nan, coords=False)
-            growing("sigma", ("sample", "step"), (L.steps,), "float32", (L.steps,), np.nan, coords=False)
-            n_layers = len(L.layers)
-            growing("gamma", ("sample", "step", "layer"), (L.steps, n_layers), "float32", (L.steps, n_layers),
-                    np.nan, coords=False)
-            growing("token_text", ("sample", "token"), (L.n_txt,), str, (L.n_txt,), "", coords=False)
-            growing("token_is_padding", ("sample", "token"), (L.n_txt,), "bool", (L.n_txt,), False, coords=False)
+            for name, dtype, fill in [("sample", "int64", 0), (COMPLETE, "bool", False), (MANIFEST, str, ""),
+                                      ("prompt", str, ""), ("seed", "int64", 0), ("batch_index", "int64", 0)]:
+                grow(name, (), (), dtype, fill)
+            grow("timestep", ("step",), (S,), "float32", np.nan)
+            grow("sigma", ("step",), (S,), "float32", np.nan)
+            grow("gamma", ("step", "layer"), (S, len(L.layers)), "float32", np.nan)
+            grow("token_text", ("token",), (T,), str, "")
+            grow("token_is_padding", ("token",), (T,), "bool", False)
             for name, (dims, shape, dtype, chunks) in L.variables().items():
-                fill = 0 if dtype == "uint8" else np.nan
-                shards = L.map_shards() if name == "maps" else None
-                growing(name, dims, shape, dtype, chunks, fill, coords=name != "image", rest_shards=shards)
+                # a maps shard holds all layers of one (sample, [branch,] step): a FLUX store has
+                # steps x samples files instead of steps x layers x samples
+                shards = (*chunks[:-4], len(L.layers), *chunks[-3:]) if name == "maps" else None
+                grow(name, dims[1:], shape, dtype, 0 if dtype == "uint8" else np.nan, chunks,
+                     None if name == "image" else _COORDS_ALL, shards)
             if slots:
-                n = len(slots)
-                group["prompt"][:] = np.array([p for p, _, _ in slots], dtype=object)
-                group["seed"][:] = np.array([s for _, s, _ in slots], dtype=np.int64)
-                group["batch_index"][:] = np.array([b for _, _, b in slots], dtype=np.int64)
-                group["sample"][:] = np.arange(n)
-                group.attrs["planned_samples"] = n
+                prompts, seeds, batches = zip(*slots)
+                group["prompt"][:] = np.array(prompts, dtype=object)
+                group["seed"][:], group["batch_index"][:] = np.array(seeds, np.int64), np.array(batches, np.int64)
+                group["sample"][:] = np.arange(len(slots))
+                group.attrs["planned_samples"] = len(slots)
             try:
                 os.rename(tmp, p)  # atomic: the store appears whole or not at all
             except OSError:
@@ -350,23 +285,14 @@ class RunWriter:
         group = _open_group(p, "r+", store=ChecksumStore(p, read_only=False) if p.is_dir() else None)
         return cls(group, _layout_of(group, p), p)
 
-    # -- state ---------------------------------------------------------------------------------
-    @property
-    def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs)
-
     def _read_slots(self) -> list[tuple[str, int, int, bool]]:
         n = self.arrays[COMPLETE].shape[0]
         if n == 0:
             return []
-        prompts, seeds, batch = (read_each(self.arrays[k], n) for k in ("prompt", "seed", "batch_index"))
-        done = read_each(self.arrays[COMPLETE], n)
-        out = []
-        for i in range(n):
-            # a damaged key or flag: the slot counts as not complete and is recorded again
-            bad = any(v[i] is DAMAGED for v in (prompts, seeds, batch, done))
-            out.append(UNKNOWN_SLOT if bad else (str(prompts[i]), int(seeds[i]), int(batch[i]), bool(done[i])))
-        return out
+        columns = [read_each(self.arrays[k], n) for k in ("prompt", "seed", "batch_index", COMPLETE)]
+        # a damaged key or flag: the slot counts as not complete and is recorded again
+        return [UNKNOWN_SLOT if any(v is DAMAGED for v in (p, s, b, d)) else (str(p), int(s), int(b), bool(d))
+                for p, s, b, d in zip(*columns)]
 
     def slots(self) -> list[tuple[str, int, int, bool]]:
         """(prompt, seed, batch_index, complete) of every slot (as this writer knows them)."""
@@ -382,11 +308,9 @@ class RunWriter:
 
     def first_free(self) -> int:
         """The first slot that is not complete (or the next new one); amortized O(1)."""
-        i = self._free_hint
-        while i < len(self._slots) and self._slots[i][3]:
-            i += 1
-        self._free_hint = i
-        return i
+        while self._free_hint < len(self._slots) and self._slots[self._free_hint][3]:
+            self._free_hint += 1
+        return self._free_hint
 
     def reserve(self, slot: int) -> None:
         """Make the arrays hold ``slot`` and mark it not complete (it is about to be (re)written)."""
@@ -394,24 +318,23 @@ class RunWriter:
             if is_sample_array(arr) and arr.shape[0] <= slot:
                 arr.resize((slot + 1, *arr.shape[1:]))
         self.arrays[COMPLETE][slot] = False
-        while len(self._slots) <= slot:
-            self._slots.append(("", 0, 0, False))
-        self._set_slot(slot, done=False)
+        self._slots += [("", 0, 0, False)] * (slot + 1 - len(self._slots))
+        self._set_slot(slot, False)
 
-    def _set_slot(self, slot: int, **change: Any) -> None:
-        prompt, seed, batch, done = self._slots[slot]
+    def _set_slot(self, slot: int, done: bool, key: tuple[str, int, int] | None = None) -> None:
+        """Set a slot's complete flag and, if given, its (prompt, seed, batch_index) in the table."""
+        old = self._slots[slot]
+        if old[3]:
+            self._done.discard(old[:3])
+        key = old[:3] if key is None else key
+        self._slots[slot] = (*key, done)
         if done:
-            self._done.discard((prompt, seed, batch))
-        prompt, seed = change.get("prompt", prompt), change.get("seed", seed)
-        batch, done = change.get("batch_index", batch), change.get("done", done)
-        self._slots[slot] = (str(prompt), int(seed), int(batch), bool(done))
-        if done:
-            self._done.add((str(prompt), int(seed), int(batch)))
+            self._done.add(key)
         else:
             self._free_hint = min(self._free_hint, slot)
 
     def write_sample(self, first_slot: int, sample: Any) -> None:
-        """Write a recorded :class:`~taca_probe.probe.Sample` (n images) into slots ``first_slot..+n``,
+        """Write a recorded :class:`~taca_probe.capture.Sample` (n images) into slots ``first_slot..+n``,
         each completed only after all its chunks are written."""
         L = self.layout
         diffs = [f"{k}: store {getattr(L, k)!r} vs now {getattr(sample.layout, k)!r}"
@@ -430,7 +353,7 @@ class RunWriter:
                       **{name: v[b, 0] if squeeze else v[b] for name, v in sample.values.items()}}
             for name, value in values.items():
                 self.arrays[name][slot] = value
-            self._set_slot(slot, prompt=sample.prompt, seed=sample.seed, batch_index=b)
+            self._set_slot(slot, False, (str(sample.prompt), int(sample.seed), b))
             for (bi, step), entries in sorted(sample.maps.items()):
                 # one shard: every layer of this step; unselected layers stay NaN (those chunks are not stored)
                 block = np.full((len(L.layers), L.n_txt, *L.grid), np.nan, np.float16)
@@ -445,7 +368,7 @@ class RunWriter:
         if MANIFEST in self.arrays:
             self.arrays[MANIFEST][slot] = json.dumps(self._manifest(slot), sort_keys=True)
         self.arrays[COMPLETE][slot] = True
-        self._set_slot(slot, done=True)
+        self._set_slot(slot, True)
 
     def _manifest(self, slot: int) -> dict[str, list | None]:
         """Key -> [digest of the file, size], or None where the sample has no file (all fill value)."""
@@ -473,8 +396,7 @@ class RunWriter:
             out = sample_problems(self.path, self.arrays, read=True, complete=done)
             keys = chunk_read_problems(self.path, [n for n, a in self.arrays.items() if not is_sample_array(a)])
         else:
-            out = {}
-            keys = []
+            out, keys = {}, []
             for key in chunk_read_problems(self.path, list(self.arrays)):
                 slot = slot_of(key)
                 name = key.split("/", 1)[0]
@@ -492,8 +414,7 @@ class RunWriter:
         """Mark damaged samples not complete, their keys unknown, so that a resumed run records them again."""
         for slot in slots:
             self.arrays[COMPLETE][slot] = False
-            self._set_slot(slot, done=False)
-            self._slots[slot] = UNKNOWN_SLOT
+            self._set_slot(slot, False, UNKNOWN_SLOT[:3])
 
 
 _TMP_PREFIX = ".creating."
@@ -518,15 +439,11 @@ def _remove_stale_temporaries(path: Path) -> None:
 def verify_store(path: str | os.PathLike) -> list[str]:
     """Check every chunk; return the keys of damaged, missing, moved or swapped ones (empty: all good).
 
-    Whole-store damage (an array missing, checksums switched off in metadata) is returned as one
-    line each. A store recorded before chunk manifests is checked for damaged chunks only, with a
-    :class:`StoreIntegrityWarning` (a deleted chunk reads back as the fill value there).
+    Whole-store damage (an array missing, checksums switched off) is one line each. A store recorded
+    before chunk manifests is checked for damaged chunks only, with a :class:`StoreIntegrityWarning`.
     """
     p = Path(path)
-    group = _open_group(p, "r", store=checksum_store(p) if p.is_dir() else None)
-    arrays = _arrays(group, p)
-    layout = _layout_of(group, p)
-    bad = _structure_problems(p, group, arrays, layout)
+    _, arrays, bad = _open_checked(p)
     if MANIFEST not in arrays:
         warnings.warn(f"{str(p)!r} was recorded before chunk manifests: a deleted or moved chunk cannot be detected "
                       "in it, only a damaged one", StoreIntegrityWarning, stacklevel=2)
@@ -537,25 +454,11 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     return list(dict.fromkeys(bad))
 
 
-def _layout_json(layout: RunLayout) -> dict:
-    d = dict(layout.__dict__)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _layout_from_json(d: Mapping[str, Any]) -> RunLayout:
-    return RunLayout(
-        steps=int(d["steps"]), layers=tuple(d["layers"]), block_types=tuple(d["block_types"]), heads=int(d["heads"]),
-        n_txt=int(d["n_txt"]), grid=tuple(d["grid"]), image_shape=tuple(d["image_shape"]),
-        token_source=tuple(d["token_source"]), branches=tuple(d["branches"]), maps=bool(d["maps"]),
-    )
-
-
 def _checked_open(path: Path, read: bool | int = False,
                   ) -> tuple[Any, dict[str, Any], np.ndarray, dict[int, list[str]], dict[str, Any]]:
     """Open read-only and run the cheap checks: (group, arrays, complete, damaged slots, manifest by key)."""
-    group = _open_group(path, "r", store=checksum_store(path) if path.is_dir() else None)
-    arrays = _arrays(group, path)
-    _raise_structure(path, _structure_problems(path, group, arrays, _layout_of(group, path)))
+    group, arrays, problems = _open_checked(path)
+    _raise_structure(path, problems)
     try:
         complete = np.asarray(arrays[COMPLETE][:], dtype=bool)
         damaged = sample_problems(path, arrays, read=read, complete=complete)
@@ -570,14 +473,6 @@ def _checked_open(path: Path, read: bool | int = False,
     except Exception as e:
         raise StoreError(f"cannot read {str(path)!r}: {_first_line(e)}") from None
     return group, arrays, complete, damaged, listed
-
-
-def _damage_error(path: Path, damaged: Mapping[int, list[str]]) -> StoreError:
-    slots = sorted(damaged)
-    first = damaged[slots[0]][0]
-    return StoreError(f"{str(path)!r}: {len(slots)} complete sample(s) are damaged (slot(s) "
-                      f"{', '.join(map(str, slots[:10]))}{'...' if len(slots) > 10 else ''}; first: {first}); "
-                      "`taca-probe record ... --resume` records them again")
 
 
 def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete: bool = False):
@@ -596,12 +491,11 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     Returns
     -------
     xarray.Dataset
-        Only complete samples unless asked otherwise. Data variables in a fixed order
-        (:data:`VARIABLE_ORDER`); coordinates include ``channel`` (``R``, ``G``, ``B``: the image's
-        last axis). ``attrs`` hold the provenance, among them ``lora`` and ``lora_scale`` (the LoRA
-        active where gamma != 1, and its weight) and ``planned_samples`` (the number of slots a
-        ``record``/``sweep`` run planned up front; None for a store grown sample by sample with
-        :func:`taca_probe.probe`).
+        Complete samples only unless asked otherwise; data variables in :data:`VARIABLE_ORDER`;
+        ``channel`` (``R``, ``G``, ``B``) labels the image's last axis. ``attrs`` hold the
+        provenance, among them ``lora``/``lora_scale`` (the LoRA active where gamma != 1) and
+        ``planned_samples`` (slots planned up front by ``record``/``sweep``; None for a store grown
+        sample by sample with :func:`taca_probe.probe`).
 
     Raises
     ------
@@ -614,9 +508,12 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     # presence and sizes only: opening stays cheap, the digests are checked as chunks are read
     _, _, complete, damaged, listed = _checked_open(p)
     if damaged:
-        raise _damage_error(p, damaged)
+        slots = sorted(damaged)
+        raise StoreError(f"{str(p)!r}: {len(slots)} complete sample(s) are damaged (slot(s) "
+                         f"{', '.join(map(str, slots[:10]))}{'...' if len(slots) > 10 else ''}; first: "
+                         f"{damaged[slots[0]][0]}); `taca-probe record ... --resume` records them again")
     try:
-        ds = xr.open_zarr(checksum_store(p, listed), consolidated=False, zarr_format=3, chunks=chunks)
+        ds = xr.open_zarr(ChecksumStore(p, manifest=listed), consolidated=False, zarr_format=3, chunks=chunks)
     except StoreError:
         raise
     except Exception as e:
@@ -627,7 +524,7 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     for key in ("layout", _MANIFEST_ATTR):
         ds.attrs.pop(key, None)
     # zarr lists arrays in no fixed order; a stable order keeps printouts and tests comparable
-    names = [v for v in VARIABLE_ORDER if v in ds.data_vars] + sorted(v for v in ds.data_vars if v not in VARIABLE_ORDER)
+    names = [v for v in VARIABLE_ORDER if v in ds.data_vars] + sorted(set(ds.data_vars) - set(VARIABLE_ORDER))
     coords = [c for c in COORD_ORDER if c in ds.coords] + sorted(c for c in ds.coords if c not in COORD_ORDER)
     return xr.Dataset({v: ds[v].variable for v in names}, coords={c: ds.coords[c].variable for c in coords},
                       attrs=ds.attrs)
@@ -647,36 +544,18 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
     """
     p = Path(path)
     group, arrays_by_name, complete, damaged, _ = _checked_open(p, read=INFO_READ_LIMIT)
-    arrays = {}
-    total_stored = 0
-    for name in sorted(arrays_by_name):
-        arr = arrays_by_name[name]
-        stored = _folder_bytes(p / name)
-        total_stored += stored
-        arrays[name] = {
-            "dims": list(arr.metadata.dimension_names or []),
-            "shape": list(arr.shape),
-            "dtype": str(arr.dtype),
-            "chunks": list(arr.chunks),
-            "stored_bytes": stored,
-        }
+    arrays = {name: {"dims": list(arr.metadata.dimension_names or []), "shape": list(arr.shape),
+                     "dtype": str(arr.dtype), "chunks": list(arr.chunks),
+                     "stored_bytes": sum(f.stat().st_size for f in (p / name).rglob("*") if f.is_file())}
+              for name, arr in sorted(arrays_by_name.items())}
     attrs = dict(group.attrs)
     attrs.pop("layout", None)
-    return {
-        "path": str(path),
-        "schema": attrs.get(_SCHEMA_ATTR),
-        "samples_complete": int(complete.sum()) - len(damaged),
-        "samples_incomplete": int((~complete).sum()),
-        "samples_damaged": {int(k): v for k, v in sorted(damaged.items())},
-        "integrity": "chunk manifests" if MANIFEST in arrays_by_name else "checksums only (recorded before manifests)",
-        "stored_bytes": total_stored,
-        "arrays": arrays,
-        "attrs": attrs,
-    }
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return {"path": str(path), "schema": attrs.get(_SCHEMA_ATTR),
+            "samples_complete": int(complete.sum()) - len(damaged), "samples_incomplete": int((~complete).sum()),
+            "samples_damaged": {int(k): v for k, v in sorted(damaged.items())},
+            "integrity": "chunk manifests" if MANIFEST in arrays_by_name
+            else "checksums only (recorded before manifests)",
+            "stored_bytes": sum(a["stored_bytes"] for a in arrays.values()), "arrays": arrays, "attrs": attrs}
 
 
 def remove_store(path: str | os.PathLike) -> None:

@@ -1,25 +1,14 @@
 """Gamma sweeps: one store per schedule over the same prompts and seeds, opened as one Dataset.
 
-A sweep folder holds::
-
-    sweep.json                         the manifest (format :data:`SWEEP_FORMAT`): model, call
-                                       settings, the (prompt, seed) plan, and per schedule its
-                                       spec, gamma0, t_thresh, store and image folder
-    stores/00_none.zarr                one run store per schedule (taca_probe.open_run opens each)
-    stores/01_step_1.2@970.zarr
-    images/00_none/p00_seed0.png       every image, also in the stores' ``image`` variable
-    ...
-
-:func:`run_sweep` records it (``taca-probe sweep``), continuing each schedule's store on
-``mode="resume"``; :func:`open_sweep` concatenates the stores along a new ``schedule``
-dimension with ``gamma0`` and ``t_thresh`` coordinates. This module does not import zarr: it
-goes through :func:`taca_probe.runner.probe` and :func:`taca_probe.store.open_run`.
+:func:`run_sweep` records a sweep folder (``sweep.json`` manifest, ``stores/``, ``images/``; see the
+README); :func:`open_sweep` concatenates its stores along a ``schedule`` dimension with ``gamma0`` and
+``t_thresh`` coordinates. No zarr here: it goes through :mod:`taca_probe.runner` and :func:`open_run`.
 """
 
 from __future__ import annotations
 
-import datetime
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -46,18 +35,8 @@ from .selection import MapSelection
 from .stats import sample_keys
 from .store import is_store, open_run, remove_store
 
-__all__ = [
-    "SweepError",
-    "MANIFEST",
-    "SWEEP_FORMAT",
-    "DEFAULT_GAMMA0",
-    "DEFAULT_T_THRESH",
-    "sweep_schedules",
-    "run_sweep",
-    "open_sweep",
-    "read_manifest",
-    "is_sweep",
-]
+__all__ = ["SweepError", "MANIFEST", "SWEEP_FORMAT", "DEFAULT_GAMMA0", "DEFAULT_T_THRESH", "sweep_schedules",
+           "run_sweep", "open_sweep", "read_manifest", "is_sweep"]
 
 #: The manifest's file name inside a sweep folder.
 MANIFEST = "sweep.json"
@@ -73,67 +52,38 @@ class SweepError(TacaProbeError):
     """A sweep folder that is missing, inconsistent, or resumed with different settings."""
 
 
-# ------------------------------------------------------------------------------------------------
-# schedules of a sweep
-# ------------------------------------------------------------------------------------------------
-
-
-def sweep_schedules(
-    *,
-    gamma0: Sequence[float] = DEFAULT_GAMMA0,
-    t_thresh: Sequence[float] = DEFAULT_T_THRESH,
-    extra: Sequence[str] = (),
-) -> list[str]:
+def sweep_schedules(*, gamma0: Sequence[float] = DEFAULT_GAMMA0, t_thresh: Sequence[float] = DEFAULT_T_THRESH,
+                    extra: Sequence[str] = ()) -> list[str]:
     """Canonical schedule specs of a grid: ``step:G@T`` for every (T, G), then ``extra``.
 
-    Schedules that are the identity (``gamma0 = 1`` at any threshold, ``none``) become one
-    ``none`` schedule, listed first; duplicates are dropped. Every spec is validated.
+    Identity schedules (``gamma0 = 1``, ``none``) become one ``none``, listed first; duplicates are
+    dropped; every spec is validated.
 
     >>> sweep_schedules(gamma0=[1.0, 1.2], t_thresh=[970, 900])
     ['none', 'step:1.2@970', 'step:1.2@900']
     """
-    specs: list[str] = []
-    for t in t_thresh:
-        for g in gamma0:
-            specs.append(parse(f"step:{g}@{t}").spec)
-    specs.extend(parse(s).spec for s in extra)
-    out: list[str] = []
-    for spec in specs:
-        spec = "none" if parse(spec).is_identity else spec
-        if spec not in out:
-            out.append(spec)
-    if "none" in out:
-        out.remove("none")
-        out.insert(0, "none")
+    specs = [parse(f"step:{g}@{t}").spec for t in t_thresh for g in gamma0] + [parse(s).spec for s in extra]
+    out = list(dict.fromkeys("none" if parse(spec).is_identity else spec for spec in specs))
+    out.sort(key=lambda spec: spec != "none")  # stable: "none" first, the rest in order
     if not out:
         raise SweepError("the sweep has no schedule: give gamma0 and t_thresh values or extra schedules")
     return out
 
 
 def _schedule_coords(spec: str) -> tuple[float, float]:
-    """(gamma0, t_thresh) of a spec: ``step:G@T`` -> (G, T), ``const:G`` -> (G, 0), ``none`` -> (1, NaN).
-
-    Other forms give (NaN, NaN); :func:`open_sweep` then takes gamma0 as the largest gamma recorded.
-    """
+    """(gamma0, t_thresh): ``step:G@T`` -> (G, T), ``const:G`` -> (G, 0), ``none`` -> (1, NaN), others NaN."""
     s = parse(spec)
     base = getattr(s, "base", s)
     kind = getattr(type(base), "kind", None)
     if s.is_identity:
         return 1.0, math.nan
-    if kind == "step":
-        return float(base.gamma0), float(base.t_thresh)
-    if kind == "const":
-        return float(base.gamma0), 0.0
+    if kind in ("step", "const"):
+        return float(base.gamma0), float(base.t_thresh) if kind == "step" else 0.0
     return math.nan, math.nan
 
 
 def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9.@=-]+", "_", spec).strip("_") or "schedule"
-
-
-# ------------------------------------------------------------------------------------------------
-# the manifest
-# ------------------------------------------------------------------------------------------------
 
 
 def is_sweep(path: str | os.PathLike) -> bool:
@@ -175,26 +125,17 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
 
 
-# ------------------------------------------------------------------------------------------------
-# recording
-# ------------------------------------------------------------------------------------------------
-
-
 def _plan(prompts: Sequence[Any], seeds: Sequence[int]) -> list[tuple[str, int]]:
     """(prompt, seed) pairs: each prompt is a string (every seed) or a (prompt, seeds) pair."""
     plan: list[tuple[str, int]] = []
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    for item in prompts:
+    for item in [prompts] if isinstance(prompts, str) else prompts:
         if isinstance(item, str):
             text, item_seeds = item, seeds
         else:
@@ -206,9 +147,7 @@ def _plan(prompts: Sequence[Any], seeds: Sequence[int]) -> list[tuple[str, int]]
                 item_seeds = [item_seeds]
         if not isinstance(text, str) or not text:
             raise SweepError("every prompt must be a non-empty string")
-        for s in item_seeds:
-            if (text, int(s)) not in plan:
-                plan.append((text, int(s)))
+        plan += [(text, int(s)) for s in item_seeds if (text, int(s)) not in plan]
     if not plan:
         raise SweepError("no prompt given")
     return plan
@@ -230,26 +169,12 @@ def _resume_diffs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def run_sweep(
-    model: Any,
-    out: str | os.PathLike,
-    *,
-    prompts: Sequence[Any],
-    seeds: Sequence[int] = (0,),
-    schedules: Sequence[str] | None = None,
-    gamma0: Sequence[float] = DEFAULT_GAMMA0,
-    t_thresh: Sequence[float] = DEFAULT_T_THRESH,
-    maps: Any = None,
-    branch: str = "cond",
-    mode: str = "create",
-    call: dict[str, Any] | None = None,
-    device: str | None = None,
-    dtype: Any = None,
-    lora: str | os.PathLike | None = None,
-    lora_scale: float = 1.0,
-    model_name: str | None = None,
-    progress: bool | Callable[[str], None] = True,
-) -> Path:
+def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], seeds: Sequence[int] = (0,),
+              schedules: Sequence[str] | None = None, gamma0: Sequence[float] = DEFAULT_GAMMA0,
+              t_thresh: Sequence[float] = DEFAULT_T_THRESH, maps: Any = None, branch: str = "cond",
+              mode: str = "create", call: dict[str, Any] | None = None, device: str | None = None, dtype: Any = None,
+              lora: str | os.PathLike | None = None, lora_scale: float = 1.0, model_name: str | None = None,
+              progress: bool | Callable[[str], None] = True) -> Path:
     """Record every schedule of a sweep over the same prompts and seeds; returns the folder.
 
     Parameters
@@ -267,17 +192,13 @@ def run_sweep(
         As for :func:`taca_probe.probe` (the same for every schedule).
     mode
         ``"create"`` refuses an existing non-empty folder; ``"resume"`` continues each schedule's
-        store (completed samples are skipped) and refuses different settings; ``"overwrite"``
-        deletes a previous sweep in ``out`` first.
+        store and refuses different settings; ``"overwrite"`` deletes a previous sweep in ``out``.
     call
-        ``pipe(...)`` arguments (``num_inference_steps``, ``height``, ``width``,
-        ``guidance_scale``, ``max_sequence_length``, ...), over the model's recommended ones
-        (``taca_probe.models.model_call_defaults``, where available).
+        ``pipe(...)`` arguments over the model's recommended ones (``models.model_call_defaults``).
     model_name
         The model's name stored in the manifest (default: ``model`` if a string).
     progress
-        ``True`` for a progress bar on stderr, ``False`` for none, or a callable taking one line
-        per sample.
+        A progress bar on stderr (``True``), none, or a callable taking one line per sample.
     """
     if mode not in ("create", "resume", "overwrite"):
         raise SweepError(f"unknown mode {mode!r}; choose from create, resume, overwrite")
@@ -373,19 +294,15 @@ def _inside(folder: Path, relative: Any, kind: str) -> Path:
     if not isinstance(relative, str) or not relative:
         raise SweepError(f"{str(folder / MANIFEST)!r}: a schedule's {kind} path is {relative!r}; refusing to delete")
     path = folder / relative
-    root = folder.resolve()
-    if Path(relative).is_absolute() or ".." in Path(relative).parts or root not in path.resolve().parents:
+    if Path(relative).is_absolute() or ".." in Path(relative).parts or folder.resolve() not in path.resolve().parents:
         raise SweepError(f"{str(folder / MANIFEST)!r} names {kind} {relative!r} outside the sweep folder; "
                          "refusing to delete it (fix or remove the manifest)")
     return path
 
 
 def _remove_sweep_outputs(folder: Path, doc: dict[str, Any]) -> None:
-    """``--overwrite``: delete what this tool made in ``folder`` (stores, its PNGs, the manifest), nothing else.
-
-    Every path is checked before anything is deleted: a manifest that names something outside the
-    folder, or a store path that holds no taca-probe store, is refused.
-    """
+    """``--overwrite``: delete the stores, PNGs and manifest this tool made in ``folder``, nothing else;
+    every path is checked before anything is deleted."""
     entries = doc.get("schedules", [])
     if not isinstance(entries, list):
         raise SweepError(f"{str(folder / MANIFEST)!r} is damaged (schedules is not a list); refusing to delete")
@@ -419,44 +336,34 @@ def _save_missing_pngs(ds: Any, images: Path, prompt_list: list[str]) -> int:
     """Write the PNG of every complete sample that has none yet (e.g. after a resume); returns the count."""
     keys = sample_keys(ds)
     for i, (p, s, b) in enumerate(keys):
-        index = prompt_list.index(p) if p in prompt_list else len(prompt_list) + i
-        path = images / _png_name(index, s, b)
+        path = images / _png_name(prompt_list.index(p) if p in prompt_list else len(prompt_list) + i, s, b)
         if not path.exists():
             Image.fromarray(np.asarray(ds["image"].isel(sample=i).values, dtype=np.uint8)).save(path)
     return len(keys)
 
 
-# ------------------------------------------------------------------------------------------------
-# opening
-# ------------------------------------------------------------------------------------------------
-
-
-def open_sweep(
-    source: str | os.PathLike | Sequence[str | os.PathLike],
-    *,
-    chunks: Any = None,
-):
+def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunks: Any = None):
     """Open a sweep as one :class:`xarray.Dataset` with a ``schedule`` dimension.
 
     Parameters
     ----------
     source
-        A sweep folder (written by :func:`run_sweep` / ``taca-probe sweep``), or a list of run
-        stores recorded with different schedules on the same prompts and seeds.
+        A sweep folder (from :func:`run_sweep` / ``taca-probe sweep``), or a list of run stores
+        recorded with different schedules on the same prompts and seeds.
     chunks
         As for :func:`taca_probe.open_run` (``{}`` for dask arrays).
 
     Returns
     -------
     xarray.Dataset
-        Every store variable with a leading ``schedule`` dimension (its values the schedule
-        specs), coordinates ``gamma0`` (the schedule's gamma; for forms other than ``step``,
-        ``const`` and ``none``, the largest gamma recorded) and ``t_thresh`` (NaN where the
-        schedule has none) along ``schedule``, and ``gamma`` (schedule, sample, step, layer).
-        Samples are those complete in every store, in plan order; others are left out with a
-        warning (resume the sweep to complete them).
+        Every store variable with a leading ``schedule`` dimension (the specs), coordinates
+        ``gamma0`` (for forms other than ``step``, ``const`` and ``none``, the largest gamma
+        recorded) and ``t_thresh`` (NaN where none) along it, and ``gamma`` (schedule, sample,
+        step, layer). Samples are those complete in every store, in plan order; the others are
+        left out with a warning.
     """
-    if isinstance(source, (str, os.PathLike)) and is_sweep(source):
+    doc, one = None, isinstance(source, (str, os.PathLike))
+    if one and is_sweep(source):
         folder = Path(source)
         doc = read_manifest(folder)
         items = [(folder / e["store"], e["spec"], e.get("gamma0"), e.get("t_thresh")) for e in doc["schedules"]]
@@ -469,15 +376,10 @@ def open_sweep(
             raise SweepError(f"sweep {str(folder)!r} has no recorded store yet; run or resume `taca-probe sweep`")
         label = str(folder)
     else:
-        if isinstance(source, (str, os.PathLike)):
-            p = Path(source)
-            if p.is_dir() and not (p / "zarr.json").exists():
-                raise SweepError(f"{str(p)!r} is neither a sweep folder (no {MANIFEST}) nor a store")
-            sources = [p]
-        else:
-            sources = [Path(s) for s in source]
+        sources = [Path(source)] if one else [Path(s) for s in source]
+        if one and sources[0].is_dir() and not (sources[0] / "zarr.json").exists():
+            raise SweepError(f"{str(sources[0])!r} is neither a sweep folder (no {MANIFEST}) nor a store")
         items = [(p, None, None, None) for p in sources]
-        doc = None
         label = ", ".join(map(str, sources))
     dsets, specs, g0s, tts = [], [], [], []
     for path, spec, g0, tt in items:
@@ -485,8 +387,7 @@ def open_sweep(
         spec = spec or str(ds.attrs.get("schedule", "none"))
         if g0 is None and tt is None:
             g0, tt = _schedule_coords(spec)
-        g0 = math.nan if g0 is None else float(g0)
-        tt = math.nan if tt is None else float(tt)
+        g0, tt = (math.nan if v is None else float(v) for v in (g0, tt))
         if math.isnan(g0) and "gamma" in ds.variables and ds.sizes.get("sample", 0):
             g0 = float(np.nanmax(np.asarray(ds["gamma"].values)))
         dsets.append(ds)
@@ -497,8 +398,8 @@ def open_sweep(
         raise SweepError(f"{label}: two stores hold the same schedule ({', '.join(specs)}); a sweep needs distinct ones")
     ref = dsets[0]
     for spec, ds in zip(specs[1:], dsets[1:]):
-        diffs = [f"{d} {ref.sizes.get(d)} vs {ds.sizes.get(d)}" for d in ("step", "layer", "head", "token", "y", "x",
-                                                                          "image_y", "image_x")
+        diffs = [f"{d} {ref.sizes.get(d)} vs {ds.sizes.get(d)}"
+                 for d in ("step", "layer", "head", "token", "y", "x", "image_y", "image_x")
                  if ref.sizes.get(d) != ds.sizes.get(d)]
         if not diffs and list(map(str, ref["layer"].values)) != list(map(str, ds["layer"].values)):
             diffs.append("layer names differ")
@@ -513,8 +414,7 @@ def open_sweep(
     aligned = []
     for ds, k in zip(dsets, keys):
         index = {key: i for i, key in enumerate(k)}
-        ds = ds.isel(sample=[index[key] for key in common]).assign_coords(sample=np.arange(len(common)))
-        aligned.append(ds)
+        aligned.append(ds.isel(sample=[index[key] for key in common]).assign_coords(sample=np.arange(len(common))))
     coords = ["gamma"] if "gamma" in aligned[0].variables else "minimal"
     combined = xr.concat(aligned, dim=pd.Index(specs, name="schedule"), data_vars="all", coords=coords,
                          compat="override", join="override", combine_attrs="drop_conflicts")
@@ -529,5 +429,3 @@ def open_sweep(
     if doc is not None:
         combined.attrs["sweep_call"] = json.dumps(doc.get("call", {}))
     return combined
-
-
