@@ -55,8 +55,6 @@ class FigureError(TacaProbeError):
 
 
 @contextmanager
-
-
 def _style() -> Iterator[None]:
     """seaborn's whitegrid look for the figures made inside (no global change), without seaborn's deprecation chatter."""
     rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
