@@ -60,9 +60,7 @@ def require(ds: xr.Dataset, *names: str, needed_for: str | None = None, label: s
             what = f"{label}: the dataset" if label else "the dataset"
             kind = "dimension" if name == "schedule" else "variable"
             purpose = f", which {needed_for} needs" if needed_for else ""
-            raise AnalysisError(
-                f"{what} has no {name!r} {kind}{purpose}: {_HOW_TO_GET.get(name, _HOW_TO_GET_DEFAULT)}"
-            )
+            raise AnalysisError(f"{what} has no {name!r} {kind}{purpose}: {_HOW_TO_GET.get(name, _HOW_TO_GET_DEFAULT)}")
 
 
 def _strings(values: Any) -> np.ndarray:
@@ -79,9 +77,8 @@ def _select_branch(ds: xr.Dataset, branch: str | None) -> xr.Dataset:
         return ds.sel(branch=b)
     stored = ds.attrs.get("branch")
     if branch is not None and stored is not None and stored != branch:
-        raise AnalysisError(
-            f"this store recorded the {stored!r} branch only, not {branch!r}; pass branch={stored!r} or None"
-        )
+        raise AnalysisError(f"this store recorded the {stored!r} branch only, not {branch!r}; "
+                            f"pass branch={stored!r} or None")
     return ds
 
 
@@ -536,8 +533,8 @@ def mass_vs_gamma(sweep: xr.Dataset, *, variable: str = "vis_txt_mass", by: str 
         sel = _pick_steps(steps, valid, "the sweep")
     x = _per_sample(ds, variable, by=by, n_groups=n_groups, steps=sel)
     res = bootstrap_mean(x, ci=ci, n_resamples=n_resamples, seed=seed, method=method)
-    res = res.assign_coords({name: ("schedule", np.asarray(ds[name].values, dtype=float))
-                             for name in ("gamma0", "t_thresh") if name in ds.variables and ds[name].dims == ("schedule",)})
+    per_schedule = [name for name in ("gamma0", "t_thresh") if name in ds.variables and ds[name].dims == ("schedule",)]
+    res = res.assign_coords({name: ("schedule", np.asarray(ds[name].values, dtype=float)) for name in per_schedule})
     t = _step_coords(ds.sel(step=sel)).get("timestep")
     res["uniform_reference"] = xr.DataArray(uniform_reference(ds))
     res["mean"].attrs = {"long_name": f"{variable} (mean over steps {sel})", "units": "1"}
@@ -554,8 +551,7 @@ def gamma_image_grid(sweep: xr.Dataset, *, t_thresh: float | None = None, seed: 
     its most common threshold) plus the gamma0 = 1 baseline, ordered by ``gamma0``; rows are the
     prompts, each with sample ``seed`` (default: the sweep's first seed).
     """
-    for name in ("schedule", "image"):
-        require(sweep, name, needed_for="the gamma-sweep image grid (Fig. 4)")
+    require(sweep, "schedule", "image", needed_for="the gamma-sweep image grid (Fig. 4)")
     n_sched = sweep.sizes["schedule"]
     g0, tt = (np.asarray(sweep[n].values, float) if n in sweep.variables else np.full(n_sched, np.nan)
               for n in ("gamma0", "t_thresh"))

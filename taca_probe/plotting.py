@@ -261,8 +261,7 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
         ax.set_ylabel("visual→text mass, applied / at γ = 1\n(ratio)")
         if "gamma" in res.coords:
             ax2 = ax.twinx()
-            g = res["gamma"]
-            g = g.mean(gdim) if gdim else g
+            g = res["gamma"].mean(gdim) if gdim else res["gamma"]
             ax2.plot(t, np.asarray(g.values, float), color="0.45", ls="--", lw=1.2, marker="s", ms=3, drawstyle="steps-mid")
             ax2.set_ylabel("γ applied (dashed)")
             ax2.grid(False)
