@@ -482,16 +482,15 @@ def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | N
     with _style():
         fig = _figure(7.0, (0.28 * k + 1.2) * len(prompts) + 0.8)
         axes = np.atleast_1d(fig.subplots(len(prompts), 1, squeeze=False)[:, 0])
-        color = _colors(2)
+        color = _colors(2)[0]
         for ax, p in zip(axes, prompts):
             sub = rank.sel(prompt=p)
             ok = np.asarray(sub["token"].values) >= 0
             share = 100.0 * np.asarray(sub["share"].values, float)[ok]
-            labels = [token_label(x, s, int(q)) for x, s, q in zip(np.asarray(sub["token_text"].values)[ok],
-                                                                    np.asarray(sub["token_source"].values)[ok],
-                                                                    np.asarray(sub["token"].values)[ok])]
+            columns = (np.asarray(sub[v].values)[ok] for v in ("token_text", "token_source", "token"))
+            labels = [token_label(x, s, int(q)) for x, s, q in zip(*columns)]
             y = np.arange(len(labels))
-            ax.barh(y, share, color=color[0])
+            ax.barh(y, share, color=color)
             ax.set_yticks(y, labels, fontsize=8)
             ax.invert_yaxis()
             ax.set_xlabel("share of the visual→text attention mass (%)")

@@ -297,8 +297,7 @@ def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
     return fig
 
 
-def _difference_figure(treated: Run, baseline: Run,
-                       stats: dict[str, Any]) -> go.Figure:
+def _difference_figure(treated: Run, baseline: Run, stats: dict[str, Any]) -> go.Figure:
     """Paired TACA - baseline difference of the mass over timesteps, per block type, with 95% CIs."""
     res = A.compare_runs(treated.ds, baseline.ds, by="block_type", **stats)
     t = np.asarray(res["timestep"].values, float)
@@ -316,8 +315,7 @@ def _difference_figure(treated: Run, baseline: Run,
     return fig
 
 
-def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None,
-                    branch: str | None) -> go.Figure:
+def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None, branch: str | None) -> go.Figure:
     """Layer x step mean mass per run, and treated - baseline where a pair exists."""
     means, titles = [], []
     for label, spec, ds in runs:
@@ -340,8 +338,7 @@ def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None,
         bar_x = fig.layout[f"xaxis{c if c > 1 else ''}"].domain[1] + 0.005
         kw: dict[str, Any] = ({"colorscale": "RdBu_r", "zmid": 0.0} if is_diff
                               else {"colorscale": "Viridis", "zmin": vmin, "zmax": vmax})
-        show = is_diff or c == len(runs)
-        fig.add_trace(go.Heatmap(z=m, x=x, y=layers, showscale=show,
+        fig.add_trace(go.Heatmap(z=m, x=x, y=layers, showscale=is_diff or c == len(runs),
                                  colorbar={"x": bar_x, "len": 0.9,
                                            "title": "diff" if is_diff else "mass", "thickness": 10},
                                  hovertemplate="t=%{x}<br>%{y}<br>%{z:.4f}<extra></extra>", **kw), row=1, col=c)
