@@ -1,13 +1,7 @@
-"""The quantities of a run store: pure functions over :class:`xarray.Dataset`\\s (no zarr, no plotting).
+"""The quantities of a run store or sweep: pure functions from xarray Datasets to labeled results.
 
-Each takes what :func:`taca_probe.open_run` or :func:`taca_probe.open_sweep` (a ``schedule``
-dimension) returns, reduces with xarray first (a dask-backed Dataset is read lazily; only the small
-results are computed) and returns a labeled Dataset or DataArray; means across samples get the
-bootstrap intervals and paired tests of :mod:`taca_probe.stats`. The quantities: suppression (Fig.
-2: for a visual query the relative magnitude of full against cross attention *is* its visual->text
-mass ``vis_txt_mass``), amplification, paired comparisons, timestep awareness, attention-map
-differences (Fig. 3), token ranking, the gamma sweep (Fig. 4). Options are keyword-only; bad ones
-raise :class:`AnalysisError` listing the valid choices.
+They reduce with xarray first (dask-backed Datasets stay lazy until the small results), put bootstrap
+intervals on means across samples, and raise :class:`AnalysisError` listing the valid choices.
 """
 
 from __future__ import annotations
@@ -60,18 +54,13 @@ _HOW_TO_GET_DEFAULT = "record with `taca-probe record` (every schema-1 store hol
 
 
 def require(ds: xr.Dataset, *names: str, needed_for: str | None = None, label: str | None = None) -> None:
-    """Raise :class:`AnalysisError` naming the first of ``names`` that ``ds`` lacks and how to record it.
-
-    ``"schedule"`` is checked as a dimension (a sweep); anything else as a variable or coordinate.
-    """
+    """Raise :class:`AnalysisError` naming the first of ``names`` (``"schedule"``: a dimension) that ``ds`` lacks."""
     for name in names:
         if name not in ds.dims if name == "schedule" else name not in ds.variables:
             what = f"{label}: the dataset" if label else "the dataset"
             kind = "dimension" if name == "schedule" else "variable"
             purpose = f", which {needed_for} needs" if needed_for else ""
-            raise AnalysisError(
-                f"{what} has no {name!r} {kind}{purpose}: {_HOW_TO_GET.get(name, _HOW_TO_GET_DEFAULT)}"
-            )
+            raise AnalysisError(f"{what} has no {name!r} {kind}{purpose}: {_HOW_TO_GET.get(name, _HOW_TO_GET_DEFAULT)}")
 
 
 def _strings(values: Any) -> np.ndarray:
@@ -88,15 +77,13 @@ def _select_branch(ds: xr.Dataset, branch: str | None) -> xr.Dataset:
         return ds.sel(branch=b)
     stored = ds.attrs.get("branch")
     if branch is not None and stored is not None and stored != branch:
-        raise AnalysisError(
-            f"this store recorded the {stored!r} branch only, not {branch!r}; pass branch={stored!r} or None"
-        )
+        raise AnalysisError(f"this store recorded the {stored!r} branch only, not {branch!r}; "
+                            f"pass branch={stored!r} or None")
     return ds
 
 
 def _schedule_of(ds: xr.Dataset) -> str:
-    """The schedule spec of one run: the scalar ``schedule`` coordinate ``sweep.sel(schedule=...)``
-    leaves, else the ``schedule`` attribute."""
+    """The scalar ``schedule`` coordinate ``sweep.sel(schedule=...)`` leaves, else the attribute."""
     if "schedule" in ds.coords and ds["schedule"].ndim == 0:
         return str(ds["schedule"].values)
     return str(ds.attrs.get("schedule", ""))
@@ -124,7 +111,6 @@ def _check_same_structure(a: xr.Dataset, b: xr.Dataset, dims: Sequence[str]) -> 
 
 
 def _pick_steps(steps: int | Sequence[int], valid: Sequence[int], where: str) -> list[int]:
-    """``steps`` (one index or several) as a list, each checked against ``valid``."""
     sel = [int(steps)] if isinstance(steps, (int, np.integer)) else [int(s) for s in steps]
     bad = [s for s in sel if s not in valid]
     if bad:
@@ -146,30 +132,23 @@ def _match_layers(ds: xr.Dataset, layers: str | Sequence[str]) -> list[str]:
 def uniform_reference(ds: xr.Dataset) -> float:
     """``N_txt / (N_txt + N_vis)``: the visual->text mass under uniform attention over all keys.
 
-    ``N_txt`` counts every text position the transformer saw (padding included), ``N_vis`` the
-    latent image tokens; from the ``n_txt``/``n_vis`` attributes, else the ``token`` and ``y`` x
-    ``x`` sizes.
+    From the ``n_txt``/``n_vis`` attributes (padding counts as text), else the ``token`` and ``y`` x ``x`` sizes.
     """
     n_txt = ds.attrs.get("n_txt", ds.sizes.get("token"))
     n_vis = ds.attrs.get("n_vis")
     if n_vis is None and "y" in ds.sizes and "x" in ds.sizes:
         n_vis = ds.sizes["y"] * ds.sizes["x"]
     if n_txt is None or n_vis is None:
-        raise AnalysisError("cannot tell N_txt and N_vis: the dataset has neither n_txt/n_vis attributes nor token/y/x dims")
+        raise AnalysisError("cannot tell N_txt and N_vis: the dataset has neither n_txt/n_vis attributes "
+                            "nor token/y/x dims")
     return float(n_txt) / (float(n_txt) + float(n_vis))
-
-
-# ------------------------------------------------------------------------------------------------
-# layer groups and per-sample values
-# ------------------------------------------------------------------------------------------------
 
 
 def layer_groups(ds: xr.Dataset, *, by: str = "block_type", n_groups: int = 3) -> dict[str, list[int]]:
     """Label -> layer positions, in model order.
 
-    ``by``: ``"block_type"`` (``joint``, ``single``, in order of appearance), ``"layer"`` (one group
-    per module path), ``"depth"`` (``n_groups`` contiguous groups, labelled ``"layers 0-3"``) or
-    ``"all"``.
+    ``by``: ``"block_type"`` (``joint``, ``single``, in order of appearance), ``"layer"`` (one group per
+    module path), ``"depth"`` (``n_groups`` contiguous groups, labelled ``"layers 0-3"``) or ``"all"``.
     """
     choice(by, GROUP_BY, "grouping 'by'")
     layers = [str(v) for v in np.asarray(ds["layer"].values)]
@@ -192,30 +171,27 @@ def layer_groups(ds: xr.Dataset, *, by: str = "block_type", n_groups: int = 3) -
 def _group_layers(da: xr.DataArray, ds: xr.Dataset, by: str, n_groups: int) -> xr.DataArray:
     """Mean over the layers of each group: the ``layer`` dim becomes ``by`` (reduced for ``all``)."""
     groups = layer_groups(ds, by=by, n_groups=n_groups)
-    if by == "all":
-        return da.mean("layer")
-    if by == "layer":
-        return da
-    labels = np.empty(da.sizes["layer"], dtype=object)
-    for name, idx in groups.items():
-        labels[idx] = name
-    out = da.groupby(xr.DataArray(labels, dims="layer", name=by)).mean("layer")
-    # groupby sorts its labels; the groups stay in model order
-    return out.sel({by: list(groups)}).assign_coords(n_layers=(by, [len(v) for v in groups.values()]))
+    if by in ("all", "layer"):
+        return da.mean("layer") if by == "all" else da
+    out = xr.concat([da.isel(layer=idx).mean("layer") for idx in groups.values()], dim=by)
+    return out.assign_coords({by: np.array(list(groups), dtype=object),
+                              "n_layers": (by, [len(v) for v in groups.values()])})
 
 
-def _canonical_order(da: xr.DataArray, by: str) -> xr.DataArray:
-    """(sample, other dims..., group, step): groups as rows, steps as columns."""
-    return da.transpose(*[d for d in ("sample",) if d in da.dims], ..., *[d for d in (by, "step") if d in da.dims])
+def _per_sample(ds: xr.Dataset, variable: str, *, by: str, n_groups: int, steps: list[int] | None = None,
+                ) -> xr.DataArray:
+    """Mean of ``variable`` over heads (and ``steps``) and the layers of each group, still lazy.
 
-
-def _per_sample(ds: xr.Dataset, variable: str, *, by: str, n_groups: int) -> xr.DataArray:
-    """Head- and group-mean of ``variable``: (sample, [schedule,] group, step), still lazy."""
+    Dims: (sample, [schedule,] group, step): groups as rows, steps as columns.
+    """
     require(ds, variable)
     da = ds[variable].reset_coords(drop=True)
-    if "head" in da.dims:
-        da = da.mean("head")
-    return _canonical_order(_group_layers(da, ds, by, n_groups), by)
+    if steps is not None:
+        da = da.sel(step=steps)
+    dims = [d for d in ("step", "head") if d in da.dims and (steps is not None or d == "head")]
+    da = da.mean(dims) if dims else da
+    da = _group_layers(da, ds, by, n_groups)
+    return da.transpose(*[d for d in ("sample",) if d in da.dims], ..., *[d for d in (by, "step") if d in da.dims])
 
 
 def _step_coords(ds: xr.Dataset) -> dict[str, Any]:
@@ -229,21 +205,14 @@ def _step_coords(ds: xr.Dataset) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# Fig. 2: suppression, amplification, paired comparison, timestep awareness
-# ------------------------------------------------------------------------------------------------
-
-
 def suppression(ds: xr.Dataset, *, by: str = "block_type", variable: str = "vis_txt_mass", ci: float = 0.95,
                 n_resamples: int = 2000, seed: int = 0, method: str = "BCa", branch: str | None = None,
                 n_groups: int = 3) -> xr.Dataset:
     """Relative magnitude of full MM-DiT attention against cross-attention (the paper's Fig. 2).
 
-    For a visual query, full attention on a text key equals cross-attention times the query's
-    visual->text mass, so the relative magnitude *is* the mass (``variable``: as applied, or
-    ``vis_txt_mass_ref`` at gamma = 1). Per sample it is averaged over heads and the layers of each
-    group (``by``, one of :data:`GROUP_BY`); the mean across samples gets a bootstrap CI
-    (:func:`taca_probe.stats.bootstrap_mean`). A sweep's extra dims (``schedule``) are kept.
+    For a visual query it *is* the visual->text mass (``variable``: as applied, or ``vis_txt_mass_ref``
+    at gamma = 1), averaged per sample over heads and the layers of each group (``by``, one of
+    :data:`GROUP_BY`), with a bootstrap CI across samples. A sweep's ``schedule`` dim is kept.
 
     Returns ``mean``, ``ci_low``, ``ci_high``, ``n`` over (``by``, ``step``) with ``timestep`` and
     ``sigma`` along ``step``; scalars ``uniform_reference`` and ``cross_attention_reference`` (1).
@@ -267,11 +236,10 @@ def suppression(ds: xr.Dataset, *, by: str = "block_type", variable: str = "vis_
 
 def amplification(ds: xr.Dataset, *, by: str = "block_type", ci: float = 0.95, n_resamples: int = 2000,
                   seed: int = 0, method: str = "BCa", branch: str | None = None, n_groups: int = 3) -> xr.Dataset:
-    """What TACA does to the visual->text mass: applied over gamma = 1 mass, per group and step.
+    """What TACA does to the visual->text mass: per sample, ``vis_txt_mass`` over ``vis_txt_mass_ref``.
 
-    Per sample, the ratio of the head- and group-mean of ``vis_txt_mass`` to that of
-    ``vis_txt_mass_ref`` (1 where gamma = 1). Returns ``mean``, ``ci_low``, ``ci_high``, ``n`` over
-    (``by``, ``step``) with the coordinates ``timestep`` and ``gamma`` (mean gamma applied in the group).
+    Returns ``mean``, ``ci_low``, ``ci_high``, ``n`` over (``by``, ``step``) with the coordinates
+    ``timestep`` and ``gamma`` (mean gamma applied in the group).
     """
     ds = _select_branch(ds, branch)
     require(ds, "vis_txt_mass_ref")
@@ -279,8 +247,8 @@ def amplification(ds: xr.Dataset, *, by: str = "block_type", ci: float = 0.95, n
     res = bootstrap_mean(num / den, ci=ci, n_resamples=n_resamples, seed=seed, method=method)
     coords = _step_coords(ds)
     if "gamma" in ds.variables:
-        g = _group_layers(ds["gamma"].reset_coords(drop=True), ds, by, n_groups)
-        coords["gamma"] = _canonical_order(g.mean([d for d in ("sample",) if d in g.dims]), by).compute()
+        g = _per_sample(ds, "gamma", by=by, n_groups=n_groups)
+        coords["gamma"] = (g.mean("sample") if "sample" in g.dims else g).compute()
     res = res.assign_coords(coords)
     res["mean"].attrs = {"long_name": "visual->text mass, applied / gamma=1", "units": "1"}
     res.attrs.update({"quantity": "amplification", "by": by, "n_samples": int(ds.sizes["sample"]),
@@ -292,14 +260,14 @@ def compare_runs(treated: xr.Dataset, baseline: xr.Dataset, *, variable: str = "
                  by: str = "block_type", test: str = "wilcoxon", alternative: str = "two-sided", ci: float = 0.95,
                  n_resamples: int = 2000, seed: int = 0, method: str = "BCa", branch: str | None = None,
                  n_groups: int = 3) -> xr.Dataset:
-    """Paired comparison of a TACA store against a baseline store (same prompts and seeds).
+    """Paired comparison of a TACA store against a baseline store, samples paired by (prompt, seed, batch_index).
 
-    Samples are paired by (prompt, seed, batch_index); per sample ``variable`` is averaged over
-    heads and the layers of each group, then the paired differences get a bootstrap CI and a
-    paired ``test`` (:data:`PAIRED_TESTS`; ``alternative="greater"``: treated > baseline).
-    Returns ``treated``, ``baseline`` (means), ``diff`` with ``diff_ci_low``/``diff_ci_high``,
-    ``ratio``, ``statistic`` and ``pvalue`` (1 where every difference is 0) over (``by``, ``step``).
-    Refuses stores whose samples do not pair or that differ in steps, layers or heads.
+    Per-sample group means of ``variable``; their differences get a bootstrap CI and a paired ``test``
+    (:data:`PAIRED_TESTS`; ``alternative="greater"``: treated > baseline). Refuses stores whose samples
+    do not pair or that differ in steps, layers or heads.
+
+    Returns ``treated``, ``baseline`` (means), ``diff`` with ``diff_ci_low``/``diff_ci_high``, ``ratio``,
+    ``statistic`` and ``pvalue`` (1 where every difference is 0) over (``by``, ``step``).
     """
     choice(variable, MASS_VARIABLES, "variable")
     choice(test, PAIRED_TESTS, "paired test")
@@ -336,10 +304,9 @@ def timestep_awareness(ds: xr.Dataset, *, by: str = "layer", variable: str = "vi
                        branch: str | None = None, n_groups: int = 3) -> xr.Dataset:
     """How the visual->text mass changes with the timestep, per layer (the paper's second problem).
 
-    Per sample and group: ``slope``, the least-squares slope of the mass against ``t / 1000`` (> 0:
-    more text attention at high noise); ``early_mass`` / ``late_mass`` over the steps with
-    ``t >= split`` / ``t < split`` and their ``early_late_ratio``. Returns these (``by``) and
-    ``mass`` (``by``, ``step``), each with ``*_ci_low`` / ``*_ci_high`` bounds across samples.
+    Returns, per group (``by``), ``slope`` (least squares against ``t / 1000``; > 0: more text attention
+    at high noise), ``early_mass`` / ``late_mass`` (steps with ``t >= split`` / ``t < split``) and their
+    ``early_late_ratio``, and ``mass`` (``by``, ``step``), each with ``*_ci_low`` / ``*_ci_high`` across samples.
     """
     choice(variable, MASS_VARIABLES, "variable")
     if not isinstance(split, (int, float)) or not 0 <= split <= 1000:
@@ -369,11 +336,6 @@ def timestep_awareness(ds: xr.Dataset, *, by: str = "layer", variable: str = "vi
     return res
 
 
-# ------------------------------------------------------------------------------------------------
-# Fig. 3: attention-map differences
-# ------------------------------------------------------------------------------------------------
-
-
 def recorded_map_steps(ds: xr.Dataset) -> list[int]:
     """The steps at which ``ds`` holds maps (from its map selection; all steps if unknown)."""
     require(ds, "maps")
@@ -385,7 +347,8 @@ def recorded_map_steps(ds: xr.Dataset) -> list[int]:
 def recorded_map_layers(ds: xr.Dataset) -> list[str]:
     """The layers for which ``ds`` holds maps (from its map selection; all layers if unknown)."""
     globs = getattr(MapSelection.from_attrs(ds.attrs), "layers", None)
-    return [n for n in map(str, np.asarray(ds["layer"].values)) if globs is None or any(fnmatch.fnmatchcase(n, g) for g in globs)]
+    return [n for n in map(str, np.asarray(ds["layer"].values))
+            if globs is None or any(fnmatch.fnmatchcase(n, g) for g in globs)]
 
 
 def readable_token(text: str) -> str:
@@ -401,16 +364,15 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
                    branch: str | None = None) -> xr.Dataset:
     """TACA minus baseline visual->text attention maps per text token (the paper's Fig. 3).
 
-    Samples are paired by (prompt, seed); each map is the head-mean probability that each image
-    token (on the latent ``y`` x ``x`` grid) puts on a text token, averaged over the layers.
-    ``steps``: default every step with maps in both stores; ``layers``: default every layer with
-    maps, else a block type, a glob on the module path or a list; ``tokens``: ``"prompt"`` (not
-    padding in some sample), ``"all"`` or positions.
+    Samples pair by (prompt, seed); a map is the head- and layer-mean probability each image token
+    (latent ``y`` x ``x`` grid) puts on a text token. ``steps``: default every step with maps in both
+    stores; ``layers``: default every layer with maps, else a block type, a glob on the module path or
+    a list; ``tokens``: ``"prompt"`` (not padding in some sample), ``"all"`` or positions.
 
-    Returns ``treated``, ``baseline``, ``diff`` (sample, step, token, y, x); ``token_change`` (mean
-    diff over the grid), ``token_abs_change`` (mean absolute diff), ``token_relative_change`` (over
-    the baseline mean) over (sample, step, token); ``treated_image`` / ``baseline_image``; token and
-    sample coordinates. NaN where a map was not recorded.
+    Returns ``treated``, ``baseline``, ``diff`` (sample, step, token, y, x; NaN where not recorded);
+    ``token_change``, ``token_abs_change`` (mean (absolute) diff over the grid) and
+    ``token_relative_change`` (over the baseline mean) over (sample, step, token);
+    ``treated_image`` / ``baseline_image``; token and sample coordinates.
     """
     for d, which in ((treated, "treated"), (baseline, "baseline")):
         require(d, "maps", needed_for="the attention-map difference (Fig. 3)", label=f"the {which} store")
@@ -475,22 +437,18 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
     return res
 
 
-# ------------------------------------------------------------------------------------------------
-# token ranking
-# ------------------------------------------------------------------------------------------------
-
-
 def token_ranking(ds: xr.Dataset, *, steps: int | Sequence[int] | None = None,
                   layers: str | Sequence[str] | None = None, top: int | None = 10,
                   branch: str | None = None) -> xr.Dataset:
     """Which text tokens receive the most visual attention, per prompt (mean over its seeds).
 
-    ``token_mass`` is averaged over the selected ``steps`` and ``layers`` (as in
-    :func:`map_difference`) and the samples of each prompt, then ranked, keeping ``top`` tokens
-    (``None``: all). Prompt and padding tokens are ranked separately: padding positions are the same
-    in every prompt and can soak up much of the mass. Returns along (``prompt``, ``rank``):
-    ``token`` (-1 past the end), ``token_text``, ``token_source``, ``mass``, ``share``; the same
-    as ``padding_*`` along ``padding_rank``; per prompt the masses, ``padding_share`` and counts.
+    ``token_mass`` is averaged over ``steps`` and ``layers`` (as in :func:`map_difference`) and each
+    prompt's samples, then ranked keeping ``top`` tokens (``None``: all); padding tokens (the same in
+    every prompt, often soaking up much of the mass) are ranked separately.
+
+    Returns along (``prompt``, ``rank``): ``token`` (-1 past the end), ``token_text``, ``token_source``,
+    ``mass``, ``share``; the same as ``padding_*`` along ``padding_rank``; per prompt the masses,
+    ``padding_share`` and counts.
     """
     require(ds, "token_mass", "token_text", "token_is_padding", "prompt")
     positive_int(top, "top", none_ok=True)
@@ -508,56 +466,39 @@ def token_ranking(ds: xr.Dataset, *, steps: int | Sequence[int] | None = None,
     per_sample = da.mean(("step", "layer")).transpose("sample", "token").astype(float).compute()
     # mean over each prompt's samples; groupby sorts the prompts, the table keeps their order of appearance
     by_prompt = per_sample.groupby(xr.DataArray(prompts, dims="sample", name="prompt"))
-    mass_by_prompt = by_prompt.mean("sample", skipna=False).sel(prompt=order).values
-    n_samples = [prompts.count(p) for p in order]
+    mass = by_prompt.mean("sample", skipna=False).sel(prompt=order).values
     first = [prompts.index(p) for p in order]  # the token texts and padding of a prompt's first sample
     texts = _strings(ds["token_text"].values)[first]
     padding = np.asarray(ds["token_is_padding"].values, dtype=bool)[first]
     sources = _strings(ds["token_source"].values) if "token_source" in ds.variables else None
-
-    def table(k: int) -> dict[str, np.ndarray]:
-        return {"token": np.full((len(order), k), -1, np.int64), "token_text": np.full((len(order), k), "", object),
-                "token_source": np.full((len(order), k), "", object), "mass": np.full((len(order), k), np.nan),
-                "share": np.full((len(order), k), np.nan)}
-
-    def top_k(count: np.ndarray) -> int:
-        return max(int(count.max()) if top is None else min(int(top), max(int(count.max()), 1)), 1)
-
-    ranked, pad_ranked = table(top_k((~padding).sum(axis=1))), table(top_k(padding.sum(axis=1)))
-    scalars = {name: np.zeros(len(order)) for name in ("prompt_token_mass", "padding_token_mass", "total_mass",
-                                                        "padding_share")}
-    for r, (mass, pad) in enumerate(zip(mass_by_prompt, padding)):
-        total = float(np.nansum(mass))
-        for tab, mask in ((ranked, ~pad), (pad_ranked, pad)):
-            pos = np.flatnonzero(mask)
-            pos = pos[np.argsort(-mass[pos], kind="stable")][: tab["token"].shape[1]]
-            tab["token"][r, : len(pos)] = pos
-            tab["token_text"][r, : len(pos)] = texts[r, pos]
-            if sources is not None:
-                tab["token_source"][r, : len(pos)] = sources[pos]
-            tab["mass"][r, : len(pos)] = mass[pos]
-            tab["share"][r, : len(pos)] = mass[pos] / total if total > 0 else np.nan
-        scalars["prompt_token_mass"][r] = float(np.nansum(mass[~pad]))
-        scalars["padding_token_mass"][r] = float(np.nansum(mass[pad]))
-        scalars["total_mass"][r] = total
-        scalars["padding_share"][r] = scalars["padding_token_mass"][r] / total if total > 0 else np.nan
-    data: dict[str, Any] = {f"{prefix}{name}": (("prompt", dim), v.astype(str) if v.dtype == object else v)
-                            for tab, prefix, dim in ((ranked, "", "rank"), (pad_ranked, "padding_", "padding_rank"))
-                            for name, v in tab.items()}
-    counts = {"n_prompt_tokens": (~padding).sum(axis=1), "n_padding_tokens": padding.sum(axis=1), "n_samples": n_samples}
-    data.update({name: (("prompt",), v) for name, v in scalars.items()})
-    data.update({name: (("prompt",), np.asarray(v, np.int64)) for name, v in counts.items()})
-    res = xr.Dataset(data, coords={"prompt": order, "rank": np.arange(1, ranked["token"].shape[1] + 1),
-                                   "padding_rank": np.arange(1, pad_ranked["token"].shape[1] + 1)})
-    res.attrs.update({"quantity": "token ranking", "n_samples": int(ds.sizes["sample"]), "n_tokens": int(da.sizes["token"]),
-                      "steps": "all" if steps is None else str(steps), "layers": "all" if layers is None else str(layers),
+    totals = {name: np.array([float(np.nansum(m[sel])) for m, sel in zip(mass, mask)]) for name, mask in
+              (("prompt_token_mass", ~padding), ("padding_token_mass", padding), ("total_mass", np.ones_like(padding)))}
+    total = totals["total_mass"][:, None]
+    data: dict[str, Any] = {}
+    with np.errstate(all="ignore"):
+        for prefix, dim, mask in (("", "rank", ~padding), ("padding_", "padding_rank", padding)):
+            count = int(mask.sum(axis=1).max())
+            k = max(count if top is None else min(int(top), max(count, 1)), 1)
+            pos = np.lexsort((-mass, ~mask), axis=-1)[:, :k]  # this group's tokens first, by falling mass
+            ok = np.take_along_axis(mask, pos, axis=1)
+            top_mass = np.where(ok, np.take_along_axis(mass, pos, axis=1), np.nan)
+            table = {"token": np.where(ok, pos, -1), "token_text": np.where(ok, np.take_along_axis(texts, pos, 1), ""),
+                     "token_source": np.where(ok, sources[pos], "") if sources is not None else np.full(pos.shape, ""),
+                     "mass": top_mass, "share": np.where(total > 0, top_mass / total, np.nan)}
+            data.update({f"{prefix}{name}": (("prompt", dim), v.astype(str) if v.dtype.kind in "OU" else v)
+                         for name, v in table.items()})
+        totals["padding_share"] = np.where(total[:, 0] > 0, totals["padding_token_mass"] / total[:, 0], np.nan)
+    data.update({name: (("prompt",), v) for name, v in totals.items()})
+    data.update({name: (("prompt",), np.asarray(v, np.int64)) for name, v in (
+        ("n_prompt_tokens", (~padding).sum(axis=1)), ("n_padding_tokens", padding.sum(axis=1)),
+        ("n_samples", [prompts.count(p) for p in order]))})
+    res = xr.Dataset(data, coords={"prompt": order, "rank": np.arange(1, data["token"][1].shape[1] + 1),
+                                   "padding_rank": np.arange(1, data["padding_token"][1].shape[1] + 1)})
+    res.attrs.update({"quantity": "token ranking", "n_samples": int(ds.sizes["sample"]),
+                      "n_tokens": int(da.sizes["token"]), "steps": "all" if steps is None else str(steps),
+                      "layers": "all" if layers is None else str(layers),
                       "schedule": _schedule_of(ds), "model": str(ds.attrs.get("model", ""))})
     return res
-
-
-# ------------------------------------------------------------------------------------------------
-# Fig. 4: the gamma sweep
-# ------------------------------------------------------------------------------------------------
 
 
 def _active_steps(ds: xr.Dataset) -> list[int]:
@@ -574,10 +515,9 @@ def mass_vs_gamma(sweep: xr.Dataset, *, variable: str = "vis_txt_mass", by: str 
                   seed: int = 0, method: str = "BCa", branch: str | None = None, n_groups: int = 3) -> xr.Dataset:
     """Visual->text mass against the sweep's schedules (the curve of the paper's Fig. 4).
 
-    Per sample and schedule, ``variable`` is averaged over heads, the layers of each group and
-    the chosen ``steps``: ``"active"`` (default: the steps where some schedule of the sweep applied
-    gamma != 1, the same window for every schedule; step 0 if none), ``"all"``, or step indices.
-    The mean across samples gets a bootstrap CI.
+    Per sample and schedule, ``variable`` is averaged over heads, the layers of each group and ``steps``:
+    ``"active"`` (the steps where some schedule applied gamma != 1, the same for every schedule; step 0
+    if none), ``"all"``, or step indices; the mean across samples gets a bootstrap CI.
 
     Returns ``mean``, ``ci_low``, ``ci_high``, ``n`` over (``schedule``[, ``by``]) with the
     coordinates ``gamma0`` and ``t_thresh``; ``uniform_reference``; the steps in ``attrs["steps"]``.
@@ -591,13 +531,10 @@ def mass_vs_gamma(sweep: xr.Dataset, *, variable: str = "vis_txt_mass", by: str 
         sel = (_active_steps(ds) or valid[:1]) if steps == "active" else valid
     else:
         sel = _pick_steps(steps, valid, "the sweep")
-    require(ds, variable)
-    da = ds[variable].reset_coords(drop=True).sel(step=sel)
-    da = da.mean([d for d in ("step", "head") if d in da.dims])
-    x = _canonical_order(_group_layers(da, ds, by, n_groups), by)
+    x = _per_sample(ds, variable, by=by, n_groups=n_groups, steps=sel)
     res = bootstrap_mean(x, ci=ci, n_resamples=n_resamples, seed=seed, method=method)
-    res = res.assign_coords({name: ("schedule", np.asarray(ds[name].values, dtype=float)) for name in ("gamma0", "t_thresh")
-                             if name in ds.variables and ds[name].dims == ("schedule",)})
+    per_schedule = [name for name in ("gamma0", "t_thresh") if name in ds.variables and ds[name].dims == ("schedule",)]
+    res = res.assign_coords({name: ("schedule", np.asarray(ds[name].values, dtype=float)) for name in per_schedule})
     t = _step_coords(ds.sel(step=sel)).get("timestep")
     res["uniform_reference"] = xr.DataArray(uniform_reference(ds))
     res["mean"].attrs = {"long_name": f"{variable} (mean over steps {sel})", "units": "1"}
@@ -614,8 +551,7 @@ def gamma_image_grid(sweep: xr.Dataset, *, t_thresh: float | None = None, seed: 
     its most common threshold) plus the gamma0 = 1 baseline, ordered by ``gamma0``; rows are the
     prompts, each with sample ``seed`` (default: the sweep's first seed).
     """
-    for name in ("schedule", "image"):
-        require(sweep, name, needed_for="the gamma-sweep image grid (Fig. 4)")
+    require(sweep, "schedule", "image", needed_for="the gamma-sweep image grid (Fig. 4)")
     n_sched = sweep.sizes["schedule"]
     g0, tt = (np.asarray(sweep[n].values, float) if n in sweep.variables else np.full(n_sched, np.nan)
               for n in ("gamma0", "t_thresh"))

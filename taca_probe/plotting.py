@@ -1,13 +1,7 @@
-"""Figures for people: an analysis result (:mod:`taca_probe.analysis`) in, a matplotlib Figure out.
+"""Figures for people: each ``plot_*`` takes an analysis result and returns a matplotlib Figure.
 
-Every ``plot_*`` function takes an analysis result and returns a :class:`matplotlib.figure.Figure`
-(built without pyplot, so no global figure state is touched; in a notebook, show it as the last
-expression of a cell or with ``display(fig)``). Conventions: titles say what is shown and the
-number of samples, axes carry units, colour palettes are colour-blind safe (seaborn
-``colorblind``; ``viridis`` for sequential maps; ``RdBu_r`` centred at 0 for differences), token
-labels are readable (tokenizer markers removed, padding skipped).
-
-Opening stores and writing every figure of a run is :func:`taca_probe.report.render_figures`.
+Figures are built without pyplot (no global state); titles give what is shown and the number of samples,
+palettes are colour-blind safe. Writing every figure of a run is :func:`taca_probe.rendering.render_figures`.
 """
 
 from __future__ import annotations
@@ -60,25 +54,14 @@ class FigureError(TacaProbeError):
     """A figure that cannot be drawn from the given inputs."""
 
 
-# ------------------------------------------------------------------------------------------------
-# helpers
-# ------------------------------------------------------------------------------------------------
-
-
 @contextmanager
 def _style() -> Iterator[None]:
-    """seaborn's whitegrid look for the figures made inside, without changing global settings."""
+    """seaborn's whitegrid look for the figures made inside (no global change), without seaborn's deprecation chatter."""
     rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
           "axes.titleweight": "bold", "figure.dpi": 100}
-    with matplotlib.rc_context(rc):
-        yield
-
-
-def _heatmap(data: np.ndarray, **kwargs: Any):
-    """seaborn's heatmap without its internal deprecation chatter."""
-    with warnings.catch_warnings():
+    with matplotlib.rc_context(rc), warnings.catch_warnings():
         warnings.simplefilter("ignore", PendingDeprecationWarning)
-        return sns.heatmap(data, **kwargs)
+        yield
 
 
 def _figure(width: float, height: float):
@@ -127,12 +110,18 @@ def _t_axis(ax, res: xr.Dataset) -> np.ndarray:
     return np.asarray(res["step"].values, dtype=float)
 
 
-def _group_lines(ax, res: xr.Dataset, gdim: str | None, groups: Sequence[str], t: np.ndarray) -> None:
-    """One line per layer group with its CI band."""
+def _group_lines(res: xr.Dataset, height: float, default_group: str):
+    """A figure with one line per layer group (CI band) over the timestep axis: ``(fig, ax, gdim, t)``."""
+    gdim = _group_dim(res)
+    groups = [str(g) for g in res[gdim].values] if gdim else [default_group]
+    fig = _figure(7.5, height)
+    ax = fig.subplots()
+    t = _t_axis(ax, res)
     for color, g in zip(_colors(len(groups)), groups):
         sub = res.sel({gdim: g}) if gdim else res
         ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=short_layer(g) if gdim == "layer" else g)
         ax.fill_between(t, sub["ci_low"].values, sub["ci_high"].values, color=color, alpha=0.22, lw=0)
+    return fig, ax, gdim, t
 
 
 def _fit(text: str, fig, fontsize: float = 10.0, frac: float = 0.92) -> str:
@@ -142,10 +131,7 @@ def _fit(text: str, fig, fontsize: float = 10.0, frac: float = 0.92) -> str:
 
 
 def _grid_with_labels(fig, labels: Sequence[str], n_cols: int, *, fontsize: float = 9.0) -> np.ndarray:
-    """A (rows, n_cols) grid of axes with a first column that holds each row's label, right-aligned.
-
-    The label column is as wide as the longest label line, so constrained layout never clips it.
-    """
+    """A (rows, n_cols) grid of bare panels after a column of right-aligned row labels as wide as the longest."""
     lines = [line for label in labels for line in str(label).split("\n")] or [""]
     label_in = 0.1 + 0.62 * fontsize / 72 * max(len(line) for line in lines)
     panel_in = (fig.get_figwidth() - label_in) / max(n_cols, 1)
@@ -156,7 +142,8 @@ def _grid_with_labels(fig, labels: Sequence[str], n_cols: int, *, fontsize: floa
         lab.axis("off")
         lab.text(1.0, 0.5, label, ha="right", va="center", fontsize=fontsize, transform=lab.transAxes)
         for c in range(n_cols):
-            axes[r, c] = fig.add_subplot(grid[r, c + 1])
+            axes[r, c] = fig.add_subplot(grid[r, c + 1], xticks=[], yticks=[])
+            axes[r, c].grid(False)
     return axes
 
 
@@ -176,24 +163,14 @@ def token_label(text: str, source: str | None, position: int) -> str:
     return f"{readable_token(text)}  [{src}#{position}]"
 
 
-# ------------------------------------------------------------------------------------------------
-# Fig. 2
-# ------------------------------------------------------------------------------------------------
-
-
 def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = False):
     """Fig. 2 analogue: relative magnitude (visual->text mass) against timestep, CI bands, references.
 
     ``res``: a :func:`~taca_probe.analysis.suppression` result (any ``by``); ``log``: logarithmic
     mass axis (useful when the uniform reference is far below 1).
     """
-    gdim = _group_dim(res)
-    groups = [str(g) for g in res[gdim].values] if gdim else [res.attrs.get("by", "all layers")]
     with _style():
-        fig = _figure(7.5, 4.6)
-        ax = fig.subplots()
-        t = _t_axis(ax, res)
-        _group_lines(ax, res, gdim, groups, t)
+        fig, ax, _, _ = _group_lines(res, 4.6, res.attrs.get("by", "all layers"))
         uniform = float(res["uniform_reference"]) if "uniform_reference" in res else res.attrs.get("uniform_reference")
         if uniform is not None:
             ax.axhline(uniform, color="0.35", ls="--", lw=1.5,
@@ -231,12 +208,12 @@ def plot_suppression_heatmap(res: xr.Dataset, *, title: str | None = None):
     names = [str(v) for v in res[gdim].values]
     bts = [str(v) for v in res["block_type"].values] if "block_type" in res.coords and gdim == "layer" else [None] * len(names)
     ylabels = [short_layer(n, b) if gdim == "layer" else n for n, b in zip(names, bts)]
-    t = np.asarray(res["timestep"].values, float) if "timestep" in res.coords else np.asarray(res["step"].values, float)
+    t = np.asarray(res["timestep" if "timestep" in res.coords else "step"].values, float)
     xlabels = [f"{v:.0f}" for v in t]
     with _style():
         fig = _figure(max(5.5, 0.42 * len(xlabels) + 3.2), max(3.2, 0.28 * len(ylabels) + 1.8))
         ax = fig.subplots()
-        _heatmap(mean.values, ax=ax, cmap=SEQUENTIAL_CMAP, xticklabels=xlabels, yticklabels=ylabels,
+        sns.heatmap(mean.values, ax=ax, cmap=SEQUENTIAL_CMAP, xticklabels=xlabels, yticklabels=ylabels,
                     cbar_kws={"label": _MASS_LABEL + " (fraction)"}, linewidths=0)
         step_x = max(1, len(xlabels) // 14)
         ax.set_xticks(np.arange(len(xlabels))[::step_x] + 0.5, xlabels[::step_x], rotation=0)
@@ -258,15 +235,12 @@ def plot_timestep_slope(res: xr.Dataset, *, title: str | None = None):
     gdim = _group_dim(res["slope"].assign_attrs(res.attrs), expect=())
     names = [str(v) for v in res[gdim].values] if gdim else ["all layers"]
     labels = [short_layer(n) if gdim == "layer" else n for n in names]
-    slope = np.atleast_1d(res["slope"].values)
-    lo = np.atleast_1d(res["slope_ci_low"].values)
-    hi = np.atleast_1d(res["slope_ci_high"].values)
+    slope, lo, hi = (np.atleast_1d(res[v].values) for v in ("slope", "slope_ci_low", "slope_ci_high"))
     with _style():
         fig = _figure(max(5.0, 0.45 * len(labels) + 2.5), 4.2)
         ax = fig.subplots()
         x = np.arange(len(labels))
-        colors = _colors(1) * len(labels)
-        ax.bar(x, slope, color=colors, alpha=0.85)
+        ax.bar(x, slope, color=_colors(1) * len(labels), alpha=0.85)
         err = np.vstack([slope - lo, hi - slope])
         ax.errorbar(x, slope, yerr=np.where(np.isfinite(err), err, 0), fmt="none", ecolor="0.2", capsize=3)
         ax.axhline(0, color="0.2", lw=1)
@@ -281,19 +255,13 @@ def plot_timestep_slope(res: xr.Dataset, *, title: str | None = None):
 
 def plot_amplification(res: xr.Dataset, *, title: str | None = None):
     """TACA's effect per step: applied / gamma=1 visual->text mass, with the applied gamma."""
-    gdim = _group_dim(res)
-    groups = [str(g) for g in res[gdim].values] if gdim else ["all layers"]
     with _style():
-        fig = _figure(7.5, 4.4)
-        ax = fig.subplots()
-        t = _t_axis(ax, res)
-        _group_lines(ax, res, gdim, groups, t)
+        fig, ax, gdim, t = _group_lines(res, 4.4, "all layers")
         ax.axhline(1.0, color="0.3", ls=":", lw=1.2, label="no change (γ = 1)")
         ax.set_ylabel("visual→text mass, applied / at γ = 1\n(ratio)")
         if "gamma" in res.coords:
             ax2 = ax.twinx()
-            g = res["gamma"]
-            g = g.mean(gdim) if gdim else g
+            g = res["gamma"].mean(gdim) if gdim else res["gamma"]
             ax2.plot(t, np.asarray(g.values, float), color="0.45", ls="--", lw=1.2, marker="s", ms=3, drawstyle="steps-mid")
             ax2.set_ylabel("γ applied (dashed)")
             ax2.grid(False)
@@ -302,11 +270,6 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
                                f"{res.attrs.get('model', '')}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
                                f"{_samples_text(res.attrs.get('n_samples'))}"), fig), fontsize=10)
     return fig
-
-
-# ------------------------------------------------------------------------------------------------
-# Fig. 3
-# ------------------------------------------------------------------------------------------------
 
 
 def _token_rows(md: xr.Dataset, i: int, max_tokens: int, tokens: Sequence[int | str] | None,
@@ -385,19 +348,13 @@ def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int]
         fig = _figure(1.55 * len(steps) + 1.6 + 0.08 * max(len(x) for x in labels), 1.3 * len(tokens) + 1.8)
         axes = _grid_with_labels(fig, labels, len(steps))
         mappable = None
+        over = {} if image is None else {"extent": (0, image.shape[1], image.shape[0], 0), "alpha": 0.7}
         for r, k in enumerate(tokens):
-            for c, _ in enumerate(steps):
+            for c in range(len(steps)):
                 ax = axes[r, c]
-                ax.grid(False)
-                ax.set_xticks([])
-                ax.set_yticks([])
                 if image is not None:
-                    h, w = image.shape[:2]
-                    ax.imshow(image.mean(axis=-1), cmap="gray", extent=(0, w, h, 0), vmin=0, vmax=255)
-                    mappable = ax.imshow(diff[c, k], cmap=DIVERGING_CMAP, norm=norm, extent=(0, w, h, 0),
-                                         alpha=0.7, interpolation="nearest")
-                else:
-                    mappable = ax.imshow(diff[c, k], cmap=DIVERGING_CMAP, norm=norm, interpolation="nearest")
+                    ax.imshow(image.mean(axis=-1), cmap="gray", extent=over["extent"], vmin=0, vmax=255)
+                mappable = ax.imshow(diff[c, k], cmap=DIVERGING_CMAP, norm=norm, interpolation="nearest", **over)
                 if r == 0:
                     ax.set_title(f"step {steps[c]}" + (f"\nt = {t[c]:.0f}" if t is not None else ""), fontsize=9,
                                  fontweight="normal")
@@ -420,12 +377,12 @@ def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
     tokens, labels, note = _token_rows(md, sample, max_tokens, tokens)
     sub = md.isel(sample=sample, token=tokens)
     rel = 100.0 * np.asarray(sub["token_relative_change"].transpose("token", "step").values, float)
-    t = np.asarray(sub["timestep"].values, float) if "timestep" in sub.coords else np.asarray(sub["step"].values, float)
+    t = np.asarray(sub["timestep" if "timestep" in sub.coords else "step"].values, float)
     v = float(np.nanmax(np.abs(rel))) if np.isfinite(rel).any() else 1.0
     with _style():
         fig = _figure(max(5.0, 0.9 * rel.shape[1] + 3.5), 0.34 * len(labels) + 2.0)
         ax = fig.subplots()
-        _heatmap(rel, ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-v, vmax=v, annot=rel.shape[1] <= 8,
+        sns.heatmap(rel, ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-v, vmax=v, annot=rel.shape[1] <= 8,
                     fmt=".1f", xticklabels=[f"{s}\n(t={x:.0f})" for s, x in zip(sub["step"].values, t)],
                     yticklabels=labels, cbar_kws={"label": "change of the token's mean attention (%)"})
         ax.set_xlabel("denoising step (timestep)")
@@ -436,11 +393,6 @@ def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
                                f"seed {int(sub['seed'].values) if 'seed' in sub.coords else ''}; relative to the "
                                f"baseline; n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"), fig, frac=0.8), fontsize=10)
     return fig
-
-
-# ------------------------------------------------------------------------------------------------
-# Fig. 4
-# ------------------------------------------------------------------------------------------------
 
 
 def _gamma_label(g0: float, tt: float, spec: str) -> str:
@@ -466,9 +418,6 @@ def plot_gamma_grid(grid: xr.DataArray, *, title: str | None = None):
             for c in range(n_s):
                 ax = axes[r, c]
                 ax.imshow(np.asarray(grid.isel(prompt=r, schedule=c).values, dtype=np.uint8))
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.grid(False)
                 if r == 0:
                     ax.set_title(_gamma_label(g0[c], tt[c], specs[c]), fontsize=9, fontweight="normal")
         thr = grid.attrs.get("t_thresh")
@@ -526,11 +475,6 @@ def plot_mass_vs_gamma(res: xr.Dataset, *, title: str | None = None):
     return fig
 
 
-# ------------------------------------------------------------------------------------------------
-# token ranking
-# ------------------------------------------------------------------------------------------------
-
-
 def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | None = None):
     """Which prompt tokens receive the most visual attention (share of the visual->text mass), per prompt."""
     prompts = [str(p) for p in rank["prompt"].values][:max_prompts]
@@ -538,16 +482,15 @@ def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | N
     with _style():
         fig = _figure(7.0, (0.28 * k + 1.2) * len(prompts) + 0.8)
         axes = np.atleast_1d(fig.subplots(len(prompts), 1, squeeze=False)[:, 0])
-        color = _colors(2)
+        color = _colors(2)[0]
         for ax, p in zip(axes, prompts):
             sub = rank.sel(prompt=p)
             ok = np.asarray(sub["token"].values) >= 0
             share = 100.0 * np.asarray(sub["share"].values, float)[ok]
-            labels = [token_label(x, s, int(q)) for x, s, q in zip(np.asarray(sub["token_text"].values)[ok],
-                                                                    np.asarray(sub["token_source"].values)[ok],
-                                                                    np.asarray(sub["token"].values)[ok])]
+            columns = (np.asarray(sub[v].values)[ok] for v in ("token_text", "token_source", "token"))
+            labels = [token_label(x, s, int(q)) for x, s, q in zip(*columns)]
             y = np.arange(len(labels))
-            ax.barh(y, share, color=color[0])
+            ax.barh(y, share, color=color)
             ax.set_yticks(y, labels, fontsize=8)
             ax.invert_yaxis()
             ax.set_xlabel("share of the visual→text attention mass (%)")
@@ -563,11 +506,6 @@ def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | N
     return fig
 
 
-# ------------------------------------------------------------------------------------------------
-# saving and rendering
-# ------------------------------------------------------------------------------------------------
-
-
 def check_formats(formats: Sequence[str]) -> None:
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -579,11 +517,8 @@ def save_figure(fig, out: str | os.PathLike, name: str, *, formats: Sequence[str
     """Write ``fig`` as ``out/name.<format>`` for each format; returns the paths."""
     formats = [formats] if isinstance(formats, str) else list(formats)
     check_formats(formats)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for f in formats:
-        path = folder / f"{name}.{f}"
+    paths = [Path(out) / f"{name}.{f}" for f in formats]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for path, f in zip(paths, formats):
         fig.savefig(path, dpi=dpi, format=f, metadata=None if f != "png" else {"Software": "taca-probe"})
-        paths.append(path)
     return paths

@@ -1,11 +1,7 @@
-"""From stores to files: open inputs, choose the runs, compute, save.
+"""From stores to files: :func:`render_figures` writes the matplotlib figures, :func:`report` one interactive page.
 
-:func:`render_figures` (``taca-probe figures``, the ``analysis/`` scripts) writes the matplotlib
-figures of :mod:`taca_probe.plotting` as PNG/PDF/SVG; :func:`report` (``taca-probe report``) writes
-one self-contained interactive page, ``DIR/index.html``, that opens from disk with no server and no
-network: plotly.js is inlined once, every chart is a Plotly figure built here, images are PNG data
-URIs and the attention maps travel as base64 float16. The only hand-written JavaScript is the map
-viewer's selection logic (decode one map, hand it to ``Plotly.restyle``).
+The page opens from disk with no server or network: plotly.js is inlined, images are PNG data URIs, the
+attention maps travel as base64 float16 and a little JavaScript decodes the one selected for ``Plotly.restyle``.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import plotly.graph_objects as go
+import seaborn as sns
 import xarray as xr
 from PIL import Image
 from plotly.offline import get_plotlyjs
@@ -31,6 +28,7 @@ from . import analysis as A
 from .errors import TacaProbeError
 from .plotting import (
     FIGURES,
+    PALETTE,
     FigureError,
     check_formats,
     plot_amplification,
@@ -127,11 +125,6 @@ def choose_runs(runs: list[Run], *, baseline: str | None = None, treated: str | 
     return base, next((r for r in others if r.spec == "step:1.2@970"), others[0] if others else None)
 
 
-# ------------------------------------------------------------------------------------------------
-# figure files
-# ------------------------------------------------------------------------------------------------
-
-
 def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
                    figures: str | Sequence[str] = "all", baseline: str | None = None, treated: str | None = None,
                    by: str = "block_type", sample: int = 0, steps: Sequence[int] | None = None, max_tokens: int = 8,
@@ -226,13 +219,7 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
     return {"written": written, "skipped": skipped, "sources": used}
 
 
-# ------------------------------------------------------------------------------------------------
-# the interactive page
-# ------------------------------------------------------------------------------------------------
-
-# seaborn's colorblind palette, so that the page and the PNG figures agree
-_COLORS = ["#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
-           "#56b4e9"]
+_COLORS = sns.color_palette(PALETTE).as_hex()  # the PNG figures' palette
 _DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 
 
@@ -310,8 +297,7 @@ def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
     return fig
 
 
-def _difference_figure(treated: Run, baseline: Run,
-                       stats: dict[str, Any]) -> go.Figure:
+def _difference_figure(treated: Run, baseline: Run, stats: dict[str, Any]) -> go.Figure:
     """Paired TACA - baseline difference of the mass over timesteps, per block type, with 95% CIs."""
     res = A.compare_runs(treated.ds, baseline.ds, by="block_type", **stats)
     t = np.asarray(res["timestep"].values, float)
@@ -329,8 +315,7 @@ def _difference_figure(treated: Run, baseline: Run,
     return fig
 
 
-def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None,
-                    branch: str | None) -> go.Figure:
+def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None, branch: str | None) -> go.Figure:
     """Layer x step mean mass per run, and treated - baseline where a pair exists."""
     means, titles = [], []
     for label, spec, ds in runs:
@@ -353,8 +338,7 @@ def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None,
         bar_x = fig.layout[f"xaxis{c if c > 1 else ''}"].domain[1] + 0.005
         kw: dict[str, Any] = ({"colorscale": "RdBu_r", "zmid": 0.0} if is_diff
                               else {"colorscale": "Viridis", "zmin": vmin, "zmax": vmax})
-        show = is_diff or c == len(runs)
-        fig.add_trace(go.Heatmap(z=m, x=x, y=layers, showscale=show,
+        fig.add_trace(go.Heatmap(z=m, x=x, y=layers, showscale=is_diff or c == len(runs),
                                  colorbar={"x": bar_x, "len": 0.9,
                                            "title": "diff" if is_diff else "mass", "thickness": 10},
                                  hovertemplate="t=%{x}<br>%{y}<br>%{z:.4f}<extra></extra>", **kw), row=1, col=c)
@@ -453,11 +437,7 @@ _JS = r"""
   const D = JSON.parse(document.getElementById('taca-data').textContent);
   const $ = (id) => document.getElementById(id);
   const bytes = {};
-  for (const k in D.maps) {
-    const s = atob(D.maps[k]); const b = new Uint8Array(s.length);
-    for (let i = 0; i < s.length; i++) b[i] = s.charCodeAt(i);
-    bytes[k] = new Uint16Array(b.buffer);
-  }
+  for (const k in D.maps) bytes[k] = new Uint16Array(Uint8Array.from(atob(D.maps[k]), (c) => c.charCodeAt(0)).buffer);
   function half(h) {  // IEEE 754 binary16 -> number
     const s = (h & 0x8000) ? -1 : 1, e = (h >> 10) & 0x1f, f = h & 0x3ff;
     if (e === 0) return s * Math.pow(2, -14) * (f / 1024);
@@ -466,14 +446,8 @@ _JS = r"""
   }
   const [NS, NST, NL, NT, NY, NX] = D.shape;
   function map(run, sample, step, layer, token) {
-    const off = ((((sample * NST + step) * NL + layer) * NT + token) * NY * NX);
-    const a = bytes[String(run)], z = [];
-    for (let y = 0; y < NY; y++) {
-      const row = [];
-      for (let x = 0; x < NX; x++) row.push(half(a[off + y * NX + x]));
-      z.push(row);
-    }
-    return z;
+    const off = ((((sample * NST + step) * NL + layer) * NT + token) * NY * NX), a = bytes[String(run)];
+    return Array.from({length: NY}, (_, y) => Array.from({length: NX}, (_, x) => half(a[off + y * NX + x])));
   }
   function fill(sel, items) {
     const old = sel.value; sel.innerHTML = '';

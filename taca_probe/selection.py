@@ -21,16 +21,15 @@ MAX_INT = 2**63 - 1
 def int_ranges(text: str, *, maximum: int = MAX_INT, max_values: int = MAX_VALUES) -> list[int]:
     """``"0,2-4,7"`` -> ``[0, 2, 3, 4, 7]``, in the order written, each value once.
 
-    Linear in the number of values; a range is checked against ``maximum`` and ``max_values``
-    before it is expanded, so ``0-99999999`` is refused at once.
+    A range is checked against ``maximum`` and ``max_values`` before it is expanded.
 
     Raises
     ------
     ValueError
-        For an empty list, a part that is not an integer in ``0..maximum``, an inverted range, or
-        more than ``max_values`` values; the message names the part and the valid range.
+        For an empty list, a part not an integer in ``0..maximum``, an inverted range, or more than
+        ``max_values`` values; the message names the part.
     """
-    out: dict[int, None] = {}  # ordered and O(1) membership
+    out: dict[int, None] = {}  # ordered, O(1) membership
     for part in text.split(","):
         part = part.strip()
         a, dash, b = part.partition("-")
@@ -67,14 +66,8 @@ _MAPS_FORMS = (
 class MapSelection:
     """Which (step, layer, token) maps to record.
 
-    Attributes
-    ----------
-    steps
-        Step indices, or None for all.
-    layers
-        fnmatch globs on the module path, or None for all.
-    tokens
-        ``"prompt"`` (the prompt's own, non-padding tokens), ``"all"``, or explicit indices.
+    ``steps``: indices, or None for all; ``layers``: fnmatch globs on the module path, or None for all;
+    ``tokens``: ``"prompt"`` (the prompt's own, non-padding tokens), ``"all"``, or explicit indices.
     """
 
     steps: tuple[int, ...] | None = None
@@ -127,8 +120,7 @@ class MapSelection:
     def from_attrs(cls, attrs: dict[str, Any]) -> "MapSelection | None":
         """The selection a store was recorded with (None: no maps).
 
-        Reads the structured ``map_selection`` attribute; stores written before it existed only
-        have the ``maps`` string, which is parsed (its parts were validated when it was written).
+        From the ``map_selection`` attribute; older stores have only the ``maps`` string, parsed here.
         """
         structured = attrs.get("map_selection")
         if isinstance(structured, dict):

@@ -1,7 +1,4 @@
-"""Statistics over samples: seeded bootstrap intervals (scipy's BCa), sample keys and pairing, paired tests.
-
-Knows xarray and scipy, nothing of stores or models; :mod:`taca_probe.analysis` builds on it.
-"""
+"""Statistics over samples: seeded bootstrap intervals (scipy's BCa), sample keys and pairing, paired tests."""
 
 from __future__ import annotations
 
@@ -22,8 +19,7 @@ __all__ = ["AnalysisError", "BOOTSTRAP_METHODS", "PAIRED_TESTS", "bootstrap_mean
 
 #: Bootstrap interval methods of :func:`scipy.stats.bootstrap`.
 BOOTSTRAP_METHODS = ("BCa", "percentile", "basic")
-#: Paired tests: ``wilcoxon`` (signed-rank, :func:`scipy.stats.wilcoxon`) or ``ttest``
-#: (:func:`scipy.stats.ttest_rel`).
+#: Paired tests: :func:`scipy.stats.wilcoxon` (signed-rank) or :func:`scipy.stats.ttest_rel`.
 PAIRED_TESTS = ("wilcoxon", "ttest")
 # scipy renamed random_state to rng (1.15); pass the seeded Generator under the name it takes
 _RNG_ARG = "rng" if "rng" in inspect.signature(scipy.stats.bootstrap).parameters else "random_state"
@@ -53,11 +49,6 @@ def check_stats_options(ci: float, n_resamples: int, method: str) -> None:
     choice(method, BOOTSTRAP_METHODS, "bootstrap method")
 
 
-# ------------------------------------------------------------------------------------------------
-# the bootstrap
-# ------------------------------------------------------------------------------------------------
-
-
 def _scipy_ci(data: tuple[np.ndarray, ...], statistic: Any, *, ci: float, n_resamples: int, seed: Any,
               method: str) -> tuple[np.ndarray, np.ndarray]:
     """Bootstrap CI of ``statistic`` along axis 0 of the (n, m) arrays ``data`` (resampled together)."""
@@ -83,11 +74,10 @@ def bootstrap_mean(da: xr.DataArray, *, dim: str = "sample", ci: float = 0.95, n
                    seed: int = 0, method: str = "BCa") -> xr.Dataset:
     """Mean along ``dim`` with a seeded bootstrap confidence interval, for every other position.
 
-    ``da`` is computed here (reduce a dask-backed array to per-sample values first). Returns
-    ``mean``, ``ci_low``, ``ci_high`` and ``n`` (finite observations) over the other dims: NaN
-    observations are left out position by position; fewer than 2 finite observations give a NaN
-    interval; observations all equal give ``[value, value]``. ``method`` is one of
-    :data:`BOOTSTRAP_METHODS`.
+    ``da`` is computed here (reduce a dask-backed array to per-sample values first); ``method`` is one of
+    :data:`BOOTSTRAP_METHODS`. Returns ``mean``, ``ci_low``, ``ci_high`` and ``n`` (finite observations)
+    over the other dims: NaNs are left out position by position; fewer than 2 finite observations give
+    a NaN interval, observations all equal ``[value, value]``.
     """
     check_stats_options(ci, n_resamples, method)
     if dim not in da.dims:
@@ -101,7 +91,8 @@ def bootstrap_mean(da: xr.DataArray, *, dim: str = "sample", ci: float = 0.95, n
     count = finite.sum(axis=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        mean, lo_all, hi_all = ((f(flat, axis=0) if n else np.full(m, np.nan)) for f in (np.nanmean, np.nanmin, np.nanmax))
+        mean, lo_all, hi_all = (f(flat, axis=0) if n else np.full(m, np.nan)
+                                for f in (np.nanmean, np.nanmin, np.nanmax))
     low, high = np.full(m, np.nan), np.full(m, np.nan)
     const = (count >= 2) & (lo_all == hi_all)
     low[const] = high[const] = mean[const]
@@ -125,10 +116,9 @@ def bootstrap_ci(values: Any, *, clusters: Sequence[Any] | None = None, ci: floa
                  seed: int = 0, method: str = "BCa") -> tuple[float, float, float]:
     """``(mean, low, high)`` of a 1-D array with a seeded bootstrap interval.
 
-    With ``clusters`` (one label per value), whole clusters are resampled and the statistic is the
-    mean of every value in the drawn clusters (a cluster bootstrap, e.g. prompts with several
-    seeds). For a paired difference pass ``treated - baseline``. Fewer than 2 values (clusters):
-    NaN interval; all equal: ``[v, v]``.
+    With ``clusters`` (one label per value), whole clusters are resampled and the statistic is the mean
+    of every value drawn (e.g. prompts with several seeds). Fewer than 2 values (clusters): NaN interval;
+    all equal: ``[v, v]``.
     """
     check_stats_options(ci, n_resamples, method)
     x = np.asarray(values, dtype=float).ravel()
@@ -146,17 +136,9 @@ def bootstrap_ci(values: Any, *, clusters: Sequence[Any] | None = None, ci: floa
     def ratio(s: np.ndarray, c: np.ndarray, axis: int = -1) -> np.ndarray:
         return s.sum(axis=axis) / c.sum(axis=axis)
 
-    if clusters is None:
-        low, high = _scipy_ci((x[:, None],), np.mean, ci=ci, n_resamples=n_resamples, seed=seed, method=method)
-    else:
-        low, high = _scipy_ci((sums[:, None], counts[:, None]), ratio, ci=ci, n_resamples=n_resamples, seed=seed,
-                              method=method)
+    data, statistic = ((x[:, None],), np.mean) if clusters is None else ((sums[:, None], counts[:, None]), ratio)
+    low, high = _scipy_ci(data, statistic, ci=ci, n_resamples=n_resamples, seed=seed, method=method)
     return mean, float(low[0]), float(high[0])
-
-
-# ------------------------------------------------------------------------------------------------
-# samples: keys, pairing, paired tests
-# ------------------------------------------------------------------------------------------------
 
 
 def sample_keys(ds: xr.Dataset) -> list[tuple[str, int, int]]:
@@ -165,10 +147,9 @@ def sample_keys(ds: xr.Dataset) -> list[tuple[str, int, int]]:
         if name not in ds.variables:
             raise AnalysisError(f"the dataset has no {name!r} variable, which pairing samples needs: "
                                 "record with `taca-probe record` (every schema-1 store holds it)")
-    prompts = [str(p) for p in np.asarray(ds["prompt"].values)]
-    seeds = [int(s) for s in np.asarray(ds["seed"].values)]
-    batch = [int(b) for b in np.asarray(ds["batch_index"].values)] if "batch_index" in ds.variables else [0] * len(seeds)
-    return list(zip(prompts, seeds, batch))
+    prompts, seeds = (np.asarray(ds[name].values) for name in ("prompt", "seed"))
+    batch = np.asarray(ds["batch_index"].values) if "batch_index" in ds.variables else [0] * len(seeds)
+    return [(str(p), int(s), int(b)) for p, s, b in zip(prompts, seeds, batch)]
 
 
 def _fmt_key(key: tuple[str, int, int]) -> str:
@@ -199,8 +180,7 @@ def pair_samples(treated: xr.Dataset, baseline: xr.Dataset) -> tuple[np.ndarray,
 
 
 def paired(treated: xr.Dataset, baseline: xr.Dataset) -> tuple[xr.Dataset, xr.Dataset]:
-    """Both datasets with their samples in pairing order and the treated ``sample`` labels, so that
-    xarray aligns them pair by pair (``treated - baseline``)."""
+    """Both datasets in pairing order under the treated ``sample`` labels: xarray aligns them pair by pair."""
     ti, bi = pair_samples(treated, baseline)
     t = treated.isel(sample=ti)
     return t, baseline.isel(sample=bi).assign_coords(sample=t["sample"].values)
