@@ -70,9 +70,8 @@ def parse_shape(spec: str) -> AttnShape:
         if min(b, h, nt, nv, d) <= 0:
             raise ValueError
     except ValueError:
-        raise TacaProbeError(
-            f"bad shape {spec!r}: expected B,H,NTXT,NVIS,D[,txt-first|img-first] with positive integers"
-        ) from None
+        raise TacaProbeError(f"bad shape {spec!r}: expected B,H,NTXT,NVIS,D[,txt-first|img-first] "
+                             "with positive integers") from None
     return AttnShape(f"B{b}H{h}-{nt}+{nv}-D{d}", b, h, nt, nv, d, order == "txt-first")
 
 

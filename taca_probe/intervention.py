@@ -83,20 +83,20 @@ class _LoraSwitch:
         if not hasattr(transformer, "set_adapters"):
             raise TacaProbeError(f"{type(transformer).__name__} has no LoRA support (diffusers PeftAdapterMixin)")
         try:
-            import peft  # noqa: F401
+            from peft.tuners.tuners_utils import BaseTunerLayer  # peft is optional (the lora extra)
         except ImportError:
             raise TacaProbeError("LoRA switching needs peft: pip install 'taca-probe[lora]'") from None
         self.transformer, self.scale = transformer, scale
         loaded = set(getattr(transformer, "peft_config", {}) or {})
         self.prev_active = list(transformer.active_adapters()) if loaded else []
-        self.prev_enabled = bool(loaded) and not _lora_disabled(transformer)
+        self.prev_enabled = bool(loaded) and not any(
+            m.disable_adapters for m in transformer.modules() if isinstance(m, BaseTunerLayer))
         if str(lora) in loaded:
             self.name, self.owned = str(lora), False
         else:
             if not os.path.exists(lora):
-                names = ", ".join(sorted(loaded)) or "none"
                 raise TacaProbeError(f"LoRA {str(lora)!r} is neither a file/folder nor a loaded adapter "
-                                     f"(loaded: {names})")
+                                     f"(loaded: {', '.join(sorted(loaded)) or 'none'})")
             self.name, self.owned, i = "taca", True, 0
             while self.name in loaded:
                 i += 1
@@ -146,12 +146,6 @@ def _lora_file(path: str | os.PathLike) -> tuple[str, str]:
         raise TacaProbeError(f"LoRA folder {path!r} must hold exactly one .safetensors/.bin weight file "
                              f"(found: {', '.join(files) or 'none'})")
     return path, candidates[0]
-
-
-def _lora_disabled(transformer: torch.nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer  # peft is optional (the lora extra); present here
-
-    return any(m.disable_adapters for m in transformer.modules() if isinstance(m, BaseTunerLayer))
 
 
 class TacaHandle:
