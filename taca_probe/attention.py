@@ -1,19 +1,16 @@
 """The attention math of TACA, on fused kernels, without the N x N matrix.
 
-The joint attention of an MM-DiT runs one softmax over the concatenated text and image tokens.
-TACA multiplies the logits of visual-query -> text-key pairs by ``gamma``, i.e. for a visual query
-it attends over keys whose text rows are ``gamma * k_j``: one fused call for the visual queries over
-those keys, one stock call for the text queries, which is exactly ``softmax([gamma * s_vt, s_vv]) V``,
-the paper's equation, for the cost of one full attention call. At ``gamma == 1`` the stock kernel is
-called as is, so the output is bit-identical to stock diffusers.
+TACA multiplies the visual-query -> text-key logits of an MM-DiT's joint attention by ``gamma``: for
+a visual query that is attention over keys whose text rows are ``gamma * k_j``, so one fused call
+for the visual queries and one stock call for the text queries give exactly the paper's
+``softmax([gamma * s_vt, s_vv]) V`` for the cost of one full call. At ``gamma == 1`` the stock
+kernel is called as is, so the output is bit-identical to stock diffusers.
 
 The probe's statistics come from log-sum-exps, never from a logit block. For a visual query ``i``
 with ``L_t(i) = logsumexp_j(gamma * s_ij)`` over text keys and ``L(i)`` over all keys,
-``exp(L_t - L)`` is its mass on text; ``L_t`` is one small fused call (visual queries x text keys,
-about N_txt / S of a full call). Per-token sums use the same identity with queries and keys
-swapped (:func:`_token_sums`).
-
-Tensor layout everywhere in this module is SDPA's: ``(batch, heads, seq, head_dim)``.
+``exp(L_t - L)`` is its mass on text; ``L_t`` is one small fused call (about N_txt / S of a full
+call). Per-token sums use the same identity with queries and keys swapped (:func:`_token_sums`).
+Tensors are laid out as SDPA's ``(batch, heads, seq, head_dim)``.
 """
 
 from __future__ import annotations
