@@ -1,19 +1,16 @@
 """The attention math of TACA, on fused kernels, without the N x N matrix.
 
-The joint attention of an MM-DiT runs one softmax over the concatenated text and image tokens.
-TACA multiplies the logits of visual-query -> text-key pairs by ``gamma``, i.e. for a visual query
-it attends over keys whose text rows are ``gamma * k_j``: one fused call for the visual queries over
-those keys, one stock call for the text queries, which is exactly ``softmax([gamma * s_vt, s_vv]) V``,
-the paper's equation, for the cost of one full attention call. At ``gamma == 1`` the stock kernel is
-called as is, so the output is bit-identical to stock diffusers.
+TACA multiplies the visual-query -> text-key logits of an MM-DiT's joint attention by ``gamma``: for
+a visual query that is attention over keys whose text rows are ``gamma * k_j``, so one fused call
+for the visual queries and one stock call for the text queries give exactly the paper's
+``softmax([gamma * s_vt, s_vv]) V`` for the cost of one full call. At ``gamma == 1`` the stock
+kernel is called as is, so the output is bit-identical to stock diffusers.
 
 The probe's statistics come from log-sum-exps, never from a logit block. For a visual query ``i``
 with ``L_t(i) = logsumexp_j(gamma * s_ij)`` over text keys and ``L(i)`` over all keys,
-``exp(L_t - L)`` is its mass on text; ``L_t`` is one small fused call (visual queries x text keys,
-about N_txt / S of a full call). Per-token sums use the same identity with queries and keys
-swapped (:func:`_token_sums`).
-
-Tensor layout everywhere in this module is SDPA's: ``(batch, heads, seq, head_dim)``.
+``exp(L_t - L)`` is its mass on text; ``L_t`` is one small fused call (about N_txt / S of a full
+call). Per-token sums use the same identity with queries and keys swapped (:func:`_token_sums`).
+Tensors are laid out as SDPA's ``(batch, heads, seq, head_dim)``.
 """
 
 from __future__ import annotations
@@ -40,7 +37,7 @@ class JointLayout:
     Parameters
     ----------
     n_txt
-        Number of text tokens, read from the actual inputs of the call.
+        Number of text tokens, read from the call's inputs.
     txt_first
         True for FLUX (``[txt, img]``), False for SD3 (``[img, txt]``).
     """
@@ -49,31 +46,20 @@ class JointLayout:
     txt_first: bool
 
     def split(self, seq_len: int) -> tuple[slice, slice]:
-        """Return ``(txt, vis)`` slices over a sequence of ``seq_len`` tokens."""
+        """``(txt, vis)`` slices over a sequence of ``seq_len`` tokens."""
         if not 0 < self.n_txt < seq_len:
-            raise ValueError(
-                f"text length {self.n_txt} does not fit a joint sequence of {seq_len} tokens"
-            )
+            raise ValueError(f"text length {self.n_txt} does not fit a joint sequence of {seq_len} tokens")
         if self.txt_first:
             return slice(0, self.n_txt), slice(self.n_txt, seq_len)
         n_vis = seq_len - self.n_txt
         return slice(n_vis, seq_len), slice(0, n_vis)
 
 
-# --------------------------------------------------------------------------------------------
-# Fused attention that also returns the log-sum-exp
-# --------------------------------------------------------------------------------------------
-
-
 def _lse_cpu(q, k, v, scale, attn_mask):
-    # Same kernel as F.scaled_dot_product_attention on CPU; returns (out, lse (B, H, L) fp32).
-    # It takes additive masks of the query's dtype only.
-    if attn_mask is not None:
-        attn_mask = _additive_mask(attn_mask, q.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale
-    )[:2]
-    return out, lse
+    # The kernel of F.scaled_dot_product_attention on CPU; it takes additive masks of q's dtype only.
+    mask = None if attn_mask is None else _additive_mask(attn_mask, q.dtype)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                      scale=scale)[:2]
 
 
 def _lse_cuda_cudnn(q, k, v, scale, attn_mask):
@@ -108,18 +94,14 @@ def _lse_cuda_efficient(q, k, v, scale, attn_mask):
     bias = None
     if attn_mask is not None:
         bias = _additive_mask(attn_mask, q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    res = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, bias, True, 0.0, False, scale=scale
-    )
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)
     # The memory-efficient kernel pads the lse to a multiple of 32 queries.
     return res[0], res[1][..., : q.shape[2]]
 
 
 def _additive_mask(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if attn_mask.dtype == torch.bool:
-        return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
-            ~attn_mask, float("-inf")
-        )
+        return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
     return attn_mask.to(dtype)
 
 
@@ -151,55 +133,34 @@ def _self_test(fn, device: torch.device, dtype: torch.dtype, masked: bool) -> bo
     """Check a private op against the explicit fallback once per (device, dtype, masked)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 16, generator=g).to(device, dtype) for _ in range(3))
-    mask = None
-    if masked:
-        mask = torch.ones(1, 1, 1, 40, dtype=torch.bool, device=device)
-        mask[..., -3:] = False
+    mask = torch.arange(40, device=device).lt(37).view(1, 1, 1, 40) if masked else None  # the last 3 keys masked
     try:
         out, lse = fn(q, k, v, 0.3, mask)
     except (RuntimeError, NotImplementedError, TypeError):
         return False
     ref_out, ref_lse = _lse_explicit(q, k, v, 0.3, mask)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    return (
-        lse.shape == ref_lse.shape
-        and torch.allclose(lse.float(), ref_lse, atol=tol, rtol=tol)
-        and torch.allclose(out.float(), ref_out.float(), atol=tol, rtol=tol)
-    )
+    return (lse.shape == ref_lse.shape and torch.allclose(lse.float(), ref_lse, atol=tol, rtol=tol)
+            and torch.allclose(out.float(), ref_out.float(), atol=tol, rtol=tol))
 
 
 def lse_backend(device: torch.device, dtype: torch.dtype, masked: bool = False):
-    """The function used for (out, lse) on this device and dtype: a fused private op that passed
-    its self-test, else the explicit chunked fallback (with one warning)."""
+    """The (out, lse) function for this device and dtype: a fused private op that passed its
+    self-test, else the explicit chunked fallback (with one warning)."""
     key = (device.type, dtype, masked)
-    fn = _CHOICE.get(key)
-    if fn is None:
+    if key not in _CHOICE:
         with _CHOICE_LOCK:
-            fn = _CHOICE.get(key)
-            if fn is None:
-                fn = next(
-                    (c for c in _BACKENDS.get(device.type, []) if _self_test(c, device, dtype, masked)),
-                    None,
-                )
+            if key not in _CHOICE:
+                fn = next((c for c in _BACKENDS.get(device.type, []) if _self_test(c, device, dtype, masked)), None)
                 if fn is None:
-                    warnings.warn(
-                        f"taca-probe: no fused attention kernel returns the log-sum-exp on "
-                        f"{device.type}/{dtype}; using the slower explicit fallback",
-                        stacklevel=3,
-                    )
-                    fn = _lse_explicit
-                _CHOICE[key] = fn
-    return fn
+                    warnings.warn(f"taca-probe: no fused attention kernel returns the log-sum-exp on "
+                                  f"{device.type}/{dtype}; using the slower explicit fallback", stacklevel=3)
+                _CHOICE[key] = fn or _lse_explicit
+    return _CHOICE[key]
 
 
-def sdpa_with_lse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    attn_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                  attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention that also returns the natural-log log-sum-exp of the scaled logits.
 
     Returns
@@ -207,80 +168,44 @@ def sdpa_with_lse(
     out : (B, H, Lq, Dv), dtype of ``q``
     lse : (B, H, Lq), float32, ``logsumexp_j(scale * q.k_j + mask_j)``
     """
-    fn = lse_backend(q.device, q.dtype, attn_mask is not None)
-    out, lse = fn(q, k, v, scale, attn_mask)
+    out, lse = lse_backend(q.device, q.dtype, attn_mask is not None)(q, k, v, scale, attn_mask)
     return out, lse.float()
-
-
-# --------------------------------------------------------------------------------------------
-# TACA
-# --------------------------------------------------------------------------------------------
 
 
 def _mask_part(attn_mask: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | None:
     """Slice a broadcastable (.., Lq or 1, Lk or 1) mask to a query/key block."""
     if attn_mask is None:
         return None
-    m = attn_mask
-    if m.shape[-2] > 1:
-        m = m[..., rows, :]
-    if m.shape[-1] > 1:
-        m = m[..., cols]
-    return m
+    m = attn_mask[..., rows, :] if attn_mask.shape[-2] > 1 else attn_mask
+    return m[..., cols] if m.shape[-1] > 1 else m
 
 
-def _text_keys_scaled(k: torch.Tensor, txt: slice, vis: slice, gamma: float, txt_first: bool) -> torch.Tensor:
-    """The keys with their text rows multiplied by gamma, in the keys' dtype.
-
-    One multiply, rounded once to the keys' dtype: in fp32 that is exact to 6e-8 relative; in bf16
-    it is within the stock kernel's own error (the accuracy tests check the output against the
-    float64 reference of the exact gamma).
-    """
-    k_txt = k[:, :, txt] * gamma
-    parts = (k_txt, k[:, :, vis]) if txt_first else (k[:, :, vis], k_txt)
-    return torch.cat(parts, dim=2)
-
-
-def taca_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: JointLayout,
-    gamma: float,
-    *,
-    scale: float | None = None,
-    attn_mask: torch.Tensor | None = None,
-    with_parts: bool = False,
-):
+def taca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: JointLayout, gamma: float, *,
+                   scale: float | None = None, attn_mask: torch.Tensor | None = None, with_parts: bool = False):
     """Joint attention with the visual-query -> text-key logits multiplied by ``gamma``.
 
     At ``gamma != 1`` visual queries take one fused call over keys whose text rows are multiplied
-    by gamma (``gamma * s_vt`` exactly as the paper writes it), text queries one stock call over
-    the stock keys; no merge of partial outputs. At ``gamma == 1`` it is one stock call.
+    by gamma, text queries one stock call; at ``gamma == 1`` it is one stock call.
 
     Parameters
     ----------
     q, k, v
-        ``(B, H, S, D)`` joint sequences (text and image tokens, in the order of ``layout``).
-    layout
-        Where the text tokens are.
+        ``(B, H, S, D)`` joint sequences, in the order of ``layout``.
     gamma
         Temperature on visual->text logits; must be > 0.
     scale
-        The model's softmax scale (``None``: ``1/sqrt(D)``), applied to every logit.
+        The model's softmax scale (``None``: ``1/sqrt(D)``).
     attn_mask
         Optional boolean or additive mask broadcastable to ``(B, H, S, S)``.
     with_parts
-        Also return what the statistics need (see Returns).
+        Also return what the statistics need.
 
     Returns
     -------
     out : (B, H, S, D)
-        The attention output.
     parts : dict, only with ``with_parts``
         ``lse_vis`` (B, H, N_vis) and ``lse_txt`` (B, H, N_txt) fp32: each query's log-sum-exp
-        over all keys of its applied logits, so that the probability of any key is
-        ``exp(applied logit - lse)`` without forming the matrix.
+        over all keys of its applied logits, so any key's probability is ``exp(logit - lse)``.
     """
     if not gamma > 0 or not math.isfinite(gamma):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma}")
@@ -289,40 +214,27 @@ def taca_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     txt, vis = layout.split(q.shape[2])
 
-    if gamma == 1.0:
-        # Measuring without intervening: the stock kernel over all keys (same output as stock),
-        # with its log-sum-exp.
+    if gamma == 1.0:  # measuring without intervening: the stock kernel, with its log-sum-exp
         out, lse = sdpa_with_lse(q, k, v, scale=scale, attn_mask=attn_mask)
         return out, {"lse_vis": lse[:, :, vis], "lse_txt": lse[:, :, txt]}
-
-    k_applied = _text_keys_scaled(k, txt, vis, gamma, layout.txt_first)
-    mask_v = _mask_part(attn_mask, vis, slice(None))
-    mask_t = _mask_part(attn_mask, txt, slice(None))
-    q_v, q_t = q[:, :, vis], q[:, :, txt]
-    if with_parts:
-        o_v, lse_v = sdpa_with_lse(q_v, k_applied, v, scale=scale, attn_mask=mask_v)
-        o_t, lse_t = sdpa_with_lse(q_t, k, v, scale=scale, attn_mask=mask_t)
-    else:
-        o_v = F.scaled_dot_product_attention(q_v, k_applied, v, attn_mask=mask_v, scale=scale)
-        o_t = F.scaled_dot_product_attention(q_t, k, v, attn_mask=mask_t, scale=scale)
+    # The text keys times gamma, rounded once to the keys' dtype: exact to 6e-8 in fp32; in bf16
+    # within the stock kernel's own error (the accuracy tests check against float64).
+    k_txt = k[:, :, txt] * gamma
+    k_applied = torch.cat((k_txt, k[:, :, vis]) if layout.txt_first else (k[:, :, vis], k_txt), dim=2)
+    mask_v, mask_t = _mask_part(attn_mask, vis, slice(None)), _mask_part(attn_mask, txt, slice(None))
+    attend = sdpa_with_lse if with_parts else lambda *a, **kw: (F.scaled_dot_product_attention(*a, **kw), None)
+    o_v, lse_v = attend(q[:, :, vis], k_applied, v, scale=scale, attn_mask=mask_v)
+    o_t, lse_t = attend(q[:, :, txt], k, v, scale=scale, attn_mask=mask_t)
     out = torch.cat((o_t, o_v) if layout.txt_first else (o_v, o_t), dim=2)
-    if not with_parts:
-        return out
-    return out, {"lse_vis": lse_v, "lse_txt": lse_t}
-
-
-# --------------------------------------------------------------------------------------------
-# Statistics for the probe, from the parts of the same call
-# --------------------------------------------------------------------------------------------
+    return (out, {"lse_vis": lse_v, "lse_txt": lse_t}) if with_parts else out
 
 
 def _token_sums(q_v, k_t, lse_vis, scale, mask_vt):
     """``sum_i exp(scale * q_i.k_j - lse_i)`` over visual queries i, per text key j: (B, H, N_txt).
 
-    One fused call with the roles swapped: the text keys ask, the visual queries answer, and each
-    visual query carries its weight ``w_i = exp(c - lse_i)`` as its value. The call returns
-    ``sum_i softmax_i(logit_ij) w_i`` and ``LSE_j = logsumexp_i(logit_ij)``, so the sum is
-    ``exp(log(out_j) + LSE_j - c)``: no logit block is formed.
+    One fused call with the roles swapped, each visual query carrying ``w_i = exp(c - lse_i)`` as
+    its value: it returns ``sum_i softmax_i(logit_ij) w_i`` and ``LSE_j``, so the sum is
+    ``exp(log(out_j) + LSE_j - c)``.
     """
     # bf16 keeps 8 mantissa bits; bf16 inputs convert to fp16 (11 bits) exactly in the range of
     # normalized q/k, so the weights lose 2^-12 instead of 2^-9.
@@ -341,11 +253,9 @@ STATS_BACKENDS = ("triton", "fused", "block")
 
 
 def stats_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The statistics path used on ``device``: on CUDA ``triton`` (one pass of
-    :mod:`taca_probe.triton_stats`, where Triton is installed and the kernel passes a self-test
-    for ``dtype``), else ``fused`` (no logit block; the fused kernels' log-sum-exps); ``block``
-    elsewhere (an fp32 logit block through the CPU's matmul, the faster way there).
-    ``TACA_PROBE_STATS`` = ``triton``, ``fused`` or ``block`` overrides it."""
+    """The statistics path on ``device``: on CUDA ``triton`` where Triton is installed and its kernel
+    passes a self-test for ``dtype``, else ``fused``; ``block`` elsewhere (an fp32 logit block, the
+    faster way on the CPU). ``TACA_PROBE_STATS`` = ``triton``, ``fused`` or ``block`` overrides it."""
     forced = os.environ.get("TACA_PROBE_STATS", "").strip().lower()
     if forced:
         if forced not in STATS_BACKENDS:
@@ -391,25 +301,15 @@ def describe_stats_backend(device: torch.device, dtype: torch.dtype) -> str:
     return f"{stats_backend(device, dtype)} (lse: {kernel})"
 
 
-def attention_statistics(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    layout: JointLayout,
-    gamma: float,
-    parts: dict,
-    *,
-    scale: float | None = None,
-    attn_mask: torch.Tensor | None = None,
-    map_tokens: torch.Tensor | None = None,
-    block_bytes: int = 64 << 20,
-    backend: str | None = None,
-) -> dict[str, torch.Tensor]:
+def attention_statistics(q: torch.Tensor, k: torch.Tensor, layout: JointLayout, gamma: float, parts: dict, *,
+                         scale: float | None = None, attn_mask: torch.Tensor | None = None,
+                         map_tokens: torch.Tensor | None = None, block_bytes: int = 64 << 20,
+                         backend: str | None = None) -> dict[str, torch.Tensor]:
     """Cross-modal attention statistics of one call, on the device, without the N x N matrix.
 
-    Three paths give the same numbers (all tested against the float64 reference): ``triton``
-    (:func:`_statistics_triton`, one Triton kernel pass), ``fused`` (:func:`_statistics_fused`,
-    fused attention calls only) and ``block`` (an fp32 visual-query x text-key block, a few heads
-    at a time, at most ``block_bytes``); ``backend=None`` picks :func:`stats_backend`.
+    Three paths give the same numbers (all tested against the float64 reference): ``triton`` (one
+    Triton kernel pass), ``fused`` (fused attention calls only) and ``block`` (an fp32 visual-query x
+    text-key block, a few heads at a time, at most ``block_bytes``); ``None`` picks :func:`stats_backend`.
 
     Parameters
     ----------
@@ -434,9 +334,12 @@ def attention_statistics(
     backend = backend or stats_backend(q.device, q.dtype)
     if backend not in STATS_BACKENDS:
         raise ValueError(f"unknown statistics backend {backend!r}; choose from {', '.join(STATS_BACKENDS)}")
+    if backend == "triton" and attn_mask is not None:  # the kernel knows no masks; neither SD3 nor FLUX passes one
+        backend = "fused"
+    txt, vis = layout.split(q.shape[2])
+    base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     fn = {"triton": _statistics_triton, "fused": _statistics_fused, "block": _statistics_block}[backend]
-    return fn(q, k, layout, gamma, parts, scale=scale, attn_mask=attn_mask, map_tokens=map_tokens,
-              block_bytes=block_bytes)
+    return fn(q[:, :, vis], q[:, :, txt], k, txt, vis, base, gamma, parts, attn_mask, map_tokens, block_bytes)
 
 
 def _lse_visual_keys(q_v, k, vis, base, attn_mask):
@@ -450,12 +353,10 @@ def _lse_visual_keys(q_v, k, vis, base, attn_mask):
 
 
 def _lse_visual_keys_from_total(q_v, k_t, lse_all, scale, mask_vt):
-    """The visual keys' lse as ``lse_all + log(1 - mass)``, where that is exact, else None.
+    """The visual keys' lse as ``lse_all + log(1 - mass)`` (one call over the text keys), where exact, else None.
 
-    Only on the CPU in fp32 (deciding needs the values on the host, free there; the output's
-    ``gamma * k`` is exact in fp32) and only while every query's text mass is <= 1/2, where the
-    subtraction amplifies the lse's rounding at most once. It replaces a call over all visual keys
-    with one over the text keys.
+    Exact only on the CPU in fp32 (deciding reads the values on the host, free there; ``gamma * k``
+    is exact in fp32) while every text mass is <= 1/2 (the subtraction amplifies rounding at most 2x).
     """
     if q_v.device.type != "cpu" or q_v.dtype != torch.float32:
         return None
@@ -466,15 +367,12 @@ def _lse_visual_keys_from_total(q_v, k_t, lse_all, scale, mask_vt):
     return lse_all + torch.log(-torch.expm1(log_mass))
 
 
-def _statistics_block(q, k, layout, gamma, parts, *, scale, attn_mask, map_tokens, block_bytes):
+def _statistics_block(q_v, q_t, k, txt, vis, base, gamma, parts, attn_mask, map_tokens, block_bytes):
     """The statistics from an fp32 visual-query x text-key logit block, a few heads at a time."""
-    txt, vis = layout.split(q.shape[2])
-    base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    B, H = q.shape[:2]
-    q_v, q_t, k_t = q[:, :, vis], q[:, :, txt], k[:, :, txt]
-    n_vis, n_txt = q_v.shape[2], k_t.shape[2]
-    mask_vt = _mask_part(attn_mask, vis, txt)
-    mask_tt = _mask_part(attn_mask, txt, txt)
+    B, H, n_vis = q_v.shape[:3]
+    k_t = k[:, :, txt]
+    n_txt = k_t.shape[2]
+    mask_vt, mask_tt = _mask_part(attn_mask, vis, txt), _mask_part(attn_mask, txt, txt)
     lse_vv = None
     if gamma != 1.0:
         lse_vv = _lse_visual_keys_from_total(q_v, k_t, parts["lse_vis"], base * gamma, mask_vt)
@@ -488,9 +386,9 @@ def _statistics_block(q, k, layout, gamma, parts, *, scale, attn_mask, map_token
     txt_vis = (-torch.expm1(torch.logsumexp(s_tt, dim=-1) - parts["lse_txt"])).mean(-1)  # (B, H)
     del s_tt
 
-    token_sum = q.new_zeros((B, n_txt), dtype=torch.float32)
-    vis_txt = q.new_empty((B, H), dtype=torch.float32)
-    maps = None if map_tokens is None else q.new_zeros((B, n_vis, len(map_tokens)), dtype=torch.float32)
+    token_sum = q_v.new_zeros((B, n_txt), dtype=torch.float32)
+    vis_txt = q_v.new_empty((B, H), dtype=torch.float32)
+    maps = None if map_tokens is None else q_v.new_zeros((B, n_vis, len(map_tokens)), dtype=torch.float32)
     ref = []
     step = max(1, block_bytes // max(1, B * n_vis * n_txt * 4))
     for h0 in range(0, H, step):
@@ -503,34 +401,23 @@ def _statistics_block(q, k, layout, gamma, parts, *, scale, attn_mask, map_token
         else:
             ref.append(torch.sigmoid(torch.logsumexp(s, dim=-1) - lse_vv[:, hs]).mean(-1))
             lse_all = torch.logaddexp(torch.logsumexp(s * gamma, dim=-1), lse_vv[:, hs])
-        # Applied probabilities of the text keys: exp(gamma * s - lse over all keys).
-        p = s.mul_(gamma).sub_(lse_all[..., None]).exp_()
+        p = s.mul_(gamma).sub_(lse_all[..., None]).exp_()  # applied probabilities of the text keys
         vis_txt[:, hs] = p.sum(dim=-1).mean(-1)
         token_sum += p.sum(dim=(1, 2))
         if maps is not None:
             maps += p[..., map_tokens].sum(dim=1)
         del s, p
-    out = {
-        "vis_txt_mass": vis_txt,
-        "vis_txt_mass_ref": torch.cat(ref, dim=1) if ref else vis_txt,
-        "txt_vis_mass": txt_vis,
-        "token_mass": token_sum / (H * n_vis),
-    }
+    out = {"vis_txt_mass": vis_txt, "vis_txt_mass_ref": torch.cat(ref, dim=1) if ref else vis_txt,
+           "txt_vis_mass": txt_vis, "token_mass": token_sum / (H * n_vis)}
     if maps is not None:
         out["maps"] = maps / H
     return out
 
 
-def _statistics_triton(q, k, layout, gamma, parts, *, scale, attn_mask, map_tokens, block_bytes):
+def _statistics_triton(q_v, q_t, k, txt, vis, base, gamma, parts, attn_mask, map_tokens, block_bytes):
     """The statistics with one Triton pass over the visual-query x text-key tiles (no mask)."""
-    if attn_mask is not None:  # the kernel knows no masks; neither SD3 nor FLUX passes one
-        return _statistics_fused(q, k, layout, gamma, parts, scale=scale, attn_mask=attn_mask,
-                                 map_tokens=map_tokens, block_bytes=block_bytes)
-    txt, vis = layout.split(q.shape[2])
-    base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    H = q.shape[1]
-    q_v, q_t, k_t = q[:, :, vis], q[:, :, txt], k[:, :, txt]
-    n_vis = q_v.shape[2]
+    H, n_vis = q_v.shape[1:3]
+    k_t = k[:, :, txt]
     if gamma == 1.0:
         lse_vis = parts["lse_vis"]  # the stock call's own
         rows, cols = triton_stats.text_sums(q_v, k_t, lse_vis, base)
@@ -553,40 +440,30 @@ def _statistics_triton(q, k, layout, gamma, parts, *, scale, attn_mask, map_toke
     return out
 
 
-def _statistics_fused(q, k, layout, gamma, parts, *, scale, attn_mask, map_tokens, block_bytes):
-    """The statistics without any logit block.
+def _statistics_fused(q_v, q_t, k, txt, vis, base, gamma, parts, attn_mask, map_tokens, block_bytes):
+    """The statistics from small fused calls that return their log-sum-exp, without any logit block.
 
-    Besides the log-sum-exps of the attention call itself (``parts``), small fused calls that
-    return their log-sum-exp: visual queries over the text keys, text queries over the text keys,
-    and the swapped call of :func:`_token_sums`. At gamma != 1 the visual queries' text and visual
-    parts are taken apart with gamma in the fp32 scale (the paper's equation exactly, also in
-    bf16, where the output's keys carry gamma rounded) and once more at gamma = 1 for the
-    counterfactual. Only the maps, when asked, form the visual-query x selected-token block.
+    At gamma != 1 the visual queries' text and visual parts are taken apart with gamma in the fp32
+    scale (the paper's equation exactly, also in bf16, where the output's keys carry gamma rounded),
+    and once more at gamma = 1 for the counterfactual. Only the maps form a (selected-token) block.
     """
-    txt, vis = layout.split(q.shape[2])
-    base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    B, H = q.shape[:2]
-    q_v, q_t, k_t = q[:, :, vis], q[:, :, txt], k[:, :, txt]
-    n_vis = q_v.shape[2]
+    H, n_vis = q_v.shape[1:3]
+    k_t = k[:, :, txt]
     mask_vt = _mask_part(attn_mask, vis, txt)
-
     # Visual queries: mass on text keys from the lse over text keys and the lse over all keys.
     _, lse_vt = sdpa_with_lse(q_v, k_t, k_t, scale=base * gamma, attn_mask=mask_vt)
     if gamma == 1.0:
         lse_vis = parts["lse_vis"]  # the stock call's own
-        vis_txt = torch.exp(lse_vt - lse_vis).mean(-1)
-        ref = vis_txt
+        vis_txt = ref = torch.exp(lse_vt - lse_vis).mean(-1)
     else:
         lse_vv = _lse_visual_keys(q_v, k, vis, base, attn_mask)
         _, lse_vt1 = sdpa_with_lse(q_v, k_t, k_t, scale=base, attn_mask=mask_vt)
         lse_vis = torch.logaddexp(lse_vt, lse_vv)
         vis_txt = torch.sigmoid(lse_vt - lse_vv).mean(-1)
         ref = torch.sigmoid(lse_vt1 - lse_vv).mean(-1)
-
     # Text queries: their mass on visual keys is 1 - (their mass on text keys).
     _, lse_tt = sdpa_with_lse(q_t, k_t, k_t, scale=base, attn_mask=_mask_part(attn_mask, txt, txt))
     txt_vis = (-torch.expm1(lse_tt - parts["lse_txt"])).mean(-1)
-
     token = _token_sums(q_v, k_t, lse_vis, base * gamma, mask_vt).sum(dim=1) / (H * n_vis)  # (B, N_txt)
     out = {"vis_txt_mass": vis_txt, "vis_txt_mass_ref": ref, "txt_vis_mass": txt_vis, "token_mass": token}
     if map_tokens is not None:
@@ -598,9 +475,7 @@ def _maps(q_v, k_t, lse_vis, scale, mask_vt, map_tokens, block_bytes):
     """Head-mean probability of each visual query on each selected text key: (B, N_vis, n_sel)."""
     B, H, n_vis = q_v.shape[:3]
     k_sel = k_t[:, :, map_tokens].float()
-    mask = None
-    if mask_vt is not None:
-        mask = _additive_mask(mask_vt[..., map_tokens] if mask_vt.shape[-1] > 1 else mask_vt, torch.float32)
+    mask = None if mask_vt is None else _additive_mask(_mask_part(mask_vt, slice(None), map_tokens), torch.float32)
     maps = q_v.new_zeros((B, n_vis, len(map_tokens)), dtype=torch.float32)
     step = max(1, block_bytes // max(1, B * n_vis * len(map_tokens) * 4))
     for h0 in range(0, H, step):

@@ -1,19 +1,13 @@
-"""Benchmarks (never timed tests): the cost of TACA against stock fused attention.
+"""Benchmarks (never timed tests): the cost of TACA and the probe against stock attention.
 
-``taca-probe bench attention`` times, at given shapes and interleaved, median of N:
-
-- ``sdpa``: stock ``F.scaled_dot_product_attention`` (what diffusers calls);
-- ``taca``: :func:`taca_probe.attention.taca_attention` at gamma != 1;
-- ``naive``: the official TACA code's SD3.5 path, the full attention matrix materialized, the
-  visual->text block scaled, softmax, matmul;
-- ``flex``: the official FLUX path, ``flex_attention`` with a ``score_mod`` run eagerly (not compiled).
-
-and measures each one's peak extra memory over its inputs (CUDA: ``max_memory_allocated``;
-CPU: the allocator's running total from ``torch.profiler`` memory events).
+``bench attention`` times the :data:`VARIANTS` at given shapes, interleaved, median of N, and
+measures each one's peak extra memory (CUDA: ``max_memory_allocated``; CPU: the allocator's
+running total from ``torch.profiler`` memory events). ``bench e2e`` times whole sampling runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -76,16 +70,14 @@ def parse_shape(spec: str) -> AttnShape:
         if min(b, h, nt, nv, d) <= 0:
             raise ValueError
     except ValueError:
-        raise TacaProbeError(
-            f"bad shape {spec!r}: expected B,H,NTXT,NVIS,D[,txt-first|img-first] with positive integers"
-        ) from None
+        raise TacaProbeError(f"bad shape {spec!r}: expected B,H,NTXT,NVIS,D[,txt-first|img-first] "
+                             "with positive integers") from None
     return AttnShape(f"B{b}H{h}-{nt}+{nv}-D{d}", b, h, nt, nv, d, order == "txt-first")
 
 
 def _naive(q, k, v, layout: JointLayout, gamma: float):
-    # The official TACA code's SD3.5 path: attention "by hand" in the style of PyTorch's documented
-    # reference implementation of SDPA (bias, softmax, dropout at p=0), with the visual->text block
-    # of the materialized logits multiplied by gamma.
+    # The official TACA code's SD3.5 path, kept as it is: PyTorch's documented reference SDPA
+    # (bias, softmax, dropout at p=0) with the visual->text block of the full logits times gamma.
     txt, vis = layout.split(q.shape[2])
     n = q.shape[2]
     attn_bias = torch.zeros(n, n, dtype=q.dtype, device=q.device)
@@ -132,23 +124,19 @@ def _flex_compiled(q, k, v, layout: JointLayout, gamma: float):
 
 
 def _taca_stats(q, k, v, layout: JointLayout, gamma: float, n_map_tokens: int = 0, backend: str | None = None):
-    # What the probe does in each recorded call: TACA with its parts, then the statistics.
+    """What the probe does in each recorded call: TACA with its parts, then the statistics."""
     out, parts = taca_attention(q, k, v, layout, gamma, with_parts=True)
     tokens = torch.arange(min(n_map_tokens, layout.n_txt), device=q.device) if n_map_tokens else None
-    stats = attention_statistics(q, k, layout, gamma, parts, map_tokens=tokens, backend=backend)
-    return out, stats
+    return out, attention_statistics(q, k, layout, gamma, parts, map_tokens=tokens, backend=backend)
 
 
 VARIANTS: dict[str, Callable] = {
     "sdpa": lambda q, k, v, layout, gamma: F.scaled_dot_product_attention(q, k, v),
-    "taca": lambda q, k, v, layout, gamma: taca_attention(q, k, v, layout, gamma),
+    "taca": taca_attention,
     # TACA + every mass (no maps) on the device's default statistics path, and on each path
-    "taca+masses": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma),
-    "taca+masses:fused": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, backend="fused"),
-    "taca+masses:block": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, backend="block"),
-    "taca+masses:triton": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, backend="triton"),
-    # + head-mean maps of 64 text tokens (a long prompt)
-    "taca+maps": lambda q, k, v, layout, gamma: _taca_stats(q, k, v, layout, gamma, 64),
+    "taca+masses": _taca_stats,
+    **{f"taca+masses:{b}": functools.partial(_taca_stats, backend=b) for b in ("fused", "block", "triton")},
+    "taca+maps": functools.partial(_taca_stats, n_map_tokens=64),  # + head-mean maps of 64 text tokens
     "naive": _naive,
     "flex": _flex,
     "flex-compiled": _flex_compiled,
@@ -173,49 +161,36 @@ def _peak_extra_bytes(fn: Callable[[], torch.Tensor], device: torch.device) -> i
         return int(peak)
     # The profiler's C++ side prints start/stop lines on stderr: silence the descriptor meanwhile.
     sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = fn()
-            del out
+            fn()  # the result is freed at once, inside the profile
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
             events = json.load(f)["traceEvents"]
-    finally:
-        os.unlink(path)
     totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
     return int(max(totals, default=0))
 
 
-def bench_attention(
-    shapes: list[AttnShape] | tuple[AttnShape, ...] = DEFAULT_SHAPES,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    gamma: float = 1.2,
-    repeats: int = 7,
-    warmup: int = 1,
-    variants: tuple[str, ...] = ("sdpa", "taca", "taca+masses", "naive", "flex"),
-    memory: bool = True,
-    progress: Callable[[str], None] | None = None,
-) -> list[dict]:
+def bench_attention(shapes: list[AttnShape] | tuple[AttnShape, ...] = DEFAULT_SHAPES, *,
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, gamma: float = 1.2,
+                    repeats: int = 7, warmup: int = 1,
+                    variants: tuple[str, ...] = ("sdpa", "taca", "taca+masses", "naive", "flex"),
+                    memory: bool = True, progress: Callable[[str], None] | None = None) -> list[dict]:
     """Time and measure the attention variants at each shape.
 
     Returns
     -------
     list of dict
-        One row per (shape, variant): ``shape``, ``variant``, ``median_ms``, ``times_ms``,
-        ``ratio_to_sdpa``, ``peak_extra_mib`` (None when not measured), ``error`` (a variant that
-        failed, e.g. flex where unavailable).
+        One row per (shape, variant): ``shape``, ``variant``, ``device``, ``dtype``, ``gamma``,
+        ``median_ms``, ``times_ms``, ``ratio_to_sdpa``, ``peak_extra_mib`` (None when not
+        measured), ``error`` (a variant that failed, e.g. flex where unavailable).
     """
     device = torch.device(device)
     unknown = set(variants) - set(VARIANTS)
@@ -225,9 +200,8 @@ def bench_attention(
     for shape in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)
         n = shape.n_txt + shape.n_vis
-        q, k, v = (
-            torch.randn(shape.batch, shape.heads, n, shape.head_dim, generator=g).to(device, dtype) for _ in range(3)
-        )
+        q, k, v = (torch.randn(shape.batch, shape.heads, n, shape.head_dim, generator=g).to(device, dtype)
+                   for _ in range(3))
         layout = JointLayout(shape.n_txt, shape.txt_first)
         fns, errors = {}, {}
         _FLEX_COMPILED.clear()  # score_mod closes over this shape's layout
@@ -253,37 +227,25 @@ def bench_attention(
                     del out
                 if progress:
                     progress(f"{shape.name}: repeat {r + 1}/{repeats}")
-            peaks = {}
-            if memory:
-                for name, fn in fns.items():
-                    peaks[name] = _peak_extra_bytes(lambda: fn(q, k, v, layout, gamma), device)
+            peaks = {name: _peak_extra_bytes(lambda: fn(q, k, v, layout, gamma), device)
+                     for name, fn in fns.items()} if memory else {}
         base = statistics.median(times["sdpa"]) if "sdpa" in times else None
         for name in variants:
             med = statistics.median(times[name]) if name in times else None
-            rows.append(
-                {
-                    "shape": asdict(shape),
-                    "variant": name,
-                    "device": str(device),
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "gamma": gamma,
-                    "median_ms": med,
-                    "times_ms": times.get(name),
-                    "ratio_to_sdpa": (med / base) if (med is not None and base) else None,
-                    "peak_extra_mib": (peaks[name] / 2**20) if name in peaks else None,
-                    "error": errors.get(name),
-                }
-            )
+            rows.append({
+                "shape": asdict(shape), "variant": name, "device": str(device),
+                "dtype": str(dtype).removeprefix("torch."), "gamma": gamma, "median_ms": med,
+                "times_ms": times.get(name), "ratio_to_sdpa": (med / base) if (med is not None and base) else None,
+                "peak_extra_mib": (peaks[name] / 2**20) if name in peaks else None, "error": errors.get(name),
+            })
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of :func:`bench_attention` rows, with memory relative to naive."""
     lines = [f"{'shape':<34} {'variant':<11} {'median ms':>10} {'x sdpa':>7} {'peak MiB':>9} {'% naive':>8}"]
-    naive_peak = {}
-    for r in rows:
-        if r["variant"] == "naive" and r["peak_extra_mib"]:
-            naive_peak[r["shape"]["name"]] = r["peak_extra_mib"]
+    naive_peak = {r["shape"]["name"]: r["peak_extra_mib"] for r in rows
+                  if r["variant"] == "naive" and r["peak_extra_mib"]}
     for r in rows:
         s = r["shape"]
         label = f"{s['name']} B{s['batch']}H{s['heads']} {s['n_txt']}+{s['n_vis']} D{s['head_dim']}"
@@ -298,16 +260,12 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------
-# End to end: sampling with and without the probe
-# ------------------------------------------------------------------------------------------------
-
 #: Widths of published transformers (heads x head dim; the rest follows from the config rules).
 WIDTHS = {
-    "sd35-medium": {"num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": 1536, "patch_size": 2},
-    "sd3-medium": {"num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": 1536, "patch_size": 2},
-    "sd35-large": {"num_attention_heads": 38, "attention_head_dim": 64, "caption_projection_dim": 2432, "patch_size": 2},
-    "flux-dev": {"num_attention_heads": 24, "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56)},
+    "sd35-medium": dict(num_attention_heads=24, attention_head_dim=64, caption_projection_dim=1536, patch_size=2),
+    "sd3-medium": dict(num_attention_heads=24, attention_head_dim=64, caption_projection_dim=1536, patch_size=2),
+    "sd35-large": dict(num_attention_heads=38, attention_head_dim=64, caption_projection_dim=2432, patch_size=2),
+    "flux-dev": dict(num_attention_heads=24, attention_head_dim=128, axes_dims_rope=(16, 56, 56)),
 }
 #: Depth of the published models (``--depth full``): SD3 blocks; FLUX joint + single-stream blocks.
 FULL_DEPTH = {"sd35-medium": (24, 0), "sd3-medium": (24, 0), "sd35-large": (38, 0), "flux-dev": (19, 38)}
@@ -322,7 +280,6 @@ def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int | None = 2
     in ``dtype``. Text encoders, tokenizers, VAE and scheduler stay tiny: their cost is the same
     with and without the probe, and the transformer's input projections adapt to their sizes.
     """
-
     if width not in WIDTHS:
         raise TacaProbeError(f"unknown width {width!r}; choose from {', '.join(WIDTHS)}")
     flux = width.startswith("flux")
@@ -336,20 +293,14 @@ def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int | None = 2
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # created in the run's dtype, on the device: no fp32 copy of 12 B weights
     try:
+        common = dict(in_channels=small.in_channels, num_layers=joint, joint_attention_dim=small.joint_attention_dim,
+                      pooled_projection_dim=small.pooled_projection_dim, **WIDTHS[width])
         with torch.device(device):
             if flux:
-                big = FluxTransformer2DModel(
-                    patch_size=1, in_channels=small.in_channels, num_layers=joint, num_single_layers=single,
-                    joint_attention_dim=small.joint_attention_dim,
-                    pooled_projection_dim=small.pooled_projection_dim, guidance_embeds=True, **WIDTHS[width],
-                )
+                big = FluxTransformer2DModel(patch_size=1, num_single_layers=single, guidance_embeds=True, **common)
             else:
-                big = SD3Transformer2DModel(
-                    sample_size=128, in_channels=small.in_channels, out_channels=small.out_channels,
-                    num_layers=joint, joint_attention_dim=small.joint_attention_dim,
-                    pooled_projection_dim=small.pooled_projection_dim, pos_embed_max_size=192,
-                    qk_norm="rms_norm", **WIDTHS[width],
-                )
+                big = SD3Transformer2DModel(sample_size=128, out_channels=small.out_channels, pos_embed_max_size=192,
+                                            qk_norm="rms_norm", **common)
     finally:
         torch.set_default_dtype(previous)
     pipe.transformer = big.eval().requires_grad_(False)
@@ -358,27 +309,16 @@ def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int | None = 2
     return pipe
 
 
-def bench_e2e(
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    width: str = "sd35-medium",
-    layers: int | None = 2,
-    image_tokens: int = 1024,
-    steps: int = 4,
-    repeats: int = 5,
-    schedule: str = "none",
-    maps: str | None = None,
-    compile: str | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> dict:
+def bench_e2e(*, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, width: str = "sd35-medium",
+              layers: int | None = 2, image_tokens: int = 1024, steps: int = 4, repeats: int = 5,
+              schedule: str = "none", maps: str | None = None, compile: str | None = None,
+              progress: Callable[[str], None] | None = None) -> dict:
     """Time whole sampling runs without the probe, with it (all masses) and, with ``maps``, with
     masses and maps, interleaved; median of ``repeats``.
 
-    SD3 widths sample with CFG (batch 2), FLUX widths guidance-distilled (batch 1). ``layers=None``
-    is the published depth. ``compile`` = ``"whole"`` (``torch.compile(pipe.transformer)``) or
-    ``"regional"`` (diffusers' ``compile_repeated_blocks(fullgraph=True)``; FLUX only) times
-    compiled stock against compiled with the probe.
+    SD3 widths sample with CFG (batch 2), FLUX widths guidance-distilled (batch 1). ``compile`` =
+    ``"whole"`` (``torch.compile(pipe.transformer)``) or ``"regional"`` (``compile_repeated_blocks``)
+    times compiled stock against compiled with the probe.
 
     Returns a dict with, per variant (``plain``, ``probe``, ``probe+maps``), the seconds of each
     run, their median, seconds per denoising step, the ratio to ``plain`` and (CUDA) peak memory.

@@ -1,13 +1,9 @@
 """Installing TACA on a pipeline or transformer: ``TacaConfig``, ``apply_taca`` and ``taca()``.
 
-The shape follows diffusers' own hooks: a config dataclass, one apply function that returns a
-handle, and a context manager that always removes what it added. Installation goes through
-``set_attn_processor``; on removal the exact original processor objects are put back.
-
-Which denoising step a transformer call belongs to is read, never counted: with a pipeline, from
-its scheduler (``step_index``, ``timesteps``), so FLUX true CFG (two calls a step) and SD3 batched CFG
-(one call) both see the right step; with a bare transformer, from the timestep the call passes
-(a new, smaller timestep starts the next step; a larger one starts a new run).
+Processors go in through ``set_attn_processor`` and the exact originals come back on removal. A
+call's denoising step is read, never counted: from the pipeline's scheduler (right under FLUX true
+CFG and SD3 batched CFG alike), or on a bare transformer from the call's timestep (a smaller one
+starts the next step, a larger one a new run).
 """
 
 from __future__ import annotations
@@ -40,17 +36,15 @@ class TacaConfig:
     Parameters
     ----------
     schedule
-        A :class:`~taca_probe.schedules.Schedule` or its string form (``"step:1.2@970"``, the
-        paper's rule, is the default; ``"none"`` installs nothing that changes the output).
+        A :class:`~taca_probe.schedules.Schedule` or its string form (default: the paper's
+        ``"step:1.2@970"``; ``"none"`` changes nothing).
     lora
-        Optional LoRA that is active exactly at the steps where some layer has gamma != 1: a path
-        (file or folder loadable by diffusers' ``load_lora_adapter``) or the name of an adapter
-        already loaded on the transformer.
+        Optional LoRA active exactly at the steps where some layer has gamma != 1: a file or folder
+        for diffusers' ``load_lora_adapter``, or the name of an adapter loaded on the transformer.
     lora_scale
         Weight of that LoRA while active.
     num_inference_steps
-        Total steps, for step-fraction schedules on a bare transformer (a pipeline's scheduler
-        knows it).
+        Total steps, for step-fraction schedules on a bare transformer.
     """
 
     schedule: Schedule | str = "step:1.2@970"
@@ -89,21 +83,21 @@ class _LoraSwitch:
         if not hasattr(transformer, "set_adapters"):
             raise TacaProbeError(f"{type(transformer).__name__} has no LoRA support (diffusers PeftAdapterMixin)")
         try:
-            import peft  # noqa: F401
+            from peft.tuners.tuners_utils import BaseTunerLayer  # peft is optional (the lora extra)
         except ImportError:
             raise TacaProbeError("LoRA switching needs peft: pip install 'taca-probe[lora]'") from None
         self.transformer, self.scale = transformer, scale
         loaded = set(getattr(transformer, "peft_config", {}) or {})
         self.prev_active = list(transformer.active_adapters()) if loaded else []
-        self.prev_enabled = bool(loaded) and not _lora_disabled(transformer)
+        self.prev_enabled = bool(loaded) and not any(
+            m.disable_adapters for m in transformer.modules() if isinstance(m, BaseTunerLayer))
         if str(lora) in loaded:
             self.name, self.owned = str(lora), False
         else:
             if not os.path.exists(lora):
-                names = ", ".join(sorted(loaded)) or "none"
-                raise TacaProbeError(f"LoRA {str(lora)!r} is neither a file/folder nor a loaded adapter (loaded: {names})")
-            self.name, self.owned = "taca", True
-            i = 0
+                raise TacaProbeError(f"LoRA {str(lora)!r} is neither a file/folder nor a loaded adapter "
+                                     f"(loaded: {', '.join(sorted(loaded)) or 'none'})")
+            self.name, self.owned, i = "taca", True, 0
             while self.name in loaded:
                 i += 1
                 self.name = f"taca_{i}"
@@ -147,18 +141,11 @@ def _lora_file(path: str | os.PathLike) -> tuple[str, str]:
     if os.path.isfile(path):
         return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
-    preferred = [f for f in files if f.startswith("pytorch_lora_weights")]
-    candidates = preferred or files
+    candidates = [f for f in files if f.startswith("pytorch_lora_weights")] or files
     if len(candidates) != 1:
-        found = ", ".join(files) or "none"
-        raise TacaProbeError(f"LoRA folder {path!r} must hold exactly one .safetensors/.bin weight file (found: {found})")
+        raise TacaProbeError(f"LoRA folder {path!r} must hold exactly one .safetensors/.bin weight file "
+                             f"(found: {', '.join(files) or 'none'})")
     return path, candidates[0]
-
-
-def _lora_disabled(transformer: torch.nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer  # peft is optional (the lora extra); present here
-
-    return any(m.disable_adapters for m in transformer.modules() if isinstance(m, BaseTunerLayer))
 
 
 class TacaHandle:
@@ -167,10 +154,8 @@ class TacaHandle:
     Attributes
     ----------
     config : TacaConfig
-    sites : list of Site
-        The attention modules TACA wraps, in transformer order.
-    calls : list of CallRecord
-        One entry per transformer forward call since installation.
+    sites : list of Site, the attention modules TACA wraps, in transformer order
+    calls : list of CallRecord, one per transformer forward call since installation
     """
 
     def __init__(self, target: Any, config: TacaConfig):
@@ -181,17 +166,13 @@ class TacaHandle:
         transformer = getattr(outer, "_orig_mod", outer)
         self.family = check_supported(transformer)
         if getattr(transformer, _HANDLE_ATTR, None) is not None:
-            raise TacaProbeError(
-                "taca-probe is already installed on this transformer; leave the active taca()/probe() "
-                "context (or call its handle's remove()) before installing again"
-            )
+            raise TacaProbeError("taca-probe is already installed on this transformer; leave the active taca()/probe() "
+                                 "context (or call its handle's remove()) before installing again")
         self.config, self.pipe, self.transformer = config, pipe, transformer
         self.schedule: Schedule = config.schedule  # parsed by TacaConfig
         if self.schedule.needs_num_steps and pipe is None and config.num_inference_steps is None:
-            raise TacaProbeError(
-                f"schedule {self.schedule.spec!r} needs the number of steps: pass num_inference_steps= "
-                "when installing on a bare transformer"
-            )
+            raise TacaProbeError(f"schedule {self.schedule.spec!r} needs the number of steps: pass "
+                                 "num_inference_steps= when installing on a bare transformer")
         _check_attention_backend(transformer)
         self.sites = find_sites(transformer, self.family)
         self.state = RunState(self.sites)
@@ -206,10 +187,8 @@ class TacaHandle:
         for site in self.sites:
             inner = self._original[f"{site.name}.processor"]
             if isinstance(inner, TacaAttnProcessor) or type(inner).__name__ not in SUPPORTED_PROCESSORS:
-                raise TacaProbeError(
-                    f"{site.name} uses {type(inner).__name__}; TACA wraps only "
-                    f"{', '.join(SUPPORTED_PROCESSORS)} (reset with set_default_attn_processor())"
-                )
+                raise TacaProbeError(f"{site.name} uses {type(inner).__name__}; TACA wraps only "
+                                     f"{', '.join(SUPPORTED_PROCESSORS)} (reset with set_default_attn_processor())")
             new[f"{site.name}.processor"] = wrap_processor(inner, site, self.state)
         self._lora = _LoraSwitch(transformer, config.lora, config.lora_scale) if config.lora is not None else None
         self._sig = inspect.signature(transformer.forward)
@@ -220,23 +199,13 @@ class TacaHandle:
         setattr(transformer, _HANDLE_ATTR, self)
         self._removed = False
 
-    # -- per forward call ------------------------------------------------------------------
-    def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """The transformer's forward arguments of a call, by name (read-only use)."""
-        return self._sig.bind_partial(*args, **kwargs).arguments
-
-
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = self._bind(args, kwargs)
+        bound = self._sig.bind_partial(*args, **kwargs).arguments  # the forward's arguments by name
         enc = bound.get("encoder_hidden_states")  # (B, N_txt, C)
         self.state.n_txt = None if enc is None else int(enc.shape[1])
         step, t, sigma, num_steps = self._locate(bound.get("timestep"))
-        sched = self.schedule
-        gammas = {
-            s.name: sched.gamma(t=t, step=step, num_steps=num_steps, layer=s.name, block_type=s.block_type)
-            for s in self.sites
-        }
-        self.state.gammas = gammas
+        self.state.gammas = gammas = {s.name: self.schedule.gamma(t=t, step=step, num_steps=num_steps, layer=s.name,
+                                                                  block_type=s.block_type) for s in self.sites}
         active = any(g != 1.0 for g in gammas.values())
         if self._lora is not None:
             self._lora.set(active)
@@ -296,7 +265,6 @@ class TacaHandle:
         self._last_t = t
         return self._step, t, None, self.config.num_inference_steps
 
-    # -- removal ---------------------------------------------------------------------------
     def remove(self) -> None:
         """Restore the original processors (by identity), LoRA state and hooks. Idempotent."""
         if self._removed:
@@ -332,10 +300,8 @@ def _check_attention_backend(transformer: torch.nn.Module) -> None:
             names.add(str(getattr(backend, "value", backend)))
     other = names - {AttentionBackendName.NATIVE.value}
     if other:
-        raise TacaProbeError(
-            f"TACA needs diffusers' native attention backend, found {', '.join(sorted(other))}; "
-            "unset DIFFUSERS_ATTN_BACKEND or call transformer.reset_attention_backend()"
-        )
+        raise TacaProbeError(f"TACA needs diffusers' native attention backend, found {', '.join(sorted(other))}; "
+                             "unset DIFFUSERS_ATTN_BACKEND or call transformer.reset_attention_backend()")
 
 
 def apply_taca(target: Any, config: TacaConfig | None = None) -> TacaHandle:
@@ -357,25 +323,18 @@ def apply_taca(target: Any, config: TacaConfig | None = None) -> TacaHandle:
 
 
 @contextlib.contextmanager
-def taca(
-    target: Any,
-    schedule: Schedule | str = "step:1.2@970",
-    *,
-    lora: str | os.PathLike | None = None,
-    lora_scale: float = 1.0,
-    num_inference_steps: int | None = None,
-) -> Iterator[TacaHandle]:
+def taca(target: Any, schedule: Schedule | str = "step:1.2@970", *, lora: str | os.PathLike | None = None,
+         lora_scale: float = 1.0, num_inference_steps: int | None = None) -> Iterator[TacaHandle]:
     """Apply TACA inside a ``with`` block; the original processors come back on exit, always.
+
+    Parameters are those of :class:`TacaConfig`; ``target`` as for :func:`apply_taca`.
 
     Examples
     --------
     >>> with taca(pipe, "step:1.2@970"):
     ...     image = pipe("a red cube on a blue table", num_inference_steps=28).images[0]
     """
-    handle = apply_taca(
-        target,
-        TacaConfig(schedule=schedule, lora=lora, lora_scale=lora_scale, num_inference_steps=num_inference_steps),
-    )
+    handle = apply_taca(target, TacaConfig(schedule, lora, lora_scale, num_inference_steps))
     try:
         yield handle
     finally:

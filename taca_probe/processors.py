@@ -1,16 +1,9 @@
 """Attention processors that apply TACA around diffusers' own processors.
 
-A :class:`TacaAttnProcessor` wraps the stock processor of one attention module (SD3's
-``JointAttnProcessor2_0``, FLUX's ``FluxAttnProcessor``) and runs it unchanged, except for its one
-call to ``torch.nn.functional.scaled_dot_product_attention``, which a scoped
-:class:`~torch.overrides.TorchFunctionMode` routes to :func:`taca_probe.attention.taca_attention`.
-So the projections, q/k norms, rotary embeddings and output layers are diffusers' own code, never
-a copy that drifts when diffusers changes, and nothing is patched: the mode is entered only for
-the duration of the wrapped call, on this thread.
-
-Hook sites are named by their diffusers module path, e.g. ``transformer_blocks.3.attn`` or
-``single_transformer_blocks.0.attn``; ``block_type`` is ``"joint"`` (text and image streams with
-their own projections) or ``"single"`` (FLUX single-stream, one concatenated ``[txt, img]`` stream).
+A :class:`TacaAttnProcessor` runs the stock processor of one attention module unchanged, except
+for its one ``scaled_dot_product_attention`` call, which a :class:`~torch.overrides.TorchFunctionMode`
+entered only around the wrapped call routes to :func:`taca_probe.attention.taca_attention`. So the
+projections, norms and rotary embeddings stay diffusers' own code, and nothing is patched.
 """
 
 from __future__ import annotations
@@ -42,14 +35,10 @@ class Site:
 
     Attributes
     ----------
-    name
-        Module path inside the transformer, e.g. ``transformer_blocks.3.attn``.
-    block_type
-        ``"joint"`` or ``"single"``.
-    txt_first
-        Token order of the joint sequence: FLUX ``[txt, img]`` (True), SD3 ``[img, txt]`` (False).
-    index
-        Position of the site in transformer order (0-based), the ``layer`` axis of recordings.
+    name : module path, e.g. ``transformer_blocks.3.attn`` or ``single_transformer_blocks.0.attn``
+    block_type : ``"joint"`` (separate text and image projections) or ``"single"`` (FLUX single-stream)
+    txt_first : token order, FLUX ``[txt, img]`` (True) or SD3 ``[img, txt]`` (False)
+    index : position in transformer order (0-based), the ``layer`` axis of recordings
     """
 
     name: str
@@ -95,10 +84,8 @@ class RunState:
 class _SDPAOverride(TorchFunctionMode):
     """Routes the one SDPA call of a wrapped processor to TACA; lets every other op through.
 
-    ``n_txt`` is the text length when the call's inputs tell it, else None (FLUX single-stream:
-    the run state holds it). Under ``torch.compile`` the call becomes one opaque
-    ``taca_probe::attention`` op, so that nothing that differs between blocks or steps (the site,
-    its gamma, the probe's buffers) is read into the graph: one graph serves every block and step.
+    Under ``torch.compile`` the call becomes one opaque ``taca_probe::attention`` op, so that nothing
+    that differs between blocks or steps (site, gamma, probe buffers) is read into the one graph.
     """
 
     def __init__(self, proc: TacaAttnProcessor, n_txt: int | None, n_seq: int, compiled: bool):
@@ -122,15 +109,12 @@ class _SDPAOverride(TorchFunctionMode):
         if a.get("dropout_p", 0.0) or a.get("is_causal", False) or a.get("enable_gqa", False):
             raise TacaProbeError(f"{site.name}: TACA supports inference attention only (no dropout, causal or GQA)")
         if q.shape[2] != self.n_seq or k.shape[2] != self.n_seq:
-            raise TacaProbeError(
-                f"{site.name}: expected a joint sequence of {self.n_seq} tokens, "
-                f"got queries {q.shape[2]} and keys {k.shape[2]}"
-            )
-        scale = a.get("scale")
+            raise TacaProbeError(f"{site.name}: expected a joint sequence of {self.n_seq} tokens, "
+                                 f"got queries {q.shape[2]} and keys {k.shape[2]}")
         if self.compiled:
             n_txt = -1 if self.n_txt is None else self.n_txt
-            return torch.ops.taca_probe.attention(q, k, v, a.get("attn_mask"), scale, n_txt, self.proc.key)
-        return self.proc.attend(q, k, v, a.get("attn_mask"), scale, self.n_txt)
+            return torch.ops.taca_probe.attention(q, k, v, a.get("attn_mask"), a.get("scale"), n_txt, self.proc.key)
+        return self.proc.attend(q, k, v, a.get("attn_mask"), a.get("scale"), self.n_txt)
 
 
 def _is_tensor_method(func: Any) -> bool:
@@ -180,17 +164,12 @@ class TacaAttnProcessor:
 
     def attend(self, q, k, v, attn_mask, scale, n_txt: int | None) -> torch.Tensor:
         """The attention of this site's call: TACA with this step's gamma, measured if observed."""
-        state = self.state
+        n_txt = self.state.n_txt if n_txt is None else n_txt  # FLUX single-stream: the forward call told it
         if n_txt is None:
-            n_txt = state.n_txt
-            if n_txt is None:
-                raise TacaProbeError(
-                    f"{self.site.name}: the text length is unknown; install TACA on the transformer "
-                    "(taca(pipe) or taca(transformer)) so its forward call provides it"
-                )
+            raise TacaProbeError(f"{self.site.name}: the text length is unknown; install TACA on the transformer "
+                                 "(taca(pipe) or taca(transformer)) so its forward call provides it")
         layout = JointLayout(n_txt, self.site.txt_first)
-        gamma = state.gamma(self.site)
-        observer = state.observer
+        gamma, observer = self.state.gamma(self.site), self.state.observer
         if observer is None:
             return taca_attention(q, k, v, layout, gamma, scale=scale, attn_mask=attn_mask)
         out, parts = taca_attention(q, k, v, layout, gamma, scale=scale, attn_mask=attn_mask, with_parts=True)
@@ -199,27 +178,19 @@ class TacaAttnProcessor:
 
     def _call(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         compiled = torch.compiler.is_compiling()
-        if not compiled:
-            state = self.state
-            if state.gamma(self.site) == 1.0 and state.observer is None:
-                return self.inner(attn, *args, **kwargs)  # the stock path, untouched
+        if not compiled and self.state.gamma(self.site) == 1.0 and self.state.observer is None:
+            return self.inner(attn, *args, **kwargs)  # the stock path, untouched
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, N, C): image (joint) or [txt, img] (single)
         enc = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")  # (B, N_txt, C) or None
-        if enc is not None:
-            n_txt, n_seq = enc.shape[1], hidden.shape[1] + enc.shape[1]
-        else:
-            # FLUX single-stream: the processor cannot see where text ends; the transformer's own
-            # forward input told the run state.
-            n_txt, n_seq = None, hidden.shape[1]
+        # FLUX single-stream (no enc): the processor cannot see where text ends; the run state knows.
+        n_txt, n_seq = (None, hidden.shape[1]) if enc is None else (enc.shape[1], hidden.shape[1] + enc.shape[1])
         mode = _SDPAOverride(self, n_txt, n_seq, compiled)
         with mode:  # not "as mode": torch.compile loses that name when the block graph-breaks
             out = self.inner(attn, *args, **kwargs)
         if mode.calls != 1:
-            raise TacaProbeError(
-                f"{self.site.name}: {type(self.inner).__name__} made {mode.calls} native attention calls "
-                "instead of 1; TACA needs diffusers' native attention backend "
-                "(unset DIFFUSERS_ATTN_BACKEND / attention_backend())"
-            )
+            raise TacaProbeError(f"{self.site.name}: {type(self.inner).__name__} made {mode.calls} native attention "
+                                 "calls instead of 1; TACA needs diffusers' native attention backend "
+                                 "(unset DIFFUSERS_ATTN_BACKEND / attention_backend())")
         return out
 
 

@@ -1,10 +1,8 @@
 """Gamma schedules: when and where TACA scales the visual-query -> text-key attention logits.
 
-TACA (arXiv 2506.07986) scales the image-to-text logits of an MM-DiT by gamma > 0 during part of the
-denoising: the paper's ``step:1.2@970`` (t >= 970 on the 0..1000 scale), the official code's
-``first:1.2@3``. :func:`parse` turns a spec (:data:`FORMS`) into an immutable :class:`Schedule` whose
-:meth:`~Schedule.gamma` is the temperature of one attention call, and ``parse(str(s)) == s``. Bad
-specs raise :class:`~taca_probe.errors.ScheduleError`, one line ending with :data:`FORMS_LINE`.
+:func:`parse` turns a spec (:data:`FORMS`; the paper's ``step:1.2@970``, the official code's
+``first:1.2@3``) into an immutable :class:`Schedule`, and ``parse(str(s)) == s``. Bad specs raise
+a one-line :class:`~taca_probe.errors.ScheduleError` ending with :data:`FORMS_LINE`.
 """
 
 import abc
@@ -139,8 +137,7 @@ class Schedule(abc.ABC):
 
     @property
     def spec(self) -> str:
-        """Canonical one-line form: shortest numbers (970.0 -> 970), table entries by decreasing T,
-        ``;blocks=`` before ``;layers=``; ``parse(s.spec) == s``."""
+        """Canonical one-line form (shortest numbers, table by decreasing T); ``parse(s.spec) == s``."""
         return self._spec.format(**self._formatted())
 
     @property
@@ -246,8 +243,8 @@ class FracSchedule(Schedule):
 
 @dataclass(frozen=True)
 class _Ramp(Schedule):
-    """``gamma_start`` for ``t >= t_start``, ``gamma_end`` for ``t <= t_end`` (``T0 > T1``), and in
-    between the weight ``_shape(u)`` of ``gamma_end`` at progress ``u = (T0 - t) / (T0 - T1)``."""
+    """``gamma_start`` for ``t >= t_start``, ``gamma_end`` for ``t <= t_end``, weight ``_shape(u)`` of
+    ``gamma_end`` at progress ``u = (T0 - t) / (T0 - T1)`` in between."""
 
     gamma_start: float = _field(_gamma, "gamma G0")
     gamma_end: float = _field(_gamma, "gamma G1")

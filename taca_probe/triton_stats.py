@@ -1,13 +1,9 @@
 """A single-pass Triton kernel for the probe's visual->text sums (optional; CUDA with Triton).
 
-Given each visual query's log-sum-exp ``L_i`` (from the attention call itself), one pass over the
-visual-query x text-key tiles computes ``p_ij = exp(scale * q_i.k_j - L_i)`` in fp32 registers and
-reduces it both ways: the row sums (each query's mass on text) are stored, the column sums (each
-text token's mass, summed over the tile's queries and the heads) are added atomically. No logit
-block reaches memory, and the work is one small matmul (N_vis x N_txt x D) plus its exponentials.
-
-Triton is imported only here and only when asked for (``available()``): the package runs without
-it. ``TRITON_INTERPRET=1`` runs the kernel on the CPU (the tests do).
+One pass over the visual-query x text-key tiles computes ``p_ij = exp(scale * q_i.k_j - L_i)`` in
+fp32 registers and reduces it both ways: row sums stored, column sums added atomically; no logit
+block reaches memory. Triton is imported only when asked for; ``TRITON_INTERPRET=1`` runs the
+kernel on the CPU (the tests do).
 """
 
 from __future__ import annotations
@@ -76,11 +72,9 @@ def text_sums(q_v: torch.Tensor, k_t: torch.Tensor, lse: torch.Tensor, scale: fl
 
     Parameters
     ----------
-    q_v : (B, H, N_vis, D)
-    k_t : (B, H, N_txt, D), same dtype
-    lse : (B, H, N_vis) fp32, each query's log-sum-exp to subtract
+    q_v, k_t : (B, H, N_vis, D) and (B, H, N_txt, D), one dtype
+    lse : (B, H, N_vis), each query's log-sum-exp to subtract
     scale : the logits' scale (gamma included)
-    columns : also return the column sums
 
     Returns
     -------
@@ -95,14 +89,10 @@ def text_sums(q_v: torch.Tensor, k_t: torch.Tensor, lse: torch.Tensor, scale: fl
     rows = torch.empty((B, H, n_vis), dtype=torch.float32, device=q_v.device)
     cols = torch.zeros((B, n_txt), dtype=torch.float32, device=q_v.device) if columns else rows
     block_m, block_n = (64, 64) if d <= 64 else (64, 32)
-    grid = (triton_cdiv(n_vis, block_m), B * H)
+    grid = (-(-n_vis // block_m), B * H)  # ceil(n_vis / block_m) query tiles per (batch, head)
     _kernel()[grid](
         q_v, k_t, lse, rows, cols, H, n_vis, n_txt, float(scale),
         *q_v.stride(), *k_t.stride(), *lse.stride(),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, WITH_COLS=columns,
     )
     return rows, (cols if columns else None)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
