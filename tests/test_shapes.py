@@ -389,6 +389,30 @@ def test_training_warm_start_and_shortened_schedule(tmp_path: Path) -> None:
         1 + np.cos(np.pi * (31 - cfg.warmup_steps) / (32 - cfg.warmup_steps))))
 
 
+@pytest.mark.slow  # trains for a few seconds
+def test_training_fits_the_schedule_to_the_time_budget(tmp_path: Path) -> None:
+    """--fit-steps: the cosine is set from the measured rate so that it ends within --minutes."""
+    from taca_probe.shapes.train import TrainConfig, TrainError, train
+
+    with pytest.raises(TrainError) as excinfo:
+        train(TrainConfig(**TINY), tmp_path / "a", fit_steps=True, log=lambda _: None)
+    one_line(excinfo.value, "--minutes")
+    lines: list[str] = []
+    run = train(TrainConfig(**dict(TINY, steps=10**6, log_every=1000)), tmp_path / "b", minutes=0.3, fit_steps=True,
+                export=False, log=lines.append)
+    fitted = [line for line in lines if "schedule fitted" in line]
+    assert len(fitted) == 1
+    steps = int(fitted[0].split(", ")[-1].split()[0])
+    assert 100 < steps < 10**6
+    # The run stops at the fitted length or at the budget, whichever comes first, and checkpoints
+    # the fitted length (a resume continues the same cosine).
+    assert 100 <= run["step"] <= steps
+    import torch
+
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True, map_location="cpu")
+    assert saved["config"]["steps"] == steps
+
+
 def test_training_tokenizers_are_the_shipped_ones() -> None:
     """train.py builds (without the package's model registry) exactly the shipped tokenizers."""
     from transformers import CLIPTokenizer, T5Tokenizer
