@@ -7,5 +7,5 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/excl
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" -d .whl \
-  diffusers==0.42.1 zarr==3.1.6 numcodecs donfig google-crc32c
+  diffusers==0.42.1 zarr==3.1.6 numcodecs donfig google-crc32c plotly narwhals
 ls -la .whl
