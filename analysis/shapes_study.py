@@ -4,7 +4,7 @@
 Subcommands (results under ``--results``, default ``analysis/results/shapes_study``):
 
     python analysis/shapes_study.py cfg        # guidance scale on *seen* prompts (never the held-out ones)
-    python analysis/shapes_study.py generate --worker 0 --workers 2 --seeds 0-23
+    python analysis/shapes_study.py generate --worker 0 --workers 2 --seeds 0-39
     python analysis/shapes_study.py analyze    # table.md + study.json from every worker's records
     python analysis/shapes_study.py suppression
 

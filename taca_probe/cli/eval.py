@@ -34,17 +34,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "By default a quick preset: seed 0 only, 44 images a schedule (4 one-object + 40 two-object prompts; "
         "about 1 min a schedule on a CPU core). It shows binding and spatial relation against chance "
         "(two-object intervals about +-0.15); it cannot judge one-object prompts (n = 4) or resolve "
-        "differences between schedules. --full runs the protocol of the README's table: seeds 0-19, 880 images a "
-        "schedule (800 two-object images, paired across schedules by prompt and seed: 95% intervals of "
-        "a schedule-minus-baseline difference about +-0.03), about 18 min a schedule on a CPU core.",
+        "differences between schedules. --full runs the protocol of the README's table: seeds 0-39, 1760 images a "
+        "schedule (1600 two-object images, paired across schedules by prompt and seed: 95% intervals of "
+        "a schedule-minus-baseline difference within +-0.03), about 22 min a schedule on a CPU core.",
     )
     p.add_argument("--schedule", action="append", default=None,
                    help="TACA schedule, repeatable to compare several (default: none = the stock model)")
     p.add_argument("--seeds", type=seeds, default=None,
-                   help="seeds per prompt (default: 0, the quick preset; --full: 0-19)")
+                   help="seeds per prompt (default: 0, the quick preset; --full: 0-39)")
     p.add_argument("--full", action="store_true",
-                   help="the full protocol of the README's results: seeds 0-19 (20 x 44 images a schedule, about "
-                   "18 min a schedule on a CPU core) instead of the quick preset")
+                   help="the full protocol of the README's results: seeds 0-39 (40 x 44 images a schedule, about "
+                   "22 min a schedule on a CPU core) instead of the quick preset")
     p.add_argument("--prompt-set", choices=["all", "one", "two"], default="all",
                    help="held-out one-object prompts, two-object prompts, or both (default all)")
     p.add_argument("--prompt", action="append",
