@@ -8,7 +8,7 @@ Run by ``analysis/gpu_shapes.sh`` on the device machine (one H100/H200), from th
 1. Trains every variant of :data:`VARIANTS` at once on the one GPU (``taca_probe.shapes.train``,
    batches made by worker processes, the cosine fitted to the time budget).
 2. Evaluates each (in parallel): the guidance scale on *seen* prompts (``shapes_study.py cfg``),
-   then the held-out protocol at that scale (``taca-probe eval --full``, seeds 0-19, fp32).
+   then the held-out protocol at that scale (``taca-probe eval --full``, seeds 0-39, fp32).
 3. Picks the variant with the best seen-prompt score (never the held-out one) and runs the
    schedule study's ``generate`` on it, seed-major, until the deadline.
 
@@ -55,8 +55,9 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=530, help="seconds from start to stop the study")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--workers", type=int, default=3, help="data worker processes per variant")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--seeds", default="0-19", help="held-out seeds (the study's too); 0-19 is eval --full")
+    p.add_argument("--seeds", default="0-39", help="held-out seeds (the study's too); 0-39 is eval --full")
     p.add_argument("--cfg-seeds", type=int, default=4, help="seeds per seen prompt for the guidance scale")
     p.add_argument("--scales", default=",".join(map(str, SCALES)))
     args = p.parse_args()
@@ -65,6 +66,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     summary: dict = {"variants": {n: {"args": VARIANTS[n]} for n in names}, "phases": {}}
 
     def save(phase: str) -> None:
@@ -74,7 +78,7 @@ def main() -> int:
 
     py = sys.executable
     procs = {
-        n: _launch([py, "-m", "taca_probe.shapes.train", "--out", str(WORK / n), "--device", args.device, "--workers", "3",
+        n: _launch([py, "-m", "taca_probe.shapes.train", "--out", str(WORK / n), "--device", args.device, "--workers", str(args.workers),
                     "--batch-size", str(args.batch_size), "--minutes", str(args.minutes), "--fit-steps",
                     "--checkpoint-minutes", "1000", *VARIANTS[n]], WORK / f"train-{n}.log")
         for n in names
