@@ -27,7 +27,7 @@ from . import dataset as ds
 
 __all__ = [
     "CATEGORIES", "CategoryScore", "DetectedObject", "PromptScore", "aggregate", "chance_levels", "detect_objects",
-    "evaluate_images", "paired_difference", "score_prompt",
+    "evaluate_images", "object_masks", "paired_difference", "score_prompt",
 ]
 
 #: Pixels less saturated / darker than this are background (or shadow-free blur towards it).
@@ -100,8 +100,39 @@ def _templates(shape: tuple[int, int], area: float, cx: float, cy: float) -> dic
     }
 
 
+def object_masks(image: Any) -> dict[str, np.ndarray]:
+    """Each dataset colour's object in an image: its largest connected component, holes filled.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image or numpy.ndarray
+        RGB image; ``uint8`` or float in ``[0, 1]``.
+
+    Returns
+    -------
+    dict
+        Colour name -> boolean ``(H, W)`` mask, for the colours present (components smaller than
+        ``MIN_AREA_FRACTION`` of the smallest dataset object are noise, not objects).
+    """
+    arr = _to_array(image)
+    hue, sat, val = _hsv(arr)
+    coloured = (sat >= MIN_SATURATION) & (val >= MIN_VALUE)
+    names = list(_HUES)
+    dist = np.stack([np.abs((hue - _HUES[n] + 180.0) % 360.0 - 180.0) for n in names])
+    nearest = dist.argmin(0)
+    close = dist.min(0) <= MAX_HUE_DISTANCE_DEG
+    masks: dict[str, np.ndarray] = {}
+    for i, name in enumerate(names):
+        mask = coloured & close & (nearest == i)
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        areas = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        if n and areas.max() >= _MIN_AREA:
+            masks[name] = ndimage.binary_fill_holes(labels == int(np.argmax(areas)) + 1)
+    return masks
+
+
 def detect_objects(image: Any) -> list[DetectedObject]:
-    """Find the objects in an image: colour, shape, centroid.
+    """Find the objects in an image (:func:`object_masks`): colour, shape, centroid.
 
     Parameters
     ----------
@@ -113,21 +144,8 @@ def detect_objects(image: Any) -> list[DetectedObject]:
     list of DetectedObject
         At most one per dataset colour (its largest component), largest first.
     """
-    arr = _to_array(image)
-    hue, sat, val = _hsv(arr)
-    coloured = (sat >= MIN_SATURATION) & (val >= MIN_VALUE)
-    names = list(_HUES)
-    dist = np.stack([np.abs((hue - _HUES[n] + 180.0) % 360.0 - 180.0) for n in names])
-    nearest = dist.argmin(0)
-    close = dist.min(0) <= MAX_HUE_DISTANCE_DEG
     found: list[DetectedObject] = []
-    for i, name in enumerate(names):
-        mask = coloured & close & (nearest == i)
-        labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-        areas = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-        if n == 0 or areas.max() < _MIN_AREA:
-            continue
-        comp = ndimage.binary_fill_holes(labels == int(np.argmax(areas)) + 1)
+    for name, comp in object_masks(image).items():
         cy, cx = ndimage.center_of_mass(comp)
         # Centroids in the same pixel-centre coordinates as dataset.ObjectSpec.
         cx, cy = float(cx) + 0.5, float(cy) + 0.5
