@@ -7,6 +7,7 @@ Subcommands (results under ``--results``, default ``analysis/results/shapes_stud
     python analysis/shapes_study.py generate --worker 0 --workers 2 --seeds 0-39
     python analysis/shapes_study.py analyze    # table.md + study.json from every worker's records
     python analysis/shapes_study.py suppression
+    python analysis/shapes_study.py binding    # own vs other word attention per object
 
 ``generate`` appends one JSON line per image (schedule, prompt, seed, scores, detections) to
 ``images-w<worker>.jsonl`` in seed-major order: every schedule of a seed before the next seed, so
@@ -18,10 +19,17 @@ held-out one-object prompts (the gamma = 1 figures).
 ``analyze`` pairs every schedule with ``none`` image by image (same prompt, same seed: the same
 starting noise) over the (prompt, seed) pairs both have, and reports the mean difference with a
 prompt-cluster bootstrap 95% interval (:func:`taca_probe.shapes.evaluator.paired_difference`).
+It also tabulates what shape each object came out with (:func:`shape_errors`).
 
 ``suppression`` records the visual->text attention mass (every layer, every step) for the baseline
 and the paper's schedule on held-out prompts and tabulates it against the uniform reference
 ``n_txt / (n_txt + n_vis)``.
+
+``binding`` records attention maps for the baseline and the paper's schedule on the held-out
+two-object prompts and asks, per object, whether its image tokens (the object's region in the
+final image, :func:`taca_probe.shapes.evaluator.object_masks`) attend to *its own* shape and colour
+words more than to the other object's (:func:`word_attention`), by step, by layer and by whether
+the object came out with its own shape or the other object's.
 """
 
 from __future__ import annotations
@@ -175,6 +183,45 @@ def _score(r: dict):
     return ev.PromptScore(r["prompt"], r["kind"], r["scores"])
 
 
+def shape_errors(records: list[dict]) -> dict:
+    """What shape each named object came out with, from the study's records of one schedule.
+
+    Two-object images whose prompt names two different shapes: per object, the fraction drawn with
+    its own shape, the *other* object's, the third shape, or none (irregular or missing); per
+    image, the fraction where the two shapes are swapped and where both objects got the same one of
+    the two named shapes. One-object images: how often each shape was drawn, per prompt.
+    """
+    from taca_probe.shapes import dataset as ds
+
+    objects = {"own": 0, "other": 0, "third": 0, "none": 0}
+    pairs = {"n": 0, "swapped": 0, "both_one_named_shape": 0}
+    one: dict[str, dict[str, int]] = {}
+    for r in records:
+        spec = ds.parse_prompt(r["prompt"])
+        drawn = {o["colour"]: o["shape"] for o in r["objects"]}
+        if spec.relation is None:
+            (colour, _), = spec.objects
+            counts = one.setdefault(spec.text, {})
+            got = drawn.get(colour, "missing")
+            counts[got] = counts.get(got, 0) + 1
+            continue
+        (ca, sa), (cb, sb) = spec.objects
+        if sa == sb:
+            continue
+        da, db = drawn.get(ca), drawn.get(cb)
+        for d, own, other in ((da, sa, sb), (db, sb, sa)):
+            objects["own" if d == own else "other" if d == other else "third" if d in ds.SHAPES else "none"] += 1
+        pairs["n"] += 1
+        pairs["swapped"] += da == sb and db == sa
+        pairs["both_one_named_shape"] += da == db and da in (sa, sb)
+    n = sum(objects.values())
+    return {"objects": n, "object_fractions": {k: round(v / n, 4) if n else None for k, v in objects.items()},
+            "images": pairs["n"],
+            "image_fractions": {k: round(pairs[k] / pairs["n"], 4) if pairs["n"] else None
+                                for k in ("swapped", "both_one_named_shape")},
+            "one_object_drawn": one}
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from taca_probe.shapes import evaluator as ev
 
@@ -224,6 +271,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                            for c in ("binding", "spatial")},
         }
         rows.append(spec)
+    study["shape_errors"] = {spec: shape_errors(list(by.get(spec, {}).values())) for spec in SCHEDULES if spec in by}
     (res / "study.json").write_text(json.dumps(study, indent=1) + "\n")
     if args.record:  # the shipped model's manifest keeps the README's figures
         from taca_probe.shapes.benchmark import record_scores
@@ -301,6 +349,140 @@ def cmd_suppression(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# binding: does an object's region attend to its own words?
+# --------------------------------------------------------------------------------------------
+
+
+def word_attention(data) -> list[dict]:
+    """Per (schedule, sample, object): the attention of the object's region to its own and the other words.
+
+    ``data``: a sweep (:func:`taca_probe.open_sweep`) with ``maps`` and ``image`` on two-object
+    shapes prompts. The region is the object's mask in the sample's final image (by colour),
+    reduced to the latent token grid (a token belongs to it when at least half its pixels do). A
+    word's attention is the map summed over every text position holding that word (CLIP and T5
+    both) and averaged over the region's tokens, per recorded (step, layer). Objects whose colour
+    is missing or whose region covers no whole token are left out; the shape-word pair is NaN when
+    both objects have the same shape.
+
+    Returns
+    -------
+    list of dict
+        ``schedule``, ``sample``, ``prompt``, ``object`` (0: first named), ``named``/``drawn`` shape, and
+        ``shape_own``, ``shape_other``, ``colour_own``, ``colour_other`` as (step, layer) arrays
+        over :func:`taca_probe.analysis.recorded_map_steps` and the store's layers.
+    """
+    from taca_probe.analysis import readable_token, recorded_map_steps
+    from taca_probe.shapes import dataset as ds
+    from taca_probe.shapes.evaluator import detect_objects, object_masks
+
+    steps = recorded_map_steps(data)
+    gy, gx = data.sizes["y"], data.sizes["x"]
+    out: list[dict] = []
+    for i, spec in enumerate(data["schedule"].values.tolist()):
+        run = data.isel(schedule=i).sel(step=steps)
+        for s in range(run.sizes["sample"]):
+            one = run.isel(sample=s)
+            prompt = ds.parse_prompt(str(one["prompt"].values))
+            image = one["image"].values
+            masks, drawn = object_masks(image), {o.colour: o.shape for o in detect_objects(image)}
+            words = [readable_token(t) for t in one["token_text"].values.tolist()]
+            maps = one["maps"].transpose("step", "layer", "token", "y", "x").values.astype(np.float64)
+
+            def word(w: str) -> np.ndarray:  # (step, layer, y, x): the map of every position of word w
+                return maps[:, :, [k for k, t in enumerate(words) if t == w]].sum(2)
+
+            for k, (colour, shape) in enumerate(prompt.objects):
+                other_colour, other_shape = prompt.objects[1 - k]
+                if colour not in masks:
+                    continue
+                m = masks[colour]
+                region = m.reshape(gy, m.shape[0] // gy, gx, m.shape[1] // gx).mean((1, 3)) >= 0.5
+                if not region.any():
+                    continue
+                mean = lambda a: a[:, :, region].mean(-1)  # noqa: E731 - (step, layer) over the region
+                nan = np.full((len(steps), run.sizes["layer"]), np.nan)
+                out.append({
+                    "schedule": str(spec), "sample": s, "prompt": prompt.text, "object": k, "named": shape,
+                    "drawn": drawn.get(colour), "other_named": other_shape,
+                    "shape_own": mean(word(shape)),
+                    "shape_other": nan if shape == other_shape else mean(word(other_shape)),
+                    "colour_own": mean(word(colour)), "colour_other": mean(word(other_colour)),
+                })
+    return out
+
+
+def _early_own(rows: list[dict], kind: str, early: np.ndarray) -> np.ndarray:
+    """Per object: own / (own + other) over the early steps and every layer (one number each)."""
+    return np.array([(r[f"{kind}_own"] / (r[f"{kind}_own"] + r[f"{kind}_other"]))[early].mean() for r in rows])
+
+
+def _own_fraction(rows: list[dict], kind: str, axis: int) -> list[float]:
+    """Mean over objects of own / (own + other) for ``kind`` words, averaged over steps (0) or layers (1)."""
+    frac = [r[f"{kind}_own"] / (r[f"{kind}_own"] + r[f"{kind}_other"]) for r in rows]
+    frac = [f for f in frac if not np.isnan(f).all()]
+    return np.round(np.mean([f.mean(axis) for f in frac], 0), 4).tolist() if frac else []
+
+
+def cmd_binding(args: argparse.Namespace) -> int:
+    import taca_probe
+    from taca_probe import open_sweep
+    from taca_probe.shapes import dataset as ds
+    from taca_probe.stats import bootstrap_ci
+
+    res = Path(args.results)
+    folder = res / "binding_sweep"
+    prompts = [p.text for p in ds.held_out_prompts("two")]
+    mode = "resume" if (folder / "sweep.json").is_file() else "create"
+    taca_probe.run_sweep(args.model, folder, prompts=prompts, seeds=int_ranges(args.seeds),
+                         schedules=["none", "step:1.2@970"], maps=f"steps={args.steps}", mode=mode,
+                         call={"guidance_scale": args.guidance}, device="cpu")
+    data = open_sweep(folder)
+    rows = word_attention(data)
+    steps = [int(x) for x in data["step"].values if x in set(int_ranges(args.steps))]
+    timestep = data["timestep"].isel({d: 0 for d in ("schedule", "sample") if d in data["timestep"].dims})
+    out: dict = {"prompts": len(prompts), "seeds": args.seeds, "map_steps": steps,
+                 "timesteps": np.round(timestep.sel(step=steps).values, 1).tolist(),
+                 "layers": [str(x) for x in data["layer"].values.tolist()], "schedules": {}}
+    for spec in data["schedule"].values.tolist():
+        mine = [r for r in rows if r["schedule"] == str(spec)]
+        diff = [r for r in mine if r["named"] != r["other_named"]]
+        groups = {"all": diff, "drawn_own_shape": [r for r in diff if r["drawn"] == r["named"]],
+                  "drawn_other_shape": [r for r in diff if r["drawn"] == r["other_named"]]}
+        out["schedules"][str(spec)] = {
+            "objects": len(mine), "different_shape_objects": len(diff),
+            "shape_own_fraction": {g: {"n": len(v), "by_step": _own_fraction(v, "shape", 1),
+                                       "by_layer": _own_fraction(v, "shape", 0)} for g, v in groups.items()},
+            "colour_own_fraction": {"by_step": _own_fraction(mine, "colour", 1),
+                                    "by_layer": _own_fraction(mine, "colour", 0)},
+            # How much of the region's attention the two shape words get (not a fraction): what TACA scales.
+            "shape_words_mass_by_step": np.round(
+                np.mean([(r["shape_own"] + r["shape_other"]).mean(1) for r in diff], 0), 5).tolist(),
+        }
+    # The steps where the paper's rule acts (t >= 970): per-object own fractions with prompt-cluster
+    # intervals, and TACA minus baseline paired by (sample, object) (same prompt and seed).
+    early = np.array(out["timesteps"]) >= 970
+    base = {(r["sample"], r["object"]): r for r in rows if r["schedule"] == "none" and r["named"] != r["other_named"]}
+    for spec, v in out["schedules"].items():
+        mine = [r for r in rows if r["schedule"] == spec and r["named"] != r["other_named"]]
+        v["early_steps"] = {}
+        for kind in ("shape", "colour"):
+            ci = bootstrap_ci(_early_own(mine, kind, early), clusters=[r["prompt"] for r in mine])
+            v["early_steps"][f"{kind}_own_fraction"] = np.round(ci, 4).tolist()
+            if spec != "none":
+                both = [r for r in mine if (r["sample"], r["object"]) in base]
+                paired = [base[(r["sample"], r["object"])] for r in both]
+                d = _early_own(both, kind, early) - _early_own(paired, kind, early)
+                v["early_steps"][f"{kind}_own_fraction_minus_none"] = np.round(
+                    bootstrap_ci(d, clusters=[r["prompt"] for r in both]), 4).tolist()
+    (res / "binding.json").write_text(json.dumps(out, indent=1) + "\n")
+    for spec, v in out["schedules"].items():
+        print(spec, "own shape-word fraction by step:", v["shape_own_fraction"]["all"]["by_step"])
+        print(spec, "own colour-word fraction by step:", v["colour_own_fraction"]["by_step"])
+        print(spec, "at t >= 970 (mean, 95% interval):", v["early_steps"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="shapes")
@@ -325,11 +507,16 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("suppression")
     s.add_argument("--n-prompts", type=int, default=8)
     s.add_argument("--guidance", type=float, default=None)
+    b = sub.add_parser("binding")
+    b.add_argument("--seeds", default="0-3")
+    b.add_argument("--steps", default="0,1,2,3,6,12,18,24", help="denoising steps whose maps are recorded")
+    b.add_argument("--guidance", type=float, default=None)
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    return {"cfg": cmd_cfg, "generate": cmd_generate, "analyze": cmd_analyze, "suppression": cmd_suppression}[args.cmd](args)
+    return {"cfg": cmd_cfg, "generate": cmd_generate, "analyze": cmd_analyze, "suppression": cmd_suppression,
+            "binding": cmd_binding}[args.cmd](args)
 
 
 if __name__ == "__main__":
