@@ -132,12 +132,7 @@ def object_masks(image: Any) -> dict[str, np.ndarray]:
 
 
 def detect_objects(image: Any) -> list[DetectedObject]:
-    """Find the objects in an image (:func:`object_masks`): colour, shape, centroid.
-
-    Parameters
-    ----------
-    image : PIL.Image.Image or numpy.ndarray
-        RGB image; ``uint8`` or float in ``[0, 1]``.
+    """Find the objects in an image (the masks of :func:`object_masks`, same ``image``): colour, shape, centroid.
 
     Returns
     -------
