@@ -333,7 +333,7 @@ def cmd_suppression(args: argparse.Namespace) -> int:
         m = data["vis_txt_mass"].isel(schedule=i).mean(("sample", "head"))  # (step, layer)
         layers = [str(x) for x in data["layer"].values.tolist()] if "layer" in data.coords else list(range(m.sizes["layer"]))
         arr = m.transpose("step", "layer").values
-        out["schedules"][str(spec)] = {
+        v = out["schedules"][spec] = {
             "layers": layers,
             "by_step_layer": np.round(arr, 4).tolist(),
             "by_step": np.round(arr.mean(1), 4).tolist(),
@@ -412,21 +412,26 @@ def word_attention(data) -> list[dict]:
     return out
 
 
+def _own(r: dict, kind: str) -> np.ndarray:
+    """One object's own / (own + other) for ``kind`` (shape or colour) words, per (step, layer)."""
+    return r[f"{kind}_own"] / (r[f"{kind}_own"] + r[f"{kind}_other"])
+
+
 def _early_own(rows: list[dict], kind: str, early: np.ndarray) -> np.ndarray:
-    """Per object: own / (own + other) over the early steps and every layer (one number each)."""
-    return np.array([(r[f"{kind}_own"] / (r[f"{kind}_own"] + r[f"{kind}_other"]))[early].mean() for r in rows])
+    """Per object: :func:`_own` over the early steps and every layer (one number each)."""
+    return np.array([_own(r, kind)[early].mean() for r in rows])
 
 
 def _own_fraction(rows: list[dict], kind: str, axis: int) -> list[float]:
-    """Mean over objects of own / (own + other) for ``kind`` words, averaged over steps (0) or layers (1)."""
-    frac = [r[f"{kind}_own"] / (r[f"{kind}_own"] + r[f"{kind}_other"]) for r in rows]
-    frac = [f for f in frac if not np.isnan(f).all()]
+    """Mean over objects of :func:`_own`, averaged over steps (0) or layers (1)."""
+    frac = [f for f in (_own(r, kind) for r in rows) if not np.isnan(f).all()]
     return np.round(np.mean([f.mean(axis) for f in frac], 0), 4).tolist() if frac else []
 
 
 def cmd_binding(args: argparse.Namespace) -> int:
     import taca_probe
     from taca_probe import open_sweep
+    from taca_probe.analysis import recorded_map_steps
     from taca_probe.shapes import dataset as ds
     from taca_probe.stats import bootstrap_ci
 
@@ -434,43 +439,41 @@ def cmd_binding(args: argparse.Namespace) -> int:
     folder = res / "binding_sweep"
     prompts = [p.text for p in ds.held_out_prompts("two")]
     mode = "resume" if (folder / "sweep.json").is_file() else "create"
-    taca_probe.run_sweep(args.model, folder, prompts=prompts, seeds=int_ranges(args.seeds),
-                         schedules=["none", "step:1.2@970"], maps=f"steps={args.steps}", mode=mode,
+    taca_probe.run_sweep(args.model, folder, prompts=prompts, seeds=args.seeds,
+                         schedules=["none", "step:1.2@970"], maps="steps=" + ",".join(map(str, args.steps)), mode=mode,
                          call={"guidance_scale": args.guidance}, device="cpu")
     data = open_sweep(folder)
     rows = word_attention(data)
-    steps = [int(x) for x in data["step"].values if x in set(int_ranges(args.steps))]
+    steps = recorded_map_steps(data)
     timestep = data["timestep"].isel({d: 0 for d in ("schedule", "sample") if d in data["timestep"].dims})
     out: dict = {"prompts": len(prompts), "seeds": args.seeds, "map_steps": steps,
                  "timesteps": np.round(timestep.sel(step=steps).values, 1).tolist(),
                  "layers": [str(x) for x in data["layer"].values.tolist()], "schedules": {}}
-    for spec in data["schedule"].values.tolist():
-        mine = [r for r in rows if r["schedule"] == str(spec)]
+    # At the steps where the paper's rule acts (t >= 970): per-object own fractions with prompt-cluster
+    # intervals, and TACA minus baseline paired by (sample, object) (same prompt and seed).
+    early = np.array(out["timesteps"]) >= 970
+    base = {(r["sample"], r["object"]): r for r in rows if r["schedule"] == "none" and r["named"] != r["other_named"]}
+    for spec in map(str, data["schedule"].values.tolist()):
+        mine = [r for r in rows if r["schedule"] == spec]
         diff = [r for r in mine if r["named"] != r["other_named"]]
         groups = {"all": diff, "drawn_own_shape": [r for r in diff if r["drawn"] == r["named"]],
                   "drawn_other_shape": [r for r in diff if r["drawn"] == r["other_named"]]}
-        out["schedules"][str(spec)] = {
+        v = out["schedules"][spec] = {
             "objects": len(mine), "different_shape_objects": len(diff),
-            "shape_own_fraction": {g: {"n": len(v), "by_step": _own_fraction(v, "shape", 1),
-                                       "by_layer": _own_fraction(v, "shape", 0)} for g, v in groups.items()},
+            "shape_own_fraction": {g: {"n": len(grp), "by_step": _own_fraction(grp, "shape", 1),
+                                       "by_layer": _own_fraction(grp, "shape", 0)} for g, grp in groups.items()},
             "colour_own_fraction": {"by_step": _own_fraction(mine, "colour", 1),
                                     "by_layer": _own_fraction(mine, "colour", 0)},
             # How much of the region's attention the two shape words get (not a fraction): what TACA scales.
             "shape_words_mass_by_step": np.round(
                 np.mean([(r["shape_own"] + r["shape_other"]).mean(1) for r in diff], 0), 5).tolist(),
+            "early_steps": {},
         }
-    # The steps where the paper's rule acts (t >= 970): per-object own fractions with prompt-cluster
-    # intervals, and TACA minus baseline paired by (sample, object) (same prompt and seed).
-    early = np.array(out["timesteps"]) >= 970
-    base = {(r["sample"], r["object"]): r for r in rows if r["schedule"] == "none" and r["named"] != r["other_named"]}
-    for spec, v in out["schedules"].items():
-        mine = [r for r in rows if r["schedule"] == spec and r["named"] != r["other_named"]]
-        v["early_steps"] = {}
         for kind in ("shape", "colour"):
-            ci = bootstrap_ci(_early_own(mine, kind, early), clusters=[r["prompt"] for r in mine])
+            ci = bootstrap_ci(_early_own(diff, kind, early), clusters=[r["prompt"] for r in diff])
             v["early_steps"][f"{kind}_own_fraction"] = np.round(ci, 4).tolist()
             if spec != "none":
-                both = [r for r in mine if (r["sample"], r["object"]) in base]
+                both = [r for r in diff if (r["sample"], r["object"]) in base]
                 paired = [base[(r["sample"], r["object"])] for r in both]
                 d = _early_own(both, kind, early) - _early_own(paired, kind, early)
                 v["early_steps"][f"{kind}_own_fraction_minus_none"] = np.round(
@@ -508,8 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--n-prompts", type=int, default=8)
     s.add_argument("--guidance", type=float, default=None)
     b = sub.add_parser("binding")
-    b.add_argument("--seeds", default="0-3")
-    b.add_argument("--steps", default="0,1,2,3,6,12,18,24", help="denoising steps whose maps are recorded")
+    b.add_argument("--seeds", type=int_ranges, default=[0, 1, 2, 3], help="e.g. 0-3 (default)")
+    b.add_argument("--steps", type=int_ranges, default=[0, 1, 2, 3, 6, 12, 18, 24],
+                   help="denoising steps whose maps are recorded (default 0-3,6,12,18,24)")
     b.add_argument("--guidance", type=float, default=None)
     args = p.parse_args(argv)
     import torch

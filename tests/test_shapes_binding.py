@@ -6,6 +6,7 @@ import runpy
 from pathlib import Path
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from taca_probe.shapes import dataset as ds
@@ -97,3 +98,14 @@ def test_shape_errors_counts_by_hand() -> None:
     assert got["object_fractions"] == {"own": 0.4, "other": 0.3, "third": 0.1, "none": 0.2}
     assert got["image_fractions"] == {"swapped": 0.2, "both_one_named_shape": 0.2}
     assert got["one_object_drawn"] == {"a green circle": {"circle": 1, "square": 1, "missing": 1}}
+
+
+def test_binding_refuses_bad_seeds_and_steps_in_one_line(tmp_path, capsys) -> None:
+    main = runpy.run_path(str(ROOT / "analysis" / "shapes_study.py"), run_name="not_main")["main"]
+    for flag, value in (("--seeds", "0-x"), ("--steps", "3-1")):
+        with pytest.raises(SystemExit) as exc:
+            main(["--results", str(tmp_path), "binding", flag, value])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert flag in err[-1] and value in err[-1] and "Traceback" not in "".join(err)
+    assert not any(tmp_path.iterdir())  # nothing recorded
