@@ -110,6 +110,14 @@ def test_figures_caps_and_eval_json_folder(tmp_path, capsys):
     _refused(rc, err, str(tmp_path))
 
 
+def test_figures_seed_must_be_a_nonnegative_integer(tmp_path, capsys):
+    """Audit: ``figures --seed -1`` passed the parser and failed in numpy as an internal error."""
+    for value in ("-1", "1.5", str(2**63)):
+        rc, _, err = run_cli(["figures", str(tmp_path), "--seed", value, "--out", str(tmp_path / "f")], capsys)
+        _refused(rc, err, "--seed")
+    assert not (tmp_path / "f").exists()
+
+
 class _Boom:
     def __reduce__(self):  # what a hostile checkpoint.pt carries: a call made while unpickling
         return (exec, ("open(__import__('os').environ['TACA_BOOM'], 'w').write('ran')",))

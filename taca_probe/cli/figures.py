@@ -8,6 +8,7 @@ import time
 
 from ..rendering import report
 from ..rendering import render_figures
+from ..selection import MAX_INT
 from .args import bounded, comparison_args, int_list, positive_int
 
 # literal copies of analysis.GROUP_BY, plotting.FIGURES and plotting.FORMATS (a test checks them)
@@ -53,7 +54,7 @@ def add_parsers(sub) -> None:
     fg.add_argument("--overlay", action="store_true", help="Fig. 3: draw the maps over the decoded image")
     fg.add_argument("--format", default="png,pdf", metavar="LIST", help=f"comma list of {', '.join(FORMATS)} (default png,pdf)")
     fg.add_argument("--dpi", type=bounded(10, 1200), default=150, help="PNG resolution (default 150)")
-    fg.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    fg.add_argument("--seed", type=bounded(0, MAX_INT), default=0, help="bootstrap seed (default 0)")
     fg.add_argument("--lazy", action="store_true", help="open stores with dask (for stores larger than memory)")
     fg.set_defaults(func=cmd_figures)
 
