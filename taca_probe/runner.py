@@ -280,8 +280,10 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
                     check_resume(t.store, run_settings(pipe, schedule=parse(t.schedule), maps=maps, branch=branch,
                                                        model=model), extra)
                     with probe(pipe, t.store, schedule=t.schedule, mode="resume", **common) as run:
-                        _repair(t, run.writer)
-                        _check_plan(t.store, [s[:3] for s in run.writer.slots()], plan)
+                        damaged = run.writer.damaged_slots()  # their keys may be unreadable: any planned one
+                        _check_plan(t.store, [UNKNOWN_SLOT[:3] if i in damaged else s[:3]
+                                              for i, s in enumerate(run.writer.slots())], plan)  # before any write
+                        _repair(t, run.writer, damaged)
                 else:  # refuses an existing store
                     with probe(pipe, t.store, schedule=t.schedule, mode="create", **common) as run:
                         run.create_planned(plan, call)
@@ -326,9 +328,8 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
     return recorded
 
 
-def _repair(target: Target, writer: RunWriter) -> None:
+def _repair(target: Target, writer: RunWriter, damaged: dict[int, list[str]]) -> None:
     """Mark complete samples whose chunks are missing, moved or damaged for re-recording."""
-    damaged = writer.damaged_slots()
     if damaged:
         listed = "; ".join(f"sample {slot}: {problems[0]}" for slot, problems in sorted(damaged.items())[:5])
         more = f" (and {len(damaged) - 5} more)" if len(damaged) > 5 else ""

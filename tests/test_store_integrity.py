@@ -277,6 +277,17 @@ def test_resume_names_the_setting_that_differs(recorded, store, capsys):
     assert _tree(store) == before
 
 
+def test_a_refused_resume_of_a_damaged_store_writes_nothing(store, capsys):
+    """Audit: the damaged sample was marked for repair (its completion flag deleted) before the plan was
+    checked, so a --resume refused for other seeds still changed the store."""
+    (store / "image/c/1/0/0/0").unlink()
+    before = _tree(store)
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2,3",
+                       "--maps", "steps=0", "--out", str(store), "--resume"], capsys)
+    assert rc == 2 and "--seeds" in err and "repairing" not in err and "Traceback" not in err
+    assert _tree(store) == before
+
+
 SELECTIONS = [
     (["--steps", "2", "--maps", "steps=5-9"], "0..1"),
     (["--steps", "2", "--maps", "steps=0-99"], "0..1"),  # issue #12 (a)
