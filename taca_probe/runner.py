@@ -222,6 +222,8 @@ def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, br
 def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     """Refuse to resume ``path`` with different settings, listing every difference."""
     stored = read_attrs(path)
+    if isinstance(stored.get("pipeline_kwargs"), dict):  # not an attribute of its own
+        stored.setdefault("max_sequence_length", stored["pipeline_kwargs"].get("max_sequence_length"))
     want = {k: settings.get(k) for k in _RESUME_KEYS}
     if settings.get("model"):
         want["model"] = settings["model"]
@@ -260,7 +262,8 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
     common = dict(maps=maps, branch=branch, lora=lora, lora_scale=lora_scale, model=model,
                   attrs={**(attrs or {}), "guidance": call.get("guidance_scale"), "pipeline_kwargs": call})
     extra = {"steps": call["num_inference_steps"], "height": call["height"], "width": call["width"],
-             "guidance": call.get("guidance_scale")}
+             "guidance": call.get("guidance_scale"), "max_sequence_length": call.get("max_sequence_length"),
+             "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale)}
     created: list[Path] = []
     writers: dict[Path, RunWriter | None] = {}
     recorded = [0] * len(targets)

@@ -288,6 +288,18 @@ def test_a_refused_resume_of_a_damaged_store_writes_nothing(store, capsys):
     assert _tree(store) == before
 
 
+@pytest.mark.parametrize("extra,key", [(["--max-sequence-length", "100"], "max_sequence_length"),
+                                       (["--lora-scale", "0.5"], "lora_scale")])
+def test_resume_compares_text_length_and_lora(store, capsys, extra, key):
+    """Audit: these were not compared; a sample to repair then failed mid-run ("n_txt: store 333 vs now
+    177") after the store was changed, or was recorded with another LoRA scale than the rest."""
+    (store / "image/c/1/0/0/0").unlink()
+    before = _tree(store)
+    rc, _, err = _resume(store, capsys, *extra)
+    assert rc == 2 and key in err and "repairing" not in err and "Traceback" not in err, err
+    assert _tree(store) == before
+
+
 SELECTIONS = [
     (["--steps", "2", "--maps", "steps=5-9"], "0..1"),
     (["--steps", "2", "--maps", "steps=0-99"], "0..1"),  # issue #12 (a)
