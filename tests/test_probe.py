@@ -212,6 +212,19 @@ def test_num_images_per_prompt_appends_one_sample_each(pipes, tmp_path):
     assert not np.array_equal(ds["image"].values[0], ds["image"].values[1])
 
 
+def test_sample_refuses_a_seed_the_cli_refuses(pipes, tmp_path):
+    """Audit: seed=1.5 and seed=True were recorded as seed 1, seed=-1 as -1 (``--seeds`` refuses all three)."""
+    pipe = pipes["tiny-sd3"]
+    for seed in (1.5, True, -1, 2**64):
+        with pytest.raises(TacaProbeError, match="seed"):
+            with probe(pipe, tmp_path / "s.zarr") as run:
+                run.sample("a", seed=seed, num_inference_steps=1, **SIZE)
+        assert not (tmp_path / "s.zarr").exists()
+    with probe(pipe, tmp_path / "s.zarr") as run:  # a numpy integer, e.g. from ds.seed.values, is fine
+        run.sample("a", seed=np.int64(3), num_inference_steps=1, **SIZE)
+    assert list(open_run(tmp_path / "s.zarr")["seed"].values) == [3]
+
+
 def test_tokens_are_labeled(pipes, tmp_path):
     for model in ("tiny-sd3", "tiny-flux"):
         with probe(pipes[model], tmp_path / f"{model}.zarr") as run:
