@@ -106,6 +106,11 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     version = doc.get("taca_probe_sweep") if isinstance(doc, dict) else None
     if not isinstance(version, int) or not 1 <= version <= SWEEP_FORMAT:
         raise SweepError(f"{str(f)!r} has sweep format {version!r}; this taca-probe reads 1..{SWEEP_FORMAT}")
+    entries = doc.get("schedules")
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("spec", "store", "images")) for e in entries):
+        raise SweepError(f"{str(f)!r} is damaged: 'schedules' must be a list of entries with the strings 'spec', "
+                         "'store' and 'images'; restore the file or record the sweep again elsewhere")
     return doc
 
 

@@ -118,6 +118,21 @@ def test_figures_seed_must_be_a_nonnegative_integer(tmp_path, capsys):
     assert not (tmp_path / "f").exists()
 
 
+@pytest.mark.parametrize("schedules", [5, [5], [{"spec": "none", "images": "images/00_none"}],
+                                       [{"spec": "none", "store": 7, "images": "i"}]])
+def test_a_damaged_sweep_manifest_is_one_line_everywhere(tmp_path, capsys, schedules):
+    """Audit: a sweep.json whose 'schedules' had the wrong shape was an internal TypeError/KeyError."""
+    import json
+
+    (tmp_path / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": schedules}))
+    for argv in (["figures", tmp_path, "--out", tmp_path / "f"], ["report", tmp_path, "--out", tmp_path / "r"],
+                 ["export-images", tmp_path, "--out", tmp_path / "e"]):
+        rc, _, err = run_cli(argv, capsys)
+        _refused(rc, err, "sweep.json")
+        assert "schedules" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json"]
+
+
 class _Boom:
     def __reduce__(self):  # what a hostile checkpoint.pt carries: a call made while unpickling
         return (exec, ("open(__import__('os').environ['TACA_BOOM'], 'w').write('ran')",))
