@@ -29,7 +29,7 @@ from .errors import TacaProbeError
 from .intervention import TacaConfig, TacaHandle, apply_taca
 from .models import model_call_defaults, model_name
 from .schedules import Schedule, parse
-from .selection import MAX_INT, MapSelection
+from .selection import MAX_INT, MapSelection, is_seed
 from .store import UNKNOWN_SLOT, RunWriter, StoreError, is_store, read_attrs, remove_store
 
 __all__ = ["probe", "Run", "Target", "record_plan", "run_settings", "check_resume"]
@@ -68,7 +68,7 @@ class Run:
         """
         if not isinstance(prompt, str) or not prompt:
             raise TacaProbeError("prompt must be a non-empty string")
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_INT:
+        if not is_seed(seed):
             raise TacaProbeError(f"seed must be an integer in 0..{MAX_INT}, got {seed!r}")
         call = self._resolve_call(pipe_kwargs)
         n, seed, writer = int(num_images_per_prompt), int(seed), self.writer

@@ -10,12 +10,17 @@ import numpy as np
 
 from .errors import TacaProbeError
 
-__all__ = ["int_ranges", "MapSelection", "MAX_VALUES", "MAX_INT"]
+__all__ = ["int_ranges", "is_seed", "MapSelection", "MAX_VALUES", "MAX_INT"]
 
 #: At most this many values in one list: a longer list is a typo (``0-10000000``), not a plan.
 MAX_VALUES = 100_000
 #: The largest value a list may hold (stores keep seeds and indices as int64).
 MAX_INT = 2**63 - 1
+
+
+def is_seed(value: Any) -> bool:
+    """Whether ``value`` is a generator seed: an integer in 0..MAX_INT (not a bool, not 1.5)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and 0 <= value <= MAX_INT
 
 
 def int_ranges(text: str, *, maximum: int = MAX_INT, max_values: int = MAX_VALUES) -> list[int]:

@@ -31,7 +31,7 @@ from .models import call_settings, load_pipeline
 from .models import model_name as loaded_name
 from .runner import Target, record_plan
 from .schedules import parse
-from .selection import MapSelection
+from .selection import MAX_INT, MapSelection, is_seed
 from .stats import sample_keys
 from .store import is_store, open_run, remove_store
 
@@ -152,6 +152,9 @@ def _plan(prompts: Sequence[Any], seeds: Sequence[int]) -> list[tuple[str, int]]
                 item_seeds = [item_seeds]
         if not isinstance(text, str) or not text:
             raise SweepError("every prompt must be a non-empty string")
+        bad = [s for s in item_seeds if not is_seed(s)]
+        if bad:
+            raise SweepError(f"seed {bad[0]!r} of prompt {text!r} is not an integer in 0..{MAX_INT}")
         plan += [(text, int(s)) for s in item_seeds if (text, int(s)) not in plan]
     if not plan:
         raise SweepError("no prompt given")

@@ -133,6 +133,17 @@ def test_a_damaged_sweep_manifest_is_one_line_everywhere(tmp_path, capsys, sched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json"]
 
 
+@pytest.mark.parametrize("seeds", [[1.5], [True], [-1], [2**64]])
+def test_run_sweep_refuses_bad_seeds_before_writing(tmp_path, seeds):
+    """Audit: run_sweep(seeds=[1.5]) recorded seed 1; seeds=[-1] failed mid-run and left a sweep folder."""
+    from taca_probe import run_sweep
+    from taca_probe.sweep import SweepError
+
+    with pytest.raises(SweepError, match="seed"):
+        run_sweep("tiny-sd3", tmp_path / "sw", prompts=["a", ("b", seeds)], schedules=["none"])
+    assert not (tmp_path / "sw").exists()
+
+
 class _Boom:
     def __reduce__(self):  # what a hostile checkpoint.pt carries: a call made while unpickling
         return (exec, ("open(__import__('os').environ['TACA_BOOM'], 'w').write('ran')",))

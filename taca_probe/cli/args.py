@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import TacaProbeError
 from ..models import DEFAULT_MODEL, EMBEDDED_MODELS
 from ..schedules import FORMS
-from ..selection import MAX_INT, int_ranges
+from ..selection import MAX_INT, int_ranges, is_seed
 
 EMBEDDED_NOTE = (
     "The default model, shapes, is a tiny SD3 trained on coloured shapes and shipped in the package; the other "
@@ -224,7 +224,7 @@ def check_out(path: Path) -> None:
 
 def _seed_value(value: object, where: str) -> int:
     """A seed from a JSON prompts file: an integer in 0..MAX_INT (not a bool, not 1.7)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+    if not is_seed(value):
         raise TacaProbeError(f"{where}: seed {value!r} is not an integer in 0..{MAX_INT}")
     return value
 
