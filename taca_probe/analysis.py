@@ -272,7 +272,7 @@ def compare_runs(treated: xr.Dataset, baseline: xr.Dataset, *, variable: str = "
     choice(variable, MASS_VARIABLES, "variable")
     choice(test, PAIRED_TESTS, "paired test")
     choice(alternative, ("two-sided", "greater", "less"), "alternative")
-    check_stats_options(ci, n_resamples, method)
+    check_stats_options(ci, n_resamples, method, seed)
     for d in (treated, baseline):
         _one_run(d, "compare_runs")
     treated, baseline = _select_branch(treated, branch), _select_branch(baseline, branch)
@@ -314,7 +314,7 @@ def timestep_awareness(ds: xr.Dataset, *, by: str = "layer", variable: str = "vi
     ds = _select_branch(ds, branch)
     require(ds, "timestep")
     kw = {"ci": ci, "n_resamples": n_resamples, "seed": seed, "method": method}
-    check_stats_options(ci, n_resamples, method)
+    check_stats_options(ci, n_resamples, method, seed)
     x = _per_sample(ds, variable, by=by, n_groups=n_groups).compute()
     t = ds["timestep"].reset_coords(drop=True).astype(float).compute()
     u = t / 1000.0

@@ -13,6 +13,7 @@ import scipy.stats
 import xarray as xr
 
 from .errors import TacaProbeError
+from .selection import MAX_INT, is_seed
 
 __all__ = ["AnalysisError", "BOOTSTRAP_METHODS", "PAIRED_TESTS", "bootstrap_mean", "bootstrap_ci",
            "sample_keys", "pair_samples", "paired", "paired_test"]
@@ -42,7 +43,9 @@ def positive_int(value: Any, what: str, *, none_ok: bool = False) -> None:
         raise AnalysisError(f"{what} must be a positive integer{' or None' if none_ok else ''}, got {value!r}")
 
 
-def check_stats_options(ci: float, n_resamples: int, method: str) -> None:
+def check_stats_options(ci: float, n_resamples: int, method: str, seed: Any = 0) -> None:
+    if not is_seed(seed):
+        raise AnalysisError(f"seed must be an integer in 0..{MAX_INT}, got {seed!r}")
     if not isinstance(ci, (int, float)) or not 0.0 < float(ci) < 1.0:
         raise AnalysisError(f"ci must be a confidence level between 0 and 1 (e.g. 0.95), got {ci!r}")
     positive_int(n_resamples, "n_resamples")
@@ -79,7 +82,7 @@ def bootstrap_mean(da: xr.DataArray, *, dim: str = "sample", ci: float = 0.95, n
     over the other dims: NaNs are left out position by position; fewer than 2 finite observations give
     a NaN interval, observations all equal ``[value, value]``.
     """
-    check_stats_options(ci, n_resamples, method)
+    check_stats_options(ci, n_resamples, method, seed)
     if dim not in da.dims:
         raise AnalysisError(f"dimension {dim!r} not in the data; dims are {', '.join(map(str, da.dims))}")
     da = da.transpose(dim, ...)
@@ -120,7 +123,7 @@ def bootstrap_ci(values: Any, *, clusters: Sequence[Any] | None = None, ci: floa
     of every value drawn (e.g. prompts with several seeds). Fewer than 2 values (clusters): NaN interval;
     all equal: ``[v, v]``.
     """
-    check_stats_options(ci, n_resamples, method)
+    check_stats_options(ci, n_resamples, method, seed)
     x = np.asarray(values, dtype=float).ravel()
     labels = np.arange(len(x)) if clusters is None else np.asarray(list(clusters), dtype=object)
     if len(labels) != len(x):

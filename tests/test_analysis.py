@@ -385,6 +385,14 @@ def test_bad_options_are_one_line_with_choices(kwargs, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("seed", [-1, 1.5, True, 2**64])
+def test_bad_bootstrap_seed_is_an_analysis_error(seed):
+    """Audit: seed=-1 was numpy's bare ValueError ('expected non-negative integer'), seed=1.5 a TypeError."""
+    for call in (lambda: A.suppression(_fig2_run(), seed=seed), lambda: A.compare_runs(_fig2_run(), _fig2_run(), seed=seed)):
+        with pytest.raises(A.AnalysisError, match="seed"):
+            call()
+
+
 def test_other_bad_inputs():
     with pytest.raises(A.AnalysisError, match="unknown paired test 'sign'; choose from wilcoxon, ttest"):
         A.compare_runs(_fig2_run(), _fig2_run(), test="sign")
