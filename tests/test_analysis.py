@@ -343,6 +343,7 @@ def test_gamma_image_grid_orders_columns_by_gamma0():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a dask cluster
 def test_dask_backed_input_gives_the_same_numbers():
     pytest.importorskip("dask")
     ds = _fig2_run()

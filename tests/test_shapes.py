@@ -113,7 +113,8 @@ def _ragged(img: np.ndarray, rng: np.random.Generator, p: float = 0.4) -> np.nda
     return out
 
 
-@pytest.mark.parametrize("perturb", ["none", "blur", "noise", "ragged"])
+# one perturbation in the fast lane; the others run in the full suite
+@pytest.mark.parametrize("perturb", ["none", *(pytest.param(p, marks=pytest.mark.slow) for p in ("blur", "noise", "ragged"))])
 def test_evaluator_scores_ground_truth_perfectly(perturb: str) -> None:
     images = ground_truth(ALL_PROMPTS, seed=1)
     if perturb == "blur":  # generated images are soft-edged
@@ -151,9 +152,12 @@ def _wrong(prompt: ds.PromptSpec, rng: np.random.Generator, how: str) -> np.ndar
 @pytest.mark.parametrize(
     ("how", "low", "high"),
     [
-        ("colour", ["one.colour", "two.colour", "one.binding", "two.binding", "two.spatial"], ["one.shape", "two.shape"]),
-        ("shape", ["one.shape", "two.shape", "one.binding", "two.binding"], ["one.colour", "two.colour", "two.spatial"]),
-        ("swap", ["two.spatial"], ["two.colour", "two.shape", "two.binding"]),
+        # the subtlest error (binding) in the fast lane, the others in the full suite
+        pytest.param("colour", ["one.colour", "two.colour", "one.binding", "two.binding", "two.spatial"],
+                     ["one.shape", "two.shape"], marks=pytest.mark.slow),
+        pytest.param("shape", ["one.shape", "two.shape", "one.binding", "two.binding"],
+                     ["one.colour", "two.colour", "two.spatial"], marks=pytest.mark.slow),
+        pytest.param("swap", ["two.spatial"], ["two.colour", "two.shape", "two.binding"], marks=pytest.mark.slow),
         ("bind", ["two.binding"], ["two.colour", "two.shape", "two.spatial"]),
     ],
 )
@@ -342,6 +346,7 @@ def test_training_smoke_lowers_the_loss_resumes_and_exports(tmp_path: Path) -> N
     assert out.images.shape == (1, 64, 64, 3)
 
 
+@pytest.mark.slow  # trains three times
 def test_training_warm_start_and_shortened_schedule(tmp_path: Path) -> None:
     """--init-from starts from an export's weights; --resume --steps may shorten the schedule."""
     from taca_probe.shapes.train import TrainConfig, TrainError, _lr_factor, train
