@@ -18,8 +18,8 @@ from typing import Any, Callable, ClassVar
 
 from .errors import ScheduleError
 
-__all__ = ["FORMS", "FORMS_LINE", "T_TOLERANCE", "T_MAX", "BLOCK_TYPES", "Schedule", "NoneSchedule",
-           "ConstSchedule", "StepSchedule", "FirstSchedule", "FracSchedule", "LinearRampSchedule",
+__all__ = ["FORMS", "FORMS_LINE", "T_TOLERANCE", "T_MAX", "GAMMA_MIN", "GAMMA_MAX", "BLOCK_TYPES", "Schedule",
+           "NoneSchedule", "ConstSchedule", "StepSchedule", "FirstSchedule", "FracSchedule", "LinearRampSchedule",
            "CosineRampSchedule", "TableSchedule", "RestrictedSchedule", "parse"]  # fmt: skip
 
 T_TOLERANCE: float = 1e-3  #: slack of the timestep comparisons: ``t >= T`` is ``t >= T - T_TOLERANCE``
@@ -70,7 +70,20 @@ def _real(value: Any, what: str, *, must: str, ok: Callable[[float], bool]) -> f
     return x + 0.0  # -0.0 -> 0.0, so that a spec never reads "-0"
 
 
-_gamma = functools.partial(_real, must="be > 0", ok=lambda x: x > 0)
+#: The gammas a float32 holds as a positive, finite, normal number: the keys are scaled in the model's
+#: dtype, where 1e308 is inf (a NaN image) and 1e-50 is 0.
+GAMMA_MIN: float = 2.0**-126  # 1.1754944e-38, numpy.finfo(numpy.float32).tiny
+GAMMA_MAX: float = (2.0 - 2.0**-23) * 2.0**127  # 3.4028235e38, numpy.finfo(numpy.float32).max
+
+
+def _gamma(value: Any, what: str) -> float:
+    x = _real(value, what, must="be > 0", ok=lambda x: x > 0)
+    if not GAMMA_MIN <= x <= GAMMA_MAX:
+        raise _Invalid(f"{what} must be in {_fmt(GAMMA_MIN)}..{_fmt(GAMMA_MAX)} (positive and finite as a "
+                       f"float32), got {_fmt(x)}")
+    return x
+
+
 _timestep = functools.partial(_real, must="be in 0..1000", ok=lambda x: 0.0 <= x <= T_MAX)
 _fraction = functools.partial(_real, must="satisfy 0 < F <= 1", ok=lambda x: 0.0 < x <= 1.0)
 

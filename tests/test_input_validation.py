@@ -93,6 +93,16 @@ def test_prompts_file_line_separator_is_not_a_new_prompt_and_bytes_must_be_utf8(
     _refused(rc, err, "--prompt")
 
 
+@pytest.mark.parametrize("command", ["generate", "record", "sweep"])
+def test_gamma_that_overflows_float32_is_refused_before_loading(tmp_path, capsys, command):
+    """Audit: ``generate --schedule const:1e308`` (inf as a float32) exited 0 with a black image."""
+    out = tmp_path / "o"
+    grid = ["--no-grid"] if command == "sweep" else []
+    rc, _, err = run_cli([command, *grid, "--prompt", "x", "--schedule", "const:1e308", "--out", str(out)], capsys)
+    _refused(rc, err, "1e+308")
+    assert "3.4028234663852886e+38" in err and not out.exists()  # the valid range is stated
+
+
 def test_out_under_a_file_is_a_user_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

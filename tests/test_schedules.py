@@ -11,6 +11,7 @@ import math
 import re
 from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from taca_probe.errors import ScheduleError, TacaProbeError
@@ -621,6 +622,11 @@ BLOCKS = ("joint", "single")
         ("linear:1.3..1@inf..900", "inf", ("T0",)),
         ("table:970=infinity", "infinity", ("G",)),
         ("const:1e999", "inf", ("G",)),
+        # finite as a float64, not as a positive float32 (the keys are scaled in the model's dtype)
+        ("const:1e308", "1e+308", ("G",)),
+        ("table:970=1e39", "1e+39", ("G",)),
+        ("step:1e-50@970", "1e-50", ("G",)),
+        ("cosine:1..1e300@1000..900", "1e+300", ("G1",)),
         # not a number
         ("const:abc", "'abc'", ("G",)),
         ("step:1.2@97O", "'97O'", ("T",)),
@@ -675,6 +681,16 @@ def test_parse_errors(spec: str, token: str | None, words: tuple[str, ...]) -> N
         assert names(reason, word), word
 
 
+def test_gamma_range_is_the_positive_finite_float32s() -> None:
+    f32 = np.finfo(np.float32)
+    for gamma in (float(f32.tiny), float(f32.max)):  # both ends are accepted, and round-trip
+        assert parse(str(ConstSchedule(gamma))).gamma0 == gamma
+    for gamma in (math.nextafter(float(f32.tiny), 0.0), math.nextafter(float(f32.max), math.inf)):  # just outside
+        with pytest.raises(ScheduleError) as info:
+            ConstSchedule(gamma)
+        assert repr(float(f32.tiny)) in str(info.value) and repr(float(f32.max)) in str(info.value)  # the range
+
+
 def test_newline_in_spec_still_gives_one_line() -> None:
     spec = "step:1.2@970\n;blocks=joint\nx"
     with pytest.raises(ScheduleError) as info:
@@ -711,6 +727,7 @@ def test_every_error_lists_every_kind_and_option() -> None:
         (lambda: StepSchedule(gamma0=1.2, t_thresh=1001), "step:1.2@1001"),
         (lambda: ConstSchedule(0.0), "const:0"),
         (lambda: ConstSchedule(float("inf")), "const:1e999"),
+        (lambda: ConstSchedule(1e308), "const:1e308"),
         (lambda: FirstSchedule(1.2, -2), "first:1.2@-2"),
         (lambda: FracSchedule(1.2, 0.0), "frac:1.2@0"),
         (lambda: FracSchedule(1.2, 1.0001), "frac:1.2@1.0001"),
