@@ -22,10 +22,24 @@ from .processors import Site
 from .selection import MapSelection
 from .store import RunLayout
 
-__all__ = ["BRANCHES", "MASS_VARS", "Recorder", "Sample", "prompt_tokens", "planned_layout"]
+__all__ = ["BRANCHES", "MASS_VARS", "Recorder", "Sample", "image_bytes", "prompt_tokens", "planned_layout"]
 
 BRANCHES = ("cond", "uncond", "both")
 MASS_VARS = ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass")
+
+
+def image_bytes(images: Any, prompt: str, seed: int) -> np.ndarray:
+    """A pipeline's ``output_type="np"`` images, (n, H, W, 3) in 0..1, as uint8 (as diffusers' PIL).
+
+    A NaN or inf value (the model overflowed, e.g. under a huge gamma) is a :class:`TacaProbeError`,
+    checked before the cast, which would warn and give a black image.
+    """
+    images = np.asarray(images)
+    bad = ~np.isfinite(images)
+    if bad.any():
+        raise TacaProbeError(f"non-finite image at sample {prompt!r} (seed {seed}): {int(bad.sum())} of {bad.size} "
+                             "pixel values are NaN or inf (the model overflowed; try a smaller gamma); not written")
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
 def prompt_tokens(pipe: Any, prompt: str, n_txt: int, max_sequence_length: int) -> tuple[list[str], np.ndarray, list[str]]:
@@ -151,7 +165,8 @@ class Recorder:
         self._active = False
 
     def finish(self, images: np.ndarray, seed: int) -> Sample:
-        """The recorded sample: one device-to-host copy per buffer (the sample's one sync)."""
+        """The recorded sample of the pipeline's ``output_type="np"`` ``images``: one device-to-host copy
+        per buffer (the sample's one sync); non-finite statistics, then images, are refused."""
         self._active = False
         buf = self._buf
         if buf is None:
@@ -167,7 +182,8 @@ class Recorder:
         sample = Sample(prompt=self._prompt, seed=int(seed), layout=layout, images=images, timestep=buf.timestep,
                         sigma=buf.sigma, gamma=gamma, token_text=texts, token_is_padding=padding,
                         map_tokens=buf.map_idx)
-        self._collect(buf, sample)
+        self._collect(buf, sample)  # names the first step and layer that overflowed
+        sample.images = image_bytes(images, self._prompt, seed)
         return sample
 
     def _before(self, call: CallRecord, bound: Mapping[str, Any]):

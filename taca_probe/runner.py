@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -88,8 +87,7 @@ class Run:
         except BaseException:
             self.recorder.cancel()
             raise
-        images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)  # (n, H, W, 3), as diffusers' PIL
-        sample = self.recorder.finish(images, seed)
+        sample = self.recorder.finish(out.images, seed)
         created = writer is None
         if created:
             writer = self._create(sample.layout)
@@ -100,7 +98,7 @@ class Run:
                 remove_store(self.path)  # a store with no finished sample is not left behind
                 self.writer = None
             raise
-        return [Image.fromarray(im) for im in images]
+        return [Image.fromarray(im) for im in sample.images]
 
     def _resolve_call(self, pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
         """The model's call defaults under ``pipe_kwargs``; the first sample's become the store's

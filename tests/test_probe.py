@@ -278,6 +278,19 @@ def test_non_finite_statistic_is_reported_and_nothing_finished_is_lost(pipes, tm
     assert list(ds["prompt"].values) == ["good"]
 
 
+def test_non_finite_image_is_refused_before_the_cast(pipes, tmp_path, monkeypatch, recwarn):
+    """Finite statistics but NaN pixels (the VAE overflowed): was a black image in the store, after a
+    numpy cast warning; now refused, with no warning and no store."""
+    pipe, store = pipes["tiny-sd3"], tmp_path / "nan.zarr"
+    decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda *a, **kw: (decode(*a, **kw)[0] * float("nan"),))
+    with probe(pipe, store) as run:
+        with pytest.raises(TacaProbeError, match=r"non-finite image at sample 'bad' \(seed 0\)"):
+            run.sample("bad", seed=0, num_inference_steps=1, **SIZE)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert not store.exists()
+
+
 def test_open_run_rejects_foreign_and_newer_stores(tmp_path):
     import zarr
 

@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..capture import image_bytes
 from ..distributed import ranks_from_env
 from ..errors import TacaProbeError
 from ..intervention import taca
@@ -155,7 +156,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_out(Path(args.out))
     pipe, call = _load(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     versions = {"taca_probe": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                 "transformers": transformers.__version__}
     index = 0
@@ -167,9 +167,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 handle.calls.clear()
                 bar.set_postfix_str(f"seed {seed}: {short_prompt(prompt)}")
                 t0 = time.perf_counter()
-                image = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **call).images[0]
+                out_np = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call)
+                image = Image.fromarray(image_bytes(out_np.images, prompt, seed)[0])  # NaN: refused, not saved
                 elapsed = time.perf_counter() - t0
                 stem = f"{index:04d}-seed{seed}"
+                out.mkdir(parents=True, exist_ok=True)  # here: an image refused first leaves no folder
                 image.save(out / f"{stem}.png")
                 sidecar = {
                     "prompt": prompt, "seed": seed, "steps": call["num_inference_steps"],
