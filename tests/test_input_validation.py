@@ -184,6 +184,18 @@ def test_bench_shape_too_large_is_a_user_error(monkeypatch, capsys):
     _refused(rc, err, "--shape")
 
 
+@pytest.mark.parametrize("gamma", ["nan", "-1", "0", "inf", "1e39"])
+def test_bench_gamma_must_be_a_positive_finite_float32(monkeypatch, capsys, gamma):
+    """Audit: ``bench attention --gamma nan`` (or -1) was accepted and timed, each TACA row 'unavailable'."""
+    import taca_probe.cli.bench as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "bench_attention", lambda *a, **kw: calls.append(kw) or [])
+    rc, _, err = run_cli(["bench", "attention", "--device", "cpu", "--shape", "1,1,4,8,8", f"--gamma={gamma}"], capsys)
+    _refused(rc, err, "--gamma")
+    assert repr(gamma) in err and "3.40282e+38" in err and not calls  # the range; refused before timing
+
+
 def test_flags_with_two_meanings_keep_their_old_spelling_with_a_deprecation(capsys):
     """``--steps`` means denoising steps and ``--width`` image width in every command; ``figures --steps``
     (Fig. 3 steps) and ``bench e2e --width`` (a width preset) still work, saying the new name."""

@@ -15,9 +15,9 @@ from .. import __version__
 from ..bench import DEFAULT_SHAPES, bench_attention, bench_e2e, format_rows, parse_shape
 from ..errors import TacaProbeError
 from ..models import resolve_device, resolve_dtype
-from ..schedules import parse
+from ..schedules import GAMMA_MAX, GAMMA_MIN, parse
 from ..selection import MapSelection
-from .args import bench_args, json_args, positive_int, write_json
+from .args import bench_args, bounded, json_args, positive_int, write_json
 from .figures import _Deprecated
 
 _PRESETS = "sd35-medium (default, 24 x 64), sd3-medium, sd35-large, flux-dev"
@@ -33,7 +33,8 @@ def add_parsers(sub, parser_class) -> None:
                     help="a shape to time (repeatable; ORDER txt-first (default) or img-first); default: the "
                     "FLUX 1024px shape 1,24,512,4096,128 and the SD3.5 shape 2,24,333,4096,64,img-first")
     ba.add_argument("--heads", type=positive_int, default=None, help="override the head count of every shape")
-    ba.add_argument("--gamma", type=float, default=1.2, help="gamma of the TACA variants (default 1.2)")
+    ba.add_argument("--gamma", type=bounded(GAMMA_MIN, GAMMA_MAX, integer=False), default=1.2,
+                    help="gamma of the TACA variants, > 0 and finite as a float32, as in schedules (default 1.2)")
     ba.add_argument("--variants", default="sdpa,taca,taca+masses,naive,flex",
                     help="comma list of sdpa, taca, taca+masses (the device's default statistics path), "
                     "taca+masses:triton, taca+masses:fused, taca+masses:block, taca+maps, naive, flex, flex-compiled")
