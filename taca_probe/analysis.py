@@ -7,9 +7,12 @@ intervals on means across samples, and raise :class:`AnalysisError` listing the 
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 import math
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +56,26 @@ _HOW_TO_GET = {
 _HOW_TO_GET_DEFAULT = "record with `taca-probe record` (every schema-1 store holds it)"
 
 
+def _takes_datasets(fn: Callable) -> Callable:
+    """Decorates a public analysis, whose positional parameters are all Datasets: anything else (a store
+    path, most often) is one :class:`AnalysisError` naming what was expected, not an AttributeError."""
+    params = [n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        for name, value in [*zip(params, args), *((n, kwargs[n]) for n in params[len(args):] if n in kwargs)]:
+            if not isinstance(value, xr.Dataset):
+                opener = "open_sweep" if name == "sweep" else "open_run"
+                how = (f"; open the store with taca_probe.{opener}({os.fspath(value)!r}) first"
+                       if isinstance(value, (str, os.PathLike)) else "")
+                raise AnalysisError(f"{fn.__name__} needs an xarray.Dataset from taca_probe.{opener} as {name!r}, "
+                                    f"got {type(value).__name__}{how}")
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+@_takes_datasets
 def require(ds: xr.Dataset, *names: str, needed_for: str | None = None, label: str | None = None) -> None:
     """Raise :class:`AnalysisError` naming the first of ``names`` (``"schedule"``: a dimension) that ``ds`` lacks."""
     for name in names:
@@ -129,6 +152,7 @@ def _match_layers(ds: xr.Dataset, layers: str | Sequence[str]) -> list[str]:
     return out
 
 
+@_takes_datasets
 def uniform_reference(ds: xr.Dataset) -> float:
     """``N_txt / (N_txt + N_vis)``: the visual->text mass under uniform attention over all keys.
 
@@ -144,6 +168,7 @@ def uniform_reference(ds: xr.Dataset) -> float:
     return float(n_txt) / (float(n_txt) + float(n_vis))
 
 
+@_takes_datasets
 def layer_groups(ds: xr.Dataset, *, by: str = "block_type", n_groups: int = 3) -> dict[str, list[int]]:
     """Label -> layer positions, in model order.
 
@@ -205,6 +230,7 @@ def _step_coords(ds: xr.Dataset) -> dict[str, Any]:
     return out
 
 
+@_takes_datasets
 def suppression(ds: xr.Dataset, *, by: str = "block_type", variable: str = "vis_txt_mass", ci: float = 0.95,
                 n_resamples: int = 2000, seed: int = 0, method: str = "BCa", branch: str | None = None,
                 n_groups: int = 3) -> xr.Dataset:
@@ -234,6 +260,7 @@ def suppression(ds: xr.Dataset, *, by: str = "block_type", variable: str = "vis_
     return res
 
 
+@_takes_datasets
 def amplification(ds: xr.Dataset, *, by: str = "block_type", ci: float = 0.95, n_resamples: int = 2000,
                   seed: int = 0, method: str = "BCa", branch: str | None = None, n_groups: int = 3) -> xr.Dataset:
     """What TACA does to the visual->text mass: per sample, ``vis_txt_mass`` over ``vis_txt_mass_ref``.
@@ -256,6 +283,7 @@ def amplification(ds: xr.Dataset, *, by: str = "block_type", ci: float = 0.95, n
     return res
 
 
+@_takes_datasets
 def compare_runs(treated: xr.Dataset, baseline: xr.Dataset, *, variable: str = "vis_txt_mass",
                  by: str = "block_type", test: str = "wilcoxon", alternative: str = "two-sided", ci: float = 0.95,
                  n_resamples: int = 2000, seed: int = 0, method: str = "BCa", branch: str | None = None,
@@ -299,6 +327,7 @@ def compare_runs(treated: xr.Dataset, baseline: xr.Dataset, *, variable: str = "
     return res
 
 
+@_takes_datasets
 def timestep_awareness(ds: xr.Dataset, *, by: str = "layer", variable: str = "vis_txt_mass", split: float = 500.0,
                        ci: float = 0.95, n_resamples: int = 2000, seed: int = 0, method: str = "BCa",
                        branch: str | None = None, n_groups: int = 3) -> xr.Dataset:
@@ -336,6 +365,7 @@ def timestep_awareness(ds: xr.Dataset, *, by: str = "layer", variable: str = "vi
     return res
 
 
+@_takes_datasets
 def recorded_map_steps(ds: xr.Dataset) -> list[int]:
     """The steps at which ``ds`` holds maps (from its map selection; all steps if unknown)."""
     require(ds, "maps")
@@ -344,6 +374,7 @@ def recorded_map_steps(ds: xr.Dataset) -> list[int]:
     return steps if sel is None or sel.steps is None else [s for s in steps if s in sel.steps]
 
 
+@_takes_datasets
 def recorded_map_layers(ds: xr.Dataset) -> list[str]:
     """The layers for which ``ds`` holds maps (from its map selection; all layers if unknown)."""
     globs = getattr(MapSelection.from_attrs(ds.attrs), "layers", None)
@@ -359,6 +390,7 @@ def readable_token(text: str) -> str:
     return t.strip() or repr(str(text))
 
 
+@_takes_datasets
 def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Sequence[int] | None = None,
                    layers: str | Sequence[str] | None = None, tokens: str | Sequence[int] = "prompt",
                    branch: str | None = None) -> xr.Dataset:
@@ -437,6 +469,7 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
     return res
 
 
+@_takes_datasets
 def token_ranking(ds: xr.Dataset, *, steps: int | Sequence[int] | None = None,
                   layers: str | Sequence[str] | None = None, top: int | None = 10,
                   branch: str | None = None) -> xr.Dataset:
@@ -510,6 +543,7 @@ def _active_steps(ds: xr.Dataset) -> list[int]:
     return [int(s) for s, a in zip(ds["step"].values, np.asarray(active.values)) if a]
 
 
+@_takes_datasets
 def mass_vs_gamma(sweep: xr.Dataset, *, variable: str = "vis_txt_mass", by: str = "all",
                   steps: str | int | Sequence[int] = "active", ci: float = 0.95, n_resamples: int = 2000,
                   seed: int = 0, method: str = "BCa", branch: str | None = None, n_groups: int = 3) -> xr.Dataset:
@@ -544,6 +578,7 @@ def mass_vs_gamma(sweep: xr.Dataset, *, variable: str = "vis_txt_mass", by: str 
     return res
 
 
+@_takes_datasets
 def gamma_image_grid(sweep: xr.Dataset, *, t_thresh: float | None = None, seed: int | None = None) -> xr.DataArray:
     """Images across the gamma sweep: (prompt, schedule, image_y, image_x, channel) uint8.
 

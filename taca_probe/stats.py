@@ -85,6 +85,9 @@ def bootstrap_mean(da: xr.DataArray, *, dim: str = "sample", ci: float = 0.95, n
     check_stats_options(ci, n_resamples, method, seed)
     if dim not in da.dims:
         raise AnalysisError(f"dimension {dim!r} not in the data; dims are {', '.join(map(str, da.dims))}")
+    if da.sizes[dim] == 0:  # e.g. a store with no complete sample: nothing to average (or to reshape)
+        raise AnalysisError(f"no data to average: 0 {dim}s along {dim!r} (a store with no complete sample?); "
+                            f"record or select at least one")
     da = da.transpose(dim, ...)
     values = np.asarray(da.values, dtype=float)
     n, rest = values.shape[0], values.shape[1:]

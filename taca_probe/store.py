@@ -107,6 +107,13 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     return dict(_open_group(path, "r").attrs)
 
 
+def _store_path(path: Any, what: str) -> Path:
+    """The folder of a public reader's ``path`` argument; anything but a str or os.PathLike is one line."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise StoreError(f"{what} needs the path of a store folder (str or os.PathLike), got {type(path).__name__}")
+    return Path(path)
+
+
 def _open_group(path: str | os.PathLike, mode: str, *, store: Any = None):
     p = Path(path)
     if not p.exists():
@@ -442,7 +449,7 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     Whole-store damage (an array missing, checksums switched off) is one line each. A store recorded
     before chunk manifests is checked for damaged chunks only, with a :class:`StoreIntegrityWarning`.
     """
-    p = Path(path)
+    p = _store_path(path, "verify_store")
     _, arrays, bad = _open_checked(p)
     if MANIFEST not in arrays:
         warnings.warn(f"{str(p)!r} was recorded before chunk manifests: a deleted or moved chunk cannot be detected "
@@ -504,7 +511,7 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
         (checked here); reading a chunk that is not the one recorded (changed, swapped) raises
         :class:`ChunkChecksumError` naming it, while the other chunks still read.
     """
-    p = Path(path)
+    p = _store_path(path, "open_run")
     # presence and sizes only: opening stays cheap, the digests are checked as chunks are read
     _, _, complete, damaged, listed = _checked_open(p)
     if damaged:
@@ -542,7 +549,7 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
     ``samples_damaged`` lists complete samples whose chunks are missing, moved or swapped (presence,
     sizes, and digests of files up to 64 KiB; :func:`verify_store` compares every digest).
     """
-    p = Path(path)
+    p = _store_path(path, "store_info")
     group, arrays_by_name, complete, damaged, _ = _checked_open(p, read=INFO_READ_LIMIT)
     arrays = {name: {"dims": list(arr.metadata.dimension_names or []), "shape": list(arr.shape),
                      "dtype": str(arr.dtype), "chunks": list(arr.chunks),

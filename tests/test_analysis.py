@@ -405,3 +405,29 @@ def test_other_bad_inputs():
         A.timestep_awareness(_fig2_run(), split=2000)
     with pytest.raises(A.AnalysisError, match="no 'vis_txt_mass' variable"):
         A.suppression(_fig2_run().drop_vars("vis_txt_mass"))
+
+
+# every public analysis that takes Datasets, with its number of Dataset arguments
+DATASET_ANALYSES = [(A.require, 1), (A.uniform_reference, 1), (A.layer_groups, 1), (A.suppression, 1),
+                    (A.amplification, 1), (A.timestep_awareness, 1), (A.token_ranking, 1), (A.recorded_map_steps, 1),
+                    (A.recorded_map_layers, 1), (A.mass_vs_gamma, 1), (A.gamma_image_grid, 1), (A.compare_runs, 2),
+                    (A.map_difference, 2)]
+
+
+@pytest.mark.parametrize("fn,n", DATASET_ANALYSES, ids=[f.__name__ for f, _ in DATASET_ANALYSES])
+@pytest.mark.parametrize("bad", ["path/to/store", None])
+def test_a_path_instead_of_a_dataset_is_an_analysis_error(fn, n, bad):
+    """Audit: suppression("path/to/store") raised AttributeError ('str' object has no attribute 'dims')."""
+    with pytest.raises(A.AnalysisError) as e:
+        fn(*[_fig2_run()] * (n - 1), bad)
+    msg = str(e.value)
+    assert fn.__name__ in msg and type(bad).__name__ in msg and "\n" not in msg
+    assert (f"({bad!r}) first" in msg) == isinstance(bad, str)  # a path: how to open it
+
+
+@pytest.mark.parametrize("fn", [A.suppression, A.amplification, A.timestep_awareness])
+def test_a_dataset_with_no_sample_is_an_analysis_error(fn):
+    """Audit: suppression of a zero-sample Dataset raised numpy's 'cannot reshape array of size 0'."""
+    with pytest.raises(A.AnalysisError, match="0 samples") as e:
+        fn(_fig2_run().isel(sample=[]))
+    assert "\n" not in str(e.value)

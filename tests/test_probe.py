@@ -291,6 +291,16 @@ def test_non_finite_image_is_refused_before_the_cast(pipes, tmp_path, monkeypatc
     assert not store.exists()
 
 
+@pytest.mark.parametrize("bad", [None, 3, ["a.zarr"]])
+def test_store_readers_refuse_what_is_not_a_path(bad):
+    """Audit: open_run(None) raised TypeError ('expected str, bytes or os.PathLike object')."""
+    from taca_probe.store import verify_store
+
+    for fn in (open_run, store_info, verify_store):
+        with pytest.raises(StoreError, match=rf"{fn.__name__} needs the path .* got {type(bad).__name__}$"):
+            fn(bad)
+
+
 def test_open_run_rejects_foreign_and_newer_stores(tmp_path):
     import zarr
 
