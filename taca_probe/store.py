@@ -107,6 +107,10 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     return dict(_open_group(path, "r").attrs)
 
 
+#: The attributes that are counts (``n_txt``: the uniform-attention reference); each is checked on open.
+_COUNT_ATTRS = ("steps", "height", "width", "n_txt", "n_vis")
+
+
 def _store_path(path: Any, what: str) -> Path:
     """The folder of a public reader's ``path`` argument; anything but a str or os.PathLike is one line."""
     if not isinstance(path, (str, os.PathLike)):
@@ -130,6 +134,11 @@ def _open_group(path: str | os.PathLike, mode: str, *, store: Any = None):
     if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
         raise StoreError(f"{str(p)!r} has store schema {version!r}; this taca-probe reads schema 1..{SCHEMA_VERSION}: "
                          "upgrade taca-probe to read it")
+    for name in _COUNT_ATTRS:  # what analyses and summaries compute with (absent in a store: not checked)
+        value = group.attrs.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise StoreError(f"{str(p)!r}: attribute {name!r} in zarr.json must be a positive integer, got {value!r}; "
+                             + _DAMAGED_HINT)
     return group
 
 

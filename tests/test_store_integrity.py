@@ -15,7 +15,7 @@ import xarray as xr
 
 from taca_probe.cli import main
 from taca_probe.store import ChunkChecksumError, StoreError, open_run, store_info, verify_store
-from tests.clitools import run_cli
+from tests.clitools import one_line_error, run_cli
 
 pytestmark = pytest.mark.slow  # records stores, damages and repairs them, kills processes
 
@@ -184,6 +184,24 @@ def test_damaged_metadata_is_one_line_everywhere(store, capsys, name):
     with pytest.raises(StoreError):
         open_run(store)
     assert _tree(store) == before  # nothing written while refusing
+
+
+@pytest.mark.parametrize("value", ["abc", 0, 2.5, True])
+def test_a_hand_edited_count_attribute_is_named_on_open(tmp_path, capsys, value):
+    """Audit: n_txt edited to "abc" made `figures` exit 1 with an internal ValueError (float('abc'))."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", store)
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["n_txt"] = value
+    (store / "zarr.json").write_text(json.dumps(meta))
+    before = _tree(store)
+    for argv in (["figures", store, "--out", tmp_path / "f"], ["info", store],
+                 ["export-images", store, "--out", tmp_path / "e"]):
+        rc, _, err = run_cli(argv, capsys)
+        one_line_error(rc, err, "'n_txt'", repr(value))
+    with pytest.raises(StoreError, match="'n_txt'"):
+        open_run(store)
+    assert _tree(store) == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
 
 
 def test_stores_without_manifests_still_open(store):
