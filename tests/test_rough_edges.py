@@ -52,6 +52,26 @@ def test_help_states_each_schedule_default_once_and_the_notes_once():
     assert "--max-sequence-length" in rec and "--max-sequence-length" in gen
 
 
+def test_no_grid_help_says_what_sweep_records(tmp_path, monkeypatch, capsys):
+    """Audit: --no-grid's help said "(and 'none')", but only the --schedule specs are recorded."""
+    import taca_probe.cli.record as rec
+    from taca_probe.errors import TacaProbeError
+
+    recorded = []
+
+    def run_sweep(pipe, out, *, schedules, **kwargs):
+        recorded.append(schedules)
+        raise TacaProbeError("stop before sampling")
+
+    monkeypatch.setattr(rec, "_load", lambda args: (None, {}))  # no model
+    monkeypatch.setattr(rec, "run_sweep", run_sweep)
+    argv = ["sweep", "--no-grid", "--schedule", "const:1.1", "--prompt", "x", "--out", tmp_path / "sw"]
+    assert run_cli(argv, capsys)[0] == 2 and recorded == [["const:1.1"]]  # no 'none' added
+    sweep = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["sweep"]
+    no_grid = next(a.help for a in sweep._actions if "--no-grid" in a.option_strings)
+    assert "--schedule none" in no_grid  # how to get the baseline, since it is not added
+
+
 def test_record_takes_max_sequence_length(store):
     ds = open_run(store)
     assert ds.attrs["pipeline_kwargs"]["max_sequence_length"] == 8

@@ -69,7 +69,9 @@ def add_parsers(sub) -> None:
     sw.add_argument("--schedule", action="append", dest="schedules", metavar="SPEC",
                     help="an extra schedule of any form (repeatable), e.g. first:1.2@3, beside the grid: "
                     + schedule_help(None))
-    sw.add_argument("--no-grid", action="store_true", help="record only the --schedule specs (and 'none')")
+    sw.add_argument("--no-grid", action="store_true",
+                    help="record only the --schedule specs, no grid: the stock-model baseline 'none' is recorded "
+                    "only if given (--schedule none)")
     sw.add_argument("--out", default="sweep", help="sweep folder (default ./sweep)")
     sw.set_defaults(func=cmd_sweep)
 
