@@ -405,3 +405,13 @@ def test_other_bad_inputs():
         A.timestep_awareness(_fig2_run(), split=2000)
     with pytest.raises(A.AnalysisError, match="no 'vis_txt_mass' variable"):
         A.suppression(_fig2_run().drop_vars("vis_txt_mass"))
+
+
+def test_timestep_awareness_split_is_inclusive_for_early():
+    # a step exactly at the split is early (t >= split), by the docstring
+    t = np.array([1000.0, 500.0, 0.0])
+    vis = np.zeros((2, 3, 3, 2))
+    vis[:, 0], vis[:, 1], vis[:, 2] = 0.6, 0.4, 0.1
+    res = A.timestep_awareness(make_run(vis=vis, steps=3, timesteps=t), split=500.0, n_resamples=100)
+    np.testing.assert_allclose(res["early_mass"].values, (0.6 + 0.4) / 2, rtol=1e-6)
+    np.testing.assert_allclose(res["late_mass"].values, 0.1, rtol=1e-6)
