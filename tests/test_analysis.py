@@ -415,3 +415,21 @@ def test_timestep_awareness_split_is_inclusive_for_early():
     res = A.timestep_awareness(make_run(vis=vis, steps=3, timesteps=t), split=500.0, n_resamples=100)
     np.testing.assert_allclose(res["early_mass"].values, (0.6 + 0.4) / 2, rtol=1e-6)
     np.testing.assert_allclose(res["late_mass"].values, 0.1, rtol=1e-6)
+
+
+def test_mass_vs_gamma_active_steps_are_those_of_any_schedule():
+    # "none" never applies gamma; the step schedule does at steps 1 and 2 of 4 (not step 0):
+    # the active steps are 1 and 2, not the step-0 fallback for "no schedule active anywhere"
+    import pandas as pd
+
+    runs = []
+    for g in (1.0, 1.5):
+        vis = np.full((2, 4, 3, 2), 0.1)
+        vis[:, 1], vis[:, 2] = 0.2 * g, 0.4 * g
+        gamma = np.array([[1.0] * 3, [g] * 3, [g] * 3, [1.0] * 3])
+        runs.append(make_run(vis=vis, steps=4, gamma=gamma))
+    sweep = xr.concat(runs, dim=pd.Index(["none", "step:1.5@900"], name="schedule"), coords=["gamma"],
+                      compat="override").assign_coords(gamma0=("schedule", [1.0, 1.5]), t_thresh=("schedule", [np.nan, 900]))
+    res = A.mass_vs_gamma(sweep, n_resamples=100)
+    assert res.attrs["steps"] == [1, 2]
+    np.testing.assert_allclose(res["mean"].values, [(0.2 + 0.4) / 2, 1.5 * (0.2 + 0.4) / 2], rtol=1e-5)
