@@ -433,3 +433,13 @@ def test_mass_vs_gamma_active_steps_are_those_of_any_schedule():
     res = A.mass_vs_gamma(sweep, n_resamples=100)
     assert res.attrs["steps"] == [1, 2]
     np.testing.assert_allclose(res["mean"].values, [(0.2 + 0.4) / 2, 1.5 * (0.2 + 0.4) / 2], rtol=1e-5)
+
+
+def test_bootstrap_mean_interval_of_a_column_with_a_nan_comes_from_its_finite_values():
+    data = np.array([[1.0, 1.0], [2.0, 2.0], [4.0, np.nan], [7.0, 4.0], [3.0, 7.0]])
+    res = A.bootstrap_mean(xr.DataArray(data, dims=("sample", "col")), n_resamples=500, method="percentile")
+    low, high = res["ci_low"].values, res["ci_high"].values
+    assert np.isfinite(low).all() and np.isfinite(high).all()
+    # column 1 holds the finite values 1, 2, 4, 7: its resample means lie in [1, 7] around 3.5
+    assert res["n"].values[1] == 4 and res["mean"].values[1] == pytest.approx(3.5)
+    assert 1.0 <= low[1] < 3.5 < high[1] <= 7.0
