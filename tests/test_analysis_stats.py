@@ -96,3 +96,13 @@ def test_paired_test_is_scipys_per_column():
     assert np.isnan(stats.paired_test(a[:1], b[:1], test="ttest", alternative="less")[1]).all()
     with pytest.raises(stats.AnalysisError, match="unknown paired test 'sign'; choose from wilcoxon, ttest"):
         stats.paired_test(a, b, test="sign", alternative="less")
+
+
+def test_paired_test_gives_p_one_where_every_difference_is_zero_for_both_tests():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(8, 2))
+    b = a.copy()
+    b[:, 0] += rng.normal(0.5, 1.0, size=8)
+    for test in stats.PAIRED_TESTS:  # the t-test itself gives NaN for identical columns
+        _, p = stats.paired_test(a, b, test=test, alternative="two-sided")
+        assert p[1] == 1.0 and 0.0 < p[0] < 1.0
