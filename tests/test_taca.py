@@ -236,6 +236,7 @@ def test_processors_restored_by_identity_after_an_exception(pipes, model):
     transformer = pipes[model].transformer
     before = dict(transformer.attn_processors)
     hooks_before = dict(transformer._forward_pre_hooks)
+    post_hooks_before = dict(transformer._forward_hooks)
     with pytest.raises(RuntimeError, match="boom"):
         with taca(pipes[model], "const:1.3"):
             assert any(transformer.attn_processors[k] is not v for k, v in before.items())
@@ -244,6 +245,7 @@ def test_processors_restored_by_identity_after_an_exception(pipes, model):
     assert after.keys() == before.keys()
     assert all(after[k] is before[k] for k in before)
     assert dict(transformer._forward_pre_hooks) == hooks_before
+    assert dict(transformer._forward_hooks) == post_hooks_before
     if model == "tiny-sd35":  # attn and attn2 shared one processor instance, and do again
         block = transformer.transformer_blocks[0]
         assert block.attn.processor is block.attn2.processor
