@@ -371,3 +371,21 @@ def test_unknown_lora_is_refused(lora_pipe):
     with pytest.raises(TacaProbeError, match="neither a file/folder nor a loaded adapter.*style"):
         with taca(lora_pipe, "const:1.2", lora="nope"):
             pass
+
+
+def test_a_loaded_but_disabled_lora_stays_disabled_after_taca(lora_pipe):
+    # the user loaded "style" and switched LoRA off; TACA turns it on at its gamma steps only, and
+    # must leave it off afterwards, as it found it
+    pipe = lora_pipe
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    pipe.transformer.disable_lora()
+    assert not _lora_state(layer)
+    states, hook = _lora_watch(pipe)
+    try:
+        with taca(pipe, "first:1.2@1", lora="style"):
+            _image(pipe, steps=2)
+    finally:
+        hook.remove()
+    assert states == [True, False]
+    assert not _lora_state(layer)
+    assert list(pipe.transformer.active_adapters()) == ["style"]  # still loaded, by its name
