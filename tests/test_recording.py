@@ -1,0 +1,26 @@
+"""What a recording stores, checked against quantities computed another way (fast, tiny SD3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from taca_probe import probe
+from taca_probe.store import open_run
+
+pytestmark = pytest.mark.slow  # each test runs the tiny SD3 pipeline two or three times (seconds on a CPU)
+
+SIZE = {"height": 32, "width": 32}
+
+
+def test_each_image_of_a_batch_stores_its_own_maps(pipes, tmp_path):
+    # A map is the head-mean probability of each image token on a text token, so its mean over the
+    # latent grid is that token's token_mass (the mean over heads and image tokens), image by image.
+    pipe = pipes("tiny-sd3")
+    with probe(pipe, tmp_path / "m.zarr", maps="steps=0;tokens=0-5") as run:
+        run.sample("a red cube", seed=3, num_inference_steps=1, num_images_per_prompt=2, **SIZE)
+    ds = open_run(tmp_path / "m.zarr").isel(step=0)
+    grid_mean = ds["maps"].isel(token=slice(0, 6)).astype("float64").mean(("y", "x")).values  # (sample, layer, 6)
+    token_mass = ds["token_mass"].isel(token=slice(0, 6)).values
+    np.testing.assert_allclose(grid_mean, token_mass, rtol=5e-3, atol=1e-6)  # maps are stored in float16
+    assert not np.allclose(token_mass[0], token_mass[1])  # the two images differ
