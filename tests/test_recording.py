@@ -24,3 +24,21 @@ def test_each_image_of_a_batch_stores_its_own_maps(pipes, tmp_path):
     token_mass = ds["token_mass"].isel(token=slice(0, 6)).values
     np.testing.assert_allclose(grid_mean, token_mass, rtol=5e-3, atol=1e-6)  # maps are stored in float16
     assert not np.allclose(token_mass[0], token_mass[1])  # the two images differ
+
+
+def test_sd3_batched_cfg_rows_are_labelled_cond_and_uncond(pipes, tmp_path):
+    # At step 0 both CFG halves see the same latents, so the cond half's statistics equal a run without
+    # CFG on the prompt, and the uncond half's those of a run without CFG on the negative prompt ("").
+    pipe = pipes("tiny-sd3")
+    kw = {"num_inference_steps": 1, **SIZE}
+    with probe(pipe, tmp_path / "both.zarr", branch="both", maps="steps=0;tokens=0-5") as run:
+        run.sample("a red cube", seed=0, guidance_scale=5.0, **kw)
+    for name, prompt in (("cond", "a red cube"), ("uncond", " ")):
+        with probe(pipe, tmp_path / f"{name}.zarr", maps="steps=0;tokens=0-5") as run:
+            run.sample(prompt, seed=0, guidance_scale=1.0, negative_prompt=None, **kw)
+    both = open_run(tmp_path / "both.zarr").isel(step=0)
+    for name in ("cond", "uncond"):
+        plain = open_run(tmp_path / f"{name}.zarr").isel(step=0)
+        for var in ("vis_txt_mass", "token_mass", "maps"):
+            np.testing.assert_allclose(both[var].sel(branch=name).astype("float64").values,
+                                       plain[var].astype("float64").values, rtol=1e-4, atol=1e-6, err_msg=f"{name} {var}")
