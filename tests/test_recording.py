@@ -42,3 +42,17 @@ def test_sd3_batched_cfg_rows_are_labelled_cond_and_uncond(pipes, tmp_path):
         for var in ("vis_txt_mass", "token_mass", "maps"):
             np.testing.assert_allclose(both[var].sel(branch=name).astype("float64").values,
                                        plain[var].astype("float64").values, rtol=1e-4, atol=1e-6, err_msg=f"{name} {var}")
+
+
+def test_sd3_skip_layer_guidance_calls_are_not_recorded(pipes, tmp_path):
+    # Skip-layer guidance adds a third transformer call per step (cond rows, some layers skipped); the
+    # recorded cond statistics are those of the step's CFG call, the same as without it at step 0.
+    pipe = pipes("tiny-sd3")
+    kw = {"num_inference_steps": 2, "guidance_scale": 5.0, **SIZE}
+    slg = {"skip_guidance_layers": [0], "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0}
+    for name, extra in (("slg", slg), ("plain", {})):
+        with probe(pipe, tmp_path / f"{name}.zarr") as run:
+            run.sample("a red cube", seed=0, **kw, **extra)
+    with_slg, plain = (open_run(tmp_path / f"{name}.zarr").isel(step=0) for name in ("slg", "plain"))
+    for var in ("vis_txt_mass", "txt_vis_mass", "token_mass"):
+        np.testing.assert_allclose(with_slg[var].values, plain[var].values, rtol=1e-5, atol=1e-7, err_msg=var)
