@@ -389,3 +389,20 @@ def test_a_loaded_but_disabled_lora_stays_disabled_after_taca(lora_pipe):
     assert states == [True, False]
     assert not _lora_state(layer)
     assert list(pipe.transformer.active_adapters()) == ["style"]  # still loaded, by its name
+
+
+def test_img2img_starts_at_the_schedulers_begin_index(pipes):
+    # img2img at strength 0.5 of 4 steps skips the first two: its calls are steps 2 and 3 at their
+    # timesteps, so a schedule that acts only at t >= 970 (step 0) must not act at all
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    pipe = StableDiffusion3Img2ImgPipeline(**pipes["tiny-sd3"].components)
+    pipe.set_progress_bar_config(disable=True)
+    image = np.full((64, 64, 3), 0.5, np.float32)
+    with taca(pipe, "step:1.5@970") as handle:
+        pipe("a red cube", image=image, strength=0.5, num_inference_steps=4, output_type="np",
+             generator=torch.Generator().manual_seed(0))
+        timesteps = [float(t) for t in pipe.scheduler.timesteps]
+    assert [c.step for c in handle.calls] == [2, 3]
+    assert [c.t for c in handle.calls] == pytest.approx(timesteps[2:], abs=1e-3)
+    assert timesteps[0] >= 970 > timesteps[2] and handle.steps_active == []
