@@ -443,3 +443,12 @@ def test_bootstrap_mean_interval_of_a_column_with_a_nan_comes_from_its_finite_va
     # column 1 holds the finite values 1, 2, 4, 7: its resample means lie in [1, 7] around 3.5
     assert res["n"].values[1] == 4 and res["mean"].values[1] == pytest.approx(3.5)
     assert 1.0 <= low[1] < 3.5 < high[1] <= 7.0
+
+
+def test_map_difference_prompt_tokens_are_those_not_padding_in_some_sample():
+    # sample 1's prompt is a token longer: token 2 is padding in sample 0 only, token 3 in both
+    treated, baseline = _maps_pair()
+    pad = np.array([[False, False, True, True], [False, False, False, True]])
+    treated, baseline = (d.assign_coords(token_is_padding=(("sample", "token"), pad)) for d in (treated, baseline))
+    md = A.map_difference(treated, baseline)
+    assert list(md["token"].values) == [0, 1, 2]
