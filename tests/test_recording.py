@@ -56,3 +56,14 @@ def test_sd3_skip_layer_guidance_calls_are_not_recorded(pipes, tmp_path):
     with_slg, plain = (open_run(tmp_path / f"{name}.zarr").isel(step=0) for name in ("slg", "plain"))
     for var in ("vis_txt_mass", "txt_vis_mass", "token_mass"):
         np.testing.assert_allclose(with_slg[var].values, plain[var].values, rtol=1e-5, atol=1e-7, err_msg=var)
+
+
+def test_flux_maps_of_a_wide_image_have_its_rows_and_columns(pipes, tmp_path):
+    # FLUX: 8 px per latent pixel, 2 x 2 latent pixels per token, so 16 px per token side: a 32 x 64 image
+    # is a 2 x 4 grid of image tokens (rows, columns), not 4 x 2.
+    pipe = pipes("tiny-flux")
+    with probe(pipe, tmp_path / "f.zarr", maps="steps=0;tokens=0-3") as run:
+        run.sample("a red cube", seed=0, num_inference_steps=1, height=32, width=64)
+    ds = open_run(tmp_path / "f.zarr")
+    assert (ds.sizes["y"], ds.sizes["x"]) == (2, 4)
+    assert ds["image"].shape[1:] == (32, 64, 3)
