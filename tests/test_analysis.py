@@ -452,3 +452,12 @@ def test_map_difference_prompt_tokens_are_those_not_padding_in_some_sample():
     treated, baseline = (d.assign_coords(token_is_padding=(("sample", "token"), pad)) for d in (treated, baseline))
     md = A.map_difference(treated, baseline)
     assert list(md["token"].values) == [0, 1, 2]
+
+
+def test_uniform_reference_counts_every_text_position_even_of_a_token_subset():
+    ds = make_run(n_txt=4, grid=(2, 3))  # N_txt = 4 (padding included), N_vis = 6
+    assert A.uniform_reference(ds) == pytest.approx(4 / 10)
+    assert A.uniform_reference(ds.isel(token=[0, 1])) == pytest.approx(4 / 10)  # the model still saw 4
+    bare = ds.copy()
+    bare.attrs = {}
+    assert A.uniform_reference(bare) == pytest.approx(4 / 10)  # from the token and y x x sizes
