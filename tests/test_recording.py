@@ -67,3 +67,19 @@ def test_flux_maps_of_a_wide_image_have_its_rows_and_columns(pipes, tmp_path):
     ds = open_run(tmp_path / "f.zarr")
     assert (ds.sizes["y"], ds.sizes["x"]) == (2, 4)
     assert ds["image"].shape[1:] == (32, 64, 3)
+
+
+def test_a_resumed_probe_fills_the_first_incomplete_slot_before_growing_the_store(pipes, tmp_path):
+    from taca_probe.store import RunWriter
+
+    pipe = pipes("tiny-sd3")
+    kw = {"num_inference_steps": 1, **SIZE}
+    path = tmp_path / "r.zarr"
+    with probe(pipe, path) as run:
+        run.sample("a", seed=0, **kw)
+        run.sample("b", seed=0, **kw)
+    RunWriter.reopen(path).mark_for_repair([0])  # slot 0 is to be recorded again
+    assert list(open_run(path)["prompt"].values) == ["b"]
+    with probe(pipe, path, mode="resume") as run:
+        run.sample("c", seed=0, **kw)
+    assert list(open_run(path, include_incomplete=True)["prompt"].values) == ["c", "b"]
