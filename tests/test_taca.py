@@ -406,3 +406,13 @@ def test_img2img_starts_at_the_schedulers_begin_index(pipes):
     assert [c.step for c in handle.calls] == [2, 3]
     assert [c.t for c in handle.calls] == pytest.approx(timesteps[2:], abs=1e-3)
     assert timesteps[0] >= 970 > timesteps[2] and handle.steps_active == []
+
+
+def test_bare_transformer_calls_within_rounding_of_one_timestep_share_the_step(pipes):
+    # CFG halves of one step may carry t rounded differently (bf16 t/1000): 5e-4 apart on the
+    # 0..1000 scale is the same step; 2e-3 apart is the next one
+    transformer = pipes["tiny-flux"].transformer
+    with torch.no_grad(), taca(transformer, "none") as handle:
+        for t in (0.5, 0.5 - 5e-7, 0.5 - 2.5e-6):
+            transformer(**_transformer_inputs(transformer, t=t))
+    assert [c.step for c in handle.calls] == [0, 0, 1]
