@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 import xarray as xr
@@ -306,8 +307,6 @@ def _sweep():
         img = np.full((4, 8, 8, 3), 10 * i, np.uint8)
         img[2:] += 1  # second prompt
         runs.append(make_run(prompts=("a cat", "a dog"), seeds=(0, 1), vis=vis, gamma=gamma, image=img))
-    import pandas as pd
-
     sweep = xr.concat(runs, dim=pd.Index(specs, name="schedule"), coords=["gamma"], compat="override")
     return sweep.assign_coords(gamma0=("schedule", g0), t_thresh=("schedule", tt))
 
@@ -431,3 +430,57 @@ def test_a_dataset_with_no_sample_is_an_analysis_error(fn):
     with pytest.raises(A.AnalysisError, match="0 samples") as e:
         fn(_fig2_run().isel(sample=[]))
     assert "\n" not in str(e.value)
+
+
+def test_timestep_awareness_split_is_inclusive_for_early():
+    # a step exactly at the split is early (t >= split), by the docstring
+    t = np.array([1000.0, 500.0, 0.0])
+    vis = np.zeros((2, 3, 3, 2))
+    vis[:, 0], vis[:, 1], vis[:, 2] = 0.6, 0.4, 0.1
+    res = A.timestep_awareness(make_run(vis=vis, steps=3, timesteps=t), split=500.0, n_resamples=100)
+    np.testing.assert_allclose(res["early_mass"].values, (0.6 + 0.4) / 2, rtol=1e-6)
+    np.testing.assert_allclose(res["late_mass"].values, 0.1, rtol=1e-6)
+
+
+def test_mass_vs_gamma_active_steps_are_those_of_any_schedule():
+    # "none" never applies gamma; the step schedule does at steps 1 and 2 of 4 (not step 0):
+    # the active steps are 1 and 2, not the step-0 fallback for "no schedule active anywhere"
+    runs = []
+    for g in (1.0, 1.5):
+        vis = np.full((2, 4, 3, 2), 0.1)
+        vis[:, 1], vis[:, 2] = 0.2 * g, 0.4 * g
+        gamma = np.array([[1.0] * 3, [g] * 3, [g] * 3, [1.0] * 3])
+        runs.append(make_run(vis=vis, steps=4, gamma=gamma))
+    sweep = xr.concat(runs, dim=pd.Index(["none", "step:1.5@900"], name="schedule"), coords=["gamma"],
+                      compat="override").assign_coords(gamma0=("schedule", [1.0, 1.5]), t_thresh=("schedule", [np.nan, 900]))
+    res = A.mass_vs_gamma(sweep, n_resamples=100)
+    assert res.attrs["steps"] == [1, 2]
+    np.testing.assert_allclose(res["mean"].values, [(0.2 + 0.4) / 2, 1.5 * (0.2 + 0.4) / 2], rtol=1e-5)
+
+
+def test_bootstrap_mean_interval_of_a_column_with_a_nan_comes_from_its_finite_values():
+    data = np.array([[1.0, 1.0], [2.0, 2.0], [4.0, np.nan], [7.0, 4.0], [3.0, 7.0]])
+    res = A.bootstrap_mean(xr.DataArray(data, dims=("sample", "col")), n_resamples=500, method="percentile")
+    low, high = res["ci_low"].values, res["ci_high"].values
+    assert np.isfinite(low).all() and np.isfinite(high).all()
+    # column 1 holds the finite values 1, 2, 4, 7: its resample means lie in [1, 7] around 3.5
+    assert res["n"].values[1] == 4 and res["mean"].values[1] == pytest.approx(3.5)
+    assert 1.0 <= low[1] < 3.5 < high[1] <= 7.0
+
+
+def test_map_difference_prompt_tokens_are_those_not_padding_in_some_sample():
+    # sample 1's prompt is a token longer: token 2 is padding in sample 0 only, token 3 in both
+    treated, baseline = _maps_pair()
+    pad = np.array([[False, False, True, True], [False, False, False, True]])
+    treated, baseline = (d.assign_coords(token_is_padding=(("sample", "token"), pad)) for d in (treated, baseline))
+    md = A.map_difference(treated, baseline)
+    assert list(md["token"].values) == [0, 1, 2]
+
+
+def test_uniform_reference_counts_every_text_position_even_of_a_token_subset():
+    ds = make_run(n_txt=4, grid=(2, 3))  # N_txt = 4 (padding included), N_vis = 6
+    assert A.uniform_reference(ds) == pytest.approx(4 / 10)
+    assert A.uniform_reference(ds.isel(token=[0, 1])) == pytest.approx(4 / 10)  # the model still saw 4
+    bare = ds.copy()
+    bare.attrs = {}
+    assert A.uniform_reference(bare) == pytest.approx(4 / 10)  # from the token and y x x sizes

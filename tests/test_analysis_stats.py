@@ -96,3 +96,25 @@ def test_paired_test_is_scipys_per_column():
     assert np.isnan(stats.paired_test(a[:1], b[:1], test="ttest", alternative="less")[1]).all()
     with pytest.raises(stats.AnalysisError, match="unknown paired test 'sign'; choose from wilcoxon, ttest"):
         stats.paired_test(a, b, test="sign", alternative="less")
+
+
+def test_paired_test_gives_p_one_where_every_difference_is_zero_for_both_tests():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(8, 2))
+    b = a.copy()
+    b[:, 0] += rng.normal(0.5, 1.0, size=8)
+    for test in stats.PAIRED_TESTS:  # the t-test itself gives NaN for identical columns
+        _, p = stats.paired_test(a, b, test=test, alternative="two-sided")
+        assert p[1] == 1.0 and 0.0 < p[0] < 1.0
+
+
+def test_cluster_bootstrap_statistic_pools_values_not_cluster_means():
+    # cluster "a" holds one 0, clusters b..e twenty 1s each; a resample draws 5 clusters, k of them "a".
+    # Pooling the drawn values gives 20(5-k) / (20(5-k) + k): 40/43 at k = 3, 20/24 at k = 4. P(k >= 4)
+    # = 0.7 % and P(k >= 3) = 5.8 %, so the 2.5 % percentile is 40/43. The mean of the cluster means,
+    # (5-k)/5, would put it at 0.4.
+    values = [0.0] + [1.0] * 80
+    clusters = ["a"] + [c for c in "bcde" for _ in range(20)]
+    mean, low, high = stats.bootstrap_ci(values, clusters=clusters, method="percentile", n_resamples=2000)
+    assert mean == pytest.approx(80 / 81)
+    assert low == pytest.approx(40 / 43) and high == pytest.approx(1.0)

@@ -264,3 +264,26 @@ def test_block_path_takes_the_visual_keys_lse_directly_only_where_needed(spread,
     ref = _reference_masses(q, k, 40, True, 1.3)
     for name in ("vis_txt_mass", "vis_txt_mass_ref", "token_mass"):
         assert (stats[name].double() - ref[name]).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.parametrize("txt_first", [True, False], ids=["txt_first", "img_first"])
+@pytest.mark.parametrize("backend", ["fused", "block"])
+def test_a_per_query_mask_is_split_by_query_rows_too(txt_first, backend):
+    # A full (B, 1, S, S) mask differs from query row to query row: text queries must get the text rows
+    # and visual queries the visual rows (the other tests' masks are the same for every query).
+    q, k, v = _qkv(b=2, h=2, s=30, seed=9)
+    n_txt, gamma = 7, 1.3
+    g = torch.Generator().manual_seed(10)
+    keep = torch.rand(2, 1, 30, 30, generator=g) > 0.4
+    keep |= torch.eye(30, dtype=torch.bool)  # every query keeps its own key
+    is_txt = text_mask(30, n_txt, txt_first)
+    keep[..., is_txt.nonzero()[0, 0]] = True  # and one text key, so every visual query sees some text
+    layout = JointLayout(n_txt=n_txt, txt_first=txt_first)
+    out, parts = taca_attention(q, k, v, layout, gamma, attn_mask=keep, with_parts=True)
+    assert (out.double() - taca_output(q, k, v, n_txt, txt_first, gamma, attn_mask=keep)).abs().max().item() <= 1e-5
+    stats = attention_statistics(q, k, layout, gamma, parts, attn_mask=keep, map_tokens=torch.tensor([0, 3]),
+                                 backend=backend)
+    ref = _reference_masses(q, k, n_txt, txt_first, gamma, attn_mask=keep)
+    for name in ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass"):
+        assert (stats[name].double() - ref[name]).abs().max().item() <= 1e-5, name
+    assert (stats["maps"].double() - ref["maps"][..., [0, 3]]).abs().max().item() <= 1e-5

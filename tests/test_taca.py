@@ -236,6 +236,7 @@ def test_processors_restored_by_identity_after_an_exception(pipes, model):
     transformer = pipes[model].transformer
     before = dict(transformer.attn_processors)
     hooks_before = dict(transformer._forward_pre_hooks)
+    post_hooks_before = dict(transformer._forward_hooks)
     with pytest.raises(RuntimeError, match="boom"):
         with taca(pipes[model], "const:1.3"):
             assert any(transformer.attn_processors[k] is not v for k, v in before.items())
@@ -244,6 +245,7 @@ def test_processors_restored_by_identity_after_an_exception(pipes, model):
     assert after.keys() == before.keys()
     assert all(after[k] is before[k] for k in before)
     assert dict(transformer._forward_pre_hooks) == hooks_before
+    assert dict(transformer._forward_hooks) == post_hooks_before
     if model == "tiny-sd35":  # attn and attn2 shared one processor instance, and do again
         block = transformer.transformer_blocks[0]
         assert block.attn.processor is block.attn2.processor
@@ -369,3 +371,48 @@ def test_unknown_lora_is_refused(lora_pipe):
     with pytest.raises(TacaProbeError, match="neither a file/folder nor a loaded adapter.*style"):
         with taca(lora_pipe, "const:1.2", lora="nope"):
             pass
+
+
+def test_a_loaded_but_disabled_lora_stays_disabled_after_taca(lora_pipe):
+    # the user loaded "style" and switched LoRA off; TACA turns it on at its gamma steps only, and
+    # must leave it off afterwards, as it found it
+    pipe = lora_pipe
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    pipe.transformer.disable_lora()
+    assert not _lora_state(layer)
+    states, hook = _lora_watch(pipe)
+    try:
+        with taca(pipe, "first:1.2@1", lora="style"):
+            _image(pipe, steps=2)
+    finally:
+        hook.remove()
+    assert states == [True, False]
+    assert not _lora_state(layer)
+    assert list(pipe.transformer.active_adapters()) == ["style"]  # still loaded, by its name
+
+
+def test_img2img_starts_at_the_schedulers_begin_index(pipes):
+    # img2img at strength 0.5 of 4 steps skips the first two: its calls are steps 2 and 3 at their
+    # timesteps, so a schedule that acts only at t >= 970 (step 0) must not act at all
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    pipe = StableDiffusion3Img2ImgPipeline(**pipes["tiny-sd3"].components)
+    pipe.set_progress_bar_config(disable=True)
+    image = np.full((64, 64, 3), 0.5, np.float32)
+    with taca(pipe, "step:1.5@970") as handle:
+        pipe("a red cube", image=image, strength=0.5, num_inference_steps=4, output_type="np",
+             generator=torch.Generator().manual_seed(0))
+        timesteps = [float(t) for t in pipe.scheduler.timesteps]
+    assert [c.step for c in handle.calls] == [2, 3]
+    assert [c.t for c in handle.calls] == pytest.approx(timesteps[2:], abs=1e-3)
+    assert timesteps[0] >= 970 > timesteps[2] and handle.steps_active == []
+
+
+def test_bare_transformer_calls_within_rounding_of_one_timestep_share_the_step(pipes):
+    # CFG halves of one step may carry t rounded differently (bf16 t/1000): 5e-4 apart on the
+    # 0..1000 scale is the same step; 2e-3 apart is the next one
+    transformer = pipes["tiny-flux"].transformer
+    with torch.no_grad(), taca(transformer, "none") as handle:
+        for t in (0.5, 0.5 - 5e-7, 0.5 - 2.5e-6):
+            transformer(**_transformer_inputs(transformer, t=t))
+    assert [c.step for c in handle.calls] == [0, 0, 1]

@@ -1,0 +1,85 @@
+"""What a recording stores, checked against quantities computed another way (fast, tiny SD3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from taca_probe import probe
+from taca_probe.store import open_run
+
+pytestmark = pytest.mark.slow  # each test runs the tiny SD3 pipeline two or three times (seconds on a CPU)
+
+SIZE = {"height": 32, "width": 32}
+
+
+def test_each_image_of_a_batch_stores_its_own_maps(pipes, tmp_path):
+    # A map is the head-mean probability of each image token on a text token, so its mean over the
+    # latent grid is that token's token_mass (the mean over heads and image tokens), image by image.
+    pipe = pipes("tiny-sd3")
+    with probe(pipe, tmp_path / "m.zarr", maps="steps=0;tokens=0-5") as run:
+        run.sample("a red cube", seed=3, num_inference_steps=1, num_images_per_prompt=2, **SIZE)
+    ds = open_run(tmp_path / "m.zarr").isel(step=0)
+    grid_mean = ds["maps"].isel(token=slice(0, 6)).astype("float64").mean(("y", "x")).values  # (sample, layer, 6)
+    token_mass = ds["token_mass"].isel(token=slice(0, 6)).values
+    np.testing.assert_allclose(grid_mean, token_mass, rtol=5e-3, atol=1e-6)  # maps are stored in float16
+    assert not np.allclose(token_mass[0], token_mass[1])  # the two images differ
+
+
+def test_sd3_batched_cfg_rows_are_labelled_cond_and_uncond(pipes, tmp_path):
+    # At step 0 both CFG halves see the same latents, so the cond half's statistics equal a run without
+    # CFG on the prompt, and the uncond half's those of a run without CFG on the negative prompt ("").
+    pipe = pipes("tiny-sd3")
+    kw = {"num_inference_steps": 1, **SIZE}
+    with probe(pipe, tmp_path / "both.zarr", branch="both", maps="steps=0;tokens=0-5") as run:
+        run.sample("a red cube", seed=0, guidance_scale=5.0, **kw)
+    for name, prompt in (("cond", "a red cube"), ("uncond", " ")):
+        with probe(pipe, tmp_path / f"{name}.zarr", maps="steps=0;tokens=0-5") as run:
+            run.sample(prompt, seed=0, guidance_scale=1.0, negative_prompt=None, **kw)
+    both = open_run(tmp_path / "both.zarr").isel(step=0)
+    for name in ("cond", "uncond"):
+        plain = open_run(tmp_path / f"{name}.zarr").isel(step=0)
+        for var in ("vis_txt_mass", "token_mass", "maps"):
+            np.testing.assert_allclose(both[var].sel(branch=name).astype("float64").values,
+                                       plain[var].astype("float64").values, rtol=1e-4, atol=1e-6, err_msg=f"{name} {var}")
+
+
+def test_sd3_skip_layer_guidance_calls_are_not_recorded(pipes, tmp_path):
+    # Skip-layer guidance adds a third transformer call per step (cond rows, some layers skipped); the
+    # recorded cond statistics are those of the step's CFG call, the same as without it at step 0.
+    pipe = pipes("tiny-sd3")
+    kw = {"num_inference_steps": 2, "guidance_scale": 5.0, **SIZE}
+    slg = {"skip_guidance_layers": [0], "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0}
+    for name, extra in (("slg", slg), ("plain", {})):
+        with probe(pipe, tmp_path / f"{name}.zarr") as run:
+            run.sample("a red cube", seed=0, **kw, **extra)
+    with_slg, plain = (open_run(tmp_path / f"{name}.zarr").isel(step=0) for name in ("slg", "plain"))
+    for var in ("vis_txt_mass", "txt_vis_mass", "token_mass"):
+        np.testing.assert_allclose(with_slg[var].values, plain[var].values, rtol=1e-5, atol=1e-7, err_msg=var)
+
+
+def test_flux_maps_of_a_wide_image_have_its_rows_and_columns(pipes, tmp_path):
+    # FLUX: 8 px per latent pixel, 2 x 2 latent pixels per token, so 16 px per token side: a 32 x 64 image
+    # is a 2 x 4 grid of image tokens (rows, columns), not 4 x 2.
+    pipe = pipes("tiny-flux")
+    with probe(pipe, tmp_path / "f.zarr", maps="steps=0;tokens=0-3") as run:
+        run.sample("a red cube", seed=0, num_inference_steps=1, height=32, width=64)
+    ds = open_run(tmp_path / "f.zarr")
+    assert (ds.sizes["y"], ds.sizes["x"]) == (2, 4)
+    assert ds["image"].shape[1:] == (32, 64, 3)
+
+
+def test_a_resumed_probe_fills_the_first_incomplete_slot_before_growing_the_store(pipes, tmp_path):
+    from taca_probe.store import RunWriter
+
+    pipe = pipes("tiny-sd3")
+    kw = {"num_inference_steps": 1, **SIZE}
+    path = tmp_path / "r.zarr"
+    with probe(pipe, path) as run:
+        run.sample("a", seed=0, **kw)
+        run.sample("b", seed=0, **kw)
+    RunWriter.reopen(path).mark_for_repair([0])  # slot 0 is to be recorded again
+    assert list(open_run(path)["prompt"].values) == ["b"]
+    with probe(pipe, path, mode="resume") as run:
+        run.sample("c", seed=0, **kw)
+    assert list(open_run(path, include_incomplete=True)["prompt"].values) == ["c", "b"]

@@ -1,0 +1,29 @@
+"""taca_probe.selection: map selections against the run they are checked against."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from taca_probe.errors import TacaProbeError
+from taca_probe.selection import MapSelection
+
+LAYOUT = SimpleNamespace(steps=4, n_txt=10, layers=("transformer_blocks.0.attn", "transformer_blocks.1.attn"))
+
+
+def test_check_accepts_the_last_step_and_token_and_refuses_one_past_them():
+    # steps are 0..3 and tokens 0..9: index 3 / 9 exists, index 4 / 10 does not
+    MapSelection.parse("steps=0-3;tokens=0,9").check(LAYOUT)
+    with pytest.raises(TacaProbeError, match="step 4 does not exist"):
+        MapSelection.parse("steps=4").check(LAYOUT)
+    with pytest.raises(TacaProbeError, match="token 10 does not exist"):
+        MapSelection.parse("tokens=10").check(LAYOUT)
+
+
+def test_token_indices_keep_only_positions_of_this_text():
+    pad = np.array([False, False, True, True])
+    assert MapSelection.parse("tokens=prompt").token_indices(pad).tolist() == [0, 1]
+    assert MapSelection.parse("tokens=all").token_indices(pad).tolist() == [0, 1, 2, 3]
+    assert MapSelection.parse("tokens=1,3-5").token_indices(pad).tolist() == [1, 3]

@@ -1,0 +1,22 @@
+"""taca_probe.sweep's pure parts: the schedules of a grid and the coordinates a sweep labels them with."""
+
+from __future__ import annotations
+
+import math
+
+from taca_probe.sweep import _schedule_coords, sweep_schedules
+
+
+def test_sweep_schedules_put_the_one_identity_schedule_first_whatever_the_order_given():
+    # gamma0 = 1 at every threshold, and const:1, are all the stock model: one "none", listed first
+    specs = sweep_schedules(gamma0=[1.2, 1.0], t_thresh=[970, 900], extra=["const:1", "const:1.3"])
+    assert specs == ["none", "step:1.2@970", "step:1.2@900", "const:1.3"]
+
+
+def test_schedule_coordinates_of_each_form():
+    assert _schedule_coords("step:1.2@970") == (1.2, 970.0)
+    assert _schedule_coords("const:1.3") == (1.3, 0.0)  # const is a step at threshold 0
+    assert _schedule_coords("step:1.4@900;blocks=joint") == (1.4, 900.0)  # a restriction keeps its base's numbers
+    g0, tt = _schedule_coords("none")
+    assert g0 == 1.0 and math.isnan(tt)
+    assert all(math.isnan(v) for v in _schedule_coords("linear:1.2..1@970..900"))
