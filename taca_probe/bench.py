@@ -256,7 +256,9 @@ def format_rows(rows: list[dict]) -> str:
         npk = naive_peak.get(s["name"])
         pct = f"{100 * peak / npk:7.1f}%" if (peak is not None and npk) else "       -"
         peak_s = f"{peak:9.1f}" if peak is not None else "        -"
-        lines.append(f"{label:<34} {r['variant']:<11} {r['median_ms']:10.2f} {r['ratio_to_sdpa']:6.2f}x {peak_s} {pct}")
+        ratio = r["ratio_to_sdpa"]  # None when sdpa was not among the variants
+        ratio_s = f"{ratio:6.2f}x" if ratio is not None else "      -"
+        lines.append(f"{label:<34} {r['variant']:<11} {r['median_ms']:10.2f} {ratio_s} {peak_s} {pct}")
     return "\n".join(lines)
 
 

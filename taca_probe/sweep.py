@@ -371,6 +371,10 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
         left out with a warning.
     """
     doc, one = None, isinstance(source, (str, os.PathLike))
+    if not one and not (isinstance(source, Sequence) and source
+                        and all(isinstance(s, (str, os.PathLike)) for s in source)):
+        raise SweepError("open_sweep needs a sweep folder or a non-empty list of store paths (str or os.PathLike), "
+                         f"got {type(source).__name__}")
     if one and is_sweep(source):
         folder = Path(source)
         doc = read_manifest(folder)

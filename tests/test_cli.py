@@ -103,6 +103,15 @@ def test_bench_attention_json(capsys):
     assert doc["meta"]["torch"]
 
 
+def test_bench_attention_table_without_sdpa(capsys):
+    """Audit: --variants without sdpa failed formatting the 'x sdpa' column of None (exit 1)."""
+    rc, out, err = run_cli(["bench", "attention", "--device", "cpu", "--shape", "1,2,16,48,16", "--repeats", "1",
+                            "--variants", "taca,naive"], capsys)
+    assert rc == 0, err
+    rows = [line.split() for line in out.splitlines() if " taca " in line or " naive " in line]
+    assert len(rows) == 2 and all(float(r[-4]) > 0 and r[-3] == "-" for r in rows), out
+
+
 def test_console_script_runs_without_traceback(tmp_path):
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "taca_probe", "generate", "--prompt", "x", "--model",

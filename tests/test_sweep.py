@@ -1,10 +1,12 @@
-"""taca_probe.sweep's pure parts: the schedules of a grid and the coordinates a sweep labels them with."""
+"""taca_probe.sweep's pure parts: grid schedules, their sweep coordinates, open_sweep's input check."""
 
 from __future__ import annotations
 
 import math
 
-from taca_probe.sweep import _schedule_coords, sweep_schedules
+import pytest
+
+from taca_probe.sweep import SweepError, _schedule_coords, open_sweep, sweep_schedules
 
 
 def test_sweep_schedules_put_the_one_identity_schedule_first_whatever_the_order_given():
@@ -20,3 +22,11 @@ def test_schedule_coordinates_of_each_form():
     g0, tt = _schedule_coords("none")
     assert g0 == 1.0 and math.isnan(tt)
     assert all(math.isnan(v) for v in _schedule_coords("linear:1.2..1@970..900"))
+
+
+@pytest.mark.parametrize("source", [None, 5, [], [1, 2]])
+def test_open_sweep_of_something_not_a_path_is_one_sweep_error(source):
+    """Audit: open_sweep(None) raised TypeError ('NoneType' object is not iterable)."""
+    with pytest.raises(SweepError) as e:
+        open_sweep(source)
+    assert type(source).__name__ in str(e.value) and "\n" not in str(e.value)
