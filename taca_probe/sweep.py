@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -371,8 +371,9 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
         left out with a warning.
     """
     doc, one = None, isinstance(source, (str, os.PathLike))
-    if not one and not (isinstance(source, Sequence) and source
-                        and all(isinstance(s, (str, os.PathLike)) for s in source)):
+    if not one and isinstance(source, Iterable) and not isinstance(source, bytes):
+        source = list(source)  # a list, tuple or generator (Path.glob) of store paths
+    if not one and not (isinstance(source, list) and source and all(isinstance(s, (str, os.PathLike)) for s in source)):
         raise SweepError("open_sweep needs a sweep folder or a non-empty list of store paths (str or os.PathLike), "
                          f"got {type(source).__name__}")
     if one and is_sweep(source):

@@ -310,3 +310,11 @@ def test_figures_tokens_option_names_fig3_rows(sweep_dir, tmp_path, capsys):
     assert (tmp_path / "ok" / "fig3_attention_map_diff.png").is_file()
     rc, _, err = run_cli(["figures", sweep_dir, "--figures", "fig3", "--tokens", "zebra", "--out", tmp_path / "no"], capsys)
     one_line_error(rc, err, "'zebra'")
+
+
+def test_open_sweep_of_a_generator_of_store_paths_is_the_sweep_folder(sweep_dir):
+    """A list or generator of stores (e.g. Path.glob) opens as the sweep folder does."""
+    stores = sorted((sweep_dir / "stores").glob("*.zarr"))
+    from_folder, from_paths = open_sweep(sweep_dir), open_sweep(p for p in stores)
+    assert list(from_paths["schedule"].values) == list(from_folder["schedule"].values)
+    np.testing.assert_array_equal(from_paths["vis_txt_mass"].values, from_folder["vis_txt_mass"].values)
