@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import taca_probe.cli.bench as bench
 from taca_probe.selection import int_ranges
 from tests.clitools import run_cli
 
@@ -174,7 +175,6 @@ def test_train_resume_never_runs_code_from_a_checkpoint(tmp_path, monkeypatch):
 
 
 def test_bench_shape_too_large_is_a_user_error(monkeypatch, capsys):
-    import taca_probe.cli.bench as bench
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 GiB")
@@ -187,7 +187,6 @@ def test_bench_shape_too_large_is_a_user_error(monkeypatch, capsys):
 @pytest.mark.parametrize("gamma", ["nan", "-1", "0", "inf", "1e39"])
 def test_bench_gamma_must_be_a_positive_finite_float32(monkeypatch, capsys, gamma):
     """Audit: ``bench attention --gamma nan`` (or -1) was accepted and timed, each TACA row 'unavailable'."""
-    import taca_probe.cli.bench as bench
 
     calls = []
     monkeypatch.setattr(bench, "bench_attention", lambda *a, **kw: calls.append(kw) or [])

@@ -22,7 +22,7 @@ from taca_probe.intervention import taca
 from taca_probe.models import load_pipeline
 from taca_probe.runner import probe
 from taca_probe.selection import MapSelection
-from taca_probe.store import StoreError, open_run, store_info
+from taca_probe.store import StoreError, open_run, store_info, verify_store
 from tests.reference import ExplicitTacaSDPA, taca_probabilities, text_mask
 
 pytestmark = pytest.mark.slow  # records through every embedded pipeline and statistics path
@@ -294,7 +294,6 @@ def test_non_finite_image_is_refused_before_the_cast(pipes, tmp_path, monkeypatc
 @pytest.mark.parametrize("bad", [None, 3, ["a.zarr"]])
 def test_store_readers_refuse_what_is_not_a_path(bad):
     """Audit: open_run(None) raised TypeError ('expected str, bytes or os.PathLike object')."""
-    from taca_probe.store import verify_store
 
     for fn in (open_run, store_info, verify_store):
         with pytest.raises(StoreError, match=rf"{fn.__name__} needs the path .* got {type(bad).__name__}$"):

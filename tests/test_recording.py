@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from taca_probe import probe
-from taca_probe.store import open_run
+from taca_probe.store import RunWriter, open_run
 
 pytestmark = pytest.mark.slow  # each test runs the tiny SD3 pipeline two or three times (seconds on a CPU)
 
@@ -70,7 +70,6 @@ def test_flux_maps_of_a_wide_image_have_its_rows_and_columns(pipes, tmp_path):
 
 
 def test_a_resumed_probe_fills_the_first_incomplete_slot_before_growing_the_store(pipes, tmp_path):
-    from taca_probe.store import RunWriter
 
     pipe = pipes("tiny-sd3")
     kw = {"num_inference_steps": 1, **SIZE}

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import taca_probe.cli.record as rec
 from taca_probe.cli import build_parser, main
+from taca_probe.errors import TacaProbeError
 from taca_probe.store import COORD_ORDER, VARIABLE_ORDER, open_run
 from tests.clitools import one_line_error, run_cli
 
@@ -54,8 +56,6 @@ def test_help_states_each_schedule_default_once_and_the_notes_once():
 
 def test_no_grid_help_says_what_sweep_records(tmp_path, monkeypatch, capsys):
     """Audit: --no-grid's help said "(and 'none')", but only the --schedule specs are recorded."""
-    import taca_probe.cli.record as rec
-    from taca_probe.errors import TacaProbeError
 
     recorded = []
 
@@ -134,7 +134,6 @@ def test_eval_quick_default_eta_up_front_and_a_table_within_100_columns(tmp_path
 
 
 def test_eval_full_and_seeds_are_one_or_the_other(capsys):
-    from taca_probe.errors import TacaProbeError
 
     parser = build_parser()
     args = parser.parse_args(["eval", "--full", "--seeds", "0-1", "--device", "cpu"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusion3Img2ImgPipeline
 
 from taca_probe import intervention
 from taca_probe.errors import TacaProbeError
@@ -394,7 +395,6 @@ def test_a_loaded_but_disabled_lora_stays_disabled_after_taca(lora_pipe):
 def test_img2img_starts_at_the_schedulers_begin_index(pipes):
     # img2img at strength 0.5 of 4 steps skips the first two: its calls are steps 2 and 3 at their
     # timesteps, so a schedule that acts only at t >= 970 (step 0) must not act at all
-    from diffusers import StableDiffusion3Img2ImgPipeline
 
     pipe = StableDiffusion3Img2ImgPipeline(**pipes["tiny-sd3"].components)
     pipe.set_progress_bar_config(disable=True)
