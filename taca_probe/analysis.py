@@ -95,9 +95,8 @@ def _strings(values: Any) -> np.ndarray:
 def _select_branch(ds: xr.Dataset, branch: str | None) -> xr.Dataset:
     """One CFG branch: ``None`` means ``cond`` when the store holds both, else what it holds."""
     if "branch" in ds.dims:
-        b = "cond" if branch is None else branch
-        choice(b, [str(v) for v in ds["branch"].values], "branch")
-        return ds.sel(branch=b)
+        return ds.sel(branch=choice("cond" if branch is None else branch, [str(v) for v in ds["branch"].values],
+                                    "branch"))
     stored = ds.attrs.get("branch")
     if branch is not None and stored is not None and stored != branch:
         raise AnalysisError(f"this store recorded the {stored!r} branch only, not {branch!r}; "
@@ -369,9 +368,8 @@ def timestep_awareness(ds: xr.Dataset, *, by: str = "layer", variable: str = "vi
 def recorded_map_steps(ds: xr.Dataset) -> list[int]:
     """The steps at which ``ds`` holds maps (from its map selection; all steps if unknown)."""
     require(ds, "maps")
-    steps = [int(s) for s in np.asarray(ds["step"].values)]
     sel = MapSelection.from_attrs(ds.attrs)
-    return steps if sel is None or sel.steps is None else [s for s in steps if s in sel.steps]
+    return [s for s in map(int, ds["step"].values) if sel is None or sel.steps is None or s in sel.steps]
 
 
 @_takes_datasets

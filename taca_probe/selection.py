@@ -26,13 +26,8 @@ def is_seed(value: Any) -> bool:
 def int_ranges(text: str, *, maximum: int = MAX_INT, max_values: int = MAX_VALUES) -> list[int]:
     """``"0,2-4,7"`` -> ``[0, 2, 3, 4, 7]``, in the order written, each value once.
 
-    A range is checked against ``maximum`` and ``max_values`` before it is expanded.
-
-    Raises
-    ------
-    ValueError
-        For an empty list, a part not an integer in ``0..maximum``, an inverted range, or more than
-        ``max_values`` values; the message names the part.
+    Raises ValueError, naming the part, for an empty list, a part not an integer in ``0..maximum``, an
+    inverted range, or more than ``max_values`` values (a range is checked before it is expanded).
     """
     out: dict[int, None] = {}  # ordered, O(1) membership
     for part in text.split(","):
@@ -57,10 +52,12 @@ def int_ranges(text: str, *, maximum: int = MAX_INT, max_values: int = MAX_VALUE
     return list(out)
 
 
-def _int_set(text: str) -> tuple[int, ...]:
-    return tuple(sorted(int_ranges(text)))
-
-
+#: How each part of a map selection's string form is read.
+_PARTS = {
+    "steps": lambda v: None if v == "all" else tuple(sorted(int_ranges(v))),
+    "layers": lambda v: None if v == "all" else tuple(p.strip() for p in v.split("|") if p.strip()),
+    "tokens": lambda v: v if v in ("prompt", "all") else tuple(sorted(int_ranges(v))),
+}
 _MAPS_FORMS = (
     "steps=all|0-4,7 ; layers=all|GLOB[|GLOB] ; tokens=prompt|all|0-10,12 "
     "(parts separated by ';', each optional; e.g. 'steps=0-4;tokens=prompt')"
@@ -94,16 +91,9 @@ class MapSelection:
                     continue
                 key, _, value = part.partition("=")
                 key, value = key.strip().lower(), value.strip()
-                if not value or key in kw:
+                if not value or key in kw or key not in _PARTS:
                     raise ValueError(part)
-                if key == "steps":
-                    kw["steps"] = None if value == "all" else _int_set(value)
-                elif key == "layers":
-                    kw["layers"] = None if value == "all" else tuple(p.strip() for p in value.split("|") if p.strip())
-                elif key == "tokens":
-                    kw["tokens"] = value if value in ("prompt", "all") else _int_set(value)
-                else:
-                    raise ValueError(part)
+                kw[key] = _PARTS[key](value)
         except ValueError as e:
             raise TacaProbeError(f"bad maps selection {spec!r} ({e}); valid forms: none | {_MAPS_FORMS}") from None
         return cls(**kw)
@@ -117,9 +107,7 @@ class MapSelection:
 
     def to_attrs(self) -> dict[str, Any]:
         """The selection as a JSON-able mapping, stored as the ``map_selection`` attribute."""
-        return {"steps": None if self.steps is None else list(self.steps),
-                "layers": None if self.layers is None else list(self.layers),
-                "tokens": self.tokens if isinstance(self.tokens, str) else list(self.tokens)}
+        return {k: v if v is None or isinstance(v, str) else list(v) for k, v in vars(self).items()}
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> "MapSelection | None":
@@ -129,10 +117,8 @@ class MapSelection:
         """
         structured = attrs.get("map_selection")
         if isinstance(structured, dict):
-            tokens = structured.get("tokens", "prompt")
-            return cls(steps=None if structured.get("steps") is None else tuple(structured["steps"]),
-                       layers=None if structured.get("layers") is None else tuple(structured["layers"]),
-                       tokens=tokens if isinstance(tokens, str) else tuple(tokens))
+            return cls(**{k: v if v is None or isinstance(v, str) else tuple(v)
+                          for k, v in structured.items() if k in _PARTS})
         spec = attrs.get("maps")
         return cls.parse(spec) if isinstance(spec, str) else None
 

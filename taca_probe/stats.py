@@ -89,16 +89,13 @@ def bootstrap_mean(da: xr.DataArray, *, dim: str = "sample", ci: float = 0.95, n
         raise AnalysisError(f"no data to average: 0 {dim}s along {dim!r} (a store with no complete sample?); "
                             f"record or select at least one")
     da = da.transpose(dim, ...)
-    values = np.asarray(da.values, dtype=float)
-    n, rest = values.shape[0], values.shape[1:]
-    flat = values.reshape(n, -1)
-    m = flat.shape[1]
+    flat = np.asarray(da.values, dtype=float).reshape(da.sizes[dim], -1)
+    n, m = flat.shape
     finite = np.isfinite(flat)
     count = finite.sum(axis=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        mean, lo_all, hi_all = (f(flat, axis=0) if n else np.full(m, np.nan)
-                                for f in (np.nanmean, np.nanmin, np.nanmax))
+        mean, lo_all, hi_all = (f(flat, axis=0) for f in (np.nanmean, np.nanmin, np.nanmax))
     low, high = np.full(m, np.nan), np.full(m, np.nan)
     const = (count >= 2) & (lo_all == hi_all)
     low[const] = high[const] = mean[const]
@@ -111,7 +108,7 @@ def bootstrap_mean(da: xr.DataArray, *, dim: str = "sample", ci: float = 0.95, n
         low[j], high[j] = lo[0], hi[0]
     template = da.isel({dim: 0}, drop=True)
     template.attrs = {}
-    out = xr.Dataset({name: template.copy(data=v.reshape(rest)) for name, v in
+    out = xr.Dataset({name: template.copy(data=v.reshape(template.shape)) for name, v in
                       (("mean", mean), ("ci_low", low), ("ci_high", high), ("n", count.astype(np.int64)))})
     out.attrs.update({"ci": float(ci), "method": method, "n_resamples": int(n_resamples), "seed": int(seed),
                       "statistic": "mean", "over": dim, f"n_{dim}s": int(n)})
