@@ -45,8 +45,7 @@ _RANDOM = "random weights: exercises the machinery, not the science"
 #: Trained embedded models whose weights ship inside the package: name -> (package, folder).
 SHIPPED_MODELS: dict[str, tuple[str, str]] = {"shapes": ("taca_probe.shapes", "weights")}
 
-#: The random-weight recipes (built into the cache on first use), for tests that need a
-#: particular architecture.
+#: The random-weight recipes (built into the cache on first use), for tests that need a particular architecture.
 RANDOM_MODELS: tuple[str, ...] = ("tiny-sd3", "tiny-sd35", "tiny-flux")
 
 #: Name of the file, next to a pipeline's model_index.json, that holds its recommended
