@@ -17,33 +17,23 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "taca": "intervention",
-    "apply_taca": "intervention",
-    "TacaConfig": "intervention",
-    "TacaHandle": "intervention",
-    "load_pipeline": "models",
-    "EMBEDDED_MODELS": "models",
-    "DEFAULT_MODEL": "models",
-    "TacaProbeError": "errors",
-    "taca_attention": "attention",
-    "probe": "runner",
-    "MapSelection": "selection",
-    "open_run": "store",
-    "run_sweep": "sweep",
-    "open_sweep": "sweep",
-    "sweep_schedules": "sweep",
-    "suppression": "analysis",
-    "amplification": "analysis",
-    "compare_runs": "analysis",
-    "timestep_awareness": "analysis",
-    "map_difference": "analysis",
-    "token_ranking": "analysis",
-    "mass_vs_gamma": "analysis",
-    "gamma_image_grid": "analysis",
-    "bootstrap_mean": "stats",
-    "render_figures": "rendering",
-    "report": "rendering",
+_EXPORTS = {  # public name -> the module that defines it
+    name: module
+    for module, names in {
+        "intervention": ("taca", "apply_taca", "TacaConfig", "TacaHandle"),
+        "models": ("load_pipeline", "EMBEDDED_MODELS", "DEFAULT_MODEL"),
+        "errors": ("TacaProbeError",),
+        "attention": ("taca_attention",),
+        "runner": ("probe",),
+        "selection": ("MapSelection",),
+        "store": ("open_run",),
+        "sweep": ("run_sweep", "open_sweep", "sweep_schedules"),
+        "analysis": ("suppression", "amplification", "compare_runs", "timestep_awareness", "map_difference",
+                     "token_ranking", "mass_vs_gamma", "gamma_image_grid"),
+        "stats": ("bootstrap_mean",),
+        "rendering": ("render_figures", "report"),
+    }.items()
+    for name in names
 }
 
 __all__ = sorted(_EXPORTS) + ["schedules", "__version__"]

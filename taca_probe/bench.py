@@ -47,9 +47,6 @@ class AttnShape:
     head_dim: int
     txt_first: bool
 
-    def describe(self) -> str:
-        return f"{self.name}: B{self.batch} H{self.heads} {self.n_txt}+{self.n_vis} D{self.head_dim}"
-
 
 #: FLUX.1 at 1024x1024 (512 T5 tokens, 64x64 latent tokens, 24 heads of 128) and SD3.5 at
 #: 1024x1024 (77 CLIP + 256 T5 tokens, 24 heads of 64, batch 2 for CFG).
@@ -183,14 +180,11 @@ def bench_attention(shapes: list[AttnShape] | tuple[AttnShape, ...] = DEFAULT_SH
                     repeats: int = 7, warmup: int = 1,
                     variants: tuple[str, ...] = ("sdpa", "taca", "taca+masses", "naive", "flex"),
                     memory: bool = True, progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Time and measure the attention variants at each shape.
+    """Time and measure the attention variants at each shape: one row per (shape, variant).
 
-    Returns
-    -------
-    list of dict
-        One row per (shape, variant): ``shape``, ``variant``, ``device``, ``dtype``, ``gamma``,
-        ``median_ms``, ``times_ms``, ``ratio_to_sdpa``, ``peak_extra_mib`` (None when not
-        measured), ``error`` (a variant that failed, e.g. flex where unavailable).
+    A row holds ``shape``, ``variant``, ``device``, ``dtype``, ``gamma``, ``median_ms``, ``times_ms``,
+    ``ratio_to_sdpa``, ``peak_extra_mib`` (None when not measured) and ``error`` (a variant that
+    failed, e.g. flex where unavailable).
     """
     device = torch.device(device)
     unknown = set(variants) - set(VARIANTS)
@@ -343,7 +337,7 @@ def bench_e2e(*, device: str | torch.device = "cpu", dtype: torch.dtype = torch.
     px = side * pipe.vae_scale_factor * 2  # SD3: 2x2 patches; FLUX: 2x2 packing
     kw = {"num_inference_steps": steps, "height": px, "width": px, "guidance_scale": 3.5 if flux else 5.0}
     tmp = tempfile.mkdtemp(prefix="taca-bench-")
-    variants = {"plain": None, "probe": "none", **({"probe+maps": maps} if maps else {})}
+    variants = {"plain": None, "probe": None, **({"probe+maps": maps} if maps else {})}  # name -> maps
     times: dict[str, list[float]] = {name: [] for name in variants}
     peak: dict[str, int] = {name: 0 for name in variants}
 
@@ -354,13 +348,12 @@ def bench_e2e(*, device: str | torch.device = "cpu", dtype: torch.dtype = torch.
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        if variants[name] is None:
+        if name == "plain":
             with taca(pipe, schedule):
                 pipe(prompt, generator=gen, output_type="np", **kw)
         else:
-            store = os.path.join(tmp, f"{name}.zarr")
-            selection = None if variants[name] == "none" else variants[name]
-            with probe(pipe, store, schedule=schedule, maps=selection, mode="resume") as rec:
+            with probe(pipe, os.path.join(tmp, f"{name}.zarr"), schedule=schedule, maps=variants[name],
+                       mode="resume") as rec:
                 rec.sample(prompt, seed=r, **kw)
         if timed:
             _sync(device)

@@ -58,8 +58,7 @@ class Ranks:
 
 
 def ranks_from_env() -> Ranks:
-    """The launcher's ranks (a single process when launched plainly); the process group is joined
-    at the first barrier."""
+    """The launcher's ranks (one process when launched plainly); the group is joined at the first barrier."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()

@@ -27,7 +27,5 @@ class StoreError(TacaProbeError):
 
 def first_line(exc: BaseException) -> str:
     """``"KeyError: the first non-empty line"`` of an exception from a library, for a one-line message."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return f"{type(exc).__name__}: {line.strip()}"
-    return type(exc).__name__
+    line = next((text.strip() for text in str(exc).splitlines() if text.strip()), "")
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__

@@ -19,22 +19,15 @@ def quiet() -> Iterator[None]:
     Used around building and loading the embedded models, whose loading chatter ("Loading pipeline
     components...", torchvision fallbacks of unused image processors) says nothing useful.
     """
-    saved = (
-        dlog.get_verbosity(),
-        dlog.is_progress_bar_enabled(),
-        tlog.get_verbosity(),
-        tlog.is_progress_bar_enabled(),
-    )
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        dlog.set_verbosity(saved[0])
-        (dlog.enable_progress_bar if saved[1] else dlog.disable_progress_bar)()
-        tlog.set_verbosity(saved[2])
-        (tlog.enable_progress_bar if saved[3] else tlog.disable_progress_bar)()
+        for lib, verbosity, bar in saved:
+            lib.set_verbosity(verbosity)
+            (lib.enable_progress_bar if bar else lib.disable_progress_bar)()

@@ -45,8 +45,7 @@ _RANDOM = "random weights: exercises the machinery, not the science"
 #: Trained embedded models whose weights ship inside the package: name -> (package, folder).
 SHIPPED_MODELS: dict[str, tuple[str, str]] = {"shapes": ("taca_probe.shapes", "weights")}
 
-#: The random-weight recipes (built into the cache on first use), for tests that need a
-#: particular architecture.
+#: The random-weight recipes (built into the cache on first use), for tests that need a particular architecture.
 RANDOM_MODELS: tuple[str, ...] = ("tiny-sd3", "tiny-sd35", "tiny-flux")
 
 #: Name of the file, next to a pipeline's model_index.json, that holds its recommended
@@ -77,7 +76,6 @@ EMBEDDED_MODELS: dict[str, str] = {
 DEFAULT_MODEL = "shapes"
 
 
-
 _DEVICE_FORMS = "cpu, cuda, cuda:N (N = GPU index), mps"
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -105,28 +103,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     resolved = torch.device(text)
     # Fail here, with a message naming what exists, rather than deep inside the first .to().
     available = _available_devices()
-    if resolved.type == "cuda":
-        index = resolved.index or 0
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise ModelError(
-                f"device {text!r} is not available on this machine; available: {', '.join(available)}"
-                f" (valid forms: {_DEVICE_FORMS})"
-            )
-    elif resolved.type == "mps" and "mps" not in available:
+    if str(resolved) not in available:  # str(): "cuda:01" is cuda:1
         raise ModelError(
-            f"device 'mps' is not available on this machine; available: {', '.join(available)}"
+            f"device {text!r} is not available on this machine; available: {', '.join(available)}"
             f" (valid forms: {_DEVICE_FORMS})"
         )
     return resolved
 
 
-_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
+_DTYPES: dict[str, torch.dtype] = {  # short and long names
+    name: dtype
+    for dtype, short in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"))
+    for name in (short, str(dtype).removeprefix("torch."))
 }
 _DTYPE_CHOICES = "fp32 (float32), bf16 (bfloat16), fp16 (float16)"
 
@@ -152,7 +140,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[key]
 
 
-
 _SUPPORTED = "SD3Transformer2DModel (SD3, SD3.5) or FluxTransformer2DModel (FLUX.1)"
 
 
@@ -163,27 +150,21 @@ def check_supported(pipe_or_transformer: Any) -> str:
     transformer or its class is not supported.
     """
     obj = pipe_or_transformer
-    if isinstance(obj, torch.nn.Module):
-        transformer = obj
-    else:
-        transformer = getattr(obj, "transformer", None)
-        if transformer is None:
-            raise ModelError(
-                f"unsupported model: {type(obj).__name__} has no MM-DiT transformer; "
-                f"taca-probe supports pipelines whose transformer is {_SUPPORTED}"
-            )
+    transformer = obj if isinstance(obj, torch.nn.Module) else getattr(obj, "transformer", None)
+    if transformer is None:
+        raise ModelError(
+            f"unsupported model: {type(obj).__name__} has no MM-DiT transformer; "
+            f"taca-probe supports pipelines whose transformer is {_SUPPORTED}"
+        )
     # torch.compile returns an OptimizedModule that keeps the real module in _orig_mod.
     transformer = getattr(transformer, "_orig_mod", transformer)
-    if isinstance(transformer, SD3Transformer2DModel):
-        return "sd3"
-    if isinstance(transformer, FluxTransformer2DModel):
-        return "flux"
+    for family, cls in (("sd3", SD3Transformer2DModel), ("flux", FluxTransformer2DModel)):
+        if isinstance(transformer, cls):
+            return family
     raise ModelError(
         f"unsupported model: transformer class {type(transformer).__name__} is not supported; "
         f"supported transformer classes: {_SUPPORTED}"
     )
-
-
 
 
 def _hub_cached(model: str) -> bool | None:
@@ -205,40 +186,23 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> DiffusionPipeline:
-    """Load a diffusers pipeline, without touching the network.
+    """Load a diffusers pipeline onto ``device`` (:func:`resolve_device`, :func:`resolve_dtype`), offline.
 
-    Parameters
-    ----------
-    model : str or os.PathLike
-        One of :data:`EMBEDDED_MODELS` (built into the cache on first use), a local diffusers folder
-        (a directory containing ``model_index.json``), or a Hugging Face hub id that is already in
-        the local Hugging Face cache (e.g. fetched with ``hf download <id>``), tried in that order
-        (write ``./tiny-sd3`` for a folder that shares an embedded model's name).
-    device : str, torch.device or None
-        See :func:`resolve_device`.
-    dtype : str, torch.dtype or None
-        See :func:`resolve_dtype`.
-
-    Returns
-    -------
-    diffusers.DiffusionPipeline
-        On ``device``; not checked for support (:func:`check_supported` does that).
-
-    Raises
-    ------
-    ModelError
-        If the model cannot be found locally, or loading it fails.
+    ``model`` is one of :data:`EMBEDDED_MODELS` (built into the cache on first use), a local diffusers
+    folder (a directory containing ``model_index.json``), or a Hugging Face hub id that is already in
+    the local Hugging Face cache (e.g. fetched with ``hf download <id>``), tried in that order (write
+    ``./tiny-sd3`` for a folder that shares an embedded model's name). The pipeline is not checked for
+    support (:func:`check_supported` does that). Raises :class:`ModelError` if the model cannot be
+    found locally, or loading it fails.
     """
     model = os.fspath(model)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
 
-    embedded = False
     if model in EMBEDDED_MODELS:
         source: str | Path = embedded_model_path(model)
         what = f"embedded model {model!r} from {source}"
         hint = "; reinstall taca-probe" if model in SHIPPED_MODELS else f"; delete {source} to rebuild it"
-        embedded = True
     elif os.path.exists(os.path.expanduser(model)):
         folder = Path(os.path.expanduser(model))
         if not folder.is_dir():
@@ -274,7 +238,7 @@ def load_pipeline(
         source, what = model, f"hub model {model!r} from the local Hugging Face cache"
         hint = f"; it may be incomplete: run `hf download {model}` and retry"
 
-    with quiet() if embedded else contextlib.nullcontext():
+    with quiet() if model in EMBEDDED_MODELS else contextlib.nullcontext():
         try:
             # dtype= (not the deprecated torch_dtype=); local_files_only so nothing is downloaded.
             pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
@@ -288,12 +252,13 @@ def load_pipeline(
     return pipe
 
 
+def _name_or_path(pipe: Any) -> str:
+    return str(getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
+
+
 def model_name(pipe: Any) -> str:
     """The name a pipeline was loaded by (:func:`load_pipeline`), else its ``name_or_path``."""
-    return str(getattr(pipe, "_taca_probe_model", None) or getattr(pipe, "name_or_path", None)
-               or getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
-
-
+    return str(getattr(pipe, "_taca_probe_model", None) or _name_or_path(pipe))
 
 
 def _shipped_path(name: str) -> Path:
@@ -308,14 +273,6 @@ def _shipped_path(name: str) -> Path:
     return path
 
 
-def _pipeline_folder(pipe: Any) -> Path | None:
-    source = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    if not source:
-        return None
-    path = Path(os.path.expanduser(str(source)))
-    return path if path.is_dir() else None
-
-
 def model_call_defaults(model: str | os.PathLike[str] | Any) -> dict[str, Any]:
     """The recommended ``pipe(...)`` arguments of a model, from ``call_defaults.json`` beside its model_index.json.
 
@@ -326,23 +283,23 @@ def model_call_defaults(model: str | os.PathLike[str] | Any) -> dict[str, Any]:
     """
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
-        if name in SHIPPED_MODELS:
-            folder: Path | None = _shipped_path(name)
-        elif name in EMBEDDED_MODELS:
+        if name in EMBEDDED_MODELS and name not in SHIPPED_MODELS:
             return {}
-        else:
-            path = Path(os.path.expanduser(name))
-            folder = path if path.is_dir() else None
+        folder = _shipped_path(name) if name in SHIPPED_MODELS else Path(os.path.expanduser(name))
     else:
-        folder = _pipeline_folder(model)
-    if folder is None or not (folder / CALL_DEFAULTS_FILE).is_file():
+        source = _name_or_path(model)
+        if not source:
+            return {}
+        folder = Path(os.path.expanduser(source))
+    file = folder / CALL_DEFAULTS_FILE
+    if not file.is_file():
         return {}
     try:
-        data = json.loads((folder / CALL_DEFAULTS_FILE).read_text())
+        data = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {folder / CALL_DEFAULTS_FILE}: {first_line(exc)}") from exc
+        raise ModelError(f"cannot read {file}: {first_line(exc)}") from exc
     if not isinstance(data, dict):
-        raise ModelError(f"{folder / CALL_DEFAULTS_FILE} must hold a JSON object of pipe(...) arguments")
+        raise ModelError(f"{file} must hold a JSON object of pipe(...) arguments")
     return data
 
 
@@ -356,24 +313,12 @@ def call_settings(
 ) -> dict[str, Any]:
     """The ``pipe(...)`` arguments of a call: the user's, else the model's recommended, else defaults.
 
-    Parameters
-    ----------
-    pipe : DiffusionPipeline
-        Gives the size fallback, and the recommended settings unless ``model`` names them.
-    overrides : mapping, optional
-        The user's settings; ``None`` values mean "not given".
-    model : str or os.PathLike, optional
-        The name the model was loaded by: its :func:`model_call_defaults` are read by that name.
-    default_steps : int or None
-        Steps when neither user nor model gives them; ``None``: the pipeline's own default.
-    default_size : int or None
-        Height and width likewise; ``None``: ``default_sample_size * vae_scale_factor``.
-
-    Returns
-    -------
-    dict
-        A new dict that always holds ``height``, ``width`` (and ``num_inference_steps`` unless
-        ``default_steps`` is None).
+    ``overrides`` are the user's settings (``None`` values mean "not given"). The recommended settings
+    (:func:`model_call_defaults`) are read by ``model``, the name the model was loaded by, else from
+    ``pipe``. ``default_steps``: steps when neither gives them (``None``: the pipeline's own default);
+    ``default_size``: height and width likewise (``None``: ``default_sample_size * vae_scale_factor``
+    of ``pipe``). Returns a new dict that always holds ``height``, ``width`` (and
+    ``num_inference_steps`` unless ``default_steps`` is None).
     """
     call = model_call_defaults(model if isinstance(model, (str, os.PathLike)) else pipe)
     call.update({k: v for k, v in (overrides or {}).items() if v is not None})
