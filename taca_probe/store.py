@@ -14,7 +14,7 @@ import shutil
 import socket
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,8 +23,8 @@ import xarray as xr
 import zarr
 
 from .errors import StoreError, TacaProbeError
-from .integrity import BOOKKEEPING, COMPLETE, DAMAGED, INFO_READ_LIMIT, MANIFEST, ChecksumStore, ChunkChecksumError, \
-    chunk_read_problems, compressors, digest, is_sample_array, read_each, sample_problems, slot_keys, slot_of
+from .integrity import BOOKKEEPING, COMPLETE, COMPRESSORS, DAMAGED, INFO_READ_LIMIT, MANIFEST, ChecksumStore, \
+    ChunkChecksumError, chunk_read_problems, digest, is_sample_array, read_each, sample_problems, slot_keys, slot_of
 
 __all__ = [
     "SCHEMA_VERSION", "StoreError", "ChunkChecksumError", "RunLayout", "RunWriter", "open_run", "store_info",
@@ -107,10 +107,6 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     return dict(_open_group(path, "r").attrs)
 
 
-#: The attributes that are counts (``n_txt``: the uniform-attention reference); each is checked on open.
-_COUNT_ATTRS = ("steps", "height", "width", "n_txt", "n_vis")
-
-
 def _store_path(path: Any, what: str) -> Path:
     """The folder of a public reader's ``path`` argument; anything but a str or os.PathLike is one line."""
     if not isinstance(path, (str, os.PathLike)):
@@ -118,14 +114,15 @@ def _store_path(path: Any, what: str) -> Path:
     return Path(path)
 
 
-def _open_group(path: str | os.PathLike, mode: str, *, store: Any = None):
+def _open_group(path: str | os.PathLike, mode: str):
+    """The store's group, read through a :class:`ChecksumStore`; schema and count attributes checked."""
     p = Path(path)
     if not p.exists():
         raise StoreError(f"no store at {str(p)!r}")
     if not (p / "zarr.json").is_file():
         raise StoreError(f"{str(p)!r} is not a taca-probe store (no zarr v3 metadata)")
     try:
-        group = zarr.open_group(store if store is not None else str(p), mode=mode, zarr_format=3)
+        group = zarr.open_group(ChecksumStore(p, read_only=mode == "r"), mode=mode, zarr_format=3)
         version = group.attrs.get(_SCHEMA_ATTR)
     except Exception as e:  # zarr raises many kinds for a damaged store
         raise StoreError(f"cannot open {str(p)!r} as a zarr v3 group: {_first_line(e)}") from None
@@ -134,7 +131,8 @@ def _open_group(path: str | os.PathLike, mode: str, *, store: Any = None):
     if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
         raise StoreError(f"{str(p)!r} has store schema {version!r}; this taca-probe reads schema 1..{SCHEMA_VERSION}: "
                          "upgrade taca-probe to read it")
-    for name in _COUNT_ATTRS:  # what analyses and summaries compute with (absent in a store: not checked)
+    # the counts analyses and summaries compute with (n_txt: the uniform-attention reference); absent: not checked
+    for name in ("steps", "height", "width", "n_txt", "n_vis"):
         value = group.attrs.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise StoreError(f"{str(p)!r}: attribute {name!r} in zarr.json must be a positive integer, got {value!r}; "
@@ -165,10 +163,8 @@ def _arrays(group: Any, path: Path) -> dict[str, Any]:
 def _layout_of(group: Any, path: Path) -> RunLayout:
     try:
         d = group.attrs["layout"]
-        return RunLayout(
-            steps=int(d["steps"]), layers=tuple(d["layers"]), block_types=tuple(d["block_types"]),
-            heads=int(d["heads"]), n_txt=int(d["n_txt"]), grid=tuple(d["grid"]), image_shape=tuple(d["image_shape"]),
-            token_source=tuple(d["token_source"]), branches=tuple(d["branches"]), maps=bool(d["maps"]))
+        types = {"steps": int, "heads": int, "n_txt": int, "maps": bool}  # the other fields are tuples
+        return RunLayout(**{f.name: types.get(f.name, tuple)(d[f.name]) for f in fields(RunLayout)})
     except Exception as e:
         raise StoreError(f"the 'layout' attribute of {str(path / 'zarr.json')!r} is missing or damaged "
                          f"({_first_line(e)}); " + _DAMAGED_HINT) from None
@@ -187,9 +183,9 @@ def _structure_problems(path: Path, group: Any, arrays: Mapping[str, Any], layou
                        for name in arrays if kinds._kind(name) is None]
 
 
-def _open_checked(path: Path, mode: str = "r") -> tuple[Any, dict[str, Any], list[str]]:
-    """(group, arrays, whole-store problems), through a checksumming store."""
-    group = _open_group(path, mode, store=ChecksumStore(path, read_only=mode == "r") if path.is_dir() else None)
+def _open_checked(path: Path) -> tuple[Any, dict[str, Any], list[str]]:
+    """(group, arrays, whole-store problems), read-only."""
+    group = _open_group(path, "r")
     arrays = _arrays(group, path)
     return group, arrays, _structure_problems(path, group, arrays, _layout_of(group, path))
 
@@ -207,14 +203,11 @@ class RunWriter:
     then kept up to date in memory, so that the work per sample does not grow with the store.
     """
 
-    # Why not xarray's template ``to_zarr(compute=False)`` + ``to_zarr(region=...)`` per sample: the
-    # layout it would write is this one (the stores open with xarray), but a sample here must become
-    # visible only after its chunk manifest and ``complete`` flag are written, each map step is one
-    # shard whose unselected layers are never written, and an unplanned run grows along ``sample``
-    # while planned runs fill pre-allocated slots from several ranks. Region writes have no
-    # per-region commit point, cannot tell which chunk files a region produced (the manifest needs
-    # their keys and digests), and ``append_dim`` cannot be combined with ``region``; so the zarr
-    # arrays are written directly, in xarray's encoding (dimension names, coordinates attribute).
+    # Why not xarray's ``to_zarr(compute=False)`` template + ``to_zarr(region=...)`` per sample: a sample must
+    # become visible only after its chunk manifest and ``complete`` flag, and region writes have no commit point
+    # nor tell which chunk files they produced (the manifest needs their keys and digests); map shards leave
+    # unselected layers unwritten; ``append_dim`` (unplanned runs grow) cannot be combined with ``region``
+    # (planned slots filled from several ranks). So the arrays are written directly, in xarray's encoding.
 
     def __init__(self, group: Any, layout: RunLayout, path: Path):
         self.group, self.layout, self.path = group, layout, path
@@ -254,12 +247,12 @@ class RunWriter:
             for name, (dim, values, dtype) in fixed.items():
                 values = np.asarray(values, dtype=dtype if dtype is not str else None)
                 group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=dtype,
-                                   dimension_names=[dim], compressors=compressors(dtype))[...] = values
+                                   dimension_names=[dim], compressors=COMPRESSORS)[...] = values
 
             def grow(name, dims, shape, dtype, fill, chunks=None, coords=None, shards=None):
                 group.create_array(name, shape=(n_samples, *shape), chunks=(1, *(shape if chunks is None else chunks)),
                                    dtype=dtype, fill_value=fill, dimension_names=["sample", *dims],
-                                   attributes={"coordinates": coords} if coords else {}, compressors=compressors(dtype),
+                                   attributes={"coordinates": coords} if coords else {}, compressors=COMPRESSORS,
                                    **({} if shards is None else {"shards": (1, *shards)}))
 
             for name, dtype, fill in [("sample", "int64", 0), (COMPLETE, "bool", False), (MANIFEST, str, ""),
@@ -292,19 +285,17 @@ class RunWriter:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-created store
             raise
-        return cls(_open_group(p, "r+", store=ChecksumStore(p, read_only=False)), layout, p)
+        return cls(_open_group(p, "r+"), layout, p)
 
     @classmethod
     def reopen(cls, path: str | os.PathLike) -> RunWriter:
         """Open an existing store for appending (resume); damaged metadata is a :class:`StoreError`."""
         p = Path(path)
-        group = _open_group(p, "r+", store=ChecksumStore(p, read_only=False) if p.is_dir() else None)
+        group = _open_group(p, "r+")
         return cls(group, _layout_of(group, p), p)
 
     def _read_slots(self) -> list[tuple[str, int, int, bool]]:
         n = self.arrays[COMPLETE].shape[0]
-        if n == 0:
-            return []
         columns = [read_each(self.arrays[k], n) for k in ("prompt", "seed", "batch_index", COMPLETE)]
         # a damaged key or flag: the slot counts as not complete and is recorded again
         return [UNKNOWN_SLOT if any(v is DAMAGED for v in (p, s, b, d)) else (str(p), int(s), int(b), bool(d))
@@ -389,16 +380,13 @@ class RunWriter:
     def _manifest(self, slot: int) -> dict[str, list | None]:
         """Key -> [digest of the file, size], or None where the sample has no file (all fill value)."""
         out: dict[str, list | None] = {}
-        for name, arr in self.arrays.items():
-            if not is_sample_array(arr) or name in BOOKKEEPING:
-                continue
-            for key in slot_keys(name, arr, slot):
-                try:
-                    data = (self.path / key).read_bytes()
-                except FileNotFoundError:
-                    out[key] = None
-                else:
-                    out[key] = [digest(data), len(data)]
+        for key in slot_keys(self.arrays, slot):
+            try:
+                data = (self.path / key).read_bytes()
+            except FileNotFoundError:
+                out[key] = None
+            else:
+                out[key] = [digest(data), len(data)]
         return out
 
     def damaged_slots(self) -> dict[int, list[str]]:
