@@ -522,16 +522,14 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
         raise
     except Exception as e:
         raise StoreError(f"cannot read {str(path)!r}: {_first_line(e)}") from None
-    ds = ds.drop_vars([v for v in BOOKKEEPING if v in ds.variables])
+    ds = ds.drop_vars(BOOKKEEPING, errors="ignore")
     if not include_incomplete:
         ds = ds.isel(sample=np.flatnonzero(complete))
-    for key in ("layout", _MANIFEST_ATTR):
-        ds.attrs.pop(key, None)
     # zarr lists arrays in no fixed order; a stable order keeps printouts and tests comparable
     names = [v for v in VARIABLE_ORDER if v in ds.data_vars] + sorted(set(ds.data_vars) - set(VARIABLE_ORDER))
     coords = [c for c in COORD_ORDER if c in ds.coords] + sorted(c for c in ds.coords if c not in COORD_ORDER)
     return xr.Dataset({v: ds[v].variable for v in names}, coords={c: ds.coords[c].variable for c in coords},
-                      attrs=ds.attrs)
+                      attrs={k: v for k, v in ds.attrs.items() if k not in ("layout", _MANIFEST_ATTR)})
 
 
 #: The order of a run's data variables and coordinates in :func:`open_run`.
@@ -552,8 +550,7 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
                      "dtype": str(arr.dtype), "chunks": list(arr.chunks),
                      "stored_bytes": sum(f.stat().st_size for f in (p / name).rglob("*") if f.is_file())}
               for name, arr in sorted(arrays_by_name.items())}
-    attrs = dict(group.attrs)
-    attrs.pop("layout", None)
+    attrs = {k: v for k, v in group.attrs.items() if k != "layout"}
     return {"path": str(path), "schema": attrs.get(_SCHEMA_ATTR),
             "samples_complete": int(complete.sum()) - len(damaged), "samples_incomplete": int((~complete).sum()),
             "samples_damaged": {int(k): v for k, v in sorted(damaged.items())},
