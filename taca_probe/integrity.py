@@ -32,6 +32,8 @@ BOOKKEEPING = (COMPLETE, MANIFEST)
 INFO_READ_LIMIT = 64 * 1024
 #: What :func:`read_each` gives for a value whose chunk is damaged.
 DAMAGED = object()
+#: Every array's codecs: zstd, then a CRC32C checksum so that a corrupted chunk is detected on read.
+COMPRESSORS = (ZstdCodec(level=3), Crc32cCodec())
 
 
 class ChunkChecksumError(StoreError):
@@ -43,11 +45,15 @@ def is_sample_array(arr: Any) -> bool:
     return bool(names) and names[0] == "sample"
 
 
-def slot_keys(name: str, arr: Any, slot: int) -> list[str]:
-    """The storage keys (chunk or shard files) that hold ``slot`` of a per-sample array."""
-    per_file = arr.shards or arr.chunks
-    grid = [-(-n // c) for n, c in zip(arr.shape[1:], per_file[1:])]
-    return [f"{name}/{arr.metadata.encode_chunk_key((slot, *idx))}" for idx in np.ndindex(*grid)]
+def slot_keys(arrays: Mapping[str, Any], slot: int) -> list[str]:
+    """The storage keys (chunk or shard files) that hold ``slot`` of the per-sample data arrays."""
+    keys = []
+    for name, arr in arrays.items():
+        if is_sample_array(arr) and name not in BOOKKEEPING:
+            per_file = arr.shards or arr.chunks
+            grid = [-(-n // c) for n, c in zip(arr.shape[1:], per_file[1:])]
+            keys += [f"{name}/{arr.metadata.encode_chunk_key((slot, *idx))}" for idx in np.ndindex(*grid)]
+    return keys
 
 
 def digest(data: bytes) -> str:
@@ -65,19 +71,16 @@ def slot_of(key: str) -> int | None:
         return None
 
 
-def check_slot(path: Path, arrays: Mapping[str, Any], slot: int, manifest_text: Any, *,
-               read: bool | int) -> list[str]:
-    """Problems of one complete sample against its manifest, ``"KEY: what"`` each. ``read``: compare
-    the digest of every file (True), of files up to that many bytes, or of none (False)."""
-    if not manifest_text:
+def _slot_problems(path: Path, arrays: Mapping[str, Any], slot: int, text: Any, read: bool | int) -> list[str]:
+    """Problems of one complete sample against its manifest (a text, or ``DAMAGED``), ``"KEY: what"`` each."""
+    if not text:
         return [f"{MANIFEST}/c/{slot}: the sample's chunk manifest is missing"]
     try:
-        manifest = json.loads(str(manifest_text))
+        manifest = None if text is DAMAGED else json.loads(str(text))
         assert isinstance(manifest, dict)
     except (ValueError, AssertionError):
         return [f"{MANIFEST}/c/{slot}: the sample's chunk manifest is damaged"]
-    expected = [key for name, arr in arrays.items() if is_sample_array(arr) and name not in BOOKKEEPING
-                for key in slot_keys(name, arr, slot)]
+    expected = slot_keys(arrays, slot)
     problems = [f"{key}: not in the sample's manifest (another sample's manifest?)" for key in expected
                 if key not in manifest]
     expected_set = set(expected)
@@ -98,7 +101,8 @@ def check_slot(path: Path, arrays: Mapping[str, Any], slot: int, manifest_text: 
 
 def sample_problems(path: Path, arrays: Mapping[str, Any], *, read: bool | int,
                     complete: np.ndarray | None = None) -> dict[int, list[str]]:
-    """slot -> problems, for every complete sample (empty for stores without manifests)."""
+    """slot -> problems, for every complete sample (empty for stores without manifests). ``read``: compare
+    the digest of every file (True), of files up to that many bytes, or of none (False)."""
     if MANIFEST not in arrays:
         return {}
     if complete is None:
@@ -109,9 +113,7 @@ def sample_problems(path: Path, arrays: Mapping[str, Any], *, read: bool | int,
     manifests = read_each(arrays[MANIFEST], int(slots[-1]) + 1)
     out = {}
     for slot in slots.tolist():
-        if manifests[slot] is DAMAGED:
-            out[slot] = [f"{MANIFEST}/c/{slot}: the sample's chunk manifest is damaged"]
-        elif problems := check_slot(path, arrays, slot, manifests[slot], read=read):
+        if problems := _slot_problems(path, arrays, slot, manifests[slot], read):
             out[slot] = problems
     return out
 
@@ -129,11 +131,6 @@ def read_each(arr: Any, n: int | None = None) -> list[Any]:
             except ChunkChecksumError:
                 out.append(DAMAGED)
         return out
-
-
-def compressors(dtype: Any) -> tuple:
-    """zstd, then a CRC32C checksum so that a corrupted chunk is detected on read."""
-    return (ZstdCodec(level=3), Crc32cCodec())
 
 
 _UNLISTED = object()
@@ -162,20 +159,17 @@ class ChecksumStore(LocalStore):
     def _kind(self, name: str) -> tuple[bool, int] | None:
         """None: no checksum; (False, 0): plain chunks; (True, n): shards of n inner chunks."""
         if name not in self._kinds:
-            def crc(codecs: list) -> bool:
-                return any(c.get("name") == "crc32c" for c in codecs)
-
             try:
                 meta = json.loads((Path(str(self.root)) / name / "zarr.json").read_text())
                 codecs = meta.get("codecs", [])
                 if codecs and codecs[0].get("name") == "sharding_indexed":
                     conf = codecs[0]["configuration"]
                     outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
-                    n_inner = int(np.prod([o // i for o, i in zip(outer, conf["chunk_shape"])]))
-                    has = crc(conf.get("codecs", [])) and crc(conf.get("index_codecs", []))
-                    self._kinds[name] = (True, n_inner) if has else None
+                    kind = (True, int(np.prod([o // i for o, i in zip(outer, conf["chunk_shape"])])))
+                    lists = [conf.get("codecs", []), conf.get("index_codecs", [])]  # both need their CRC32C
                 else:
-                    self._kinds[name] = (False, 0) if crc(codecs) else None
+                    kind, lists = (False, 0), [codecs]
+                self._kinds[name] = kind if all(any(c.get("name") == "crc32c" for c in cs) for cs in lists) else None
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 self._kinds[name] = None
         return self._kinds[name]

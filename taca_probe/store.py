@@ -14,7 +14,7 @@ import shutil
 import socket
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,8 +23,8 @@ import xarray as xr
 import zarr
 
 from .errors import StoreError, TacaProbeError
-from .integrity import BOOKKEEPING, COMPLETE, DAMAGED, INFO_READ_LIMIT, MANIFEST, ChecksumStore, ChunkChecksumError, \
-    chunk_read_problems, compressors, digest, is_sample_array, read_each, sample_problems, slot_keys, slot_of
+from .integrity import BOOKKEEPING, COMPLETE, COMPRESSORS, DAMAGED, INFO_READ_LIMIT, MANIFEST, ChecksumStore, \
+    ChunkChecksumError, chunk_read_problems, digest, is_sample_array, read_each, sample_problems, slot_keys, slot_of
 
 __all__ = [
     "SCHEMA_VERSION", "StoreError", "ChunkChecksumError", "RunLayout", "RunWriter", "open_run", "store_info",
@@ -64,10 +64,9 @@ class RunLayout:
     def bytes_per_sample(self, *, map_steps: int | None = None, map_tokens: int | None = None) -> dict[str, int]:
         """Uncompressed bytes one sample adds, by variable; ``maps`` counts the shards of ``map_steps``
         selected steps and, as ``maps (selected tokens)``, ``map_tokens`` tokens (defaults: all)."""
-        itemsize = {"float32": 4, "float16": 2, "uint8": 1}
         out: dict[str, int] = {}
         for name, (_, shape, dtype, _) in self.variables().items():
-            n = int(np.prod(shape)) * itemsize[dtype]
+            n = int(np.prod(shape)) * np.dtype(dtype).itemsize
             if name == "maps":
                 n = n // self.steps * (self.steps if map_steps is None else map_steps)
                 out["maps (selected tokens)"] = n // self.n_txt * (self.n_txt if map_tokens is None else map_tokens)
@@ -107,10 +106,6 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     return dict(_open_group(path, "r").attrs)
 
 
-#: The attributes that are counts (``n_txt``: the uniform-attention reference); each is checked on open.
-_COUNT_ATTRS = ("steps", "height", "width", "n_txt", "n_vis")
-
-
 def _store_path(path: Any, what: str) -> Path:
     """The folder of a public reader's ``path`` argument; anything but a str or os.PathLike is one line."""
     if not isinstance(path, (str, os.PathLike)):
@@ -118,14 +113,15 @@ def _store_path(path: Any, what: str) -> Path:
     return Path(path)
 
 
-def _open_group(path: str | os.PathLike, mode: str, *, store: Any = None):
+def _open_group(path: str | os.PathLike, mode: str):
+    """The store's group, read through a :class:`ChecksumStore`; schema and count attributes checked."""
     p = Path(path)
     if not p.exists():
         raise StoreError(f"no store at {str(p)!r}")
     if not (p / "zarr.json").is_file():
         raise StoreError(f"{str(p)!r} is not a taca-probe store (no zarr v3 metadata)")
     try:
-        group = zarr.open_group(store if store is not None else str(p), mode=mode, zarr_format=3)
+        group = zarr.open_group(ChecksumStore(p, read_only=mode == "r"), mode=mode, zarr_format=3)
         version = group.attrs.get(_SCHEMA_ATTR)
     except Exception as e:  # zarr raises many kinds for a damaged store
         raise StoreError(f"cannot open {str(p)!r} as a zarr v3 group: {_first_line(e)}") from None
@@ -134,7 +130,8 @@ def _open_group(path: str | os.PathLike, mode: str, *, store: Any = None):
     if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
         raise StoreError(f"{str(p)!r} has store schema {version!r}; this taca-probe reads schema 1..{SCHEMA_VERSION}: "
                          "upgrade taca-probe to read it")
-    for name in _COUNT_ATTRS:  # what analyses and summaries compute with (absent in a store: not checked)
+    # the counts analyses and summaries compute with (n_txt: the uniform-attention reference); absent: not checked
+    for name in ("steps", "height", "width", "n_txt", "n_vis"):
         value = group.attrs.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise StoreError(f"{str(p)!r}: attribute {name!r} in zarr.json must be a positive integer, got {value!r}; "
@@ -165,10 +162,8 @@ def _arrays(group: Any, path: Path) -> dict[str, Any]:
 def _layout_of(group: Any, path: Path) -> RunLayout:
     try:
         d = group.attrs["layout"]
-        return RunLayout(
-            steps=int(d["steps"]), layers=tuple(d["layers"]), block_types=tuple(d["block_types"]),
-            heads=int(d["heads"]), n_txt=int(d["n_txt"]), grid=tuple(d["grid"]), image_shape=tuple(d["image_shape"]),
-            token_source=tuple(d["token_source"]), branches=tuple(d["branches"]), maps=bool(d["maps"]))
+        types = {"steps": int, "heads": int, "n_txt": int, "maps": bool}  # the other fields are tuples
+        return RunLayout(**{f.name: types.get(f.name, tuple)(d[f.name]) for f in fields(RunLayout)})
     except Exception as e:
         raise StoreError(f"the 'layout' attribute of {str(path / 'zarr.json')!r} is missing or damaged "
                          f"({_first_line(e)}); " + _DAMAGED_HINT) from None
@@ -187,9 +182,9 @@ def _structure_problems(path: Path, group: Any, arrays: Mapping[str, Any], layou
                        for name in arrays if kinds._kind(name) is None]
 
 
-def _open_checked(path: Path, mode: str = "r") -> tuple[Any, dict[str, Any], list[str]]:
-    """(group, arrays, whole-store problems), through a checksumming store."""
-    group = _open_group(path, mode, store=ChecksumStore(path, read_only=mode == "r") if path.is_dir() else None)
+def _open_checked(path: Path) -> tuple[Any, dict[str, Any], list[str]]:
+    """(group, arrays, whole-store problems), read-only."""
+    group = _open_group(path, "r")
     arrays = _arrays(group, path)
     return group, arrays, _structure_problems(path, group, arrays, _layout_of(group, path))
 
@@ -207,14 +202,11 @@ class RunWriter:
     then kept up to date in memory, so that the work per sample does not grow with the store.
     """
 
-    # Why not xarray's template ``to_zarr(compute=False)`` + ``to_zarr(region=...)`` per sample: the
-    # layout it would write is this one (the stores open with xarray), but a sample here must become
-    # visible only after its chunk manifest and ``complete`` flag are written, each map step is one
-    # shard whose unselected layers are never written, and an unplanned run grows along ``sample``
-    # while planned runs fill pre-allocated slots from several ranks. Region writes have no
-    # per-region commit point, cannot tell which chunk files a region produced (the manifest needs
-    # their keys and digests), and ``append_dim`` cannot be combined with ``region``; so the zarr
-    # arrays are written directly, in xarray's encoding (dimension names, coordinates attribute).
+    # Why not xarray's ``to_zarr(compute=False)`` template + ``to_zarr(region=...)`` per sample: a sample must
+    # become visible only after its chunk manifest and ``complete`` flag, and region writes have no commit point
+    # nor tell which chunk files they produced (the manifest needs their keys and digests); map shards leave
+    # unselected layers unwritten; ``append_dim`` (unplanned runs grow) cannot be combined with ``region``
+    # (planned slots filled from several ranks). So the arrays are written directly, in xarray's encoding.
 
     def __init__(self, group: Any, layout: RunLayout, path: Path):
         self.group, self.layout, self.path = group, layout, path
@@ -254,12 +246,12 @@ class RunWriter:
             for name, (dim, values, dtype) in fixed.items():
                 values = np.asarray(values, dtype=dtype if dtype is not str else None)
                 group.create_array(name, shape=values.shape, chunks=values.shape or (1,), dtype=dtype,
-                                   dimension_names=[dim], compressors=compressors(dtype))[...] = values
+                                   dimension_names=[dim], compressors=COMPRESSORS)[...] = values
 
             def grow(name, dims, shape, dtype, fill, chunks=None, coords=None, shards=None):
                 group.create_array(name, shape=(n_samples, *shape), chunks=(1, *(shape if chunks is None else chunks)),
                                    dtype=dtype, fill_value=fill, dimension_names=["sample", *dims],
-                                   attributes={"coordinates": coords} if coords else {}, compressors=compressors(dtype),
+                                   attributes={"coordinates": coords} if coords else {}, compressors=COMPRESSORS,
                                    **({} if shards is None else {"shards": (1, *shards)}))
 
             for name, dtype, fill in [("sample", "int64", 0), (COMPLETE, "bool", False), (MANIFEST, str, ""),
@@ -292,19 +284,17 @@ class RunWriter:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-created store
             raise
-        return cls(_open_group(p, "r+", store=ChecksumStore(p, read_only=False)), layout, p)
+        return cls(_open_group(p, "r+"), layout, p)
 
     @classmethod
     def reopen(cls, path: str | os.PathLike) -> RunWriter:
         """Open an existing store for appending (resume); damaged metadata is a :class:`StoreError`."""
         p = Path(path)
-        group = _open_group(p, "r+", store=ChecksumStore(p, read_only=False) if p.is_dir() else None)
+        group = _open_group(p, "r+")
         return cls(group, _layout_of(group, p), p)
 
     def _read_slots(self) -> list[tuple[str, int, int, bool]]:
         n = self.arrays[COMPLETE].shape[0]
-        if n == 0:
-            return []
         columns = [read_each(self.arrays[k], n) for k in ("prompt", "seed", "batch_index", COMPLETE)]
         # a damaged key or flag: the slot counts as not complete and is recorded again
         return [UNKNOWN_SLOT if any(v is DAMAGED for v in (p, s, b, d)) else (str(p), int(s), int(b), bool(d))
@@ -389,16 +379,13 @@ class RunWriter:
     def _manifest(self, slot: int) -> dict[str, list | None]:
         """Key -> [digest of the file, size], or None where the sample has no file (all fill value)."""
         out: dict[str, list | None] = {}
-        for name, arr in self.arrays.items():
-            if not is_sample_array(arr) or name in BOOKKEEPING:
-                continue
-            for key in slot_keys(name, arr, slot):
-                try:
-                    data = (self.path / key).read_bytes()
-                except FileNotFoundError:
-                    out[key] = None
-                else:
-                    out[key] = [digest(data), len(data)]
+        for key in slot_keys(self.arrays, slot):
+            try:
+                data = (self.path / key).read_bytes()
+            except FileNotFoundError:
+                out[key] = None
+            else:
+                out[key] = [digest(data), len(data)]
         return out
 
     def damaged_slots(self) -> dict[int, list[str]]:
@@ -492,33 +479,19 @@ def _checked_open(path: Path, read: bool | int = False,
 
 
 def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete: bool = False):
-    """Open a store as a lazy, labeled :class:`xarray.Dataset`.
+    """Open the store folder ``path`` as a lazy, labeled :class:`xarray.Dataset` of its complete samples
+    (``include_incomplete``: also the slots whose sample was not finished, for inspection only).
 
-    Parameters
-    ----------
-    path
-        The store folder.
-    chunks
-        Passed to :func:`xarray.open_zarr`: ``None`` (default) opens lazily without dask, loading
-        what is indexed; ``"auto"``, ``{}`` or a dict of sizes gives dask arrays (needs dask).
-    include_incomplete
-        Also return slots whose sample was not finished (for inspection only).
+    ``chunks`` goes to :func:`xarray.open_zarr`: ``None`` (default) opens lazily without dask, loading
+    what is indexed; ``"auto"``, ``{}`` or a dict of sizes gives dask arrays (needs dask). Data
+    variables come in :data:`VARIABLE_ORDER`; ``channel`` (``R``, ``G``, ``B``) labels the image's
+    last axis. ``attrs`` hold the provenance, among them ``lora``/``lora_scale`` (the LoRA active
+    where gamma != 1) and ``planned_samples`` (slots planned up front by ``record``/``sweep``; None
+    for a store grown sample by sample with :func:`taca_probe.probe`).
 
-    Returns
-    -------
-    xarray.Dataset
-        Complete samples only unless asked otherwise; data variables in :data:`VARIABLE_ORDER`;
-        ``channel`` (``R``, ``G``, ``B``) labels the image's last axis. ``attrs`` hold the
-        provenance, among them ``lora``/``lora_scale`` (the LoRA active where gamma != 1) and
-        ``planned_samples`` (slots planned up front by ``record``/``sweep``; None for a store grown
-        sample by sample with :func:`taca_probe.probe`).
-
-    Raises
-    ------
-    StoreError
-        For a damaged store: an array, or a complete sample's chunk missing, moved or resized
-        (checked here); reading a chunk that is not the one recorded (changed, swapped) raises
-        :class:`ChunkChecksumError` naming it, while the other chunks still read.
+    A damaged store (an array, or a complete sample's chunk missing, moved or resized) is a
+    :class:`StoreError`, checked here; reading a chunk that is not the one recorded (changed,
+    swapped) raises :class:`ChunkChecksumError` naming it, while the other chunks still read.
     """
     p = _store_path(path, "open_run")
     # presence and sizes only: opening stays cheap, the digests are checked as chunks are read
@@ -534,16 +507,14 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
         raise
     except Exception as e:
         raise StoreError(f"cannot read {str(path)!r}: {_first_line(e)}") from None
-    ds = ds.drop_vars([v for v in BOOKKEEPING if v in ds.variables])
+    ds = ds.drop_vars(BOOKKEEPING, errors="ignore")
     if not include_incomplete:
         ds = ds.isel(sample=np.flatnonzero(complete))
-    for key in ("layout", _MANIFEST_ATTR):
-        ds.attrs.pop(key, None)
     # zarr lists arrays in no fixed order; a stable order keeps printouts and tests comparable
     names = [v for v in VARIABLE_ORDER if v in ds.data_vars] + sorted(set(ds.data_vars) - set(VARIABLE_ORDER))
     coords = [c for c in COORD_ORDER if c in ds.coords] + sorted(c for c in ds.coords if c not in COORD_ORDER)
     return xr.Dataset({v: ds[v].variable for v in names}, coords={c: ds.coords[c].variable for c in coords},
-                      attrs=ds.attrs)
+                      attrs={k: v for k, v in ds.attrs.items() if k not in ("layout", _MANIFEST_ATTR)})
 
 
 #: The order of a run's data variables and coordinates in :func:`open_run`.
@@ -564,8 +535,7 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
                      "dtype": str(arr.dtype), "chunks": list(arr.chunks),
                      "stored_bytes": sum(f.stat().st_size for f in (p / name).rglob("*") if f.is_file())}
               for name, arr in sorted(arrays_by_name.items())}
-    attrs = dict(group.attrs)
-    attrs.pop("layout", None)
+    attrs = {k: v for k, v in group.attrs.items() if k != "layout"}
     return {"path": str(path), "schema": attrs.get(_SCHEMA_ATTR),
             "samples_complete": int(complete.sum()) - len(damaged), "samples_incomplete": int((~complete).sum()),
             "samples_damaged": {int(k): v for k, v in sorted(damaged.items())},

@@ -183,15 +183,13 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
               mode: str = "create", call: dict[str, Any] | None = None, device: str | None = None, dtype: Any = None,
               lora: str | os.PathLike | None = None, lora_scale: float = 1.0, model_name: str | None = None,
               progress: bool | Callable[[str], None] = True) -> Path:
-    """Record every schedule of a sweep over the same prompts and seeds; returns the folder.
+    """Record every schedule of a sweep over the same prompts and seeds into the folder ``out``; returns it.
 
     Parameters
     ----------
     model
         An embedded model name, local diffusers folder or cached hub id (loaded with
         :func:`taca_probe.load_pipeline` on ``device``/``dtype``), or a loaded pipeline.
-    out
-        The sweep folder.
     prompts, seeds
         Each prompt is a string, sampled with every seed, or a ``(prompt, seeds)`` pair.
     schedules
@@ -243,11 +241,10 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
     prompt_list = list(dict.fromkeys(p for p, _ in plan))
     entries = []
     for i, spec in enumerate(specs):
-        g0, tt = _schedule_coords(spec)
-        entries.append({"spec": spec, "gamma0": None if math.isnan(g0) else g0,
-                        "t_thresh": None if math.isnan(tt) else tt,
-                        "store": f"stores/{i:02d}_{_slug(spec)}.zarr", "images": f"images/{i:02d}_{_slug(spec)}",
-                        "samples_complete": 0})
+        g0, tt = (None if math.isnan(v) else v for v in _schedule_coords(spec))
+        stem = f"{i:02d}_{_slug(spec)}"
+        entries.append({"spec": spec, "gamma0": g0, "t_thresh": tt, "store": f"stores/{stem}.zarr",
+                        "images": f"images/{stem}", "samples_complete": 0})
     doc: dict[str, Any] = {
         "taca_probe_sweep": SWEEP_FORMAT, "model": name, "model_class": type(pipe.transformer).__name__,
         "plan": [[p, s] for p, s in plan], "prompts": prompt_list, "seeds": sorted({s for _, s in plan}),
@@ -297,9 +294,9 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
 _PNG = re.compile(r"p\d{2,}_seed\d+(_\d+)?\.png")
 
 
-def _inside(folder: Path, relative: Any, kind: str) -> Path:
+def _inside(folder: Path, relative: str, kind: str) -> Path:
     """``folder / relative``, refused unless it stays inside ``folder`` (no ``..``, absolute path or link out)."""
-    if not isinstance(relative, str) or not relative:
+    if not relative:
         raise SweepError(f"{str(folder / MANIFEST)!r}: a schedule's {kind} path is {relative!r}; refusing to delete")
     path = folder / relative
     if Path(relative).is_absolute() or ".." in Path(relative).parts or folder.resolve() not in path.resolve().parents:
@@ -310,16 +307,10 @@ def _inside(folder: Path, relative: Any, kind: str) -> Path:
 
 def _remove_sweep_outputs(folder: Path, doc: dict[str, Any]) -> None:
     """``--overwrite``: delete the stores, PNGs and manifest this tool made in ``folder``, nothing else;
-    every path is checked before anything is deleted."""
-    entries = doc.get("schedules", [])
-    if not isinstance(entries, list):
-        raise SweepError(f"{str(folder / MANIFEST)!r} is damaged (schedules is not a list); refusing to delete")
+    every path is checked before anything is deleted. ``doc`` is checked by :func:`read_manifest`."""
     targets = []
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise SweepError(f"{str(folder / MANIFEST)!r} is damaged (a schedule is not an object); refusing to delete")
-        store = _inside(folder, entry.get("store"), "store")
-        images = _inside(folder, entry.get("images"), "image folder")
+    for entry in doc["schedules"]:
+        store, images = _inside(folder, entry["store"], "store"), _inside(folder, entry["images"], "image folder")
         if store.exists() and not is_store(store):
             raise SweepError(f"refusing to overwrite {str(store)!r}: the manifest names it but it is not a taca-probe store")
         if images.exists() and not images.is_dir():
@@ -353,22 +344,13 @@ def _save_missing_pngs(ds: Any, images: Path, prompt_list: list[str]) -> int:
 def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunks: Any = None):
     """Open a sweep as one :class:`xarray.Dataset` with a ``schedule`` dimension.
 
-    Parameters
-    ----------
-    source
-        A sweep folder (from :func:`run_sweep` / ``taca-probe sweep``), or a list of run stores
-        recorded with different schedules on the same prompts and seeds.
-    chunks
-        As for :func:`taca_probe.open_run` (``{}`` for dask arrays).
-
-    Returns
-    -------
-    xarray.Dataset
-        Every store variable with a leading ``schedule`` dimension (the specs), coordinates
-        ``gamma0`` (for forms other than ``step``, ``const`` and ``none``, the largest gamma
-        recorded) and ``t_thresh`` (NaN where none) along it, and ``gamma`` (schedule, sample,
-        step, layer). Samples are those complete in every store, in plan order; the others are
-        left out with a warning.
+    ``source`` is a sweep folder (from :func:`run_sweep` / ``taca-probe sweep``), or a list of run
+    stores recorded with different schedules on the same prompts and seeds; ``chunks`` is as for
+    :func:`taca_probe.open_run` (``{}`` for dask arrays). Every store variable gets a leading
+    ``schedule`` dimension (the specs), with coordinates ``gamma0`` (for forms other than ``step``,
+    ``const`` and ``none``, the largest gamma recorded) and ``t_thresh`` (NaN where none) along it,
+    and ``gamma`` (schedule, sample, step, layer). Samples are those complete in every store, in
+    plan order; the others are left out with a warning.
     """
     doc, one = None, isinstance(source, (str, os.PathLike))
     if not one and isinstance(source, Iterable) and not isinstance(source, bytes):
@@ -394,7 +376,7 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
             raise SweepError(f"{str(sources[0])!r} is neither a sweep folder (no {MANIFEST}) nor a store")
         items = [(p, None, None, None) for p in sources]
         label = ", ".join(map(str, sources))
-    dsets, specs, g0s, tts = [], [], [], []
+    rows = []
     for path, spec, g0, tt in items:
         ds = open_run(path, chunks=chunks)
         spec = spec or str(ds.attrs.get("schedule", "none"))
@@ -403,10 +385,8 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
         g0, tt = (math.nan if v is None else float(v) for v in (g0, tt))
         if math.isnan(g0) and "gamma" in ds.variables and ds.sizes.get("sample", 0):
             g0 = float(np.nanmax(np.asarray(ds["gamma"].values)))
-        dsets.append(ds)
-        specs.append(spec)
-        g0s.append(g0)
-        tts.append(tt)
+        rows.append((ds, spec, g0, tt))
+    dsets, specs, g0s, tts = zip(*rows)
     if len(set(specs)) != len(specs):
         raise SweepError(f"{label}: two stores hold the same schedule ({', '.join(specs)}); a sweep needs distinct ones")
     ref = dsets[0]
@@ -437,8 +417,7 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
     combined["t_thresh"].attrs = {"long_name": "threshold timestep (gamma0 while t >= t_thresh)", "units": "timestep (0..1000)"}
     for key in ("schedule", "schedule_description", "command", "created", "sweep"):
         combined.attrs.pop(key, None)
-    combined.attrs["schedules"] = list(specs)
-    combined.attrs["sweep"] = label
+    combined.attrs.update(schedules=list(specs), sweep=label)
     if doc is not None:
         combined.attrs["sweep_call"] = json.dumps(doc.get("call", {}))
     return combined
