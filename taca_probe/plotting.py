@@ -55,7 +55,6 @@ class FigureError(TacaProbeError):
 
 def _styled(plot):
     """Draw ``plot`` in seaborn's whitegrid look (no global change), without seaborn's deprecation chatter."""
-
     @functools.wraps(plot)
     def styled(*args, **kwargs):
         rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
@@ -63,7 +62,6 @@ def _styled(plot):
         with matplotlib.rc_context(rc), warnings.catch_warnings():
             warnings.simplefilter("ignore", PendingDeprecationWarning)
             return plot(*args, **kwargs)
-
     return styled
 
 
@@ -146,8 +144,9 @@ def _title(obj, text: str, *, frac: float = 0.92) -> None:
         obj.set_title(_fit(text, obj.figure, frac=frac), fontsize=10)
 
 
-def _grid_with_labels(fig, labels: Sequence[str], n_cols: int, *, fontsize: float = 9.0) -> np.ndarray:
-    """A (rows, n_cols) grid of bare panels after a column of right-aligned row labels as wide as the longest."""
+def _grid_with_labels(fig, labels: Sequence[str], heads: Sequence[str], *, fontsize: float = 9.0) -> np.ndarray:
+    """A (rows, columns) grid of bare panels under column ``heads``, after right-aligned row ``labels``."""
+    n_cols = len(heads)
     lines = [line for label in labels for line in str(label).split("\n")] or [""]
     label_in = 0.1 + 0.62 * fontsize / 72 * max(len(line) for line in lines)
     panel_in = (fig.get_figwidth() - label_in) / max(n_cols, 1)
@@ -160,6 +159,8 @@ def _grid_with_labels(fig, labels: Sequence[str], n_cols: int, *, fontsize: floa
         for c in range(n_cols):
             axes[r, c] = fig.add_subplot(grid[r, c + 1], xticks=[], yticks=[])
             axes[r, c].grid(False)
+            if r == 0:
+                axes[r, c].set_title(heads[c], fontsize=fontsize, fontweight="normal")
     return axes
 
 
@@ -346,7 +347,8 @@ def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int]
     t = _coord(sub, "timestep", None)
     ny, nx = diff.shape[-2:]
     fig = _figure(1.55 * len(steps) + 1.6 + 0.08 * max(len(x) for x in labels), 1.3 * len(tokens) + 1.8)
-    axes = _grid_with_labels(fig, labels, len(steps))
+    heads = [f"step {s}" + (f"\nt = {t[c]:.0f}" if t is not None else "") for c, s in enumerate(steps)]
+    axes = _grid_with_labels(fig, labels, heads)
     mappable = None
     over = {} if image is None else {"extent": (0, image.shape[1], image.shape[0], 0), "alpha": 0.7}
     for r, k in enumerate(tokens):
@@ -355,9 +357,6 @@ def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int]
             if image is not None:
                 ax.imshow(image.mean(axis=-1), cmap="gray", extent=over["extent"], vmin=0, vmax=255)
             mappable = ax.imshow(diff[c, k], cmap=DIVERGING_CMAP, norm=norm, interpolation="nearest", **over)
-            if r == 0:
-                ax.set_title(f"step {steps[c]}" + (f"\nt = {t[c]:.0f}" if t is not None else ""), fontsize=9,
-                             fontweight="normal")
     cbar = fig.colorbar(mappable or matplotlib.cm.ScalarMappable(norm=norm, cmap=DIVERGING_CMAP),
                         ax=axes, shrink=0.8, pad=0.02)
     cbar.set_label("Δ attention probability\n(TACA − baseline; red: TACA attends more)")
@@ -406,13 +405,10 @@ def plot_gamma_grid(grid: xr.DataArray, *, title: str | None = None):
     labels = [_wrap(str(p), 22) for p in grid["prompt"].values]
     fig = _figure(1.7 * n_s + 0.3 + 0.08 * max(len(line) for x in labels for line in x.split("\n")),
                   1.75 * n_p + 1.2)
-    axes = _grid_with_labels(fig, labels, n_s)
+    axes = _grid_with_labels(fig, labels, heads)
     for r in range(n_p):
         for c in range(n_s):
-            ax = axes[r, c]
-            ax.imshow(np.asarray(grid.isel(prompt=r, schedule=c).values, dtype=np.uint8))
-            if r == 0:
-                ax.set_title(heads[c], fontsize=9, fontweight="normal")
+            axes[r, c].imshow(np.asarray(grid.isel(prompt=r, schedule=c).values, dtype=np.uint8))
     thr = grid.attrs.get("t_thresh")
     thr_text = f"γ₀ while t ≥ {thr:g}" if thr is not None and np.isfinite(thr) else "schedules as labelled"
     _title(fig, title or (f"Fig. 4 analogue: images across the gamma sweep ({thr_text}); rows: prompts, "
@@ -471,8 +467,7 @@ def plot_mass_vs_gamma(res: xr.Dataset, *, title: str | None = None):
 def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | None = None):
     """Which prompt tokens receive the most visual attention (share of the visual->text mass), per prompt."""
     prompts = [str(p) for p in rank["prompt"].values][:max_prompts]
-    k = rank.sizes["rank"]
-    fig = _figure(7.0, (0.28 * k + 1.2) * len(prompts) + 0.8)
+    fig = _figure(7.0, (0.28 * rank.sizes["rank"] + 1.2) * len(prompts) + 0.8)
     axes = np.atleast_1d(fig.subplots(len(prompts), 1, squeeze=False)[:, 0])
     color = _colors(2)[0]
     for ax, p in zip(axes, prompts):
