@@ -6,14 +6,14 @@ palettes are colour-blind safe. Writing every figure of a run is :func:`taca_pro
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import textwrap
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -46,7 +46,6 @@ DIVERGING_CMAP = "RdBu_r"
 #: Colormap of magnitudes.
 SEQUENTIAL_CMAP = "viridis"
 
-_T_LABEL = "timestep t (1000 = pure noise; denoising runs left to right)"
 _MASS_LABEL = "visual→text attention mass"
 
 
@@ -54,14 +53,16 @@ class FigureError(TacaProbeError):
     """A figure that cannot be drawn from the given inputs."""
 
 
-@contextmanager
-def _style() -> Iterator[None]:
-    """seaborn's whitegrid look for the figures made inside (no global change), without seaborn's deprecation chatter."""
-    rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
-          "axes.titleweight": "bold", "figure.dpi": 100}
-    with matplotlib.rc_context(rc), warnings.catch_warnings():
-        warnings.simplefilter("ignore", PendingDeprecationWarning)
-        yield
+def _styled(plot):
+    """Draw ``plot`` in seaborn's whitegrid look (no global change), without seaborn's deprecation chatter."""
+    @functools.wraps(plot)
+    def styled(*args, **kwargs):
+        rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
+              "axes.titleweight": "bold", "figure.dpi": 100}
+        with matplotlib.rc_context(rc), warnings.catch_warnings():
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            return plot(*args, **kwargs)
+    return styled
 
 
 def _figure(width: float, height: float):
@@ -84,9 +85,18 @@ def _group_dim(res: xr.Dataset | xr.DataArray, *, expect: Sequence[str] = ("step
     return gdim
 
 
-def _samples_text(n: Any) -> str:
+def _samples_text(attrs: dict) -> str:
+    n = attrs.get("n_samples")
     n = int(n) if n is not None else 0
     return f"n = {n} sample" + ("" if n == 1 else "s")
+
+
+def _about(attrs: dict) -> str:
+    return f"{attrs.get('model', '')}, schedule {attrs.get('schedule') or 'none'}"
+
+
+def _coord(obj: xr.Dataset | xr.DataArray, name: str, default: Any) -> Any:
+    return np.asarray(obj[name].values, float) if name in obj.coords else default
 
 
 def short_layer(name: str, block_type: str | None = None) -> str:
@@ -99,24 +109,20 @@ def short_layer(name: str, block_type: str | None = None) -> str:
     return f"{block_type} {idx}{suffix}"
 
 
-def _t_axis(ax, res: xr.Dataset) -> np.ndarray:
-    if "timestep" in res.coords:
-        t = np.asarray(res["timestep"].values, dtype=float)
-        ax.set_xlabel(_T_LABEL)
-        if len(t) > 1 and t[0] > t[-1]:
-            ax.set_xlim(max(t) + 0.02 * (max(t) - min(t) or 1), min(t) - 0.02 * (max(t) - min(t) or 1))
-        return t
-    ax.set_xlabel("denoising step")
-    return np.asarray(res["step"].values, dtype=float)
-
-
 def _group_lines(res: xr.Dataset, height: float, default_group: str):
     """A figure with one line per layer group (CI band) over the timestep axis: ``(fig, ax, gdim, t)``."""
     gdim = _group_dim(res)
     groups = [str(g) for g in res[gdim].values] if gdim else [default_group]
     fig = _figure(7.5, height)
     ax = fig.subplots()
-    t = _t_axis(ax, res)
+    if "timestep" in res.coords:
+        t = np.asarray(res["timestep"].values, dtype=float)
+        ax.set_xlabel("timestep t (1000 = pure noise; denoising runs left to right)")
+        if len(t) > 1 and t[0] > t[-1]:
+            ax.set_xlim(max(t) + 0.02 * (max(t) - min(t) or 1), min(t) - 0.02 * (max(t) - min(t) or 1))
+    else:
+        t = np.asarray(res["step"].values, dtype=float)
+        ax.set_xlabel("denoising step")
     for color, g in zip(_colors(len(groups)), groups):
         sub = res.sel({gdim: g}) if gdim else res
         ax.plot(t, sub["mean"].values, marker="o", ms=3.5, color=color, label=short_layer(g) if gdim == "layer" else g)
@@ -130,8 +136,17 @@ def _fit(text: str, fig, fontsize: float = 10.0, frac: float = 0.92) -> str:
     return "\n".join(textwrap.fill(line, chars) if line else line for line in str(text).split("\n"))
 
 
-def _grid_with_labels(fig, labels: Sequence[str], n_cols: int, *, fontsize: float = 9.0) -> np.ndarray:
-    """A (rows, n_cols) grid of bare panels after a column of right-aligned row labels as wide as the longest."""
+def _title(obj, text: str, *, frac: float = 0.92) -> None:
+    """Title an axes, or a figure (its suptitle), with ``text`` fitted to the figure, in 10 pt."""
+    if isinstance(obj, Figure):
+        obj.suptitle(_fit(text, obj, frac=frac), fontsize=10)
+    else:
+        obj.set_title(_fit(text, obj.figure, frac=frac), fontsize=10)
+
+
+def _grid_with_labels(fig, labels: Sequence[str], heads: Sequence[str], *, fontsize: float = 9.0) -> np.ndarray:
+    """A (rows, columns) grid of bare panels under column ``heads``, after right-aligned row ``labels``."""
+    n_cols = len(heads)
     lines = [line for label in labels for line in str(label).split("\n")] or [""]
     label_in = 0.1 + 0.62 * fontsize / 72 * max(len(line) for line in lines)
     panel_in = (fig.get_figwidth() - label_in) / max(n_cols, 1)
@@ -144,14 +159,9 @@ def _grid_with_labels(fig, labels: Sequence[str], n_cols: int, *, fontsize: floa
         for c in range(n_cols):
             axes[r, c] = fig.add_subplot(grid[r, c + 1], xticks=[], yticks=[])
             axes[r, c].grid(False)
+            if r == 0:
+                axes[r, c].set_title(heads[c], fontsize=fontsize, fontweight="normal")
     return axes
-
-
-def _finite_range(arrays: Sequence[np.ndarray]) -> tuple[float, float]:
-    """Smallest and largest finite value over ``arrays`` ((0, 1) if none)."""
-    vals = np.concatenate([np.ravel(np.asarray(a, float)) for a in arrays]) if arrays else np.zeros(0)
-    vals = vals[np.isfinite(vals)]
-    return (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
 
 
 def _wrap(text: str, width: int = 28) -> str:
@@ -163,123 +173,115 @@ def token_label(text: str, source: str | None, position: int) -> str:
     return f"{readable_token(text)}  [{src}#{position}]"
 
 
+@_styled
 def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = False):
     """Fig. 2 analogue: relative magnitude (visual->text mass) against timestep, CI bands, references.
 
     ``res``: a :func:`~taca_probe.analysis.suppression` result (any ``by``); ``log``: logarithmic
     mass axis (useful when the uniform reference is far below 1).
     """
-    with _style():
-        fig, ax, _, _ = _group_lines(res, 4.6, res.attrs.get("by", "all layers"))
-        uniform = float(res["uniform_reference"]) if "uniform_reference" in res else res.attrs.get("uniform_reference")
-        if uniform is not None:
-            ax.axhline(uniform, color="0.35", ls="--", lw=1.5,
-                       label=f"uniform attention N_txt/(N_txt+N_vis) = {uniform:.3g}")
-        # Fit the data and the uniform reference: the masses sit far below the cross-attention value 1,
-        # which a 0-1 axis would squeeze into its bottom. Where 1 is off the axis, the legend says so.
-        values = [np.asarray(res[v].values, float) for v in ("mean", "ci_low", "ci_high")]
-        lo, hi = _finite_range(values + ([np.array([uniform])] if uniform is not None else []))
-        top_ref = hi * 1.1 >= 1.0 or log
-        if top_ref:
-            hi = max(hi, 1.0)
-        ax.axhline(1.0, color="0.15", ls=":", lw=1.5, label="cross-attention (text keys only) = 1"
-                   + ("" if top_ref else ", above this axis"))
-        ax.set_ylabel("relative magnitude, full / cross attention\n(= " + _MASS_LABEL + ", fraction)")
-        if log:
-            ax.set_yscale("log")
-        else:
-            pad = 0.08 * (hi - lo or abs(hi) or 1.0)
-            ax.set_ylim(max(0.0, lo - pad), hi + pad)
-        ci = res.attrs.get("ci", 0.95)
-        ax.set_title(_fit(title or (
-            "Fig. 2 analogue: suppression of visual→text attention\n"
-            f"{res.attrs.get('model', '')}, schedule {res.attrs.get('schedule') or 'none'}; mean over heads and "
-            f"layers, {ci:.0%} bootstrap CI; {_samples_text(res.attrs.get('n_samples'))}"), fig), fontsize=10)
-        ax.legend(fontsize=8, loc="best", title=(res.attrs.get("by") or "").replace("_", " "), title_fontsize=8)
+    fig, ax, _, _ = _group_lines(res, 4.6, res.attrs.get("by", "all layers"))
+    uniform = float(res["uniform_reference"]) if "uniform_reference" in res else res.attrs.get("uniform_reference")
+    if uniform is not None:
+        ax.axhline(uniform, color="0.35", ls="--", lw=1.5,
+                   label=f"uniform attention N_txt/(N_txt+N_vis) = {uniform:.3g}")
+    # Fit the data and the uniform reference: the masses sit far below the cross-attention value 1,
+    # which a 0-1 axis would squeeze into its bottom. Where 1 is off the axis, the legend says so.
+    vals = np.concatenate([np.ravel(np.asarray(res[v].values, float)) for v in ("mean", "ci_low", "ci_high")]
+                          + ([np.array([uniform])] if uniform is not None else []))
+    vals = vals[np.isfinite(vals)]
+    lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
+    top_ref = hi * 1.1 >= 1.0 or log
+    if top_ref:
+        hi = max(hi, 1.0)
+    ax.axhline(1.0, color="0.15", ls=":", lw=1.5, label="cross-attention (text keys only) = 1"
+               + ("" if top_ref else ", above this axis"))
+    ax.set_ylabel("relative magnitude, full / cross attention\n(= " + _MASS_LABEL + ", fraction)")
+    if log:
+        ax.set_yscale("log")
+    else:
+        pad = 0.08 * (hi - lo or abs(hi) or 1.0)
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+    _title(ax, title or ("Fig. 2 analogue: suppression of visual→text attention\n"
+                         f"{_about(res.attrs)}; mean over heads and layers, {res.attrs.get('ci', 0.95):.0%} bootstrap "
+                         f"CI; {_samples_text(res.attrs)}"))
+    ax.legend(fontsize=8, loc="best", title=(res.attrs.get("by") or "").replace("_", " "), title_fontsize=8)
     return fig
 
 
+@_styled
 def plot_suppression_heatmap(res: xr.Dataset, *, title: str | None = None):
     """Layer x timestep heatmap of the visual->text mass (``suppression(ds, by="layer")``)."""
     gdim = _group_dim(res)
     if gdim is None:
         raise FigureError("the heatmap needs a result with a layer dimension: suppression(ds, by='layer')")
-    mean = res["mean"].transpose(gdim, "step")
-    names = [str(v) for v in res[gdim].values]
-    bts = [str(v) for v in res["block_type"].values] if "block_type" in res.coords and gdim == "layer" else [None] * len(names)
-    ylabels = [short_layer(n, b) if gdim == "layer" else n for n, b in zip(names, bts)]
+    ylabels = [str(v) for v in res[gdim].values]
+    if gdim == "layer":
+        bts = [str(v) for v in res["block_type"].values] if "block_type" in res.coords else [None] * len(ylabels)
+        ylabels = [short_layer(n, b) for n, b in zip(ylabels, bts)]
     t = np.asarray(res["timestep" if "timestep" in res.coords else "step"].values, float)
     xlabels = [f"{v:.0f}" for v in t]
-    with _style():
-        fig = _figure(max(5.5, 0.42 * len(xlabels) + 3.2), max(3.2, 0.28 * len(ylabels) + 1.8))
-        ax = fig.subplots()
-        sns.heatmap(mean.values, ax=ax, cmap=SEQUENTIAL_CMAP, xticklabels=xlabels, yticklabels=ylabels,
-                    cbar_kws={"label": _MASS_LABEL + " (fraction)"}, linewidths=0)
-        step_x = max(1, len(xlabels) // 14)
-        ax.set_xticks(np.arange(len(xlabels))[::step_x] + 0.5, xlabels[::step_x], rotation=0)
-        step_y = max(1, len(ylabels) // 30)
-        ax.set_yticks(np.arange(len(ylabels))[::step_y] + 0.5, ylabels[::step_y], rotation=0)
-        ax.set_xlabel("timestep t (denoising runs left to right)")
-        ax.set_ylabel("attention layer (model order)")
-        uniform = float(res["uniform_reference"]) if "uniform_reference" in res else None
-        ref = f"; uniform attention would give {uniform:.3g}" if uniform is not None else ""
-        ax.set_title(_fit(title or (f"Visual→text attention mass per layer and timestep{ref}\n"
-                               f"{res.attrs.get('model', '')}, schedule {res.attrs.get('schedule') or 'none'}; "
-                               f"mean over heads and samples; {_samples_text(res.attrs.get('n_samples'))}"), fig, frac=0.8),
-                     fontsize=10)
+    fig = _figure(max(5.5, 0.42 * len(xlabels) + 3.2), max(3.2, 0.28 * len(ylabels) + 1.8))
+    ax = fig.subplots()
+    sns.heatmap(res["mean"].transpose(gdim, "step").values, ax=ax, cmap=SEQUENTIAL_CMAP, xticklabels=xlabels,
+                yticklabels=ylabels, cbar_kws={"label": _MASS_LABEL + " (fraction)"}, linewidths=0)
+    for set_ticks, labels, most in ((ax.set_xticks, xlabels, 14), (ax.set_yticks, ylabels, 30)):
+        every = max(1, len(labels) // most)
+        set_ticks(np.arange(len(labels))[::every] + 0.5, labels[::every], rotation=0)
+    ax.set_xlabel("timestep t (denoising runs left to right)")
+    ax.set_ylabel("attention layer (model order)")
+    ref = f"; uniform attention would give {float(res['uniform_reference']):.3g}" if "uniform_reference" in res else ""
+    _title(ax, title or (f"Visual→text attention mass per layer and timestep{ref}\n{_about(res.attrs)}; "
+                         f"mean over heads and samples; {_samples_text(res.attrs)}"), frac=0.8)
     return fig
 
 
+@_styled
 def plot_timestep_slope(res: xr.Dataset, *, title: str | None = None):
     """Timestep awareness: per-layer slope of the mass against t/1000 with CI error bars."""
     gdim = _group_dim(res["slope"].assign_attrs(res.attrs), expect=())
     names = [str(v) for v in res[gdim].values] if gdim else ["all layers"]
     labels = [short_layer(n) if gdim == "layer" else n for n in names]
     slope, lo, hi = (np.atleast_1d(res[v].values) for v in ("slope", "slope_ci_low", "slope_ci_high"))
-    with _style():
-        fig = _figure(max(5.0, 0.45 * len(labels) + 2.5), 4.2)
-        ax = fig.subplots()
-        x = np.arange(len(labels))
-        ax.bar(x, slope, color=_colors(1) * len(labels), alpha=0.85)
-        err = np.vstack([slope - lo, hi - slope])
-        ax.errorbar(x, slope, yerr=np.where(np.isfinite(err), err, 0), fmt="none", ecolor="0.2", capsize=3)
-        ax.axhline(0, color="0.2", lw=1)
-        ax.set_xticks(x, labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")
-        ax.set_xlabel("attention layer")
-        ax.set_ylabel("slope of mass vs t/1000\n(mass change per 1000 timesteps)")
-        ax.set_title(_fit(title or ("Timestep awareness: does visual→text attention change with the timestep?\n"
-                               f"> 0: more text attention at high noise; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
-                               f"{_samples_text(res.attrs.get('n_samples'))}"), fig), fontsize=10)
+    fig = _figure(max(5.0, 0.45 * len(labels) + 2.5), 4.2)
+    ax = fig.subplots()
+    x = np.arange(len(labels))
+    ax.bar(x, slope, color=_colors(1) * len(labels), alpha=0.85)
+    err = np.vstack([slope - lo, hi - slope])
+    ax.errorbar(x, slope, yerr=np.where(np.isfinite(err), err, 0), fmt="none", ecolor="0.2", capsize=3)
+    ax.axhline(0, color="0.2", lw=1)
+    ax.set_xticks(x, labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")
+    ax.set_xlabel("attention layer")
+    ax.set_ylabel("slope of mass vs t/1000\n(mass change per 1000 timesteps)")
+    _title(ax, title or ("Timestep awareness: does visual→text attention change with the timestep?\n"
+                         f"> 0: more text attention at high noise; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
+                         f"{_samples_text(res.attrs)}"))
     return fig
 
 
+@_styled
 def plot_amplification(res: xr.Dataset, *, title: str | None = None):
     """TACA's effect per step: applied / gamma=1 visual->text mass, with the applied gamma."""
-    with _style():
-        fig, ax, gdim, t = _group_lines(res, 4.4, "all layers")
-        ax.axhline(1.0, color="0.3", ls=":", lw=1.2, label="no change (γ = 1)")
-        ax.set_ylabel("visual→text mass, applied / at γ = 1\n(ratio)")
-        if "gamma" in res.coords:
-            ax2 = ax.twinx()
-            g = res["gamma"].mean(gdim) if gdim else res["gamma"]
-            ax2.plot(t, np.asarray(g.values, float), color="0.45", ls="--", lw=1.2, marker="s", ms=3, drawstyle="steps-mid")
-            ax2.set_ylabel("γ applied (dashed)")
-            ax2.grid(False)
-        ax.legend(fontsize=8, loc="best")
-        ax.set_title(_fit(title or (f"TACA amplification of visual→text attention, schedule {res.attrs.get('schedule')}\n"
-                               f"{res.attrs.get('model', '')}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
-                               f"{_samples_text(res.attrs.get('n_samples'))}"), fig), fontsize=10)
+    fig, ax, gdim, t = _group_lines(res, 4.4, "all layers")
+    ax.axhline(1.0, color="0.3", ls=":", lw=1.2, label="no change (γ = 1)")
+    ax.set_ylabel("visual→text mass, applied / at γ = 1\n(ratio)")
+    if "gamma" in res.coords:
+        ax2 = ax.twinx()
+        g = res["gamma"].mean(gdim) if gdim else res["gamma"]
+        ax2.plot(t, np.asarray(g.values, float), color="0.45", ls="--", lw=1.2, marker="s", ms=3, drawstyle="steps-mid")
+        ax2.set_ylabel("γ applied (dashed)")
+        ax2.grid(False)
+    ax.legend(fontsize=8, loc="best")
+    _title(ax, title or (f"TACA amplification of visual→text attention, schedule {res.attrs.get('schedule')}\n"
+                         f"{res.attrs.get('model', '')}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
+                         f"{_samples_text(res.attrs)}"))
     return fig
 
 
 def _token_rows(md: xr.Dataset, i: int, max_tokens: int, tokens: Sequence[int | str] | None,
                 ) -> tuple[list[int], list[str], str]:
-    """The positions along ``token`` to show for sample ``i``, their labels, and how they were chosen.
-
-    ``tokens``: text positions or words (matched against the readable token text, every occurrence);
-    else the recorded non-padding tokens whose maps changed most (mean |diff| over the steps), at
-    most ``max_tokens``, in prompt order.
-    """
+    """Sample ``i``'s positions along ``token`` to show, their labels, and how they were chosen: ``tokens``
+    (positions or words, every occurrence), else at most ``max_tokens`` that changed most, in prompt order."""
     n = md.sizes["sample"]
     if not 0 <= i < n:
         raise FigureError(f"sample {i} out of range: the result holds {n} paired samples (0..{n - 1})")
@@ -321,6 +323,7 @@ def _token_rows(md: xr.Dataset, i: int, max_tokens: int, tokens: Sequence[int | 
     return rows, labels, note
 
 
+@_styled
 def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int] | None = None, max_tokens: int = 8,
                         tokens: Sequence[int | str] | None = None, overlay: bool = False, title: str | None = None):
     """Fig. 3 analogue: TACA - baseline maps of a :func:`~taca_probe.analysis.map_difference` result.
@@ -338,39 +341,36 @@ def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int]
     sub = md.isel(sample=sample).sel(step=steps)
     diff = np.asarray(sub["diff"].values, float)  # (step, token, y, x)
     shown = diff[:, tokens]
-    vmax = float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 0.0
-    vmax = vmax if vmax > 0 else 1e-9
+    vmax = (float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 0.0) or 1e-9
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
     image = np.asarray(sub["treated_image"].values) if overlay and "treated_image" in sub else None
-    t = np.asarray(sub["timestep"].values, float) if "timestep" in sub.coords else None
+    t = _coord(sub, "timestep", None)
     ny, nx = diff.shape[-2:]
-    with _style():
-        fig = _figure(1.55 * len(steps) + 1.6 + 0.08 * max(len(x) for x in labels), 1.3 * len(tokens) + 1.8)
-        axes = _grid_with_labels(fig, labels, len(steps))
-        mappable = None
-        over = {} if image is None else {"extent": (0, image.shape[1], image.shape[0], 0), "alpha": 0.7}
-        for r, k in enumerate(tokens):
-            for c in range(len(steps)):
-                ax = axes[r, c]
-                if image is not None:
-                    ax.imshow(image.mean(axis=-1), cmap="gray", extent=over["extent"], vmin=0, vmax=255)
-                mappable = ax.imshow(diff[c, k], cmap=DIVERGING_CMAP, norm=norm, interpolation="nearest", **over)
-                if r == 0:
-                    ax.set_title(f"step {steps[c]}" + (f"\nt = {t[c]:.0f}" if t is not None else ""), fontsize=9,
-                                 fontweight="normal")
-        cbar = fig.colorbar(mappable or matplotlib.cm.ScalarMappable(norm=norm, cmap=DIVERGING_CMAP),
-                            ax=axes, shrink=0.8, pad=0.02)
-        cbar.set_label("Δ attention probability\n(TACA − baseline; red: TACA attends more)")
-        prompt = str(sub["prompt"].values) if "prompt" in sub.coords else ""
-        seed = int(sub["seed"].values) if "seed" in sub.coords else None
-        fig.suptitle(_fit(title or (
-            f"Fig. 3 analogue: visual→text attention maps, TACA ({md.attrs.get('treated_schedule')}) − baseline "
-            f"({md.attrs.get('baseline_schedule') or 'none'})\n'{_wrap(prompt, 60)}', seed {seed}; head mean, "
-            f"{md.attrs.get('n_layers')} layer(s) averaged; each panel: {ny} × {nx} latent image-token grid; "
-            f"n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"), fig), fontsize=10)
+    fig = _figure(1.55 * len(steps) + 1.6 + 0.08 * max(len(x) for x in labels), 1.3 * len(tokens) + 1.8)
+    heads = [f"step {s}" + (f"\nt = {t[c]:.0f}" if t is not None else "") for c, s in enumerate(steps)]
+    axes = _grid_with_labels(fig, labels, heads)
+    mappable = None
+    over = {} if image is None else {"extent": (0, image.shape[1], image.shape[0], 0), "alpha": 0.7}
+    for r, k in enumerate(tokens):
+        for c in range(len(steps)):
+            ax = axes[r, c]
+            if image is not None:
+                ax.imshow(image.mean(axis=-1), cmap="gray", extent=over["extent"], vmin=0, vmax=255)
+            mappable = ax.imshow(diff[c, k], cmap=DIVERGING_CMAP, norm=norm, interpolation="nearest", **over)
+    cbar = fig.colorbar(mappable or matplotlib.cm.ScalarMappable(norm=norm, cmap=DIVERGING_CMAP),
+                        ax=axes, shrink=0.8, pad=0.02)
+    cbar.set_label("Δ attention probability\n(TACA − baseline; red: TACA attends more)")
+    prompt = str(sub["prompt"].values) if "prompt" in sub.coords else ""
+    seed = int(sub["seed"].values) if "seed" in sub.coords else None
+    _title(fig, title or (
+        f"Fig. 3 analogue: visual→text attention maps, TACA ({md.attrs.get('treated_schedule')}) − baseline "
+        f"({md.attrs.get('baseline_schedule') or 'none'})\n'{_wrap(prompt, 60)}', seed {seed}; head mean, "
+        f"{md.attrs.get('n_layers')} layer(s) averaged; each panel: {ny} × {nx} latent image-token grid; "
+        f"n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"))
     return fig
 
 
+@_styled
 def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
                       tokens: Sequence[int | str] | None = None, title: str | None = None):
     """Per-token summary of Fig. 3: relative change of each token's mean attention, tokens x steps."""
@@ -379,144 +379,132 @@ def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
     rel = 100.0 * np.asarray(sub["token_relative_change"].transpose("token", "step").values, float)
     t = np.asarray(sub["timestep" if "timestep" in sub.coords else "step"].values, float)
     v = float(np.nanmax(np.abs(rel))) if np.isfinite(rel).any() else 1.0
-    with _style():
-        fig = _figure(max(5.0, 0.9 * rel.shape[1] + 3.5), 0.34 * len(labels) + 2.0)
-        ax = fig.subplots()
-        sns.heatmap(rel, ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-v, vmax=v, annot=rel.shape[1] <= 8,
-                    fmt=".1f", xticklabels=[f"{s}\n(t={x:.0f})" for s, x in zip(sub["step"].values, t)],
-                    yticklabels=labels, cbar_kws={"label": "change of the token's mean attention (%)"})
-        ax.set_xlabel("denoising step (timestep)")
-        ax.set_ylabel("prompt token")
-        ax.tick_params(axis="y", rotation=0)
-        prompt = str(sub["prompt"].values) if "prompt" in sub.coords else ""
-        ax.set_title(_fit(title or (f"Per-token change of visual→text attention, TACA − baseline\n'{_wrap(prompt, 60)}', "
-                               f"seed {int(sub['seed'].values) if 'seed' in sub.coords else ''}; relative to the "
-                               f"baseline; n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"), fig, frac=0.8), fontsize=10)
+    fig = _figure(max(5.0, 0.9 * rel.shape[1] + 3.5), 0.34 * len(labels) + 2.0)
+    ax = fig.subplots()
+    sns.heatmap(rel, ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-v, vmax=v, annot=rel.shape[1] <= 8,
+                fmt=".1f", xticklabels=[f"{s}\n(t={x:.0f})" for s, x in zip(sub["step"].values, t)],
+                yticklabels=labels, cbar_kws={"label": "change of the token's mean attention (%)"})
+    ax.set_xlabel("denoising step (timestep)")
+    ax.set_ylabel("prompt token")
+    ax.tick_params(axis="y", rotation=0)
+    prompt = str(sub["prompt"].values) if "prompt" in sub.coords else ""
+    _title(ax, title or (f"Per-token change of visual→text attention, TACA − baseline\n'{_wrap(prompt, 60)}', "
+                         f"seed {int(sub['seed'].values) if 'seed' in sub.coords else ''}; relative to the "
+                         f"baseline; n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"), frac=0.8)
     return fig
 
 
-def _gamma_label(g0: float, tt: float, spec: str) -> str:
-    if np.isfinite(g0) and g0 == 1.0:
-        return "γ = 1 (stock)"
-    if np.isfinite(tt) and np.isfinite(g0):
-        return f"γ₀ = {g0:g}"
-    return spec
-
-
+@_styled
 def plot_gamma_grid(grid: xr.DataArray, *, title: str | None = None):
     """Fig. 4 analogue: images, rows prompts, columns the sweep's gamma0 (from ``gamma_image_grid``)."""
     n_p, n_s = grid.sizes["prompt"], grid.sizes["schedule"]
-    g0 = np.asarray(grid["gamma0"].values, float) if "gamma0" in grid.coords else np.full(n_s, np.nan)
-    tt = np.asarray(grid["t_thresh"].values, float) if "t_thresh" in grid.coords else np.full(n_s, np.nan)
-    specs = [str(s) for s in grid["schedule"].values]
-    with _style():
-        labels = [_wrap(str(p), 22) for p in grid["prompt"].values]
-        fig = _figure(1.7 * n_s + 0.3 + 0.08 * max(len(line) for x in labels for line in x.split("\n")),
-                      1.75 * n_p + 1.2)
-        axes = _grid_with_labels(fig, labels, n_s)
-        for r in range(n_p):
-            for c in range(n_s):
-                ax = axes[r, c]
-                ax.imshow(np.asarray(grid.isel(prompt=r, schedule=c).values, dtype=np.uint8))
-                if r == 0:
-                    ax.set_title(_gamma_label(g0[c], tt[c], specs[c]), fontsize=9, fontweight="normal")
-        thr = grid.attrs.get("t_thresh")
-        thr_text = f"γ₀ while t ≥ {thr:g}" if thr is not None and np.isfinite(thr) else "schedules as labelled"
-        fig.suptitle(_fit(title or (f"Fig. 4 analogue: images across the gamma sweep ({thr_text}); rows: prompts, "
-                               f"columns: γ₀\nseed {grid.attrs.get('seed')}; n = {n_p} prompt(s) × 1 seed"), fig), fontsize=10)
+    g0 = _coord(grid, "gamma0", np.full(n_s, np.nan))
+    tt = _coord(grid, "t_thresh", np.full(n_s, np.nan))
+    heads = ["γ = 1 (stock)" if g == 1.0 else f"γ₀ = {g:g}" if np.isfinite([g, t]).all() else str(s)
+             for g, t, s in zip(g0, tt, grid["schedule"].values)]
+    labels = [_wrap(str(p), 22) for p in grid["prompt"].values]
+    fig = _figure(1.7 * n_s + 0.3 + 0.08 * max(len(line) for x in labels for line in x.split("\n")),
+                  1.75 * n_p + 1.2)
+    axes = _grid_with_labels(fig, labels, heads)
+    for r in range(n_p):
+        for c in range(n_s):
+            axes[r, c].imshow(np.asarray(grid.isel(prompt=r, schedule=c).values, dtype=np.uint8))
+    thr = grid.attrs.get("t_thresh")
+    thr_text = f"γ₀ while t ≥ {thr:g}" if thr is not None and np.isfinite(thr) else "schedules as labelled"
+    _title(fig, title or (f"Fig. 4 analogue: images across the gamma sweep ({thr_text}); rows: prompts, "
+                          f"columns: γ₀\nseed {grid.attrs.get('seed')}; n = {n_p} prompt(s) × 1 seed"))
     return fig
 
 
+@_styled
 def plot_mass_vs_gamma(res: xr.Dataset, *, title: str | None = None):
     """Fig. 4 curve: visual->text mass against gamma0 with CI bands, one line per t_thresh."""
     gdim = _group_dim(res, expect=("schedule",))
     groups = [str(g) for g in res[gdim].values] if gdim else [None]
-    g0 = np.asarray(res["gamma0"].values, float) if "gamma0" in res.coords else np.arange(res.sizes["schedule"], dtype=float)
-    tt = np.asarray(res["t_thresh"].values, float) if "t_thresh" in res.coords else np.full(res.sizes["schedule"], np.nan)
+    g0 = _coord(res, "gamma0", np.arange(res.sizes["schedule"], dtype=float))
+    tt = _coord(res, "t_thresh", np.full(res.sizes["schedule"], np.nan))
     specs = [str(s) for s in res["schedule"].values]
     base = [i for i in range(len(specs)) if not np.isfinite(tt[i]) and g0[i] == 1.0]
     thresholds = sorted({float(v) for v in tt if np.isfinite(v)}, reverse=True)
     others = [i for i in range(len(specs)) if not np.isfinite(tt[i]) and i not in base]
-    with _style():
-        fig = _figure(5.2 * len(groups) + 1.0, 4.4)
-        axes = np.atleast_1d(fig.subplots(1, len(groups), squeeze=False)[0])
-        colors = _colors(max(1, len(thresholds) + len(others)))
-        for ax, g in zip(axes, groups):
-            sub = res.sel({gdim: g}) if gdim else res
-            mean, lo, hi = (np.asarray(sub[v].values, float) for v in ("mean", "ci_low", "ci_high"))
-            lines = [(f"t_thresh = {thr:g}", [i for i in range(len(specs)) if tt[i] == thr] + base)
-                     for thr in thresholds] or [("schedules", base)]
-            for color, (label, idx) in zip(colors, lines):
-                idx = sorted(set(idx), key=lambda i: g0[i])
-                if not idx:
-                    continue
-                x = g0[idx]
-                ax.plot(x, mean[idx], marker="o", color=color, label=label)
-                ax.fill_between(x, lo[idx], hi[idx], color=color, alpha=0.2, lw=0)
-                ax.errorbar(x, mean[idx], yerr=[mean[idx] - lo[idx], hi[idx] - mean[idx]], fmt="none",
-                            ecolor=color, capsize=3, lw=1)
-            for color, i in zip(colors[len(thresholds):], others):
-                ax.errorbar([g0[i]], [mean[i]], yerr=[[mean[i] - lo[i]], [hi[i] - mean[i]]], fmt="s", color=color,
-                            capsize=3, label=specs[i])
-            if "uniform_reference" in res:
-                ax.axhline(float(res["uniform_reference"]), color="0.35", ls="--", lw=1.2,
-                           label=f"uniform attention = {float(res['uniform_reference']):.3g}")
-            ax.set_xlabel("γ₀ (temperature on visual→text logits)")
-            ax.set_ylabel(_MASS_LABEL + " (fraction)")
-            if g is not None:
-                ax.set_title(g, fontsize=10)
-            ax.legend(fontsize=8)
-        steps = res.attrs.get("steps")
-        ts = res.attrs.get("timesteps") or []
-        when = f"steps {steps}" + (f" (t = {', '.join(f'{v:.0f}' for v in ts[:4])}{'…' if len(ts) > 4 else ''})" if ts else "")
-        fig.suptitle(_fit(title or (f"Fig. 4 analogue: visual→text attention mass against γ₀, mean over {when}\n"
-                               f"{res.attrs.get('model', '')}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
-                               f"{_samples_text(res.attrs.get('n_samples'))} per schedule"), fig), fontsize=10)
+    fig = _figure(5.2 * len(groups) + 1.0, 4.4)
+    axes = np.atleast_1d(fig.subplots(1, len(groups), squeeze=False)[0])
+    colors = _colors(max(1, len(thresholds) + len(others)))
+    for ax, g in zip(axes, groups):
+        sub = res.sel({gdim: g}) if gdim else res
+        mean, lo, hi = (np.asarray(sub[v].values, float) for v in ("mean", "ci_low", "ci_high"))
+        lines = [(f"t_thresh = {thr:g}", [i for i in range(len(specs)) if tt[i] == thr] + base)
+                 for thr in thresholds] or [("schedules", base)]
+        for color, (label, idx) in zip(colors, lines):
+            idx = sorted(set(idx), key=lambda i: g0[i])
+            if not idx:
+                continue
+            x = g0[idx]
+            ax.plot(x, mean[idx], marker="o", color=color, label=label)
+            ax.fill_between(x, lo[idx], hi[idx], color=color, alpha=0.2, lw=0)
+            ax.errorbar(x, mean[idx], yerr=[mean[idx] - lo[idx], hi[idx] - mean[idx]], fmt="none",
+                        ecolor=color, capsize=3, lw=1)
+        for color, i in zip(colors[len(thresholds):], others):
+            ax.errorbar([g0[i]], [mean[i]], yerr=[[mean[i] - lo[i]], [hi[i] - mean[i]]], fmt="s", color=color,
+                        capsize=3, label=specs[i])
+        if "uniform_reference" in res:
+            ax.axhline(float(res["uniform_reference"]), color="0.35", ls="--", lw=1.2,
+                       label=f"uniform attention = {float(res['uniform_reference']):.3g}")
+        ax.set_xlabel("γ₀ (temperature on visual→text logits)")
+        ax.set_ylabel(_MASS_LABEL + " (fraction)")
+        if g is not None:
+            ax.set_title(g, fontsize=10)
+        ax.legend(fontsize=8)
+    ts = [f"{v:.0f}" for v in res.attrs.get("timesteps") or []]
+    when = f"steps {res.attrs.get('steps')}" + (f" (t = {', '.join(ts[:4])}{'…' if len(ts) > 4 else ''})" if ts else "")
+    _title(fig, title or (f"Fig. 4 analogue: visual→text attention mass against γ₀, mean over {when}\n"
+                          f"{res.attrs.get('model', '')}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
+                          f"{_samples_text(res.attrs)} per schedule"))
     return fig
 
 
+@_styled
 def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | None = None):
     """Which prompt tokens receive the most visual attention (share of the visual->text mass), per prompt."""
     prompts = [str(p) for p in rank["prompt"].values][:max_prompts]
-    k = rank.sizes["rank"]
-    with _style():
-        fig = _figure(7.0, (0.28 * k + 1.2) * len(prompts) + 0.8)
-        axes = np.atleast_1d(fig.subplots(len(prompts), 1, squeeze=False)[:, 0])
-        color = _colors(2)[0]
-        for ax, p in zip(axes, prompts):
-            sub = rank.sel(prompt=p)
-            ok = np.asarray(sub["token"].values) >= 0
-            share = 100.0 * np.asarray(sub["share"].values, float)[ok]
-            columns = (np.asarray(sub[v].values)[ok] for v in ("token_text", "token_source", "token"))
-            labels = [token_label(x, s, int(q)) for x, s, q in zip(*columns)]
-            y = np.arange(len(labels))
-            ax.barh(y, share, color=color)
-            ax.set_yticks(y, labels, fontsize=8)
-            ax.invert_yaxis()
-            ax.set_xlabel("share of the visual→text attention mass (%)")
-            pad = float(sub["padding_share"].values)
-            # wrapped to the panel (right of the token labels), so that it is never cut at the right
-            ax.set_title(_fit(f"'{p}' — {int(sub['n_prompt_tokens'])} prompt tokens; "
-                              f"{int(sub['n_padding_tokens'])} padding tokens take {pad:.1%}", fig, fontsize=9, frac=0.62),
-                         fontsize=9, fontweight="normal", loc="left")
-        fig.suptitle(_fit(title or ("Prompt tokens ranked by the visual attention they receive (padding reported "
-                               f"separately)\n{rank.attrs.get('model', '')}, schedule {rank.attrs.get('schedule') or 'none'}; "
-                               f"mean over steps, layers, heads, image queries and seeds; "
-                               f"{_samples_text(rank.attrs.get('n_samples'))}"), fig), fontsize=10)
+    fig = _figure(7.0, (0.28 * rank.sizes["rank"] + 1.2) * len(prompts) + 0.8)
+    axes = np.atleast_1d(fig.subplots(len(prompts), 1, squeeze=False)[:, 0])
+    color = _colors(2)[0]
+    for ax, p in zip(axes, prompts):
+        sub = rank.sel(prompt=p)
+        ok = np.asarray(sub["token"].values) >= 0
+        share = 100.0 * np.asarray(sub["share"].values, float)[ok]
+        columns = (np.asarray(sub[v].values)[ok] for v in ("token_text", "token_source", "token"))
+        labels = [token_label(x, s, int(q)) for x, s, q in zip(*columns)]
+        y = np.arange(len(labels))
+        ax.barh(y, share, color=color)
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("share of the visual→text attention mass (%)")
+        pad = float(sub["padding_share"].values)
+        # wrapped to the panel (right of the token labels), so that it is never cut at the right
+        ax.set_title(_fit(f"'{p}' — {int(sub['n_prompt_tokens'])} prompt tokens; "
+                          f"{int(sub['n_padding_tokens'])} padding tokens take {pad:.1%}", fig, fontsize=9, frac=0.62),
+                     fontsize=9, fontweight="normal", loc="left")
+    _title(fig, title or ("Prompt tokens ranked by the visual attention they receive (padding reported separately)\n"
+                          f"{_about(rank.attrs)}; mean over steps, layers, heads, image queries and seeds; "
+                          f"{_samples_text(rank.attrs)}"))
     return fig
 
 
-def check_formats(formats: Sequence[str]) -> None:
+def check_formats(formats: str | Sequence[str]) -> list[str]:
+    """``formats`` (one or several) as a list, each one of :data:`FORMATS`."""
+    formats = [formats] if isinstance(formats, str) else list(formats)
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise FigureError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    return formats
 
 
 def save_figure(fig, out: str | os.PathLike, name: str, *, formats: Sequence[str] = ("png", "pdf"),
                 dpi: int = 150) -> list[Path]:
     """Write ``fig`` as ``out/name.<format>`` for each format; returns the paths."""
-    formats = [formats] if isinstance(formats, str) else list(formats)
-    check_formats(formats)
+    formats = check_formats(formats)
     paths = [Path(out) / f"{name}.{f}" for f in formats]
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for path, f in zip(paths, formats):

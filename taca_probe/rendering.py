@@ -25,25 +25,8 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from . import analysis as A
+from . import plotting as P
 from .errors import TacaProbeError
-from .plotting import (
-    FIGURES,
-    PALETTE,
-    FigureError,
-    check_formats,
-    plot_amplification,
-    plot_gamma_grid,
-    plot_map_difference,
-    plot_mass_vs_gamma,
-    plot_suppression,
-    plot_suppression_heatmap,
-    plot_timestep_slope,
-    plot_token_change,
-    plot_token_ranking,
-    save_figure,
-    short_layer,
-    token_label,
-)
 from .schedules import parse
 from .stats import sample_keys
 from .store import StoreError, is_store, open_run
@@ -72,7 +55,7 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     if not sources:
-        raise FigureError("no input: give one or more stores or sweep folders")
+        raise P.FigureError("no input: give one or more stores or sweep folders")
     runs: list[Run] = []
     sweep = None
     stores: list[str] = []
@@ -110,7 +93,8 @@ def _find_run(runs: list[Run], key: str, what: str) -> Run:
     for run in runs:
         if run.spec == canonical:
             return run
-    raise FigureError(f"--{what} {key!r} matches no input; inputs: " + ", ".join(f"{r.label} ({r.spec})" for r in runs))
+    raise P.FigureError(f"--{what} {key!r} matches no input; inputs: "
+                        + ", ".join(f"{r.label} ({r.spec})" for r in runs))
 
 
 def choose_runs(runs: list[Run], *, baseline: str | None = None, treated: str | None = None,
@@ -143,15 +127,14 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
     Returns ``{"written": {name: [paths]}, "skipped": {group: reason}, "sources": {name: run(s)}}``.
     """
     if isinstance(figures, str):
-        wanted = list(FIGURES) if figures == "all" else [f.strip() for f in figures.split(",") if f.strip()]
+        wanted = list(P.FIGURES) if figures == "all" else [f.strip() for f in figures.split(",") if f.strip()]
         explicit = figures != "all"
     else:
         wanted, explicit = list(figures), True
-    bad = [f for f in wanted if f not in FIGURES]
+    bad = [f for f in wanted if f not in P.FIGURES]
     if bad or not wanted:
-        raise FigureError(f"unknown figure(s) {', '.join(bad) or '(none)'}; choose from all, {', '.join(FIGURES)}")
-    fmt = [formats] if isinstance(formats, str) else list(formats)
-    check_formats(fmt)
+        raise P.FigureError(f"unknown figure(s) {', '.join(bad) or '(none)'}; choose from all, {', '.join(P.FIGURES)}")
+    fmt = P.check_formats(formats)
     A.choice(by, A.GROUP_BY, "grouping 'by'")
     say = log or (lambda msg: None)
     stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
@@ -167,24 +150,24 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
         return f"{run.label} ({run.spec})" if run.label != run.spec and f"[{run.spec}]" not in run.label else run.label
 
     def emit(name: str, fig, source: str) -> None:
-        written[name] = save_figure(fig, out, name, formats=fmt, dpi=dpi)
+        written[name] = P.save_figure(fig, out, name, formats=fmt, dpi=dpi)
         used[name] = source
         say(f"wrote {', '.join(str(p) for p in written[name])} from {source}")
 
     def skip(group: str, reason: str) -> None:
         if explicit:
-            raise FigureError(reason)
+            raise P.FigureError(reason)
         skipped[group] = reason
         say(f"skipped {group}: {reason}")
 
-    ds = main_run.ds
+    ds, src = main_run.ds, what(main_run)
     if "fig2" in wanted:
         A.require(ds, "vis_txt_mass", needed_for="Fig. 2", label=main_run.label)
-        emit("fig2_suppression", plot_suppression(A.suppression(ds, by=by, **stats)), what(main_run))
-        emit("fig2_suppression_heatmap", plot_suppression_heatmap(A.suppression(ds, by="layer", **stats)), what(main_run))
-        emit("fig2_timestep_slope", plot_timestep_slope(A.timestep_awareness(ds, by="layer", **stats)), what(main_run))
+        emit("fig2_suppression", P.plot_suppression(A.suppression(ds, by=by, **stats)), src)
+        emit("fig2_suppression_heatmap", P.plot_suppression_heatmap(A.suppression(ds, by="layer", **stats)), src)
+        emit("fig2_timestep_slope", P.plot_timestep_slope(A.timestep_awareness(ds, by="layer", **stats)), src)
         if treat_run is not None:
-            emit("fig2_amplification", plot_amplification(A.amplification(treat_run.ds, by=by, **stats)),
+            emit("fig2_amplification", P.plot_amplification(A.amplification(treat_run.ds, by=by, **stats)),
                  what(treat_run))
     if "fig3" in wanted:
         if base_run is None or treat_run is None:
@@ -202,24 +185,24 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
                 skip("fig3", str(e))
             else:
                 pair = f"{what(treat_run)} − {what(base_run)}"
-                emit("fig3_attention_map_diff", plot_map_difference(md, sample=sample, max_tokens=max_tokens,
+                emit("fig3_attention_map_diff", P.plot_map_difference(md, sample=sample, max_tokens=max_tokens,
                                                                     tokens=tokens, overlay=overlay), pair)
-                emit("fig3_token_change", plot_token_change(md, sample=sample, tokens=tokens), pair)
+                emit("fig3_token_change", P.plot_token_change(md, sample=sample, tokens=tokens), pair)
     if "fig4" in wanted:
         if sweep is None or sweep.sizes.get("schedule", 0) < 2:
             skip("fig4", why_no_sweep if sweep is None else "fig4 needs at least two schedules in the sweep")
         else:
             specs = f"the sweep ({', '.join(str(v) for v in sweep['schedule'].values)})"
-            emit("fig4_gamma_grid", plot_gamma_grid(A.gamma_image_grid(sweep)), specs)
-            emit("fig4_mass_vs_gamma", plot_mass_vs_gamma(A.mass_vs_gamma(sweep, by="all", **stats)), specs)
+            emit("fig4_gamma_grid", P.plot_gamma_grid(A.gamma_image_grid(sweep)), specs)
+            emit("fig4_mass_vs_gamma", P.plot_mass_vs_gamma(A.mass_vs_gamma(sweep, by="all", **stats)), specs)
     if "fig5" in wanted:
-        emit("fig5_token_ranking", plot_token_ranking(A.token_ranking(ds, branch=branch)), what(main_run))
+        emit("fig5_token_ranking", P.plot_token_ranking(A.token_ranking(ds, branch=branch)), src)
     if not written:
-        raise FigureError("no figure could be drawn: " + "; ".join(skipped.values()))
+        raise P.FigureError("no figure could be drawn: " + "; ".join(skipped.values()))
     return {"written": written, "skipped": skipped, "sources": used}
 
 
-_COLORS = sns.color_palette(PALETTE).as_hex()  # the PNG figures' palette
+_COLORS = sns.color_palette(P.PALETTE).as_hex()  # the PNG figures' palette
 _DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 
 
@@ -237,12 +220,6 @@ class Report:
         return f'<iframe srcdoc="{doc}" style="width:100%;height:1100px;border:1px solid #ccc"></iframe>'
 
 
-def _band(color: str) -> str:
-    """A hex colour as the translucent fill of a CI band (overlapping bands stay readable)."""
-    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({r},{g},{b},0.2)"
-
-
 def _png_uri(pixels: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
@@ -255,8 +232,9 @@ def _line_with_band(fig: go.Figure, t: np.ndarray, res: xr.Dataset, names: tuple
     mean, lo, hi = (np.asarray(res[v].values, float) for v in names)
     lo, hi = np.where(np.isfinite(lo), lo, mean), np.where(np.isfinite(hi), hi, mean)
     group = name if dash else None  # the suppression lines toggle with their bands
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))  # translucent, so that overlapping bands stay readable
     fig.add_trace(go.Scatter(x=np.concatenate([t, t[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
-                             fillcolor=_band(color), line={"width": 0}, hoverinfo="skip", showlegend=False,
+                             fillcolor=f"rgba({r},{g},{b},0.2)", line={"width": 0}, hoverinfo="skip", showlegend=False,
                              legendgroup=group))
     fig.add_trace(go.Scatter(x=t, y=mean, mode="lines+markers", name=name, legendgroup=group,
                              line={"color": color, **({"dash": dash} if dash else {})},
@@ -317,19 +295,16 @@ def _difference_figure(treated: Run, baseline: Run, stats: dict[str, Any]) -> go
 
 def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None, branch: str | None) -> go.Figure:
     """Layer x step mean mass per run, and treated - baseline where a pair exists."""
-    means, titles = [], []
-    for label, spec, ds in runs:
-        m = A._select_branch(ds, branch)["vis_txt_mass"].mean(("sample", "head")).transpose("layer", "step")
-        means.append(np.asarray(m.values, float))
-        titles.append(spec)
+    means = [np.asarray(A._select_branch(r.ds, branch)["vis_txt_mass"].mean(("sample", "head"))
+                        .transpose("layer", "step").values, float) for r in runs]
+    titles = [r.spec for r in runs]
     if pair is not None:
         ti, bi = pair
         means.append(means[ti] - means[bi])
         titles.append(f"{runs[ti].spec} − {runs[bi].spec}")
     ds0 = runs[0].ds
-    layers = [short_layer(str(n), str(b)) for n, b in zip(ds0["layer"].values, ds0["block_type"].values)]
-    t = np.asarray(ds0["timestep"].isel(sample=0).values, float) if ds0.sizes.get("sample") else ds0["step"].values
-    x = [f"{v:.0f}" for v in t]
+    layers = [P.short_layer(str(n), str(b)) for n, b in zip(ds0["layer"].values, ds0["block_type"].values)]
+    x = [f"{v:.0f}" for v in np.asarray(ds0["timestep"].isel(sample=0).values, float)]
     fig = make_subplots(rows=1, cols=len(means), subplot_titles=titles, horizontal_spacing=0.1)
     vmin = min(float(np.nanmin(m)) for m in means[: len(runs)])
     vmax = max(float(np.nanmax(m)) for m in means[: len(runs)])
@@ -352,24 +327,23 @@ def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None, branch: str |
 def _map_viewer(runs: list[Run], base_index: int | None, treated_index: int | None,
                 branch: str | None) -> tuple[dict[str, Any] | None, go.Figure | None]:
     """Data and the Plotly figure of the map viewer (None without maps)."""
-    with_maps = [i for i, (_, _, ds) in enumerate(runs) if "maps" in ds and ds.sizes.get("sample", 0)]
+    with_maps = [i for i, run in enumerate(runs) if "maps" in run.ds]
     if not with_maps:
         return None, None
-    common = sample_keys(runs[with_maps[0]][2])
+    common = sample_keys(runs[with_maps[0]].ds)
     for i in with_maps[1:]:
         other = set(sample_keys(runs[i].ds))
         kept = [k for k in common if k in other]
         if kept:
             common = kept
     viewer = [i for i in with_maps if set(common) <= set(sample_keys(runs[i].ds))]
-    steps = A.recorded_map_steps(runs[viewer[0]][2])
-    layers = A.recorded_map_layers(runs[viewer[0]][2])
+    ref = runs[viewer[0]].ds
+    steps, layers = A.recorded_map_steps(ref), A.recorded_map_layers(ref)
     for i in viewer[1:]:
         steps = [s for s in steps if s in set(A.recorded_map_steps(runs[i].ds))]
         layers = [name for name in layers if name in set(A.recorded_map_layers(runs[i].ds))]
     if not steps or not layers:
         return None, None
-    ref = runs[viewer[0]][2]
     ref_pos = {k: j for j, k in enumerate(sample_keys(ref))}
     ref_idx = [ref_pos[k] for k in common]
     text = np.asarray(ref["token_text"].values)[ref_idx]
@@ -395,12 +369,12 @@ def _map_viewer(runs: list[Run], base_index: int | None, treated_index: int | No
         "baseline": base_index if base_index in viewer else None,
         "treated": treated_index if treated_index in viewer else viewer[0],
         "samples": [{"prompt": p, "seed": s, "batch_index": b,
-                     "tokens": [{"pos": q, "label": token_label(text[j, q], source[q], q),
+                     "tokens": [{"pos": q, "label": P.token_label(text[j, q], source[q], q),
                                  "padding": bool(padding[j, q]), "recorded": bool(recorded[j, q])}
                                 for q in range(text.shape[1])]}
                     for j, (p, s, b) in enumerate(common)],
         "steps": [{"step": int(s), "timestep": float(t[step_pos[int(s)]])} for s in steps],
-        "layers": [{"name": n, "label": short_layer(n, layer_bt.get(n))} for n in layers],
+        "layers": [{"name": n, "label": P.short_layer(n, layer_bt.get(n))} for n in layers],
         "shape": [len(common), len(steps), len(layers), int(text.shape[1]), int(ny), int(nx)],
         "maps": maps_b64,
         "images": images,
@@ -409,8 +383,7 @@ def _map_viewer(runs: list[Run], base_index: int | None, treated_index: int | No
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.11)
     empty = np.full((ny, nx), np.nan)
     for c, name in enumerate(panels, 1):
-        is_diff = name.endswith("baseline") and c == 3
-        kw: dict[str, Any] = {"colorscale": "RdBu_r", "zmid": 0.0} if is_diff else {"colorscale": "Viridis"}
+        kw: dict[str, Any] = {"colorscale": "RdBu_r", "zmid": 0.0} if c == 3 else {"colorscale": "Viridis"}
         right = fig.layout[f"xaxis{c if c > 1 else ''}"].domain[1]
         fig.add_trace(go.Heatmap(z=empty, name=name, colorbar={"x": right + 0.005, "len": 0.8, "thickness": 10},
                                  hovertemplate="y=%{y} x=%{x}<br>%{z:.4g}<extra>" + name + "</extra>", **kw),
@@ -520,7 +493,6 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
             pass  # no pair: the page shows each run alone
     stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
 
-    sections = []
     gallery = []
     for label, spec, ds in runs:
         figs = "".join(
@@ -529,7 +501,7 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
             for j, (p, s, _) in enumerate(sample_keys(ds)))
         gallery.append(f"<h3>{html.escape(spec)} <span class='note'>{html.escape(label)}</span></h3>"
                        f"<div class='gallery'>{figs}</div>")
-    sections.append("<h2>Generated images</h2>" + "".join(gallery))
+    sections = ["<h2>Generated images</h2>" + "".join(gallery)]
     sections.append("<h2>Suppression: visual→text attention over timesteps</h2>"
                     + _div(_suppression_figure(runs, stats), "suppression")
                     + "<p class='note'>Dashed line: the mass that uniform attention over all keys would put on "
@@ -570,8 +542,7 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
         + f"; {pair_text}.</p><table class='meta'>{meta}</table>"
         + "".join(sections) + script + "</body></html>"
     )
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "index.html"
+    path = Path(out) / "index.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return Report(path=path, size_bytes=path.stat().st_size, runs=[r.spec for r in runs])

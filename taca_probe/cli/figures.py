@@ -6,15 +6,11 @@ import argparse
 import sys
 import time
 
-from ..rendering import report
-from ..rendering import render_figures
+from ..analysis import GROUP_BY
+from ..plotting import FIGURES, FORMATS
+from ..rendering import render_figures, report
 from ..selection import MAX_INT
 from .args import bounded, comparison_args, int_list, positive_int
-
-# literal copies of analysis.GROUP_BY, plotting.FIGURES and plotting.FORMATS (a test checks them)
-GROUP_BY = ("block_type", "layer", "depth", "all")
-FIGURES = ("fig2", "fig3", "fig4", "fig5")
-FORMATS = ("png", "pdf", "svg")
 
 
 class _Deprecated(argparse.Action):
