@@ -479,19 +479,33 @@ def _checked_open(path: Path, read: bool | int = False,
 
 
 def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete: bool = False):
-    """Open the store folder ``path`` as a lazy, labeled :class:`xarray.Dataset` of its complete samples
-    (``include_incomplete``: also the slots whose sample was not finished, for inspection only).
+    """Open a store as a lazy, labeled :class:`xarray.Dataset`.
 
-    ``chunks`` goes to :func:`xarray.open_zarr`: ``None`` (default) opens lazily without dask, loading
-    what is indexed; ``"auto"``, ``{}`` or a dict of sizes gives dask arrays (needs dask). Data
-    variables come in :data:`VARIABLE_ORDER`; ``channel`` (``R``, ``G``, ``B``) labels the image's
-    last axis. ``attrs`` hold the provenance, among them ``lora``/``lora_scale`` (the LoRA active
-    where gamma != 1) and ``planned_samples`` (slots planned up front by ``record``/``sweep``; None
-    for a store grown sample by sample with :func:`taca_probe.probe`).
+    Parameters
+    ----------
+    path
+        The store folder.
+    chunks
+        Passed to :func:`xarray.open_zarr`: ``None`` (default) opens lazily without dask, loading
+        what is indexed; ``"auto"``, ``{}`` or a dict of sizes gives dask arrays (needs dask).
+    include_incomplete
+        Also return slots whose sample was not finished (for inspection only).
 
-    A damaged store (an array, or a complete sample's chunk missing, moved or resized) is a
-    :class:`StoreError`, checked here; reading a chunk that is not the one recorded (changed,
-    swapped) raises :class:`ChunkChecksumError` naming it, while the other chunks still read.
+    Returns
+    -------
+    xarray.Dataset
+        Complete samples only unless asked otherwise; data variables in :data:`VARIABLE_ORDER`;
+        ``channel`` (``R``, ``G``, ``B``) labels the image's last axis. ``attrs`` hold the
+        provenance, among them ``lora``/``lora_scale`` (the LoRA active where gamma != 1) and
+        ``planned_samples`` (slots planned up front by ``record``/``sweep``; None for a store grown
+        sample by sample with :func:`taca_probe.probe`).
+
+    Raises
+    ------
+    StoreError
+        For a damaged store: an array, or a complete sample's chunk missing, moved or resized
+        (checked here); reading a chunk that is not the one recorded (changed, swapped) raises
+        :class:`ChunkChecksumError` naming it, while the other chunks still read.
     """
     p = _store_path(path, "open_run")
     # presence and sizes only: opening stays cheap, the digests are checked as chunks are read

@@ -183,13 +183,15 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
               mode: str = "create", call: dict[str, Any] | None = None, device: str | None = None, dtype: Any = None,
               lora: str | os.PathLike | None = None, lora_scale: float = 1.0, model_name: str | None = None,
               progress: bool | Callable[[str], None] = True) -> Path:
-    """Record every schedule of a sweep over the same prompts and seeds into the folder ``out``; returns it.
+    """Record every schedule of a sweep over the same prompts and seeds; returns the folder.
 
     Parameters
     ----------
     model
         An embedded model name, local diffusers folder or cached hub id (loaded with
         :func:`taca_probe.load_pipeline` on ``device``/``dtype``), or a loaded pipeline.
+    out
+        The sweep folder.
     prompts, seeds
         Each prompt is a string, sampled with every seed, or a ``(prompt, seeds)`` pair.
     schedules
@@ -344,13 +346,22 @@ def _save_missing_pngs(ds: Any, images: Path, prompt_list: list[str]) -> int:
 def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunks: Any = None):
     """Open a sweep as one :class:`xarray.Dataset` with a ``schedule`` dimension.
 
-    ``source`` is a sweep folder (from :func:`run_sweep` / ``taca-probe sweep``), or a list of run
-    stores recorded with different schedules on the same prompts and seeds; ``chunks`` is as for
-    :func:`taca_probe.open_run` (``{}`` for dask arrays). Every store variable gets a leading
-    ``schedule`` dimension (the specs), with coordinates ``gamma0`` (for forms other than ``step``,
-    ``const`` and ``none``, the largest gamma recorded) and ``t_thresh`` (NaN where none) along it,
-    and ``gamma`` (schedule, sample, step, layer). Samples are those complete in every store, in
-    plan order; the others are left out with a warning.
+    Parameters
+    ----------
+    source
+        A sweep folder (from :func:`run_sweep` / ``taca-probe sweep``), or a list of run stores
+        recorded with different schedules on the same prompts and seeds.
+    chunks
+        As for :func:`taca_probe.open_run` (``{}`` for dask arrays).
+
+    Returns
+    -------
+    xarray.Dataset
+        Every store variable with a leading ``schedule`` dimension (the specs), coordinates
+        ``gamma0`` (for forms other than ``step``, ``const`` and ``none``, the largest gamma
+        recorded) and ``t_thresh`` (NaN where none) along it, and ``gamma`` (schedule, sample,
+        step, layer). Samples are those complete in every store, in plan order; the others are
+        left out with a warning.
     """
     doc, one = None, isinstance(source, (str, os.PathLike))
     if not one and isinstance(source, Iterable) and not isinstance(source, bytes):
