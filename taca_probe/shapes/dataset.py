@@ -159,13 +159,10 @@ def held_out_pair_axes() -> list[tuple[tuple[str, str], tuple[str, str], int]]:
     pairs = [(a, b) for a, b in itertools.combinations(seen_objects(), 2) if a[0] != b[0]]
     rng = np.random.default_rng(HELD_OUT_SEED)
     held: list[tuple[tuple[str, str], tuple[str, str], int]] = []
-    taken: set[tuple] = set()
     k = round(HELD_OUT_FRACTION * len(pairs))
     for axis in (0, 1):
-        candidates = [p for p in pairs if p not in taken]
-        chosen = [candidates[i] for i in sorted(rng.permutation(len(candidates))[:k])]
-        taken.update(chosen)
-        held += [(a, b, axis) for a, b in chosen]
+        candidates = [(a, b) for a, b in pairs if (a, b, 0) not in held]  # no pair on both axes
+        held += [(*candidates[i], axis) for i in sorted(rng.permutation(len(candidates))[:k])]
     return held
 
 

@@ -210,8 +210,7 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
 def training_batch(config: TrainConfig, k: int) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Step ``k``'s batch, a pure function of ``(config.seed, k)``: pixels, captions, sigmas, noise.
 
-    Captions are already dropped to ``""`` (the pipeline's negative prompt) with probability
-    ``cfg_dropout``. Runs in the data workers.
+    Captions are dropped to ``""`` (the negative prompt) with probability ``cfg_dropout``. Runs in the data workers.
     """
     images, captions = ds.sample_batch((config.seed, 0, k), config.batch_size)
     rng = np.random.default_rng((config.seed, 2, k))
