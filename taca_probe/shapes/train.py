@@ -400,10 +400,9 @@ def train(
     batches = _Batches(config, state_step, workers)  # forks before CUDA is initialised
     pipe.to(device)
     trained = _text_and_transformer(pipe)
-    opt = torch.optim.AdamW(
-        [p for m in trained for p in m.parameters()], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99),
-        fused=device.type == "cuda",
-    )
+    params = [p for m in trained for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99),
+                            fused=device.type == "cuda")
     vae_opt = torch.optim.AdamW(pipe.vae.parameters(), lr=config.vae_lr)
     ema = _Ema(trained, config.ema_decay)
     state: dict[str, Any] = {"step": 0, "vae_step": 0, "elapsed": 0.0, "loss_log": [], "loss_ema": None}
@@ -486,7 +485,7 @@ def train(
             loss = diffusion_loss(pipe, batches.get(), config, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step()
             ema.update(k)
             state["step"] += 1
