@@ -103,18 +103,7 @@ class TrainConfig:
 
 
 def build_pipeline(config: TrainConfig) -> Any:
-    """A freshly initialised (seeded) ``StableDiffusion3Pipeline`` of the given architecture.
-
-    Parameters
-    ----------
-    config : TrainConfig
-        Architecture and seed.
-
-    Returns
-    -------
-    diffusers.StableDiffusion3Pipeline
-        On the CPU, float32, modules in eval mode.
-    """
+    """A freshly initialised ``StableDiffusion3Pipeline`` of ``config``'s architecture and seed (CPU, float32, eval)."""
     if 2 * config.clip_hidden > config.t5_dim:
         # SD3 zero-pads the joined CLIP features to the T5 width.
         raise TrainError(f"2 * clip_hidden ({2 * config.clip_hidden}) must be <= t5_dim ({config.t5_dim})")
@@ -221,8 +210,7 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
 def training_batch(config: TrainConfig, k: int) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Step ``k``'s batch, a pure function of ``(config.seed, k)``: pixels, captions, sigmas, noise.
 
-    Captions are already dropped to ``""`` (the pipeline's negative prompt) with probability
-    ``cfg_dropout``. Runs in the data workers.
+    Captions are dropped to ``""`` (the negative prompt) with probability ``cfg_dropout``. Runs in the data workers.
     """
     images, captions = ds.sample_batch((config.seed, 0, k), config.batch_size)
     rng = np.random.default_rng((config.seed, 2, k))
@@ -363,45 +351,21 @@ def train(
     fit_steps: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train (or resume training) and export the pipeline.
+    """Train (or resume training) in the folder ``out`` (``checkpoint.pt``, ``train.log``, ``pipeline/``).
 
-    Parameters
-    ----------
-    config : TrainConfig
-        Settings of a new run; when resuming, the checkpoint's are used, except ``steps``, which
-        may be raised to continue a finished run.
-    out : path
-        Output folder: ``checkpoint.pt``, ``train.log`` and ``pipeline/``.
-    minutes : float, optional
-        Wall-time budget in total (counting time before a resume); the run then stops early,
-        checkpoints and exports (the manifest says how long it ran).
-    resume : bool
-        Continue from ``out/checkpoint.pt``.
-    steps : int, optional
-        When resuming: the new schedule length, shorter or longer (the cosine is re-read against it
-        from the current step). Default: the checkpoint's, raised to ``config.steps`` if larger.
-    export : bool
-        Write ``out/pipeline`` at the end.
-    device : str or torch.device
-        Where to train; the export is float16 and CPU-loadable either way.
-    workers : int
-        Processes making batches ahead (0: in the training loop).
-    fit_steps : bool
-        With ``minutes``: after 100 steps, set the schedule length from the measured rate so that
-        the cosine ends with the budget (recorded as ``steps`` in the manifest).
-    log : callable
-        Receives progress lines.
+    ``config``: the settings of a new run; ``resume`` continues from ``out/checkpoint.pt`` with its
+    settings, except ``steps``: the new schedule length, shorter or longer (the cosine is re-read against
+    it from the current step; default the checkpoint's, raised to ``config.steps`` if larger).
+    ``minutes``: wall-time budget in total (counting time before a resume); the run then stops early,
+    checkpoints and exports (the manifest says how long it ran). ``export``: write ``out/pipeline`` at
+    the end (float16 and CPU-loadable whatever the ``device``). ``workers``: processes making batches
+    ahead (0: in the training loop). ``fit_steps``: with ``minutes``, after 100 steps set the schedule
+    length from the measured rate so that the cosine ends with the budget (recorded as ``steps`` in the
+    manifest). ``log`` receives progress lines.
 
-    Returns
-    -------
-    dict
-        ``step``, ``vae_step``, ``elapsed`` (s), ``loss_log`` ([step, mean loss] pairs), ``losses``
-        (every step's loss of this call), ``pipeline`` (the export folder or None).
-
-    Raises
-    ------
-    TrainError
-        If resuming without a checkpoint, or the checkpoint cannot be read.
+    Returns ``step``, ``vae_step``, ``elapsed`` (s), ``loss_log`` ([step, mean loss] pairs), ``losses``
+    (every step's loss of this call) and ``pipeline`` (the export folder or None). Raises
+    :class:`TrainError` if resuming without a checkpoint, or the checkpoint cannot be read.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -436,10 +400,9 @@ def train(
     batches = _Batches(config, state_step, workers)  # forks before CUDA is initialised
     pipe.to(device)
     trained = _text_and_transformer(pipe)
-    opt = torch.optim.AdamW(
-        [p for m in trained for p in m.parameters()], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99),
-        fused=device.type == "cuda",
-    )
+    params = [p for m in trained for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99),
+                            fused=device.type == "cuda")
     vae_opt = torch.optim.AdamW(pipe.vae.parameters(), lr=config.vae_lr)
     ema = _Ema(trained, config.ema_decay)
     state: dict[str, Any] = {"step": 0, "vae_step": 0, "elapsed": 0.0, "loss_log": [], "loss_ema": None}
@@ -522,7 +485,7 @@ def train(
             loss = diffusion_loss(pipe, batches.get(), config, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step()
             ema.update(k)
             state["step"] += 1
@@ -555,8 +518,7 @@ def train(
 def export_checkpoint(out: str | os.PathLike[str], folder: str | os.PathLike[str]) -> Path:
     """Export the EMA weights of ``out/checkpoint.pt`` to ``folder`` without training.
 
-    For looking at a run while it trains (the checkpoint is replaced atomically, so reading it
-    while the trainer runs is safe).
+    For looking at a run while it trains (the checkpoint is replaced atomically, so that is safe).
     """
     ckpt_path = Path(out) / "checkpoint.pt"
     if not ckpt_path.is_file():
@@ -599,40 +561,41 @@ def main(argv: list[str] | None = None) -> int:
         default = getattr(TrainConfig, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=helps.get(name))
     args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except TacaProbeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    """:func:`main` once the arguments are parsed; bad ones raise :class:`TrainError`."""
     positive = {"steps": args.steps, "batch_size": args.batch_size, "threads": args.threads, "minutes": args.minutes,
                 "checkpoint_minutes": args.checkpoint_minutes, **{n: getattr(args, n) for n in _ARCHITECTURE}}
     bad = [n for n, v in positive.items() if v is not None and v <= 0] + (["workers"] if args.workers < 0 else [])
     if bad:
-        print(f"error: --{bad[0].replace('_', '-')} must be positive", file=sys.stderr)
-        return 2
+        raise TrainError(f"--{bad[0].replace('_', '-')} must be positive")
     try:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available here")
     except RuntimeError as exc:
-        print(f"error: --device {args.device}: {first_line(exc)}", file=sys.stderr)
-        return 2
+        raise TrainError(f"--device {args.device}: {first_line(exc)}") from None
     if not (args.lr > 0 and args.warmup_steps >= 1 and 0 <= args.min_lr_fraction <= 1 and 0 <= args.ema_decay < 1
             and args.guidance_scale >= 1):
-        print("error: need --lr > 0, --warmup-steps >= 1, 0 <= --min-lr-fraction <= 1, 0 <= --ema-decay < 1, "
-              "--guidance-scale >= 1", file=sys.stderr)
-        return 2
+        raise TrainError("need --lr > 0, --warmup-steps >= 1, 0 <= --min-lr-fraction <= 1, 0 <= --ema-decay < 1, "
+                         "--guidance-scale >= 1")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.export_only is not None:
-        try:
-            folder = export_checkpoint(out, args.export_only)
-        except TacaProbeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(f"exported {folder}")
-        return 0
+        print(f"exported {export_checkpoint(out, args.export_only)}")
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         logfile = open(out / "train.log", "a", buffering=1)  # noqa: SIM115 - closed below
     except OSError as exc:
-        print(f"error: cannot write to {out}: {exc}", file=sys.stderr)
-        return 2
+        raise TrainError(f"cannot write to {out}: {exc}") from None
 
     def log(line: str) -> None:
         stamped = f"[{time.strftime('%H:%M:%S')}] {line}"
@@ -645,14 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         **{n: getattr(args, n) for n in _FLAGS + _ARCHITECTURE},
     )
     with logfile:
-        try:
-            train(config, out, minutes=args.minutes, resume=args.resume, steps=args.steps if args.resume else None,
-                  device=device, workers=args.workers, fit_steps=args.fit_steps, log=log)
-        except TacaProbeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    return 0
-
+        train(config, out, minutes=args.minutes, resume=args.resume, steps=args.steps if args.resume else None,
+              device=device, workers=args.workers, fit_steps=args.fit_steps, log=log)
 
 if __name__ == "__main__":
     sys.exit(main())
