@@ -8,6 +8,7 @@ projections, norms and rotary embeddings stay diffusers' own code, and nothing i
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import weakref
@@ -31,20 +32,12 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 @dataclass(frozen=True)
 class Site:
-    """One attention module that sees both modalities.
+    """One attention module that sees both modalities."""
 
-    Attributes
-    ----------
-    name : module path, e.g. ``transformer_blocks.3.attn`` or ``single_transformer_blocks.0.attn``
-    block_type : ``"joint"`` (separate text and image projections) or ``"single"`` (FLUX single-stream)
-    txt_first : token order, FLUX ``[txt, img]`` (True) or SD3 ``[img, txt]`` (False)
-    index : position in transformer order (0-based), the ``layer`` axis of recordings
-    """
-
-    name: str
-    block_type: str
-    txt_first: bool
-    index: int
+    name: str  # module path, e.g. ``transformer_blocks.3.attn`` or ``single_transformer_blocks.0.attn``
+    block_type: str  # "joint" (separate text and image projections) or "single" (FLUX single-stream)
+    txt_first: bool  # token order: FLUX [txt, img] (True) or SD3 [img, txt] (False)
+    index: int  # position in transformer order (0-based), the ``layer`` axis of recordings
 
 
 def find_sites(transformer: torch.nn.Module, family: str) -> list[Site]:
@@ -96,14 +89,14 @@ class _SDPAOverride(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
-            if self.compiled and args and isinstance(args[0], torch.Tensor) and _is_tensor_method(func):
+            method = getattr(torch.Tensor, getattr(func, "__name__", ""), None) if self.compiled else None
+            if method is func and args and isinstance(args[0], torch.Tensor):
                 # As a method call, torch.compile records the op itself; called as the function
                 # Tensor.<name>, it would trace the Python wrapper and break the graph there.
                 return getattr(args[0], func.__name__)(*args[1:], **kwargs)
             return func(*args, **kwargs)
         self.calls += 1
-        a = dict(zip(_SDPA_ARGS, args))
-        a.update(kwargs)
+        a = dict(zip(_SDPA_ARGS, args), **kwargs)
         q, k, v = a["query"], a["key"], a["value"]
         site = self.proc.site
         if a.get("dropout_p", 0.0) or a.get("is_causal", False) or a.get("enable_gqa", False):
@@ -115,11 +108,6 @@ class _SDPAOverride(TorchFunctionMode):
             n_txt = -1 if self.n_txt is None else self.n_txt
             return torch.ops.taca_probe.attention(q, k, v, a.get("attn_mask"), a.get("scale"), n_txt, self.proc.key)
         return self.proc.attend(q, k, v, a.get("attn_mask"), a.get("scale"), self.n_txt)
-
-
-def _is_tensor_method(func: Any) -> bool:
-    name = getattr(func, "__name__", None)
-    return name is not None and getattr(torch.Tensor, name, None) is func
 
 
 # Processors by key, for the compiled op (which can carry only tensors and numbers).
@@ -151,9 +139,7 @@ class TacaAttnProcessor:
     """
 
     def __init__(self, inner: Any, site: Site, state: RunState):
-        self.inner = inner
-        self.site = site
-        self.state = state
+        self.inner, self.site, self.state = inner, site, state
         # A CPU tensor, not an int: under torch.compile a tensor is a graph input (its value is not
         # guarded), so the blocks' processors share one compiled graph.
         self.key = torch.tensor(next(_KEYS))
@@ -194,21 +180,20 @@ class TacaAttnProcessor:
         return out
 
 
-_WRAPPER_CLASSES: dict[type, type] = {}
+@functools.cache
+def _wrapper_class(inner_cls: type) -> type:
+    """The :class:`TacaAttnProcessor` subclass whose ``__call__`` signature is ``inner_cls``'s."""
+
+    def __call__(self, attn, *args, **kwargs):  # noqa: N807
+        return self._call(attn, *args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(inner_cls.__call__)  # type: ignore[attr-defined]
+    return type(f"Taca{inner_cls.__name__}", (TacaAttnProcessor,), {"__call__": __call__})
 
 
 def wrap_processor(inner: Any, site: Site, state: RunState) -> TacaAttnProcessor:
     """A :class:`TacaAttnProcessor` around ``inner`` whose call signature mirrors ``inner``'s."""
-    cls = _WRAPPER_CLASSES.get(type(inner))
-    if cls is None:
-
-        def __call__(self, attn, *args, **kwargs):  # noqa: N807
-            return self._call(attn, *args, **kwargs)
-
-        __call__.__signature__ = inspect.signature(type(inner).__call__)  # type: ignore[attr-defined]
-        cls = type(f"Taca{type(inner).__name__}", (TacaAttnProcessor,), {"__call__": __call__})
-        _WRAPPER_CLASSES[type(inner)] = cls
-    return cls(inner, site, state)
+    return _wrapper_class(type(inner))(inner, site, state)
 
 
 Observer = Callable[[Site, torch.Tensor, torch.Tensor, JointLayout, float, "float | None", dict], None]
