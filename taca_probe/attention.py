@@ -32,8 +32,15 @@ __all__ = ["JointLayout", "sdpa_with_lse", "taca_attention", "attention_statisti
 
 @dataclass(frozen=True)
 class JointLayout:
-    """Where the text tokens sit in a joint sequence: ``n_txt`` of them (read from the call's inputs),
-    first (``txt_first``: FLUX, ``[txt, img]``) or last (SD3, ``[img, txt]``)."""
+    """Where the text tokens sit in a joint sequence.
+
+    Parameters
+    ----------
+    n_txt
+        Number of text tokens, read from the call's inputs.
+    txt_first
+        True for FLUX (``[txt, img]``), False for SD3 (``[img, txt]``).
+    """
 
     n_txt: int
     txt_first: bool
@@ -154,8 +161,13 @@ def lse_backend(device: torch.device, dtype: torch.dtype, masked: bool = False):
 
 def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                   attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention that also returns the natural-log log-sum-exp of the scaled logits: ``out``
-    (B, H, Lq, Dv) in q's dtype and ``lse`` (B, H, Lq) fp32, ``logsumexp_j(scale * q.k_j + mask_j)``."""
+    """Fused attention that also returns the natural-log log-sum-exp of the scaled logits.
+
+    Returns
+    -------
+    out : (B, H, Lq, Dv), dtype of ``q``
+    lse : (B, H, Lq), float32, ``logsumexp_j(scale * q.k_j + mask_j)``
+    """
     out, lse = lse_backend(q.device, q.dtype, attn_mask is not None)(q, k, v, scale, attn_mask)
     return out, lse.float()
 
@@ -170,15 +182,30 @@ def _mask_part(attn_mask: torch.Tensor | None, rows: slice, cols: slice) -> torc
 
 def taca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: JointLayout, gamma: float, *,
                    scale: float | None = None, attn_mask: torch.Tensor | None = None, with_parts: bool = False):
-    """Joint attention with the visual-query -> text-key logits multiplied by ``gamma`` (finite, > 0).
+    """Joint attention with the visual-query -> text-key logits multiplied by ``gamma``.
 
-    ``q, k, v`` are ``(B, H, S, D)`` joint sequences in the order of ``layout``; ``scale`` is the
-    model's softmax scale (``None``: ``1/sqrt(D)``), ``attn_mask`` an optional boolean or additive mask
-    broadcastable to ``(B, H, S, S)``. At ``gamma != 1`` visual queries take one fused call over keys
-    whose text rows are multiplied by gamma, text queries one stock call; at ``gamma == 1`` it is one
-    stock call. Returns ``out`` (B, H, S, D); with ``with_parts``, ``(out, parts)`` where ``parts``
-    holds what the statistics need: ``lse_vis`` (B, H, N_vis) and ``lse_txt`` (B, H, N_txt) fp32, each
-    query's log-sum-exp over all keys of its applied logits (a key's probability is ``exp(logit - lse)``).
+    At ``gamma != 1`` visual queries take one fused call over keys whose text rows are multiplied
+    by gamma, text queries one stock call; at ``gamma == 1`` it is one stock call.
+
+    Parameters
+    ----------
+    q, k, v
+        ``(B, H, S, D)`` joint sequences, in the order of ``layout``.
+    gamma
+        Temperature on visual->text logits; must be > 0.
+    scale
+        The model's softmax scale (``None``: ``1/sqrt(D)``).
+    attn_mask
+        Optional boolean or additive mask broadcastable to ``(B, H, S, S)``.
+    with_parts
+        Also return what the statistics need.
+
+    Returns
+    -------
+    out : (B, H, S, D)
+    parts : dict, only with ``with_parts``
+        ``lse_vis`` (B, H, N_vis) and ``lse_txt`` (B, H, N_txt) fp32: each query's log-sum-exp
+        over all keys of its applied logits, so any key's probability is ``exp(logit - lse)``.
     """
     if not gamma > 0 or not math.isfinite(gamma):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma}")
@@ -205,8 +232,9 @@ def taca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Jo
 def _token_sums(q_v, k_t, lse_vis, scale, mask_vt):
     """``sum_i exp(scale * q_i.k_j - lse_i)`` over visual queries i, per text key j: (B, H, N_txt).
 
-    One fused call with the roles swapped, each visual query carrying ``w_i = exp(c - lse_i)`` as its
-    value, returns ``sum_i softmax_i(logit_ij) w_i`` and ``LSE_j``: the sum is ``exp(log(out_j) + LSE_j - c)``.
+    One fused call with the roles swapped, each visual query carrying ``w_i = exp(c - lse_i)`` as
+    its value: it returns ``sum_i softmax_i(logit_ij) w_i`` and ``LSE_j``, so the sum is
+    ``exp(log(out_j) + LSE_j - c)``.
     """
     # bf16 keeps 8 mantissa bits; bf16 inputs convert to fp16 (11 bits) exactly in the range of
     # normalized q/k, so the weights lose 2^-12 instead of 2^-9.
@@ -279,18 +307,29 @@ def attention_statistics(q: torch.Tensor, k: torch.Tensor, layout: JointLayout, 
                          backend: str | None = None) -> dict[str, torch.Tensor]:
     """Cross-modal attention statistics of one call, on the device, without the N x N matrix.
 
-    ``q, k`` are ``(B, H, S, D)`` as given to the attention call, ``layout, gamma, scale, attn_mask`` as
-    for :func:`taca_attention`, ``parts`` what it returned for this call; ``map_tokens`` is an optional
-    long tensor of text-token indices whose per-image-token maps to return. Three ``backend`` paths give
-    the same numbers (all tested against the float64 reference): ``triton`` (one Triton kernel pass),
-    ``fused`` (fused attention calls only) and ``block`` (an fp32 visual-query x text-key block, a few
-    heads at a time, at most ``block_bytes``); ``None`` picks :func:`stats_backend`.
+    Three paths give the same numbers (all tested against the float64 reference): ``triton`` (one
+    Triton kernel pass), ``fused`` (fused attention calls only) and ``block`` (an fp32 visual-query x
+    text-key block, a few heads at a time, at most ``block_bytes``); ``None`` picks :func:`stats_backend`.
 
-    Returns a dict of fp32 tensors: ``vis_txt_mass`` (B, H), the mean over visual queries of the
-    probability on text keys, as applied; ``vis_txt_mass_ref`` (B, H), the same at gamma = 1 on these
-    activations; ``txt_vis_mass`` (B, H), the mean over text queries of the probability on visual keys;
-    ``token_mass`` (B, N_txt), the mean over heads and visual queries of the probability on each text
-    token; ``maps`` (B, N_vis, len(map_tokens)), head-mean probabilities, if asked.
+    Parameters
+    ----------
+    q, k
+        ``(B, H, S, D)`` as given to the attention call.
+    layout, gamma, scale, attn_mask
+        As for :func:`taca_attention`.
+    parts
+        The ``parts`` that :func:`taca_attention` returned for this call.
+    map_tokens
+        Optional long tensor of text-token indices whose per-image-token maps to return.
+
+    Returns
+    -------
+    dict of fp32 tensors
+        ``vis_txt_mass`` (B, H): mean over visual queries of the probability on text keys, as
+        applied; ``vis_txt_mass_ref`` (B, H): the same at gamma = 1 on these activations;
+        ``txt_vis_mass`` (B, H): mean over text queries of the probability on visual keys;
+        ``token_mass`` (B, N_txt): mean over heads and visual queries of the probability on each
+        text token; ``maps`` (B, N_vis, len(map_tokens)) head-mean probabilities, if asked.
     """
     backend = backend or stats_backend(q.device, q.dtype)
     if backend not in STATS_BACKENDS:
@@ -304,17 +343,21 @@ def attention_statistics(q: torch.Tensor, k: torch.Tensor, layout: JointLayout, 
 
 
 def _lse_visual_keys(q_v, k, vis, base, attn_mask):
-    """Each visual query's lse over the visual keys alone (one fused call; needed at gamma != 1). Taken
-    directly: lse_all + log(1 - mass) cancels catastrophically for queries that attend mostly to text,
-    and in bf16 would carry the output's rounded gamma * k."""
+    """Each visual query's lse over the visual keys alone (one fused call; needed at gamma != 1).
+
+    Taken directly: recovering it as lse_all + log(1 - mass) cancels catastrophically for queries
+    that attend mostly to text, and in bf16 would carry the output's rounded gamma * k.
+    """
     k_v = k[:, :, vis]
     return sdpa_with_lse(q_v, k_v, k_v, scale=base, attn_mask=_mask_part(attn_mask, vis, vis))[1]
 
 
 def _lse_visual_keys_from_total(q_v, k_t, lse_all, scale, mask_vt):
-    """The visual keys' lse as ``lse_all + log(1 - mass)`` (one call over the text keys), where exact, else None:
-    on the CPU in fp32 (deciding reads the values on the host, free there; ``gamma * k`` is exact in fp32)
-    while every text mass is <= 1/2 (the subtraction amplifies rounding at most 2x)."""
+    """The visual keys' lse as ``lse_all + log(1 - mass)`` (one call over the text keys), where exact, else None.
+
+    Exact only on the CPU in fp32 (deciding reads the values on the host, free there; ``gamma * k``
+    is exact in fp32) while every text mass is <= 1/2 (the subtraction amplifies rounding at most 2x).
+    """
     if q_v.device.type != "cpu" or q_v.dtype != torch.float32:
         return None
     _, lse_t = sdpa_with_lse(q_v, k_t, k_t, scale=scale, attn_mask=mask_vt)
@@ -400,9 +443,10 @@ def _statistics_triton(q_v, q_t, k, txt, vis, base, gamma, parts, attn_mask, map
 def _statistics_fused(q_v, q_t, k, txt, vis, base, gamma, parts, attn_mask, map_tokens, block_bytes):
     """The statistics from small fused calls that return their log-sum-exp, without any logit block.
 
-    At gamma != 1 the visual queries' text and visual parts are taken apart with gamma in the fp32 scale
-    (the paper's equation exactly, also in bf16, where the output's keys carry gamma rounded), and once
-    more at gamma = 1 for the counterfactual. Only the maps form a (selected-token) block."""
+    At gamma != 1 the visual queries' text and visual parts are taken apart with gamma in the fp32
+    scale (the paper's equation exactly, also in bf16, where the output's keys carry gamma rounded),
+    and once more at gamma = 1 for the counterfactual. Only the maps form a (selected-token) block.
+    """
     H, n_vis = q_v.shape[1:3]
     k_t = k[:, :, txt]
     mask_vt = _mask_part(attn_mask, vis, txt)

@@ -180,11 +180,14 @@ def bench_attention(shapes: list[AttnShape] | tuple[AttnShape, ...] = DEFAULT_SH
                     repeats: int = 7, warmup: int = 1,
                     variants: tuple[str, ...] = ("sdpa", "taca", "taca+masses", "naive", "flex"),
                     memory: bool = True, progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Time and measure the attention variants at each shape: one row per (shape, variant).
+    """Time and measure the attention variants at each shape.
 
-    A row holds ``shape``, ``variant``, ``device``, ``dtype``, ``gamma``, ``median_ms``, ``times_ms``,
-    ``ratio_to_sdpa``, ``peak_extra_mib`` (None when not measured) and ``error`` (a variant that
-    failed, e.g. flex where unavailable).
+    Returns
+    -------
+    list of dict
+        One row per (shape, variant): ``shape``, ``variant``, ``device``, ``dtype``, ``gamma``,
+        ``median_ms``, ``times_ms``, ``ratio_to_sdpa``, ``peak_extra_mib`` (None when not
+        measured), ``error`` (a variant that failed, e.g. flex where unavailable).
     """
     device = torch.device(device)
     unknown = set(variants) - set(VARIANTS)

@@ -31,11 +31,21 @@ _T_EPS = 1e-3
 
 @dataclass(frozen=True)
 class TacaConfig:
-    """What to install: ``schedule``, a :class:`~taca_probe.schedules.Schedule` or its string form (default: the
-    paper's ``"step:1.2@970"``; ``"none"`` changes nothing); ``lora``, an optional LoRA active exactly at the steps
-    where some layer has gamma != 1 (a file or folder for diffusers' ``load_lora_adapter``, or the name of an adapter
-    loaded on the transformer), of weight ``lora_scale`` while active; ``num_inference_steps``, the total steps, for
-    step-fraction schedules on a bare transformer."""
+    """What to install.
+
+    Parameters
+    ----------
+    schedule
+        A :class:`~taca_probe.schedules.Schedule` or its string form (default: the paper's
+        ``"step:1.2@970"``; ``"none"`` changes nothing).
+    lora
+        Optional LoRA active exactly at the steps where some layer has gamma != 1: a file or folder
+        for diffusers' ``load_lora_adapter``, or the name of an adapter loaded on the transformer.
+    lora_scale
+        Weight of that LoRA while active.
+    num_inference_steps
+        Total steps, for step-fraction schedules on a bare transformer.
+    """
 
     schedule: Schedule | str = "step:1.2@970"
     lora: str | os.PathLike | None = None
@@ -139,9 +149,14 @@ def _lora_file(path: str | os.PathLike) -> tuple[str, str]:
 
 
 class TacaHandle:
-    """What :func:`apply_taca` installed (``config``; ``sites``, the attention modules TACA wraps, in
-    transformer order; ``calls``, one CallRecord per transformer forward call since installation);
-    ``remove()`` restores the model exactly."""
+    """What :func:`apply_taca` installed; ``remove()`` restores the model exactly.
+
+    Attributes
+    ----------
+    config : TacaConfig
+    sites : list of Site, the attention modules TACA wraps, in transformer order
+    calls : list of CallRecord, one per transformer forward call since installation
+    """
 
     def __init__(self, target: Any, config: TacaConfig):
         pipe = target if hasattr(target, "transformer") and not isinstance(target, torch.nn.Module) else None
@@ -290,11 +305,19 @@ def _check_attention_backend(transformer: torch.nn.Module) -> None:
 
 
 def apply_taca(target: Any, config: TacaConfig | None = None) -> TacaHandle:
-    """Install TACA on a pipeline or transformer; returns the :class:`TacaHandle`, whose ``remove()`` undoes it.
+    """Install TACA on a pipeline or transformer; call ``handle.remove()`` to undo.
 
-    ``target`` is a ``StableDiffusion3Pipeline`` / ``FluxPipeline`` (or any pipeline with such a ``.transformer``),
-    or a bare ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``; ``config`` defaults to ``TacaConfig()``
-    (the paper's ``step:1.2@970``).
+    Parameters
+    ----------
+    target
+        A ``StableDiffusion3Pipeline`` / ``FluxPipeline`` (or any pipeline with such a
+        ``.transformer``), or a bare ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``.
+    config
+        What to install; default ``TacaConfig()`` (the paper's ``step:1.2@970``).
+
+    Returns
+    -------
+    TacaHandle
     """
     return TacaHandle(target, config or TacaConfig())
 

@@ -186,14 +186,29 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> DiffusionPipeline:
-    """Load a diffusers pipeline onto ``device`` (:func:`resolve_device`, :func:`resolve_dtype`), offline.
+    """Load a diffusers pipeline, without touching the network.
 
-    ``model`` is one of :data:`EMBEDDED_MODELS` (built into the cache on first use), a local diffusers
-    folder (a directory containing ``model_index.json``), or a Hugging Face hub id that is already in
-    the local Hugging Face cache (e.g. fetched with ``hf download <id>``), tried in that order (write
-    ``./tiny-sd3`` for a folder that shares an embedded model's name). The pipeline is not checked for
-    support (:func:`check_supported` does that). Raises :class:`ModelError` if the model cannot be
-    found locally, or loading it fails.
+    Parameters
+    ----------
+    model : str or os.PathLike
+        One of :data:`EMBEDDED_MODELS` (built into the cache on first use), a local diffusers folder
+        (a directory containing ``model_index.json``), or a Hugging Face hub id that is already in
+        the local Hugging Face cache (e.g. fetched with ``hf download <id>``), tried in that order
+        (write ``./tiny-sd3`` for a folder that shares an embedded model's name).
+    device : str, torch.device or None
+        See :func:`resolve_device`.
+    dtype : str, torch.dtype or None
+        See :func:`resolve_dtype`.
+
+    Returns
+    -------
+    diffusers.DiffusionPipeline
+        On ``device``; not checked for support (:func:`check_supported` does that).
+
+    Raises
+    ------
+    ModelError
+        If the model cannot be found locally, or loading it fails.
     """
     model = os.fspath(model)
     torch_device = resolve_device(device)
@@ -313,12 +328,24 @@ def call_settings(
 ) -> dict[str, Any]:
     """The ``pipe(...)`` arguments of a call: the user's, else the model's recommended, else defaults.
 
-    ``overrides`` are the user's settings (``None`` values mean "not given"). The recommended settings
-    (:func:`model_call_defaults`) are read by ``model``, the name the model was loaded by, else from
-    ``pipe``. ``default_steps``: steps when neither gives them (``None``: the pipeline's own default);
-    ``default_size``: height and width likewise (``None``: ``default_sample_size * vae_scale_factor``
-    of ``pipe``). Returns a new dict that always holds ``height``, ``width`` (and
-    ``num_inference_steps`` unless ``default_steps`` is None).
+    Parameters
+    ----------
+    pipe : DiffusionPipeline
+        Gives the size fallback, and the recommended settings unless ``model`` names them.
+    overrides : mapping, optional
+        The user's settings; ``None`` values mean "not given".
+    model : str or os.PathLike, optional
+        The name the model was loaded by: its :func:`model_call_defaults` are read by that name.
+    default_steps : int or None
+        Steps when neither user nor model gives them; ``None``: the pipeline's own default.
+    default_size : int or None
+        Height and width likewise; ``None``: ``default_sample_size * vae_scale_factor``.
+
+    Returns
+    -------
+    dict
+        A new dict that always holds ``height``, ``width`` (and ``num_inference_steps`` unless
+        ``default_steps`` is None).
     """
     call = model_call_defaults(model if isinstance(model, (str, os.PathLike)) else pipe)
     call.update({k: v for k, v in (overrides or {}).items() if v is not None})

@@ -72,10 +72,16 @@ def text_sums(q_v: torch.Tensor, k_t: torch.Tensor, lse: torch.Tensor, scale: fl
               columns: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Row and column sums of ``exp(scale * q_v k_t^T - lse)``, without forming it.
 
-    ``q_v`` (B, H, N_vis, D) and ``k_t`` (B, H, N_txt, D) share one dtype; ``lse`` (B, H, N_vis) is each
-    query's log-sum-exp to subtract, ``scale`` the logits' scale (gamma included). Returns fp32 ``rows``
-    (B, H, N_vis), ``sum_j exp(...)``, and ``cols`` (B, N_txt), ``sum_{h, i} exp(...)`` (None without
-    ``columns``).
+    Parameters
+    ----------
+    q_v, k_t : (B, H, N_vis, D) and (B, H, N_txt, D), one dtype
+    lse : (B, H, N_vis), each query's log-sum-exp to subtract
+    scale : the logits' scale (gamma included)
+
+    Returns
+    -------
+    rows : (B, H, N_vis) fp32, ``sum_j exp(...)``
+    cols : (B, N_txt) fp32, ``sum_{h, i} exp(...)`` (None without ``columns``)
     """
     B, H, n_vis, d = q_v.shape
     n_txt = k_t.shape[2]

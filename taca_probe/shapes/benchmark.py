@@ -49,13 +49,29 @@ def generate_images(
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[str], list[int], list[Any]]:
-    """Generate every prompt once per seed with a TACA ``schedule`` (``"none"``: the stock model).
+    """Generate every prompt once per seed with a TACA schedule.
 
-    ``pipe`` is normally ``load_pipeline("shapes")``. Image ``(prompt, seed)`` starts from
-    ``torch.Generator("cpu").manual_seed(seed)``: the same image whatever the batching (``batch_size``
-    images per pipeline call). ``call``: ``pipe(...)`` arguments on top of
-    :func:`taca_probe.models.model_call_defaults`; ``progress`` is called with (done, total) after each
-    batch. Returns the lists ``prompts, seeds, images``, one entry per image, prompt-major.
+    Parameters
+    ----------
+    pipe : diffusers.DiffusionPipeline
+        Normally ``load_pipeline("shapes")``.
+    prompts : sequence of str
+    seeds : sequence of int
+        Image ``(prompt, seed)`` starts from ``torch.Generator("cpu").manual_seed(seed)``: the same
+        image whatever the batching.
+    schedule : str
+        TACA schedule (``"none"``: the stock model); see :mod:`taca_probe.schedules`.
+    call : dict, optional
+        ``pipe(...)`` arguments on top of :func:`taca_probe.models.model_call_defaults`.
+    batch_size : int
+        Images per pipeline call.
+    progress : callable, optional
+        Called with (done, total) after each batch.
+
+    Returns
+    -------
+    prompts, seeds, images : lists
+        One entry per image, prompt-major.
     """
     if batch_size < 1:
         raise TacaProbeError(f"batch size must be positive, got {batch_size}")
@@ -87,17 +103,39 @@ def run_benchmark(
     log: Callable[[str], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate and score prompts (default: the held-out ones) x ``seeds`` under each TACA schedule.
+    """Generate and score held-out prompts under each schedule.
 
-    ``call``: ``pipe(...)`` overrides (e.g. ``num_inference_steps``, ``guidance_scale``); ``n_boot``:
-    bootstrap resamples of the intervals; ``save_images``: also save every image as
-    ``<dir>/<schedule>/<index>-seed<seed>.png``; ``log`` receives progress lines; ``progress`` is called
-    after each batch with (schedule, images done, images of this schedule).
+    Parameters
+    ----------
+    pipe : diffusers.DiffusionPipeline
+    schedules : sequence of str
+        TACA schedules to compare (validated before any generation).
+    prompts : sequence of str, optional
+        Prompts of the shapes grammar; default :func:`~taca_probe.shapes.dataset.held_out_prompts`.
+    seeds : sequence of int
+        Seeds per prompt.
+    call : dict, optional
+        ``pipe(...)`` overrides (e.g. ``num_inference_steps``, ``guidance_scale``).
+    batch_size, n_boot : int
+        Images per pipeline call; bootstrap resamples of the intervals.
+    save_images : path, optional
+        Also save every image as ``<dir>/<schedule>/<index>-seed<seed>.png``.
+    log : callable, optional
+        Receives progress lines.
+    progress : callable, optional
+        Called after each batch with (schedule, images done, images of this schedule).
 
-    Returns ``call`` (the pipe arguments used), ``seeds``, ``prompts``, ``chance``, and ``schedules``:
-    schedule spec -> {``aggregate``: category -> {mean, low, high, n_images, n_prompts}, ``difference``
-    (after the first: paired, against it), ``seconds``, ``images``: per-image records}. Raises
-    :class:`TacaProbeError` on a bad schedule or a prompt outside the grammar, before generating anything.
+    Returns
+    -------
+    dict
+        ``call`` (the pipe arguments used), ``seeds``, ``prompts``, ``chance``, and ``schedules``:
+        schedule spec -> {``aggregate``: category -> {mean, low, high, n_images, n_prompts},
+        ``difference`` (after the first: paired, against it), ``seconds``, ``images``: per-image records}.
+
+    Raises
+    ------
+    TacaProbeError
+        On a bad schedule or a prompt outside the grammar (before anything is generated).
     """
     specs = [parse(s).spec for s in schedules]  # ScheduleError (one line) on a bad one
     texts = [p.text for p in ds.held_out_prompts()] if prompts is None else [ds.parse_prompt(p).text for p in prompts]
@@ -138,8 +176,20 @@ def run_benchmark(
 
 
 def record_scores(folder: str | Path, result: dict[str, Any]) -> Path:
-    """Record a :func:`run_benchmark` result's aggregates in ``manifest.json`` of a folder exported by
-    :mod:`taca_probe.shapes.train`; returns the manifest's path (scores of other schedules are kept)."""
+    """Record a benchmark result's aggregates in a model folder's ``manifest.json``.
+
+    Parameters
+    ----------
+    folder : path
+        A pipeline folder exported by :mod:`taca_probe.shapes.train` (has ``manifest.json``).
+    result : dict
+        From :func:`run_benchmark`.
+
+    Returns
+    -------
+    pathlib.Path
+        The manifest (existing scores of other schedules are kept).
+    """
     path = Path(folder) / "manifest.json"
     if not path.is_file():
         raise TacaProbeError(f"no manifest.json in {str(folder)!r}; pass a folder written by taca_probe.shapes.train")

@@ -110,11 +110,18 @@ _PROMPT_RE = re.compile(
 
 
 def parse_prompt(text: str) -> PromptSpec:
-    """Parse ``"a <colour> <shape>"`` or ``"a <colour> <shape> <relation> a <colour> <shape>"``.
+    """Parse a caption of the shapes grammar.
 
-    The relation is one of :data:`RELATIONS`; case, extra spaces and a final full stop are ignored.
-    Raises :class:`DatasetError` outside the grammar, on an unknown colour or shape, or on two
-    objects of one colour.
+    Parameters
+    ----------
+    text : str
+        ``"a <colour> <shape>"`` or ``"a <colour> <shape> <relation> a <colour> <shape>"``, with a
+        relation from :data:`RELATIONS`; case, extra spaces and a final full stop are ignored.
+
+    Raises
+    ------
+    DatasetError
+        Outside the grammar, an unknown colour or shape, or two objects of one colour.
     """
     norm = " ".join(str(text).lower().split()).rstrip(".")
     m = _PROMPT_RE.match(norm)
@@ -151,10 +158,14 @@ def _scene_types() -> list[tuple[tuple[str, str], tuple[str, str], int]]:
 def held_out_pair_axes() -> list[tuple[tuple[str, str], tuple[str, str], int]]:
     """The (unordered object pair, axis) combinations never shown in training.
 
-    ``((colour, shape), (colour, shape), axis)``, the pair in :func:`all_objects` order, ``axis`` 0
-    horizontal, 1 vertical. Fixed by :data:`HELD_OUT_SEED`: a fraction :data:`HELD_OUT_FRACTION` of the
-    pairs on each axis (so horizontal and vertical relations are balanced), and no pair on both axes (a
-    held-out pair is seen on the other axis).
+    Fixed by :data:`HELD_OUT_SEED`: a fraction :data:`HELD_OUT_FRACTION` of the pairs on each axis
+    (so horizontal and vertical relations are balanced), and no pair on both axes (a held-out
+    pair is seen on the other axis).
+
+    Returns
+    -------
+    list of ((colour, shape), (colour, shape), axis)
+        The pair in :func:`all_objects` order; ``axis`` 0 horizontal, 1 vertical.
     """
     pairs = [(a, b) for a, b in itertools.combinations(seen_objects(), 2) if a[0] != b[0]]
     rng = np.random.default_rng(HELD_OUT_SEED)
@@ -169,7 +180,10 @@ def held_out_pair_axes() -> list[tuple[tuple[str, str], tuple[str, str], int]]:
 def held_out_scene_types() -> list[tuple[tuple[str, str], tuple[str, str], int]]:
     """The two-object scene types never shown in training: both layouts of every held-out pair-axis.
 
-    ``((colour, shape), (colour, shape), axis)``; ``axis`` 0: the first object is left of the second; 1: above it.
+    Returns
+    -------
+    list of ((colour, shape), (colour, shape), axis)
+        ``axis`` 0: the first object is left of the second; 1: above it.
     """
     return [t for a, b, axis in held_out_pair_axes() for t in ((a, b, axis), (b, a, axis))]
 
@@ -183,8 +197,11 @@ def _captions_of_type(scene_type: tuple[tuple[str, str], tuple[str, str], int]) 
 def held_out_prompts(kind: str = "all") -> list[PromptSpec]:
     """The evaluation prompts: compositions never seen in training.
 
-    ``kind``: ``"one"``-object prompts (the :data:`HELD_OUT_OBJECTS`), ``"two"``-object prompts (both
-    captions of both layouts of every :func:`held_out_pair_axes` entry), or ``"all"`` (one-object first).
+    Parameters
+    ----------
+    kind : {"all", "one", "two"}
+        One-object prompts (the :data:`HELD_OUT_OBJECTS`), two-object prompts (both captions of
+        both layouts of every :func:`held_out_pair_axes` entry), or both (one-object first).
     """
     if kind not in ("all", "one", "two"):
         raise DatasetError(f"unknown prompt kind {kind!r}; choose all, one or two")
@@ -222,16 +239,27 @@ def _place_pair(rng: np.random.Generator, prompt: PromptSpec) -> tuple[ObjectSpe
 
 
 def scene_for_prompt(prompt: PromptSpec | str, rng: np.random.Generator) -> Scene:
-    """A random scene that ``prompt`` (of the grammar, see :func:`parse_prompt`) describes correctly."""
+    """A random scene that ``prompt`` describes correctly (the ground truth for a prompt).
+
+    Parameters
+    ----------
+    prompt : PromptSpec or str
+        A prompt of the grammar (see :func:`parse_prompt`).
+    rng : numpy.random.Generator
+    """
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     return Scene((_place_one(rng, *spec.objects[0]),) if spec.relation is None else _place_pair(rng, spec), spec)
 
 
 def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
-    """Draw one scene of ``split`` ``"train"`` or ``"held_out"``.
+    """Draw one scene.
 
-    ``"train"``: a caption from :func:`training_prompts`, one object with probability :data:`P_ONE_OBJECT`;
-    ``"held_out"``: a prompt from :func:`held_out_prompts`.
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    split : {"train", "held_out"}
+        ``"train"``: a caption from :func:`training_prompts`, one object with probability
+        :data:`P_ONE_OBJECT`; ``"held_out"``: a prompt from :func:`held_out_prompts`.
     """
     if split == "train":
         prompts = _TRAIN_ONE if rng.random() < P_ONE_OBJECT else _TRAIN_TWO
@@ -257,7 +285,18 @@ def _object_mask(obj: ObjectSpec, size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def render(scene: Scene | Sequence[ObjectSpec]) -> np.ndarray:
-    """Render a scene (or its objects, painted in order, later ones on top) as a ``(64, 64, 3)`` uint8 RGB image."""
+    """Render a scene.
+
+    Parameters
+    ----------
+    scene : Scene or sequence of ObjectSpec
+        Objects are painted in order (later ones on top).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(64, 64, 3)`` uint8 RGB image.
+    """
     objects = scene.objects if isinstance(scene, Scene) else scene
     image = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), BACKGROUND, np.uint8)
     for obj in objects:
@@ -266,10 +305,21 @@ def render(scene: Scene | Sequence[ObjectSpec]) -> np.ndarray:
 
 
 def sample_batch(seed: int | Sequence[int], n: int, split: str = "train") -> tuple[np.ndarray, list[str]]:
-    """``n`` images ``(n, 64, 64, 3)`` uint8 and their captions, a pure function of ``seed``.
+    """A batch of images and captions, a pure function of ``seed``.
 
-    ``seed`` seeds a :class:`numpy.random.Generator` (e.g. ``(run_seed, step)`` for a training step);
-    ``split``: see :func:`sample_scene`.
+    Parameters
+    ----------
+    seed : int or sequence of int
+        Seeds a :class:`numpy.random.Generator` (e.g. ``(run_seed, step)`` for a training step).
+    n : int
+    split : {"train", "held_out"}
+        See :func:`sample_scene`.
+
+    Returns
+    -------
+    images : numpy.ndarray
+        ``(n, 64, 64, 3)`` uint8.
+    captions : list of str
     """
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, split) for _ in range(n)]

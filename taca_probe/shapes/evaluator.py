@@ -101,10 +101,18 @@ def _templates(shape: tuple[int, int], area: float, cx: float, cy: float) -> dic
 
 
 def object_masks(image: Any) -> dict[str, np.ndarray]:
-    """Each dataset colour's object in an RGB ``image`` (PIL, or an array ``uint8`` or float in ``[0, 1]``).
+    """Each dataset colour's object in an image: its largest connected component, holes filled.
 
-    Returns colour name -> boolean ``(H, W)`` mask of its largest connected component, holes filled, for
-    the colours present (components under ``MIN_AREA_FRACTION`` of the smallest dataset object are noise).
+    Parameters
+    ----------
+    image : PIL.Image.Image or numpy.ndarray
+        RGB image; ``uint8`` or float in ``[0, 1]``.
+
+    Returns
+    -------
+    dict
+        Colour name -> boolean ``(H, W)`` mask, for the colours present (components smaller than
+        ``MIN_AREA_FRACTION`` of the smallest dataset object are noise, not objects).
     """
     arr = _to_array(image)
     hue, sat, val = _hsv(arr)
@@ -124,7 +132,13 @@ def object_masks(image: Any) -> dict[str, np.ndarray]:
 
 
 def detect_objects(image: Any) -> list[DetectedObject]:
-    """The objects in an image (the masks of :func:`object_masks`): colour, shape, centroid; largest first."""
+    """Find the objects in an image (the masks of :func:`object_masks`, same ``image``): colour, shape, centroid.
+
+    Returns
+    -------
+    list of DetectedObject
+        At most one per dataset colour (its largest component), largest first.
+    """
     found: list[DetectedObject] = []
     for name, comp in object_masks(image).items():
         cy, cx = ndimage.center_of_mass(comp)
@@ -159,13 +173,27 @@ class PromptScore:
 
 
 def score_prompt(prompt: str | ds.PromptSpec, image: Any) -> PromptScore:
-    """Score one image against its prompt (of the shapes grammar).
+    """Score one image against its prompt.
 
-    ``scores``: ``colour`` (fraction of the named colours present), ``shape`` (fraction of the named
-    shapes present, any colour), ``binding`` (1 if every named object is present with its colour and
-    shape, else 0) and, for two objects, ``spatial`` (1 if A's centroid is in the stated direction from
-    B's, the stated axis dominating: ``|dx| > |dy|`` for left/right; else 0). Raises
-    :class:`DatasetError` if the prompt is not in the grammar or the image is not RGB.
+    Parameters
+    ----------
+    prompt : str or PromptSpec
+        A prompt of the shapes grammar.
+    image : PIL.Image.Image or numpy.ndarray
+        The generated image.
+
+    Returns
+    -------
+    PromptScore
+        ``scores``: ``colour`` (fraction of the named colours present), ``shape`` (fraction of the
+        named shapes present, any colour), ``binding`` (1 if every named object is present with its
+        colour and shape, else 0) and, for two objects, ``spatial`` (1 if A's centroid is in the stated
+        direction from B's, the stated axis dominating: ``|dx| > |dy|`` for left/right; else 0).
+
+    Raises
+    ------
+    DatasetError
+        If the prompt is not in the grammar or the image is not RGB.
     """
     spec = ds.parse_prompt(prompt) if isinstance(prompt, str) else prompt
     objects = detect_objects(image)
@@ -183,10 +211,19 @@ def score_prompt(prompt: str | ds.PromptSpec, image: Any) -> PromptScore:
 
 
 def evaluate_images(prompts: Sequence[str | ds.PromptSpec], images: Sequence[Any]) -> list[PromptScore]:
-    """Score images against their prompts (:func:`score_prompt`), one prompt entry per image.
+    """Score images against their prompts (:func:`score_prompt`), one image per prompt entry.
 
-    Repeat a prompt for several seeds. Raises :class:`DatasetError` if the lengths differ or a prompt
-    is outside the grammar.
+    Parameters
+    ----------
+    prompts : sequence of str or PromptSpec
+        Prompt of each image (repeat a prompt for several seeds).
+    images : sequence of PIL.Image.Image or numpy.ndarray
+        Aligned with ``prompts``.
+
+    Raises
+    ------
+    DatasetError
+        If the lengths differ or a prompt is outside the grammar.
     """
     if len(prompts) != len(images):
         raise ds.DatasetError(f"got {len(prompts)} prompts but {len(images)} images")
@@ -207,8 +244,17 @@ class CategoryScore:
 def aggregate(results: Sequence[PromptScore], *, n_boot: int = 2000, seed: int = 0) -> dict[str, CategoryScore]:
     """Per-category means with percentile-bootstrap 95% intervals (prompts resampled as clusters).
 
-    ``results`` from :func:`evaluate_images`; ``n_boot`` resamples, seeded by ``seed``. Returns the
-    :data:`CATEGORIES` that have at least one image.
+    Parameters
+    ----------
+    results : sequence of PromptScore
+        From :func:`evaluate_images`.
+    n_boot, seed : int
+        Bootstrap resamples and seed (the intervals are reproducible).
+
+    Returns
+    -------
+    dict of str to CategoryScore
+        Keys from :data:`CATEGORIES` that have at least one image.
     """
     out: dict[str, CategoryScore] = {}
     for cat in CATEGORIES:
@@ -229,9 +275,25 @@ def paired_difference(
 ) -> dict[str, CategoryScore]:
     """Mean of ``other - base`` per category, image by image, with a prompt-cluster bootstrap 95% interval.
 
-    Both runs score the same prompts and seeds in the same order (else :class:`DatasetError`), so each
-    difference compares one starting noise under two settings, free of the seed-to-seed variation that
-    separate intervals carry. ``n_boot``, ``seed``: as in :func:`aggregate`.
+    Both runs score the same prompts and seeds in the same order, so each difference compares one starting
+    noise under two settings, free of the seed-to-seed variation that separate intervals carry.
+
+    Parameters
+    ----------
+    base, other : sequence of PromptScore
+        Aligned results (from :func:`evaluate_images`).
+    n_boot, seed : int
+        Bootstrap resamples and seed.
+
+    Returns
+    -------
+    dict of str to CategoryScore
+        ``mean`` is the mean difference; ``low``/``high`` its interval.
+
+    Raises
+    ------
+    DatasetError
+        If the two runs are not aligned.
     """
     if len(base) != len(other) or any(a.prompt != b.prompt for a, b in zip(base, other)):
         raise ds.DatasetError("paired_difference needs two runs over the same prompts in the same order")

@@ -103,7 +103,18 @@ class TrainConfig:
 
 
 def build_pipeline(config: TrainConfig) -> Any:
-    """A freshly initialised ``StableDiffusion3Pipeline`` of ``config``'s architecture and seed (CPU, float32, eval)."""
+    """A freshly initialised (seeded) ``StableDiffusion3Pipeline`` of the given architecture.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Architecture and seed.
+
+    Returns
+    -------
+    diffusers.StableDiffusion3Pipeline
+        On the CPU, float32, modules in eval mode.
+    """
     if 2 * config.clip_hidden > config.t5_dim:
         # SD3 zero-pads the joined CLIP features to the T5 width.
         raise TrainError(f"2 * clip_hidden ({2 * config.clip_hidden}) must be <= t5_dim ({config.t5_dim})")
@@ -351,21 +362,45 @@ def train(
     fit_steps: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train (or resume training) in the folder ``out`` (``checkpoint.pt``, ``train.log``, ``pipeline/``).
+    """Train (or resume training) and export the pipeline.
 
-    ``config``: the settings of a new run; ``resume`` continues from ``out/checkpoint.pt`` with its
-    settings, except ``steps``: the new schedule length, shorter or longer (the cosine is re-read against
-    it from the current step; default the checkpoint's, raised to ``config.steps`` if larger).
-    ``minutes``: wall-time budget in total (counting time before a resume); the run then stops early,
-    checkpoints and exports (the manifest says how long it ran). ``export``: write ``out/pipeline`` at
-    the end (float16 and CPU-loadable whatever the ``device``). ``workers``: processes making batches
-    ahead (0: in the training loop). ``fit_steps``: with ``minutes``, after 100 steps set the schedule
-    length from the measured rate so that the cosine ends with the budget (recorded as ``steps`` in the
-    manifest). ``log`` receives progress lines.
+    Parameters
+    ----------
+    config : TrainConfig
+        Settings of a new run; when resuming, the checkpoint's are used, except ``steps``, which
+        may be raised to continue a finished run.
+    out : path
+        Output folder: ``checkpoint.pt``, ``train.log`` and ``pipeline/``.
+    minutes : float, optional
+        Wall-time budget in total (counting time before a resume); the run then stops early,
+        checkpoints and exports (the manifest says how long it ran).
+    resume : bool
+        Continue from ``out/checkpoint.pt``.
+    steps : int, optional
+        When resuming: the new schedule length, shorter or longer (the cosine is re-read against it
+        from the current step). Default: the checkpoint's, raised to ``config.steps`` if larger.
+    export : bool
+        Write ``out/pipeline`` at the end.
+    device : str or torch.device
+        Where to train; the export is float16 and CPU-loadable either way.
+    workers : int
+        Processes making batches ahead (0: in the training loop).
+    fit_steps : bool
+        With ``minutes``: after 100 steps, set the schedule length from the measured rate so that
+        the cosine ends with the budget (recorded as ``steps`` in the manifest).
+    log : callable
+        Receives progress lines.
 
-    Returns ``step``, ``vae_step``, ``elapsed`` (s), ``loss_log`` ([step, mean loss] pairs), ``losses``
-    (every step's loss of this call) and ``pipeline`` (the export folder or None). Raises
-    :class:`TrainError` if resuming without a checkpoint, or the checkpoint cannot be read.
+    Returns
+    -------
+    dict
+        ``step``, ``vae_step``, ``elapsed`` (s), ``loss_log`` ([step, mean loss] pairs), ``losses``
+        (every step's loss of this call), ``pipeline`` (the export folder or None).
+
+    Raises
+    ------
+    TrainError
+        If resuming without a checkpoint, or the checkpoint cannot be read.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
