@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -150,10 +149,8 @@ def test_report_in_headless_chromium_shows_the_selected_image_and_maps(page, swe
             tab = ctx.new_page()
             tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             tab.on("pageerror", lambda e: errors.append(str(e)))
-            t0 = time.perf_counter()
             tab.goto(page.path.resolve().as_uri(), wait_until="load")
-            tab.wait_for_function("window.tacaReport !== undefined")
-            load_s = time.perf_counter() - t0
+            tab.wait_for_function("window.tacaReport !== undefined")  # fails after Playwright's 30 s
             # padding hidden by default: the token list holds prompt tokens only
             tokens = [int(v) for v in tab.eval_on_selector_all("#sel-token option", "os => os.map(o => o.value)")]
             sample = 3
@@ -184,7 +181,6 @@ def test_report_in_headless_chromium_shows_the_selected_image_and_maps(page, swe
         finally:
             ctx.close()
     assert not errors, errors
-    assert load_s < 30
     sel = {"sample": sample, "step": 1, "token": token}
     treated = sweep["maps"].sel(schedule="step:1.5@970").isel(layer=layer)[sel].values.astype(np.float32)
     base = sweep["maps"].sel(schedule="none").isel(layer=layer)[sel].values.astype(np.float32)
