@@ -163,8 +163,8 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
     if p.exists() and not is_store(p):
         raise StoreError(f"{str(p)!r} exists and is not a taca-probe store; choose another path")
     handle = apply_taca(pipe, TacaConfig(schedule=schedule, lora=lora, lora_scale=lora_scale))
-    recorder = None
-    try:
+    with contextlib.ExitStack() as cleanup:  # on exit: the recorder's listener, then TACA, removed
+        cleanup.callback(handle.remove)
         _check_schedule_layers(schedule, handle)
         settings = run_settings(pipe, schedule=schedule, maps=maps, branch=branch, model=model)
         if mode == "resume" and p.exists():
@@ -181,11 +181,8 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(attrs or {})}
         recorder = Recorder(pipe, handle, maps=maps, branch=branch)
+        cleanup.callback(recorder.close)
         yield Run(pipe, p, handle, recorder, base_attrs)
-    finally:
-        if recorder is not None:
-            recorder.close()
-        handle.remove()
 
 
 def _check_schedule_layers(schedule: Schedule, handle: TacaHandle) -> None:
@@ -369,9 +366,7 @@ def _progress(progress: bool | Callable[[str], None], total: int, desc: str, pos
     """One line per sample to a callable, a tqdm bar on stderr, or nothing; called with None at the end."""
     if callable(progress):
         return lambda line: progress(line) if line is not None else None
-    if not progress:
-        return lambda line: None
-    bar = tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, position=position)
+    bar = tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, position=position, disable=not progress)
     started = [False]
 
     def report(line: str | None) -> None:
