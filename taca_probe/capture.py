@@ -22,7 +22,7 @@ from .processors import Site
 from .selection import MapSelection
 from .store import RunLayout
 
-__all__ = ["BRANCHES", "MASS_VARS", "Recorder", "Sample", "image_bytes", "prompt_tokens", "planned_layout"]
+__all__ = ["BRANCHES", "MASS_VARS", "Recorder", "Sample", "image_bytes", "prompt_tokens"]
 
 BRANCHES = ("cond", "uncond", "both")
 MASS_VARS = ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass")
@@ -78,26 +78,6 @@ def _family_text(pipe: Any, family: str, call: Mapping[str, Any]) -> tuple[int, 
     """(text tokens the transformer sees, T5 length) for a pipeline call."""
     max_seq = int(call.get("max_sequence_length", 256 if family == "sd3" else 512))
     return (int(getattr(pipe, "tokenizer_max_length", 77)) if family == "sd3" else 0) + max_seq, max_seq
-
-
-def planned_layout(pipe: Any, handle: TacaHandle, call: Mapping[str, Any], *, branches: tuple[str, ...],
-                   maps: bool) -> RunLayout:
-    """The layout the samples of ``pipe(**call)`` will have, computed without sampling."""
-    height, width = int(call["height"]), int(call["width"])
-    # latent pixels per token side: VAE downsampling x patch size (SD3) or x 2 (FLUX packs 2x2)
-    patch = int(handle.transformer.config.patch_size) if handle.family == "sd3" else 2
-    scale = int(getattr(pipe, "vae_scale_factor", 8)) * patch
-    n_txt, max_seq = _family_text(pipe, handle.family, call)
-    _, _, sources = prompt_tokens(pipe, "", n_txt, max_seq)
-    return _layout(handle, steps=int(call["num_inference_steps"]), n_txt=n_txt, grid=(height // scale, width // scale),
-                   image_shape=(height, width, 3), sources=sources, branches=branches, maps=maps)
-
-
-def _layout(handle: TacaHandle, *, steps, n_txt, grid, image_shape, sources, branches, maps) -> RunLayout:
-    return RunLayout(steps=steps, layers=tuple(s.name for s in handle.sites),
-                     block_types=tuple(s.block_type for s in handle.sites),
-                     heads=int(handle.transformer.config.num_attention_heads), n_txt=n_txt, grid=tuple(grid),
-                     image_shape=tuple(image_shape), token_source=tuple(sources), branches=branches, maps=maps)
 
 
 @dataclass
@@ -157,6 +137,23 @@ class Recorder:
     def close(self) -> None:
         self._remove()
 
+    def planned_layout(self, call: Mapping[str, Any]) -> RunLayout:
+        """The layout the samples of ``pipe(**call)`` will have, computed without sampling."""
+        height, width = int(call["height"]), int(call["width"])
+        # latent pixels per token side: VAE downsampling x patch size (SD3) or x 2 (FLUX packs 2x2)
+        patch = int(self.handle.transformer.config.patch_size) if self.handle.family == "sd3" else 2
+        scale = int(getattr(self.pipe, "vae_scale_factor", 8)) * patch
+        n_txt, max_seq = _family_text(self.pipe, self.handle.family, call)
+        _, _, sources = prompt_tokens(self.pipe, "", n_txt, max_seq)
+        return self._layout(int(call["num_inference_steps"]), n_txt, (height // scale, width // scale),
+                            (height, width, 3), sources)
+
+    def _layout(self, steps: int, n_txt: int, grid: tuple, image_shape: tuple, sources: list[str]) -> RunLayout:
+        return RunLayout(steps=steps, layers=tuple(s.name for s in self.sites),
+                         block_types=tuple(s.block_type for s in self.sites), heads=self.heads, n_txt=n_txt,
+                         grid=tuple(grid), image_shape=tuple(image_shape), token_source=tuple(sources),
+                         branches=self.branches, maps=self.maps is not None)
+
     def begin(self, prompt: str, n_images: int, max_sequence_length: int | None) -> None:
         self._prompt, self._n, self._max_seq, self._buf = prompt, int(n_images), max_sequence_length, None
         self._step, self._in_step, self._active = -1, 0, True
@@ -176,8 +173,7 @@ class Recorder:
             if missing:
                 raise TacaProbeError(f"steps {missing} were not recorded for branch(es) {self.branches}")
         texts, padding, sources = buf.tokens
-        layout = _layout(self.handle, steps=buf.steps, n_txt=buf.n_txt, grid=buf.grid, image_shape=images.shape[1:],
-                         sources=sources, branches=self.branches, maps=self.maps is not None)
+        layout = self._layout(buf.steps, buf.n_txt, buf.grid, images.shape[1:], sources)
         gamma = np.array([[g.get(s.name, 1.0) for s in self.sites] for g in buf.gamma], np.float32)
         sample = Sample(prompt=self._prompt, seed=int(seed), layout=layout, images=images, timestep=buf.timestep,
                         sigma=buf.sigma, gamma=gamma, token_text=texts, token_is_padding=padding,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attention import describe_stats_backend
-from .capture import BRANCHES, Recorder, planned_layout
+from .capture import BRANCHES, Recorder
 from .distributed import ranks_from_env
 from .errors import TacaProbeError
 from .intervention import TacaConfig, TacaHandle, apply_taca
@@ -42,14 +42,13 @@ class Run:
 
     def __init__(self, pipe: Any, path: Path, handle: TacaHandle, recorder: Recorder, attrs: dict[str, Any]):
         self.pipe, self.path, self.handle, self.recorder, self.attrs = pipe, path, handle, recorder, attrs
-        self.maps, self.branches, self.sites = recorder.maps, recorder.branches, handle.sites
+        self.maps, self.sites = recorder.maps, handle.sites
         self.call_defaults = model_call_defaults(pipe)
         self._writer: RunWriter | None = None
 
     @property
     def writer(self) -> RunWriter | None:
-        """The store's writer (None until the store exists); opened on first use, so that the record
-        loop can hand over the one it holds without the slot table read twice."""
+        """The store's writer (None until the store exists), opened on first use (the record loop sets its own)."""
         if self._writer is None and self.path.exists():
             self._writer = RunWriter.reopen(self.path)
         return self._writer
@@ -112,13 +111,9 @@ class Run:
             self.attrs["guidance"] = call.get("guidance_scale", default)
         return call
 
-    def planned_layout(self, call: dict[str, Any]):
-        """The layout the samples of ``pipe(**call)`` will have, computed without sampling."""
-        return planned_layout(self.pipe, self.handle, call, branches=self.branches, maps=self.maps is not None)
-
     def create_planned(self, plan: Sequence[tuple[str, int]], call: dict[str, Any]) -> None:
         """Create the store with one slot per (prompt, seed) of ``plan``, none complete yet."""
-        self._create(self.planned_layout(call), slots=[(p, int(s), 0) for p, s in plan])
+        self._create(self.recorder.planned_layout(call), slots=[(p, int(s), 0) for p, s in plan])
 
     def _create(self, layout: Any, slots: list | None = None) -> RunWriter:
         if self.maps is not None:
@@ -168,8 +163,8 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
     if p.exists() and not is_store(p):
         raise StoreError(f"{str(p)!r} exists and is not a taca-probe store; choose another path")
     handle = apply_taca(pipe, TacaConfig(schedule=schedule, lora=lora, lora_scale=lora_scale))
-    recorder = None
-    try:
+    with contextlib.ExitStack() as cleanup:  # on exit: the recorder's listener, then TACA, removed
+        cleanup.callback(handle.remove)
         _check_schedule_layers(schedule, handle)
         settings = run_settings(pipe, schedule=schedule, maps=maps, branch=branch, model=model)
         if mode == "resume" and p.exists():
@@ -186,11 +181,8 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(attrs or {})}
         recorder = Recorder(pipe, handle, maps=maps, branch=branch)
+        cleanup.callback(recorder.close)
         yield Run(pipe, p, handle, recorder, base_attrs)
-    finally:
-        if recorder is not None:
-            recorder.close()
-        handle.remove()
 
 
 def _check_schedule_layers(schedule: Schedule, handle: TacaHandle) -> None:
@@ -273,7 +265,7 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
             for t in targets:  # nothing is written until every target is known to fit this model
                 with probe(pipe, t.store.parent / ".unused", schedule=t.schedule, mode="create", **common) as run:
                     if maps is not None:
-                        maps.check(run.planned_layout(call))
+                        maps.check(run.recorder.planned_layout(call))
             if prepare is not None:
                 prepare()
             for t in targets:
@@ -374,9 +366,7 @@ def _progress(progress: bool | Callable[[str], None], total: int, desc: str, pos
     """One line per sample to a callable, a tqdm bar on stderr, or nothing; called with None at the end."""
     if callable(progress):
         return lambda line: progress(line) if line is not None else None
-    if not progress:
-        return lambda line: None
-    bar = tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, position=position)
+    bar = tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, position=position, disable=not progress)
     started = [False]
 
     def report(line: str | None) -> None:

@@ -1,8 +1,7 @@
 """Argument types, shared parent parsers and input checks of the ``taca-probe`` commands.
 
-Every flag is defined once, in one of the parent-parser factories below; a command lists the
-parents it takes. The factories return a new parser each time because argparse shares action
-objects between a parent and its children (a default changed for one command would change for all).
+Every flag is defined once, in a parent-parser factory; a new parser each call, because argparse
+shares action objects between a parent and its children (a default changed for one would change for all).
 """
 
 from __future__ import annotations
@@ -138,10 +137,9 @@ def call_args(p: argparse.ArgumentParser | None = None, *, size: bool = True) ->
     p.add_argument("--guidance", type=bounded(0.0, 100.0, integer=False), default=None,
                    help="guidance scale (default: the model's or pipeline's)")
     if size:
-        p.add_argument("--height", type=bounded(16, MAX_IMAGE_SIDE), default=None,
-                       help="image height in pixels (default: the model's)")
-        p.add_argument("--width", type=bounded(16, MAX_IMAGE_SIDE), default=None,
-                       help="image width in pixels (default: the model's)")
+        for side in ("height", "width"):
+            p.add_argument(f"--{side}", type=bounded(16, MAX_IMAGE_SIDE), default=None,
+                           help=f"image {side} in pixels (default: the model's)")
         p.add_argument("--max-sequence-length", type=bounded(1, 512), default=None, metavar="N",
                        help="T5 text length (default: the model's recommended, else the pipeline's)")
     return p
@@ -222,19 +220,11 @@ def check_out(path: Path) -> None:
         raise TacaProbeError(f"--out {str(path)!r}: cannot write in {str(parent)!r} (permission denied or read-only)")
 
 
-def _seed_value(value: object, where: str) -> int:
-    """A seed from a JSON prompts file: an integer in 0..MAX_INT (not a bool, not 1.7)."""
-    if not is_seed(value):
-        raise TacaProbeError(f"{where}: seed {value!r} is not an integer in 0..{MAX_INT}")
-    return value
-
-
 def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
     """(prompt, seeds) pairs from --prompt and --prompts FILE (text: one a line; JSONL: prompt, seed)."""
-    for p in args.prompt or []:
-        if not p.strip():
-            raise TacaProbeError("--prompt: a prompt must be non-empty text")
     items: list[tuple[str, list[int]]] = [(p, args.seeds) for p in (args.prompt or [])]
+    if any(not p.strip() for p, _ in items):
+        raise TacaProbeError("--prompt: a prompt must be non-empty text")
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
@@ -258,7 +248,9 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
                 raise TacaProbeError(f"{path}:{n}: expected a JSON object with 'prompt' (and optional 'seed')") from None
             if not isinstance(prompt, str) or not prompt.strip():
                 raise TacaProbeError(f"{path}:{n}: 'prompt' must be non-empty text, got {prompt!r}")
-            items.append((prompt, [_seed_value(rec["seed"], f"{path}:{n}")] if "seed" in rec else args.seeds))
+            if "seed" in rec and not is_seed(rec["seed"]):  # not a bool, not 1.7
+                raise TacaProbeError(f"{path}:{n}: seed {rec['seed']!r} is not an integer in 0..{MAX_INT}")
+            items.append((prompt, [rec["seed"]] if "seed" in rec else args.seeds))
     if not items:
         raise TacaProbeError("no prompt given: use --prompt TEXT (repeatable) or --prompts FILE")
     return items

@@ -76,10 +76,6 @@ def _estimate_seconds(pipe: Any, prompts: Sequence[str], n_images: int, call: di
     return per_batch * -(-n_images // max(1, len(batch)))
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``taca-probe eval``: print the table, optionally write JSON. Returns the exit status."""
     schedules = [parse(s).spec for s in (args.schedule or ["none"])]  # fail before loading
@@ -100,8 +96,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
     n_images = len(prompts) * len(seeds)
     eta = _estimate_seconds(pipe, prompts, n_images, call, args.batch_size) * len(schedules)
+    eta_text = f"{eta:.0f} s" if eta < 90 else f"{eta / 60:.0f} min"
     print(f"eval: {len(prompts)} prompts x {len(seeds)} seed(s) x {len(schedules)} schedule(s) = "
-          f"{n_images * len(schedules)} images, {preset}; about {_duration(eta)} on this machine", file=sys.stderr)
+          f"{n_images * len(schedules)} images, {preset}; about {eta_text} on this machine", file=sys.stderr)
     bar = tqdm(total=n_images * len(schedules), unit="image", file=sys.stderr, desc="eval")
     seen: dict[str, int] = {}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -144,10 +143,8 @@ def _summary(path: Path) -> str:
              f"{ds.attrs.get('n_txt')} text + {ds.attrs.get('n_vis')} image tokens; schedule {ds.attrs.get('schedule')}"]
     lines += _mass_lines(ds, 18, by_schedule=False)
     if ds.attrs.get("schedule") not in (None, "none"):
-        mass, ref = ds["vis_txt_mass"], ds["vis_txt_mass_ref"]
-        if "branch" in mass.dims:
-            mass, ref = mass.sel(branch="cond"), ref.sel(branch="cond")
-        r = float(mass.isel(step=0).mean()) / float(ref.isel(step=0).mean())
+        cond = ds.sel(branch="cond") if "branch" in ds.dims else ds
+        r = float(cond["vis_txt_mass"].isel(step=0).mean()) / float(cond["vis_txt_mass_ref"].isel(step=0).mean())
         lines.append(f"  TACA amplification at step 0 (applied / gamma=1 mass): {r:.3f}x")
     return "\n".join(lines)
 
@@ -155,41 +152,39 @@ def _summary(path: Path) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     schedule = parse(args.schedule)  # validate before loading anything
     items = read_prompts(args)
-    check_out(Path(args.out))
-    pipe, call = _load(args)
     out = Path(args.out)
+    check_out(out)
+    pipe, call = _load(args)
     versions = {"taca_probe": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                 "transformers": transformers.__version__}
-    index = 0
+    plan = [(p, s) for p, seeds in items for s in seeds]
     # the bar starts once TACA (and a LoRA) is installed, so that a refusal stays one line
     with taca(pipe, schedule, lora=args.lora, lora_scale=args.lora_scale) as handle, \
-            tqdm(total=sum(len(s) for _, s in items), desc="images", unit="image", file=sys.stderr) as bar:
-        for prompt, seeds in items:
-            for seed in seeds:
-                handle.calls.clear()
-                bar.set_postfix_str(f"seed {seed}: {short_prompt(prompt)}")
-                t0 = time.perf_counter()
-                out_np = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call)
-                image = Image.fromarray(image_bytes(out_np.images, prompt, seed)[0])  # NaN: refused, not saved
-                elapsed = time.perf_counter() - t0
-                stem = f"{index:04d}-seed{seed}"
-                out.mkdir(parents=True, exist_ok=True)  # here: an image refused first leaves no folder
-                image.save(out / f"{stem}.png")
-                sidecar = {
-                    "prompt": prompt, "seed": seed, "steps": call["num_inference_steps"],
-                    "height": image.height, "width": image.width, "guidance": call.get("guidance_scale"),
-                    "pipeline_kwargs": call, "schedule": schedule.spec, "schedule_description": schedule.describe(),
-                    "steps_with_gamma": handle.steps_active,
-                    "lora": None if args.lora is None else str(args.lora), "lora_scale": args.lora_scale,
-                    "model": args.model, "pipeline": type(pipe).__name__, "transformer": type(pipe.transformer).__name__,
-                    "device": str(pipe.device), "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
-                    "generator": "torch.Generator('cpu').manual_seed(seed)", "seconds": round(elapsed, 3),
-                    "versions": versions, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-                }
-                (out / f"{stem}.json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
-                index += 1
-                bar.update(1)
-    print(f"wrote {index} image(s) with JSON sidecars to {out}/")
+            tqdm(total=len(plan), desc="images", unit="image", file=sys.stderr) as bar:
+        for index, (prompt, seed) in enumerate(plan):
+            handle.calls.clear()
+            bar.set_postfix_str(f"seed {seed}: {short_prompt(prompt)}")
+            t0 = time.perf_counter()
+            out_np = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call)
+            image = Image.fromarray(image_bytes(out_np.images, prompt, seed)[0])  # NaN: refused, not saved
+            elapsed = time.perf_counter() - t0
+            stem = f"{index:04d}-seed{seed}"
+            out.mkdir(parents=True, exist_ok=True)  # here: an image refused first leaves no folder
+            image.save(out / f"{stem}.png")
+            sidecar = {
+                "prompt": prompt, "seed": seed, "steps": call["num_inference_steps"],
+                "height": image.height, "width": image.width, "guidance": call.get("guidance_scale"),
+                "pipeline_kwargs": call, "schedule": schedule.spec, "schedule_description": schedule.describe(),
+                "steps_with_gamma": handle.steps_active,
+                "lora": None if args.lora is None else str(args.lora), "lora_scale": args.lora_scale,
+                "model": args.model, "pipeline": type(pipe).__name__, "transformer": type(pipe.transformer).__name__,
+                "device": str(pipe.device), "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+                "generator": "torch.Generator('cpu').manual_seed(seed)", "seconds": round(elapsed, 3),
+                "versions": versions, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+            }
+            (out / f"{stem}.json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+            bar.update(1)
+    print(f"wrote {len(plan)} image(s) with JSON sidecars to {out}/")
     return 0
 
 
@@ -258,17 +253,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _strict_json(value):
-    """A NaN or inf attribute (older stores) as a string: ``info --json`` writes strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
-
-
 def format_info(info: dict) -> str:
     """``taca-probe info``: data variables, coordinates and internal arrays in aligned tables."""
     internal = ("complete", "chunk_manifest")  # bookkeeping that open_run hides
@@ -303,8 +287,9 @@ def format_info(info: dict) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     info = store_info(args.store)
-    if args.json:  # strict JSON: a NaN or inf attribute (older stores) is written as a string
-        write_json(args.json, json.dumps(_strict_json(info), indent=2, default=str, allow_nan=False))
+    if args.json:  # strict JSON: a NaN or inf attribute (older stores) is written as a string ("nan", "inf")
+        strict = json.loads(json.dumps(info, default=str), parse_constant=lambda c: str(float(c)))
+        write_json(args.json, json.dumps(strict, indent=2, allow_nan=False))
     else:
         print(format_info(info))
     return 0
