@@ -25,7 +25,7 @@ def test_bench_e2e_reports_every_variant(capsys):
     assert (res["depth"], res["joint_blocks"], res["batch"]) == ("reduced", 1, 2)
 
 
-@pytest.mark.parametrize("width", ["flux-dev", "sd35-large"])
+@pytest.mark.parametrize("width", ["flux-dev", pytest.param("sd35-large", marks=pytest.mark.slow)])
 def test_full_depth_builds_the_published_architecture(width):
     # Built on the meta device: the shapes and block counts of the real model, no 12 B weights.
     pipe = realistic_sd3_pipeline(width=width, layers=None, device="meta")
