@@ -26,8 +26,13 @@ def is_seed(value: Any) -> bool:
 def int_ranges(text: str, *, maximum: int = MAX_INT, max_values: int = MAX_VALUES) -> list[int]:
     """``"0,2-4,7"`` -> ``[0, 2, 3, 4, 7]``, in the order written, each value once.
 
-    Raises ValueError, naming the part, for an empty list, a part not an integer in ``0..maximum``, an
-    inverted range, or more than ``max_values`` values (a range is checked before it is expanded).
+    A range is checked against ``maximum`` and ``max_values`` before it is expanded.
+
+    Raises
+    ------
+    ValueError
+        For an empty list, a part not an integer in ``0..maximum``, an inverted range, or more than
+        ``max_values`` values; the message names the part.
     """
     out: dict[int, None] = {}  # ordered, O(1) membership
     for part in text.split(","):
