@@ -98,12 +98,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = str(device).strip().lower()
-    if not _DEVICE_RE.match(text):
+    try:
+        resolved = torch.device(text) if _DEVICE_RE.match(text) else None
+    except RuntimeError:  # "cuda:01", an index too large to parse
+        resolved = None
+    if resolved is None or str(resolved) != text:  # torch wraps an index past 127 (cuda:128 -> cuda:-128)
         raise ModelError(f"invalid device {str(device)!r}; valid forms: {_DEVICE_FORMS}")
-    resolved = torch.device(text)
     # Fail here, with a message naming what exists, rather than deep inside the first .to().
     available = _available_devices()
-    if str(resolved) not in available:  # str(): "cuda:01" is cuda:1
+    if str(resolved) not in available:
         raise ModelError(
             f"device {text!r} is not available on this machine; available: {', '.join(available)}"
             f" (valid forms: {_DEVICE_FORMS})"

@@ -396,7 +396,7 @@ def test_resolve_device() -> None:
     assert models.resolve_device(torch.device("cpu")) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "", "cpu:0:1", "tpu"])
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "", "cpu:0:1", "tpu", "cuda:01", "cuda:128", "cuda:999999999", "cuda:99999999999999999999"])
 def test_bad_device(bad: str) -> None:
     with pytest.raises(ModelError) as excinfo:
         models.resolve_device(bad)
@@ -408,6 +408,17 @@ def test_unavailable_cuda() -> None:
     with pytest.raises(ModelError) as excinfo:
         models.resolve_device("cuda:0")
     one_line_error(excinfo, "'cuda:0'", "not available", "available: cpu")
+
+
+def test_cuda_index_must_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a (simulated) 2-GPU machine: ``cuda``, ``cuda:0`` and ``cuda:1`` resolve, ``cuda:2`` is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, index in [("cuda", None), ("CUDA:0", 0), ("cuda:1", 1)]:
+        assert models.resolve_device(name) == torch.device("cuda", index)
+    with pytest.raises(ModelError) as excinfo:
+        models.resolve_device("cuda:2")
+    one_line_error(excinfo, "'cuda:2'", "not available", "available: cpu, cuda, cuda:0, cuda:1")
 
 
 def test_resolve_dtype() -> None:
