@@ -77,8 +77,9 @@ def _slot_problems(path: Path, arrays: Mapping[str, Any], slot: int, text: Any, 
         return [f"{MANIFEST}/c/{slot}: the sample's chunk manifest is missing"]
     try:
         manifest = None if text is DAMAGED else json.loads(str(text))
-        assert isinstance(manifest, dict)
-    except (ValueError, AssertionError):
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict):  # not an assert: python -O would skip the check
         return [f"{MANIFEST}/c/{slot}: the sample's chunk manifest is damaged"]
     expected = slot_keys(arrays, slot)
     problems = [f"{key}: not in the sample's manifest (another sample's manifest?)" for key in expected
@@ -106,7 +107,7 @@ def sample_problems(path: Path, arrays: Mapping[str, Any], *, read: bool | int,
     if MANIFEST not in arrays:
         return {}
     if complete is None:
-        complete = np.array([bool(v) for v in read_each(arrays[COMPLETE])], dtype=bool)
+        complete = complete_flags(arrays)
     slots = np.flatnonzero(complete)
     if not len(slots):
         return {}
@@ -131,6 +132,11 @@ def read_each(arr: Any, n: int | None = None) -> list[Any]:
             except ChunkChecksumError:
                 out.append(DAMAGED)
         return out
+
+
+def complete_flags(arrays: Mapping[str, Any]) -> np.ndarray:
+    """The ``complete`` flag of every slot; a corrupt flag chunk reads as not complete (its sample is re-recorded)."""
+    return np.array([v is not DAMAGED and bool(v) for v in read_each(arrays[COMPLETE])], dtype=bool)
 
 
 _UNLISTED = object()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from taca_probe.cli import main
 from taca_probe.store import ChunkChecksumError, StoreError, open_run, store_info, verify_store
@@ -116,6 +117,36 @@ def test_missing_or_swapped_chunks_are_found_everywhere(store, tmp_path, capsys,
     if name != "swap seed chunks":  # equal sizes: found when read (test_reads_are_bound...), not at open
         rc, _, err = run_cli(["figures", str(store), "--out", str(tmp_path / "f"), "--figures", "fig2"], capsys)
         assert rc == 2 and key in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("manifest", ["[1, 2]", "{not json", "corrupt chunk"])
+def test_a_damaged_chunk_manifest_is_named(store, manifest):
+    """A sample's manifest that is not a JSON object (written with a valid checksum) or whose chunk is
+    corrupt: that sample is reported damaged, the others are not."""
+    if manifest == "corrupt chunk":
+        chunk = store / "chunk_manifest/c/1"
+        chunk.write_bytes(b"x" * len(chunk.read_bytes()))
+    else:
+        zarr.open_group(str(store), mode="r+")["chunk_manifest"][1] = manifest
+    assert verify_store(store) == ["chunk_manifest/c/1"]
+    assert store_info(store)["samples_damaged"] == {1: ["chunk_manifest/c/1: the sample's chunk manifest is damaged"]}
+    with pytest.raises(StoreError, match=r"slot\(s\) 1; first: chunk_manifest/c/1.*--resume"):
+        open_run(store)
+
+
+def test_a_corrupt_complete_flag_costs_its_sample_only(store, capsys):
+    """The flag's chunk fails its checksum: that slot reads as not complete (resume records it again);
+    the store still opens with the other samples."""
+    chunk = store / "complete/c/1"
+    chunk.write_bytes(b"x" * len(chunk.read_bytes()))
+    assert verify_store(store) == ["complete/c/1"]
+    info = store_info(store)
+    assert (info["samples_complete"], info["samples_incomplete"], info["samples_damaged"]) == (3, 1, {})
+    assert open_run(store).sizes["sample"] == 3
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2",
+                          "--maps", "steps=0", "--out", str(store), "--resume"], capsys)
+    assert rc == 0, err
+    assert open_run(store).sizes["sample"] == 4 and verify_store(store) == []
 
 
 def test_reads_are_bound_to_the_recorded_file(store):
