@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import pickle
-import time
 
 import pytest
 import torch
 
 import taca_probe.cli.bench as bench
+import taca_probe.cli.record as record
 from taca_probe.selection import int_ranges
 from tests.clitools import run_cli
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("a model was loaded for input that should have been refused")
 
 
 def _refused(rc: int, err: str, key: str) -> None:
@@ -20,13 +24,12 @@ def _refused(rc: int, err: str, key: str) -> None:
     assert "Traceback" not in err
 
 
-def test_int_ranges_is_linear_and_capped():
-    t0 = time.perf_counter()
-    assert len(int_ranges("0-99999")) == 100_000  # the cap itself is fine, and fast
+def test_int_ranges_is_capped_before_expanding():
+    assert int_ranges("0-99999") == list(range(100_000))  # the cap itself is fine
+    # A range expanded before the check would exhaust memory on the last one, not raise this.
     for text in ("0-10000000", "0-99999999", "5-9223372036854775807"):
         with pytest.raises(ValueError, match="100000"):
             int_ranges(text)
-    assert time.perf_counter() - t0 < 2.0
     with pytest.raises(ValueError, match="outside"):
         int_ranges(str(2**63))
     with pytest.raises(ValueError, match="negative"):
@@ -51,13 +54,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("extra,key", CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_record_refuses_bad_numbers_before_loading(tmp_path, capsys, extra, key):
+def test_record_refuses_bad_numbers_before_loading(tmp_path, capsys, monkeypatch, extra, key):
     out = tmp_path / "r.zarr"
-    t0 = time.perf_counter()
+    monkeypatch.setattr(record, "load_pipeline", _must_not_load)
     rc, _, err = run_cli(["record", "--prompt", "x", *extra, "--out", str(out)], capsys)
     _refused(rc, err, key)
     assert "taca-probe: error: taca-probe" not in err  # the program is named once
-    assert not out.exists() and time.perf_counter() - t0 < 5
+    assert not out.exists()
 
 
 PROMPT_FILES = [
