@@ -101,22 +101,26 @@ def _slot_problems(path: Path, arrays: Mapping[str, Any], slot: int, text: Any, 
 
 
 def sample_problems(path: Path, arrays: Mapping[str, Any], *, read: bool | int,
-                    complete: np.ndarray | None = None) -> dict[int, list[str]]:
+                    complete: np.ndarray | None = None, texts: Mapping[int, Any] | None = None,
+                    ) -> dict[int, list[str]]:
     """slot -> problems, for every complete sample (empty for stores without manifests). ``read``: compare
-    the digest of every file (True), of files up to that many bytes, or of none (False)."""
-    if MANIFEST not in arrays:
-        return {}
+    the digest of every file (True), of files up to that many bytes, or of none (False). ``texts``: the
+    :func:`manifest_texts` if already read."""
     if complete is None:
         complete = complete_flags(arrays)
+    if texts is None:
+        texts = manifest_texts(arrays, complete)
+    problems = {slot: _slot_problems(path, arrays, slot, text, read) for slot, text in texts.items()}
+    return {slot: found for slot, found in problems.items() if found}
+
+
+def manifest_texts(arrays: Mapping[str, Any], complete: np.ndarray) -> dict[int, Any]:
+    """slot -> the chunk-manifest text (or ``DAMAGED``) of every complete sample; empty without manifests."""
     slots = np.flatnonzero(complete)
-    if not len(slots):
+    if MANIFEST not in arrays or not len(slots):
         return {}
-    manifests = read_each(arrays[MANIFEST], int(slots[-1]) + 1)
-    out = {}
-    for slot in slots.tolist():
-        if problems := _slot_problems(path, arrays, slot, manifests[slot], read):
-            out[slot] = problems
-    return out
+    texts = read_each(arrays[MANIFEST], int(slots[-1]) + 1)
+    return {slot: texts[slot] for slot in slots.tolist()}
 
 
 def read_each(arr: Any, n: int | None = None) -> list[Any]:

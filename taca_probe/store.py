@@ -24,8 +24,8 @@ import zarr
 
 from .errors import StoreError, TacaProbeError
 from .integrity import BOOKKEEPING, COMPLETE, COMPRESSORS, DAMAGED, INFO_READ_LIMIT, MANIFEST, ChecksumStore, \
-    ChunkChecksumError, chunk_read_problems, complete_flags, digest, is_sample_array, read_each, sample_problems, \
-    slot_keys, slot_of
+    ChunkChecksumError, chunk_read_problems, complete_flags, digest, is_sample_array, manifest_texts, read_each, \
+    sample_problems, slot_keys, slot_of
 
 __all__ = [
     "SCHEMA_VERSION", "StoreError", "ChunkChecksumError", "RunLayout", "RunWriter", "open_run", "store_info",
@@ -466,13 +466,12 @@ def _checked_open(path: Path, read: bool | int = False,
     try:
         # read chunk by chunk where one is corrupt: a damaged flag or manifest costs its sample, not the store
         complete = complete_flags(arrays)
-        damaged = sample_problems(path, arrays, read=read, complete=complete)
+        texts = manifest_texts(arrays, complete)
+        damaged = sample_problems(path, arrays, read=read, complete=complete, texts=texts)
         listed: dict[str, Any] = {}
-        if MANIFEST in arrays and complete.any():
-            texts = read_each(arrays[MANIFEST], int(np.flatnonzero(complete)[-1]) + 1)
-            for slot in np.flatnonzero(complete).tolist():
-                if slot not in damaged:
-                    listed.update(json.loads(str(texts[slot])))
+        for slot, text in texts.items():
+            if slot not in damaged:
+                listed.update(json.loads(str(text)))
     except ChunkChecksumError:
         raise
     except Exception as e:
