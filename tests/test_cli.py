@@ -119,3 +119,19 @@ def test_console_script_runs_without_traceback(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_summary_has_a_column_for_the_first_and_the_last_step(steps):
+    from taca_probe.cli.record import _mass_lines
+    from tests.test_analysis import make_run
+
+    vis = np.random.default_rng(0).uniform(0.1, 0.9, (2, steps, 3, 2))
+    ds = make_run(steps=steps, vis=vis)
+    header, *rows = _mass_lines(ds, 18, by_schedule=False)[1:]
+    columns = sorted({0, steps - 1})
+    assert header.count("step ") == len(columns)
+    got = {row.split()[0]: [float(v) for v in row.split()[2:]] for row in rows}
+    for bt in sorted(set(ds["block_type"].values.tolist())):
+        in_bt = (ds["block_type"] == bt).values
+        assert got[bt] == pytest.approx([vis[:, s][:, in_bt].mean() for s in columns], abs=5e-5)

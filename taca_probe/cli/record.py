@@ -121,16 +121,17 @@ def _mass_lines(ds, label_width: int, by_schedule: bool) -> list[str]:
     uniform = ds.attrs["n_txt"] / (ds.attrs["n_txt"] + ds.attrs["n_vis"])
     head = f"{'schedule':<24} " if by_schedule else ""
     layers = "" if by_schedule else f" {'layers':>6}"
+    steps = sorted({0, last})  # one column when there is one step
     lines = [f"mean visual->text attention mass (uniform attention would give {uniform:.4f}):",
-             f"  {head}{'block type':<10}{layers} {'step 0 (t=%.0f)' % t[0]:>{label_width}} "
-             f"{'step %d (t=%.0f)' % (last, t[last]):>{label_width}}"]
+             f"  {head}{'block type':<10}{layers}" + "".join(f" {'step %d (t=%.0f)' % (s, t[s]):>{label_width}}"
+                                                            for s in steps)]
     for spec in ds["schedule"].values if by_schedule else [None]:
         m_spec = mass.sel(schedule=spec) if by_schedule else mass
         for bt in sorted(set(ds["block_type"].values.tolist())):
             sel = m_spec.where(ds["block_type"] == bt, drop=True)
             m = sel.mean(("sample", "layer", "head"))
             row = f"{str(spec):<24} {bt:<10}" if by_schedule else f"{bt:<10} {sel.sizes['layer']:>6}"
-            lines.append(f"  {row} {float(m.isel(step=0)):>{label_width}.4f} {float(m.isel(step=last)):>{label_width}.4f}")
+            lines.append(f"  {row}" + "".join(f" {float(m.isel(step=s)):>{label_width}.4f}" for s in steps))
     return lines
 
 
@@ -139,7 +140,7 @@ def _summary(path: Path) -> str:
     ds = open_run(path)
     if ds.sizes["sample"] == 0:
         return "(no complete sample)"
-    lines = [f"{ds.sizes['sample']} sample(s), {ds.sizes['step']} steps, {ds.sizes['layer']} attention layers, "
+    lines = [f"{ds.sizes['sample']} sample(s), {ds.sizes['step']} step(s), {ds.sizes['layer']} attention layers, "
              f"{ds.attrs.get('n_txt')} text + {ds.attrs.get('n_vis')} image tokens; schedule {ds.attrs.get('schedule')}"]
     lines += _mass_lines(ds, 18, by_schedule=False)
     if ds.attrs.get("schedule") not in (None, "none"):
