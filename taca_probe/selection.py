@@ -81,6 +81,25 @@ class MapSelection:
     layers: tuple[str, ...] | None = None
     tokens: str | tuple[int, ...] = "prompt"
 
+    def __post_init__(self) -> None:
+        # checked and normalized here (lists, numpy integers), so that a hand-edited store attribute or a
+        # user's own selection is one clear error, not a TypeError later in a recording or an analysis
+        def index(i: Any) -> bool:
+            return isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0
+
+        def each(name: str, ok: Any, cast: Any) -> bool:
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list, range)) or not all(map(ok, v)):
+                return False
+            object.__setattr__(self, name, tuple(map(cast, v)))
+            return True
+
+        if not ((self.steps is None or each("steps", index, int))
+                and (self.layers is None or each("layers", lambda g: isinstance(g, str), str))
+                and (self.tokens in ("prompt", "all") or each("tokens", index, int))):
+            raise TacaProbeError(f"bad maps selection steps={self.steps!r}, layers={self.layers!r}, "
+                                 f"tokens={self.tokens!r}; valid forms: none | {_MAPS_FORMS}")
+
     @classmethod
     def parse(cls, spec: "str | MapSelection | None") -> "MapSelection | None":
         """``None``/``"none"`` -> no maps; otherwise e.g. ``"steps=0-4;layers=*;tokens=prompt"``."""
@@ -122,8 +141,10 @@ class MapSelection:
         """
         structured = attrs.get("map_selection")
         if isinstance(structured, dict):
-            return cls(**{k: v if v is None or isinstance(v, str) else tuple(v)
-                          for k, v in structured.items() if k in _PARTS})
+            try:
+                return cls(**{k: v for k, v in structured.items() if k in _PARTS})
+            except TacaProbeError:
+                raise TacaProbeError(f"the store's map_selection attribute {structured!r} is damaged") from None
         spec = attrs.get("maps")
         return cls.parse(spec) if isinstance(spec, str) else None
 

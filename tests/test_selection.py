@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,3 +28,27 @@ def test_token_indices_keep_only_positions_of_this_text():
     assert MapSelection.parse("tokens=prompt").token_indices(pad).tolist() == [0, 1]
     assert MapSelection.parse("tokens=all").token_indices(pad).tolist() == [0, 1, 2, 3]
     assert MapSelection.parse("tokens=1,3-5").token_indices(pad).tolist() == [1, 3]
+
+
+def test_selection_round_trips_through_store_attributes():
+    for spec in ("steps=0-2,5;layers=*.attn|a.b;tokens=prompt", "tokens=all", "steps=3;tokens=1,4"):
+        sel = MapSelection.parse(spec)
+        assert MapSelection.from_attrs({"map_selection": sel.to_attrs()}) == sel
+    # stores older than the structured attribute keep only the string
+    assert MapSelection.from_attrs({"maps": "steps=1"}) == MapSelection(steps=(1,))
+    assert MapSelection.from_attrs({}) is None
+
+
+@pytest.mark.parametrize("damaged", [{"tokens": None}, {"steps": "0-3"}, {"steps": [-1]}, {"steps": [1.5]},
+                                     {"steps": [True]}, {"layers": [3]}, {"tokens": "some"}])
+def test_a_damaged_selection_attribute_is_one_error(damaged):
+    with pytest.raises(TacaProbeError, match="map_selection attribute .* is damaged"):
+        MapSelection.from_attrs({"map_selection": damaged})
+
+
+def test_a_selection_built_in_code_is_normalized_and_stores_as_json():
+    sel = MapSelection(steps=[np.int64(0), 2], layers=["a*"], tokens=range(3))
+    assert sel == MapSelection(steps=(0, 2), layers=("a*",), tokens=(0, 1, 2))
+    assert MapSelection.from_attrs(json.loads(json.dumps({"map_selection": sel.to_attrs()}))) == sel
+    with pytest.raises(TacaProbeError, match="bad maps selection"):
+        MapSelection(tokens="some")
