@@ -282,6 +282,11 @@ class TacaHandle:
             setattr(self.transformer, _HANDLE_ATTR, None)
 
     @property
+    def removed(self) -> bool:
+        """Whether :meth:`remove` has run (the model is back as it was)."""
+        return self._removed
+
+    @property
     def steps_active(self) -> list[int]:
         """Sorted distinct steps at which some layer had gamma != 1."""
         return sorted({c.step for c in self.calls if c.active})

@@ -35,6 +35,8 @@ __all__ = ["probe", "Run", "Target", "record_plan", "run_settings", "check_resum
 
 _MODES = ("create", "resume", "overwrite")
 _RESUME_KEYS = ("model_class", "pipeline_class", "dtype", "schedule", "maps", "branch")
+#: The pipeline arguments run.sample() passes itself -> what sets them.
+_RESERVED_CALL_KEYS = {"generator": "from seed=", "output_type": "'np', to record the images"}
 
 
 class Run:
@@ -68,6 +70,14 @@ class Run:
             raise TacaProbeError("prompt must be a non-empty string")
         if not is_seed(seed):
             raise TacaProbeError(f"seed must be an integer in 0..{MAX_INT}, got {seed!r}")
+        if not is_seed(num_images_per_prompt) or num_images_per_prompt < 1:  # is_seed: an int, not a bool
+            raise TacaProbeError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        # sample() passes these itself: the pipeline would raise a TypeError that prints its whole config
+        for key in (k for k in _RESERVED_CALL_KEYS if k in pipe_kwargs):
+            raise TacaProbeError(f"run.sample sets {key} itself ({_RESERVED_CALL_KEYS[key]}); do not pass {key}=")
+        if self.handle.removed:  # the pipeline would run stock, and the recorder would see no call
+            raise TacaProbeError(f"the probe() block of {str(self.path)!r} has ended; sample inside it, or open "
+                                 "it again with probe(..., mode='resume')")
         call = self._resolve_call(pipe_kwargs)
         n, seed, writer = int(num_images_per_prompt), int(seed), self.writer
         if slot is not None:

@@ -225,6 +225,30 @@ def test_sample_refuses_a_seed_the_cli_refuses(pipes, tmp_path):
     assert list(open_run(tmp_path / "s.zarr")["seed"].values) == [3]
 
 
+def test_sample_refuses_what_it_sets_itself_and_a_closed_run(pipes, tmp_path):
+    """Audit: generator= and output_type= were a TypeError printing the pipeline's config, num_images_per_prompt=0
+    recorded nothing and returned [], and a Run used after its probe() block ran the stock pipeline, then
+    blamed it for never calling the transformer."""
+    pipe, kw = pipes["tiny-sd3"], {"num_inference_steps": 1, **SIZE}
+    bad = [({"generator": torch.Generator().manual_seed(1)}, "generator"), ({"output_type": "pil"}, "output_type"),
+           ({"num_images_per_prompt": 0}, "num_images_per_prompt"), ({"num_images_per_prompt": 1.0}, "num_images")]
+    for extra, word in bad:
+        with pytest.raises(TacaProbeError, match=word):
+            with probe(pipe, tmp_path / "r.zarr") as run:
+                run.sample("a", seed=0, **extra, **kw)
+        assert not (tmp_path / "r.zarr").exists()
+    with probe(pipe, tmp_path / "r.zarr") as run:
+        run.sample("a", seed=0, **kw)
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))  # the pipes are shared
+    try:
+        with pytest.raises(TacaProbeError, match="ended"):
+            run.sample("a", seed=1, **kw)
+    finally:
+        hook.remove()
+    assert not calls and open_run(tmp_path / "r.zarr").sizes["sample"] == 1
+
+
 def test_tokens_are_labeled(pipes, tmp_path):
     for model in ("tiny-sd3", "tiny-flux"):
         with probe(pipes[model], tmp_path / f"{model}.zarr") as run:
