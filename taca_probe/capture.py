@@ -156,7 +156,7 @@ class Recorder:
 
     def begin(self, prompt: str, n_images: int, max_sequence_length: int | None) -> None:
         self._prompt, self._n, self._max_seq, self._buf = prompt, int(n_images), max_sequence_length, None
-        self._step, self._in_step, self._active = -1, 0, True
+        self._step, self._in_step, self._active, self._calls = -1, 0, True, 0
 
     def cancel(self) -> None:
         self._active = False
@@ -166,12 +166,17 @@ class Recorder:
         per buffer (the sample's one sync); non-finite statistics, then images, are refused."""
         self._active = False
         buf = self._buf
-        if buf is None:
+        if buf is None and not self._calls:
             raise TacaProbeError("the pipeline never called the transformer; nothing was recorded")
+        # The transformer ran but no call held this branch's rows: most often the uncond branch without CFG.
+        cfg = ("; the uncond branch exists only under CFG (SD3: guidance_scale > 1; FLUX: true_cfg_scale > 1 with "
+               "a negative_prompt)" if "uncond" in self.branches else "")
+        if buf is None:
+            raise TacaProbeError(f"no transformer call was recorded for branch(es) {self.branches}{cfg}")
         for kind in ["both"] if "both" in buf.device else self.branches:  # "both": one SD3 call held both
             missing = sorted(set(range(buf.steps)) - buf.recorded.get(kind, set()))
             if missing:
-                raise TacaProbeError(f"steps {missing} were not recorded for branch(es) {self.branches}")
+                raise TacaProbeError(f"steps {missing} were not recorded for branch(es) {self.branches}{cfg}")
         texts, padding, sources = buf.tokens
         layout = self._layout(buf.steps, buf.n_txt, buf.grid, images.shape[1:], sources)
         gamma = np.array([[g.get(s.name, 1.0) for s in self.sites] for g in buf.gamma], np.float32)
@@ -185,6 +190,7 @@ class Recorder:
     def _before(self, call: CallRecord, bound: Mapping[str, Any]):
         if not self._active:
             return None
+        self._calls += 1
         self._in_step = self._in_step + 1 if call.step == self._step else 0
         self._step = call.step
         hidden = bound["hidden_states"]

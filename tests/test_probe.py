@@ -187,6 +187,16 @@ def test_branches_sd3_batched_cfg(pipes, tmp_path):
                               both["vis_txt_mass"].sel(branch="uncond").values)
 
 
+def test_uncond_branch_without_cfg_names_cfg_not_a_missing_call(pipes, tmp_path):
+    """Audit: branch="uncond"/"both" without CFG said "the pipeline never called the transformer"."""
+    for model, no_cfg in (("tiny-sd3", {"guidance_scale": 1.0}), ("tiny-flux", {})):
+        for branch in ("uncond", "both"):
+            with pytest.raises(TacaProbeError, match="CFG") as info:
+                with probe(pipes[model], tmp_path / "u.zarr", branch=branch) as run:
+                    run.sample("a cat", seed=0, num_inference_steps=1, **no_cfg, **SIZE)
+            assert "never called" not in str(info.value) and not (tmp_path / "u.zarr").exists()
+
+
 def test_flux_true_cfg_knows_which_call_is_which(pipes, tmp_path):
     pipe = pipes["tiny-flux"]
     kw = {"num_inference_steps": 2, "true_cfg_scale": 3.0, "negative_prompt": "blurry", **SIZE}
