@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -54,6 +56,15 @@ class TacaConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", parse(self.schedule))
+        # Checked here, not at the first transformer call or deep inside diffusers' adapter API.
+        if self.lora is not None and not isinstance(self.lora, (str, os.PathLike)):
+            raise TacaProbeError(f"lora must be a path or the name of a loaded adapter, got {type(self.lora).__name__}")
+        if not isinstance(self.lora_scale, numbers.Real) or isinstance(self.lora_scale, bool) \
+                or not math.isfinite(self.lora_scale):
+            raise TacaProbeError(f"lora_scale must be a finite number, got {self.lora_scale!r}")
+        n = self.num_inference_steps
+        if n is not None and (not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1):
+            raise TacaProbeError(f"num_inference_steps must be a positive integer or None, got {n!r}")
 
 
 @dataclass(frozen=True)
@@ -324,6 +335,9 @@ def apply_taca(target: Any, config: TacaConfig | None = None) -> TacaHandle:
     -------
     TacaHandle
     """
+    if config is not None and not isinstance(config, TacaConfig):
+        raise TacaProbeError(f"apply_taca's config must be a TacaConfig, got {type(config).__name__}"
+                             + (f"; for a schedule pass TacaConfig({config!r})" if isinstance(config, str) else ""))
     return TacaHandle(target, config or TacaConfig())
 
 

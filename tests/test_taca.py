@@ -300,6 +300,30 @@ def test_bad_schedule_is_refused_before_anything_is_installed(pipes):
     assert all(transformer.attn_processors[k] is v for k, v in before.items())
 
 
+@pytest.mark.parametrize("kwargs,word", [
+    ({"lora_scale": "0.5"}, "lora_scale"), ({"lora_scale": float("nan")}, "lora_scale"),
+    ({"num_inference_steps": 0}, "num_inference_steps"), ({"num_inference_steps": 2.5}, "num_inference_steps"),
+    ({"lora": 3}, "lora"),
+])
+def test_bad_config_values_are_refused_before_anything_is_installed(pipes, kwargs, word):
+    """Audit: these were accepted, to fail at the first transformer call or inside diffusers' adapter API."""
+    transformer = pipes["tiny-sd3"].transformer
+    before = dict(transformer.attn_processors)
+    with pytest.raises(TacaProbeError, match=word):
+        with taca(transformer, "const:1.2", **kwargs):
+            pass
+    assert all(transformer.attn_processors[k] is v for k, v in before.items())
+    assert intervention.TacaConfig(num_inference_steps=np.int64(3), lora_scale=np.float32(0.5)).num_inference_steps == 3
+
+
+def test_apply_taca_refuses_a_config_that_is_not_a_tacaconfig(pipes):
+    """Audit: apply_taca(pipe, "step:1.2@970") was an AttributeError ('str' object has no attribute 'schedule')."""
+    transformer = pipes["tiny-sd3"].transformer
+    with pytest.raises(TacaProbeError, match="TacaConfig"):
+        apply_taca(transformer, "step:1.2@970")
+    assert getattr(transformer, intervention._HANDLE_ATTR, None) is None
+
+
 # ------------------------------------------------------------------------------------------------
 # LoRA switching
 # ------------------------------------------------------------------------------------------------
