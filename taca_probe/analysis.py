@@ -132,8 +132,22 @@ def _check_same_structure(a: xr.Dataset, b: xr.Dataset, dims: Sequence[str]) -> 
                             + "; ".join(diffs))
 
 
+def _indices(value: Any, what: str, valid: str) -> list[int]:
+    """One index, or a non-empty list (tuple, range, array) of them, as ints; anything else (``1.5``, ``"0"``,
+    ``True``, ``[]``) is an :class:`AnalysisError` naming ``what`` and the ``valid`` choices, not a TypeError."""
+    if isinstance(value, (np.ndarray, xr.DataArray)):
+        value = np.asarray(value).tolist()
+    items = [value] if isinstance(value, (int, np.integer)) else value
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in items):
+        raise AnalysisError(f"{what} must be an index or a list of indices, got {value!r}; {valid}")
+    if not items:  # would average over nothing: NaN results, not an error
+        raise AnalysisError(f"{what} is an empty list; {valid}")
+    return [int(v) for v in items]
+
+
 def _pick_steps(steps: int | Sequence[int], valid: Sequence[int], where: str) -> list[int]:
-    sel = [int(steps)] if isinstance(steps, (int, np.integer)) else [int(s) for s in steps]
+    sel = _indices(steps, "steps", f"steps in {where}: {valid[0]}..{valid[-1]}")
     bad = [s for s in sel if s not in valid]
     if bad:
         raise AnalysisError(f"step(s) {bad} not in {where}; steps: {valid[0]}..{valid[-1]}")
@@ -144,7 +158,12 @@ def _match_layers(ds: xr.Dataset, layers: str | Sequence[str]) -> list[str]:
     """Layer names matching a block type, an fnmatch glob on the module path, or a list of them."""
     names = [str(v) for v in np.asarray(ds["layer"].values)]
     bts = [str(v) for v in np.asarray(ds["block_type"].values)] if "block_type" in ds.variables else [None] * len(names)
-    patterns = [layers] if isinstance(layers, str) else list(layers)
+    patterns = [layers] if isinstance(layers, str) else layers
+    if isinstance(patterns, (np.ndarray, xr.DataArray)):  # e.g. ds.layer.values[:2]
+        patterns = np.asarray(patterns).tolist()
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise AnalysisError(f"layers must be a block type, a glob on the module path or a list of them, "
+                            f"got {layers!r}; layers: {', '.join(names)}")
     out = [n for n, bt in zip(names, bts) if any(fnmatch.fnmatchcase(n, p) or bt == p for p in patterns)]
     if not out:
         raise AnalysisError(f"layers {layers!r} match no layer; layers: {', '.join(names)}")
@@ -412,15 +431,15 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
     treated, baseline = paired(treated, baseline)
 
     available = [s for s in recorded_map_steps(treated) if s in set(recorded_map_steps(baseline))]
+    if not available:
+        raise AnalysisError("the two stores have no step with maps in common; record both with the same --maps")
     if steps is None:
         steps_sel = available
     else:
-        steps_sel = [int(steps)] if isinstance(steps, (int, np.integer)) else [int(s) for s in steps]
+        steps_sel = _indices(steps, "steps", f"steps with maps: {available}")
         bad = [s for s in steps_sel if s not in available]
         if bad:
             raise AnalysisError(f"no maps at step(s) {bad} in both stores; steps with maps: {available}")
-    if not steps_sel:
-        raise AnalysisError("the two stores have no step with maps in common; record both with the same --maps")
     recorded = [n for n in recorded_map_layers(treated) if n in set(recorded_map_layers(baseline))]
     layer_sel = recorded if layers is None else _match_layers(treated, layers)
     missing = [n for n in layer_sel if n not in recorded]
@@ -435,7 +454,8 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
         pad = np.asarray(treated["token_is_padding"].values, dtype=bool)
         tok_idx = np.flatnonzero(~pad.all(axis=0)) if tokens == "prompt" else np.arange(n_tok)
     else:
-        tok_idx = np.array(sorted({int(t) for t in tokens}), dtype=np.int64)
+        tok_idx = np.array(sorted(set(_indices(tokens, "tokens", f"'prompt', 'all' or positions 0..{n_tok - 1}"))),
+                           dtype=np.int64)
         bad = [int(t) for t in tok_idx if not 0 <= t < n_tok]
         if bad:
             raise AnalysisError(f"token positions {bad} out of range 0..{n_tok - 1}")

@@ -406,6 +406,31 @@ def test_other_bad_inputs():
         A.suppression(_fig2_run().drop_vars("vis_txt_mass"))
 
 
+@pytest.mark.parametrize("kwargs,word", [
+    ({"steps": 1.5}, "steps"), ({"steps": "0"}, "steps"), ({"steps": True}, "steps"), ({"steps": []}, "steps"),
+    ({"layers": 3}, "layers"), ({"layers": [0]}, "layers"), ({"tokens": 1.5}, "tokens"),
+    ({"tokens": ["red"]}, "tokens"), ({"tokens": []}, "tokens"),
+])
+def test_map_selection_arguments_of_a_wrong_type_are_analysis_errors(kwargs, word):
+    """Audit: steps=1.5 / layers=3 / tokens=["red"] were a TypeError or ValueError from inside (steps="01" read as
+    [0, 1]), and steps=[] gave all-NaN results."""
+    treated, baseline = _maps_pair()
+    calls = [lambda: A.map_difference(treated, baseline, **kwargs)]
+    if "tokens" not in kwargs:
+        calls.append(lambda: A.token_ranking(treated, **kwargs))
+    for call in calls:
+        with pytest.raises(A.AnalysisError, match=word) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_map_selection_arguments_take_one_index_a_range_or_an_array():
+    treated, baseline = _maps_pair()
+    md = A.map_difference(treated, baseline, steps=np.int64(1), layers=treated["layer"].values[:2], tokens=range(2))
+    assert md.sizes["step"] == 1 and md.sizes["token"] == 2 and md.attrs["n_layers"] == 2
+    assert A.token_ranking(treated, steps=treated["step"].values[:1]).attrs["steps"] == "[0]"
+
+
 # every public analysis that takes Datasets, with its number of Dataset arguments
 DATASET_ANALYSES = [(A.require, 1), (A.uniform_reference, 1), (A.layer_groups, 1), (A.suppression, 1),
                     (A.amplification, 1), (A.timestep_awareness, 1), (A.token_ranking, 1), (A.recorded_map_steps, 1),
