@@ -46,6 +46,8 @@ MASS_VARIABLES = ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass")
 #: contiguous depth groups, or all layers together (the group dimension is reduced away).
 GROUP_BY = ("block_type", "layer", "depth", "all")
 
+#: The dimensions of a store that the analyses reduce over or align on.
+_STORE_DIMS = ("sample", "step", "layer", "head", "token", "y", "x")
 #: How to get a variable that a store lacks (the ``record`` flag that produces it).
 _HOW_TO_GET = {
     "maps": "record the stores with `taca-probe record --maps steps=0-4` (or `taca-probe sweep --maps "
@@ -70,6 +72,12 @@ def _takes_datasets(fn: Callable) -> Callable:
                        if isinstance(value, (str, os.PathLike)) else "")
                 raise AnalysisError(f"{fn.__name__} needs an xarray.Dataset from taca_probe.{opener} as {name!r}, "
                                     f"got {type(value).__name__}{how}")
+            # ds.isel(layer=0) leaves a scalar coordinate where the analyses reduce over a dimension
+            dropped = [d for d in _STORE_DIMS if d in value.coords and value[d].ndim == 0 and d not in value.dims]
+            if dropped:
+                raise AnalysisError(f"{fn.__name__}: {name!r} has a scalar {dropped[0]!r} coordinate, not a "
+                                    f"{dropped[0]!r} dimension; select with a list to keep it, e.g. "
+                                    f"ds.isel({dropped[0]}=[0]) instead of ds.isel({dropped[0]}=0)")
         return fn(*args, **kwargs)
 
     return checked

@@ -449,6 +449,20 @@ def test_a_path_instead_of_a_dataset_is_an_analysis_error(fn, n, bad):
     assert (f"({bad!r}) first" in msg) == isinstance(bad, str)  # a path: how to open it
 
 
+@pytest.mark.parametrize("dim", ["sample", "step", "layer"])
+def test_a_dimension_selected_away_to_a_scalar_is_an_analysis_error(dim):
+    """Audit: suppression(ds.isel(layer=0)) was a TypeError (iteration over a 0-d array), token_ranking(
+    ds.isel(step=0)) a ValueError ('step' not found in array dimensions)."""
+    treated, baseline = _maps_pair()
+    for call in (lambda: A.suppression(treated.isel({dim: 0}), n_resamples=10),
+                 lambda: A.token_ranking(treated.isel({dim: 0})),
+                 lambda: A.map_difference(treated, baseline.isel({dim: 0}))):
+        with pytest.raises(A.AnalysisError, match=f"isel\\({dim}=\\[0\\]\\)") as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert A.suppression(treated.isel({dim: [0]}), n_resamples=10).attrs["n_samples"] >= 1  # a list keeps it
+
+
 @pytest.mark.parametrize("fn", [A.suppression, A.amplification, A.timestep_awareness])
 def test_a_dataset_with_no_sample_is_an_analysis_error(fn):
     """Audit: suppression of a zero-sample Dataset raised numpy's 'cannot reshape array of size 0'."""
