@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .errors import TacaProbeError
 from .selection import MapSelection
 from .stats import (
     BOOTSTRAP_METHODS,
@@ -140,7 +141,7 @@ def _check_same_structure(a: xr.Dataset, b: xr.Dataset, dims: Sequence[str]) -> 
                             + "; ".join(diffs))
 
 
-def _indices(value: Any, what: str, valid: str) -> list[int]:
+def _indices(value: Any, what: str, valid: str, error: type[TacaProbeError] = AnalysisError) -> list[int]:
     """One index, or a non-empty list (tuple, range, array) of them, as ints; anything else (``1.5``, ``"0"``,
     ``True``, ``[]``) is an :class:`AnalysisError` naming ``what`` and the ``valid`` choices, not a TypeError."""
     if isinstance(value, (np.ndarray, xr.DataArray)):
@@ -148,9 +149,9 @@ def _indices(value: Any, what: str, valid: str) -> list[int]:
     items = [value] if isinstance(value, (int, np.integer)) else value
     if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not all(
             isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in items):
-        raise AnalysisError(f"{what} must be an index or a list of indices, got {value!r}; {valid}")
+        raise error(f"{what} must be an index or a list of indices, got {value!r}; {valid}")
     if not items:  # would average over nothing: NaN results, not an error
-        raise AnalysisError(f"{what} is an empty list; {valid}")
+        raise error(f"{what} is an empty list; {valid}")
     return [int(v) for v in items]
 
 

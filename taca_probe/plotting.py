@@ -22,7 +22,7 @@ import xarray as xr
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .analysis import readable_token
+from .analysis import _indices, readable_token
 from .errors import TacaProbeError
 
 __all__ = ["FIGURES", "FORMATS", "PALETTE", "DIVERGING_CMAP", "SEQUENTIAL_CMAP", "FigureError", "plot_suppression",
@@ -83,6 +83,18 @@ def _group_dim(res: xr.Dataset | xr.DataArray, *, expect: Sequence[str] = ("step
         raise FigureError(f"the result has the extra dimension(s) {', '.join(map(str, extra))}; select one first, "
                           f"e.g. result.isel({extra[0]}=0) (or analyse ds.sel({extra[0]}=...))")
     return gdim
+
+
+def _needs(res: Any, plot: str, made_by: str, *names: str) -> None:
+    """Refuse what ``made_by`` did not return: one FigureError naming what it is, not a KeyError from inside."""
+    have = set(res.variables) | set(res.dims) if isinstance(res, xr.Dataset) else \
+        set(res.coords) | set(res.dims) if isinstance(res, xr.DataArray) else set()
+    missing = [n for n in names if n not in have]
+    if missing:
+        what = (f"a {res.attrs['quantity']!r} result" if isinstance(getattr(res, "attrs", None), dict)
+                and "quantity" in res.attrs else f"a {type(res).__name__}")
+        raise FigureError(f"{plot} draws the result of taca_probe.analysis.{made_by}; got {what} without "
+                          f"{missing[0]!r}")
 
 
 def _samples_text(attrs: dict) -> str:
@@ -180,6 +192,7 @@ def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = F
     ``res``: a :func:`~taca_probe.analysis.suppression` result (any ``by``); ``log``: logarithmic
     mass axis (useful when the uniform reference is far below 1).
     """
+    _needs(res, "plot_suppression", "suppression", "mean", "ci_low", "ci_high")
     fig, ax, _, _ = _group_lines(res, 4.6, res.attrs.get("by", "all layers"))
     uniform = float(res["uniform_reference"]) if "uniform_reference" in res else res.attrs.get("uniform_reference")
     if uniform is not None:
@@ -212,6 +225,7 @@ def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = F
 @_styled
 def plot_suppression_heatmap(res: xr.Dataset, *, title: str | None = None):
     """Layer x timestep heatmap of the visual->text mass (``suppression(ds, by="layer")``)."""
+    _needs(res, "plot_suppression_heatmap", "suppression", "mean", "step")
     gdim = _group_dim(res)
     if gdim is None:
         raise FigureError("the heatmap needs a result with a layer dimension: suppression(ds, by='layer')")
@@ -239,6 +253,7 @@ def plot_suppression_heatmap(res: xr.Dataset, *, title: str | None = None):
 @_styled
 def plot_timestep_slope(res: xr.Dataset, *, title: str | None = None):
     """Timestep awareness: per-layer slope of the mass against t/1000 with CI error bars."""
+    _needs(res, "plot_timestep_slope", "timestep_awareness", "slope", "slope_ci_low", "slope_ci_high")
     gdim = _group_dim(res["slope"].assign_attrs(res.attrs), expect=())
     names = [str(v) for v in res[gdim].values] if gdim else ["all layers"]
     labels = [short_layer(n) if gdim == "layer" else n for n in names]
@@ -262,6 +277,7 @@ def plot_timestep_slope(res: xr.Dataset, *, title: str | None = None):
 @_styled
 def plot_amplification(res: xr.Dataset, *, title: str | None = None):
     """TACA's effect per step: applied / gamma=1 visual->text mass, with the applied gamma."""
+    _needs(res, "plot_amplification", "amplification", "mean", "ci_low", "ci_high")
     fig, ax, gdim, t = _group_lines(res, 4.4, "all layers")
     ax.axhline(1.0, color="0.3", ls=":", lw=1.2, label="no change (γ = 1)")
     ax.set_ylabel("visual→text mass, applied / at γ = 1\n(ratio)")
@@ -332,9 +348,10 @@ def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int]
     columns: ``steps`` (default the first 6); one paired ``sample``; ``overlay`` draws each map
     over the decoded TACA image (greyscale).
     """
+    _needs(md, "plot_map_difference", "map_difference", "diff", "token_abs_change", "sample", "step")
     tokens, labels, note = _token_rows(md, sample, max_tokens, tokens)
     all_steps = [int(s) for s in md["step"].values]
-    steps = all_steps[:6] if steps is None else [int(s) for s in steps]
+    steps = all_steps[:6] if steps is None else _indices(steps, "steps", f"steps: {all_steps}", FigureError)
     bad = [s for s in steps if s not in all_steps]
     if bad:
         raise FigureError(f"step(s) {bad} not in the map difference; steps: {all_steps}")
@@ -374,6 +391,7 @@ def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int]
 def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
                       tokens: Sequence[int | str] | None = None, title: str | None = None):
     """Per-token summary of Fig. 3: relative change of each token's mean attention, tokens x steps."""
+    _needs(md, "plot_token_change", "map_difference", "token_relative_change", "token_abs_change", "sample", "step")
     tokens, labels, note = _token_rows(md, sample, max_tokens, tokens)
     sub = md.isel(sample=sample, token=tokens)
     rel = 100.0 * np.asarray(sub["token_relative_change"].transpose("token", "step").values, float)
@@ -397,6 +415,7 @@ def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
 @_styled
 def plot_gamma_grid(grid: xr.DataArray, *, title: str | None = None):
     """Fig. 4 analogue: images, rows prompts, columns the sweep's gamma0 (from ``gamma_image_grid``)."""
+    _needs(grid, "plot_gamma_grid", "gamma_image_grid", "prompt", "schedule", "image_y", "image_x", "channel")
     n_p, n_s = grid.sizes["prompt"], grid.sizes["schedule"]
     g0 = _coord(grid, "gamma0", np.full(n_s, np.nan))
     tt = _coord(grid, "t_thresh", np.full(n_s, np.nan))
@@ -419,6 +438,7 @@ def plot_gamma_grid(grid: xr.DataArray, *, title: str | None = None):
 @_styled
 def plot_mass_vs_gamma(res: xr.Dataset, *, title: str | None = None):
     """Fig. 4 curve: visual->text mass against gamma0 with CI bands, one line per t_thresh."""
+    _needs(res, "plot_mass_vs_gamma", "mass_vs_gamma", "mean", "ci_low", "ci_high", "schedule")
     gdim = _group_dim(res, expect=("schedule",))
     groups = [str(g) for g in res[gdim].values] if gdim else [None]
     g0 = _coord(res, "gamma0", np.arange(res.sizes["schedule"], dtype=float))
@@ -466,6 +486,9 @@ def plot_mass_vs_gamma(res: xr.Dataset, *, title: str | None = None):
 @_styled
 def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | None = None):
     """Which prompt tokens receive the most visual attention (share of the visual->text mass), per prompt."""
+    _needs(rank, "plot_token_ranking", "token_ranking", "token", "share", "padding_share", "prompt", "rank")
+    if isinstance(max_prompts, bool) or not isinstance(max_prompts, (int, np.integer)) or max_prompts < 1:
+        raise FigureError(f"max_prompts must be a positive integer, got {max_prompts!r}")
     prompts = [str(p) for p in rank["prompt"].values][:max_prompts]
     fig = _figure(7.0, (0.28 * rank.sizes["rank"] + 1.2) * len(prompts) + 0.8)
     axes = np.atleast_1d(fig.subplots(len(prompts), 1, squeeze=False)[:, 0])

@@ -185,6 +185,33 @@ def test_fig3_rows_are_the_most_changed_tokens_or_the_named_ones(sweep_dir):
         plotting.plot_map_difference(md, tokens=["zebra"])
 
 
+def test_plots_refuse_another_analysis_result_and_bad_options(sweep_dir):
+    """Audit: plot_suppression(compare_runs(...)) was a KeyError ('mean'), plot_gamma_grid(suppression(...)) a
+    KeyError ('prompt'), plot_map_difference(steps=1.5) a TypeError, plot_token_ranking(max_prompts=0) matplotlib's
+    ValueError."""
+    sweep = open_sweep(sweep_dir)
+    treated, base = sweep.sel(schedule="step:1.5@970"), sweep.sel(schedule="none")
+    supp = A.suppression(base, n_resamples=10)
+    wrong = [(plotting.plot_suppression, A.compare_runs(treated, base, n_resamples=10), "suppression"),
+             (plotting.plot_amplification, A.token_ranking(base), "amplification"),
+             (plotting.plot_timestep_slope, supp, "timestep_awareness"),
+             (plotting.plot_mass_vs_gamma, supp, "mass_vs_gamma"), (plotting.plot_gamma_grid, supp, "gamma_image_grid"),
+             (plotting.plot_map_difference, supp, "map_difference"),
+             (plotting.plot_token_change, base, "map_difference"),
+             (plotting.plot_token_ranking, supp, "token_ranking")]
+    for plot, res, made_by in wrong:
+        with pytest.raises(plotting.FigureError, match=made_by) as e:
+            plot(res)
+        assert "\n" not in str(e.value)
+    md = A.map_difference(treated, base)
+    for kwargs in ({"steps": 1.5}, {"steps": "0"}, {"steps": []}):
+        with pytest.raises(plotting.FigureError, match="steps"):
+            plotting.plot_map_difference(md, **kwargs)
+    with pytest.raises(plotting.FigureError, match="max_prompts"):
+        plotting.plot_token_ranking(A.token_ranking(base), max_prompts=0)
+    assert len(plotting.plot_map_difference(md, steps=np.int64(0)).axes) >= 1  # one step index stays fine
+
+
 def test_sweep_resume_records_only_what_is_missing(sweep_dir, tmp_path, capsys):
     folder = tmp_path / "sweep"
     shutil.copytree(sweep_dir, folder)
