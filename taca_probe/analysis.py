@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import TacaProbeError
-from .selection import MapSelection
+from .selection import MapSelection, index_list
 from .stats import (
     BOOTSTRAP_METHODS,
     PAIRED_TESTS,
@@ -141,22 +141,8 @@ def _check_same_structure(a: xr.Dataset, b: xr.Dataset, dims: Sequence[str]) -> 
                             + "; ".join(diffs))
 
 
-def _indices(value: Any, what: str, valid: str, error: type[TacaProbeError] = AnalysisError) -> list[int]:
-    """One index, or a non-empty list (tuple, range, array) of them, as ints; anything else (``1.5``, ``"0"``,
-    ``True``, ``[]``) is an :class:`AnalysisError` naming ``what`` and the ``valid`` choices, not a TypeError."""
-    if isinstance(value, (np.ndarray, xr.DataArray)):
-        value = np.asarray(value).tolist()
-    items = [value] if isinstance(value, (int, np.integer)) else value
-    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in items):
-        raise error(f"{what} must be an index or a list of indices, got {value!r}; {valid}")
-    if not items:  # would average over nothing: NaN results, not an error
-        raise error(f"{what} is an empty list; {valid}")
-    return [int(v) for v in items]
-
-
 def _pick_steps(steps: int | Sequence[int], valid: Sequence[int], where: str) -> list[int]:
-    sel = _indices(steps, "steps", f"steps in {where}: {valid[0]}..{valid[-1]}")
+    sel = index_list(steps, "steps", f"steps in {where}: {valid[0]}..{valid[-1]}", AnalysisError)
     bad = [s for s in sel if s not in valid]
     if bad:
         raise AnalysisError(f"step(s) {bad} not in {where}; steps: {valid[0]}..{valid[-1]}")
@@ -445,7 +431,7 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
     if steps is None:
         steps_sel = available
     else:
-        steps_sel = _indices(steps, "steps", f"steps with maps: {available}")
+        steps_sel = index_list(steps, "steps", f"steps with maps: {available}", AnalysisError)
         bad = [s for s in steps_sel if s not in available]
         if bad:
             raise AnalysisError(f"no maps at step(s) {bad} in both stores; steps with maps: {available}")
@@ -463,8 +449,8 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
         pad = np.asarray(treated["token_is_padding"].values, dtype=bool)
         tok_idx = np.flatnonzero(~pad.all(axis=0)) if tokens == "prompt" else np.arange(n_tok)
     else:
-        tok_idx = np.array(sorted(set(_indices(tokens, "tokens", f"'prompt', 'all' or positions 0..{n_tok - 1}"))),
-                           dtype=np.int64)
+        valid = f"'prompt', 'all' or positions 0..{n_tok - 1}"
+        tok_idx = np.array(sorted(set(index_list(tokens, "tokens", valid, AnalysisError))), dtype=np.int64)
         bad = [int(t) for t in tok_idx if not 0 <= t < n_tok]
         if bad:
             raise AnalysisError(f"token positions {bad} out of range 0..{n_tok - 1}")

@@ -22,8 +22,9 @@ import xarray as xr
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .analysis import _indices, readable_token
+from .analysis import readable_token
 from .errors import TacaProbeError
+from .selection import index_list
 
 __all__ = ["FIGURES", "FORMATS", "PALETTE", "DIVERGING_CMAP", "SEQUENTIAL_CMAP", "FigureError", "plot_suppression",
            "plot_suppression_heatmap", "plot_timestep_slope", "plot_amplification", "plot_map_difference",
@@ -351,7 +352,7 @@ def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int]
     _needs(md, "plot_map_difference", "map_difference", "diff", "token_abs_change", "sample", "step")
     tokens, labels, note = _token_rows(md, sample, max_tokens, tokens)
     all_steps = [int(s) for s in md["step"].values]
-    steps = all_steps[:6] if steps is None else _indices(steps, "steps", f"steps: {all_steps}", FigureError)
+    steps = all_steps[:6] if steps is None else index_list(steps, "steps", f"steps: {all_steps}", FigureError)
     bad = [s for s in steps if s not in all_steps]
     if bad:
         raise FigureError(f"step(s) {bad} not in the map difference; steps: {all_steps}")

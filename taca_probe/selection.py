@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from .errors import TacaProbeError
 
-__all__ = ["int_ranges", "is_seed", "MapSelection", "MAX_VALUES", "MAX_INT"]
+__all__ = ["int_ranges", "index_list", "is_seed", "MapSelection", "MAX_VALUES", "MAX_INT"]
 
 #: At most this many values in one list: a longer list is a typo (``0-10000000``), not a plan.
 MAX_VALUES = 100_000
@@ -55,6 +56,20 @@ def int_ranges(text: str, *, maximum: int = MAX_INT, max_values: int = MAX_VALUE
     if not out:
         raise ValueError(f"{text!r} is empty")
     return list(out)
+
+
+def index_list(value: Any, what: str, valid: str, error: type[Exception] = TacaProbeError) -> list[int]:
+    """One index, or a non-empty list (tuple, range, array) of them, as ints; anything else (``1.5``, ``"0"``,
+    ``True``, ``[]``) is one ``error`` naming ``what`` and the ``valid`` choices, not a TypeError later."""
+    if hasattr(value, "__array__") and not isinstance(value, (str, bytes)):  # a numpy or xarray index array
+        value = np.asarray(value).tolist()
+    items = [value] if isinstance(value, (int, np.integer)) else value
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in items):
+        raise error(f"{what} must be an index or a list of indices, got {value!r}; {valid}")
+    if not items:  # would average over nothing: NaN results, not an error
+        raise error(f"{what} is an empty list; {valid}")
+    return [int(v) for v in items]
 
 
 #: How each part of a map selection's string form is read.
