@@ -351,7 +351,7 @@ def timestep_awareness(ds: xr.Dataset, *, by: str = "layer", variable: str = "vi
     ``early_late_ratio``, and ``mass`` (``by``, ``step``), each with ``*_ci_low`` / ``*_ci_high`` across samples.
     """
     choice(variable, MASS_VARIABLES, "variable")
-    if not isinstance(split, (int, float)) or not 0 <= split <= 1000:
+    if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 <= split <= 1000:
         raise AnalysisError(f"split must be a timestep in 0..1000, got {split!r}")
     ds = _select_branch(ds, branch)
     require(ds, "timestep")

@@ -83,6 +83,9 @@ def bootstrap_mean(da: xr.DataArray, *, dim: str = "sample", ci: float = 0.95, n
     a NaN interval, observations all equal ``[value, value]``.
     """
     check_stats_options(ci, n_resamples, method, seed)
+    if not isinstance(da, xr.DataArray):
+        raise AnalysisError(f"bootstrap_mean takes one xarray.DataArray (e.g. ds['vis_txt_mass']), "
+                            f"got {type(da).__name__}")
     if dim not in da.dims:
         raise AnalysisError(f"dimension {dim!r} not in the data; dims are {', '.join(map(str, da.dims))}")
     if da.sizes[dim] == 0:  # e.g. a store with no complete sample: nothing to average (or to reshape)

@@ -400,8 +400,11 @@ def test_other_bad_inputs():
         A.token_ranking(_sweep())
     with pytest.raises(A.AnalysisError, match="top must be a positive integer"):
         A.token_ranking(_fig2_run(), top=0)
-    with pytest.raises(A.AnalysisError, match="split must be a timestep"):
-        A.timestep_awareness(_fig2_run(), split=2000)
+    for split in (2000, True):  # True is not the timestep 1
+        with pytest.raises(A.AnalysisError, match="split must be a timestep"):
+            A.timestep_awareness(_fig2_run(), split=split)
+    with pytest.raises(A.AnalysisError, match="DataArray"):
+        A.bootstrap_mean(_fig2_run()[["vis_txt_mass"]])
     with pytest.raises(A.AnalysisError, match="no 'vis_txt_mass' variable"):
         A.suppression(_fig2_run().drop_vars("vis_txt_mass"))
 
