@@ -209,6 +209,9 @@ def test_plots_refuse_another_analysis_result_and_bad_options(sweep_dir):
             plotting.plot_map_difference(md, **kwargs)
     with pytest.raises(plotting.FigureError, match="max_prompts"):
         plotting.plot_token_ranking(A.token_ranking(base), max_prompts=0)
+    for plot in (plotting.plot_map_difference, plotting.plot_token_change):
+        with pytest.raises(plotting.FigureError, match="max_tokens"):
+            plot(md, max_tokens=0)
     assert len(plotting.plot_map_difference(md, steps=np.int64(0)).axes) >= 1  # one step index stays fine
 
 
