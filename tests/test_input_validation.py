@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +116,27 @@ def test_out_under_a_file_is_a_user_error(tmp_path, capsys):
         rc, _, err = run_cli([*cmd, "--prompt", "x", "--out", str(blocker / "sub" / "o")], capsys)
         _refused(rc, err, str(blocker))
     assert blocker.read_text() == ""
+
+
+OUT_COMMANDS = [["record", "--prompt", "x"], ["generate", "--prompt", "x"], ["sweep", "--prompt", "x"],
+                ["export-images", "STORE"], ["figures", "STORE"], ["report", "STORE"]]
+# record's own --out may be a store (--resume / --overwrite decide), not a folder inside one
+OUT_IN_STORE = [(argv, where) for argv in OUT_COMMANDS for where in ("inner", ".")
+                if (argv[0], where) != ("record", ".")]
+
+
+@pytest.mark.parametrize("argv,where", OUT_IN_STORE, ids=[f"{a[0]}-{w}" for a, w in OUT_IN_STORE])
+def test_out_inside_a_store_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, argv, where):
+    """Audit: ``record --out STORE/inner.zarr`` nested a store in STORE, which every command then called
+    damaged (and told to re-record with --overwrite); the other commands wrote their files into it."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", store)
+    before = sorted(store.rglob("*"))
+    monkeypatch.setattr(record, "load_pipeline", _must_not_load)
+    argv = [store if a == "STORE" else a for a in argv]
+    rc, _, err = run_cli([*argv, "--out", store / where], capsys)
+    _refused(rc, err, "store")
+    assert sorted(store.rglob("*")) == before
 
 
 def test_figures_caps_and_eval_json_folder(tmp_path, capsys):

@@ -194,7 +194,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     maps = MapSelection.parse(args.maps)
     items = read_prompts(args)
     out = Path(args.out)
-    check_out(out)
+    check_out(out, store=True)
     ranks = ranks_from_env()
     # Under torchrun, rank 0 creates the store while the others may still be starting: only it checks.
     if out.exists() and not (args.resume or args.overwrite) and ranks.is_main:
@@ -303,8 +303,9 @@ def _slug(text: str, width: int = 60) -> str:
 
 def cmd_export_images(args: argparse.Namespace) -> int:
     """Every image of a store (or each store of a sweep) as PNG, named by prompt and seed."""
-    runs = open_inputs([args.store], None)[0]
     out = Path(args.out)
+    check_out(out)
+    runs = open_inputs([args.store], None)[0]
     written = 0
     for label, spec, ds in runs:
         # a sweep: one folder per schedule; a store: the images directly in --out
