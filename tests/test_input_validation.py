@@ -139,6 +139,24 @@ def test_out_inside_a_store_is_refused_before_anything_is_written(tmp_path, caps
     assert sorted(store.rglob("*")) == before
 
 
+def test_export_images_of_a_sweep_keeps_schedules_whose_names_slug_alike(tmp_path, capsys):
+    """Audit: schedules whose specs slug alike (here they differ only in a glob character) shared one
+    export folder, so the second schedule's PNGs replaced the first's while the count said both."""
+    import json
+
+    sweep = tmp_path / "sw"
+    specs = ["const:1.1;layers=x*", "const:1.1;layers=x?"]
+    for i in range(2):
+        shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", sweep / "stores" / f"{i}.zarr")
+    schedules = [{"spec": spec, "store": f"stores/{i}.zarr", "images": f"images/{i}"} for i, spec in enumerate(specs)]
+    (sweep / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": schedules}))
+    rc, out, err = run_cli(["export-images", sweep, "--out", tmp_path / "png"], capsys)
+    assert rc == 0, err
+    written = int(out.split()[1])
+    pngs = list((tmp_path / "png").rglob("*.png"))
+    assert written > 0 and len(pngs) == written and len({p.parent for p in pngs}) == 2
+
+
 def test_figures_caps_and_eval_json_folder(tmp_path, capsys):
     for flag, value in (("--dpi", "100000"), ("--n-resamples", "1")):
         rc, _, err = run_cli(["figures", str(tmp_path), flag, value, "--out", str(tmp_path / "f")], capsys)

@@ -307,9 +307,9 @@ def cmd_export_images(args: argparse.Namespace) -> int:
     check_out(out)
     runs = open_inputs([args.store], None)[0]
     written = 0
-    for label, spec, ds in runs:
-        # a sweep: one folder per schedule; a store: the images directly in --out
-        folder = out / _slug(spec, 40) if len(runs) > 1 or Path(args.store) != Path(label) else out
+    for k, (label, spec, ds) in enumerate(runs):
+        # a sweep: one folder per schedule, numbered as in the sweep (two specs can share a slug); a store: --out
+        folder = out / f"{k:02d}_{_slug(spec, 40)}" if len(runs) > 1 or Path(args.store) != Path(label) else out
         folder.mkdir(parents=True, exist_ok=True)
         for i, (prompt, seed, b) in enumerate(sample_keys(ds)):
             name = f"{i:04d}_{_slug(prompt)}_seed{seed}" + (f"_{b}" if b else "") + ".png"
