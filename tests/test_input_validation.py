@@ -99,6 +99,19 @@ def test_prompts_file_line_separator_is_not_a_new_prompt_and_bytes_must_be_utf8(
     _refused(rc, err, "--prompt")
 
 
+def test_prompts_file_with_a_byte_order_mark(tmp_path):
+    """Audit: a BOM made the first JSONL line a literal prompt '\\ufeff{"prompt": ...}' with the default seeds,
+    and the first line of a text file a prompt that starts with an invisible character."""
+    from taca_probe.cli import build_parser
+    from taca_probe.cli.args import read_prompts as _read_prompts
+
+    f = tmp_path / "p.jsonl"
+    for text, expected in (('{"prompt": "a red cube", "seed": 3}\n', [("a red cube", [3])]),
+                           ("a red cube\nb\n", [("a red cube", [0]), ("b", [0])])):
+        f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert _read_prompts(build_parser().parse_args(["record", "--prompts", str(f)])) == expected
+
+
 @pytest.mark.parametrize("command", ["generate", "record", "sweep"])
 def test_gamma_that_overflows_float32_is_refused_before_loading(tmp_path, capsys, command):
     """Audit: ``generate --schedule const:1e308`` (inf as a float32) exited 0 with a black image."""

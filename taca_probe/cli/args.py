@@ -240,7 +240,7 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
         if not path.is_file():
             raise TacaProbeError(f"prompt file {str(path)!r} does not exist")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no part of the first line
         except UnicodeDecodeError as e:
             raise TacaProbeError(f"prompt file {str(path)!r} is not UTF-8 text (byte {e.start})") from None
         # lines end at "\n" only: str.splitlines would also split at U+2028 and other separators
