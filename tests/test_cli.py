@@ -56,6 +56,23 @@ def test_prompts_file_text_and_jsonl(tmp_path, capsys):
     assert [(m["prompt"], m["seed"]) for m in metas] == [("a red cube", 11), ("plain line prompt", 1)]
 
 
+def test_record_and_generate_sample_each_prompt_and_seed_once(tmp_path, capsys):
+    """Audit: a (prompt, seed) given twice (a repeated --prompt, a JSONL line twice) was recorded twice, so
+    it counted double in every mean and interval; a sweep of the same input recorded it once."""
+    from taca_probe import open_run
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a red cube", "seed": 1}\n{"prompt": "a red cube", "seed": 1}\n')
+    argv = ["--model", "tiny-sd3", "--prompt", "a red cube", "--prompt", "a red cube", "--prompts", f, "--seeds", "1",
+            "--steps", "1", "--height", "64", "--width", "64"]
+    rc, _, err = run_cli(["record", *argv, "--out", tmp_path / "r.zarr"], capsys)
+    assert rc == 0, err
+    assert open_run(tmp_path / "r.zarr").sizes["sample"] == 1
+    rc, _, err = run_cli(["generate", *argv, "--out", tmp_path / "g"], capsys)
+    assert rc == 0, err
+    assert len(list((tmp_path / "g").glob("*.png"))) == 1
+
+
 BAD = [
     (["generate", "--prompt", "x", "--model", "no/such-model"], "not in the local Hugging Face cache"),
     (["generate", "--prompt", "x", "--schedule", "step:0@970"], "valid forms"),

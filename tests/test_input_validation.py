@@ -217,6 +217,15 @@ class _Boom:
         return (exec, ("open(__import__('os').environ['TACA_BOOM'], 'w').write('ran')",))
 
 
+def test_a_sweep_plan_holds_each_prompt_and_seed_once():
+    """Audit: a seed repeated within one (prompt, seeds) pair was planned twice; the check of repeats scanned
+    the plan for every new pair (quadratic: 100,000 JSONL lines took minutes before anything started)."""
+    from taca_probe.sweep import _plan
+
+    assert _plan([("a", [1, 1]), ("b", [2]), ("a", [1, 0])], [0]) == [("a", 1), ("b", 2), ("a", 0)]
+    assert _plan("x", [3, 3]) == [("x", 3)]
+
+
 def test_train_resume_never_runs_code_from_a_checkpoint(tmp_path, monkeypatch):
     from taca_probe.shapes.train import TrainConfig, TrainError, train
 
