@@ -152,3 +152,21 @@ def test_summary_has_a_column_for_the_first_and_the_last_step(steps):
     for bt in sorted(set(ds["block_type"].values.tolist())):
         in_bt = (ds["block_type"] == bt).values
         assert got[bt] == pytest.approx([vis[:, s][:, in_bt].mean() for s in columns], abs=5e-5)
+
+
+def test_a_warning_is_one_line(tmp_path):
+    """Audit: a warning (here: a sweep store not recorded yet) printed Python's 'FILE:LINE: UserWarning: ...'
+    and the source line after it, on every figures, report and export-images of the sweep."""
+    import shutil
+    from pathlib import Path
+
+    sweep = tmp_path / "sw"
+    shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", sweep / "stores" / "1.zarr")
+    schedules = [{"spec": spec, "store": f"stores/{i}.zarr", "images": f"images/{i}"}
+                 for i, spec in enumerate(["none", "const:1.1"])]  # stores/0.zarr was never recorded
+    (sweep / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": schedules}))
+    argv = [sys.executable, "-m", "taca_probe", "export-images", str(sweep), "--out", str(tmp_path / "e")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("taca-probe: warning:") and "not recorded" in lines[0], proc.stderr
