@@ -138,8 +138,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _plan(prompts: Sequence[Any], seeds: Sequence[int]) -> list[tuple[str, int]]:
-    """(prompt, seed) pairs: each prompt is a string (every seed) or a (prompt, seeds) pair."""
-    plan: list[tuple[str, int]] = []
+    """(prompt, seed) pairs, each once: each prompt is a string (every seed) or a (prompt, seeds) pair."""
+    plan: dict[tuple[str, int], None] = {}  # ordered, and a repeat is found in O(1), not by a list scan
     for item in [prompts] if isinstance(prompts, str) else prompts:
         if isinstance(item, str):
             text, item_seeds = item, seeds
@@ -155,10 +155,10 @@ def _plan(prompts: Sequence[Any], seeds: Sequence[int]) -> list[tuple[str, int]]
         bad = [s for s in item_seeds if not is_seed(s)]
         if bad:
             raise SweepError(f"seed {bad[0]!r} of prompt {text!r} is not an integer in 0..{MAX_INT}")
-        plan += [(text, int(s)) for s in item_seeds if (text, int(s)) not in plan]
+        plan.update(dict.fromkeys((text, int(s)) for s in item_seeds))
     if not plan:
         raise SweepError("no prompt given")
-    return plan
+    return list(plan)
 
 
 def _resume_diffs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -56,6 +56,23 @@ def test_prompts_file_text_and_jsonl(tmp_path, capsys):
     assert [(m["prompt"], m["seed"]) for m in metas] == [("a red cube", 11), ("plain line prompt", 1)]
 
 
+def test_record_and_generate_sample_each_prompt_and_seed_once(tmp_path, capsys):
+    """Audit: a (prompt, seed) given twice (a repeated --prompt, a JSONL line twice) was recorded twice, so
+    it counted double in every mean and interval; a sweep of the same input recorded it once."""
+    from taca_probe import open_run
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a red cube", "seed": 1}\n{"prompt": "a red cube", "seed": 1}\n')
+    argv = ["--model", "tiny-sd3", "--prompt", "a red cube", "--prompt", "a red cube", "--prompts", f, "--seeds", "1",
+            "--steps", "1", "--height", "64", "--width", "64"]
+    rc, _, err = run_cli(["record", *argv, "--out", tmp_path / "r.zarr"], capsys)
+    assert rc == 0, err
+    assert open_run(tmp_path / "r.zarr").sizes["sample"] == 1
+    rc, _, err = run_cli(["generate", *argv, "--out", tmp_path / "g"], capsys)
+    assert rc == 0, err
+    assert len(list((tmp_path / "g").glob("*.png"))) == 1
+
+
 BAD = [
     (["generate", "--prompt", "x", "--model", "no/such-model"], "not in the local Hugging Face cache"),
     (["generate", "--prompt", "x", "--schedule", "step:0@970"], "valid forms"),
@@ -135,3 +152,21 @@ def test_summary_has_a_column_for_the_first_and_the_last_step(steps):
     for bt in sorted(set(ds["block_type"].values.tolist())):
         in_bt = (ds["block_type"] == bt).values
         assert got[bt] == pytest.approx([vis[:, s][:, in_bt].mean() for s in columns], abs=5e-5)
+
+
+def test_a_warning_is_one_line(tmp_path):
+    """Audit: a warning (here: a sweep store not recorded yet) printed Python's 'FILE:LINE: UserWarning: ...'
+    and the source line after it, on every figures, report and export-images of the sweep."""
+    import shutil
+    from pathlib import Path
+
+    sweep = tmp_path / "sw"
+    shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", sweep / "stores" / "1.zarr")
+    schedules = [{"spec": spec, "store": f"stores/{i}.zarr", "images": f"images/{i}"}
+                 for i, spec in enumerate(["none", "const:1.1"])]  # stores/0.zarr was never recorded
+    (sweep / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": schedules}))
+    argv = [sys.executable, "-m", "taca_probe", "export-images", str(sweep), "--out", str(tmp_path / "e")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("taca-probe: warning:") and "not recorded" in lines[0], proc.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +99,19 @@ def test_prompts_file_line_separator_is_not_a_new_prompt_and_bytes_must_be_utf8(
     _refused(rc, err, "--prompt")
 
 
+def test_prompts_file_with_a_byte_order_mark(tmp_path):
+    """Audit: a BOM made the first JSONL line a literal prompt '\\ufeff{"prompt": ...}' with the default seeds,
+    and the first line of a text file a prompt that starts with an invisible character."""
+    from taca_probe.cli import build_parser
+    from taca_probe.cli.args import read_prompts as _read_prompts
+
+    f = tmp_path / "p.jsonl"
+    for text, expected in (('{"prompt": "a red cube", "seed": 3}\n', [("a red cube", [3])]),
+                           ("a red cube\nb\n", [("a red cube", [0]), ("b", [0])])):
+        f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert _read_prompts(build_parser().parse_args(["record", "--prompts", str(f)])) == expected
+
+
 @pytest.mark.parametrize("command", ["generate", "record", "sweep"])
 def test_gamma_that_overflows_float32_is_refused_before_loading(tmp_path, capsys, command):
     """Audit: ``generate --schedule const:1e308`` (inf as a float32) exited 0 with a black image."""
@@ -114,6 +129,45 @@ def test_out_under_a_file_is_a_user_error(tmp_path, capsys):
         rc, _, err = run_cli([*cmd, "--prompt", "x", "--out", str(blocker / "sub" / "o")], capsys)
         _refused(rc, err, str(blocker))
     assert blocker.read_text() == ""
+
+
+OUT_COMMANDS = [["record", "--prompt", "x"], ["generate", "--prompt", "x"], ["sweep", "--prompt", "x"],
+                ["export-images", "STORE"], ["figures", "STORE"], ["report", "STORE"]]
+# record's own --out may be a store (--resume / --overwrite decide), not a folder inside one
+OUT_IN_STORE = [(argv, where) for argv in OUT_COMMANDS for where in ("inner", ".")
+                if (argv[0], where) != ("record", ".")]
+
+
+@pytest.mark.parametrize("argv,where", OUT_IN_STORE, ids=[f"{a[0]}-{w}" for a, w in OUT_IN_STORE])
+def test_out_inside_a_store_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, argv, where):
+    """Audit: ``record --out STORE/inner.zarr`` nested a store in STORE, which every command then called
+    damaged (and told to re-record with --overwrite); the other commands wrote their files into it."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", store)
+    before = sorted(store.rglob("*"))
+    monkeypatch.setattr(record, "load_pipeline", _must_not_load)
+    argv = [store if a == "STORE" else a for a in argv]
+    rc, _, err = run_cli([*argv, "--out", store / where], capsys)
+    _refused(rc, err, "store")
+    assert sorted(store.rglob("*")) == before
+
+
+def test_export_images_of_a_sweep_keeps_schedules_whose_names_slug_alike(tmp_path, capsys):
+    """Audit: schedules whose specs slug alike (here they differ only in a glob character) shared one
+    export folder, so the second schedule's PNGs replaced the first's while the count said both."""
+    import json
+
+    sweep = tmp_path / "sw"
+    specs = ["const:1.1;layers=x*", "const:1.1;layers=x?"]
+    for i in range(2):
+        shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", sweep / "stores" / f"{i}.zarr")
+    schedules = [{"spec": spec, "store": f"stores/{i}.zarr", "images": f"images/{i}"} for i, spec in enumerate(specs)]
+    (sweep / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": schedules}))
+    rc, out, err = run_cli(["export-images", sweep, "--out", tmp_path / "png"], capsys)
+    assert rc == 0, err
+    written = int(out.split()[1])
+    pngs = list((tmp_path / "png").rglob("*.png"))
+    assert written > 0 and len(pngs) == written and len({p.parent for p in pngs}) == 2
 
 
 def test_figures_caps_and_eval_json_folder(tmp_path, capsys):
@@ -161,6 +215,15 @@ def test_run_sweep_refuses_bad_seeds_before_writing(tmp_path, seeds):
 class _Boom:
     def __reduce__(self):  # what a hostile checkpoint.pt carries: a call made while unpickling
         return (exec, ("open(__import__('os').environ['TACA_BOOM'], 'w').write('ran')",))
+
+
+def test_a_sweep_plan_holds_each_prompt_and_seed_once():
+    """Audit: a seed repeated within one (prompt, seeds) pair was planned twice; the check of repeats scanned
+    the plan for every new pair (quadratic: 100,000 JSONL lines took minutes before anything started)."""
+    from taca_probe.sweep import _plan
+
+    assert _plan([("a", [1, 1]), ("b", [2]), ("a", [1, 0])], [0]) == [("a", 1), ("b", 2), ("a", 0)]
+    assert _plan("x", [3, 3]) == [("x", 3)]
 
 
 def test_train_resume_never_runs_code_from_a_checkpoint(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from .. import __version__
@@ -36,7 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # a warning (a sweep store not recorded yet, samples left out) is news for the user, not a source location
+    text = next((t.strip() for t in str(message).splitlines() if t.strip()), category.__name__)
+    return f"taca-probe: warning: {text}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores the format for callers of main (tests, notebooks)
+        if not os.environ.get("TACA_PROBE_DEBUG"):
+            warnings.formatwarning = _one_line_warning
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ from ..errors import TacaProbeError
 from ..models import DEFAULT_MODEL, EMBEDDED_MODELS
 from ..schedules import FORMS
 from ..selection import MAX_INT, int_ranges, is_seed
+from ..store import is_store
 
 EMBEDDED_NOTE = (
     "The default model, shapes, is a tiny SD3 trained on coloured shapes and shipped in the package; the other "
@@ -209,13 +210,22 @@ def short_prompt(prompt: str, width: int = 40) -> str:
     return textwrap.shorten(" ".join(prompt.split()), width, placeholder=" …")
 
 
-def check_out(path: Path) -> None:
-    """Refuse an output path under a file or in a folder that cannot be written, before loading a model."""
+def check_out(path: Path, *, store: bool = False) -> None:
+    """Refuse an output path under a file, in a store or in a folder that cannot be written, before loading a model.
+
+    ``store``: ``path`` may itself be a store (``record`` resumes or replaces its own ``--out``).
+    """
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise TacaProbeError(f"--out {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    # anything written into a store's folder makes the store unreadable ("damaged") to every command
+    resolved = path.resolve()
+    holder = next((f for f in [*([] if store else [resolved]), *resolved.parents] if is_store(f)), None)
+    if holder is not None:
+        where = "a taca-probe store" if holder == resolved else f"inside the taca-probe store {str(holder)!r}"
+        raise TacaProbeError(f"--out {str(path)!r} is {where}; choose a folder outside any store")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TacaProbeError(f"--out {str(path)!r}: cannot write in {str(parent)!r} (permission denied or read-only)")
 
@@ -230,7 +240,7 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
         if not path.is_file():
             raise TacaProbeError(f"prompt file {str(path)!r} does not exist")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no part of the first line
         except UnicodeDecodeError as e:
             raise TacaProbeError(f"prompt file {str(path)!r} is not UTF-8 text (byte {e.start})") from None
         # lines end at "\n" only: str.splitlines would also split at U+2028 and other separators

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from ..analysis import GROUP_BY
 from ..plotting import FIGURES, FORMATS
 from ..rendering import render_figures, report
 from ..selection import MAX_INT
-from .args import bounded, comparison_args, int_list, positive_int
+from .args import bounded, check_out, comparison_args, int_list, positive_int
 
 
 class _Deprecated(argparse.Action):
@@ -66,6 +67,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
+    check_out(Path(args.out))
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     res = render_figures(
         args.stores, args.out, figures=args.figures, baseline=args.baseline, treated=args.treated, by=args.by,
@@ -85,6 +87,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    check_out(Path(args.out))
     t0 = time.perf_counter()
     res = report(args.stores, args.out, baseline=args.baseline, treated=args.treated,
                  n_resamples=args.n_resamples, branch=args.branch)

@@ -28,8 +28,8 @@ from ..schedules import parse
 from ..selection import MapSelection
 from ..store import COORD_ORDER, VARIABLE_ORDER, StoreError, is_store, open_run, store_info
 from ..stats import sample_keys
-from ..sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH, MANIFEST, SweepError, is_sweep, open_sweep, read_manifest, \
-    run_sweep, sweep_schedules
+from ..sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH, MANIFEST, SweepError, _plan, is_sweep, open_sweep, \
+    read_manifest, run_sweep, sweep_schedules
 from .args import EMBEDDED_NOTE, MAX_IMAGE_SIDE, check_out, floats, json_args, lora_args, model_args, read_prompts, \
     recording_args, sampling_args, schedule_help, short_prompt, write_json
 
@@ -158,7 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe, call = _load(args)
     versions = {"taca_probe": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                 "transformers": transformers.__version__}
-    plan = [(p, s) for p, seeds in items for s in seeds]
+    plan = _plan(items, args.seeds)  # each (prompt, seed) once, as in a sweep
     # the bar starts once TACA (and a LoRA) is installed, so that a refusal stays one line
     with taca(pipe, schedule, lora=args.lora, lora_scale=args.lora_scale) as handle, \
             tqdm(total=len(plan), desc="images", unit="image", file=sys.stderr) as bar:
@@ -194,7 +194,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     maps = MapSelection.parse(args.maps)
     items = read_prompts(args)
     out = Path(args.out)
-    check_out(out)
+    check_out(out, store=True)
     ranks = ranks_from_env()
     # Under torchrun, rank 0 creates the store while the others may still be starting: only it checks.
     if out.exists() and not (args.resume or args.overwrite) and ranks.is_main:
@@ -204,7 +204,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.resume and not out.exists():
         raise StoreError(f"--resume: no store at {str(out)!r}")
     pipe, call = _load(args, ranks.device(resolve_device(args.device)))
-    plan = [(p, s) for p, seeds in items for s in seeds]
+    plan = _plan(items, args.seeds)  # each (prompt, seed) once, as in a sweep: a repeat would count twice
     mode = "resume" if args.resume or not ranks.is_main else "overwrite" if args.overwrite else "create"
     todo = record_plan(pipe, [Target(schedule.spec, out)], plan, call, maps=maps, branch=args.branch, mode=mode,
                        lora=args.lora, lora_scale=args.lora_scale, model=args.model)[0]
@@ -303,12 +303,13 @@ def _slug(text: str, width: int = 60) -> str:
 
 def cmd_export_images(args: argparse.Namespace) -> int:
     """Every image of a store (or each store of a sweep) as PNG, named by prompt and seed."""
-    runs = open_inputs([args.store], None)[0]
     out = Path(args.out)
+    check_out(out)
+    runs = open_inputs([args.store], None)[0]
     written = 0
-    for label, spec, ds in runs:
-        # a sweep: one folder per schedule; a store: the images directly in --out
-        folder = out / _slug(spec, 40) if len(runs) > 1 or Path(args.store) != Path(label) else out
+    for k, (label, spec, ds) in enumerate(runs):
+        # a sweep: one folder per schedule, numbered as in the sweep (two specs can share a slug); a store: --out
+        folder = out / f"{k:02d}_{_slug(spec, 40)}" if len(runs) > 1 or Path(args.store) != Path(label) else out
         folder.mkdir(parents=True, exist_ok=True)
         for i, (prompt, seed, b) in enumerate(sample_keys(ds)):
             name = f"{i:04d}_{_slug(prompt)}_seed{seed}" + (f"_{b}" if b else "") + ".png"
