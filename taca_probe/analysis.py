@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .errors import TacaProbeError
 from .selection import MapSelection, index_list
 from .stats import (
     BOOTSTRAP_METHODS,

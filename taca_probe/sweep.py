@@ -36,7 +36,7 @@ from .stats import sample_keys
 from .store import is_store, open_run, remove_store
 
 __all__ = ["SweepError", "MANIFEST", "SWEEP_FORMAT", "DEFAULT_GAMMA0", "DEFAULT_T_THRESH", "sweep_schedules",
-           "run_sweep", "open_sweep", "read_manifest", "is_sweep"]
+           "run_sweep", "open_sweep", "read_manifest", "is_sweep", "sample_plan"]
 
 #: The manifest's file name inside a sweep folder.
 MANIFEST = "sweep.json"
@@ -137,7 +137,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _plan(prompts: Sequence[Any], seeds: Sequence[int]) -> list[tuple[str, int]]:
+def sample_plan(prompts: Sequence[Any], seeds: Sequence[int]) -> list[tuple[str, int]]:
     """(prompt, seed) pairs, each once: each prompt is a string (every seed) or a (prompt, seeds) pair."""
     plan: dict[tuple[str, int], None] = {}  # ordered, and a repeat is found in O(1), not by a list scan
     for item in [prompts] if isinstance(prompts, str) else prompts:
@@ -216,7 +216,7 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
     if len(set(specs)) != len(specs):
         raise SweepError(f"schedule listed twice: {', '.join(sorted({s for s in specs if specs.count(s) > 1}))}")
     maps_sel = MapSelection.parse(maps)
-    plan = _plan(prompts, seeds)
+    plan = sample_plan(prompts, seeds)
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise SweepError(f"{str(folder)!r} is a file; choose another folder for the sweep")

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from taca_probe import open_run
+from taca_probe.cli.record import _mass_lines
+from taca_probe.models import load_pipeline
 from tests.clitools import run_cli
+from tests.test_analysis import make_run
 
 pytestmark = pytest.mark.slow  # runs the CLI end to end on embedded models
 
@@ -34,9 +41,7 @@ def test_generate_writes_png_and_sidecar(tmp_path, capsys, model):
 
 
 def test_generate_none_equals_library_stock(tmp_path, capsys):
-    import torch
 
-    from taca_probe.models import load_pipeline
 
     rc, _, err = run_cli(["generate", "--model", "tiny-sd3", "--prompt", "a cat", "--seeds", "7", "--steps", "2", "--height", "64",
                        "--width", "64", "--schedule", "none", "--out", str(tmp_path)], capsys)
@@ -59,7 +64,6 @@ def test_prompts_file_text_and_jsonl(tmp_path, capsys):
 def test_record_and_generate_sample_each_prompt_and_seed_once(tmp_path, capsys):
     """Audit: a (prompt, seed) given twice (a repeated --prompt, a JSONL line twice) was recorded twice, so
     it counted double in every mean and interval; a sweep of the same input recorded it once."""
-    from taca_probe import open_run
 
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a red cube", "seed": 1}\n{"prompt": "a red cube", "seed": 1}\n')
@@ -140,8 +144,6 @@ def test_console_script_runs_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_summary_has_a_column_for_the_first_and_the_last_step(steps):
-    from taca_probe.cli.record import _mass_lines
-    from tests.test_analysis import make_run
 
     vis = np.random.default_rng(0).uniform(0.1, 0.9, (2, steps, 3, 2))
     ds = make_run(steps=steps, vis=vis)
@@ -157,8 +159,6 @@ def test_summary_has_a_column_for_the_first_and_the_last_step(steps):
 def test_a_warning_is_one_line(tmp_path):
     """Audit: a warning (here: a sweep store not recorded yet) printed Python's 'FILE:LINE: UserWarning: ...'
     and the source line after it, on every figures, report and export-images of the sweep."""
-    import shutil
-    from pathlib import Path
 
     sweep = tmp_path / "sw"
     shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", sweep / "stores" / "1.zarr")

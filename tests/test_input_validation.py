@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import warnings
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,9 @@ import torch
 import taca_probe.cli.bench as bench
 import taca_probe.cli.record as record
 from taca_probe.selection import int_ranges
+from taca_probe.sweep import sample_plan
+from taca_probe.cli import build_parser
+from taca_probe.cli.args import read_prompts as _read_prompts
 from tests.clitools import run_cli
 
 
@@ -85,8 +90,6 @@ def test_prompts_file_values_are_checked(tmp_path, capsys, text, key):
 
 
 def test_prompts_file_line_separator_is_not_a_new_prompt_and_bytes_must_be_utf8(tmp_path, capsys):
-    from taca_probe.cli import build_parser
-    from taca_probe.cli.args import read_prompts as _read_prompts
 
     f = tmp_path / "p.txt"
     f.write_text("one\u2028still one\nsecond\r\n", encoding="utf-8")
@@ -102,8 +105,6 @@ def test_prompts_file_line_separator_is_not_a_new_prompt_and_bytes_must_be_utf8(
 def test_prompts_file_with_a_byte_order_mark(tmp_path):
     """Audit: a BOM made the first JSONL line a literal prompt '\\ufeff{"prompt": ...}' with the default seeds,
     and the first line of a text file a prompt that starts with an invisible character."""
-    from taca_probe.cli import build_parser
-    from taca_probe.cli.args import read_prompts as _read_prompts
 
     f = tmp_path / "p.jsonl"
     for text, expected in (('{"prompt": "a red cube", "seed": 3}\n', [("a red cube", [3])]),
@@ -155,7 +156,6 @@ def test_out_inside_a_store_is_refused_before_anything_is_written(tmp_path, caps
 def test_export_images_of_a_sweep_keeps_schedules_whose_names_slug_alike(tmp_path, capsys):
     """Audit: schedules whose specs slug alike (here they differ only in a glob character) shared one
     export folder, so the second schedule's PNGs replaced the first's while the count said both."""
-    import json
 
     sweep = tmp_path / "sw"
     specs = ["const:1.1;layers=x*", "const:1.1;layers=x?"]
@@ -190,7 +190,6 @@ def test_figures_seed_must_be_a_nonnegative_integer(tmp_path, capsys):
                                        [{"spec": "none", "store": 7, "images": "i"}]])
 def test_a_damaged_sweep_manifest_is_one_line_everywhere(tmp_path, capsys, schedules):
     """Audit: a sweep.json whose 'schedules' had the wrong shape was an internal TypeError/KeyError."""
-    import json
 
     (tmp_path / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": schedules}))
     for argv in (["figures", tmp_path, "--out", tmp_path / "f"], ["report", tmp_path, "--out", tmp_path / "r"],
@@ -220,10 +219,8 @@ class _Boom:
 def test_a_sweep_plan_holds_each_prompt_and_seed_once():
     """Audit: a seed repeated within one (prompt, seeds) pair was planned twice; the check of repeats scanned
     the plan for every new pair (quadratic: 100,000 JSONL lines took minutes before anything started)."""
-    from taca_probe.sweep import _plan
-
-    assert _plan([("a", [1, 1]), ("b", [2]), ("a", [1, 0])], [0]) == [("a", 1), ("b", 2), ("a", 0)]
-    assert _plan("x", [3, 3]) == [("x", 3)]
+    assert sample_plan([("a", [1, 1]), ("b", [2]), ("a", [1, 0])], [0]) == [("a", 1), ("b", 2), ("a", 0)]
+    assert sample_plan("x", [3, 3]) == [("x", 3)]
 
 
 def test_train_resume_never_runs_code_from_a_checkpoint(tmp_path, monkeypatch):
@@ -275,3 +272,10 @@ def test_flags_with_two_meanings_keep_their_old_spelling_with_a_deprecation(caps
     assert old.preset == parser.parse_args(["bench", "e2e", "--preset", "flux-dev"]).preset == "flux-dev"
     assert "--preset" in capsys.readouterr().err
     assert parser.parse_args(["bench", "e2e"]).preset == "sd35-medium"
+
+
+def test_main_leaves_the_warning_format_as_it_found_it(capsys):
+    """main prints warnings as one line; a notebook or test that calls it keeps Python's own format after."""
+    before = warnings.formatwarning
+    run_cli(["record", "--prompt", "x", "--seeds", "-1"], capsys)
+    assert warnings.formatwarning is before

@@ -44,10 +44,14 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with warnings.catch_warnings():  # restores the format for callers of main (tests, notebooks)
-        if not os.environ.get("TACA_PROBE_DEBUG"):
-            warnings.formatwarning = _one_line_warning
+    # catch_warnings does not restore formatwarning: put it back by hand for callers of main (tests, notebooks)
+    original = warnings.formatwarning
+    if not os.environ.get("TACA_PROBE_DEBUG"):
+        warnings.formatwarning = _one_line_warning
+    try:
         return _main(argv)
+    finally:
+        warnings.formatwarning = original
 
 
 def _main(argv: Sequence[str] | None) -> int:

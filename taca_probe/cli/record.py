@@ -28,8 +28,8 @@ from ..schedules import parse
 from ..selection import MapSelection
 from ..store import COORD_ORDER, VARIABLE_ORDER, StoreError, is_store, open_run, store_info
 from ..stats import sample_keys
-from ..sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH, MANIFEST, SweepError, _plan, is_sweep, open_sweep, \
-    read_manifest, run_sweep, sweep_schedules
+from ..sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH, MANIFEST, SweepError, is_sweep, open_sweep, read_manifest, \
+    run_sweep, sample_plan, sweep_schedules
 from .args import EMBEDDED_NOTE, MAX_IMAGE_SIDE, check_out, floats, json_args, lora_args, model_args, read_prompts, \
     recording_args, sampling_args, schedule_help, short_prompt, write_json
 
@@ -158,7 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe, call = _load(args)
     versions = {"taca_probe": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                 "transformers": transformers.__version__}
-    plan = _plan(items, args.seeds)  # each (prompt, seed) once, as in a sweep
+    plan = sample_plan(items, args.seeds)  # each (prompt, seed) once, as in a sweep
     # the bar starts once TACA (and a LoRA) is installed, so that a refusal stays one line
     with taca(pipe, schedule, lora=args.lora, lora_scale=args.lora_scale) as handle, \
             tqdm(total=len(plan), desc="images", unit="image", file=sys.stderr) as bar:
@@ -204,7 +204,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.resume and not out.exists():
         raise StoreError(f"--resume: no store at {str(out)!r}")
     pipe, call = _load(args, ranks.device(resolve_device(args.device)))
-    plan = _plan(items, args.seeds)  # each (prompt, seed) once, as in a sweep: a repeat would count twice
+    plan = sample_plan(items, args.seeds)  # each (prompt, seed) once, as in a sweep: a repeat would count twice
     mode = "resume" if args.resume or not ranks.is_main else "overwrite" if args.overwrite else "create"
     todo = record_plan(pipe, [Target(schedule.spec, out)], plan, call, maps=maps, branch=args.branch, mode=mode,
                        lora=args.lora, lora_scale=args.lora_scale, model=args.model)[0]
