@@ -64,7 +64,6 @@ def test_prompts_file_text_and_jsonl(tmp_path, capsys):
 def test_record_and_generate_sample_each_prompt_and_seed_once(tmp_path, capsys):
     """Audit: a (prompt, seed) given twice (a repeated --prompt, a JSONL line twice) was recorded twice, so
     it counted double in every mean and interval; a sweep of the same input recorded it once."""
-
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a red cube", "seed": 1}\n{"prompt": "a red cube", "seed": 1}\n')
     argv = ["--model", "tiny-sd3", "--prompt", "a red cube", "--prompt", "a red cube", "--prompts", f, "--seeds", "1",
@@ -75,6 +74,17 @@ def test_record_and_generate_sample_each_prompt_and_seed_once(tmp_path, capsys):
     rc, _, err = run_cli(["generate", *argv, "--out", tmp_path / "g"], capsys)
     assert rc == 0, err
     assert len(list((tmp_path / "g").glob("*.png"))) == 1
+
+
+def test_generate_replaces_images_of_an_earlier_run_only_when_asked(tmp_path, capsys):
+    argv = ["generate", "--model", "tiny-sd3", "--seeds", "0", "--steps", "1", "--height", "64", "--width", "64",
+            "--out", tmp_path / "g"]
+    assert run_cli([*argv, "--prompt", "a red cube"], capsys)[0] == 0
+    first = (tmp_path / "g" / "0000-seed0.png").read_bytes()
+    rc, _, err = run_cli([*argv, "--prompt", "a blue ball"], capsys)
+    assert rc == 2 and "--overwrite" in err and (tmp_path / "g" / "0000-seed0.png").read_bytes() == first
+    assert run_cli([*argv, "--prompt", "a blue ball", "--overwrite"], capsys)[0] == 0
+    assert json.loads((tmp_path / "g" / "0000-seed0.json").read_text())["prompt"] == "a blue ball"
 
 
 BAD = [

@@ -279,3 +279,12 @@ def test_main_leaves_the_warning_format_as_it_found_it(capsys):
     before = warnings.formatwarning
     run_cli(["record", "--prompt", "x", "--seeds", "-1"], capsys)
     assert warnings.formatwarning is before
+
+
+def test_generate_refuses_to_replace_an_earlier_runs_files_before_loading(tmp_path, capsys, monkeypatch):
+    """Audit: a second generate into the same --out replaced the first run's images of the same names."""
+    monkeypatch.setattr(record, "load_pipeline", _must_not_load)
+    (tmp_path / "0001-seed0.json").write_text("{}")
+    rc, _, err = run_cli(["generate", "--prompt", "a", "--prompt", "b", "--seeds", "0", "--out", tmp_path], capsys)
+    _refused(rc, err, "0001-seed0.json")
+    assert (tmp_path / "0001-seed0.json").read_text() == "{}" and len(list(tmp_path.iterdir())) == 1

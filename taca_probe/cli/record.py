@@ -40,6 +40,8 @@ def add_parsers(sub) -> None:
                          description="Generate images with a TACA schedule. " + EMBEDDED_NOTE)
     gen.add_argument("--schedule", default="step:1.2@970", help=schedule_help("step:1.2@970"))
     gen.add_argument("--out", default="out", help="output folder (default ./out)")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace images and sidecars of the same name that --out already holds")
     gen.set_defaults(func=cmd_generate)
 
     rec = sub.add_parser(
@@ -155,21 +157,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     items = read_prompts(args)
     out = Path(args.out)
     check_out(out)
+    plan = sample_plan(items, args.seeds)  # each (prompt, seed) once, as in a sweep
+    stems = [f"{index:04d}-seed{seed}" for index, (_, seed) in enumerate(plan)]
+    # named by position in the plan: another run's images of the same names are not replaced unasked
+    taken = [f"{stem}.{ext}" for stem in stems for ext in ("png", "json") if (out / f"{stem}.{ext}").exists()]
+    if taken and not args.overwrite:
+        more = f" and {len(taken) - 1} more of this run's file names" if len(taken) > 1 else ""
+        raise TacaProbeError(f"--out {str(out)!r} already holds {taken[0]}{more}; pass --overwrite to replace them "
+                             "or choose another --out")
     pipe, call = _load(args)
     versions = {"taca_probe": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                 "transformers": transformers.__version__}
-    plan = sample_plan(items, args.seeds)  # each (prompt, seed) once, as in a sweep
     # the bar starts once TACA (and a LoRA) is installed, so that a refusal stays one line
     with taca(pipe, schedule, lora=args.lora, lora_scale=args.lora_scale) as handle, \
             tqdm(total=len(plan), desc="images", unit="image", file=sys.stderr) as bar:
-        for index, (prompt, seed) in enumerate(plan):
+        for stem, (prompt, seed) in zip(stems, plan):
             handle.calls.clear()
             bar.set_postfix_str(f"seed {seed}: {short_prompt(prompt)}")
             t0 = time.perf_counter()
             out_np = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call)
             image = Image.fromarray(image_bytes(out_np.images, prompt, seed)[0])  # NaN: refused, not saved
             elapsed = time.perf_counter() - t0
-            stem = f"{index:04d}-seed{seed}"
             out.mkdir(parents=True, exist_ok=True)  # here: an image refused first leaves no folder
             image.save(out / f"{stem}.png")
             sidecar = {
