@@ -230,7 +230,11 @@ def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[
     if settings.get("model"):
         want["model"] = settings["model"]
     want.update(extra or {})
-    diffs = [f"{k}: store has {stored.get(k)!r}, now {v!r}" for k, v in want.items() if k in stored and stored.get(k) != v]
+    def shown(v: Any) -> str:  # None: a setting left to the pipeline
+        return "unset (the pipeline's default)" if v is None else repr(v)
+
+    diffs = [f"{k}: store has {shown(stored.get(k))}, now {shown(v)}" for k, v in want.items()
+             if k in stored and stored.get(k) != v]
     if diffs:
         raise StoreError(f"cannot resume {str(path)!r} with different settings: " + "; ".join(diffs))
 

@@ -288,3 +288,8 @@ def test_generate_refuses_to_replace_an_earlier_runs_files_before_loading(tmp_pa
     rc, _, err = run_cli(["generate", "--prompt", "a", "--prompt", "b", "--seeds", "0", "--out", tmp_path], capsys)
     _refused(rc, err, "0001-seed0.json")
     assert (tmp_path / "0001-seed0.json").read_text() == "{}" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_prompts_file_that_is_a_folder_is_named_as_such(tmp_path, capsys):
+    rc, _, err = run_cli(["record", "--prompts", tmp_path, "--out", tmp_path / "r.zarr"], capsys)
+    _refused(rc, err, "is not a file")

@@ -404,6 +404,8 @@ def test_cli_refuses_existing_store_and_touches_nothing(tmp_path, capsys):
     assert rc == 2 and "already exists" in err and err.count("\n") == 1
     rc, _, err = _cli(base[:-2] + ["--steps", "3", "--schedule", "const:1.1", "--out", str(store), "--resume"], capsys)
     assert rc == 2 and "different settings" in err and "schedule" in err and "steps" in err
+    rc, _, err = _cli(base[:-2] + ["--guidance", "5", "--out", str(store), "--resume"], capsys)
+    assert rc == 2 and "guidance: store has unset" in err and "None" not in err  # tiny-sd3 has no guidance default
     assert _tree_state(store) == before
     (tmp_path / "notastore").mkdir()
     rc, _, err = _cli(base[:-1] + [str(tmp_path / "notastore"), "--overwrite"], capsys)

@@ -238,7 +238,7 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
-            raise TacaProbeError(f"prompt file {str(path)!r} does not exist")
+            raise TacaProbeError(f"prompt file {str(path)!r} " + ("is not a file" if path.exists() else "does not exist"))
         try:
             text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no part of the first line
         except UnicodeDecodeError as e:
