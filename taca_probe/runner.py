@@ -73,7 +73,8 @@ class Run:
         if not is_seed(num_images_per_prompt) or num_images_per_prompt < 1:  # is_seed: an int, not a bool
             raise TacaProbeError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         # sample() passes these itself: the pipeline would raise a TypeError that prints its whole config
-        for key in (k for k in _RESERVED_CALL_KEYS if k in pipe_kwargs):
+        if reserved := [k for k in _RESERVED_CALL_KEYS if k in pipe_kwargs]:
+            key = reserved[0]
             raise TacaProbeError(f"run.sample sets {key} itself ({_RESERVED_CALL_KEYS[key]}); do not pass {key}=")
         if self.handle.removed:  # the pipeline would run stock, and the recorder would see no call
             raise TacaProbeError(f"the probe() block of {str(self.path)!r} has ended; sample inside it, or open "
@@ -230,6 +231,7 @@ def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[
     if settings.get("model"):
         want["model"] = settings["model"]
     want.update(extra or {})
+
     def shown(v: Any) -> str:  # None: a setting left to the pipeline
         return "unset (the pipeline's default)" if v is None else repr(v)
 
