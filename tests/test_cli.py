@@ -169,7 +169,6 @@ def test_summary_has_a_column_for_the_first_and_the_last_step(steps):
 def test_a_warning_is_one_line(tmp_path):
     """Audit: a warning (here: a sweep store not recorded yet) printed Python's 'FILE:LINE: UserWarning: ...'
     and the source line after it, on every figures, report and export-images of the sweep."""
-
     sweep = tmp_path / "sw"
     shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", sweep / "stores" / "1.zarr")
     schedules = [{"spec": spec, "store": f"stores/{i}.zarr", "images": f"images/{i}"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
-import warnings
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,10 +13,10 @@ import torch
 
 import taca_probe.cli.bench as bench
 import taca_probe.cli.record as record
-from taca_probe.selection import int_ranges
-from taca_probe.sweep import sample_plan
 from taca_probe.cli import build_parser
 from taca_probe.cli.args import read_prompts as _read_prompts
+from taca_probe.selection import int_ranges
+from taca_probe.sweep import sample_plan
 from tests.clitools import run_cli
 
 
@@ -105,7 +105,6 @@ def test_prompts_file_line_separator_is_not_a_new_prompt_and_bytes_must_be_utf8(
 def test_prompts_file_with_a_byte_order_mark(tmp_path):
     """Audit: a BOM made the first JSONL line a literal prompt '\\ufeff{"prompt": ...}' with the default seeds,
     and the first line of a text file a prompt that starts with an invisible character."""
-
     f = tmp_path / "p.jsonl"
     for text, expected in (('{"prompt": "a red cube", "seed": 3}\n', [("a red cube", [3])]),
                            ("a red cube\nb\n", [("a red cube", [0]), ("b", [0])])):
@@ -156,7 +155,6 @@ def test_out_inside_a_store_is_refused_before_anything_is_written(tmp_path, caps
 def test_export_images_of_a_sweep_keeps_schedules_whose_names_slug_alike(tmp_path, capsys):
     """Audit: schedules whose specs slug alike (here they differ only in a glob character) shared one
     export folder, so the second schedule's PNGs replaced the first's while the count said both."""
-
     sweep = tmp_path / "sw"
     specs = ["const:1.1;layers=x*", "const:1.1;layers=x?"]
     for i in range(2):
@@ -250,7 +248,6 @@ def test_bench_shape_too_large_is_a_user_error(monkeypatch, capsys):
 @pytest.mark.parametrize("gamma", ["nan", "-1", "0", "inf", "1e39"])
 def test_bench_gamma_must_be_a_positive_finite_float32(monkeypatch, capsys, gamma):
     """Audit: ``bench attention --gamma nan`` (or -1) was accepted and timed, each TACA row 'unavailable'."""
-
     calls = []
     monkeypatch.setattr(bench, "bench_attention", lambda *a, **kw: calls.append(kw) or [])
     rc, _, err = run_cli(["bench", "attention", "--device", "cpu", "--shape", "1,1,4,8,8", f"--gamma={gamma}"], capsys)
