@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .selection import MapSelection, index_list
+from .selection import MapSelection, index_list, positive_int
 from .stats import (
     BOOTSTRAP_METHODS,
     PAIRED_TESTS,
@@ -29,7 +29,6 @@ from .stats import (
     pair_samples,
     paired,
     paired_test,
-    positive_int,
     sample_keys,
 )
 
@@ -200,7 +199,7 @@ def layer_groups(ds: xr.Dataset, *, by: str = "block_type", n_groups: int = 3) -
         for i, bt in enumerate(np.asarray(ds["block_type"].values)):
             out.setdefault(str(bt), []).append(i)
         return out
-    positive_int(n_groups, "n_groups")
+    positive_int(n_groups, "n_groups", error=AnalysisError)
     parts = np.array_split(np.arange(len(layers)), min(int(n_groups), len(layers)))
     return {(f"layer {p[0]}" if p[0] == p[-1] else f"layers {p[0]}-{p[-1]}"): p.tolist() for p in parts}
 
@@ -496,7 +495,7 @@ def token_ranking(ds: xr.Dataset, *, steps: int | Sequence[int] | None = None,
     ``padding_share`` and counts.
     """
     require(ds, "token_mass", "token_text", "token_is_padding", "prompt")
-    positive_int(top, "top", none_ok=True)
+    positive_int(top, "top", none_ok=True, error=AnalysisError)
     ds = _select_branch(ds, branch)  # before the one-run check: branch= is how a two-branch store is ranked
     _one_run(ds, "token_ranking")
     da = ds["token_mass"].reset_coords(drop=True)

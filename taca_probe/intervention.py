@@ -23,6 +23,7 @@ from .errors import TacaProbeError
 from .models import check_supported
 from .processors import Observer, RunState, SUPPORTED_PROCESSORS, TacaAttnProcessor, find_sites, wrap_processor
 from .schedules import Schedule, parse
+from .selection import positive_int
 
 __all__ = ["TacaConfig", "TacaHandle", "CallRecord", "CallListener", "apply_taca", "taca"]
 
@@ -62,9 +63,7 @@ class TacaConfig:
         if not isinstance(self.lora_scale, numbers.Real) or isinstance(self.lora_scale, bool) \
                 or not math.isfinite(self.lora_scale):
             raise TacaProbeError(f"lora_scale must be a finite number, got {self.lora_scale!r}")
-        n = self.num_inference_steps
-        if n is not None and (not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1):
-            raise TacaProbeError(f"num_inference_steps must be a positive integer or None, got {n!r}")
+        positive_int(self.num_inference_steps, "num_inference_steps", none_ok=True)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from .analysis import readable_token
 from .errors import TacaProbeError
-from .selection import index_list
+from .selection import index_list, positive_int
 
 __all__ = ["FIGURES", "FORMATS", "PALETTE", "DIVERGING_CMAP", "SEQUENTIAL_CMAP", "FigureError", "plot_suppression",
            "plot_suppression_heatmap", "plot_timestep_slope", "plot_amplification", "plot_map_difference",
@@ -295,16 +295,11 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
     return fig
 
 
-def _check_count(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise FigureError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _token_rows(md: xr.Dataset, i: int, max_tokens: int, tokens: Sequence[int | str] | None,
                 ) -> tuple[list[int], list[str], str]:
     """Sample ``i``'s positions along ``token`` to show, their labels, and how they were chosen: ``tokens``
     (positions or words, every occurrence), else at most ``max_tokens`` that changed most, in prompt order."""
-    _check_count(max_tokens, "max_tokens")
+    positive_int(max_tokens, "max_tokens", error=FigureError)
     n = md.sizes["sample"]
     if not 0 <= i < n:
         raise FigureError(f"sample {i} out of range: the result holds {n} paired samples (0..{n - 1})")
@@ -494,7 +489,7 @@ def plot_mass_vs_gamma(res: xr.Dataset, *, title: str | None = None):
 def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | None = None):
     """Which prompt tokens receive the most visual attention (share of the visual->text mass), per prompt."""
     _needs(rank, "plot_token_ranking", "token_ranking", "token", "share", "padding_share", "prompt", "rank")
-    _check_count(max_prompts, "max_prompts")
+    positive_int(max_prompts, "max_prompts", error=FigureError)
     prompts = [str(p) for p in rank["prompt"].values][:max_prompts]
     fig = _figure(7.0, (0.28 * rank.sizes["rank"] + 1.2) * len(prompts) + 0.8)
     axes = np.atleast_1d(fig.subplots(len(prompts), 1, squeeze=False)[:, 0])

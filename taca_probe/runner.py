@@ -28,7 +28,7 @@ from .errors import TacaProbeError
 from .intervention import TacaConfig, TacaHandle, apply_taca
 from .models import model_call_defaults, model_name
 from .schedules import Schedule, parse
-from .selection import MAX_INT, MapSelection, is_seed
+from .selection import MAX_INT, MapSelection, is_seed, positive_int
 from .store import UNKNOWN_SLOT, RunWriter, StoreError, is_store, read_attrs, remove_store
 
 __all__ = ["probe", "Run", "Target", "record_plan", "run_settings", "check_resume"]
@@ -70,8 +70,7 @@ class Run:
             raise TacaProbeError("prompt must be a non-empty string")
         if not is_seed(seed):
             raise TacaProbeError(f"seed must be an integer in 0..{MAX_INT}, got {seed!r}")
-        if not is_seed(num_images_per_prompt) or num_images_per_prompt < 1:  # is_seed: an int, not a bool
-            raise TacaProbeError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        positive_int(num_images_per_prompt, "num_images_per_prompt")
         # sample() passes these itself: the pipeline would raise a TypeError that prints its whole config
         if reserved := [k for k in _RESERVED_CALL_KEYS if k in pipe_kwargs]:
             key = reserved[0]

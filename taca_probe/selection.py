@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import TacaProbeError
 
-__all__ = ["int_ranges", "index_list", "is_seed", "MapSelection", "MAX_VALUES", "MAX_INT"]
+__all__ = ["int_ranges", "index_list", "is_seed", "positive_int", "MapSelection", "MAX_VALUES", "MAX_INT"]
 
 #: At most this many values in one list: a longer list is a typo (``0-10000000``), not a plan.
 MAX_VALUES = 100_000
@@ -22,6 +22,14 @@ MAX_INT = 2**63 - 1
 def is_seed(value: Any) -> bool:
     """Whether ``value`` is a generator seed: an integer in 0..MAX_INT (not a bool, not 1.5)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and 0 <= value <= MAX_INT
+
+
+def positive_int(value: Any, what: str, *, none_ok: bool = False, error: type[Exception] = TacaProbeError) -> None:
+    """Refuse anything but an integer >= 1 (or None with ``none_ok``) as one ``error`` naming ``what``."""
+    if none_ok and value is None:
+        return
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise error(f"{what} must be a positive integer{' or None' if none_ok else ''}, got {value!r}")
 
 
 def int_ranges(text: str, *, maximum: int = MAX_INT, max_values: int = MAX_VALUES) -> list[int]:

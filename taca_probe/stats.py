@@ -13,7 +13,7 @@ import scipy.stats
 import xarray as xr
 
 from .errors import TacaProbeError
-from .selection import MAX_INT, is_seed
+from .selection import MAX_INT, is_seed, positive_int
 
 __all__ = ["AnalysisError", "BOOTSTRAP_METHODS", "PAIRED_TESTS", "bootstrap_mean", "bootstrap_ci",
            "sample_keys", "pair_samples", "paired", "paired_test"]
@@ -36,19 +36,12 @@ def choice(value: Any, choices: Sequence[str], what: str) -> str:
     return value
 
 
-def positive_int(value: Any, what: str, *, none_ok: bool = False) -> None:
-    if none_ok and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise AnalysisError(f"{what} must be a positive integer{' or None' if none_ok else ''}, got {value!r}")
-
-
 def check_stats_options(ci: float, n_resamples: int, method: str, seed: Any = 0) -> None:
     if not is_seed(seed):
         raise AnalysisError(f"seed must be an integer in 0..{MAX_INT}, got {seed!r}")
     if not isinstance(ci, (int, float)) or not 0.0 < float(ci) < 1.0:
         raise AnalysisError(f"ci must be a confidence level between 0 and 1 (e.g. 0.95), got {ci!r}")
-    positive_int(n_resamples, "n_resamples")
+    positive_int(n_resamples, "n_resamples", error=AnalysisError)
     choice(method, BOOTSTRAP_METHODS, "bootstrap method")
 
 

@@ -316,7 +316,7 @@ def cmd_export_images(args: argparse.Namespace) -> int:
     runs = open_inputs([args.store], None)[0]
     written = 0
     for k, (label, spec, ds) in enumerate(runs):
-        # a sweep: one folder per schedule, numbered as in the sweep (two specs can share a slug); a store: --out
+        # a sweep: one folder per schedule, numbered in order (two specs can share a slug); a store: --out
         folder = out / f"{k:02d}_{_slug(spec, 40)}" if len(runs) > 1 or Path(args.store) != Path(label) else out
         folder.mkdir(parents=True, exist_ok=True)
         for i, (prompt, seed, b) in enumerate(sample_keys(ds)):
