@@ -312,9 +312,9 @@ def compare_runs(treated: xr.Dataset, baseline: xr.Dataset, *, variable: str = "
     choice(test, PAIRED_TESTS, "paired test")
     choice(alternative, ("two-sided", "greater", "less"), "alternative")
     check_stats_options(ci, n_resamples, method, seed)
+    treated, baseline = _select_branch(treated, branch), _select_branch(baseline, branch)  # before the one-run check
     for d in (treated, baseline):
         _one_run(d, "compare_runs")
-    treated, baseline = _select_branch(treated, branch), _select_branch(baseline, branch)
     _check_same_structure(treated, baseline, ("step", "layer", "head"))
     t, b = paired(treated, baseline)
     xt, xb = (_per_sample(d, variable, by=by, n_groups=n_groups).compute() for d in (t, b))
@@ -416,10 +416,10 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
     ``token_relative_change`` (over the baseline mean) over (sample, step, token);
     ``treated_image`` / ``baseline_image``; token and sample coordinates.
     """
+    treated, baseline = _select_branch(treated, branch), _select_branch(baseline, branch)  # before the one-run check
     for d, which in ((treated, "treated"), (baseline, "baseline")):
         require(d, "maps", needed_for="the attention-map difference (Fig. 3)", label=f"the {which} store")
         _one_run(d, "map_difference")
-    treated, baseline = _select_branch(treated, branch), _select_branch(baseline, branch)
     _check_same_structure(treated, baseline, ("step", "layer", "token", "y", "x"))
     treated, baseline = paired(treated, baseline)
 

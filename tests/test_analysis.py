@@ -371,6 +371,25 @@ def test_branch_dimension():
         A.suppression(a, branch="uncond")
 
 
+def test_paired_analyses_take_a_branch_of_two_branch_stores():
+    """compare_runs and map_difference select the branch (default cond) before refusing extra dims."""
+    def two_branch(run, uncond_shift):
+        other = run.copy()
+        other["vis_txt_mass"] = run["vis_txt_mass"] + uncond_shift
+        other["maps"] = run["maps"] + np.float16(uncond_shift)
+        return xr.concat([run, other], dim="branch", coords="minimal").assign_coords(branch=["cond", "uncond"])
+
+    treated, baseline = _maps_pair()
+    t2, b2 = two_branch(treated, 0.05), two_branch(baseline, 0.01)
+    for branch, t, b in ((None, treated, baseline), ("uncond", t2.sel(branch="uncond"), b2.sel(branch="uncond"))):
+        res = A.compare_runs(t2, b2, branch=branch, n_resamples=100)
+        expected = (t["vis_txt_mass"] - b["vis_txt_mass"]).sel(layer=list(LAYERS[:2])).mean(("layer", "head", "sample"))
+        np.testing.assert_allclose(res["diff"].sel(block_type="joint").values, expected.values, atol=1e-6)
+        md = A.map_difference(t2, b2, branch=branch)
+        expected = (t["maps"].astype(float) - b["maps"].astype(float)).sel(step=[0, 1]).mean("layer").isel(token=[0, 1, 2])
+        np.testing.assert_allclose(md["diff"].values, expected.transpose(*md["diff"].dims).values, atol=1e-3)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"by": "blocks"}, "unknown grouping 'by' 'blocks'; choose from block_type, layer, depth, all"),
     ({"ci": 1.5}, "ci must be a confidence level between 0 and 1"),
