@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .schedules import RestrictedSchedule, parse
 from .selection import MapSelection, index_list, positive_int
 from .stats import (
     BOOTSTRAP_METHODS,
@@ -36,7 +37,7 @@ __all__ = [
     "AnalysisError", "MASS_VARIABLES", "GROUP_BY", "BOOTSTRAP_METHODS", "PAIRED_TESTS", "require",
     "uniform_reference", "layer_groups", "bootstrap_mean", "pair_samples", "suppression", "amplification",
     "compare_runs", "timestep_awareness", "map_difference", "token_ranking", "mass_vs_gamma",
-    "gamma_image_grid", "recorded_map_steps", "recorded_map_layers", "readable_token",
+    "gamma_image_grid", "on_grid", "recorded_map_steps", "recorded_map_layers", "readable_token",
 ]
 
 #: The per-head mass variables of a store.
@@ -589,6 +590,12 @@ def mass_vs_gamma(sweep: xr.Dataset, *, variable: str = "vis_txt_mass", by: str 
     return res
 
 
+def on_grid(specs: Sequence[Any]) -> np.ndarray:
+    """Per schedule spec, whether its ``gamma0`` and ``t_thresh`` place it on the sweep's grid: a schedule
+    restricted to some blocks or layers keeps its base's numbers but is another intervention."""
+    return np.array([not isinstance(parse(str(s)), RestrictedSchedule) for s in specs], dtype=bool)
+
+
 @_takes_datasets
 def gamma_image_grid(sweep: xr.Dataset, *, t_thresh: float | None = None, seed: int | None = None) -> xr.DataArray:
     """Images across the gamma sweep: (prompt, schedule, image_y, image_x, channel) uint8.
@@ -601,6 +608,7 @@ def gamma_image_grid(sweep: xr.Dataset, *, t_thresh: float | None = None, seed: 
     n_sched = sweep.sizes["schedule"]
     g0, tt = (np.asarray(sweep[n].values, float) if n in sweep.variables else np.full(n_sched, np.nan)
               for n in ("gamma0", "t_thresh"))
+    tt = np.where(on_grid(sweep["schedule"].values), tt, np.nan)  # a restricted schedule is no column of a threshold
     finite = [float(v) for v in tt if np.isfinite(v)]
     if t_thresh is None and finite:
         values, counts = np.unique(finite, return_counts=True)

@@ -22,7 +22,7 @@ import xarray as xr
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .analysis import readable_token
+from .analysis import on_grid, readable_token
 from .errors import TacaProbeError
 from .selection import index_list, positive_int
 
@@ -446,6 +446,7 @@ def plot_mass_vs_gamma(res: xr.Dataset, *, title: str | None = None):
     g0 = _coord(res, "gamma0", np.arange(res.sizes["schedule"], dtype=float))
     tt = _coord(res, "t_thresh", np.full(res.sizes["schedule"], np.nan))
     specs = [str(s) for s in res["schedule"].values]
+    tt = np.where(on_grid(specs), tt, np.nan)  # a restricted schedule is a point of its own, not on a threshold's line
     base = [i for i in range(len(specs)) if not np.isfinite(tt[i]) and g0[i] == 1.0]
     thresholds = sorted({float(v) for v in tt if np.isfinite(v)}, reverse=True)
     others = [i for i in range(len(specs)) if not np.isfinite(tt[i]) and i not in base]

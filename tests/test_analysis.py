@@ -337,6 +337,20 @@ def test_gamma_image_grid_orders_columns_by_gamma0():
         A.gamma_image_grid(_sweep(), t_thresh=500)
 
 
+def _sweep_with_restricted():
+    """_sweep() plus step:1.2@970 on the joint blocks only: the same gamma0 and t_thresh as step:1.2@970."""
+    sw = _sweep().isel(schedule=[0, 1, 2, 3, 1])
+    sw["image"][4] += 5
+    return sw.assign_coords(schedule=[*sw["schedule"].values[:4], "step:1.2@970;blocks=joint"])
+
+
+def test_gamma_image_grid_leaves_out_a_schedule_restricted_to_some_layers():
+    grid = A.gamma_image_grid(_sweep_with_restricted())
+    assert list(grid["schedule"].values) == ["none", "step:1.2@970", "step:1.5@970"]
+    assert grid[:, :, 0, 0, 0].values.tolist() == [[0, 10, 20], [1, 11, 21]]
+    np.testing.assert_array_equal(A.on_grid(["none", "step:1.2@970", "step:1.2@970;blocks=joint"]), [True, True, False])
+
+
 # ------------------------------------------------------------------------------------------------
 # dask, branches, bad options
 # ------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from taca_probe import analysis as A
 from taca_probe import open_sweep, plotting, render_figures
 from taca_probe.cli import main
 from tests.clitools import one_line_error, run_cli
+from tests.test_analysis import _sweep_with_restricted
 
 pytestmark = pytest.mark.slow  # records sweeps and renders every figure
 
@@ -348,3 +349,17 @@ def test_open_sweep_of_a_generator_of_store_paths_is_the_sweep_folder(sweep_dir)
     from_folder, from_paths = open_sweep(sweep_dir), open_sweep(p for p in stores)
     assert list(from_paths["schedule"].values) == list(from_folder["schedule"].values)
     np.testing.assert_array_equal(from_paths["vis_txt_mass"].values, from_folder["vis_txt_mass"].values)
+
+
+def test_mass_vs_gamma_plot_draws_a_restricted_schedule_as_its_own_point():
+    """step:1.2@970;blocks=joint shares gamma0 1.2 and t_thresh 970 with step:1.2@970 but is not on its line."""
+    res = A.mass_vs_gamma(_sweep_with_restricted(), n_resamples=100)
+    handles, labels = plotting.plot_mass_vs_gamma(res).axes[0].get_legend_handles_labels()
+    drawn = dict(zip(labels, handles))
+    line = drawn["t_thresh = 970"]
+    np.testing.assert_allclose(line.get_xdata(), [1.0, 1.2, 1.5])
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), float),
+                               res["mean"].sel(schedule=["none", "step:1.2@970", "step:1.5@970"]).values)
+    point = drawn["step:1.2@970;blocks=joint"].lines[0]  # an errorbar marker
+    np.testing.assert_allclose(np.asarray(point.get_ydata(), float),
+                               res["mean"].sel(schedule=["step:1.2@970;blocks=joint"]).values)
