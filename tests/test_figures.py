@@ -363,3 +363,14 @@ def test_mass_vs_gamma_plot_draws_a_restricted_schedule_as_its_own_point():
     point = drawn["step:1.2@970;blocks=joint"].lines[0]  # an errorbar marker
     np.testing.assert_allclose(np.asarray(point.get_ydata(), float),
                                res["mean"].sel(schedule=["step:1.2@970;blocks=joint"]).values)
+
+
+@pytest.mark.parametrize("analyse,plot", [(A.suppression, plotting.plot_suppression),
+                                          (A.suppression, plotting.plot_suppression_heatmap),
+                                          (A.amplification, plotting.plot_amplification)])
+def test_a_schedule_selected_from_a_sweep_result_is_named_in_the_title(analyse, plot):
+    """suppression(sweep).isel(schedule=i) keeps the schedule in a scalar coordinate; the title said 'none'."""
+    from_sweep = analyse(_sweep_with_restricted(), by="layer" if plot is plotting.plot_suppression_heatmap
+                         else "block_type", n_resamples=100)
+    title = plot(from_sweep.sel(schedule="step:1.5@970")).axes[0].get_title()
+    assert "step:1.5@970" in title.replace("\n", "")
