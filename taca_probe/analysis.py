@@ -135,6 +135,8 @@ def _check_same_structure(a: xr.Dataset, b: xr.Dataset, dims: Sequence[str]) -> 
             diffs.append(f"{d}: {a.sizes.get(d)} vs {b.sizes.get(d)}")
         elif d == "layer" and list(map(str, a["layer"].values)) != list(map(str, b["layer"].values)):
             diffs.append("layer names differ")
+        elif d == "step" and d in a.coords and d in b.coords and not np.array_equal(a["step"], b["step"]):
+            diffs.append(f"steps {a['step'].values.tolist()} vs {b['step'].values.tolist()}")  # e.g. isel(step=...)
     if diffs:
         raise AnalysisError("the two datasets do not have the same structure (different model or settings): "
                             + "; ".join(diffs))

@@ -208,6 +208,9 @@ def test_compare_runs_refuses_unpaired_samples():
     assert "\n" not in str(e.value) and isinstance(e.value, TacaProbeError)
     with pytest.raises(A.AnalysisError, match="same structure"):
         A.compare_runs(make_run(steps=3), make_run(steps=2))
+    # as many steps but other ones: the paired test compared step 1 with step 0 (or crashed reshaping)
+    with pytest.raises(A.AnalysisError, match=r"same structure.*steps \[1\] vs \[0\]"):
+        A.compare_runs(make_run(steps=2).isel(step=[1]), make_run(steps=2).isel(step=[0]))
 
 
 def test_timestep_awareness_slope_and_early_late():
