@@ -7,6 +7,7 @@ recorded once per module and shared.
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import shutil
 import sys
@@ -19,8 +20,9 @@ from PIL import Image
 from taca_probe import analysis as A
 from taca_probe import open_sweep, plotting, render_figures
 from taca_probe.cli import main
+from taca_probe.rendering import Run, _suppression_figure
 from tests.clitools import one_line_error, run_cli
-from tests.test_analysis import _sweep_with_restricted
+from tests.test_analysis import _sweep_with_restricted, make_run
 
 pytestmark = pytest.mark.slow  # records sweeps and renders every figure
 
@@ -374,3 +376,11 @@ def test_a_schedule_selected_from_a_sweep_result_is_named_in_the_title(analyse, 
                          else "block_type", n_resamples=100)
     title = plot(from_sweep.sel(schedule="step:1.5@970")).axes[0].get_title()
     assert "step:1.5@970" in title.replace("\n", "")
+
+
+def test_report_suppression_title_gives_each_runs_number_of_samples():
+    """Runs of 2 and 4 samples: the title said 'n = 4 per run' (the first run's count)."""
+    full, half = make_run(seeds=(0, 1, 2, 3)), make_run(seeds=(0, 1), schedule="step:1.2@970")
+    title = _suppression_figure([Run("a", "none", full), Run("b", "step:1.2@970", half)],
+                                {"n_resamples": 50, "seed": 0, "branch": None}).layout.title.text
+    assert re.search(r"\b4\b", title) and re.search(r"\b2\b", title)
