@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .schedules import RestrictedSchedule, parse
 from .selection import MapSelection, index_list, positive_int
 from .stats import (
     BOOTSTRAP_METHODS,
@@ -36,7 +37,7 @@ __all__ = [
     "AnalysisError", "MASS_VARIABLES", "GROUP_BY", "BOOTSTRAP_METHODS", "PAIRED_TESTS", "require",
     "uniform_reference", "layer_groups", "bootstrap_mean", "pair_samples", "suppression", "amplification",
     "compare_runs", "timestep_awareness", "map_difference", "token_ranking", "mass_vs_gamma",
-    "gamma_image_grid", "recorded_map_steps", "recorded_map_layers", "readable_token",
+    "gamma_image_grid", "on_grid", "recorded_map_steps", "recorded_map_layers", "readable_token",
 ]
 
 #: The per-head mass variables of a store.
@@ -134,6 +135,8 @@ def _check_same_structure(a: xr.Dataset, b: xr.Dataset, dims: Sequence[str]) -> 
             diffs.append(f"{d}: {a.sizes.get(d)} vs {b.sizes.get(d)}")
         elif d == "layer" and list(map(str, a["layer"].values)) != list(map(str, b["layer"].values)):
             diffs.append("layer names differ")
+        elif d == "step" and d in a.coords and d in b.coords and not np.array_equal(a["step"], b["step"]):
+            diffs.append(f"steps {a['step'].values.tolist()} vs {b['step'].values.tolist()}")  # e.g. isel(step=...)
     if diffs:
         raise AnalysisError("the two datasets do not have the same structure (different model or settings): "
                             + "; ".join(diffs))
@@ -312,9 +315,9 @@ def compare_runs(treated: xr.Dataset, baseline: xr.Dataset, *, variable: str = "
     choice(test, PAIRED_TESTS, "paired test")
     choice(alternative, ("two-sided", "greater", "less"), "alternative")
     check_stats_options(ci, n_resamples, method, seed)
+    treated, baseline = _select_branch(treated, branch), _select_branch(baseline, branch)  # before the one-run check
     for d in (treated, baseline):
         _one_run(d, "compare_runs")
-    treated, baseline = _select_branch(treated, branch), _select_branch(baseline, branch)
     _check_same_structure(treated, baseline, ("step", "layer", "head"))
     t, b = paired(treated, baseline)
     xt, xb = (_per_sample(d, variable, by=by, n_groups=n_groups).compute() for d in (t, b))
@@ -416,10 +419,10 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
     ``token_relative_change`` (over the baseline mean) over (sample, step, token);
     ``treated_image`` / ``baseline_image``; token and sample coordinates.
     """
+    treated, baseline = _select_branch(treated, branch), _select_branch(baseline, branch)  # before the one-run check
     for d, which in ((treated, "treated"), (baseline, "baseline")):
         require(d, "maps", needed_for="the attention-map difference (Fig. 3)", label=f"the {which} store")
         _one_run(d, "map_difference")
-    treated, baseline = _select_branch(treated, branch), _select_branch(baseline, branch)
     _check_same_structure(treated, baseline, ("step", "layer", "token", "y", "x"))
     treated, baseline = paired(treated, baseline)
 
@@ -589,6 +592,12 @@ def mass_vs_gamma(sweep: xr.Dataset, *, variable: str = "vis_txt_mass", by: str 
     return res
 
 
+def on_grid(specs: Sequence[Any]) -> np.ndarray:
+    """Per schedule spec, whether its ``gamma0`` and ``t_thresh`` place it on the sweep's grid: a schedule
+    restricted to some blocks or layers keeps its base's numbers but is another intervention."""
+    return np.array([not isinstance(parse(str(s)), RestrictedSchedule) for s in specs], dtype=bool)
+
+
 @_takes_datasets
 def gamma_image_grid(sweep: xr.Dataset, *, t_thresh: float | None = None, seed: int | None = None) -> xr.DataArray:
     """Images across the gamma sweep: (prompt, schedule, image_y, image_x, channel) uint8.
@@ -601,6 +610,7 @@ def gamma_image_grid(sweep: xr.Dataset, *, t_thresh: float | None = None, seed: 
     n_sched = sweep.sizes["schedule"]
     g0, tt = (np.asarray(sweep[n].values, float) if n in sweep.variables else np.full(n_sched, np.nan)
               for n in ("gamma0", "t_thresh"))
+    tt = np.where(on_grid(sweep["schedule"].values), tt, np.nan)  # a restricted schedule is no column of a threshold
     finite = [float(v) for v in tt if np.isfinite(v)]
     if t_thresh is None and finite:
         values, counts = np.unique(finite, return_counts=True)

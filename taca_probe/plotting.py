@@ -22,7 +22,7 @@ import xarray as xr
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .analysis import readable_token
+from .analysis import _schedule_of, on_grid, readable_token
 from .errors import TacaProbeError
 from .selection import index_list, positive_int
 
@@ -104,8 +104,9 @@ def _samples_text(attrs: dict) -> str:
     return f"n = {n} sample" + ("" if n == 1 else "s")
 
 
-def _about(attrs: dict) -> str:
-    return f"{attrs.get('model', '')}, schedule {attrs.get('schedule') or 'none'}"
+def _about(res: xr.Dataset) -> str:
+    # a sweep result's .isel(schedule=i) names its schedule in the scalar coordinate, not the attribute
+    return f"{res.attrs.get('model', '')}, schedule {_schedule_of(res) or 'none'}"
 
 
 def _coord(obj: xr.Dataset | xr.DataArray, name: str, default: Any) -> Any:
@@ -217,7 +218,7 @@ def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = F
         pad = 0.08 * (hi - lo or abs(hi) or 1.0)
         ax.set_ylim(max(0.0, lo - pad), hi + pad)
     _title(ax, title or ("Fig. 2 analogue: suppression of visual→text attention\n"
-                         f"{_about(res.attrs)}; mean over heads and layers, {res.attrs.get('ci', 0.95):.0%} bootstrap "
+                         f"{_about(res)}; mean over heads and layers, {res.attrs.get('ci', 0.95):.0%} bootstrap "
                          f"CI; {_samples_text(res.attrs)}"))
     ax.legend(fontsize=8, loc="best", title=(res.attrs.get("by") or "").replace("_", " "), title_fontsize=8)
     return fig
@@ -246,7 +247,7 @@ def plot_suppression_heatmap(res: xr.Dataset, *, title: str | None = None):
     ax.set_xlabel("timestep t (denoising runs left to right)")
     ax.set_ylabel("attention layer (model order)")
     ref = f"; uniform attention would give {float(res['uniform_reference']):.3g}" if "uniform_reference" in res else ""
-    _title(ax, title or (f"Visual→text attention mass per layer and timestep{ref}\n{_about(res.attrs)}; "
+    _title(ax, title or (f"Visual→text attention mass per layer and timestep{ref}\n{_about(res)}; "
                          f"mean over heads and samples; {_samples_text(res.attrs)}"), frac=0.8)
     return fig
 
@@ -289,7 +290,7 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
         ax2.set_ylabel("γ applied (dashed)")
         ax2.grid(False)
     ax.legend(fontsize=8, loc="best")
-    _title(ax, title or (f"TACA amplification of visual→text attention, schedule {res.attrs.get('schedule')}\n"
+    _title(ax, title or (f"TACA amplification of visual→text attention, schedule {_schedule_of(res)}\n"
                          f"{res.attrs.get('model', '')}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
                          f"{_samples_text(res.attrs)}"))
     return fig
@@ -446,6 +447,7 @@ def plot_mass_vs_gamma(res: xr.Dataset, *, title: str | None = None):
     g0 = _coord(res, "gamma0", np.arange(res.sizes["schedule"], dtype=float))
     tt = _coord(res, "t_thresh", np.full(res.sizes["schedule"], np.nan))
     specs = [str(s) for s in res["schedule"].values]
+    tt = np.where(on_grid(specs), tt, np.nan)  # a restricted schedule is a point of its own, not on a threshold's line
     base = [i for i in range(len(specs)) if not np.isfinite(tt[i]) and g0[i] == 1.0]
     thresholds = sorted({float(v) for v in tt if np.isfinite(v)}, reverse=True)
     others = [i for i in range(len(specs)) if not np.isfinite(tt[i]) and i not in base]
@@ -511,7 +513,7 @@ def plot_token_ranking(rank: xr.Dataset, *, max_prompts: int = 4, title: str | N
                           f"{int(sub['n_padding_tokens'])} padding tokens take {pad:.1%}", fig, fontsize=9, frac=0.62),
                      fontsize=9, fontweight="normal", loc="left")
     _title(fig, title or ("Prompt tokens ranked by the visual attention they receive (padding reported separately)\n"
-                          f"{_about(rank.attrs)}; mean over steps, layers, heads, image queries and seeds; "
+                          f"{_about(rank)}; mean over steps, layers, heads, image queries and seeds; "
                           f"{_samples_text(rank.attrs)}"))
     return fig
 

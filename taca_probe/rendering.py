@@ -256,7 +256,8 @@ def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
                                      _COLORS[(r * 3 + g) % len(_COLORS)], "mass %{y:.4f}", dash=_DASHES[r % len(_DASHES)])
             lo_all.append(np.nanmin(lo))
             hi_all.append(np.nanmax(hi))
-    n = runs[0].ds.sizes.get("sample", 0)
+    ns = [r.ds.sizes.get("sample", 0) for r in runs]  # runs need not hold as many samples
+    n = f"{ns[0]} per run" if len(set(ns)) == 1 else ", ".join(f"{k} ({r.spec})" for k, r in zip(ns, runs))
     if uniform is not None:
         fig.add_hline(y=uniform, line={"color": "#555", "dash": "dash"},
                       annotation_text=f"uniform attention N_txt/(N_txt+N_vis) = {uniform:.3g}",
@@ -267,7 +268,7 @@ def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
     lo, hi = float(np.nanmin(lo_all)), float(np.nanmax(hi_all))
     pad = 0.08 * (hi - lo or abs(hi) or 1.0)
     fig.update_layout(
-        title=f"Visual→text attention mass over timesteps by block type (95% bootstrap CI; n = {n} per run)",
+        title=f"Visual→text attention mass over timesteps by block type (95% bootstrap CI; n = {n})",
         xaxis={"title": "timestep t (1000 = pure noise; denoising runs left to right)", "autorange": "reversed"},
         yaxis={"title": "visual→text attention mass (fraction)", "range": [lo - pad, hi + pad]},
         height=460, margin={"t": 60, "l": 70, "r": 20, "b": 60}, legend={"title": "run · block type"},

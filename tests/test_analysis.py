@@ -208,6 +208,9 @@ def test_compare_runs_refuses_unpaired_samples():
     assert "\n" not in str(e.value) and isinstance(e.value, TacaProbeError)
     with pytest.raises(A.AnalysisError, match="same structure"):
         A.compare_runs(make_run(steps=3), make_run(steps=2))
+    # as many steps but other ones: the paired test compared step 1 with step 0 (or crashed reshaping)
+    with pytest.raises(A.AnalysisError, match=r"same structure.*steps \[1\] vs \[0\]"):
+        A.compare_runs(make_run(steps=2).isel(step=[1]), make_run(steps=2).isel(step=[0]))
 
 
 def test_timestep_awareness_slope_and_early_late():
@@ -337,6 +340,20 @@ def test_gamma_image_grid_orders_columns_by_gamma0():
         A.gamma_image_grid(_sweep(), t_thresh=500)
 
 
+def _sweep_with_restricted():
+    """_sweep() plus step:1.2@970 on the joint blocks only: the same gamma0 and t_thresh as step:1.2@970."""
+    sw = _sweep().isel(schedule=[0, 1, 2, 3, 1])
+    sw["image"][4] += 5
+    return sw.assign_coords(schedule=[*sw["schedule"].values[:4], "step:1.2@970;blocks=joint"])
+
+
+def test_gamma_image_grid_leaves_out_a_schedule_restricted_to_some_layers():
+    grid = A.gamma_image_grid(_sweep_with_restricted())
+    assert list(grid["schedule"].values) == ["none", "step:1.2@970", "step:1.5@970"]
+    assert grid[:, :, 0, 0, 0].values.tolist() == [[0, 10, 20], [1, 11, 21]]
+    np.testing.assert_array_equal(A.on_grid(["none", "step:1.2@970", "step:1.2@970;blocks=joint"]), [True, True, False])
+
+
 # ------------------------------------------------------------------------------------------------
 # dask, branches, bad options
 # ------------------------------------------------------------------------------------------------
@@ -369,6 +386,25 @@ def test_branch_dimension():
         A.suppression(both, branch="both")
     with pytest.raises(A.AnalysisError, match="recorded the 'cond' branch only"):
         A.suppression(a, branch="uncond")
+
+
+def test_paired_analyses_take_a_branch_of_two_branch_stores():
+    """compare_runs and map_difference select the branch (default cond) before refusing extra dims."""
+    def two_branch(run, uncond_shift):
+        other = run.copy()
+        other["vis_txt_mass"] = run["vis_txt_mass"] + uncond_shift
+        other["maps"] = run["maps"] + np.float16(uncond_shift)
+        return xr.concat([run, other], dim="branch", coords="minimal").assign_coords(branch=["cond", "uncond"])
+
+    treated, baseline = _maps_pair()
+    t2, b2 = two_branch(treated, 0.05), two_branch(baseline, 0.01)
+    for branch, t, b in ((None, treated, baseline), ("uncond", t2.sel(branch="uncond"), b2.sel(branch="uncond"))):
+        res = A.compare_runs(t2, b2, branch=branch, n_resamples=100)
+        expected = (t["vis_txt_mass"] - b["vis_txt_mass"]).sel(layer=list(LAYERS[:2])).mean(("layer", "head", "sample"))
+        np.testing.assert_allclose(res["diff"].sel(block_type="joint").values, expected.values, atol=1e-6)
+        md = A.map_difference(t2, b2, branch=branch)
+        expected = (t["maps"].astype(float) - b["maps"].astype(float)).sel(step=[0, 1]).mean("layer").isel(token=[0, 1, 2])
+        np.testing.assert_allclose(md["diff"].values, expected.transpose(*md["diff"].dims).values, atol=1e-3)
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -7,6 +7,7 @@ recorded once per module and shared.
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import shutil
 import sys
@@ -19,7 +20,9 @@ from PIL import Image
 from taca_probe import analysis as A
 from taca_probe import open_sweep, plotting, render_figures
 from taca_probe.cli import main
+from taca_probe.rendering import Run, _suppression_figure
 from tests.clitools import one_line_error, run_cli
+from tests.test_analysis import _sweep_with_restricted, make_run
 
 pytestmark = pytest.mark.slow  # records sweeps and renders every figure
 
@@ -348,3 +351,36 @@ def test_open_sweep_of_a_generator_of_store_paths_is_the_sweep_folder(sweep_dir)
     from_folder, from_paths = open_sweep(sweep_dir), open_sweep(p for p in stores)
     assert list(from_paths["schedule"].values) == list(from_folder["schedule"].values)
     np.testing.assert_array_equal(from_paths["vis_txt_mass"].values, from_folder["vis_txt_mass"].values)
+
+
+def test_mass_vs_gamma_plot_draws_a_restricted_schedule_as_its_own_point():
+    """step:1.2@970;blocks=joint shares gamma0 1.2 and t_thresh 970 with step:1.2@970 but is not on its line."""
+    res = A.mass_vs_gamma(_sweep_with_restricted(), n_resamples=100)
+    handles, labels = plotting.plot_mass_vs_gamma(res).axes[0].get_legend_handles_labels()
+    drawn = dict(zip(labels, handles))
+    line = drawn["t_thresh = 970"]
+    np.testing.assert_allclose(line.get_xdata(), [1.0, 1.2, 1.5])
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), float),
+                               res["mean"].sel(schedule=["none", "step:1.2@970", "step:1.5@970"]).values)
+    point = drawn["step:1.2@970;blocks=joint"].lines[0]  # an errorbar marker
+    np.testing.assert_allclose(np.asarray(point.get_ydata(), float),
+                               res["mean"].sel(schedule=["step:1.2@970;blocks=joint"]).values)
+
+
+@pytest.mark.parametrize("analyse,plot", [(A.suppression, plotting.plot_suppression),
+                                          (A.suppression, plotting.plot_suppression_heatmap),
+                                          (A.amplification, plotting.plot_amplification)])
+def test_a_schedule_selected_from_a_sweep_result_is_named_in_the_title(analyse, plot):
+    """suppression(sweep).isel(schedule=i) keeps the schedule in a scalar coordinate; the title said 'none'."""
+    from_sweep = analyse(_sweep_with_restricted(), by="layer" if plot is plotting.plot_suppression_heatmap
+                         else "block_type", n_resamples=100)
+    title = plot(from_sweep.sel(schedule="step:1.5@970")).axes[0].get_title()
+    assert "step:1.5@970" in title.replace("\n", "")
+
+
+def test_report_suppression_title_gives_each_runs_number_of_samples():
+    """Runs of 2 and 4 samples: the title said 'n = 4 per run' (the first run's count)."""
+    full, half = make_run(seeds=(0, 1, 2, 3)), make_run(seeds=(0, 1), schedule="step:1.2@970")
+    title = _suppression_figure([Run("a", "none", full), Run("b", "step:1.2@970", half)],
+                                {"n_resamples": 50, "seed": 0, "branch": None}).layout.title.text
+    assert re.search(r"\b4\b", title) and re.search(r"\b2\b", title)
