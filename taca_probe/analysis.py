@@ -37,7 +37,7 @@ __all__ = [
     "AnalysisError", "MASS_VARIABLES", "GROUP_BY", "BOOTSTRAP_METHODS", "PAIRED_TESTS", "require",
     "uniform_reference", "layer_groups", "bootstrap_mean", "pair_samples", "suppression", "amplification",
     "compare_runs", "timestep_awareness", "map_difference", "token_ranking", "mass_vs_gamma",
-    "gamma_image_grid", "on_grid", "recorded_map_steps", "recorded_map_layers", "readable_token",
+    "gamma_image_grid", "on_grid", "schedule_of", "recorded_map_steps", "recorded_map_layers", "readable_token",
 ]
 
 #: The per-head mass variables of a store.
@@ -112,7 +112,7 @@ def _select_branch(ds: xr.Dataset, branch: str | None) -> xr.Dataset:
     return ds
 
 
-def _schedule_of(ds: xr.Dataset) -> str:
+def schedule_of(ds: xr.Dataset) -> str:
     """The scalar ``schedule`` coordinate ``sweep.sel(schedule=...)`` leaves, else the attribute."""
     if "schedule" in ds.coords and ds["schedule"].ndim == 0:
         return str(ds["schedule"].values)
@@ -268,7 +268,7 @@ def suppression(ds: xr.Dataset, *, by: str = "block_type", variable: str = "vis_
     res.attrs.update({
         "quantity": "suppression", "variable": variable, "by": by, "uniform_reference": uniform,
         "cross_attention_reference": 1.0, "n_samples": int(ds.sizes["sample"]),
-        "schedule": _schedule_of(ds), "model": str(ds.attrs.get("model", "")),
+        "schedule": schedule_of(ds), "model": str(ds.attrs.get("model", "")),
         "n_txt": ds.attrs.get("n_txt"), "n_vis": ds.attrs.get("n_vis"),
     })
     return res
@@ -293,7 +293,7 @@ def amplification(ds: xr.Dataset, *, by: str = "block_type", ci: float = 0.95, n
     res = res.assign_coords(coords)
     res["mean"].attrs = {"long_name": "visual->text mass, applied / gamma=1", "units": "1"}
     res.attrs.update({"quantity": "amplification", "by": by, "n_samples": int(ds.sizes["sample"]),
-                      "schedule": _schedule_of(ds), "model": str(ds.attrs.get("model", ""))})
+                      "schedule": schedule_of(ds), "model": str(ds.attrs.get("model", ""))})
     return res
 
 
@@ -336,7 +336,7 @@ def compare_runs(treated: xr.Dataset, baseline: xr.Dataset, *, variable: str = "
         "quantity": "paired comparison", "variable": variable, "by": by, "test": test,
         "alternative": alternative, "n_pairs": int(xt.sizes["sample"]), "ci": float(ci), "method": method,
         "n_resamples": int(n_resamples), "seed": int(seed),
-        "treated_schedule": _schedule_of(treated), "baseline_schedule": _schedule_of(baseline),
+        "treated_schedule": schedule_of(treated), "baseline_schedule": schedule_of(baseline),
     })
     return res
 
@@ -477,8 +477,8 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
     res["diff"].attrs = {"long_name": "attention probability, treated - baseline", "units": "1"}
     res.attrs.update({
         "quantity": "attention-map difference", "layers": list(layer_sel), "n_layers": len(layer_sel),
-        "n_pairs": int(t.sizes["sample"]), "treated_schedule": _schedule_of(treated),
-        "baseline_schedule": _schedule_of(baseline), "model": str(treated.attrs.get("model", "")),
+        "n_pairs": int(t.sizes["sample"]), "treated_schedule": schedule_of(treated),
+        "baseline_schedule": schedule_of(baseline), "model": str(treated.attrs.get("model", "")),
     })
     return res
 
@@ -544,7 +544,7 @@ def token_ranking(ds: xr.Dataset, *, steps: int | Sequence[int] | None = None,
     res.attrs.update({"quantity": "token ranking", "n_samples": int(ds.sizes["sample"]),
                       "n_tokens": int(da.sizes["token"]), "steps": "all" if steps is None else str(steps),
                       "layers": "all" if layers is None else str(layers),
-                      "schedule": _schedule_of(ds), "model": str(ds.attrs.get("model", ""))})
+                      "schedule": schedule_of(ds), "model": str(ds.attrs.get("model", ""))})
     return res
 
 

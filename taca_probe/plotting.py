@@ -22,7 +22,7 @@ import xarray as xr
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .analysis import _schedule_of, on_grid, readable_token
+from .analysis import on_grid, readable_token, schedule_of
 from .errors import TacaProbeError
 from .selection import index_list, positive_int
 
@@ -106,7 +106,7 @@ def _samples_text(attrs: dict) -> str:
 
 def _about(res: xr.Dataset) -> str:
     # a sweep result's .isel(schedule=i) names its schedule in the scalar coordinate, not the attribute
-    return f"{res.attrs.get('model', '')}, schedule {_schedule_of(res) or 'none'}"
+    return f"{res.attrs.get('model', '')}, schedule {schedule_of(res) or 'none'}"
 
 
 def _coord(obj: xr.Dataset | xr.DataArray, name: str, default: Any) -> Any:
@@ -290,7 +290,7 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
         ax2.set_ylabel("γ applied (dashed)")
         ax2.grid(False)
     ax.legend(fontsize=8, loc="best")
-    _title(ax, title or (f"TACA amplification of visual→text attention, schedule {_schedule_of(res)}\n"
+    _title(ax, title or (f"TACA amplification of visual→text attention, schedule {schedule_of(res)}\n"
                          f"{res.attrs.get('model', '')}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
                          f"{_samples_text(res.attrs)}"))
     return fig
