@@ -37,7 +37,8 @@ __all__ = [
     "AnalysisError", "MASS_VARIABLES", "GROUP_BY", "BOOTSTRAP_METHODS", "PAIRED_TESTS", "require",
     "uniform_reference", "layer_groups", "bootstrap_mean", "pair_samples", "suppression", "amplification",
     "compare_runs", "timestep_awareness", "map_difference", "token_ranking", "mass_vs_gamma",
-    "gamma_image_grid", "on_grid", "schedule_of", "recorded_map_steps", "recorded_map_layers", "readable_token",
+    "gamma_image_grid", "on_grid", "schedule_of", "branch_of", "recorded_map_steps", "recorded_map_layers",
+    "readable_token",
 ]
 
 #: The per-head mass variables of a store.
@@ -117,6 +118,18 @@ def schedule_of(ds: xr.Dataset) -> str:
     if "schedule" in ds.coords and ds["schedule"].ndim == 0:
         return str(ds["schedule"].values)
     return str(ds.attrs.get("schedule", ""))
+
+
+def branch_of(ds: xr.Dataset) -> str:
+    """The CFG branch the data is from: the scalar ``branch`` coordinate a selection leaves, else the attribute."""
+    if "branch" in ds.coords and ds["branch"].ndim == 0:
+        return str(ds["branch"].values)
+    return str(ds.attrs.get("branch", "cond"))
+
+
+def _run_attrs(ds: xr.Dataset) -> dict[str, str]:
+    """What a result names of the run it came from (figure titles read these)."""
+    return {"schedule": schedule_of(ds), "model": str(ds.attrs.get("model", "")), "branch": branch_of(ds)}
 
 
 def _one_run(ds: xr.Dataset, what: str) -> None:
@@ -268,8 +281,7 @@ def suppression(ds: xr.Dataset, *, by: str = "block_type", variable: str = "vis_
     res.attrs.update({
         "quantity": "suppression", "variable": variable, "by": by, "uniform_reference": uniform,
         "cross_attention_reference": 1.0, "n_samples": int(ds.sizes["sample"]),
-        "schedule": schedule_of(ds), "model": str(ds.attrs.get("model", "")),
-        "n_txt": ds.attrs.get("n_txt"), "n_vis": ds.attrs.get("n_vis"),
+        **_run_attrs(ds), "n_txt": ds.attrs.get("n_txt"), "n_vis": ds.attrs.get("n_vis"),
     })
     return res
 
@@ -293,7 +305,7 @@ def amplification(ds: xr.Dataset, *, by: str = "block_type", ci: float = 0.95, n
     res = res.assign_coords(coords)
     res["mean"].attrs = {"long_name": "visual->text mass, applied / gamma=1", "units": "1"}
     res.attrs.update({"quantity": "amplification", "by": by, "n_samples": int(ds.sizes["sample"]),
-                      "schedule": schedule_of(ds), "model": str(ds.attrs.get("model", ""))})
+                      **_run_attrs(ds)})
     return res
 
 
@@ -337,6 +349,7 @@ def compare_runs(treated: xr.Dataset, baseline: xr.Dataset, *, variable: str = "
         "alternative": alternative, "n_pairs": int(xt.sizes["sample"]), "ci": float(ci), "method": method,
         "n_resamples": int(n_resamples), "seed": int(seed),
         "treated_schedule": schedule_of(treated), "baseline_schedule": schedule_of(baseline),
+        "branch": branch_of(treated),
     })
     return res
 
@@ -375,7 +388,8 @@ def timestep_awareness(ds: xr.Dataset, *, by: str = "layer", variable: str = "vi
     res = xr.Dataset(out).assign_coords(_step_coords(ds))
     res["slope"].attrs = {"long_name": "d(mass) / d(t/1000)", "units": "mass per 1000 timesteps"}
     res.attrs.update({"quantity": "timestep awareness", "variable": variable, "by": by, "split": float(split),
-                      "n_samples": int(ds.sizes["sample"]), "uniform_reference": uniform_reference(ds), **kw})
+                      "n_samples": int(ds.sizes["sample"]), "uniform_reference": uniform_reference(ds), **kw,
+                      **_run_attrs(ds)})
     return res
 
 
@@ -479,6 +493,7 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
         "quantity": "attention-map difference", "layers": list(layer_sel), "n_layers": len(layer_sel),
         "n_pairs": int(t.sizes["sample"]), "treated_schedule": schedule_of(treated),
         "baseline_schedule": schedule_of(baseline), "model": str(treated.attrs.get("model", "")),
+        "branch": branch_of(treated),
     })
     return res
 
@@ -543,8 +558,7 @@ def token_ranking(ds: xr.Dataset, *, steps: int | Sequence[int] | None = None,
                                    "padding_rank": np.arange(1, data["padding_token"][1].shape[1] + 1)})
     res.attrs.update({"quantity": "token ranking", "n_samples": int(ds.sizes["sample"]),
                       "n_tokens": int(da.sizes["token"]), "steps": "all" if steps is None else str(steps),
-                      "layers": "all" if layers is None else str(layers),
-                      "schedule": schedule_of(ds), "model": str(ds.attrs.get("model", ""))})
+                      "layers": "all" if layers is None else str(layers), **_run_attrs(ds)})
     return res
 
 
@@ -588,7 +602,8 @@ def mass_vs_gamma(sweep: xr.Dataset, *, variable: str = "vis_txt_mass", by: str 
     res["mean"].attrs = {"long_name": f"{variable} (mean over steps {sel})", "units": "1"}
     res.attrs.update({"quantity": "mass vs gamma", "variable": variable, "by": by, "steps": sel,
                       "timesteps": [] if t is None else [round(float(v), 3) for v in t[1]],
-                      "n_samples": int(ds.sizes["sample"]), "model": str(ds.attrs.get("model", ""))})
+                      "n_samples": int(ds.sizes["sample"]), "model": str(ds.attrs.get("model", "")),
+                      "branch": branch_of(ds)})
     return res
 
 

@@ -106,7 +106,13 @@ def _samples_text(attrs: dict) -> str:
 
 def _about(res: xr.Dataset) -> str:
     # a sweep result's .isel(schedule=i) names its schedule in the scalar coordinate, not the attribute
-    return f"{res.attrs.get('model', '')}, schedule {schedule_of(res) or 'none'}"
+    return f"{res.attrs.get('model', '')}, schedule {schedule_of(res) or 'none'}{_branch(res)}"
+
+
+def _branch(res: xr.Dataset) -> str:
+    """``", uncond branch"`` for a result of the unconditional CFG branch; nothing for the usual cond."""
+    branch = res.attrs.get("branch", "cond")
+    return "" if branch == "cond" else f", {branch} branch"
 
 
 def _coord(obj: xr.Dataset | xr.DataArray, name: str, default: Any) -> Any:
@@ -218,7 +224,8 @@ def plot_suppression(res: xr.Dataset, *, title: str | None = None, log: bool = F
         pad = 0.08 * (hi - lo or abs(hi) or 1.0)
         ax.set_ylim(max(0.0, lo - pad), hi + pad)
     _title(ax, title or ("Fig. 2 analogue: suppression of visual→text attention\n"
-                         f"{_about(res)}; mean over heads and layers, {res.attrs.get('ci', 0.95):.0%} bootstrap "
+                         f"{_about(res)}; mean over heads{'' if res.attrs.get('by') == 'layer' else ' and layers'}, "
+                         f"{res.attrs.get('ci', 0.95):.0%} bootstrap "
                          f"CI; {_samples_text(res.attrs)}"))
     ax.legend(fontsize=8, loc="best", title=(res.attrs.get("by") or "").replace("_", " "), title_fontsize=8)
     return fig
@@ -271,7 +278,7 @@ def plot_timestep_slope(res: xr.Dataset, *, title: str | None = None):
     ax.set_xlabel("attention layer")
     ax.set_ylabel("slope of mass vs t/1000\n(mass change per 1000 timesteps)")
     _title(ax, title or ("Timestep awareness: does visual→text attention change with the timestep?\n"
-                         f"> 0: more text attention at high noise; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
+                         f"{_about(res)}; > 0: more text attention at high noise; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
                          f"{_samples_text(res.attrs)}"))
     return fig
 
@@ -290,7 +297,7 @@ def plot_amplification(res: xr.Dataset, *, title: str | None = None):
         ax2.set_ylabel("γ applied (dashed)")
         ax2.grid(False)
     ax.legend(fontsize=8, loc="best")
-    _title(ax, title or (f"TACA amplification of visual→text attention, schedule {schedule_of(res)}\n"
+    _title(ax, title or (f"TACA amplification of visual→text attention, schedule {schedule_of(res)}{_branch(res)}\n"
                          f"{res.attrs.get('model', '')}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
                          f"{_samples_text(res.attrs)}"))
     return fig
@@ -384,7 +391,7 @@ def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int]
     seed = int(sub["seed"].values) if "seed" in sub.coords else None
     _title(fig, title or (
         f"Fig. 3 analogue: visual→text attention maps, TACA ({md.attrs.get('treated_schedule')}) − baseline "
-        f"({md.attrs.get('baseline_schedule') or 'none'})\n'{_wrap(prompt, 60)}', seed {seed}; head mean, "
+        f"({md.attrs.get('baseline_schedule') or 'none'}){_branch(md)}\n'{_wrap(prompt, 60)}', seed {seed}; head mean, "
         f"{md.attrs.get('n_layers')} layer(s) averaged; each panel: {ny} × {nx} latent image-token grid; "
         f"n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"))
     return fig
@@ -410,7 +417,7 @@ def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
     ax.tick_params(axis="y", rotation=0)
     prompt = str(sub["prompt"].values) if "prompt" in sub.coords else ""
     _title(ax, title or (f"Per-token change of visual→text attention, TACA − baseline\n'{_wrap(prompt, 60)}', "
-                         f"seed {int(sub['seed'].values) if 'seed' in sub.coords else ''}; relative to the "
+                         f"seed {int(sub['seed'].values) if 'seed' in sub.coords else ''}{_branch(md)}; relative to the "
                          f"baseline; n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"), frac=0.8)
     return fig
 
@@ -482,7 +489,7 @@ def plot_mass_vs_gamma(res: xr.Dataset, *, title: str | None = None):
     ts = [f"{v:.0f}" for v in res.attrs.get("timesteps") or []]
     when = f"steps {res.attrs.get('steps')}" + (f" (t = {', '.join(ts[:4])}{'…' if len(ts) > 4 else ''})" if ts else "")
     _title(fig, title or (f"Fig. 4 analogue: visual→text attention mass against γ₀, mean over {when}\n"
-                          f"{res.attrs.get('model', '')}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
+                          f"{res.attrs.get('model', '')}{_branch(res)}; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
                           f"{_samples_text(res.attrs)} per schedule"))
     return fig
 

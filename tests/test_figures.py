@@ -384,3 +384,30 @@ def test_report_suppression_title_gives_each_runs_number_of_samples():
     title = _suppression_figure([Run("a", "none", full), Run("b", "step:1.2@970", half)],
                                 {"n_resamples": 50, "seed": 0, "branch": None}).layout.title.text
     assert re.search(r"\b4\b", title) and re.search(r"\b2\b", title)
+
+
+def _two_branch_run():
+    import xarray as xr
+
+    cond, uncond = make_run(vis=np.full((2, 2, 3, 2), 0.3)), make_run(vis=np.full((2, 2, 3, 2), 0.1))
+    return xr.concat([cond, uncond], dim="branch").assign_coords(branch=["cond", "uncond"])
+
+
+@pytest.mark.parametrize("branch", ["cond", "uncond"])
+@pytest.mark.parametrize("analyse,plot", [(A.suppression, plotting.plot_suppression),
+                                          (A.amplification, plotting.plot_amplification),
+                                          (A.timestep_awareness, plotting.plot_timestep_slope)])
+def test_titles_name_the_uncond_branch(analyse, plot, branch):
+    """A result of the unconditional CFG branch was titled as the conditional one."""
+    res = analyse(_two_branch_run(), branch=branch, n_resamples=100)
+    assert res.attrs["branch"] == branch
+    if analyse is A.suppression:  # and the numbers are the branch's own
+        np.testing.assert_allclose(res["mean"].values, 0.3 if branch == "cond" else 0.1, rtol=1e-6)
+    title = plot(res).axes[0].get_title().replace("\n", " ")
+    assert ("uncond" in title) == (branch == "uncond")
+
+
+def test_suppression_by_layer_title_does_not_claim_a_mean_over_layers():
+    res = A.suppression(make_run(), by="layer", n_resamples=100)
+    assert "and layers" not in plotting.plot_suppression(res).axes[0].get_title().replace("\n", " ")
+    assert "and layers" in plotting.plot_suppression(A.suppression(make_run(), n_resamples=100)).axes[0].get_title()
