@@ -362,7 +362,8 @@ def timestep_awareness(ds: xr.Dataset, *, by: str = "layer", variable: str = "vi
 
     Returns, per group (``by``), ``slope`` (least squares against ``t / 1000``; > 0: more text attention
     at high noise), ``early_mass`` / ``late_mass`` (steps with ``t >= split`` / ``t < split``),
-    ``early_late_ratio`` (the mean of each sample's early / late, not the ratio of the two means), and ``mass`` (``by``, ``step``), each with ``*_ci_low`` / ``*_ci_high`` across samples.
+    ``early_late_ratio`` (the mean of each sample's early / late, not the ratio of the two means) and
+    ``mass`` (``by``, ``step``), each with ``*_ci_low`` / ``*_ci_high`` across samples.
     """
     choice(variable, MASS_VARIABLES, "variable")
     if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 <= split <= 1000:
