@@ -278,8 +278,8 @@ def plot_timestep_slope(res: xr.Dataset, *, title: str | None = None):
     ax.set_xlabel("attention layer")
     ax.set_ylabel("slope of mass vs t/1000\n(mass change per 1000 timesteps)")
     _title(ax, title or ("Timestep awareness: does visual→text attention change with the timestep?\n"
-                         f"{_about(res)}; > 0: more text attention at high noise; {res.attrs.get('ci', 0.95):.0%} bootstrap CI; "
-                         f"{_samples_text(res.attrs)}"))
+                         f"{_about(res)}; > 0: more text attention at high noise; "
+                         f"{res.attrs.get('ci', 0.95):.0%} bootstrap CI; {_samples_text(res.attrs)}"))
     return fig
 
 
@@ -417,8 +417,8 @@ def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
     ax.tick_params(axis="y", rotation=0)
     prompt = str(sub["prompt"].values) if "prompt" in sub.coords else ""
     _title(ax, title or (f"Per-token change of visual→text attention, TACA − baseline\n'{_wrap(prompt, 60)}', "
-                         f"seed {int(sub['seed'].values) if 'seed' in sub.coords else ''}{_branch(md)}; relative to the "
-                         f"baseline; n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"), frac=0.8)
+                         f"seed {int(sub['seed'].values) if 'seed' in sub.coords else ''}{_branch(md)}; "
+                         f"relative to the baseline; n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"), frac=0.8)
     return fig
 
 
