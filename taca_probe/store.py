@@ -414,11 +414,15 @@ class RunWriter:
                              "recorded again; " + _DAMAGED_HINT)
         return out
 
-    def mark_for_repair(self, slots: Sequence[int]) -> None:
-        """Mark damaged samples not complete, their keys unknown, so that a resumed run records them again."""
-        for slot in slots:
+    def mark_for_repair(self, planned: Mapping[int, tuple[str, int, int]]) -> None:
+        """Mark damaged samples not complete so that a resumed run records them again; slot -> the
+        (prompt, seed, batch_index) planned there, written first: the slot's own may be the damage,
+        and the other ranks read the slot table from disk."""
+        for slot, (prompt, seed, batch) in planned.items():
+            self.arrays["prompt"][slot], self.arrays["seed"][slot] = prompt, seed
+            self.arrays["batch_index"][slot] = batch
             self.arrays[COMPLETE][slot] = False
-            self._set_slot(slot, False, UNKNOWN_SLOT[:3])
+            self._set_slot(slot, False, (prompt, seed, batch))
 
 
 _TMP_PREFIX = ".creating."

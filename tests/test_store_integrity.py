@@ -473,3 +473,23 @@ def test_sigkill_while_the_store_is_created_leaves_nothing(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt", "r.zarr"]  # the killed one's folder is gone
     assert open_run(out).sizes["sample"] == 1
+
+
+def test_two_ranks_repair_samples_whose_keys_were_swapped(recorded, store):
+    """Rank 0 marked damaged samples for repair in its memory only; rank 1 read the swapped seeds from
+    disk and refused its share ("slot 1 ... is not planned for"), so `torchrun ... --resume` failed."""
+    _swap(store / "seed/c/0", store / "seed/c/1")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "taca_probe",
+            "record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2",
+            "--maps", "steps=0", "--out", str(store), "--resume"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "repairing 2 damaged sample" in proc.stderr
+    assert verify_store(store) == []
+    a, b = open_run(recorded).load(), open_run(store).load()
+    for k in ("prompt", "seed", "batch_index"):
+        np.testing.assert_array_equal(a[k].values, b[k].values)
+    np.testing.assert_allclose(a["vis_txt_mass"].values, b["vis_txt_mass"].values, rtol=1e-5)
+    # torchrun runs each rank on one thread: an image may differ from the recorded one by a level
+    np.testing.assert_allclose(a["image"].values, b["image"].values, atol=1)
