@@ -313,11 +313,15 @@ class RunWriter:
         """Whether a (prompt, seed, batch_index) sample is complete; O(1)."""
         return key in self._done
 
-    def first_free(self) -> int:
-        """The first slot that is not complete (or the next new one); amortized O(1)."""
+    def first_free(self, n: int = 1) -> int:
+        """The first of ``n`` consecutive slots that are not complete (or new ones): a sample of several
+        images must not overwrite a complete one after a gap; amortized O(1) for one image."""
         while self._free_hint < len(self._slots) and self._slots[self._free_hint][3]:
             self._free_hint += 1
-        return self._free_hint
+        slot = self._free_hint
+        while any(s[3] for s in self._slots[slot : slot + n]):
+            slot += 1
+        return slot
 
     def reserve(self, slot: int) -> None:
         """Make the arrays hold ``slot`` and mark it not complete (it is about to be (re)written)."""

@@ -493,3 +493,26 @@ def test_two_ranks_repair_samples_whose_keys_were_swapped(recorded, store):
     np.testing.assert_allclose(a["vis_txt_mass"].values, b["vis_txt_mass"].values, rtol=1e-5)
     # torchrun runs each rank on one thread: an image may differ from the recorded one by a level
     np.testing.assert_allclose(a["image"].values, b["image"].values, atol=1)
+
+
+def test_a_resumed_probe_never_overwrites_a_complete_sample_after_a_gap(pipes, tmp_path):
+    """Slot 1 of 3 unfinished (its rank died): a resumed probe's two-image sample went into slots 1 and 2,
+    replacing the complete sample of slot 2."""
+    from taca_probe.runner import probe
+
+    pipe = pipes("tiny-sd3")
+    call = {"num_inference_steps": 1, "height": 64, "width": 64}
+    path = tmp_path / "s.zarr"
+    with probe(pipe, path) as run:
+        run.create_planned([("a", 1), ("b", 1), ("c", 1)], call)
+        for slot in (0, 2):
+            run.sample("abc"[slot], seed=1, slot=slot, **call)
+    before = open_run(path).load()
+    with probe(pipe, path, mode="resume") as run:
+        run.sample("z", seed=5, num_images_per_prompt=2, **call)
+    after = open_run(path).load()
+    kept = after.isel(sample=[int(i) for i, p in enumerate(after["prompt"].values) if p in ("a", "c")])
+    assert list(kept["prompt"].values) == ["a", "c"]
+    np.testing.assert_array_equal(kept["image"].values, before["image"].values)
+    assert sorted(zip(after["prompt"].values.tolist(), after["batch_index"].values.tolist())) == [
+        ("a", 0), ("c", 0), ("z", 0), ("z", 1)]
