@@ -516,3 +516,20 @@ def test_a_resumed_probe_never_overwrites_a_complete_sample_after_a_gap(pipes, t
     np.testing.assert_array_equal(kept["image"].values, before["image"].values)
     assert sorted(zip(after["prompt"].values.tolist(), after["batch_index"].values.tolist())) == [
         ("a", 0), ("c", 0), ("z", 0), ("z", 1)]
+
+
+RANK_ENV = [({"WORLD_SIZE": "2"}, "RANK"), ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2"),
+            ({"WORLD_SIZE": "two"}, "WORLD_SIZE"), ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"}, "LOCAL_RANK")]
+
+
+@pytest.mark.parametrize("env,name", RANK_ENV)
+@pytest.mark.parametrize("command", ["record", "sweep"])
+def test_rank_variables_set_by_hand_are_one_line(tmp_path, capsys, monkeypatch, env, name, command):
+    """WORLD_SIZE without RANK was an internal KeyError (exit 1); RANK >= WORLD_SIZE waited at a barrier."""
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    rc, _, err = run_cli([command, *TINY, "--prompt", "x", "--out", tmp_path / "out"], capsys)
+    one_line_error(rc, err, name)
+    assert list(tmp_path.iterdir()) == []
