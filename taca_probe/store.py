@@ -570,6 +570,9 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
 def remove_store(path: str | os.PathLike) -> None:
     """Delete a store folder (``--overwrite``); refuses folders that are not taca-probe stores."""
     p = Path(path)
+    if p.is_symlink():  # rmtree refuses one with an OSError; deleting what it points to was not asked for
+        raise StoreError(f"refusing to overwrite {str(p)!r}: it is a symbolic link (to {os.readlink(p)!r}); "
+                         "give the store's own path, or remove the link")
     if not p.exists():
         return
     if not is_store(p):

@@ -533,3 +533,15 @@ def test_rank_variables_set_by_hand_are_one_line(tmp_path, capsys, monkeypatch, 
     rc, _, err = run_cli([command, *TINY, "--prompt", "x", "--out", tmp_path / "out"], capsys)
     one_line_error(rc, err, name)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_of_a_link_to_a_store_is_refused_and_keeps_the_store(recorded, tmp_path):
+    """rmtree refused the link with a bare OSError ('Cannot call rmtree on a symbolic link')."""
+    from taca_probe.store import remove_store
+
+    link = tmp_path / "link.zarr"
+    link.symlink_to(recorded)
+    before = _tree(recorded)
+    with pytest.raises(StoreError, match="symbolic link"):
+        remove_store(link)
+    assert link.is_symlink() and _tree(recorded) == before
