@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import TacaProbeError
+
 __all__ = ["Ranks", "ranks_from_env"]
 
 
@@ -58,9 +60,31 @@ class Ranks:
 
 
 def ranks_from_env() -> Ranks:
-    """The launcher's ranks (one process when launched plainly); the group is joined at the first barrier."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """The launcher's ranks (one process when launched plainly); the group is joined at the first barrier.
+
+    Values set by hand that no launcher would set are a :class:`TacaProbeError` naming the variable:
+    a rank outside 0..WORLD_SIZE-1 would wait at the first barrier for ranks that never come.
+    """
+    world = _env_int("WORLD_SIZE", "1", 1)
     if world <= 1:
         return Ranks()
-    rank = int(os.environ["RANK"])
-    return Ranks(rank=rank, world=world, local_rank=int(os.environ.get("LOCAL_RANK", rank)))
+    rank = _env_int("RANK", None, 0)
+    if rank >= world:
+        raise TacaProbeError(f"environment variable RANK={rank} is not below WORLD_SIZE={world}; "
+                             "start the processes with torchrun or accelerate launch")
+    return Ranks(rank=rank, world=world, local_rank=_env_int("LOCAL_RANK", str(rank), 0))
+
+
+def _env_int(name: str, default: str | None, least: int) -> int:
+    value = os.environ.get(name, default)
+    if value is None:
+        raise TacaProbeError(f"environment variable {name} is not set, but WORLD_SIZE is above 1; "
+                             "start the processes with torchrun or accelerate launch")
+    try:
+        number = int(value)
+    except ValueError:
+        number = least - 1
+    if number < least:
+        raise TacaProbeError(f"environment variable {name}={value!r} is not an integer >= {least}; "
+                             "start the processes with torchrun or accelerate launch")
+    return number

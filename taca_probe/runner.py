@@ -101,7 +101,7 @@ class Run:
         if created:
             writer = self._create(sample.layout)
         try:
-            writer.write_sample(writer.first_free() if slot is None else slot, sample)
+            writer.write_sample(writer.first_free(n) if slot is None else slot, sample)
         except BaseException:
             if created and not any(done for *_, done in writer.slots()):
                 remove_store(self.path)  # a store with no finished sample is not left behind
@@ -293,7 +293,7 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
                         damaged = run.writer.damaged_slots()  # their keys may be unreadable: any planned one
                         _check_plan(t.store, [UNKNOWN_SLOT[:3] if i in damaged else s[:3]
                                               for i, s in enumerate(run.writer.slots())], plan)  # before any write
-                        _repair(t, run.writer, damaged)
+                        _repair(t, run.writer, damaged, plan)
                 else:  # refuses an existing store
                     with probe(pipe, t.store, schedule=t.schedule, mode="create", **common) as run:
                         run.create_planned(plan, call)
@@ -338,14 +338,15 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
     return recorded
 
 
-def _repair(target: Target, writer: RunWriter, damaged: dict[int, list[str]]) -> None:
-    """Mark complete samples whose chunks are missing, moved or damaged for re-recording."""
+def _repair(target: Target, writer: RunWriter, damaged: dict[int, list[str]],
+            plan: Sequence[tuple[str, int]]) -> None:
+    """Mark complete samples whose chunks are missing, moved or damaged for re-recording as ``plan`` has them."""
     if damaged:
         listed = "; ".join(f"sample {slot}: {problems[0]}" for slot, problems in sorted(damaged.items())[:5])
         more = f" (and {len(damaged) - 5} more)" if len(damaged) > 5 else ""
         print(f"taca-probe: repairing {len(damaged)} damaged sample(s) of {str(target.store)!r}: {listed}{more}",
               file=sys.stderr)
-        writer.mark_for_repair(sorted(damaged))
+        writer.mark_for_repair({slot: (plan[slot][0], int(plan[slot][1]), 0) for slot in sorted(damaged)})
 
 
 def _check_plan(path: Path, slots: list[tuple[str, int, int]], plan: Sequence[tuple[str, int]]) -> None:

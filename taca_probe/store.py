@@ -313,11 +313,15 @@ class RunWriter:
         """Whether a (prompt, seed, batch_index) sample is complete; O(1)."""
         return key in self._done
 
-    def first_free(self) -> int:
-        """The first slot that is not complete (or the next new one); amortized O(1)."""
+    def first_free(self, n: int = 1) -> int:
+        """The first of ``n`` consecutive slots that are not complete (or new ones): a sample of several
+        images must not overwrite a complete one after a gap; amortized O(1) for one image."""
         while self._free_hint < len(self._slots) and self._slots[self._free_hint][3]:
             self._free_hint += 1
-        return self._free_hint
+        slot = self._free_hint
+        while any(s[3] for s in self._slots[slot : slot + n]):
+            slot += 1
+        return slot
 
     def reserve(self, slot: int) -> None:
         """Make the arrays hold ``slot`` and mark it not complete (it is about to be (re)written)."""
@@ -414,11 +418,15 @@ class RunWriter:
                              "recorded again; " + _DAMAGED_HINT)
         return out
 
-    def mark_for_repair(self, slots: Sequence[int]) -> None:
-        """Mark damaged samples not complete, their keys unknown, so that a resumed run records them again."""
-        for slot in slots:
+    def mark_for_repair(self, planned: Mapping[int, tuple[str, int, int]]) -> None:
+        """Mark damaged samples not complete so that a resumed run records them again; slot -> the
+        (prompt, seed, batch_index) planned there, written first: the slot's own may be the damage,
+        and the other ranks read the slot table from disk."""
+        for slot, (prompt, seed, batch) in planned.items():
+            self.arrays["prompt"][slot], self.arrays["seed"][slot] = prompt, seed
+            self.arrays["batch_index"][slot] = batch
             self.arrays[COMPLETE][slot] = False
-            self._set_slot(slot, False, UNKNOWN_SLOT[:3])
+            self._set_slot(slot, False, (prompt, seed, batch))
 
 
 _TMP_PREFIX = ".creating."
@@ -562,6 +570,9 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
 def remove_store(path: str | os.PathLike) -> None:
     """Delete a store folder (``--overwrite``); refuses folders that are not taca-probe stores."""
     p = Path(path)
+    if p.is_symlink():  # rmtree refuses one with an OSError; deleting what it points to was not asked for
+        raise StoreError(f"refusing to overwrite {str(p)!r}: it is a symbolic link (to {os.readlink(p)!r}); "
+                         "give the store's own path, or remove the link")
     if not p.exists():
         return
     if not is_store(p):

@@ -77,7 +77,7 @@ def test_a_resumed_probe_fills_the_first_incomplete_slot_before_growing_the_stor
     with probe(pipe, path) as run:
         run.sample("a", seed=0, **kw)
         run.sample("b", seed=0, **kw)
-    RunWriter.reopen(path).mark_for_repair([0])  # slot 0 is to be recorded again
+    RunWriter.reopen(path).mark_for_repair({0: ("a", 0, 0)})  # slot 0 is to be recorded again
     assert list(open_run(path)["prompt"].values) == ["b"]
     with probe(pipe, path, mode="resume") as run:
         run.sample("c", seed=0, **kw)

@@ -473,3 +473,75 @@ def test_sigkill_while_the_store_is_created_leaves_nothing(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt", "r.zarr"]  # the killed one's folder is gone
     assert open_run(out).sizes["sample"] == 1
+
+
+def test_two_ranks_repair_samples_whose_keys_were_swapped(recorded, store):
+    """Rank 0 marked damaged samples for repair in its memory only; rank 1 read the swapped seeds from
+    disk and refused its share ("slot 1 ... is not planned for"), so `torchrun ... --resume` failed."""
+    _swap(store / "seed/c/0", store / "seed/c/1")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "taca_probe",
+            "record", *TINY, "--prompt", "a red cube", "--prompt", "a blue ball", "--seeds", "1,2",
+            "--maps", "steps=0", "--out", str(store), "--resume"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "repairing 2 damaged sample" in proc.stderr
+    assert verify_store(store) == []
+    a, b = open_run(recorded).load(), open_run(store).load()
+    for k in ("prompt", "seed", "batch_index"):
+        np.testing.assert_array_equal(a[k].values, b[k].values)
+    np.testing.assert_allclose(a["vis_txt_mass"].values, b["vis_txt_mass"].values, rtol=1e-5)
+    # torchrun runs each rank on one thread: an image may differ from the recorded one by a level
+    np.testing.assert_allclose(a["image"].values, b["image"].values, atol=1)
+
+
+def test_a_resumed_probe_never_overwrites_a_complete_sample_after_a_gap(pipes, tmp_path):
+    """Slot 1 of 3 unfinished (its rank died): a resumed probe's two-image sample went into slots 1 and 2,
+    replacing the complete sample of slot 2."""
+    from taca_probe.runner import probe
+
+    pipe = pipes("tiny-sd3")
+    call = {"num_inference_steps": 1, "height": 64, "width": 64}
+    path = tmp_path / "s.zarr"
+    with probe(pipe, path) as run:
+        run.create_planned([("a", 1), ("b", 1), ("c", 1)], call)
+        for slot in (0, 2):
+            run.sample("abc"[slot], seed=1, slot=slot, **call)
+    before = open_run(path).load()
+    with probe(pipe, path, mode="resume") as run:
+        run.sample("z", seed=5, num_images_per_prompt=2, **call)
+    after = open_run(path).load()
+    kept = after.isel(sample=[int(i) for i, p in enumerate(after["prompt"].values) if p in ("a", "c")])
+    assert list(kept["prompt"].values) == ["a", "c"]
+    np.testing.assert_array_equal(kept["image"].values, before["image"].values)
+    assert sorted(zip(after["prompt"].values.tolist(), after["batch_index"].values.tolist())) == [
+        ("a", 0), ("c", 0), ("z", 0), ("z", 1)]
+
+
+RANK_ENV = [({"WORLD_SIZE": "2"}, "RANK"), ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2"),
+            ({"WORLD_SIZE": "two"}, "WORLD_SIZE"), ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"}, "LOCAL_RANK")]
+
+
+@pytest.mark.parametrize("env,name", RANK_ENV)
+@pytest.mark.parametrize("command", ["record", "sweep"])
+def test_rank_variables_set_by_hand_are_one_line(tmp_path, capsys, monkeypatch, env, name, command):
+    """WORLD_SIZE without RANK was an internal KeyError (exit 1); RANK >= WORLD_SIZE waited at a barrier."""
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    rc, _, err = run_cli([command, *TINY, "--prompt", "x", "--out", tmp_path / "out"], capsys)
+    one_line_error(rc, err, name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_of_a_link_to_a_store_is_refused_and_keeps_the_store(recorded, tmp_path):
+    """rmtree refused the link with a bare OSError ('Cannot call rmtree on a symbolic link')."""
+    from taca_probe.store import remove_store
+
+    link = tmp_path / "link.zarr"
+    link.symlink_to(recorded)
+    before = _tree(recorded)
+    with pytest.raises(StoreError, match="symbolic link"):
+        remove_store(link)
+    assert link.is_symlink() and _tree(recorded) == before
