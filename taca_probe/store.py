@@ -567,14 +567,19 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
             "stored_bytes": sum(a["stored_bytes"] for a in arrays.values()), "arrays": arrays, "attrs": attrs}
 
 
-def remove_store(path: str | os.PathLike) -> None:
-    """Delete a store folder (``--overwrite``); refuses folders that are not taca-probe stores."""
+def check_removable(path: str | os.PathLike) -> bool:
+    """Whether ``path`` exists; a :class:`StoreError` where ``--overwrite`` may not delete it (a link, not a
+    store): the CLI asks before a model loads."""
     p = Path(path)
     if p.is_symlink():  # rmtree refuses one with an OSError; deleting what it points to was not asked for
         raise StoreError(f"refusing to overwrite {str(p)!r}: it is a symbolic link (to {os.readlink(p)!r}); "
                          "give the store's own path, or remove the link")
-    if not p.exists():
-        return
-    if not is_store(p):
+    if p.exists() and not is_store(p):
         raise StoreError(f"refusing to overwrite {str(p)!r}: it is not a taca-probe store")
-    shutil.rmtree(p)
+    return p.exists()
+
+
+def remove_store(path: str | os.PathLike) -> None:
+    """Delete a store folder (``--overwrite``); refuses folders that are not taca-probe stores."""
+    if check_removable(path):
+        shutil.rmtree(path)

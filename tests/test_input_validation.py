@@ -290,3 +290,15 @@ def test_generate_refuses_to_replace_an_earlier_runs_files_before_loading(tmp_pa
 def test_prompts_file_that_is_a_folder_is_named_as_such(tmp_path, capsys):
     rc, _, err = run_cli(["record", "--prompts", tmp_path, "--out", tmp_path / "r.zarr"], capsys)
     _refused(rc, err, "is not a file")
+
+
+def test_record_overwrite_of_a_link_to_a_store_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """--overwrite through a symbolic link loaded the model, then failed with rmtree's bare OSError."""
+    monkeypatch.setattr(record, "load_pipeline", _must_not_load)
+    store = tmp_path / "real.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text(json.dumps({"attributes": {"taca_probe_schema": 1}}))
+    (tmp_path / "link.zarr").symlink_to(store)
+    rc, _, err = run_cli(["record", "--prompt", "x", "--overwrite", "--out", tmp_path / "link.zarr"], capsys)
+    _refused(rc, err, "symbolic link")
+    assert (tmp_path / "link.zarr").is_symlink() and sorted(p.name for p in store.iterdir()) == ["zarr.json"]

@@ -26,7 +26,7 @@ from ..rendering import open_inputs
 from ..runner import Target, record_plan
 from ..schedules import parse
 from ..selection import MapSelection
-from ..store import COORD_ORDER, VARIABLE_ORDER, StoreError, is_store, open_run, store_info
+from ..store import COORD_ORDER, VARIABLE_ORDER, StoreError, check_removable, is_store, open_run, store_info
 from ..stats import sample_keys
 from ..sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH, MANIFEST, SweepError, is_sweep, open_sweep, read_manifest, \
     run_sweep, sample_plan, sweep_schedules
@@ -209,6 +209,8 @@ def cmd_record(args: argparse.Namespace) -> int:
         raise StoreError(f"{str(out)!r} already exists; pass --resume to complete it or --overwrite to replace it")
     if out.exists() and not is_store(out):
         raise StoreError(f"{str(out)!r} exists and is not a taca-probe store; choose another --out")
+    if args.overwrite and ranks.is_main:
+        check_removable(out)
     if args.resume and not out.exists():
         raise StoreError(f"--resume: no store at {str(out)!r}")
     pipe, call = _load(args, ranks.device(resolve_device(args.device)))
