@@ -101,7 +101,7 @@ class Run:
         if created:
             writer = self._create(sample.layout)
         try:
-            writer.write_sample(writer.first_free(n) if slot is None else slot, sample)
+            writer.write_sample(writer.place(prompt, seed, n) if slot is None else slot, sample)
         except BaseException:
             if created and not any(done for *_, done in writer.slots()):
                 remove_store(self.path)  # a store with no finished sample is not left behind

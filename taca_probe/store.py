@@ -215,6 +215,7 @@ class RunWriter:
         _raise_structure(path, _structure_problems(path, group, self.arrays, layout))
         self._slots = self._read_slots()
         self._done = {s[:3] for s in self._slots if s[3]}
+        self._where = {s[:3]: i for i, s in reversed(list(enumerate(self._slots)))}  # key -> its first slot
         self._free_hint = 0
 
     @classmethod
@@ -313,13 +314,24 @@ class RunWriter:
         """Whether a (prompt, seed, batch_index) sample is complete; O(1)."""
         return key in self._done
 
-    def first_free(self, n: int = 1) -> int:
-        """The first of ``n`` consecutive slots that are not complete (or new ones): a sample of several
-        images must not overwrite a complete one after a gap; amortized O(1) for one image."""
+    def place(self, prompt: str, seed: int, n: int = 1) -> int:
+        """The first of ``n`` consecutive slots for the images of (prompt, seed): where they already are
+        (planned, or left unfinished by a killed run) if all ``n`` sit in a row, else the first ``n`` in a row
+        that are neither complete nor held for another sample. A sample must not overwrite a complete one
+        after a gap, take a slot that ``record`` planned for another, or be stored twice after a resume."""
+        keys = [(prompt, seed, b) for b in range(n)]
+
+        def fits(first: int) -> bool:
+            return all(s[:3] == k or (not s[3] and s[:3] in _UNSET_KEYS)
+                       for s, k in zip(self._slots[first : first + n], keys))  # slots beyond the end are new
+
+        start = self._where.get(keys[0])
+        if start is not None and fits(start):
+            return start
         while self._free_hint < len(self._slots) and self._slots[self._free_hint][3]:
             self._free_hint += 1
         slot = self._free_hint
-        while any(s[3] for s in self._slots[slot : slot + n]):
+        while not fits(slot):
             slot += 1
         return slot
 
@@ -339,6 +351,9 @@ class RunWriter:
             self._done.discard(old[:3])
         key = old[:3] if key is None else key
         self._slots[slot] = (*key, done)
+        if self._where.get(old[:3]) == slot:
+            del self._where[old[:3]]
+        self._where.setdefault(key, slot)
         if done:
             self._done.add(key)
         else:
@@ -432,6 +447,8 @@ class RunWriter:
 _TMP_PREFIX = ".creating."
 #: A slot whose (prompt, seed, batch_index) could not be read: any planned sample may fill it.
 UNKNOWN_SLOT = ("", -1, -1, False)
+#: The keys of a slot that holds no sample's key: new, or unreadable.
+_UNSET_KEYS = (("", 0, 0), UNKNOWN_SLOT[:3])
 
 
 def _remove_stale_temporaries(path: Path) -> None:

@@ -69,8 +69,7 @@ def test_flux_maps_of_a_wide_image_have_its_rows_and_columns(pipes, tmp_path):
     assert ds["image"].shape[1:] == (32, 64, 3)
 
 
-def test_a_resumed_probe_fills_the_first_incomplete_slot_before_growing_the_store(pipes, tmp_path):
-
+def test_a_resumed_probe_records_a_repaired_slot_again_and_never_gives_it_to_another_sample(pipes, tmp_path):
     pipe = pipes("tiny-sd3")
     kw = {"num_inference_steps": 1, **SIZE}
     path = tmp_path / "r.zarr"
@@ -81,4 +80,6 @@ def test_a_resumed_probe_fills_the_first_incomplete_slot_before_growing_the_stor
     assert list(open_run(path)["prompt"].values) == ["b"]
     with probe(pipe, path, mode="resume") as run:
         run.sample("c", seed=0, **kw)
-    assert list(open_run(path, include_incomplete=True)["prompt"].values) == ["c", "b"]
+        assert list(open_run(path, include_incomplete=True)["prompt"].values) == ["a", "b", "c"]
+        run.sample("a", seed=0, **kw)
+    assert list(open_run(path)["prompt"].values) == ["a", "b", "c"]

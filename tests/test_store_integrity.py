@@ -545,3 +545,28 @@ def test_overwrite_of_a_link_to_a_store_is_refused_and_keeps_the_store(recorded,
     with pytest.raises(StoreError, match="symbolic link"):
         remove_store(link)
     assert link.is_symlink() and _tree(recorded) == before
+
+
+def test_a_resumed_probe_sample_goes_where_its_images_are_and_leaves_others_planned_slots(pipes, tmp_path):
+    """A two-image sample killed after its first image was stored twice on resume (('z', 5, 0) in slots 3 and 4),
+    and a sample without slot= took the first unfinished slot even where record had planned another prompt."""
+    from taca_probe.runner import probe
+    from taca_probe.store import COMPLETE
+
+    pipe = pipes("tiny-sd3")
+    call = {"num_inference_steps": 1, "height": 64, "width": 64}
+    path = tmp_path / "s.zarr"
+    with probe(pipe, path) as run:
+        run.create_planned([("a", 1), ("b", 1)], call)
+        run.sample("a", seed=1, slot=0, **call)
+        run.sample("c", seed=2, **call)  # not planned: a new slot, not b's
+        run.sample("z", seed=5, num_images_per_prompt=2, **call)
+    group = zarr.open_group(str(path), mode="r+")
+    last = [(p, b) for p, b in zip(group["prompt"][:], group["batch_index"][:])].index(("z", 1))
+    group[COMPLETE][last] = False  # killed before z's second image completed
+    with probe(pipe, path, mode="resume") as run:
+        run.sample("z", seed=5, num_images_per_prompt=2, **call)
+        run.sample("b", seed=1, slot=1, **call)  # record --resume would fill b's planned slot
+    ds = open_run(path)
+    assert list(zip(ds["prompt"].values.tolist(), ds["seed"].values.tolist(), ds["batch_index"].values.tolist())) == [
+        ("a", 1, 0), ("b", 1, 0), ("c", 2, 0), ("z", 5, 0), ("z", 5, 1)]
