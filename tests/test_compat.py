@@ -33,8 +33,10 @@ OLD = DATA / "store-v0.1.0.zarr"
 ARGV = ["record", "--model", "tiny-sd3", "--device", "cpu", "--steps", "2", "--height", "64", "--width", "64",
         "--prompt", "a red cube", "--prompt", "a blue ball left of a cube", "--seeds", "0,1",
         "--schedule", "step:1.3@970", "--maps", "steps=0;tokens=0-3", "--branch", "both"]
-#: Provenance that differs between any two recordings (versions, time, command line), and attributes added since.
-PROVENANCE = {"created", "command", "taca_probe_version", "torch_version", "diffusers_version", "map_selection"}
+#: Provenance that differs between any two recordings (versions, time, command line).
+PROVENANCE = {"created", "command", "taca_probe_version", "torch_version", "diffusers_version"}
+#: Attributes added since 0.1.0: compared where both sides have them.
+ADDED_SINCE = {"map_selection", "branch", "model", "schedule"}
 QUANTITIES = {"suppression": (A.suppression, {"branch": "cond", "n_resamples": 200}),
               "timestep_awareness": (A.timestep_awareness, {"branch": "uncond", "n_resamples": 200}),
               "token_ranking": (A.token_ranking, {"branch": "cond"})}
@@ -87,7 +89,8 @@ def _close(a: xr.Dataset, b: xr.Dataset, skip: tuple[str, ...] = ()) -> None:
             assert np.abs(x.astype(int) - y.astype(int)).max() <= 1, name
         else:
             np.testing.assert_array_equal(x, y, err_msg=name)
-    keep = lambda attrs: {k: v for k, v in attrs.items() if k not in PROVENANCE}  # noqa: E731
+    skipped = PROVENANCE | (ADDED_SINCE - (a.attrs.keys() & b.attrs.keys()))
+    keep = lambda attrs: {k: v for k, v in attrs.items() if k not in skipped}  # noqa: E731
     assert keep(a.attrs) == keep(b.attrs)
 
 
