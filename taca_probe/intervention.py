@@ -308,15 +308,19 @@ def _check_attention_backend(transformer: torch.nn.Module) -> None:
         from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
     except ImportError:  # older diffusers: SDPA is called directly
         return
-    names = {str(_AttentionBackendRegistry.get_active_backend()[0].value)}
+    active = _AttentionBackendRegistry.get_active_backend()[0]
+    names = set()
     for proc in transformer.attn_processors.values():
-        backend = getattr(proc, "_attention_backend", None)
-        if backend is not None:
+        # Only processors with a backend slot dispatch (FLUX); SD3's call SDPA whatever the registry says.
+        if hasattr(proc, "_attention_backend"):
+            backend = proc._attention_backend or active  # unset: the registry's active backend
             names.add(str(getattr(backend, "value", backend)))
     other = names - {AttentionBackendName.NATIVE.value}
     if other:
+        # Not reset_attention_backend(): it leaves the registry's active backend (which
+        # set_attention_backend also set) in place.
         raise TacaProbeError(f"TACA needs diffusers' native attention backend, found {', '.join(sorted(other))}; "
-                             "unset DIFFUSERS_ATTN_BACKEND or call transformer.reset_attention_backend()")
+                             "unset DIFFUSERS_ATTN_BACKEND or call transformer.set_attention_backend('native')")
 
 
 def apply_taca(target: Any, config: TacaConfig | None = None) -> TacaHandle:

@@ -291,6 +291,35 @@ def test_non_native_attention_backend_is_refused(pipes):
     assert getattr(transformer, intervention._HANDLE_ATTR, None) is None
 
 
+def test_registry_backend_refuses_flux_only_and_the_advised_call_works(pipes):
+    """Audit: SD3, whose processors call SDPA directly, was refused while diffusers' registry held
+    another backend, and the advised reset_attention_backend() left FLUX refused (it keeps the
+    registry's backend that set_attention_backend set)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    flux, sd3 = pipes["tiny-flux"].transformer, pipes["tiny-sd3"].transformer
+    previous = _AttentionBackendRegistry.get_active_backend()[0]
+    try:
+        flux.set_attention_backend("_native_math")
+        flux.reset_attention_backend()  # the processors' backends only
+        with pytest.raises(TacaProbeError, match=r"\bset_attention_backend"):
+            with taca(flux, "const:1.2"):
+                pass
+        inputs = _transformer_inputs(sd3)
+        with torch.no_grad():
+            with ExplicitTacaSDPA(7, False, 1.2):
+                ref = sd3(**inputs)[0]
+            with taca(sd3, "const:1.2"):
+                got = sd3(**inputs)[0]
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        flux.set_attention_backend("native")  # what the message advises
+        with taca(flux, "const:1.2"):
+            pass
+    finally:
+        flux.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(previous)
+
+
 def test_bad_schedule_is_refused_before_anything_is_installed(pipes):
     transformer = pipes["tiny-sd3"].transformer
     before = dict(transformer.attn_processors)
