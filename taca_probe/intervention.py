@@ -197,8 +197,11 @@ class TacaHandle:
         for site in self.sites:
             inner = self._original[f"{site.name}.processor"]
             if isinstance(inner, TacaAttnProcessor) or type(inner).__name__ not in SUPPORTED_PROCESSORS:
+                # These transformers have no set_default_attn_processor(): name the stock class.
+                stock = {"sd3": "JointAttnProcessor2_0", "flux": "FluxAttnProcessor"}[self.family]
                 raise TacaProbeError(f"{site.name} uses {type(inner).__name__}; TACA wraps only "
-                                     f"{', '.join(SUPPORTED_PROCESSORS)} (reset with set_default_attn_processor())")
+                                     f"{', '.join(SUPPORTED_PROCESSORS)} (restore diffusers' own with "
+                                     f"transformer.set_attn_processor({stock}()))")
             new[f"{site.name}.processor"] = wrap_processor(inner, site, self.state)
         self._lora = _LoraSwitch(transformer, config.lora, config.lora_scale) if config.lora is not None else None
         self._sig = inspect.signature(transformer.forward)

@@ -4,10 +4,14 @@ of double installation, and LoRA switching."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Img2ImgPipeline
+from diffusers.models import attention_processor
+from diffusers.models.transformers import transformer_flux
 
 from taca_probe import intervention
 from taca_probe.errors import TacaProbeError
@@ -289,6 +293,28 @@ def test_non_native_attention_backend_is_refused(pipes):
     finally:
         proc._attention_backend = None
     assert getattr(transformer, intervention._HANDLE_ATTR, None) is None
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_a_custom_processor_is_refused_kept_and_the_advised_call_works(pipes, model):
+    """Audit: the refusal advised set_default_attn_processor(), which these transformers lack."""
+    transformer = pipes[model].transformer
+    stock = dict(transformer.attn_processors)
+    custom = type("MyProcessor", (type(transformer.transformer_blocks[1].attn.processor),), {})()
+    transformer.transformer_blocks[1].attn.set_processor(custom)
+    before = dict(transformer.attn_processors)
+    try:
+        with pytest.raises(TacaProbeError, match=r"set_attn_processor\(\w+\(\)\)") as err:
+            with taca(transformer, "const:1.2"):
+                pass
+        assert all(transformer.attn_processors[k] is v for k, v in before.items())  # the user's stays
+        advised = re.search(r"set_attn_processor\((\w+)\(\)\)", str(err.value)).group(1)
+        transformer.set_attn_processor((getattr(attention_processor, advised, None)
+                                        or getattr(transformer_flux, advised))())
+        with taca(transformer, "const:1.2") as handle:
+            assert len(handle.sites) == len(stock)
+    finally:
+        transformer.set_attn_processor(stock)
 
 
 def test_registry_backend_refuses_flux_only_and_the_advised_call_works(pipes):
