@@ -97,10 +97,15 @@ class _LoraSwitch:
         except ImportError:
             raise TacaProbeError("LoRA switching needs peft: pip install 'taca-probe[lora]'") from None
         self.transformer, self.scale = transformer, scale
+        layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+        if any(m.merged for m in layers):  # peft unmerges a fused LoRA to switch adapters, for good
+            raise TacaProbeError("a LoRA is fused into the transformer's weights; switching adapters would unfuse it: "
+                                 "call unfuse_lora() before taca(lora=...)")
         loaded = set(getattr(transformer, "peft_config", {}) or {})
         self.prev_active = list(transformer.active_adapters()) if loaded else []
-        self.prev_enabled = bool(loaded) and not any(
-            m.disable_adapters for m in transformer.modules() if isinstance(m, BaseTunerLayer))
+        self.prev_enabled = bool(loaded) and not any(m.disable_adapters for m in layers)
+        # Each layer's adapter weights: set_adapters() resets those it is not given to 1.
+        self.scalings = {m: dict(m.scaling) for m in layers if isinstance(getattr(m, "scaling", None), dict)}
         if str(lora) in loaded:
             self.name, self.owned = str(lora), False
         else:
@@ -119,18 +124,26 @@ class _LoraSwitch:
                                               prefix="transformer")
             except Exception as e:  # diffusers/peft raise many kinds; report one line
                 raise TacaProbeError(f"cannot load LoRA {str(lora)!r}: {str(e).splitlines()[0]}") from None
+        # The user's other active adapters (a style LoRA) stay on at every step, at their weights.
+        self.others = [a for a in self.prev_active if a != self.name] if self.prev_enabled else []
         self.on: bool | None = None
         self.set(False)
 
     def set(self, on: bool) -> None:
         if on == self.on:
             return
-        if on:
+        names = self.others + [self.name] if on else self.others
+        if names:
             self.transformer.enable_lora()
-            self.transformer.set_adapters([self.name], [self.scale])
+            self.transformer.set_adapters(names, [1.0] * len(self.others) + [self.scale] * on)
+            self._restore_weights(self.others)
         else:
             self.transformer.disable_lora()
         self.on = on
+
+    def _restore_weights(self, names: list[str]) -> None:
+        for layer, scaling in self.scalings.items():
+            layer.scaling.update({a: w for a, w in scaling.items() if a in names and a in layer.scaling})
 
     def restore(self) -> None:
         t = self.transformer
@@ -139,6 +152,7 @@ class _LoraSwitch:
         if self.prev_active:
             t.enable_lora()
             t.set_adapters(self.prev_active)
+            self._restore_weights(self.prev_active)
             if not self.prev_enabled:
                 t.disable_lora()
         elif getattr(t, "peft_config", None):

@@ -478,6 +478,45 @@ def test_a_loaded_but_disabled_lora_stays_disabled_after_taca(lora_pipe):
     assert list(pipe.transformer.active_adapters()) == ["style"]  # still loaded, by its name
 
 
+def test_the_users_other_adapters_stay_on_at_their_weights(lora_pipe):
+    """Audit: TACA's own LoRA switched the user's active 'style' adapter off at every step, and on
+    exit set it back at weight 1 instead of the user's 0.7."""
+    from peft import LoraConfig
+
+    pipe = lora_pipe
+    pipe.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False),
+        adapter_name="taca_lora",
+    )
+    pipe.transformer.set_adapters(["style"], [0.7])
+    stock = _image(pipe, steps=3)
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    seen: list[tuple] = []
+    hook = layer.register_forward_pre_hook(
+        lambda mod, args: seen.append((sorted(mod.active_adapters) if _lora_state(mod) else [],
+                                       round(mod.scaling["style"], 6), round(mod.scaling["taca_lora"], 6))))
+    try:
+        with taca(pipe, "first:1.2@1", lora="taca_lora", lora_scale=0.5):
+            _image(pipe, steps=3)
+    finally:
+        hook.remove()
+    assert seen == [(["style", "taca_lora"], 0.7, 0.5), (["style"], 0.7, 0.5), (["style"], 0.7, 0.5)]
+    assert np.array_equal(_image(pipe, steps=3), stock)  # style back at 0.7, taca_lora off
+
+
+def test_a_fused_lora_is_refused_and_stays_fused(lora_pipe):
+    """Audit: switching adapters unfused a LoRA fused into the weights, which stayed unfused after."""
+    pipe = lora_pipe
+    pipe.fuse_lora(components=["transformer"], adapter_names=["style"])
+    weight = pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight.clone()
+    stock = _image(pipe, steps=2)
+    with pytest.raises(TacaProbeError, match="unfuse"):
+        with taca(pipe, "first:1.2@1", lora="style"):
+            _image(pipe, steps=2)
+    assert torch.equal(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight, weight)
+    assert np.array_equal(_image(pipe, steps=2), stock)
+
+
 def test_img2img_starts_at_the_schedulers_begin_index(pipes):
     # img2img at strength 0.5 of 4 steps skips the first two: its calls are steps 2 and 3 at their
     # timesteps, so a schedule that acts only at t >= 970 (step 0) must not act at all
