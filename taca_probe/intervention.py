@@ -124,6 +124,11 @@ class _LoraSwitch:
                                               prefix="transformer")
             except Exception as e:  # diffusers/peft raise many kinds; report one line
                 raise TacaProbeError(f"cannot load LoRA {str(lora)!r}: {str(e).splitlines()[0]}") from None
+            if self.name not in (getattr(transformer, "peft_config", None) or {}):
+                # diffusers only logs this (no keys under "transformer.", e.g. another trainer's
+                # format); TACA would then run without the LoRA it was given.
+                raise TacaProbeError(f"LoRA {str(lora)!r} holds no weights for the transformer in diffusers' format; "
+                                     "load it with pipe.load_lora_weights(path, adapter_name=NAME) and pass lora=NAME")
         # The user's other active adapters (a style LoRA) stay on at every step, at their weights.
         self.others = [a for a in self.prev_active if a != self.name] if self.prev_enabled else []
         self.on: bool | None = None

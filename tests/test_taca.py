@@ -460,6 +460,22 @@ def test_unknown_lora_is_refused(lora_pipe):
             pass
 
 
+def test_a_lora_file_without_transformer_weights_is_refused(lora_pipe, tmp_path):
+    """Audit: diffusers only logged that no key matched, and TACA ran without the LoRA it was given."""
+    from safetensors.torch import save_file
+
+    save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 32),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(32, 4)},
+              tmp_path / "text_only.safetensors")
+    transformer = lora_pipe.transformer
+    before = dict(transformer.attn_processors)
+    with pytest.raises(TacaProbeError, match="no weights for the transformer"):
+        with taca(lora_pipe, "const:1.2", lora=tmp_path / "text_only.safetensors"):
+            pass
+    assert all(transformer.attn_processors[k] is v for k, v in before.items())
+    assert set(transformer.peft_config) == {"style"}
+
+
 def test_a_loaded_but_disabled_lora_stays_disabled_after_taca(lora_pipe):
     # the user loaded "style" and switched LoRA off; TACA turns it on at its gamma steps only, and
     # must leave it off afterwards, as it found it
