@@ -97,10 +97,15 @@ class _LoraSwitch:
         except ImportError:
             raise TacaProbeError("LoRA switching needs peft: pip install 'taca-probe[lora]'") from None
         self.transformer, self.scale = transformer, scale
+        layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+        if any(m.merged for m in layers):  # peft unmerges a fused LoRA to switch adapters, for good
+            raise TacaProbeError("a LoRA is fused into the transformer's weights; switching adapters would unfuse it: "
+                                 "call unfuse_lora() before taca(lora=...)")
         loaded = set(getattr(transformer, "peft_config", {}) or {})
         self.prev_active = list(transformer.active_adapters()) if loaded else []
-        self.prev_enabled = bool(loaded) and not any(
-            m.disable_adapters for m in transformer.modules() if isinstance(m, BaseTunerLayer))
+        self.prev_enabled = bool(loaded) and not any(m.disable_adapters for m in layers)
+        # Each layer's adapter weights: set_adapters() resets those it is not given to 1.
+        self.scalings = {m: dict(m.scaling) for m in layers if isinstance(getattr(m, "scaling", None), dict)}
         if str(lora) in loaded:
             self.name, self.owned = str(lora), False
         else:
@@ -119,18 +124,31 @@ class _LoraSwitch:
                                               prefix="transformer")
             except Exception as e:  # diffusers/peft raise many kinds; report one line
                 raise TacaProbeError(f"cannot load LoRA {str(lora)!r}: {str(e).splitlines()[0]}") from None
+            if self.name not in (getattr(transformer, "peft_config", None) or {}):
+                # diffusers only logs this (no keys under "transformer.", e.g. another trainer's
+                # format); TACA would then run without the LoRA it was given.
+                raise TacaProbeError(f"LoRA {str(lora)!r} holds no weights for the transformer in diffusers' format; "
+                                     "load it with pipe.load_lora_weights(path, adapter_name=NAME) and pass lora=NAME")
+        # The user's other active adapters (a style LoRA) stay on at every step, at their weights.
+        self.others = [a for a in self.prev_active if a != self.name] if self.prev_enabled else []
         self.on: bool | None = None
         self.set(False)
 
     def set(self, on: bool) -> None:
         if on == self.on:
             return
-        if on:
+        names = self.others + [self.name] if on else self.others
+        if names:
             self.transformer.enable_lora()
-            self.transformer.set_adapters([self.name], [self.scale])
+            self.transformer.set_adapters(names, [1.0] * len(self.others) + [self.scale] * on)
+            self._restore_weights(self.others)
         else:
             self.transformer.disable_lora()
         self.on = on
+
+    def _restore_weights(self, names: list[str]) -> None:
+        for layer, scaling in self.scalings.items():
+            layer.scaling.update({a: w for a, w in scaling.items() if a in names and a in layer.scaling})
 
     def restore(self) -> None:
         t = self.transformer
@@ -139,6 +157,7 @@ class _LoraSwitch:
         if self.prev_active:
             t.enable_lora()
             t.set_adapters(self.prev_active)
+            self._restore_weights(self.prev_active)
             if not self.prev_enabled:
                 t.disable_lora()
         elif getattr(t, "peft_config", None):
@@ -197,8 +216,11 @@ class TacaHandle:
         for site in self.sites:
             inner = self._original[f"{site.name}.processor"]
             if isinstance(inner, TacaAttnProcessor) or type(inner).__name__ not in SUPPORTED_PROCESSORS:
+                # These transformers have no set_default_attn_processor(): name the stock class.
+                stock = {"sd3": "JointAttnProcessor2_0", "flux": "FluxAttnProcessor"}[self.family]
                 raise TacaProbeError(f"{site.name} uses {type(inner).__name__}; TACA wraps only "
-                                     f"{', '.join(SUPPORTED_PROCESSORS)} (reset with set_default_attn_processor())")
+                                     f"{', '.join(SUPPORTED_PROCESSORS)} (restore diffusers' own with "
+                                     f"transformer.set_attn_processor({stock}()))")
             new[f"{site.name}.processor"] = wrap_processor(inner, site, self.state)
         self._lora = _LoraSwitch(transformer, config.lora, config.lora_scale) if config.lora is not None else None
         self._sig = inspect.signature(transformer.forward)
@@ -308,15 +330,19 @@ def _check_attention_backend(transformer: torch.nn.Module) -> None:
         from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
     except ImportError:  # older diffusers: SDPA is called directly
         return
-    names = {str(_AttentionBackendRegistry.get_active_backend()[0].value)}
+    active = _AttentionBackendRegistry.get_active_backend()[0]
+    names = set()
     for proc in transformer.attn_processors.values():
-        backend = getattr(proc, "_attention_backend", None)
-        if backend is not None:
+        # Only processors with a backend slot dispatch (FLUX); SD3's call SDPA whatever the registry says.
+        if hasattr(proc, "_attention_backend"):
+            backend = proc._attention_backend or active  # unset: the registry's active backend
             names.add(str(getattr(backend, "value", backend)))
     other = names - {AttentionBackendName.NATIVE.value}
     if other:
+        # Not reset_attention_backend(): it leaves the registry's active backend (which
+        # set_attention_backend also set) in place.
         raise TacaProbeError(f"TACA needs diffusers' native attention backend, found {', '.join(sorted(other))}; "
-                             "unset DIFFUSERS_ATTN_BACKEND or call transformer.reset_attention_backend()")
+                             "unset DIFFUSERS_ATTN_BACKEND or call transformer.set_attention_backend('native')")
 
 
 def apply_taca(target: Any, config: TacaConfig | None = None) -> TacaHandle:

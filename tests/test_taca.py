@@ -4,10 +4,14 @@ of double installation, and LoRA switching."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Img2ImgPipeline
+from diffusers.models import attention_processor
+from diffusers.models.transformers import transformer_flux
 
 from taca_probe import intervention
 from taca_probe.errors import TacaProbeError
@@ -291,6 +295,57 @@ def test_non_native_attention_backend_is_refused(pipes):
     assert getattr(transformer, intervention._HANDLE_ATTR, None) is None
 
 
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_a_custom_processor_is_refused_kept_and_the_advised_call_works(pipes, model):
+    """Audit: the refusal advised set_default_attn_processor(), which these transformers lack."""
+    transformer = pipes[model].transformer
+    stock = dict(transformer.attn_processors)
+    custom = type("MyProcessor", (type(transformer.transformer_blocks[1].attn.processor),), {})()
+    transformer.transformer_blocks[1].attn.set_processor(custom)
+    before = dict(transformer.attn_processors)
+    try:
+        with pytest.raises(TacaProbeError, match=r"set_attn_processor\(\w+\(\)\)") as err:
+            with taca(transformer, "const:1.2"):
+                pass
+        assert all(transformer.attn_processors[k] is v for k, v in before.items())  # the user's stays
+        advised = re.search(r"set_attn_processor\((\w+)\(\)\)", str(err.value)).group(1)
+        transformer.set_attn_processor((getattr(attention_processor, advised, None)
+                                        or getattr(transformer_flux, advised))())
+        with taca(transformer, "const:1.2") as handle:
+            assert len(handle.sites) == len(stock)
+    finally:
+        transformer.set_attn_processor(stock)
+
+
+def test_registry_backend_refuses_flux_only_and_the_advised_call_works(pipes):
+    """Audit: SD3, whose processors call SDPA directly, was refused while diffusers' registry held
+    another backend, and the advised reset_attention_backend() left FLUX refused (it keeps the
+    registry's backend that set_attention_backend set)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    flux, sd3 = pipes["tiny-flux"].transformer, pipes["tiny-sd3"].transformer
+    previous = _AttentionBackendRegistry.get_active_backend()[0]
+    try:
+        flux.set_attention_backend("_native_math")
+        flux.reset_attention_backend()  # the processors' backends only
+        with pytest.raises(TacaProbeError, match=r"\bset_attention_backend"):
+            with taca(flux, "const:1.2"):
+                pass
+        inputs = _transformer_inputs(sd3)
+        with torch.no_grad():
+            with ExplicitTacaSDPA(7, False, 1.2):
+                ref = sd3(**inputs)[0]
+            with taca(sd3, "const:1.2"):
+                got = sd3(**inputs)[0]
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        flux.set_attention_backend("native")  # what the message advises
+        with taca(flux, "const:1.2"):
+            pass
+    finally:
+        flux.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(previous)
+
+
 def test_bad_schedule_is_refused_before_anything_is_installed(pipes):
     transformer = pipes["tiny-sd3"].transformer
     before = dict(transformer.attn_processors)
@@ -405,6 +460,22 @@ def test_unknown_lora_is_refused(lora_pipe):
             pass
 
 
+def test_a_lora_file_without_transformer_weights_is_refused(lora_pipe, tmp_path):
+    """Audit: diffusers only logged that no key matched, and TACA ran without the LoRA it was given."""
+    from safetensors.torch import save_file
+
+    save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 32),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(32, 4)},
+              tmp_path / "text_only.safetensors")
+    transformer = lora_pipe.transformer
+    before = dict(transformer.attn_processors)
+    with pytest.raises(TacaProbeError, match="no weights for the transformer"):
+        with taca(lora_pipe, "const:1.2", lora=tmp_path / "text_only.safetensors"):
+            pass
+    assert all(transformer.attn_processors[k] is v for k, v in before.items())
+    assert set(transformer.peft_config) == {"style"}
+
+
 def test_a_loaded_but_disabled_lora_stays_disabled_after_taca(lora_pipe):
     # the user loaded "style" and switched LoRA off; TACA turns it on at its gamma steps only, and
     # must leave it off afterwards, as it found it
@@ -421,6 +492,45 @@ def test_a_loaded_but_disabled_lora_stays_disabled_after_taca(lora_pipe):
     assert states == [True, False]
     assert not _lora_state(layer)
     assert list(pipe.transformer.active_adapters()) == ["style"]  # still loaded, by its name
+
+
+def test_the_users_other_adapters_stay_on_at_their_weights(lora_pipe):
+    """Audit: TACA's own LoRA switched the user's active 'style' adapter off at every step, and on
+    exit set it back at weight 1 instead of the user's 0.7."""
+    from peft import LoraConfig
+
+    pipe = lora_pipe
+    pipe.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False),
+        adapter_name="taca_lora",
+    )
+    pipe.transformer.set_adapters(["style"], [0.7])
+    stock = _image(pipe, steps=3)
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    seen: list[tuple] = []
+    hook = layer.register_forward_pre_hook(
+        lambda mod, args: seen.append((sorted(mod.active_adapters) if _lora_state(mod) else [],
+                                       round(mod.scaling["style"], 6), round(mod.scaling["taca_lora"], 6))))
+    try:
+        with taca(pipe, "first:1.2@1", lora="taca_lora", lora_scale=0.5):
+            _image(pipe, steps=3)
+    finally:
+        hook.remove()
+    assert seen == [(["style", "taca_lora"], 0.7, 0.5), (["style"], 0.7, 0.5), (["style"], 0.7, 0.5)]
+    assert np.array_equal(_image(pipe, steps=3), stock)  # style back at 0.7, taca_lora off
+
+
+def test_a_fused_lora_is_refused_and_stays_fused(lora_pipe):
+    """Audit: switching adapters unfused a LoRA fused into the weights, which stayed unfused after."""
+    pipe = lora_pipe
+    pipe.fuse_lora(components=["transformer"], adapter_names=["style"])
+    weight = pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight.clone()
+    stock = _image(pipe, steps=2)
+    with pytest.raises(TacaProbeError, match="unfuse"):
+        with taca(pipe, "first:1.2@1", lora="style"):
+            _image(pipe, steps=2)
+    assert torch.equal(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight, weight)
+    assert np.array_equal(_image(pipe, steps=2), stock)
 
 
 def test_img2img_starts_at_the_schedulers_begin_index(pipes):
