@@ -140,7 +140,7 @@ class _LoraSwitch:
         names = self.others + [self.name] if on else self.others
         if names:
             self.transformer.enable_lora()
-            self.transformer.set_adapters(names, [1.0] * len(self.others) + [self.scale] * on)
+            self.transformer.set_adapters(names, [1.0] * len(self.others) + ([self.scale] if on else []))
             self._restore_weights(self.others)
         else:
             self.transformer.disable_lora()

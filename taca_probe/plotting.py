@@ -418,7 +418,8 @@ def plot_token_change(md: xr.Dataset, *, sample: int = 0, max_tokens: int = 16,
     prompt = str(sub["prompt"].values) if "prompt" in sub.coords else ""
     _title(ax, title or (f"Per-token change of visual→text attention, TACA − baseline\n'{_wrap(prompt, 60)}', "
                          f"seed {int(sub['seed'].values) if 'seed' in sub.coords else ''}{_branch(md)}; "
-                         f"relative to the baseline; n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"), frac=0.8)
+                         f"relative to the baseline; n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"),
+           frac=0.8)
     return fig
 
 
