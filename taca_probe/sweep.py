@@ -220,9 +220,10 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise SweepError(f"{str(folder)!r} is a file; choose another folder for the sweep")
-    exists = folder.exists() and any(folder.iterdir())
     main_rank = ranks_from_env().is_main  # rank 0 checks and lays out; the others follow
-    if mode == "create" and exists and main_rank:
+    # only rank 0 looks: the others may look while its --overwrite has deleted sweep.json, not yet rewritten it
+    exists = main_rank and folder.exists() and any(folder.iterdir())
+    if mode == "create" and exists:
         raise SweepError(f"{str(folder)!r} already exists; pass --resume to complete it or --overwrite to replace it")
     if mode == "resume" and not is_sweep(folder):
         raise SweepError(f"--resume: no sweep at {str(folder)!r} (no {MANIFEST})")

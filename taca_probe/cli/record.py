@@ -240,7 +240,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise SweepError(f"{str(out)!r} is a file; choose another --out")
     # Under torchrun, rank 0 lays the sweep out while the others may still be starting: only it checks.
-    non_empty = out.exists() and any(out.iterdir()) and ranks_from_env().is_main
+    main_rank = ranks_from_env().is_main
+    non_empty = out.exists() and any(out.iterdir()) and main_rank
     if non_empty and not (args.resume or args.overwrite):
         raise SweepError(f"{str(out)!r} already exists; pass --resume to complete it or --overwrite to replace it")
     if args.resume and not is_sweep(out):
@@ -251,6 +252,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
     folder = run_sweep(pipe, out, prompts=items, schedules=specs, maps=maps, branch=args.branch, mode=mode,
                        call=call, lora=args.lora, lora_scale=args.lora_scale, model_name=args.model)
+    if not main_rank:  # the summary is rank 0's, once the sweep is complete
+        return 0
     doc = read_manifest(folder)
     print(f"sweep: {folder}  ({len(doc['schedules'])} schedules x {len(doc['plan'])} samples; "
           f"{', '.join(f'{k}={v}' for k, v in doc['call'].items())})")
