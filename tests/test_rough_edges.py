@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 import taca_probe.cli.record as rec
 from taca_probe.cli import build_parser, main
 from taca_probe.errors import TacaProbeError
-from taca_probe.store import COORD_ORDER, VARIABLE_ORDER, open_run
+from taca_probe.store import COORD_ORDER, VARIABLE_ORDER, open_run, store_info
 from tests.clitools import one_line_error, run_cli
 
 pytestmark = pytest.mark.slow  # runs the CLI end to end on embedded models
@@ -174,6 +175,20 @@ def test_info_groups_variables_coordinates_and_the_internal_flag_aligned(store, 
         starts = {m.start() for m in (list(re.finditer(r"\S+", r))[col] for r in rows)}
         assert len(starts) == 1, starts
     assert any(re.search(r"\bstring\b", r) for r in rows)
+
+
+def test_info_leaves_unfinished_partial_writes_out_of_the_size(store, tmp_path, capsys):
+    """A process killed mid-write leaves zarr's NAME.<uuid>.partial file; info counted it in the size on disk."""
+    copy = tmp_path / "run.zarr"
+    shutil.copytree(store, copy)
+    before = store_info(copy)
+    (copy / "image" / "c" / "0.5f0e1c2a.partial").write_bytes(b"x" * 100_000)
+    after = store_info(copy)
+    assert after["stored_bytes"] == before["stored_bytes"]
+    assert after["arrays"]["image"]["stored_bytes"] == before["arrays"]["image"]["stored_bytes"]
+    assert before["unfinished_writes"] == [] and len(after["unfinished_writes"]) == 1
+    rc, out, err = run_cli(["info", copy], capsys)
+    assert rc == 0 and "0.5f0e1c2a.partial" in out, err
 
 
 def test_export_images_writes_each_sample_as_png_named_by_prompt_and_seed(store, tmp_path, capsys):

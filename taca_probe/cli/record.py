@@ -288,6 +288,10 @@ def format_info(info: dict) -> str:
         lines.append(f"DAMAGED: {len(info['samples_damaged'])} complete sample(s) "
                      f"({', '.join(map(str, info['samples_damaged']))}); first: {first}; "
                      "`taca-probe record ... --resume` records them again")
+    if info.get("unfinished_writes"):
+        lines.append(f"{len(info['unfinished_writes'])} unfinished write(s) (*.partial: under way, or left by a killed "
+                     f"process), not counted above: {info['unfinished_writes'][0]}"
+                     + (" ..." if len(info["unfinished_writes"]) > 1 else ""))
     for title, names in groups.items():
         if names:
             lines.append(f"{title}:")
