@@ -191,6 +191,20 @@ def test_info_leaves_unfinished_partial_writes_out_of_the_size(store, tmp_path, 
     assert rc == 0 and "0.5f0e1c2a.partial" in out, err
 
 
+def test_sweep_summary_stays_aligned_with_a_long_schedule_name(tmp_path, capsys):
+    """A spec longer than 24 characters pushed its row's columns right of the others'."""
+    long = "linear:1.3..1.0@1000..900;layers=transformer_blocks.0*|transformer_blocks.1*"
+    rc, out, err = run_cli(["sweep", *TINY, "--prompt", "a red cube", "--no-grid", "--schedule", "none",
+                            "--schedule", long, "--out", tmp_path / "sw"], capsys)
+    assert rc == 0, err
+    listing = [line for line in out.splitlines() if " samples  stores/" in line]
+    masses = [line for line in out.splitlines() if line.lstrip().startswith(("none ", "linear:"))
+              and " samples " not in line]
+    for rows in (listing, masses):
+        assert len(rows) == 2 and len({len(r.split("  stores/")[0]) for r in rows}) == 1
+        assert len({m.start() for m in (list(re.finditer(r"\S+", r))[1] for r in rows)}) == 1, rows
+
+
 def test_export_images_writes_each_sample_as_png_named_by_prompt_and_seed(store, tmp_path, capsys):
     rc, _, err = run_cli(["export-images", store, "--out", tmp_path / "png"], capsys)
     assert rc == 0, err

@@ -121,7 +121,8 @@ def _mass_lines(ds, label_width: int, by_schedule: bool) -> list[str]:
     mass = ds["vis_txt_mass"].sel(branch="cond") if "branch" in ds["vis_txt_mass"].dims else ds["vis_txt_mass"]
     t, last = ds["timestep"].isel(sample=0).values, ds.sizes["step"] - 1
     uniform = ds.attrs["n_txt"] / (ds.attrs["n_txt"] + ds.attrs["n_vis"])
-    head = f"{'schedule':<24} " if by_schedule else ""
+    name = max([24] + [len(str(s)) for s in ds["schedule"].values]) if by_schedule else 0  # long specs stay aligned
+    head = f"{'schedule':<{name}} " if by_schedule else ""
     layers = "" if by_schedule else f" {'layers':>6}"
     steps = sorted({0, last})  # one column when there is one step
     lines = [f"mean visual->text attention mass (uniform attention would give {uniform:.4f}):",
@@ -132,7 +133,7 @@ def _mass_lines(ds, label_width: int, by_schedule: bool) -> list[str]:
         for bt in sorted(set(ds["block_type"].values.tolist())):
             sel = m_spec.where(ds["block_type"] == bt, drop=True)
             m = sel.mean(("sample", "layer", "head"))
-            row = f"{str(spec):<24} {bt:<10}" if by_schedule else f"{bt:<10} {sel.sizes['layer']:>6}"
+            row = f"{str(spec):<{name}} {bt:<10}" if by_schedule else f"{bt:<10} {sel.sizes['layer']:>6}"
             lines.append(f"  {row}" + "".join(f" {float(m.isel(step=s)):>{label_width}.4f}" for s in steps))
     return lines
 
@@ -257,8 +258,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     doc = read_manifest(folder)
     print(f"sweep: {folder}  ({len(doc['schedules'])} schedules x {len(doc['plan'])} samples; "
           f"{', '.join(f'{k}={v}' for k, v in doc['call'].items())})")
+    name = max([24] + [len(entry["spec"]) for entry in doc["schedules"]])
     for entry in doc["schedules"]:
-        print(f"  {entry['spec']:<24} {entry['samples_complete']:>4} samples  {entry['store']}  {entry['images']}/")
+        print(f"  {entry['spec']:<{name}} {entry['samples_complete']:>4} samples  {entry['store']}  {entry['images']}/")
     ds = open_sweep(folder)
     print("(no sample complete in every schedule)" if ds.sizes.get("sample", 0) == 0
           else "\n".join(_mass_lines(ds, 16, by_schedule=True)))
