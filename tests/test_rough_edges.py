@@ -205,6 +205,26 @@ def test_sweep_summary_stays_aligned_with_a_long_schedule_name(tmp_path, capsys)
         assert len({m.start() for m in (list(re.finditer(r"\S+", r))[1] for r in rows)}) == 1, rows
 
 
+def test_sweep_of_a_very_long_schedule_spec_records_and_resumes(tmp_path, capsys):
+    """A 494-character table spec made a store name past the file-name limit: "File name too long" after the
+    model loaded, with a sweep.json left behind. A resume keeps the paths its manifest names."""
+    long = "table:" + ",".join(f"{t}=1.2" for t in range(1000, 695, -5))
+    argv = ["sweep", *TINY, "--prompt", "a red cube", "--no-grid", "--schedule", long, "--out", tmp_path / "sw"]
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert open_run(tmp_path / "sw" / doc["schedules"][0]["store"]).sizes["sample"] == 1
+    # a sweep an older version named otherwise (uncut): --resume finds its store, records nothing again
+    (tmp_path / "sw" / "stores" / "old.zarr").mkdir()
+    (tmp_path / "sw" / doc["schedules"][0]["store"]).rename(tmp_path / "sw" / "stores" / "old.zarr" / "s.zarr")
+    doc["schedules"][0]["store"] = "stores/old.zarr/s.zarr"
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps(doc))
+    rc, out, err = run_cli(argv + ["--seeds", "0", "--resume"], capsys)
+    assert rc == 0, err
+    assert [p.name for p in (tmp_path / "sw" / "stores").iterdir()] == ["old.zarr"]
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["schedules"][0]["samples_complete"] == 1
+
+
 def test_export_images_writes_each_sample_as_png_named_by_prompt_and_seed(store, tmp_path, capsys):
     rc, _, err = run_cli(["export-images", store, "--out", tmp_path / "png"], capsys)
     assert rc == 0, err
