@@ -30,8 +30,8 @@ from ..store import COORD_ORDER, VARIABLE_ORDER, StoreError, check_removable, is
 from ..stats import sample_keys
 from ..sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH, MANIFEST, SweepError, is_sweep, open_sweep, read_manifest, \
     run_sweep, sample_plan, sweep_schedules
-from .args import EMBEDDED_NOTE, MAX_IMAGE_SIDE, check_out, floats, json_args, lora_args, model_args, read_prompts, \
-    recording_args, sampling_args, schedule_help, short_prompt, write_json
+from .args import EMBEDDED_NOTE, MAX_IMAGE_SIDE, check_json, check_out, floats, json_args, lora_args, model_args, \
+    read_prompts, recording_args, sampling_args, schedule_help, short_prompt, write_json
 
 
 def add_parsers(sub) -> None:
@@ -306,6 +306,7 @@ def format_info(info: dict) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    check_json(args.json)
     info = store_info(args.store)
     if args.json:  # strict JSON: a NaN or inf attribute (older stores) is written as a string ("nan", "inf")
         strict = json.loads(json.dumps(info, default=str), parse_constant=lambda c: str(float(c)))
