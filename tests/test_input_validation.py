@@ -186,6 +186,15 @@ def test_eval_runs_a_schedule_given_twice_once(monkeypatch, capsys):
     assert run_cli(argv, capsys)[0] == 2 and given == [["none", "step:1.2@970"]]
 
 
+def test_info_of_a_sweep_folder_names_its_stores(tmp_path, capsys):
+    """Audit: `taca-probe info SWEEP` said only "not a taca-probe store (no zarr v3 metadata)"."""
+    (tmp_path / "sw").mkdir()
+    schedules = [{"spec": "none", "store": "stores/00_none.zarr", "images": "images/00_none"}]
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": schedules}))
+    rc, _, err = run_cli(["info", tmp_path / "sw"], capsys)
+    _refused(rc, err, "00_none.zarr")
+
+
 def test_export_images_of_a_sweep_keeps_schedules_whose_names_slug_alike(tmp_path, capsys):
     """Audit: schedules whose specs slug alike (here they differ only in a glob character) shared one
     export folder, so the second schedule's PNGs replaced the first's while the count said both."""

@@ -307,6 +307,10 @@ def format_info(info: dict) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     check_json(args.json)
+    if is_sweep(args.store):  # the README's quick start makes one: say what to give instead
+        stores = [e["store"] for e in read_manifest(args.store)["schedules"]]
+        raise SweepError(f"{args.store!r} is a sweep folder, not a store; give one of its stores: "
+                         + ", ".join(str(Path(args.store) / s) for s in stores))
     info = store_info(args.store)
     if args.json:  # strict JSON: a NaN or inf attribute (older stores) is written as a string ("nan", "inf")
         strict = json.loads(json.dumps(info, default=str), parse_constant=lambda c: str(float(c)))
