@@ -61,6 +61,11 @@ def record(args: argparse.Namespace, *, schedules: Sequence[str], seeds: Sequenc
                                 maps=maps, mode=mode, call=call, device=args.device)
 
 
+def floats(text: str) -> list[float]:
+    """A comma list of numbers, as an argparse type: a bad one is a usage error, not a traceback."""
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 def formats(args: argparse.Namespace) -> list[str]:
     return [f.strip() for f in args.format.split(",") if f.strip()]
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from taca_probe import analysis, open_run, open_sweep, plotting  # noqa: E402
+from taca_probe.schedules import parse  # noqa: E402
 from taca_probe.sweep import is_sweep  # noqa: E402
 
 SCHEDULE = "step:1.2@970"
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                                             n_prompts=2)]
     if len(stores) == 1 and is_sweep(stores[0]):
         sweep = open_sweep(stores[0])
-        treated, baseline = sweep.sel(schedule=args.schedule), sweep.sel(schedule="none")
+        missing = [spec for spec in (parse(args.schedule).spec, "none") if spec not in sweep.attrs["schedules"]]
+        if missing:  # sel would raise a KeyError about an index
+            p.error(f"the sweep has no schedule {missing[0]!r}; it holds {', '.join(sweep.attrs['schedules'])}")
+        treated, baseline = sweep.sel(schedule=parse(args.schedule).spec), sweep.sel(schedule="none")
     elif len(stores) == 2:
         treated, baseline = open_run(stores[0]), open_run(stores[1])
     else:

@@ -26,14 +26,15 @@ T_THRESH = (970.0,)
 
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser(__doc__.splitlines()[0], "fig4")
-    p.add_argument("--gamma0", default=",".join(map(str, GAMMA0)), help="gamma0 grid when recording")
-    p.add_argument("--t-thresh", default=",".join(f"{t:g}" for t in T_THRESH), help="thresholds when recording")
+    p.add_argument("--gamma0", type=_common.floats, default=",".join(map(str, GAMMA0)),
+                   help="gamma0 grid when recording")
+    p.add_argument("--t-thresh", type=_common.floats, default=",".join(f"{t:g}" for t in T_THRESH),
+                   help="thresholds when recording")
     args = p.parse_args(argv)
     if args.stores:
         source = args.stores[0] if len(args.stores) == 1 else args.stores
     else:
-        schedules = sweep_schedules(gamma0=[float(g) for g in args.gamma0.split(",")],
-                                    t_thresh=[float(t) for t in args.t_thresh.split(",")])
+        schedules = sweep_schedules(gamma0=args.gamma0, t_thresh=args.t_thresh)
         source = _common.record(args, schedules=schedules, seeds=[0, 1])
     sweep = open_sweep(source)
     fmt = _common.formats(args)

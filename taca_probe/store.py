@@ -571,9 +571,13 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
     """
     p = _store_path(path, "store_info")
     group, arrays_by_name, complete, damaged, _ = _checked_open(p, read=INFO_READ_LIMIT)
+    # zarr writes each file as NAME.<uuid>.partial and renames it: one left over is a killed process's
+    # unfinished write, no data of the store, so it is listed apart and not counted in the sizes
+    unfinished = sorted(str(f.relative_to(p)) for f in p.rglob("*.partial") if f.is_file())
     arrays = {name: {"dims": list(arr.metadata.dimension_names or []), "shape": list(arr.shape),
                      "dtype": str(arr.dtype), "chunks": list(arr.chunks),
-                     "stored_bytes": sum(f.stat().st_size for f in (p / name).rglob("*") if f.is_file())}
+                     "stored_bytes": sum(f.stat().st_size for f in (p / name).rglob("*")
+                                         if f.is_file() and not f.name.endswith(".partial"))}
               for name, arr in sorted(arrays_by_name.items())}
     attrs = {k: v for k, v in group.attrs.items() if k != "layout"}
     return {"path": str(path), "schema": attrs.get(_SCHEMA_ATTR),
@@ -581,7 +585,8 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
             "samples_damaged": {int(k): v for k, v in sorted(damaged.items())},
             "integrity": "chunk manifests" if MANIFEST in arrays_by_name
             else "checksums only (recorded before manifests)",
-            "stored_bytes": sum(a["stored_bytes"] for a in arrays.values()), "arrays": arrays, "attrs": attrs}
+            "stored_bytes": sum(a["stored_bytes"] for a in arrays.values()), "unfinished_writes": unfinished,
+            "arrays": arrays, "attrs": attrs}
 
 
 def check_removable(path: str | os.PathLike) -> bool:

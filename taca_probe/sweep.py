@@ -83,7 +83,9 @@ def _schedule_coords(spec: str) -> tuple[float, float]:
 
 
 def _slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.@=-]+", "_", spec).strip("_") or "schedule"
+    # cut: a long spec (a table, layer globs) made a store name past the 255-byte file-name limit, and the
+    # store is first built under a hidden name up to ~90 characters longer; the NN_ prefix keeps names apart
+    return re.sub(r"[^A-Za-z0-9.@=-]+", "_", spec).strip("_")[:120].rstrip("_") or "schedule"
 
 
 def is_sweep(path: str | os.PathLike) -> bool:
@@ -220,9 +222,10 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise SweepError(f"{str(folder)!r} is a file; choose another folder for the sweep")
-    exists = folder.exists() and any(folder.iterdir())
     main_rank = ranks_from_env().is_main  # rank 0 checks and lays out; the others follow
-    if mode == "create" and exists and main_rank:
+    # only rank 0 looks: the others may look while its --overwrite has deleted sweep.json, not yet rewritten it
+    exists = main_rank and folder.exists() and any(folder.iterdir())
+    if mode == "create" and exists:
         raise SweepError(f"{str(folder)!r} already exists; pass --resume to complete it or --overwrite to replace it")
     if mode == "resume" and not is_sweep(folder):
         raise SweepError(f"--resume: no sweep at {str(folder)!r} (no {MANIFEST})")
@@ -258,12 +261,16 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
         "schedules": entries, "status": "running", "created": _now(),
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "taca_probe_version": __version__,
     }
-    if mode == "resume" and main_rank:
+    if mode == "resume":
         old = read_manifest(folder)
-        diffs = _resume_diffs(old, doc)
+        diffs = _resume_diffs(old, doc) if main_rank else []
         if diffs:
             raise SweepError(f"cannot resume {str(folder)!r} with different settings: " + "; ".join(diffs))
         doc["created"] = old.get("created", doc["created"])
+        for entry, before in zip(entries, old["schedules"]):  # the paths recorded (older versions cut no name)
+            for key, kind in (("store", "store"), ("images", "image folder")):
+                _inside(folder, before[key], kind)
+                entry[key] = before[key]
 
     def prepare() -> None:  # rank 0, once every schedule is known to fit the model
         if mode == "overwrite" and is_sweep(folder):
@@ -303,7 +310,7 @@ def _inside(folder: Path, relative: str, kind: str) -> Path:
     path = folder / relative
     if Path(relative).is_absolute() or ".." in Path(relative).parts or folder.resolve() not in path.resolve().parents:
         raise SweepError(f"{str(folder / MANIFEST)!r} names {kind} {relative!r} outside the sweep folder; "
-                         "refusing to delete it (fix or remove the manifest)")
+                         "refusing to use it (fix or remove the manifest)")
     return path
 
 

@@ -315,6 +315,19 @@ def test_figure_scripts_on_given_stores(sweep_dir, tmp_path, capsys):
     assert names == set(FIGURE_NAMES) - {"fig2_amplification"}
 
 
+def test_figure_scripts_refuse_a_missing_schedule_and_a_bad_number_as_usage_errors(sweep_dir, tmp_path, capsys):
+    """Audit: fig3 on a sweep without its --schedule ended in a KeyError traceback, fig4 --gamma0 abc in a
+    ValueError one."""
+    sys.modules.pop("_common", None)
+    for name, argv in (("fig3_attention_map_diff.py", [str(sweep_dir), "--schedule", "step:1.7@970"]),
+                       ("fig4_gamma_sweep.py", ["--gamma0", "1.2,abc", "--record-dir", str(tmp_path / "rec")])):
+        with pytest.raises(SystemExit) as e:
+            _script(name)([*argv, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "error:" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "rec").exists() and not (tmp_path / "out").exists()
+
+
 def test_figure_script_records_when_given_no_store(tmp_path, capsys):
     sys.modules.pop("_common", None)
     main3 = _script("fig3_attention_map_diff.py")

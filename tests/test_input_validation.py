@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import taca_probe.cli.bench as bench
+import taca_probe.cli.eval as eval_cli
 import taca_probe.cli.record as record
 from taca_probe.cli import build_parser
 from taca_probe.cli.args import read_prompts as _read_prompts
+from taca_probe.errors import TacaProbeError
 from taca_probe.selection import int_ranges
 from taca_probe.sweep import sample_plan
 from tests.clitools import run_cli
@@ -150,6 +152,47 @@ def test_out_inside_a_store_is_refused_before_anything_is_written(tmp_path, caps
     rc, _, err = run_cli([*argv, "--out", store / where], capsys)
     _refused(rc, err, "store")
     assert sorted(store.rglob("*")) == before
+
+
+FILE_IN_STORE = [["info", "STORE", "--json"], ["eval", "--json"], ["eval", "--save-images"],
+                 ["bench", "attention", "--json"], ["bench", "e2e", "--json"]]
+
+
+@pytest.mark.parametrize("argv", FILE_IN_STORE, ids=[" ".join(a[:-1] + [a[-1][2:]]) for a in FILE_IN_STORE])
+def test_other_outputs_inside_a_store_are_refused_before_any_work(tmp_path, capsys, monkeypatch, argv):
+    """Audit: eval --save-images, and the --json file of info, eval and bench, went into a store's folder."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", store)
+    before = sorted(store.rglob("*"))
+    for module, name in ((eval_cli, "load_pipeline"), (bench, "bench_attention"), (bench, "bench_e2e")):
+        monkeypatch.setattr(module, name, _must_not_load)
+    rc, _, err = run_cli([store if a == "STORE" else a for a in argv] + [store / "inner"], capsys)
+    _refused(rc, err, "store")
+    assert sorted(store.rglob("*")) == before
+
+
+def test_eval_runs_a_schedule_given_twice_once(monkeypatch, capsys):
+    """Audit: `eval --schedule none --schedule none` generated every image twice and printed 'none - none'."""
+    given = []
+
+    def run_benchmark(pipe, schedules, **kwargs):
+        given.append(schedules)
+        raise TacaProbeError("stop before sampling")
+
+    monkeypatch.setattr(eval_cli, "load_pipeline", lambda *a, **k: None)
+    monkeypatch.setattr(eval_cli, "_estimate_seconds", lambda *a, **k: 0.0)
+    monkeypatch.setattr(eval_cli, "run_benchmark", run_benchmark)
+    argv = ["eval", *[a for spec in ("none", "step:1.2@970") * 2 for a in ("--schedule", spec)]]
+    assert run_cli(argv, capsys)[0] == 2 and given == [["none", "step:1.2@970"]]
+
+
+def test_info_of_a_sweep_folder_names_its_stores(tmp_path, capsys):
+    """Audit: `taca-probe info SWEEP` said only "not a taca-probe store (no zarr v3 metadata)"."""
+    (tmp_path / "sw").mkdir()
+    schedules = [{"spec": "none", "store": "stores/00_none.zarr", "images": "images/00_none"}]
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": schedules}))
+    rc, _, err = run_cli(["info", tmp_path / "sw"], capsys)
+    _refused(rc, err, "00_none.zarr")
 
 
 def test_export_images_of_a_sweep_keeps_schedules_whose_names_slug_alike(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 import taca_probe.cli.record as rec
 from taca_probe.cli import build_parser, main
 from taca_probe.errors import TacaProbeError
-from taca_probe.store import COORD_ORDER, VARIABLE_ORDER, open_run
+from taca_probe.store import COORD_ORDER, VARIABLE_ORDER, open_run, store_info
 from tests.clitools import one_line_error, run_cli
 
 pytestmark = pytest.mark.slow  # runs the CLI end to end on embedded models
@@ -174,6 +175,54 @@ def test_info_groups_variables_coordinates_and_the_internal_flag_aligned(store, 
         starts = {m.start() for m in (list(re.finditer(r"\S+", r))[col] for r in rows)}
         assert len(starts) == 1, starts
     assert any(re.search(r"\bstring\b", r) for r in rows)
+
+
+def test_info_leaves_unfinished_partial_writes_out_of_the_size(store, tmp_path, capsys):
+    """A process killed mid-write leaves zarr's NAME.<uuid>.partial file; info counted it in the size on disk."""
+    copy = tmp_path / "run.zarr"
+    shutil.copytree(store, copy)
+    before = store_info(copy)
+    (copy / "image" / "c" / "0.5f0e1c2a.partial").write_bytes(b"x" * 100_000)
+    after = store_info(copy)
+    assert after["stored_bytes"] == before["stored_bytes"]
+    assert after["arrays"]["image"]["stored_bytes"] == before["arrays"]["image"]["stored_bytes"]
+    assert before["unfinished_writes"] == [] and len(after["unfinished_writes"]) == 1
+    rc, out, err = run_cli(["info", copy], capsys)
+    assert rc == 0 and "0.5f0e1c2a.partial" in out, err
+
+
+def test_sweep_summary_stays_aligned_with_a_long_schedule_name(tmp_path, capsys):
+    """A spec longer than 24 characters pushed its row's columns right of the others'."""
+    long = "linear:1.3..1.0@1000..900;layers=transformer_blocks.0*|transformer_blocks.1*"
+    rc, out, err = run_cli(["sweep", *TINY, "--prompt", "a red cube", "--no-grid", "--schedule", "none",
+                            "--schedule", long, "--out", tmp_path / "sw"], capsys)
+    assert rc == 0, err
+    listing = [line for line in out.splitlines() if " samples  stores/" in line]
+    masses = [line for line in out.splitlines() if line.lstrip().startswith(("none ", "linear:"))
+              and " samples " not in line]
+    for rows in (listing, masses):
+        assert len(rows) == 2 and len({len(r.split("  stores/")[0]) for r in rows}) == 1
+        assert len({m.start() for m in (list(re.finditer(r"\S+", r))[1] for r in rows)}) == 1, rows
+
+
+def test_sweep_of_a_very_long_schedule_spec_records_and_resumes(tmp_path, capsys):
+    """A 494-character table spec made a store name past the file-name limit: "File name too long" after the
+    model loaded, with a sweep.json left behind. A resume keeps the paths its manifest names."""
+    long = "table:" + ",".join(f"{t}=1.2" for t in range(1000, 695, -5))
+    argv = ["sweep", *TINY, "--prompt", "a red cube", "--no-grid", "--schedule", long, "--out", tmp_path / "sw"]
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert open_run(tmp_path / "sw" / doc["schedules"][0]["store"]).sizes["sample"] == 1
+    # a sweep an older version named otherwise (uncut): --resume finds its store, records nothing again
+    (tmp_path / "sw" / "stores" / "old.zarr").mkdir()
+    (tmp_path / "sw" / doc["schedules"][0]["store"]).rename(tmp_path / "sw" / "stores" / "old.zarr" / "s.zarr")
+    doc["schedules"][0]["store"] = "stores/old.zarr/s.zarr"
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps(doc))
+    rc, out, err = run_cli(argv + ["--seeds", "0", "--resume"], capsys)
+    assert rc == 0, err
+    assert [p.name for p in (tmp_path / "sw" / "stores").iterdir()] == ["old.zarr"]
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["schedules"][0]["samples_complete"] == 1
 
 
 def test_export_images_writes_each_sample_as_png_named_by_prompt_and_seed(store, tmp_path, capsys):

@@ -180,6 +180,8 @@ def test_torchrun_sweep_equals_one_process(tmp_path):
     r2 = subprocess.run([*_torchrun(2), *argv(tmp_path / "two")], env=_env(), capture_output=True, text=True,
                         timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
+    # the summary is printed once, by rank 0 (rank 1 printed one too, of 0 samples, before the sweep ended)
+    assert r2.stdout.count("open_sweep(") == 1, r2.stdout
     a, b = open_sweep(tmp_path / "one").load(), open_sweep(tmp_path / "two").load()
     for ds in (a, b):
         for k in VOLATILE + ("sweep",):
@@ -189,6 +191,22 @@ def test_torchrun_sweep_equals_one_process(tmp_path):
     pngs = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two" / "images").rglob("*.png"))
     assert len(pngs) == 2 * 4 and pngs == sorted(p.relative_to(tmp_path / "one")
                                                  for p in (tmp_path / "one" / "images").rglob("*.png"))
+
+
+def test_sweep_overwrite_on_rank_1_leaves_the_folder_to_rank_0(tmp_path, monkeypatch, pipes):
+    """torchrun sweep --overwrite: rank 1 refused the folder ("not a sweep folder") when it looked while rank 0
+    had deleted sweep.json and not yet written the new one; torchrun then killed rank 0 mid-overwrite."""
+    import taca_probe.sweep as sweep
+
+    folder = tmp_path / "sweep"
+    (folder / "stores").mkdir(parents=True)  # what rank 0's --overwrite leaves for a moment
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    modes = []
+    monkeypatch.setattr(sweep, "record_plan", lambda *a, **k: modes.append(k["mode"]))  # no barrier to wait at
+    sweep.run_sweep(pipes("tiny-sd3"), folder, prompts=["a red cube"], schedules=["none"], mode="overwrite",
+                    progress=False)
+    assert modes == ["resume"]  # rank 1 went on to record its share of what rank 0 lays out
 
 
 def test_analysis_on_a_dask_local_cluster_equals_in_memory(tmp_path, prompts_file):

@@ -154,6 +154,18 @@ def json_args(what: str = "the result") -> argparse.ArgumentParser:
     return p
 
 
+def check_json(path: str | None) -> None:
+    """Refuse a --json file that cannot be written (no such folder, a folder, inside a store) before the work."""
+    if not path or path == "-":
+        return
+    out = Path(path)
+    if not out.absolute().parent.is_dir():
+        raise TacaProbeError(f"--json: folder {str(out.parent)!r} does not exist")
+    if out.is_dir():
+        raise TacaProbeError(f"--json {str(out)!r} is a folder; name a file")
+    check_out(out, flag="--json")
+
+
 def write_json(path: str, text: str) -> None:
     """What --json asks for: ``text`` to stdout ('-') or into the file ``path``."""
     if path == "-":
@@ -210,24 +222,25 @@ def short_prompt(prompt: str, width: int = 40) -> str:
     return textwrap.shorten(" ".join(prompt.split()), width, placeholder=" …")
 
 
-def check_out(path: Path, *, store: bool = False) -> None:
+def check_out(path: Path, *, store: bool = False, flag: str = "--out") -> None:
     """Refuse an output path under a file, in a store or in a folder that cannot be written, before loading a model.
 
-    ``store``: ``path`` may itself be a store (``record`` resumes or replaces its own ``--out``).
+    ``store``: ``path`` may itself be a store (``record`` resumes or replaces its own ``--out``). ``flag``: the
+    option that named ``path``, for the message.
     """
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise TacaProbeError(f"--out {str(path)!r}: {str(parent)!r} is a file, not a folder")
+        raise TacaProbeError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder")
     # anything written into a store's folder makes the store unreadable ("damaged") to every command
     resolved = path.resolve()
     holder = next((f for f in [*([] if store else [resolved]), *resolved.parents] if is_store(f)), None)
     if holder is not None:
         where = "a taca-probe store" if holder == resolved else f"inside the taca-probe store {str(holder)!r}"
-        raise TacaProbeError(f"--out {str(path)!r} is {where}; choose a folder outside any store")
+        raise TacaProbeError(f"{flag} {str(path)!r} is {where}; choose a folder outside any store")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise TacaProbeError(f"--out {str(path)!r}: cannot write in {str(parent)!r} (permission denied or read-only)")
+        raise TacaProbeError(f"{flag} {str(path)!r}: cannot write in {str(parent)!r} (permission denied or read-only)")
 
 
 def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:

@@ -17,7 +17,7 @@ from ..errors import TacaProbeError
 from ..models import resolve_device, resolve_dtype
 from ..schedules import GAMMA_MAX, GAMMA_MIN, parse
 from ..selection import MapSelection
-from .args import bench_args, bounded, json_args, positive_int, write_json
+from .args import bench_args, bounded, check_json, json_args, positive_int, write_json
 from .figures import _Deprecated
 
 _PRESETS = "sd35-medium (default, 24 x 64), sd3-medium, sd35-large, flux-dev"
@@ -63,6 +63,7 @@ def add_parsers(sub, parser_class) -> None:
 
 
 def _setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, dict]:
+    check_json(args.json)  # before the timings, which a failed write at the end would lose
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if device.type == "cpu":

@@ -18,7 +18,7 @@ from ..models import load_pipeline
 from ..schedules import parse
 from ..shapes import dataset as ds
 from ..shapes.benchmark import DEFAULT_SEEDS, QUICK_SEEDS, _call_settings, format_table, run_benchmark
-from .args import call_args, json_args, model_args, positive_int, seeds, write_json
+from .args import call_args, check_json, check_out, json_args, model_args, positive_int, seeds, write_json
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -78,15 +78,12 @@ def _estimate_seconds(pipe: Any, prompts: Sequence[str], n_images: int, call: di
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``taca-probe eval``: print the table, optionally write JSON. Returns the exit status."""
-    schedules = [parse(s).spec for s in (args.schedule or ["none"])]  # fail before loading
+    schedules = list(dict.fromkeys(parse(s).spec for s in (args.schedule or ["none"])))  # each once; before loading
     specs = [ds.parse_prompt(p) for p in args.prompt] if args.prompt else ds.held_out_prompts(args.prompt_set)
     prompts = [p.text for p in specs]
-    if args.json and args.json != "-":
-        out = Path(args.json)
-        if out.parent and not out.parent.exists():
-            raise TacaProbeError(f"--json: folder {str(out.parent)!r} does not exist")
-        if out.is_dir():  # checked now: the evaluation would be lost when the write fails at the end
-            raise TacaProbeError(f"--json {str(out)!r} is a folder; name a file")
+    check_json(args.json)  # now: the evaluation would be lost when the write fails at the end
+    if args.save_images:
+        check_out(Path(args.save_images), flag="--save-images")
     if args.full and args.seeds is not None:
         raise TacaProbeError(f"--full fixes the seeds (0-{DEFAULT_SEEDS[-1]}); give either --full or --seeds")
     seeds = list(DEFAULT_SEEDS) if args.full else list(QUICK_SEEDS) if args.seeds is None else args.seeds

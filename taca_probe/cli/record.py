@@ -30,8 +30,8 @@ from ..store import COORD_ORDER, VARIABLE_ORDER, StoreError, check_removable, is
 from ..stats import sample_keys
 from ..sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH, MANIFEST, SweepError, is_sweep, open_sweep, read_manifest, \
     run_sweep, sample_plan, sweep_schedules
-from .args import EMBEDDED_NOTE, MAX_IMAGE_SIDE, check_out, floats, json_args, lora_args, model_args, read_prompts, \
-    recording_args, sampling_args, schedule_help, short_prompt, write_json
+from .args import EMBEDDED_NOTE, MAX_IMAGE_SIDE, check_json, check_out, floats, json_args, lora_args, model_args, \
+    read_prompts, recording_args, sampling_args, schedule_help, short_prompt, write_json
 
 
 def add_parsers(sub) -> None:
@@ -121,7 +121,8 @@ def _mass_lines(ds, label_width: int, by_schedule: bool) -> list[str]:
     mass = ds["vis_txt_mass"].sel(branch="cond") if "branch" in ds["vis_txt_mass"].dims else ds["vis_txt_mass"]
     t, last = ds["timestep"].isel(sample=0).values, ds.sizes["step"] - 1
     uniform = ds.attrs["n_txt"] / (ds.attrs["n_txt"] + ds.attrs["n_vis"])
-    head = f"{'schedule':<24} " if by_schedule else ""
+    name = max([24] + [len(str(s)) for s in ds["schedule"].values]) if by_schedule else 0  # long specs stay aligned
+    head = f"{'schedule':<{name}} " if by_schedule else ""
     layers = "" if by_schedule else f" {'layers':>6}"
     steps = sorted({0, last})  # one column when there is one step
     lines = [f"mean visual->text attention mass (uniform attention would give {uniform:.4f}):",
@@ -132,7 +133,7 @@ def _mass_lines(ds, label_width: int, by_schedule: bool) -> list[str]:
         for bt in sorted(set(ds["block_type"].values.tolist())):
             sel = m_spec.where(ds["block_type"] == bt, drop=True)
             m = sel.mean(("sample", "layer", "head"))
-            row = f"{str(spec):<24} {bt:<10}" if by_schedule else f"{bt:<10} {sel.sizes['layer']:>6}"
+            row = f"{str(spec):<{name}} {bt:<10}" if by_schedule else f"{bt:<10} {sel.sizes['layer']:>6}"
             lines.append(f"  {row}" + "".join(f" {float(m.isel(step=s)):>{label_width}.4f}" for s in steps))
     return lines
 
@@ -240,7 +241,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise SweepError(f"{str(out)!r} is a file; choose another --out")
     # Under torchrun, rank 0 lays the sweep out while the others may still be starting: only it checks.
-    non_empty = out.exists() and any(out.iterdir()) and ranks_from_env().is_main
+    main_rank = ranks_from_env().is_main
+    non_empty = out.exists() and any(out.iterdir()) and main_rank
     if non_empty and not (args.resume or args.overwrite):
         raise SweepError(f"{str(out)!r} already exists; pass --resume to complete it or --overwrite to replace it")
     if args.resume and not is_sweep(out):
@@ -251,11 +253,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
     folder = run_sweep(pipe, out, prompts=items, schedules=specs, maps=maps, branch=args.branch, mode=mode,
                        call=call, lora=args.lora, lora_scale=args.lora_scale, model_name=args.model)
+    if not main_rank:  # the summary is rank 0's, once the sweep is complete
+        return 0
     doc = read_manifest(folder)
     print(f"sweep: {folder}  ({len(doc['schedules'])} schedules x {len(doc['plan'])} samples; "
           f"{', '.join(f'{k}={v}' for k, v in doc['call'].items())})")
+    name = max([24] + [len(entry["spec"]) for entry in doc["schedules"]])
     for entry in doc["schedules"]:
-        print(f"  {entry['spec']:<24} {entry['samples_complete']:>4} samples  {entry['store']}  {entry['images']}/")
+        print(f"  {entry['spec']:<{name}} {entry['samples_complete']:>4} samples  {entry['store']}  {entry['images']}/")
     ds = open_sweep(folder)
     print("(no sample complete in every schedule)" if ds.sizes.get("sample", 0) == 0
           else "\n".join(_mass_lines(ds, 16, by_schedule=True)))
@@ -285,6 +290,10 @@ def format_info(info: dict) -> str:
         lines.append(f"DAMAGED: {len(info['samples_damaged'])} complete sample(s) "
                      f"({', '.join(map(str, info['samples_damaged']))}); first: {first}; "
                      "`taca-probe record ... --resume` records them again")
+    if info.get("unfinished_writes"):
+        lines.append(f"{len(info['unfinished_writes'])} unfinished write(s) (*.partial: under way, or left by a killed "
+                     f"process), not counted above: {info['unfinished_writes'][0]}"
+                     + (" ..." if len(info["unfinished_writes"]) > 1 else ""))
     for title, names in groups.items():
         if names:
             lines.append(f"{title}:")
@@ -297,6 +306,11 @@ def format_info(info: dict) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    check_json(args.json)
+    if is_sweep(args.store):  # the README's quick start makes one: say what to give instead
+        stores = [e["store"] for e in read_manifest(args.store)["schedules"]]
+        raise SweepError(f"{args.store!r} is a sweep folder, not a store; give one of its stores: "
+                         + ", ".join(str(Path(args.store) / s) for s in stores))
     info = store_info(args.store)
     if args.json:  # strict JSON: a NaN or inf attribute (older stores) is written as a string ("nan", "inf")
         strict = json.loads(json.dumps(info, default=str), parse_constant=lambda c: str(float(c)))
