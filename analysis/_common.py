@@ -14,6 +14,7 @@ from typing import Sequence
 
 import taca_probe
 from taca_probe.selection import int_ranges
+from taca_probe.sweep import SweepError
 
 #: Prompts in the grammar of the embedded shapes model (objects it saw in training).
 DEFAULT_PROMPTS = (
@@ -57,8 +58,14 @@ def record(args: argparse.Namespace, *, schedules: Sequence[str], seeds: Sequenc
     mode = "resume" if (folder / "sweep.json").is_file() else "create"
     print(f"recording {len(schedules)} schedule(s) x {len(prompts)} prompt(s) x {len(seeds)} seed(s) on "
           f"{args.model} into {folder} ({mode})", file=sys.stderr)
-    return taca_probe.run_sweep(args.model, folder, prompts=prompts, seeds=seeds, schedules=list(schedules),
-                                maps=maps, mode=mode, call=call, device=args.device)
+    try:
+        return taca_probe.run_sweep(args.model, folder, prompts=prompts, seeds=seeds, schedules=list(schedules),
+                                    maps=maps, mode=mode, call=call, device=args.device)
+    except SweepError as e:
+        if mode != "resume":
+            raise
+        # the folder holds another recording: it is kept, and the user needs a way to record these settings
+        raise SweepError(f"{e}; to record these settings, give another --record-dir") from None
 
 
 def floats(text: str) -> list[float]:

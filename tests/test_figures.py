@@ -20,6 +20,7 @@ from PIL import Image
 from taca_probe import analysis as A
 from taca_probe import open_sweep, plotting, render_figures
 from taca_probe.cli import main
+from taca_probe.errors import TacaProbeError
 from taca_probe.rendering import Run, _suppression_figure
 from tests.clitools import one_line_error, run_cli
 from tests.test_analysis import _sweep_with_restricted, make_run
@@ -182,8 +183,6 @@ def test_fig3_rows_are_the_most_changed_tokens_or_the_named_ones(sweep_dir):
     red = [k for k in np.flatnonzero(ok) if A.readable_token(sub["token_text"].values[k]) == "red"]
     labels = _row_labels(plotting.plot_map_difference(md, tokens=["red"]))
     assert len(labels) == len(red) >= 1 and all(x.startswith("red") for x in labels)
-    from taca_probe.errors import TacaProbeError
-
     with pytest.raises(TacaProbeError, match="zebra"):
         plotting.plot_map_difference(md, tokens=["zebra"])
 
@@ -337,11 +336,16 @@ def test_figure_script_records_when_given_no_store(tmp_path, capsys):
     assert rc == 0
     assert (tmp_path / "rec" / "sweep.json").is_file()
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"fig3_attention_map_diff.png", "fig3_token_change.png"}
+    # other settings into the same --record-dir: refused, the recording kept, and the way out named
+    manifest = (tmp_path / "rec" / "sweep.json").read_bytes()
+    with pytest.raises(TacaProbeError, match="--record-dir"):
+        main3(["--model", "tiny-sd3", "--device", "cpu", "--steps", "2", "--height", "64", "--width", "64",
+               "--max-sequence-length", "8", "--prompt", "a red cube", "--seeds", "1",
+               "--record-dir", str(tmp_path / "rec"), "--out", str(tmp_path / "out"), "--format", "png"])
+    assert (tmp_path / "rec" / "sweep.json").read_bytes() == manifest
 
 
 def test_plots_refuse_results_with_extra_dimensions(sweep_dir):
-    from taca_probe.errors import TacaProbeError
-
     res = A.suppression(open_sweep(sweep_dir), n_resamples=50)
     with pytest.raises(TacaProbeError, match=r"extra dimension\(s\) schedule; select one first"):
         plotting.plot_suppression(res)
