@@ -56,6 +56,13 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     if not sources:
         raise P.FigureError("no input: give one or more stores or sweep folders")
+    seen: dict[Path, Any] = {}
+    for src in sources:  # one run listed twice would be drawn, compared and counted as two
+        key = Path(src).resolve()
+        if key in seen:
+            raise P.FigureError(f"{str(src)!r} is given twice (also as {str(seen[key])!r}); give each store or "
+                                "sweep once")
+        seen[key] = src
     runs: list[Run] = []
     sweep = None
     stores: list[str] = []
@@ -104,7 +111,10 @@ def choose_runs(runs: list[Run], *, baseline: str | None = None, treated: str | 
     base = (_find_run(runs, baseline, "baseline") if baseline is not None
             else next((r for r in runs if parse(r.spec).is_identity), None))
     if treated is not None:
-        return base, _find_run(runs, treated, "treated")
+        treat = _find_run(runs, treated, "treated")
+        if treat is base:  # every difference would be zero
+            raise P.FigureError(f"baseline and treated name the same run, {base.label!r}; name two different runs")
+        return base, treat
     others = [r for r in runs if r is not base and not parse(r.spec).is_identity]
     return base, next((r for r in others if r.spec == "step:1.2@970"), others[0] if others else None)
 

@@ -428,3 +428,13 @@ def test_suppression_by_layer_title_does_not_claim_a_mean_over_layers():
     res = A.suppression(make_run(), by="layer", n_resamples=100)
     assert "and layers" not in plotting.plot_suppression(res).axes[0].get_title().replace("\n", " ")
     assert "and layers" in plotting.plot_suppression(A.suppression(make_run(), n_resamples=100)).axes[0].get_title()
+
+
+def test_baseline_and_treated_must_be_two_runs():
+    """Audit: figures --baseline S --treated S drew a run against itself (every difference zero)."""
+    from taca_probe.rendering import choose_runs
+
+    runs = [Run("a.zarr", "none", make_run()), Run("b.zarr", "step:1.2@970", make_run(schedule="step:1.2@970"))]
+    assert choose_runs(runs, baseline="none", treated="step:1.2@970") == (runs[0], runs[1])
+    with pytest.raises(TacaProbeError, match="same run"):
+        choose_runs(runs, baseline="b.zarr", treated="step:1.2@970")

@@ -345,3 +345,11 @@ def test_record_overwrite_of_a_link_to_a_store_is_refused_before_loading(tmp_pat
     rc, _, err = run_cli(["record", "--prompt", "x", "--overwrite", "--out", tmp_path / "link.zarr"], capsys)
     _refused(rc, err, "symbolic link")
     assert (tmp_path / "link.zarr").is_symlink() and sorted(p.name for p in store.iterdir()) == ["zarr.json"]
+
+
+@pytest.mark.parametrize("command", ["figures", "report"])
+def test_a_store_given_twice_is_refused(tmp_path, capsys, command):
+    """Audit: `report STORE STORE` listed one run twice, and the sweep it made counted it as two schedules."""
+    rc, _, err = run_cli([command, tmp_path / "a.zarr", f"{tmp_path}/./a.zarr", "--out", tmp_path / "out"], capsys)
+    _refused(rc, err, "is given twice")  # the test's folder name holds "twice" too
+    assert not (tmp_path / "out").exists()
