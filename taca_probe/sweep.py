@@ -315,8 +315,9 @@ def _inside(folder: Path, relative: str, kind: str) -> Path:
 
 
 def _remove_sweep_outputs(folder: Path, doc: dict[str, Any]) -> None:
-    """``--overwrite``: delete the stores, PNGs and manifest this tool made in ``folder``, nothing else;
-    every path is checked before anything is deleted. ``doc`` is checked by :func:`read_manifest`."""
+    """``--overwrite``: delete the stores and PNGs this tool made in ``folder``, nothing else; every path is
+    checked before anything is deleted. ``doc`` is checked by :func:`read_manifest`. The manifest stays until
+    the new one replaces it: a run killed in between leaves a folder that ``--overwrite`` still knows."""
     targets = []
     for entry in doc["schedules"]:
         store, images = _inside(folder, entry["store"], "store"), _inside(folder, entry["images"], "image folder")
@@ -333,7 +334,6 @@ def _remove_sweep_outputs(folder: Path, doc: dict[str, Any]) -> None:
                     png.unlink()
             with contextlib.suppress(OSError):  # a folder with other files stays
                 images.rmdir()
-    (folder / MANIFEST).unlink()
 
 
 def _png_name(prompt_index: int, seed: int, batch_index: int = 0) -> str:

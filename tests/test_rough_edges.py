@@ -258,3 +258,24 @@ def test_open_run_has_a_stable_order(store):
     assert list(ds.data_vars) == [v for v in VARIABLE_ORDER if v in ds.data_vars]
     assert list(ds.coords) == [c for c in COORD_ORDER if c in ds.coords]
     assert list(open_run(store, chunks={}).data_vars) == list(ds.data_vars)
+
+
+def test_sweep_overwrite_killed_after_removing_the_outputs_can_be_overwritten_again(tmp_path, capsys, monkeypatch):
+    """Audit: a kill between deleting sweep.json and writing the new one left a folder that every later
+    --overwrite refused as 'not a sweep folder'."""
+    import taca_probe.sweep as sweep_module
+
+    argv = ["sweep", *TINY, "--prompt", "a red cube", "--no-grid", "--schedule", "none", "--out", tmp_path / "sw",
+            "--overwrite"]
+    assert run_cli(argv, capsys)[0] == 0
+
+    def killed(folder, doc):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(sweep_module, "_write_manifest", killed)
+        assert run_cli(argv, capsys)[0] == 130  # interrupted after the outputs were removed
+    assert not any((tmp_path / "sw" / "stores").iterdir())
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    assert open_run(tmp_path / "sw" / "stores" / "00_none.zarr").sizes["sample"] == 1
