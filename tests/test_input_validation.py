@@ -209,6 +209,13 @@ def test_export_images_of_a_sweep_keeps_schedules_whose_names_slug_alike(tmp_pat
     written = int(out.split()[1])
     pngs = list((tmp_path / "png").rglob("*.png"))
     assert written > 0 and len(pngs) == written and len({p.parent for p in pngs}) == 2
+    # a second export into the same --out replaces nothing unasked (as generate)
+    before = {p: p.stat().st_mtime_ns for p in pngs}
+    rc, _, err = run_cli(["export-images", sweep, "--out", tmp_path / "png"], capsys)
+    _refused(rc, err, "--overwrite")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "png").rglob("*.png")} == before
+    rc, _, err = run_cli(["export-images", sweep, "--out", tmp_path / "png", "--overwrite"], capsys)
+    assert rc == 0, err
 
 
 def test_figures_caps_and_eval_json_folder(tmp_path, capsys):

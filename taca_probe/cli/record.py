@@ -86,6 +86,7 @@ def add_parsers(sub) -> None:
                         "one subfolder per schedule).")
     ex.add_argument("store", help="store folder or sweep folder")
     ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--overwrite", action="store_true", help="replace images of the same name that --out already holds")
     ex.set_defaults(func=cmd_export_images)
 
 
@@ -330,14 +331,20 @@ def cmd_export_images(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out(out)
     runs = open_inputs([args.store], None)[0]
-    written = 0
+    todo = []
     for k, (label, spec, ds) in enumerate(runs):
         # a sweep: one folder per schedule, numbered in order (two specs can share a slug); a store: --out
         folder = out / f"{k:02d}_{_slug(spec, 40)}" if len(runs) > 1 or Path(args.store) != Path(label) else out
-        folder.mkdir(parents=True, exist_ok=True)
         for i, (prompt, seed, b) in enumerate(sample_keys(ds)):
-            name = f"{i:04d}_{_slug(prompt)}_seed{seed}" + (f"_{b}" if b else "") + ".png"
-            Image.fromarray(ds["image"].isel(sample=i).values).save(folder / name)
-            written += 1
-    print(f"wrote {written} PNG image(s) to {out}/")
+            todo.append((folder / (f"{i:04d}_{_slug(prompt)}_seed{seed}" + (f"_{b}" if b else "") + ".png"), ds, i))
+    # as generate: an earlier export (of another store, say) is not replaced unasked
+    taken = [path for path, *_ in todo if path.exists()]
+    if taken and not args.overwrite:
+        more = f" and {len(taken) - 1} more of this export's file names" if len(taken) > 1 else ""
+        raise TacaProbeError(f"--out {str(out)!r} already holds {taken[0].relative_to(out)}{more}; pass --overwrite "
+                             "to replace them or choose another --out")
+    for path, ds, i in todo:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ds["image"].isel(sample=i).values).save(path)
+    print(f"wrote {len(todo)} PNG image(s) to {out}/")
     return 0
