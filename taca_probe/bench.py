@@ -240,14 +240,16 @@ def bench_attention(shapes: list[AttnShape] | tuple[AttnShape, ...] = DEFAULT_SH
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of :func:`bench_attention` rows, with memory relative to naive."""
-    lines = [f"{'shape':<34} {'variant':<11} {'median ms':>10} {'x sdpa':>7} {'peak MiB':>9} {'% naive':>8}"]
+    labels = [f"{s['name']} B{s['batch']}H{s['heads']} {s['n_txt']}+{s['n_vis']} D{s['head_dim']}"
+              for s in (r["shape"] for r in rows)]
+    w, v = max([34, *map(len, labels)]), max([11, *(len(r["variant"]) for r in rows)])  # long names stay aligned
+    lines = [f"{'shape':<{w}} {'variant':<{v}} {'median ms':>10} {'x sdpa':>7} {'peak MiB':>9} {'% naive':>8}"]
     naive_peak = {r["shape"]["name"]: r["peak_extra_mib"] for r in rows
                   if r["variant"] == "naive" and r["peak_extra_mib"]}
-    for r in rows:
+    for r, label in zip(rows, labels):
         s = r["shape"]
-        label = f"{s['name']} B{s['batch']}H{s['heads']} {s['n_txt']}+{s['n_vis']} D{s['head_dim']}"
         if r["error"]:
-            lines.append(f"{label:<34} {r['variant']:<11} unavailable: {r['error']}")
+            lines.append(f"{label:<{w}} {r['variant']:<{v}} unavailable: {r['error']}")
             continue
         peak = r["peak_extra_mib"]
         npk = naive_peak.get(s["name"])
@@ -255,7 +257,7 @@ def format_rows(rows: list[dict]) -> str:
         peak_s = f"{peak:9.1f}" if peak is not None else "        -"
         ratio = r["ratio_to_sdpa"]  # None when sdpa was not among the variants
         ratio_s = f"{ratio:6.2f}x" if ratio is not None else "      -"
-        lines.append(f"{label:<34} {r['variant']:<11} {r['median_ms']:10.2f} {ratio_s} {peak_s} {pct}")
+        lines.append(f"{label:<{w}} {r['variant']:<{v}} {r['median_ms']:10.2f} {ratio_s} {peak_s} {pct}")
     return "\n".join(lines)
 
 

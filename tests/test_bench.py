@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from taca_probe.bench import FULL_DEPTH, WIDTHS, realistic_sd3_pipeline
+from taca_probe.bench import FULL_DEPTH, WIDTHS, format_rows, realistic_sd3_pipeline
 from taca_probe.cli import main
 
 
@@ -34,3 +34,14 @@ def test_full_depth_builds_the_published_architecture(width):
     assert cfg.num_attention_heads == WIDTHS[width]["num_attention_heads"]
     billions = sum(p.numel() for p in pipe.transformer.parameters()) / 1e9
     assert billions == pytest.approx({"flux-dev": 11.9, "sd35-large": 8.1}[width], abs=0.15)
+
+
+def test_attention_table_stays_aligned_with_long_variant_names():
+    """Audit: a variant name over 11 characters (taca+masses:fused) pushed its row's numbers out of their columns."""
+    shape = {"name": "flux-1024", "batch": 1, "heads": 24, "n_txt": 512, "n_vis": 4096, "head_dim": 128}
+    rows = [{"shape": shape, "variant": name, "error": None, "median_ms": ms, "ratio_to_sdpa": ms / 2.0,
+             "peak_extra_mib": 10.0} for name, ms in (("sdpa", 2.0), ("taca+masses:fused", 3.5), ("naive", 40.0))]
+    header, *lines = format_rows(rows).splitlines()
+    end = header.index("median ms") + len("median ms")
+    assert [line[:end].split()[-1] for line in lines] == ["2.00", "3.50", "40.00"]
+    assert all(line[end] == " " for line in lines)

@@ -114,9 +114,10 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
              f"({res['parameters_b']:.2f} B parameters), {res['image_tokens']} image + {res['text_tokens']} text tokens, "
              f"batch {res['batch']}, {res['steps']} steps, {res['dtype']} on {meta['device_name']}"
              + (f", compiled ({res['compile']})" if res["compile"] else "") + f"; statistics: {res['stats_backend']}"]
+    width = max([11, *map(len, res["variants"])])
     for name, v in res["variants"].items():
         mem = f", peak {v['peak_mib']:.0f} MiB" if v["peak_mib"] is not None else ""
-        lines.append(f"  {name:<11} {v['median_s']:.3f} s/sample, {v['per_step_s'] * 1e3:.1f} ms/step, "
+        lines.append(f"  {name:<{width}} {v['median_s']:.3f} s/sample, {v['per_step_s'] * 1e3:.1f} ms/step, "
                      f"{v['ratio']:.3f}x{mem} (median of {args.repeats})")
     _emit(args, res, "\n".join(lines))
     return 0
