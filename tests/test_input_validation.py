@@ -209,13 +209,21 @@ def test_export_images_of_a_sweep_keeps_schedules_whose_names_slug_alike(tmp_pat
     written = int(out.split()[1])
     pngs = list((tmp_path / "png").rglob("*.png"))
     assert written > 0 and len(pngs) == written and len({p.parent for p in pngs}) == 2
-    # a second export into the same --out replaces nothing unasked (as generate)
-    before = {p: p.stat().st_mtime_ns for p in pngs}
-    rc, _, err = run_cli(["export-images", sweep, "--out", tmp_path / "png"], capsys)
+
+
+@pytest.mark.slow  # exports a store three times
+def test_export_images_replaces_an_earlier_export_only_with_overwrite(tmp_path, capsys):
+    """Audit: a second export into the same --out silently replaced the first's PNGs (generate refuses)."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", store)
+    assert run_cli(["export-images", store, "--out", tmp_path / "png"], capsys)[0] == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "png").rglob("*.png")}
+    rc, _, err = run_cli(["export-images", store, "--out", tmp_path / "png"], capsys)
     _refused(rc, err, "--overwrite")
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "png").rglob("*.png")} == before
-    rc, _, err = run_cli(["export-images", sweep, "--out", tmp_path / "png", "--overwrite"], capsys)
+    rc, _, err = run_cli(["export-images", store, "--out", tmp_path / "png", "--overwrite"], capsys)
     assert rc == 0, err
+    assert len(before) == 4 and all(p.stat().st_mtime_ns != t for p, t in before.items())
 
 
 def test_figures_caps_and_eval_json_folder(tmp_path, capsys):
