@@ -13,6 +13,7 @@ import math
 import os
 import re
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import TacaProbeError
@@ -241,6 +242,16 @@ def check_out(path: Path, *, store: bool = False, flag: str = "--out") -> None:
         raise TacaProbeError(f"{flag} {str(path)!r} is {where}; choose a folder outside any store")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TacaProbeError(f"{flag} {str(path)!r}: cannot write in {str(parent)!r} (permission denied or read-only)")
+
+
+def refuse_to_replace(out: Path, paths: Sequence[Path], overwrite: bool, what: str) -> None:
+    """Before any work: refuse to replace files of ``paths`` that an earlier ``what`` left in ``out``, unless
+    ``--overwrite`` (files are named by position, so another run's files of the same names are not its own)."""
+    taken = [p for p in paths if p.exists()]
+    if taken and not overwrite:
+        more = f" and {len(taken) - 1} more of this {what}'s file names" if len(taken) > 1 else ""
+        raise TacaProbeError(f"--out {str(out)!r} already holds {taken[0].relative_to(out)}{more}; pass --overwrite "
+                             "to replace them or choose another --out")
 
 
 def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:

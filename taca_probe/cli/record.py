@@ -31,7 +31,7 @@ from ..stats import sample_keys
 from ..sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH, MANIFEST, SweepError, is_sweep, open_sweep, read_manifest, \
     run_sweep, sample_plan, sweep_schedules
 from .args import EMBEDDED_NOTE, MAX_IMAGE_SIDE, check_json, check_out, floats, json_args, lora_args, model_args, \
-    read_prompts, recording_args, sampling_args, schedule_help, short_prompt, write_json
+    read_prompts, recording_args, refuse_to_replace, sampling_args, schedule_help, short_prompt, write_json
 
 
 def add_parsers(sub) -> None:
@@ -161,12 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_out(out)
     plan = sample_plan(items, args.seeds)  # each (prompt, seed) once, as in a sweep
     stems = [f"{index:04d}-seed{seed}" for index, (_, seed) in enumerate(plan)]
-    # named by position in the plan: another run's images of the same names are not replaced unasked
-    taken = [f"{stem}.{ext}" for stem in stems for ext in ("png", "json") if (out / f"{stem}.{ext}").exists()]
-    if taken and not args.overwrite:
-        more = f" and {len(taken) - 1} more of this run's file names" if len(taken) > 1 else ""
-        raise TacaProbeError(f"--out {str(out)!r} already holds {taken[0]}{more}; pass --overwrite to replace them "
-                             "or choose another --out")
+    refuse_to_replace(out, [out / f"{stem}.{ext}" for stem in stems for ext in ("png", "json")], args.overwrite, "run")
     pipe, call = _load(args)
     versions = {"taca_probe": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                 "transformers": transformers.__version__}
@@ -337,12 +332,7 @@ def cmd_export_images(args: argparse.Namespace) -> int:
         folder = out / f"{k:02d}_{_slug(spec, 40)}" if len(runs) > 1 or Path(args.store) != Path(label) else out
         for i, (prompt, seed, b) in enumerate(sample_keys(ds)):
             todo.append((folder / (f"{i:04d}_{_slug(prompt)}_seed{seed}" + (f"_{b}" if b else "") + ".png"), ds, i))
-    # as generate: an earlier export (of another store, say) is not replaced unasked
-    taken = [path for path, *_ in todo if path.exists()]
-    if taken and not args.overwrite:
-        more = f" and {len(taken) - 1} more of this export's file names" if len(taken) > 1 else ""
-        raise TacaProbeError(f"--out {str(out)!r} already holds {taken[0].relative_to(out)}{more}; pass --overwrite "
-                             "to replace them or choose another --out")
+    refuse_to_replace(out, [path for path, *_ in todo], args.overwrite, "export")  # of another store, say
     for path, ds, i in todo:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(ds["image"].isel(sample=i).values).save(path)
