@@ -133,6 +133,14 @@ def test_out_under_a_file_is_a_user_error(tmp_path, capsys):
     assert blocker.read_text() == ""
 
 
+@pytest.fixture(scope="module")
+def old_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One copy of the 0.1.0 store for the tests below: each checks that nothing was written into it."""
+    store = tmp_path_factory.mktemp("old") / "s.zarr"
+    shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", store)
+    return store
+
+
 OUT_COMMANDS = [["record", "--prompt", "x"], ["generate", "--prompt", "x"], ["sweep", "--prompt", "x"],
                 ["export-images", "STORE"], ["figures", "STORE"], ["report", "STORE"]]
 # record's own --out may be a store (--resume / --overwrite decide), not a folder inside one
@@ -141,11 +149,10 @@ OUT_IN_STORE = [(argv, where) for argv in OUT_COMMANDS for where in ("inner", ".
 
 
 @pytest.mark.parametrize("argv,where", OUT_IN_STORE, ids=[f"{a[0]}-{w}" for a, w in OUT_IN_STORE])
-def test_out_inside_a_store_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, argv, where):
+def test_out_inside_a_store_is_refused_before_anything_is_written(old_store, capsys, monkeypatch, argv, where):
     """Audit: ``record --out STORE/inner.zarr`` nested a store in STORE, which every command then called
     damaged (and told to re-record with --overwrite); the other commands wrote their files into it."""
-    store = tmp_path / "s.zarr"
-    shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", store)
+    store = old_store
     before = sorted(store.rglob("*"))
     monkeypatch.setattr(record, "load_pipeline", _must_not_load)
     argv = [store if a == "STORE" else a for a in argv]
@@ -159,10 +166,9 @@ FILE_IN_STORE = [["info", "STORE", "--json"], ["eval", "--json"], ["eval", "--sa
 
 
 @pytest.mark.parametrize("argv", FILE_IN_STORE, ids=[" ".join(a[:-1] + [a[-1][2:]]) for a in FILE_IN_STORE])
-def test_other_outputs_inside_a_store_are_refused_before_any_work(tmp_path, capsys, monkeypatch, argv):
+def test_other_outputs_inside_a_store_are_refused_before_any_work(old_store, capsys, monkeypatch, argv):
     """Audit: eval --save-images, and the --json file of info, eval and bench, went into a store's folder."""
-    store = tmp_path / "s.zarr"
-    shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", store)
+    store = old_store
     before = sorted(store.rglob("*"))
     for module, name in ((eval_cli, "load_pipeline"), (bench, "bench_attention"), (bench, "bench_e2e")):
         monkeypatch.setattr(module, name, _must_not_load)
