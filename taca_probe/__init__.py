@@ -4,6 +4,7 @@ The public API, imported lazily so that ``taca-probe --help`` does not pay for d
 
 - :func:`taca` / :func:`apply_taca` / :class:`TacaConfig`: the TACA intervention;
 - :mod:`taca_probe.schedules`: gamma schedules and their one-line string forms;
+- :mod:`taca_probe.analysis` / :mod:`taca_probe.plotting`: the paper's quantities and their figures;
 - :func:`probe` / :func:`open_run`: record attention statistics into zarr stores, open them
   as labeled xarray Datasets;
 - :func:`load_pipeline`: embedded tiny models, local folders, cached hub models;
@@ -36,14 +37,17 @@ _EXPORTS = {  # public name -> the module that defines it
     for name in names
 }
 
-__all__ = sorted(_EXPORTS) + ["schedules", "__version__"]
+#: Public modules, reachable as ``taca_probe.analysis`` etc. without importing them first.
+_MODULES = ("analysis", "plotting", "schedules")
+
+__all__ = sorted(_EXPORTS) + [*_MODULES, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    if name == "schedules":
-        return importlib.import_module(".schedules", __name__)
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'taca_probe' has no attribute {name!r}")
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
 import xarray as xr
 
+import taca_probe
 from taca_probe import analysis as A
 from taca_probe.errors import TacaProbeError
 
@@ -562,3 +566,13 @@ def test_uniform_reference_counts_every_text_position_even_of_a_token_subset():
     bare = ds.copy()
     bare.attrs = {}
     assert A.uniform_reference(bare) == pytest.approx(4 / 10)  # from the token and y x x sizes
+
+
+@pytest.mark.parametrize("name", ["analysis", "plotting", "schedules"])
+def test_public_modules_are_attributes_of_the_package_without_an_import(monkeypatch, name):
+    """A notebook's ``import taca_probe as tp; tp.analysis.suppression(...)`` was an AttributeError
+    unless something had imported ``taca_probe.analysis`` first."""
+    module = importlib.import_module(f"taca_probe.{name}")
+    monkeypatch.delattr(taca_probe, name)  # as in a fresh interpreter: imported, not yet an attribute
+    assert getattr(taca_probe, name) is module is sys.modules[f"taca_probe.{name}"]
+    assert name in dir(taca_probe)
