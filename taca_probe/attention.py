@@ -332,7 +332,8 @@ def attention_statistics(q: torch.Tensor, k: torch.Tensor, layout: JointLayout, 
     backend = backend or stats_backend(q.device, q.dtype)
     if backend not in STATS_BACKENDS:
         raise ValueError(f"unknown statistics backend {backend!r}; choose from {', '.join(STATS_BACKENDS)}")
-    if backend == "triton" and attn_mask is not None:  # the kernel knows no masks; neither SD3 nor FLUX passes one
+    # the kernel knows no masks (neither SD3 nor FLUX passes one) and only some head sizes (the self-test's is 64)
+    if backend == "triton" and (attn_mask is not None or q.shape[-1] not in triton_stats.HEAD_DIMS):
         backend = "fused"
     txt, vis = layout.split(q.shape[2])
     base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
