@@ -22,7 +22,7 @@ from .processors import Site
 from .selection import MapSelection
 from .store import RunLayout
 
-__all__ = ["BRANCHES", "MASS_VARS", "Recorder", "Sample", "image_bytes", "prompt_tokens"]
+__all__ = ["BRANCHES", "MASS_VARS", "Recorder", "Sample", "image_bytes", "planned_steps", "prompt_tokens"]
 
 BRANCHES = ("cond", "uncond", "both")
 MASS_VARS = ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass")
@@ -72,6 +72,13 @@ def prompt_tokens(pipe: Any, prompt: str, n_txt: int, max_sequence_length: int) 
     if len(texts) != n_txt:
         raise TacaProbeError(f"tokenizers gave {len(texts)} text positions, the transformer saw {n_txt}")
     return texts, np.array(padding, dtype=bool), source
+
+
+def planned_steps(pipe: Any, num_inference_steps: int) -> int:
+    """The passes of the pipeline's loop (a recording's steps) for ``num_inference_steps``: a
+    second-order scheduler (Heun) evaluates twice per step but the first, ``2N - 1``."""
+    order = int(getattr(pipe.scheduler, "order", 1))
+    return order * int(num_inference_steps) - (order - 1)
 
 
 def _family_text(pipe: Any, family: str, call: Mapping[str, Any]) -> tuple[int, int]:
@@ -145,8 +152,8 @@ class Recorder:
         scale = int(getattr(self.pipe, "vae_scale_factor", 8)) * patch
         n_txt, max_seq = _family_text(self.pipe, self.handle.family, call)
         _, _, sources = prompt_tokens(self.pipe, "", n_txt, max_seq)
-        return self._layout(int(call["num_inference_steps"]), n_txt, (height // scale, width // scale),
-                            (height, width, 3), sources)
+        return self._layout(planned_steps(self.pipe, call["num_inference_steps"]), n_txt,
+                            (height // scale, width // scale), (height, width, 3), sources)
 
     def _layout(self, steps: int, n_txt: int, grid: tuple, image_shape: tuple, sources: list[str]) -> RunLayout:
         return RunLayout(steps=steps, layers=tuple(s.name for s in self.sites),

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attention import describe_stats_backend
-from .capture import BRANCHES, Recorder
+from .capture import BRANCHES, Recorder, planned_steps
 from .distributed import ranks_from_env
 from .errors import TacaProbeError
 from .intervention import TacaConfig, TacaHandle, apply_taca
@@ -268,8 +268,9 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
     ranks = ranks_from_env()  # torchrun / accelerate launch: several processes share the slots
     common = dict(maps=maps, branch=branch, lora=lora, lora_scale=lora_scale, model=model,
                   attrs={**(attrs or {}), "guidance": call.get("guidance_scale"), "pipeline_kwargs": call})
-    extra = {"steps": call["num_inference_steps"], "height": call["height"], "width": call["width"],
-             "guidance": call.get("guidance_scale"), "max_sequence_length": call.get("max_sequence_length"),
+    extra = {"steps": planned_steps(pipe, call["num_inference_steps"]), "height": call["height"],
+             "width": call["width"], "guidance": call.get("guidance_scale"),
+             "max_sequence_length": call.get("max_sequence_length"),
              "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale)}
     created: list[Path] = []
     writers: dict[Path, RunWriter | None] = {}

@@ -14,7 +14,10 @@ import os
 
 import torch
 
-__all__ = ["available", "text_sums"]
+__all__ = ["available", "text_sums", "HEAD_DIMS"]
+
+#: Head dimensions the kernel takes (tl.dot needs a power of two, at least 16).
+HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def available(device: torch.device) -> bool:
@@ -85,7 +88,7 @@ def text_sums(q_v: torch.Tensor, k_t: torch.Tensor, lse: torch.Tensor, scale: fl
     """
     B, H, n_vis, d = q_v.shape
     n_txt = k_t.shape[2]
-    if d not in (16, 32, 64, 128, 256):
+    if d not in HEAD_DIMS:
         raise ValueError(f"head dimension {d} is not supported by the Triton kernel")
     lse = lse.float()
     rows = torch.empty((B, H, n_vis), dtype=torch.float32, device=q_v.device)

@@ -287,3 +287,29 @@ def test_a_per_query_mask_is_split_by_query_rows_too(txt_first, backend):
     for name in ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass"):
         assert (stats[name].double() - ref[name]).abs().max().item() <= 1e-5, name
     assert (stats["maps"].double() - ref["maps"][..., [0, 3]]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_token_mass_in_half_precision_survives_widely_spread_lse(dtype):
+    # Visual queries whose lse differ by more than ~27 (large logits): weights exp(c - lse) in
+    # half precision underflowed, and those queries dropped out of token_mass (off by 8-100 %).
+    g = torch.Generator().manual_seed(9)
+    q, k, v = ((torch.randn(1, 1, 32 + 160, 32, generator=g) * s).to(dtype) for s in (4, 4, 1))
+    layout = JointLayout(32, txt_first=False)
+    _, parts = taca_attention(q, k, v, layout, 1.0, with_parts=True)
+    assert (parts["lse_vis"].amax(-1) - parts["lse_vis"].amin(-1)).min().item() > 30
+    stats = attention_statistics(q, k, layout, 1.0, parts, backend="fused")
+    ref = _reference_masses(q, k, 32, False, 1.0)["token_mass"]
+    assert (stats["token_mass"].double() - ref).abs().max().item() <= 1e-4 * ref.max().item()
+
+
+def test_triton_statistics_at_a_head_size_its_kernel_lacks_take_the_fused_path():
+    # On CUDA the Triton path is the default; a model whose head size is not a power of two
+    # (here 24) stopped the recording with a ValueError from inside the kernel's launcher.
+    q, k, v = _qkv(b=1, h=2, s=40, d=24, seed=13)
+    layout = JointLayout(8, txt_first=True)
+    _, parts = taca_attention(q, k, v, layout, 1.2, with_parts=True)
+    stats = attention_statistics(q, k, layout, 1.2, parts, backend="triton")
+    ref = _reference_masses(q, k, 8, True, 1.2)
+    for name in ("vis_txt_mass", "vis_txt_mass_ref", "txt_vis_mass", "token_mass"):
+        assert (stats[name].double() - ref[name]).abs().max().item() <= 1e-5, name

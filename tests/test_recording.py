@@ -83,3 +83,21 @@ def test_a_resumed_probe_records_a_repaired_slot_again_and_never_gives_it_to_ano
         assert list(open_run(path, include_incomplete=True)["prompt"].values) == ["a", "b", "c"]
         run.sample("a", seed=0, **kw)
     assert list(open_run(path)["prompt"].values) == ["a", "b", "c"]
+
+
+def test_a_planned_store_of_a_heun_scheduler_has_one_step_per_pass_and_resumes(pipes, tmp_path):
+    # A second-order scheduler makes 2N - 1 passes for N steps; the planned store had N steps, so
+    # the first sample did not fit it (StoreError), and a resume compared the wrong step count.
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    from taca_probe.runner import Target, record_plan
+
+    pipe = pipes("tiny-sd3")
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    call, target = {"num_inference_steps": 2, **SIZE}, Target("none", tmp_path / "h.zarr")
+    assert record_plan(pipe, [target], [("a red cube", 0)], call, progress=False) == [1]
+    passes = len(pipe.scheduler.timesteps)  # what the pipeline's loop ran through
+    assert passes == 3
+    ds = open_run(target.store)
+    assert ds.sizes["step"] == passes and not np.isnan(ds["vis_txt_mass"].values).any()
+    assert record_plan(pipe, [target], [("a red cube", 0)], call, mode="resume", progress=False) == [0]
