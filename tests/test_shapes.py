@@ -501,6 +501,34 @@ def test_eval_cli_bad_arguments() -> None:
         one_line(excinfo.value)
 
 
+def _fake_eval(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], list[int]]]:
+    """Make ``cmd_eval`` score ground-truth images instead of loading and sampling the model; returns its calls."""
+    from taca_probe.cli import eval as cli_eval
+
+    calls: list[tuple[list[str], list[int]]] = []
+
+    def run(pipe, schedules, *, prompts, seeds, **kwargs):
+        calls.append((list(prompts), list(seeds)))
+        plist = [p for p in prompts for _ in seeds]
+        scores = ev.evaluate_images(plist, ground_truth([ds.parse_prompt(p) for p in plist]))
+        return {"call": {}, "seeds": list(seeds), "prompts": list(prompts), "chance": ev.chance_levels(),
+                "schedules": {s: {"aggregate": {k: vars(v) for k, v in ev.aggregate(scores, n_boot=20).items()}}
+                              for s in schedules}}
+
+    monkeypatch.setattr(cli_eval, "load_pipeline", lambda *a, **k: None)
+    monkeypatch.setattr(cli_eval, "_estimate_seconds", lambda *a, **k: 1.0)
+    monkeypatch.setattr(cli_eval, "run_benchmark", run)
+    return calls
+
+
+def test_eval_cli_json_to_stdout_is_the_json_alone(monkeypatch, capsys) -> None:
+    """``--json`` without a path (or '-') writes only the JSON to stdout, as json_args documents: it parses."""
+    _fake_eval(monkeypatch)
+    args = _eval_args("--prompt", "a red square", "--json")
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["prompts"] == ["a red square"]
+
+
 def test_aggregate_interval_is_a_prompt_cluster_bootstrap():
     """The interval resamples whole prompts: checked against an independent numpy cluster bootstrap."""
     rng = np.random.default_rng(3)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from ..models import load_pipeline
 from ..schedules import parse
 from ..shapes import dataset as ds
 from ..shapes.benchmark import DEFAULT_SEEDS, QUICK_SEEDS, _call_settings, format_table, run_benchmark
-from .args import call_args, check_json, check_out, json_args, model_args, positive_int, seeds, write_json
+from .args import call_args, check_json, check_out, emit, json_args, model_args, positive_int, seeds
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -110,7 +109,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     result["model"] = str(args.model)
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, json.dumps(result, indent=1))
+    emit(args, result, format_table(result), indent=1)
     return 0
