@@ -529,6 +529,15 @@ def test_eval_cli_json_to_stdout_is_the_json_alone(monkeypatch, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["prompts"] == ["a red square"]
 
 
+def test_eval_cli_samples_a_repeated_prompt_once(monkeypatch) -> None:
+    """A prompt given twice (in any spelling the grammar accepts) is sampled once, as the README says."""
+    calls = _fake_eval(monkeypatch)
+    args = _eval_args("--prompt", "a red square", "--prompt", "A red  square.", "--prompt", "a blue circle",
+                      "--seeds", "1,0,1")
+    assert args.func(args) == 0
+    assert calls == [(["a red square", "a blue circle"], [1, 0])]
+
+
 def test_aggregate_interval_is_a_prompt_cluster_bootstrap():
     """The interval resamples whole prompts: checked against an independent numpy cluster bootstrap."""
     rng = np.random.default_rng(3)

@@ -79,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``taca-probe eval``: print the table, optionally write JSON. Returns the exit status."""
     schedules = list(dict.fromkeys(parse(s).spec for s in (args.schedule or ["none"])))  # each once; before loading
     specs = [ds.parse_prompt(p) for p in args.prompt] if args.prompt else ds.held_out_prompts(args.prompt_set)
-    prompts = [p.text for p in specs]
+    prompts = list(dict.fromkeys(p.text for p in specs))  # a prompt given twice (any spelling) is sampled once
     check_json(args.json)  # now: the evaluation would be lost when the write fails at the end
     if args.save_images:
         check_out(Path(args.save_images), flag="--save-images")
