@@ -538,6 +538,16 @@ def test_eval_cli_samples_a_repeated_prompt_once(monkeypatch) -> None:
     assert calls == [(["a red square", "a blue circle"], [1, 0])]
 
 
+@pytest.mark.parametrize(("seeds", "label"), [([0, 1, 2], "0..2"), ([3, 1, 2], "3,1,2"), ([0, 39], "0,39")])
+def test_eval_table_names_the_seeds_it_ran(seeds: list[int], label: str) -> None:
+    from taca_probe.shapes.benchmark import format_table
+
+    scores = ev.evaluate_images(["a red square"], ground_truth([ds.parse_prompt("a red square")]))
+    result = {"call": {}, "seeds": seeds, "prompts": ["a red square"], "chance": ev.chance_levels(),
+              "schedules": {"none": {"aggregate": {k: vars(v) for k, v in ev.aggregate(scores).items()}}}}
+    assert format_table(result).split("seeds ")[-1].replace("\n", "").replace(" ", "") == label
+
+
 def test_aggregate_interval_is_a_prompt_cluster_bootstrap():
     """The interval resamples whole prompts: checked against an independent numpy cluster bootstrap."""
     rng = np.random.default_rng(3)

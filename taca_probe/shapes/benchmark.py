@@ -235,7 +235,9 @@ def format_table(result: dict[str, Any], *, width: int = TABLE_WIDTH) -> str:
     )
     chance = ", ".join(f"{k} {v:.3f}" for k, v in result["chance"].items() if k in cats)
     call = ", ".join(f"{k}={v}" for k, v in result["call"].items())
+    s = result["seeds"]  # "a..b" only for a run of consecutive seeds: "3..2" would misstate seeds 3, 1, 2
+    seeds = f"{s[0]}..{s[-1]}" if s == list(range(s[0], s[0] + len(s))) else ",".join(map(str, s))
     notes = [f"n: {sizes}", "95% intervals: prompt-cluster bootstrap; 'A - B': paired difference, same seeds",
-             f"chance: {chance}", f"call: {call}; seeds {result['seeds'][0]}..{result['seeds'][-1]}"]
+             f"chance: {chance}", f"call: {call}; seeds {seeds}"]
     lines += [line for note in notes for line in textwrap.wrap(note, width, subsequent_indent="  ")]
     return "\n".join(lines)
