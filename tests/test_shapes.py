@@ -427,6 +427,28 @@ def test_training_fits_the_schedule_to_the_time_budget(tmp_path: Path, monkeypat
     assert saved["config"]["steps"] == steps
 
 
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--lr", "inf"], "--lr"), (["--guidance-scale", "inf"], "--guidance-scale"), (["--minutes", "nan"], "--minutes"),
+    (["--minutes", "inf", "--fit-steps"], "--minutes"), (["--checkpoint-minutes", "nan"], "--checkpoint-minutes"),
+    (["--seed", "-1"], "--seed"), (["--workers", "-1"], "--workers"), (["--clip-hidden", "3"], "clip_hidden"),
+    (["--head-dim", "2"], "head_dim"), (["--t5-dim", "8", "--clip-hidden", "4"], "t5_dim"),
+])
+def test_training_refuses_bad_configs_in_one_line(argv, flag, tmp_path, monkeypatch, capsys) -> None:
+    """Refused before the first batch with exit 2 and one line naming the setting (not a traceback, not a run)."""
+    import torch
+
+    from taca_probe.shapes import train as tr
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the bad config reached training")
+
+    monkeypatch.setattr(tr, "_Batches", no_training)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert tr.main(["--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and flag in err, err
+
+
 def test_training_tokenizers_are_the_shipped_ones() -> None:
     """train.py builds (without the package's model registry) exactly the shipped tokenizers."""
     from transformers import CLIPTokenizer, T5Tokenizer

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import TacaProbeError, first_line
 from ..logs import quiet
+from ..selection import MAX_INT, is_seed
 
 with quiet():  # importing the pipeline classes logs torchvision fallbacks of image processors SD3 never uses
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
@@ -118,6 +119,14 @@ def build_pipeline(config: TrainConfig) -> Any:
     if 2 * config.clip_hidden > config.t5_dim:
         # SD3 zero-pads the joined CLIP features to the T5 width.
         raise TrainError(f"2 * clip_hidden ({2 * config.clip_hidden}) must be <= t5_dim ({config.t5_dim})")
+    width = config.num_heads * config.head_dim
+    for wrong, need in (  # what the modules below need; their own errors are tracebacks
+        (config.clip_hidden % 2, f"clip_hidden ({config.clip_hidden}) must be even: CLIP has 2 heads"),
+        (config.t5_dim < 16, f"t5_dim ({config.t5_dim}) must be >= 16: T5 heads have 16 dims"),
+        (width % 4, f"num_heads * head_dim ({width}) must be a multiple of 4 (2-D sin-cos position embedding)"),
+    ):
+        if wrong:
+            raise TrainError(need)
     if ds.IMAGE_SIZE % config.patch_size:
         raise TrainError(f"patch_size {config.patch_size} must divide the image size {ds.IMAGE_SIZE}")
     clip_tok = clip_tokenizer(config.clip_length)
@@ -608,19 +617,22 @@ def _run(args: argparse.Namespace) -> None:
     """:func:`main` once the arguments are parsed; bad ones raise :class:`TrainError`."""
     positive = {"steps": args.steps, "batch_size": args.batch_size, "threads": args.threads, "minutes": args.minutes,
                 "checkpoint_minutes": args.checkpoint_minutes, **{n: getattr(args, n) for n in _ARCHITECTURE}}
-    bad = [n for n, v in positive.items() if v is not None and v <= 0] + (["workers"] if args.workers < 0 else [])
+    # nan or inf would pass a "> 0" test and train nothing, or crash later with a traceback
+    bad = [f"--{n.replace('_', '-')} must be positive and finite" for n, v in positive.items()
+           if v is not None and not 0 < v < math.inf]
+    bad += ["--workers must be >= 0"] * (args.workers < 0) + [f"--seed must be in 0..{MAX_INT}"] * (not is_seed(args.seed))
     if bad:
-        raise TrainError(f"--{bad[0].replace('_', '-')} must be positive")
+        raise TrainError(bad[0])
     try:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available here")
     except RuntimeError as exc:
         raise TrainError(f"--device {args.device}: {first_line(exc)}") from None
-    if not (args.lr > 0 and args.warmup_steps >= 1 and 0 <= args.min_lr_fraction <= 1 and 0 <= args.ema_decay < 1
-            and args.guidance_scale >= 1):
-        raise TrainError("need --lr > 0, --warmup-steps >= 1, 0 <= --min-lr-fraction <= 1, 0 <= --ema-decay < 1, "
-                         "--guidance-scale >= 1")
+    if not (0 < args.lr < math.inf and args.warmup_steps >= 1 and 0 <= args.min_lr_fraction <= 1
+            and 0 <= args.ema_decay < 1 and 1 <= args.guidance_scale < math.inf):
+        raise TrainError("need finite --lr > 0, --warmup-steps >= 1, 0 <= --min-lr-fraction <= 1, 0 <= --ema-decay < 1, "
+                         "finite --guidance-scale >= 1")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.export_only is not None:
