@@ -190,6 +190,18 @@ def test_evaluator_blank_and_bad_inputs() -> None:
         ev.score_prompt("a red circle", np.zeros((64, 64)))
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint16, np.float64])
+def test_evaluator_refuses_pixels_it_would_misread(dtype) -> None:
+    """0-255 pixels as another dtype were read as [0, 1] floats and scored 0 in silence: now one line naming them."""
+    img = ground_truth([ds.parse_prompt("a blue circle")])[0]
+    assert ev.score_prompt("a blue circle", img).scores["binding"] == 1.0
+    with pytest.raises(ds.DatasetError) as excinfo:
+        ev.score_prompt("a blue circle", img.astype(dtype))
+    one_line(excinfo.value, np.dtype(dtype).name)
+    with pytest.raises(ds.DatasetError):
+        ev.score_prompt("a blue circle", np.zeros((0, 0, 3), np.uint8))
+
+
 def test_aggregate_intervals_are_seeded_and_bracket_the_mean() -> None:
     rng = np.random.default_rng(3)
     prompts = ds.held_out_prompts("two")
