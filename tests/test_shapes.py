@@ -572,6 +572,26 @@ def test_eval_cli_samples_a_repeated_prompt_once(monkeypatch) -> None:
     assert calls == [(["a red square", "a blue circle"], [1, 0])]
 
 
+def test_eval_eta_times_batches_as_large_as_the_run(monkeypatch) -> None:
+    """The ETA times a batch of min(batch size, images) images: 1 prompt x 40 seeds runs as 3 batches of 16."""
+    from taca_probe.cli import eval as cli_eval
+
+    clock = [0.0]
+    cost = {"fixed": 0.5, "image_step": 0.01}  # seconds a call, and per image and step
+
+    class Pipe:
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+        def __call__(self, prompts, num_inference_steps, **kwargs):
+            clock[0] += cost["fixed"] + cost["image_step"] * len(prompts) * num_inference_steps
+
+    monkeypatch.setattr(cli_eval, "_call_settings", lambda pipe, call: {"num_inference_steps": 25})
+    monkeypatch.setattr(cli_eval.time, "perf_counter", lambda: clock[0])
+    eta = cli_eval._estimate_seconds(Pipe(), ["a red circle"], 40, {}, 16)
+    assert eta == pytest.approx(3 * (cost["fixed"] + cost["image_step"] * 16 * 25))
+
+
 @pytest.mark.parametrize(("seeds", "label"), [([0, 1, 2], "0..2"), ([3, 1, 2], "3,1,2"), ([0, 39], "0,39")])
 def test_eval_table_names_the_seeds_it_ran(seeds: list[int], label: str) -> None:
     from taca_probe.shapes.benchmark import format_table

@@ -59,7 +59,8 @@ def _estimate_seconds(pipe: Any, prompts: Sequence[str], n_images: int, call: di
     """Seconds for one schedule: one full batch timed at 1 and 2 steps (fixed cost + cost a step)."""
     kwargs = _call_settings(pipe, call)
     steps = int(kwargs.pop("num_inference_steps", 28))
-    batch = list(prompts[:batch_size])
+    # as many images as the run's batches hold (prompts x seeds), not one per prompt: 1 prompt x 40 seeds is 3 batches
+    batch = [prompts[i % len(prompts)] for i in range(min(batch_size, n_images))]
     pipe.set_progress_bar_config(disable=True)
 
     def timed(n_prompts: int, n_steps: int) -> float:
