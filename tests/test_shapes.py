@@ -461,6 +461,21 @@ def test_training_refuses_bad_configs_in_one_line(argv, flag, tmp_path, monkeypa
     assert "\n" not in err and flag in err, err
 
 
+@pytest.mark.parametrize("content", [b"junk", "missing keys"])
+def test_training_export_only_refuses_a_bad_checkpoint_in_one_line(content, tmp_path, monkeypatch, capsys) -> None:
+    """--export-only reads the checkpoint as --resume does: a bad one is one line naming it, not a traceback."""
+    import torch
+
+    from taca_probe.shapes import train as tr
+
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(content) if isinstance(content, bytes) else torch.save({"config": {}}, ckpt)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert tr.main(["--out", str(tmp_path), "--export-only", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(ckpt) in err, err
+
+
 def test_training_tokenizers_are_the_shipped_ones() -> None:
     """train.py builds (without the package's model registry) exactly the shipped tokenizers."""
     from transformers import CLIPTokenizer, T5Tokenizer

@@ -416,16 +416,7 @@ def train(
     ckpt_path = out / "checkpoint.pt"
     payload = None
     if resume:
-        if not ckpt_path.is_file():
-            raise TrainError(f"cannot resume: no checkpoint at {ckpt_path}")
-        try:  # weights_only: a checkpoint is data; never run code that a file brings along
-            payload = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        except Exception as exc:
-            raise TrainError(f"cannot read checkpoint {ckpt_path}: {first_line(exc)}") from None
-        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
-        if missing or not isinstance(payload["config"], dict):
-            raise TrainError(f"cannot resume from {ckpt_path}: not a checkpoint of this trainer "
-                             f"(missing or bad: {', '.join(missing) or 'config'})")
+        payload = _read_checkpoint(ckpt_path)
         new_steps = config.steps
         config = TrainConfig.from_dict(payload["config"])
         config.steps = max(config.steps, new_steps) if steps is None else steps
@@ -559,15 +550,27 @@ def train(
     return {**state, "losses": losses, "pipeline": folder}
 
 
+def _read_checkpoint(ckpt_path: Path) -> dict[str, Any]:
+    """The payload of a checkpoint of this trainer; a one-line :class:`TrainError` if missing or not one."""
+    if not ckpt_path.is_file():
+        raise TrainError(f"no checkpoint at {ckpt_path}")
+    try:  # weights_only: a checkpoint is data; never run code that a file brings along
+        payload = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise TrainError(f"cannot read checkpoint {ckpt_path}: {first_line(exc)}") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing or not isinstance(payload["config"], dict):
+        raise TrainError(f"{ckpt_path} is not a checkpoint of this trainer (missing or bad: "
+                         f"{', '.join(missing) or 'config'})")
+    return payload
+
+
 def export_checkpoint(out: str | os.PathLike[str], folder: str | os.PathLike[str]) -> Path:
     """Export the EMA weights of ``out/checkpoint.pt`` to ``folder`` without training.
 
     For looking at a run while it trains (the checkpoint is replaced atomically, so that is safe).
     """
-    ckpt_path = Path(out) / "checkpoint.pt"
-    if not ckpt_path.is_file():
-        raise TrainError(f"no checkpoint at {ckpt_path}")
-    payload = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    payload = _read_checkpoint(Path(out) / "checkpoint.pt")
     config = TrainConfig.from_dict(payload["config"])
     pipe = build_pipeline(config)
     ema = _Ema(_text_and_transformer(pipe), config.ema_decay)
