@@ -587,6 +587,18 @@ def test_eval_cli_samples_a_repeated_prompt_once(monkeypatch) -> None:
     assert calls == [(["a red square", "a blue circle"], [1, 0])]
 
 
+def test_eval_cli_refuses_save_images_into_a_file_before_loading(tmp_path, monkeypatch) -> None:
+    from taca_probe.cli import eval as cli_eval
+
+    _fake_eval(monkeypatch)
+    monkeypatch.setattr(cli_eval, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "f").write_text("x")
+    args = _eval_args("--prompt", "a red square", "--save-images", str(tmp_path / "f"))
+    with pytest.raises(TacaProbeError) as excinfo:
+        args.func(args)
+    one_line(excinfo.value, "--save-images")
+
+
 def test_eval_eta_times_batches_as_large_as_the_run(monkeypatch) -> None:
     """The ETA times a batch of min(batch size, images) images: 1 prompt x 40 seeds runs as 3 batches of 16."""
     from taca_probe.cli import eval as cli_eval
