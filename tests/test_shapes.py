@@ -408,6 +408,20 @@ def test_training_warm_start_and_shortened_schedule(tmp_path: Path) -> None:
         1 + np.cos(np.pi * (31 - cfg.warmup_steps) / (32 - cfg.warmup_steps))))
 
 
+@pytest.mark.slow  # trains a few steps
+def test_training_cli_resume_keeps_the_checkpoints_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--resume`` without ``--steps`` keeps the checkpoint's schedule (help, README): a finished run stays finished."""
+    import torch
+
+    from taca_probe.shapes.train import TrainConfig, main, train
+
+    train(TrainConfig(**dict(TINY, steps=3)), tmp_path, export=False, log=lambda _: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert main(["--out", str(tmp_path), "--resume", "--minutes", "0.5"]) == 0
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert payload["state"]["step"] == 3 and payload["config"]["steps"] == 3
+
+
 @pytest.mark.slow  # trains for a few seconds
 def test_training_fits_the_schedule_to_the_time_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--fit-steps: the cosine is set from the measured rate so that it ends within --minutes."""

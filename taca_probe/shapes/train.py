@@ -653,7 +653,8 @@ def _run(args: argparse.Namespace) -> None:
         logfile.write(stamped + "\n")
 
     config = TrainConfig(
-        steps=TrainConfig.steps if args.steps is None else args.steps,
+        # --resume without --steps keeps the checkpoint's length (train() raises it to this one's, were it 5000)
+        steps=args.steps or (0 if args.resume else TrainConfig.steps),
         init_from=None if args.init_from is None else str(Path(args.init_from).resolve()),
         **{n: getattr(args, n) for n in _FLAGS + _ARCHITECTURE},
     )
