@@ -613,6 +613,26 @@ def test_eval_cli_refuses_save_images_into_a_file_before_loading(tmp_path, monke
     one_line(excinfo.value, "--save-images")
 
 
+def test_benchmark_saves_long_and_slug_alike_schedules_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--save-images: a long table spec (a folder name past 255 bytes) failed after sampling; specs that slug
+    alike shared a folder. Every schedule now has its own folder with all of its images."""
+    from PIL import Image
+
+    from taca_probe.shapes import benchmark as bm
+
+    def generate(pipe, prompts, seeds, **kwargs):
+        plan = [(p, s) for p in prompts for s in seeds]
+        images = [Image.fromarray(im) for im in ground_truth([ds.parse_prompt(p) for p, _ in plan])]
+        return [p for p, _ in plan], [s for _, s in plan], images
+
+    monkeypatch.setattr(bm, "generate_images", generate)
+    monkeypatch.setattr(bm, "_call_settings", lambda pipe, call: {})
+    specs = ["table:" + ",".join(f"{t}=1.1" for t in range(1000, 400, -10)), "const:1.1;layers=x*", "const:1.1;layers=x?"]
+    bm.run_benchmark(None, specs, prompts=["a red square"], seeds=[0, 1], n_boot=10, save_images=tmp_path)
+    folders = list(tmp_path.iterdir())
+    assert len(folders) == 3 and all(len(list(f.glob("*.png"))) == 2 for f in folders)
+
+
 def test_eval_eta_times_batches_as_large_as_the_run(monkeypatch) -> None:
     """The ETA times a batch of min(batch size, images) images: 1 prompt x 40 seeds runs as 3 batches of 16."""
     from taca_probe.cli import eval as cli_eval

@@ -50,7 +50,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="a prompt of the shapes grammar instead of the held-out set (repeatable)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per pipeline call (default 16)")
     p.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--save-images", metavar="DIR", help="also save the generated images under DIR/<schedule>/")
+    p.add_argument("--save-images", metavar="DIR", help="also save the generated images under DIR/NN_<schedule>/")
     p.set_defaults(func=cmd_eval)
     return p
 
