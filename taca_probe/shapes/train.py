@@ -620,7 +620,7 @@ def _run(args: argparse.Namespace) -> None:
     """:func:`main` once the arguments are parsed; bad ones raise :class:`TrainError`."""
     positive = {"steps": args.steps, "batch_size": args.batch_size, "threads": args.threads, "minutes": args.minutes,
                 "checkpoint_minutes": args.checkpoint_minutes, **{n: getattr(args, n) for n in _ARCHITECTURE}}
-    # nan or inf would pass a "> 0" test and train nothing, or crash later with a traceback
+    # nan and inf pass a "<= 0" test: nan minutes trained nothing, inf crashed --fit-steps with a traceback
     bad = [f"--{n.replace('_', '-')} must be positive and finite" for n, v in positive.items()
            if v is not None and not 0 < v < math.inf]
     bad += ["--workers must be >= 0"] * (args.workers < 0) + [f"--seed must be in 0..{MAX_INT}"] * (not is_seed(args.seed))
