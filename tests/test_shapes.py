@@ -190,6 +190,18 @@ def test_evaluator_blank_and_bad_inputs() -> None:
         ev.score_prompt("a red circle", np.zeros((64, 64)))
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint16, np.float64])
+def test_evaluator_refuses_pixels_it_would_misread(dtype) -> None:
+    """0-255 pixels as another dtype were read as [0, 1] floats and scored 0 in silence: now one line naming them."""
+    img = ground_truth([ds.parse_prompt("a blue circle")])[0]
+    assert ev.score_prompt("a blue circle", img).scores["binding"] == 1.0
+    with pytest.raises(ds.DatasetError) as excinfo:
+        ev.score_prompt("a blue circle", img.astype(dtype))
+    one_line(excinfo.value, np.dtype(dtype).name)
+    with pytest.raises(ds.DatasetError):
+        ev.score_prompt("a blue circle", np.zeros((0, 0, 3), np.uint8))
+
+
 def test_aggregate_intervals_are_seeded_and_bracket_the_mean() -> None:
     rng = np.random.default_rng(3)
     prompts = ds.held_out_prompts("two")
@@ -396,6 +408,20 @@ def test_training_warm_start_and_shortened_schedule(tmp_path: Path) -> None:
         1 + np.cos(np.pi * (31 - cfg.warmup_steps) / (32 - cfg.warmup_steps))))
 
 
+@pytest.mark.slow  # trains a few steps
+def test_training_cli_resume_keeps_the_checkpoints_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--resume`` without ``--steps`` keeps the checkpoint's schedule (help, README): a finished run stays finished."""
+    import torch
+
+    from taca_probe.shapes.train import TrainConfig, main, train
+
+    train(TrainConfig(**dict(TINY, steps=3)), tmp_path, export=False, log=lambda _: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert main(["--out", str(tmp_path), "--resume", "--minutes", "0.5"]) == 0
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert payload["state"]["step"] == 3 and payload["config"]["steps"] == 3
+
+
 @pytest.mark.slow  # trains for a few seconds
 def test_training_fits_the_schedule_to_the_time_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--fit-steps: the cosine is set from the measured rate so that it ends within --minutes."""
@@ -425,6 +451,43 @@ def test_training_fits_the_schedule_to_the_time_budget(tmp_path: Path, monkeypat
     assert run["elapsed"] == pytest.approx(18, abs=0.5)
     saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True, map_location="cpu")
     assert saved["config"]["steps"] == steps
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--lr", "inf"], "--lr"), (["--guidance-scale", "inf"], "--guidance-scale"), (["--minutes", "nan"], "--minutes"),
+    (["--minutes", "inf", "--fit-steps"], "--minutes"), (["--checkpoint-minutes", "nan"], "--checkpoint-minutes"),
+    (["--seed", "-1"], "--seed"), (["--workers", "-1"], "--workers"), (["--clip-hidden", "3"], "clip_hidden"),
+    (["--head-dim", "2"], "head_dim"), (["--t5-dim", "8", "--clip-hidden", "4"], "t5_dim"),
+])
+def test_training_refuses_bad_configs_in_one_line(argv, flag, tmp_path, monkeypatch, capsys) -> None:
+    """Refused before the first batch with exit 2 and one line naming the setting (not a traceback, not a run)."""
+    import torch
+
+    from taca_probe.shapes import train as tr
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the bad config reached training")
+
+    monkeypatch.setattr(tr, "_Batches", no_training)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert tr.main(["--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and flag in err, err
+
+
+@pytest.mark.parametrize("content", [b"junk", "missing keys"])
+def test_training_export_only_refuses_a_bad_checkpoint_in_one_line(content, tmp_path, monkeypatch, capsys) -> None:
+    """--export-only reads the checkpoint as --resume does: a bad one is one line naming it, not a traceback."""
+    import torch
+
+    from taca_probe.shapes import train as tr
+
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(content) if isinstance(content, bytes) else torch.save({"config": {}}, ckpt)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert tr.main(["--out", str(tmp_path), "--export-only", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(ckpt) in err, err
 
 
 def test_training_tokenizers_are_the_shipped_ones() -> None:
@@ -499,6 +562,105 @@ def test_eval_cli_bad_arguments() -> None:
         with pytest.raises(TacaProbeError) as excinfo:
             _eval_args(*argv)
         one_line(excinfo.value)
+
+
+def _fake_eval(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], list[int]]]:
+    """Make ``cmd_eval`` score ground-truth images instead of loading and sampling the model; returns its calls."""
+    from taca_probe.cli import eval as cli_eval
+
+    calls: list[tuple[list[str], list[int]]] = []
+
+    def run(pipe, schedules, *, prompts, seeds, **kwargs):
+        calls.append((list(prompts), list(seeds)))
+        plist = [p for p in prompts for _ in seeds]
+        scores = ev.evaluate_images(plist, ground_truth([ds.parse_prompt(p) for p in plist]))
+        return {"call": {}, "seeds": list(seeds), "prompts": list(prompts), "chance": ev.chance_levels(),
+                "schedules": {s: {"aggregate": {k: vars(v) for k, v in ev.aggregate(scores, n_boot=20).items()}}
+                              for s in schedules}}
+
+    monkeypatch.setattr(cli_eval, "load_pipeline", lambda *a, **k: None)
+    monkeypatch.setattr(cli_eval, "_estimate_seconds", lambda *a, **k: 1.0)
+    monkeypatch.setattr(cli_eval, "run_benchmark", run)
+    return calls
+
+
+def test_eval_cli_json_to_stdout_is_the_json_alone(monkeypatch, capsys) -> None:
+    """``--json`` without a path (or '-') writes only the JSON to stdout, as json_args documents: it parses."""
+    _fake_eval(monkeypatch)
+    args = _eval_args("--prompt", "a red square", "--json")
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["prompts"] == ["a red square"]
+
+
+def test_eval_cli_samples_a_repeated_prompt_once(monkeypatch) -> None:
+    """A prompt given twice (in any spelling the grammar accepts) is sampled once, as the README says."""
+    calls = _fake_eval(monkeypatch)
+    args = _eval_args("--prompt", "a red square", "--prompt", "A red  square.", "--prompt", "a blue circle",
+                      "--seeds", "1,0,1")
+    assert args.func(args) == 0
+    assert calls == [(["a red square", "a blue circle"], [1, 0])]
+
+
+def test_eval_cli_refuses_save_images_into_a_file_before_loading(tmp_path, monkeypatch) -> None:
+    from taca_probe.cli import eval as cli_eval
+
+    _fake_eval(monkeypatch)
+    monkeypatch.setattr(cli_eval, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "f").write_text("x")
+    args = _eval_args("--prompt", "a red square", "--save-images", str(tmp_path / "f"))
+    with pytest.raises(TacaProbeError) as excinfo:
+        args.func(args)
+    one_line(excinfo.value, "--save-images")
+
+
+def test_benchmark_saves_long_and_slug_alike_schedules_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--save-images: a long table spec (a folder name past 255 bytes) failed after sampling; specs that slug
+    alike shared a folder. Every schedule now has its own folder with all of its images."""
+    from PIL import Image
+
+    from taca_probe.shapes import benchmark as bm
+
+    def generate(pipe, prompts, seeds, **kwargs):
+        plan = [(p, s) for p in prompts for s in seeds]
+        images = [Image.fromarray(im) for im in ground_truth([ds.parse_prompt(p) for p, _ in plan])]
+        return [p for p, _ in plan], [s for _, s in plan], images
+
+    monkeypatch.setattr(bm, "generate_images", generate)
+    monkeypatch.setattr(bm, "_call_settings", lambda pipe, call: {})
+    specs = ["table:" + ",".join(f"{t}=1.1" for t in range(1000, 400, -10)), "const:1.1;layers=x*", "const:1.1;layers=x?"]
+    bm.run_benchmark(None, specs, prompts=["a red square"], seeds=[0, 1], n_boot=10, save_images=tmp_path)
+    folders = list(tmp_path.iterdir())
+    assert len(folders) == 3 and all(len(list(f.glob("*.png"))) == 2 for f in folders)
+
+
+def test_eval_eta_times_batches_as_large_as_the_run(monkeypatch) -> None:
+    """The ETA times a batch of min(batch size, images) images: 1 prompt x 40 seeds runs as 3 batches of 16."""
+    from taca_probe.cli import eval as cli_eval
+
+    clock = [0.0]
+    cost = {"fixed": 0.5, "image_step": 0.01}  # seconds a call, and per image and step
+
+    class Pipe:
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+        def __call__(self, prompts, num_inference_steps, **kwargs):
+            clock[0] += cost["fixed"] + cost["image_step"] * len(prompts) * num_inference_steps
+
+    monkeypatch.setattr(cli_eval, "_call_settings", lambda pipe, call: {"num_inference_steps": 25})
+    monkeypatch.setattr(cli_eval.time, "perf_counter", lambda: clock[0])
+    eta = cli_eval._estimate_seconds(Pipe(), ["a red circle"], 40, {}, 16)
+    assert eta == pytest.approx(3 * (cost["fixed"] + cost["image_step"] * 16 * 25))
+
+
+@pytest.mark.parametrize(("seeds", "label"), [([0, 1, 2], "0..2"), ([3, 1, 2], "3,1,2"), ([0, 39], "0,39")])
+def test_eval_table_names_the_seeds_it_ran(seeds: list[int], label: str) -> None:
+    from taca_probe.shapes.benchmark import format_table
+
+    scores = ev.evaluate_images(["a red square"], ground_truth([ds.parse_prompt("a red square")]))
+    result = {"call": {}, "seeds": seeds, "prompts": ["a red square"], "chance": ev.chance_levels(),
+              "schedules": {"none": {"aggregate": {k: vars(v) for k, v in ev.aggregate(scores).items()}}}}
+    assert format_table(result).split("seeds ")[-1].replace("\n", "").replace(" ", "") == label
 
 
 def test_aggregate_interval_is_a_prompt_cluster_bootstrap():

@@ -15,6 +15,7 @@ import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import TacaProbeError
 from ..models import DEFAULT_MODEL, EMBEDDED_MODELS
@@ -173,6 +174,14 @@ def write_json(path: str, text: str) -> None:
         print(text)
     else:
         Path(path).write_text(text + "\n", encoding="utf-8")
+
+
+def emit(args: argparse.Namespace, result: Any, text: str, indent: int = 2) -> None:
+    """Print ``text`` and write ``result`` as --json asks: with '-' the JSON alone, so that stdout parses."""
+    if args.json != "-":
+        print(text)
+    if args.json:
+        write_json(args.json, json.dumps(result, indent=indent))
 
 
 def lora_args() -> argparse.ArgumentParser:

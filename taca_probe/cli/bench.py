@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 import diffusers
@@ -17,7 +16,7 @@ from ..errors import TacaProbeError
 from ..models import resolve_device, resolve_dtype
 from ..schedules import GAMMA_MAX, GAMMA_MIN, parse
 from ..selection import MapSelection
-from .args import bench_args, bounded, check_json, json_args, positive_int, write_json
+from .args import bench_args, bounded, check_json, emit, json_args, positive_int
 from .figures import _Deprecated
 
 _PRESETS = "sd35-medium (default, 24 x 64), sd3-medium, sd35-large, flux-dev"
@@ -74,13 +73,6 @@ def _setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, dict]:
     return device, dtype, meta
 
 
-def _emit(args: argparse.Namespace, result: dict, text: str) -> None:
-    if args.json != "-":
-        print(text)
-    if args.json:
-        write_json(args.json, json.dumps(result, indent=2))
-
-
 def cmd_bench_attention(args: argparse.Namespace) -> int:
     shapes = [parse_shape(s) for s in args.shape] if args.shape else list(DEFAULT_SHAPES)
     if args.heads:
@@ -95,7 +87,7 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
         if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
             raise
         raise TacaProbeError(f"--shape: a shape does not fit in {device} memory; choose a smaller one") from None
-    _emit(args, {"meta": meta, "rows": rows}, format_rows(rows) + f"\n({meta['device_name']}, {meta['threads']} "
+    emit(args, {"meta": meta, "rows": rows}, format_rows(rows) + f"\n({meta['device_name']}, {meta['threads']} "
           f"thread(s), torch {meta['torch']}, median of {args.repeats})")
     return 0
 
@@ -119,5 +111,5 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
         mem = f", peak {v['peak_mib']:.0f} MiB" if v["peak_mib"] is not None else ""
         lines.append(f"  {name:<{width}} {v['median_s']:.3f} s/sample, {v['per_step_s'] * 1e3:.1f} ms/step, "
                      f"{v['ratio']:.3f}x{mem} (median of {args.repeats})")
-    _emit(args, res, "\n".join(lines))
+    emit(args, res, "\n".join(lines))
     return 0

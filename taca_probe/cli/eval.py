@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from ..models import load_pipeline
 from ..schedules import parse
 from ..shapes import dataset as ds
 from ..shapes.benchmark import DEFAULT_SEEDS, QUICK_SEEDS, _call_settings, format_table, run_benchmark
-from .args import call_args, check_json, check_out, json_args, model_args, positive_int, seeds, write_json
+from .args import call_args, check_json, check_out, emit, json_args, model_args, positive_int, seeds
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -51,7 +50,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="a prompt of the shapes grammar instead of the held-out set (repeatable)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per pipeline call (default 16)")
     p.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--save-images", metavar="DIR", help="also save the generated images under DIR/<schedule>/")
+    p.add_argument("--save-images", metavar="DIR", help="also save the generated images under DIR/NN_<schedule>/")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -60,7 +59,8 @@ def _estimate_seconds(pipe: Any, prompts: Sequence[str], n_images: int, call: di
     """Seconds for one schedule: one full batch timed at 1 and 2 steps (fixed cost + cost a step)."""
     kwargs = _call_settings(pipe, call)
     steps = int(kwargs.pop("num_inference_steps", 28))
-    batch = list(prompts[:batch_size])
+    # as many images as the run's batches hold (prompts x seeds), not one per prompt: 1 prompt x 40 seeds is 3 batches
+    batch = [prompts[i % len(prompts)] for i in range(min(batch_size, n_images))]
     pipe.set_progress_bar_config(disable=True)
 
     def timed(n_prompts: int, n_steps: int) -> float:
@@ -80,10 +80,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``taca-probe eval``: print the table, optionally write JSON. Returns the exit status."""
     schedules = list(dict.fromkeys(parse(s).spec for s in (args.schedule or ["none"])))  # each once; before loading
     specs = [ds.parse_prompt(p) for p in args.prompt] if args.prompt else ds.held_out_prompts(args.prompt_set)
-    prompts = [p.text for p in specs]
+    prompts = list(dict.fromkeys(p.text for p in specs))  # a prompt given twice (any spelling) is sampled once
     check_json(args.json)  # now: the evaluation would be lost when the write fails at the end
     if args.save_images:
         check_out(Path(args.save_images), flag="--save-images")
+        if Path(args.save_images).exists() and not Path(args.save_images).is_dir():  # else: refused after sampling
+            raise TacaProbeError(f"--save-images {args.save_images!r} is a file; name a folder")
     if args.full and args.seeds is not None:
         raise TacaProbeError(f"--full fixes the seeds (0-{DEFAULT_SEEDS[-1]}); give either --full or --seeds")
     seeds = list(DEFAULT_SEEDS) if args.full else list(QUICK_SEEDS) if args.seeds is None else args.seeds
@@ -110,7 +112,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     result["model"] = str(args.model)
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, json.dumps(result, indent=1))
+    emit(args, result, format_table(result), indent=1)
     return 0

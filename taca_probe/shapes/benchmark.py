@@ -19,6 +19,7 @@ from ..errors import TacaProbeError
 from ..intervention import taca
 from ..models import call_settings
 from ..schedules import parse
+from ..sweep import _slug
 from . import dataset as ds
 from . import evaluator as ev
 
@@ -119,7 +120,7 @@ def run_benchmark(
     batch_size, n_boot : int
         Images per pipeline call; bootstrap resamples of the intervals.
     save_images : path, optional
-        Also save every image as ``<dir>/<schedule>/<index>-seed<seed>.png``.
+        Also save every image as ``<dir>/<NN>_<schedule>/<index>-seed<seed>.png`` (NN: the schedule's position).
     log : callable, optional
         Receives progress lines.
     progress : callable, optional
@@ -160,7 +161,8 @@ def run_benchmark(
         scores = ev.evaluate_images(p_list, images)
         entry: dict[str, Any] = {"aggregate": {k: vars(v) for k, v in ev.aggregate(scores, n_boot=n_boot).items()}}
         if save_images is not None:
-            folder = Path(save_images) / spec.replace("/", "_").replace(":", "_")
+            # numbered as a sweep's folders: specs that slug alike stay apart; cut, as a long table passed 255 bytes
+            folder = Path(save_images) / f"{i:02d}_{_slug(spec)}"
             folder.mkdir(parents=True, exist_ok=True)
             for j, (img, seed) in enumerate(zip(images, s_list)):
                 img.save(folder / f"{j:04d}-seed{seed}.png")
@@ -235,7 +237,9 @@ def format_table(result: dict[str, Any], *, width: int = TABLE_WIDTH) -> str:
     )
     chance = ", ".join(f"{k} {v:.3f}" for k, v in result["chance"].items() if k in cats)
     call = ", ".join(f"{k}={v}" for k, v in result["call"].items())
+    s = result["seeds"]  # "a..b" only for a run of consecutive seeds: "3..2" would misstate seeds 3, 1, 2
+    seeds = f"{s[0]}..{s[-1]}" if s == list(range(s[0], s[0] + len(s))) else ",".join(map(str, s))
     notes = [f"n: {sizes}", "95% intervals: prompt-cluster bootstrap; 'A - B': paired difference, same seeds",
-             f"chance: {chance}", f"call: {call}; seeds {result['seeds'][0]}..{result['seeds'][-1]}"]
+             f"chance: {chance}", f"call: {call}; seeds {seeds}"]
     lines += [line for note in notes for line in textwrap.wrap(note, width, subsequent_indent="  ")]
     return "\n".join(lines)

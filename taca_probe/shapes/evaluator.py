@@ -67,11 +67,15 @@ class DetectedObject:
 
 def _to_array(image: Any) -> np.ndarray:
     arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    if arr.ndim != 3 or arr.shape[2] != 3:
+    if arr.ndim != 3 or arr.shape[2] != 3 or not arr.size:
         raise ds.DatasetError(f"expected an RGB image (H, W, 3), got an array of shape {arr.shape}")
     if arr.dtype != np.uint8:
-        # Float images in [0, 1] (e.g. a pipeline with output_type="np").
-        arr = np.clip(np.round(np.asarray(arr, np.float64) * 255), 0, 255).astype(np.uint8)
+        # Float images in [0, 1] (e.g. a pipeline with output_type="np"); other pixels (0-255 as int64 or
+        # float) would be read as [0, 1] and clipped to white: a silent score of 0.
+        if arr.dtype.kind != "f" or not (arr.min() >= 0 and arr.max() <= 1):
+            raise ds.DatasetError(f"expected uint8 pixels or floats in [0, 1], got {arr.dtype} in "
+                                  f"{arr.min()}..{arr.max()}")
+        arr = np.round(np.asarray(arr, np.float64) * 255).astype(np.uint8)
     return arr
 
 

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import TacaProbeError, first_line
 from ..logs import quiet
+from ..selection import MAX_INT, is_seed
 
 with quiet():  # importing the pipeline classes logs torchvision fallbacks of image processors SD3 never uses
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
@@ -118,6 +119,14 @@ def build_pipeline(config: TrainConfig) -> Any:
     if 2 * config.clip_hidden > config.t5_dim:
         # SD3 zero-pads the joined CLIP features to the T5 width.
         raise TrainError(f"2 * clip_hidden ({2 * config.clip_hidden}) must be <= t5_dim ({config.t5_dim})")
+    width = config.num_heads * config.head_dim
+    for wrong, need in (  # what the modules below need; their own errors are tracebacks
+        (config.clip_hidden % 2, f"clip_hidden ({config.clip_hidden}) must be even: CLIP has 2 heads"),
+        (config.t5_dim < 16, f"t5_dim ({config.t5_dim}) must be >= 16: T5 heads have 16 dims"),
+        (width % 4, f"num_heads * head_dim ({width}) must be a multiple of 4 (2-D sin-cos position embedding)"),
+    ):
+        if wrong:
+            raise TrainError(need)
     if ds.IMAGE_SIZE % config.patch_size:
         raise TrainError(f"patch_size {config.patch_size} must divide the image size {ds.IMAGE_SIZE}")
     clip_tok = clip_tokenizer(config.clip_length)
@@ -407,16 +416,7 @@ def train(
     ckpt_path = out / "checkpoint.pt"
     payload = None
     if resume:
-        if not ckpt_path.is_file():
-            raise TrainError(f"cannot resume: no checkpoint at {ckpt_path}")
-        try:  # weights_only: a checkpoint is data; never run code that a file brings along
-            payload = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        except Exception as exc:
-            raise TrainError(f"cannot read checkpoint {ckpt_path}: {first_line(exc)}") from None
-        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
-        if missing or not isinstance(payload["config"], dict):
-            raise TrainError(f"cannot resume from {ckpt_path}: not a checkpoint of this trainer "
-                             f"(missing or bad: {', '.join(missing) or 'config'})")
+        payload = _read_checkpoint(ckpt_path)
         new_steps = config.steps
         config = TrainConfig.from_dict(payload["config"])
         config.steps = max(config.steps, new_steps) if steps is None else steps
@@ -550,15 +550,27 @@ def train(
     return {**state, "losses": losses, "pipeline": folder}
 
 
+def _read_checkpoint(ckpt_path: Path) -> dict[str, Any]:
+    """The payload of a checkpoint of this trainer; a one-line :class:`TrainError` if missing or not one."""
+    if not ckpt_path.is_file():
+        raise TrainError(f"no checkpoint at {ckpt_path}")
+    try:  # weights_only: a checkpoint is data; never run code that a file brings along
+        payload = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise TrainError(f"cannot read checkpoint {ckpt_path}: {first_line(exc)}") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing or not isinstance(payload["config"], dict):
+        raise TrainError(f"{ckpt_path} is not a checkpoint of this trainer (missing or bad: "
+                         f"{', '.join(missing) or 'config'})")
+    return payload
+
+
 def export_checkpoint(out: str | os.PathLike[str], folder: str | os.PathLike[str]) -> Path:
     """Export the EMA weights of ``out/checkpoint.pt`` to ``folder`` without training.
 
     For looking at a run while it trains (the checkpoint is replaced atomically, so that is safe).
     """
-    ckpt_path = Path(out) / "checkpoint.pt"
-    if not ckpt_path.is_file():
-        raise TrainError(f"no checkpoint at {ckpt_path}")
-    payload = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    payload = _read_checkpoint(Path(out) / "checkpoint.pt")
     config = TrainConfig.from_dict(payload["config"])
     pipe = build_pipeline(config)
     ema = _Ema(_text_and_transformer(pipe), config.ema_decay)
@@ -608,19 +620,22 @@ def _run(args: argparse.Namespace) -> None:
     """:func:`main` once the arguments are parsed; bad ones raise :class:`TrainError`."""
     positive = {"steps": args.steps, "batch_size": args.batch_size, "threads": args.threads, "minutes": args.minutes,
                 "checkpoint_minutes": args.checkpoint_minutes, **{n: getattr(args, n) for n in _ARCHITECTURE}}
-    bad = [n for n, v in positive.items() if v is not None and v <= 0] + (["workers"] if args.workers < 0 else [])
+    # nan and inf pass a "<= 0" test: nan minutes trained nothing, inf crashed --fit-steps with a traceback
+    bad = [f"--{n.replace('_', '-')} must be positive and finite" for n, v in positive.items()
+           if v is not None and not 0 < v < math.inf]
+    bad += ["--workers must be >= 0"] * (args.workers < 0) + [f"--seed must be in 0..{MAX_INT}"] * (not is_seed(args.seed))
     if bad:
-        raise TrainError(f"--{bad[0].replace('_', '-')} must be positive")
+        raise TrainError(bad[0])
     try:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available here")
     except RuntimeError as exc:
         raise TrainError(f"--device {args.device}: {first_line(exc)}") from None
-    if not (args.lr > 0 and args.warmup_steps >= 1 and 0 <= args.min_lr_fraction <= 1 and 0 <= args.ema_decay < 1
-            and args.guidance_scale >= 1):
-        raise TrainError("need --lr > 0, --warmup-steps >= 1, 0 <= --min-lr-fraction <= 1, 0 <= --ema-decay < 1, "
-                         "--guidance-scale >= 1")
+    if not (0 < args.lr < math.inf and args.warmup_steps >= 1 and 0 <= args.min_lr_fraction <= 1
+            and 0 <= args.ema_decay < 1 and 1 <= args.guidance_scale < math.inf):
+        raise TrainError("need finite --lr > 0, --warmup-steps >= 1, 0 <= --min-lr-fraction <= 1, 0 <= --ema-decay < 1, "
+                         "finite --guidance-scale >= 1")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.export_only is not None:
@@ -638,7 +653,8 @@ def _run(args: argparse.Namespace) -> None:
         logfile.write(stamped + "\n")
 
     config = TrainConfig(
-        steps=TrainConfig.steps if args.steps is None else args.steps,
+        # --resume without --steps keeps the checkpoint's length (train() raises it to this one's, were it 5000)
+        steps=args.steps or (0 if args.resume else TrainConfig.steps),
         init_from=None if args.init_from is None else str(Path(args.init_from).resolve()),
         **{n: getattr(args, n) for n in _FLAGS + _ARCHITECTURE},
     )
