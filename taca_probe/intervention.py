@@ -222,6 +222,7 @@ class TacaHandle:
                                      f"{', '.join(SUPPORTED_PROCESSORS)} (restore diffusers' own with "
                                      f"transformer.set_attn_processor({stock}()))")
             new[f"{site.name}.processor"] = wrap_processor(inner, site, self.state)
+        self._wrapped = [(transformer.get_submodule(s.name), new[f"{s.name}.processor"]) for s in self.sites]
         self._lora = _LoraSwitch(transformer, config.lora, config.lora_scale) if config.lora is not None else None
         self._sig = inspect.signature(transformer.forward)
         transformer.set_attn_processor(new)  # it pops the dict it is given: new is a copy of _original
@@ -232,6 +233,13 @@ class TacaHandle:
         self._removed = False
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        # set_attn_processor() or SD3's fuse_qkv_projections() inside the block would run stock
+        # attention while the handle and the probe report TACA.
+        for attn, proc in self._wrapped:
+            if attn.processor is not proc:
+                raise TacaProbeError(f"the attention processor of {proc.site.name} was replaced inside taca()/probe() "
+                                     f"(now {type(attn.processor).__name__}); change processors or fuse projections "
+                                     "before entering the block")
         bound = self._sig.bind_partial(*args, **kwargs).arguments  # the forward's arguments by name
         enc = bound.get("encoder_hidden_states")  # (B, N_txt, C)
         self.state.n_txt = None if enc is None else int(enc.shape[1])
@@ -308,6 +316,10 @@ class TacaHandle:
             self._listeners.clear()
             self.state.observer = None
             self.transformer.set_attn_processor(dict(self._original))
+            saved = getattr(self.transformer, "original_attn_processors", None)
+            if saved and any(isinstance(p, TacaAttnProcessor) for p in saved.values()):
+                # fuse_qkv_projections() inside the block saved the wrappers for unfuse_qkv_projections()
+                self.transformer.original_attn_processors = dict(self._original)
             if self._lora is not None:
                 self._lora.restore()
         finally:

@@ -317,6 +317,30 @@ def test_a_custom_processor_is_refused_kept_and_the_advised_call_works(pipes, mo
         transformer.set_attn_processor(stock)
 
 
+@pytest.mark.parametrize("model,replace", [
+    ("tiny-sd3", lambda t: t.fuse_qkv_projections()),  # swaps in FusedJointAttnProcessor2_0
+    ("tiny-flux", lambda t: t.set_attn_processor(transformer_flux.FluxAttnProcessor())),
+])
+def test_processors_replaced_inside_the_block_are_refused_and_the_originals_come_back(pipes, model, replace):
+    """Audit: the pipeline ran stock attention while handle.steps_active reported TACA, and SD3's
+    unfuse_qkv_projections() after the block put back the wrappers that fusing had saved."""
+    pipe = pipes[model]
+    transformer = pipe.transformer
+    before = dict(transformer.attn_processors)
+    try:
+        with pytest.raises(TacaProbeError, match="transformer_blocks.0.attn"):
+            with taca(pipe, "const:1.5") as handle:
+                replace(transformer)
+                with torch.no_grad():
+                    transformer(**_transformer_inputs(transformer))
+        assert handle.calls == []  # refused before the first call ran
+        if model == "tiny-sd3":
+            transformer.unfuse_qkv_projections()
+        assert all(transformer.attn_processors[k] is v for k, v in before.items())
+    finally:
+        transformer.set_attn_processor(dict(before))
+
+
 def test_registry_backend_refuses_flux_only_and_the_advised_call_works(pipes):
     """Audit: SD3, whose processors call SDPA directly, was refused while diffusers' registry held
     another backend, and the advised reset_attention_backend() left FLUX refused (it keeps the
