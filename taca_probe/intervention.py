@@ -30,6 +30,11 @@ __all__ = ["TacaConfig", "TacaHandle", "CallRecord", "CallListener", "apply_taca
 _HANDLE_ATTR = "_taca_probe_handle"
 # Timesteps closer than this (0..1000 scale) belong to the same step (bf16 rounding of t/1000).
 _T_EPS = 1e-3
+# diffusers hooks that leave every transformer and attention call as it is; the others (first-block,
+# pyramid, faster caches, layer skip, ...) skip blocks or reuse outputs, so TACA and the probe would
+# act at only some of the steps and layers they report.
+_PASSIVE_HOOKS = {"group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading",
+                  "layerwise_casting", "peft_autocast_disable"}
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,10 @@ class TacaHandle:
             raise TacaProbeError(f"schedule {self.schedule.spec!r} needs the number of steps: pass "
                                  "num_inference_steps= when installing on a bare transformer")
         _check_attention_backend(transformer)
+        hooks = {h for m in transformer.modules() for h in getattr(getattr(m, "_diffusers_hook", None), "hooks", ())}
+        if hooks - _PASSIVE_HOOKS:
+            raise TacaProbeError(f"diffusers hooks {', '.join(sorted(hooks - _PASSIVE_HOOKS))} skip or reuse attention "
+                                 "calls; remove them (transformer.disable_cache() for a cache) before taca()/probe()")
         self.sites = find_sites(transformer, self.family)
         self.state = RunState(self.sites)
         self.calls: list[CallRecord] = []

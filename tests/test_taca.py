@@ -341,6 +341,33 @@ def test_processors_replaced_inside_the_block_are_refused_and_the_originals_come
         transformer.set_attn_processor(dict(before))
 
 
+def test_caching_hooks_are_refused_and_a_removed_cache_is_accepted(pipes):
+    """Audit: under a first-block cache the pipeline skipped the later blocks at most steps, where
+    taca() reported gamma and probe() failed counting sites."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_group_offloading
+
+    transformer = pipes["tiny-flux"].transformer
+    before = dict(transformer.attn_processors)
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.9))
+    try:
+        with pytest.raises(TacaProbeError, match="fbc_leader_block_hook"):
+            with taca(transformer, "const:1.2"):
+                pass
+        assert all(transformer.attn_processors[k] is v for k, v in before.items())
+        assert getattr(transformer, intervention._HANDLE_ATTR, None) is None
+    finally:
+        transformer.disable_cache()
+    cpu = torch.device("cpu")  # offloading keeps every call: accepted
+    apply_group_offloading(transformer, onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                           num_blocks_per_group=1)
+    try:
+        with taca(transformer, "const:1.2"):
+            pass
+    finally:
+        transformer._diffusers_hook.remove_hook("group_offloading", recurse=True)
+    assert not {h for m in transformer.modules() for h in getattr(getattr(m, "_diffusers_hook", None), "hooks", ())}
+
+
 def test_registry_backend_refuses_flux_only_and_the_advised_call_works(pipes):
     """Audit: SD3, whose processors call SDPA directly, was refused while diffusers' registry held
     another backend, and the advised reset_attention_backend() left FLUX refused (it keeps the
