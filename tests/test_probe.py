@@ -197,6 +197,18 @@ def test_uncond_branch_without_cfg_names_cfg_not_a_missing_call(pipes, tmp_path)
             assert "never called" not in str(info.value) and not (tmp_path / "u.zarr").exists()
 
 
+def test_a_partial_run_names_the_steps_it_ran_not_cfg(pipes, tmp_path):
+    """Audit: img2img (strength < 1) under CFG with branch="uncond" was told that uncond needs CFG."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    i2i = StableDiffusion3Img2ImgPipeline(**pipes["tiny-sd3"].components)
+    image = np.full((64, 96, 3), 0.5, np.float32)
+    with pytest.raises(TacaProbeError, match=r"\b2-3\b") as info:  # 4 steps at strength 0.5: the last two ran
+        with probe(i2i, tmp_path / "i.zarr", branch="uncond") as run:
+            run.sample("a cat", seed=0, image=image, strength=0.5, num_inference_steps=4, guidance_scale=5.0, **SIZE)
+    assert "CFG" not in str(info.value) and not (tmp_path / "i.zarr").exists()
+
+
 def test_flux_true_cfg_knows_which_call_is_which(pipes, tmp_path):
     pipe = pipes["tiny-flux"]
     kw = {"num_inference_steps": 2, "true_cfg_scale": 3.0, "negative_prompt": "blurry", **SIZE}
