@@ -78,6 +78,10 @@ class Run:
         if self.handle.removed:  # the pipeline would run stock, and the recorder would see no call
             raise TacaProbeError(f"the probe() block of {str(self.path)!r} has ended; sample inside it, or open "
                                  "it again with probe(..., mode='resume')")
+        dtype = str(self.handle.transformer.dtype).removeprefix("torch.")
+        if dtype != self.attrs.get("dtype"):  # pipe.to(dtype) inside the block: the store's dtype would mislabel it
+            raise TacaProbeError(f"the transformer's dtype changed from {self.attrs.get('dtype')} to {dtype} inside "
+                                 "probe(); a store holds one dtype: record it into another store")
         call = self._resolve_call(pipe_kwargs)
         n, seed, writer = int(num_images_per_prompt), int(seed), self.writer
         if slot is not None:

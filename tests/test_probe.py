@@ -271,6 +271,19 @@ def test_sample_refuses_what_it_sets_itself_and_a_closed_run(pipes, tmp_path):
     assert not calls and open_run(tmp_path / "r.zarr").sizes["sample"] == 1
 
 
+def test_a_dtype_change_inside_the_block_is_refused_not_mislabeled(tmp_path):
+    """Audit: after pipe.to(bfloat16) inside probe() a bf16 sample went into a store labeled float32."""
+    pipe = load_pipeline("tiny-sd3", device="cpu", dtype="fp32")  # its own: the cast is not undone exactly
+    pipe.set_progress_bar_config(disable=True)
+    with probe(pipe, tmp_path / "d.zarr") as run:
+        run.sample("a cat", seed=0, num_inference_steps=1, **SIZE)
+        pipe.to(torch.bfloat16)
+        with pytest.raises(TacaProbeError, match="bfloat16"):
+            run.sample("a cat", seed=1, num_inference_steps=1, **SIZE)
+    ds = open_run(tmp_path / "d.zarr")
+    assert ds.attrs["dtype"] == "float32" and ds["seed"].values.tolist() == [0]
+
+
 def test_tokens_are_labeled(pipes, tmp_path):
     for model in ("tiny-sd3", "tiny-flux"):
         with probe(pipes[model], tmp_path / f"{model}.zarr") as run:
