@@ -36,7 +36,8 @@ __all__ = ["probe", "Run", "Target", "record_plan", "run_settings", "check_resum
 _MODES = ("create", "resume", "overwrite")
 _RESUME_KEYS = ("model_class", "pipeline_class", "dtype", "schedule", "maps", "branch")
 #: The pipeline arguments run.sample() passes itself -> what sets them.
-_RESERVED_CALL_KEYS = {"generator": "from seed=", "output_type": "'np', to record the images"}
+_RESERVED_CALL_KEYS = {"generator": "from seed=", "output_type": "'np', to record the images",
+                       "return_dict": "True, to read the images"}
 
 
 class Run:

@@ -253,7 +253,8 @@ def test_sample_refuses_what_it_sets_itself_and_a_closed_run(pipes, tmp_path):
     blamed it for never calling the transformer."""
     pipe, kw = pipes["tiny-sd3"], {"num_inference_steps": 1, **SIZE}
     bad = [({"generator": torch.Generator().manual_seed(1)}, "generator"), ({"output_type": "pil"}, "output_type"),
-           ({"num_images_per_prompt": 0}, "num_images_per_prompt"), ({"num_images_per_prompt": 1.0}, "num_images")]
+           ({"num_images_per_prompt": 0}, "num_images_per_prompt"), ({"num_images_per_prompt": 1.0}, "num_images"),
+           ({"return_dict": False}, "return_dict")]  # was an AttributeError: 'tuple' object has no attribute 'images'
     for extra, word in bad:
         with pytest.raises(TacaProbeError, match=word):
             with probe(pipe, tmp_path / "r.zarr") as run:
