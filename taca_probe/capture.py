@@ -181,9 +181,13 @@ class Recorder:
         if buf is None:
             raise TacaProbeError(f"no transformer call was recorded for branch(es) {self.branches}{cfg}")
         for kind in ["both"] if "both" in buf.device else self.branches:  # "both": one SD3 call held both
-            missing = sorted(set(range(buf.steps)) - buf.recorded.get(kind, set()))
+            done = buf.recorded.get(kind, set())
+            missing = sorted(set(range(buf.steps)) - done)
             if missing:
-                raise TacaProbeError(f"steps {missing} were not recorded for branch(es) {self.branches}{cfg}")
+                # Part of the run happened: the loop started late (img2img) or stopped early, not a CFG matter.
+                why = (f"; the pipeline ran only steps {min(done)}-{max(done)} (img2img strength < 1, or interrupted): "
+                       "probe records whole runs" if done else cfg)
+                raise TacaProbeError(f"steps {missing} were not recorded for branch(es) {self.branches}{why}")
         texts, padding, sources = buf.tokens
         layout = self._layout(buf.steps, buf.n_txt, buf.grid, images.shape[1:], sources)
         gamma = np.array([[g.get(s.name, 1.0) for s in self.sites] for g in buf.gamma], np.float32)

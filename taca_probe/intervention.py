@@ -30,6 +30,11 @@ __all__ = ["TacaConfig", "TacaHandle", "CallRecord", "CallListener", "apply_taca
 _HANDLE_ATTR = "_taca_probe_handle"
 # Timesteps closer than this (0..1000 scale) belong to the same step (bf16 rounding of t/1000).
 _T_EPS = 1e-3
+# diffusers hooks that leave every transformer and attention call as it is; the others (first-block,
+# pyramid, faster caches, layer skip, ...) skip blocks or reuse outputs, so TACA and the probe would
+# act at only some of the steps and layers they report.
+_PASSIVE_HOOKS = {"group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading",
+                  "layerwise_casting", "peft_autocast_disable"}
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,10 @@ class TacaHandle:
             raise TacaProbeError(f"schedule {self.schedule.spec!r} needs the number of steps: pass "
                                  "num_inference_steps= when installing on a bare transformer")
         _check_attention_backend(transformer)
+        hooks = {h for m in transformer.modules() for h in getattr(getattr(m, "_diffusers_hook", None), "hooks", ())}
+        if hooks - _PASSIVE_HOOKS:
+            raise TacaProbeError(f"diffusers hooks {', '.join(sorted(hooks - _PASSIVE_HOOKS))} skip or reuse attention "
+                                 "calls; remove them (transformer.disable_cache() for a cache) before taca()/probe()")
         self.sites = find_sites(transformer, self.family)
         self.state = RunState(self.sites)
         self.calls: list[CallRecord] = []
@@ -222,6 +231,7 @@ class TacaHandle:
                                      f"{', '.join(SUPPORTED_PROCESSORS)} (restore diffusers' own with "
                                      f"transformer.set_attn_processor({stock}()))")
             new[f"{site.name}.processor"] = wrap_processor(inner, site, self.state)
+        self._wrapped = [(transformer.get_submodule(s.name), new[f"{s.name}.processor"]) for s in self.sites]
         self._lora = _LoraSwitch(transformer, config.lora, config.lora_scale) if config.lora is not None else None
         self._sig = inspect.signature(transformer.forward)
         transformer.set_attn_processor(new)  # it pops the dict it is given: new is a copy of _original
@@ -232,6 +242,13 @@ class TacaHandle:
         self._removed = False
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        # set_attn_processor() or SD3's fuse_qkv_projections() inside the block would run stock
+        # attention while the handle and the probe report TACA.
+        for attn, proc in self._wrapped:
+            if attn.processor is not proc:
+                raise TacaProbeError(f"the attention processor of {proc.site.name} was replaced inside taca()/probe() "
+                                     f"(now {type(attn.processor).__name__}); change processors or fuse projections "
+                                     "before entering the block")
         bound = self._sig.bind_partial(*args, **kwargs).arguments  # the forward's arguments by name
         enc = bound.get("encoder_hidden_states")  # (B, N_txt, C)
         self.state.n_txt = None if enc is None else int(enc.shape[1])
@@ -308,6 +325,10 @@ class TacaHandle:
             self._listeners.clear()
             self.state.observer = None
             self.transformer.set_attn_processor(dict(self._original))
+            saved = getattr(self.transformer, "original_attn_processors", None)
+            if saved and any(isinstance(p, TacaAttnProcessor) for p in saved.values()):
+                # fuse_qkv_projections() inside the block saved the wrappers for unfuse_qkv_projections()
+                self.transformer.original_attn_processors = dict(self._original)
             if self._lora is not None:
                 self._lora.restore()
         finally:

@@ -36,7 +36,8 @@ __all__ = ["probe", "Run", "Target", "record_plan", "run_settings", "check_resum
 _MODES = ("create", "resume", "overwrite")
 _RESUME_KEYS = ("model_class", "pipeline_class", "dtype", "schedule", "maps", "branch")
 #: The pipeline arguments run.sample() passes itself -> what sets them.
-_RESERVED_CALL_KEYS = {"generator": "from seed=", "output_type": "'np', to record the images"}
+_RESERVED_CALL_KEYS = {"generator": "from seed=", "output_type": "'np', to record the images",
+                       "return_dict": "True, to read the images"}
 
 
 class Run:
@@ -78,6 +79,10 @@ class Run:
         if self.handle.removed:  # the pipeline would run stock, and the recorder would see no call
             raise TacaProbeError(f"the probe() block of {str(self.path)!r} has ended; sample inside it, or open "
                                  "it again with probe(..., mode='resume')")
+        dtype = str(self.handle.transformer.dtype).removeprefix("torch.")
+        if dtype != self.attrs.get("dtype"):  # pipe.to(dtype) inside the block: the store's dtype would mislabel it
+            raise TacaProbeError(f"the transformer's dtype changed from {self.attrs.get('dtype')} to {dtype} inside "
+                                 "probe(); a store holds one dtype: record it into another store")
         call = self._resolve_call(pipe_kwargs)
         n, seed, writer = int(num_images_per_prompt), int(seed), self.writer
         if slot is not None:

@@ -197,6 +197,18 @@ def test_uncond_branch_without_cfg_names_cfg_not_a_missing_call(pipes, tmp_path)
             assert "never called" not in str(info.value) and not (tmp_path / "u.zarr").exists()
 
 
+def test_a_partial_run_names_the_steps_it_ran_not_cfg(pipes, tmp_path):
+    """Audit: img2img (strength < 1) under CFG with branch="uncond" was told that uncond needs CFG."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    i2i = StableDiffusion3Img2ImgPipeline(**pipes["tiny-sd3"].components)
+    image = np.full((64, 96, 3), 0.5, np.float32)
+    with pytest.raises(TacaProbeError, match=r"\b2-3\b") as info:  # 4 steps at strength 0.5: the last two ran
+        with probe(i2i, tmp_path / "i.zarr", branch="uncond") as run:
+            run.sample("a cat", seed=0, image=image, strength=0.5, num_inference_steps=4, guidance_scale=5.0, **SIZE)
+    assert "CFG" not in str(info.value) and not (tmp_path / "i.zarr").exists()
+
+
 def test_flux_true_cfg_knows_which_call_is_which(pipes, tmp_path):
     pipe = pipes["tiny-flux"]
     kw = {"num_inference_steps": 2, "true_cfg_scale": 3.0, "negative_prompt": "blurry", **SIZE}
@@ -241,7 +253,8 @@ def test_sample_refuses_what_it_sets_itself_and_a_closed_run(pipes, tmp_path):
     blamed it for never calling the transformer."""
     pipe, kw = pipes["tiny-sd3"], {"num_inference_steps": 1, **SIZE}
     bad = [({"generator": torch.Generator().manual_seed(1)}, "generator"), ({"output_type": "pil"}, "output_type"),
-           ({"num_images_per_prompt": 0}, "num_images_per_prompt"), ({"num_images_per_prompt": 1.0}, "num_images")]
+           ({"num_images_per_prompt": 0}, "num_images_per_prompt"), ({"num_images_per_prompt": 1.0}, "num_images"),
+           ({"return_dict": False}, "return_dict")]  # was an AttributeError: 'tuple' object has no attribute 'images'
     for extra, word in bad:
         with pytest.raises(TacaProbeError, match=word):
             with probe(pipe, tmp_path / "r.zarr") as run:
@@ -257,6 +270,19 @@ def test_sample_refuses_what_it_sets_itself_and_a_closed_run(pipes, tmp_path):
     finally:
         hook.remove()
     assert not calls and open_run(tmp_path / "r.zarr").sizes["sample"] == 1
+
+
+def test_a_dtype_change_inside_the_block_is_refused_not_mislabeled(tmp_path):
+    """Audit: after pipe.to(bfloat16) inside probe() a bf16 sample went into a store labeled float32."""
+    pipe = load_pipeline("tiny-sd3", device="cpu", dtype="fp32")  # its own: the cast is not undone exactly
+    pipe.set_progress_bar_config(disable=True)
+    with probe(pipe, tmp_path / "d.zarr") as run:
+        run.sample("a cat", seed=0, num_inference_steps=1, **SIZE)
+        pipe.to(torch.bfloat16)
+        with pytest.raises(TacaProbeError, match="bfloat16"):
+            run.sample("a cat", seed=1, num_inference_steps=1, **SIZE)
+    ds = open_run(tmp_path / "d.zarr")
+    assert ds.attrs["dtype"] == "float32" and ds["seed"].values.tolist() == [0]
 
 
 def test_tokens_are_labeled(pipes, tmp_path):

@@ -317,6 +317,57 @@ def test_a_custom_processor_is_refused_kept_and_the_advised_call_works(pipes, mo
         transformer.set_attn_processor(stock)
 
 
+@pytest.mark.parametrize("model,replace", [
+    ("tiny-sd3", lambda t: t.fuse_qkv_projections()),  # swaps in FusedJointAttnProcessor2_0
+    ("tiny-flux", lambda t: t.set_attn_processor(transformer_flux.FluxAttnProcessor())),
+])
+def test_processors_replaced_inside_the_block_are_refused_and_the_originals_come_back(pipes, model, replace):
+    """Audit: the pipeline ran stock attention while handle.steps_active reported TACA, and SD3's
+    unfuse_qkv_projections() after the block put back the wrappers that fusing had saved."""
+    pipe = pipes[model]
+    transformer = pipe.transformer
+    before = dict(transformer.attn_processors)
+    try:
+        with pytest.raises(TacaProbeError, match="transformer_blocks.0.attn"):
+            with taca(pipe, "const:1.5") as handle:
+                replace(transformer)
+                with torch.no_grad():
+                    transformer(**_transformer_inputs(transformer))
+        assert handle.calls == []  # refused before the first call ran
+        if model == "tiny-sd3":
+            transformer.unfuse_qkv_projections()
+        assert all(transformer.attn_processors[k] is v for k, v in before.items())
+    finally:
+        transformer.set_attn_processor(dict(before))
+
+
+def test_caching_hooks_are_refused_and_a_removed_cache_is_accepted(pipes):
+    """Audit: under a first-block cache the pipeline skipped the later blocks at most steps, where
+    taca() reported gamma and probe() failed counting sites."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_group_offloading
+
+    transformer = pipes["tiny-flux"].transformer
+    before = dict(transformer.attn_processors)
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.9))
+    try:
+        with pytest.raises(TacaProbeError, match="fbc_leader_block_hook"):
+            with taca(transformer, "const:1.2"):
+                pass
+        assert all(transformer.attn_processors[k] is v for k, v in before.items())
+        assert getattr(transformer, intervention._HANDLE_ATTR, None) is None
+    finally:
+        transformer.disable_cache()
+    cpu = torch.device("cpu")  # offloading keeps every call: accepted
+    apply_group_offloading(transformer, onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                           num_blocks_per_group=1)
+    try:
+        with taca(transformer, "const:1.2"):
+            pass
+    finally:
+        transformer._diffusers_hook.remove_hook("group_offloading", recurse=True)
+    assert not {h for m in transformer.modules() for h in getattr(getattr(m, "_diffusers_hook", None), "hooks", ())}
+
+
 def test_registry_backend_refuses_flux_only_and_the_advised_call_works(pipes):
     """Audit: SD3, whose processors call SDPA directly, was refused while diffusers' registry held
     another backend, and the advised reset_attention_backend() left FLUX refused (it keeps the
