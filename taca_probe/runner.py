@@ -186,13 +186,15 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
             check_resume(p, settings)
         if mode == "overwrite":
             remove_store(p)
+        # where the transformer runs: with model offload it sits on the CPU until its forward call
+        device = getattr(pipe, "_execution_device", handle.transformer.device)
         base_attrs = {
             **settings, "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale),
             "planned_samples": None,  # a store planned up front (record, sweep) holds its slot count
             "taca_probe_version": __version__, "torch_version": torch.__version__,
             "diffusers_version": diffusers.__version__, "schedule_description": schedule.describe(),
-            "device": str(handle.transformer.device),
-            "stats_backend": describe_stats_backend(handle.transformer.device, handle.transformer.dtype),
+            "device": str(device),
+            "stats_backend": describe_stats_backend(device, handle.transformer.dtype),
             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(attrs or {})}
         recorder = Recorder(pipe, handle, maps=maps, branch=branch)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from taca_probe import probe
+from taca_probe import probe, runner
 from taca_probe.store import RunWriter, open_run
 
 pytestmark = pytest.mark.slow  # each test runs the tiny SD3 pipeline two or three times (seconds on a CPU)
@@ -101,3 +102,15 @@ def test_a_planned_store_of_a_heun_scheduler_has_one_step_per_pass_and_resumes(p
     ds = open_run(target.store)
     assert ds.sizes["step"] == passes and not np.isnan(ds["vis_txt_mass"].values).any()
     assert record_plan(pipe, [target], [("a red cube", 0)], call, mode="resume", progress=False) == [0]
+
+
+def test_the_store_names_the_device_the_pipeline_runs_on(pipes, tmp_path, monkeypatch):
+    """With model CPU offload the transformer sits on the CPU until its forward call, so the store said
+    ``device: cpu`` (and the CPU's statistics path) for a run computed on the accelerator."""
+    pipe = pipes("tiny-sd3")
+    seen = []
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(runner, "describe_stats_backend", lambda device, dtype: seen.append(device) or "stub")
+    with probe(pipe, tmp_path / "d.zarr") as run:
+        assert run.attrs["device"] == "cuda:0"
+    assert seen == [torch.device("cuda", 0)]
