@@ -313,22 +313,24 @@ def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None, branch: str |
         ti, bi = pair
         means.append(means[ti] - means[bi])
         titles.append(f"{runs[ti].spec} − {runs[bi].spec}")
-    ds0 = runs[0].ds
-    layers = [P.short_layer(str(n), str(b)) for n, b in zip(ds0["layer"].values, ds0["block_type"].values)]
-    x = [f"{v:.0f}" for v in np.asarray(ds0["timestep"].isel(sample=0).values, float)]
     fig = make_subplots(rows=1, cols=len(means), subplot_titles=titles, horizontal_spacing=0.1)
     vmin = min(float(np.nanmin(m)) for m in means[: len(runs)])
     vmax = max(float(np.nanmax(m)) for m in means[: len(runs)])
     for c, m in enumerate(means, 1):
         is_diff = pair is not None and c == len(means)
+        ds = runs[pair[0] if is_diff else c - 1].ds  # each panel's own axes: runs may differ in steps and layers
+        layers = [P.short_layer(str(n), str(b)) for n, b in zip(ds["layer"].values, ds["block_type"].values)]
+        # the step in the label: a Heun scheduler passes each timestep twice, and equal categories would merge
+        t = np.asarray(ds["timestep"].isel(sample=0).values, float)
+        x = [f"{v:.0f} ({s})" for s, v in zip(ds["step"].values, t)]
         bar_x = fig.layout[f"xaxis{c if c > 1 else ''}"].domain[1] + 0.005
         kw: dict[str, Any] = ({"colorscale": "RdBu_r", "zmid": 0.0} if is_diff
                               else {"colorscale": "Viridis", "zmin": vmin, "zmax": vmax})
         fig.add_trace(go.Heatmap(z=m, x=x, y=layers, showscale=is_diff or c == len(runs),
                                  colorbar={"x": bar_x, "len": 0.9,
                                            "title": "diff" if is_diff else "mass", "thickness": 10},
-                                 hovertemplate="t=%{x}<br>%{y}<br>%{z:.4f}<extra></extra>", **kw), row=1, col=c)
-        fig.update_xaxes(title_text="timestep t", row=1, col=c, type="category", nticks=8)
+                                 hovertemplate="t (step) %{x}<br>%{y}<br>%{z:.4f}<extra></extra>", **kw), row=1, col=c)
+        fig.update_xaxes(title_text="timestep t (step)", row=1, col=c, type="category", nticks=8)
         fig.update_yaxes(autorange="reversed", row=1, col=c, type="category", showticklabels=c == 1)
     fig.update_layout(title="Visual→text attention mass per layer and timestep (mean over heads and samples)",
                       height=360, margin={"t": 80, "l": 90, "r": 30, "b": 60})

@@ -24,10 +24,12 @@ from taca_probe import analysis as A
 from taca_probe import open_sweep, report, run_sweep
 from taca_probe.cli import main
 from taca_probe.errors import TacaProbeError
-from taca_probe.rendering import choose_runs, open_inputs
+from taca_probe.rendering import Run, _heatmap_figure, choose_runs, open_inputs
+from taca_probe.store import open_run
 
 pytestmark = pytest.mark.slow  # records sweeps, renders the page, drives a browser
 
+OLD_STORE = Path(__file__).parent / "data" / "store-v0.1.0.zarr"  # tiny-sd3, 4 samples, 2 steps, 3 layers
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 
@@ -215,3 +217,17 @@ def test_report_command(sweep_dir, tmp_path, capsys):
     rc = main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_each_heat_map_panel_shows_every_step_of_its_own_run():
+    """Audit: every heat-map panel was labelled with the first run's timesteps (a run of other steps lost columns and
+    got wrong timesteps), and a timestep passed twice (a Heun scheduler) merged two steps into one column."""
+    ds = open_run(OLD_STORE)
+    heun = ds.assign_coords(timestep=ds["timestep"] * 0 + 500.0)  # every step at one timestep
+    runs = [Run("a", "none", ds), Run("b", "const:1.1", ds.isel(step=[1])), Run("c", "const:1.2", heun)]
+    for trace, run in zip(_heatmap_figure(runs, None, None).data, runs):
+        mass = run.ds["vis_txt_mass"].sel(branch="cond").transpose("sample", "step", "layer", "head").values
+        np.testing.assert_allclose(trace.z, np.nanmean(mass, axis=(0, 3)).T, rtol=1e-6)
+        assert len(set(trace.x)) == len(trace.x) == run.ds.sizes["step"]  # one category per column
+        shown = [float(label.split()[0]) for label in trace.x]
+        np.testing.assert_allclose(shown, np.round(run.ds["timestep"].values[0]))
