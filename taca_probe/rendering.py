@@ -536,7 +536,8 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
             "<div class='viewer'><figure style='margin:0'><img id='view-image' alt='generated image'>"
             "<figcaption id='view-caption' class='note' style='width:200px'></figcaption></figure>"
             f"<div class='plot'>{_div(viewer, 'map-view')}</div></div>")
-        payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+        # no '<' at all: '<!--<script>' in a prompt would make the parser run past this element's '</script>'
+        payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
         script = f"<script type='application/json' id='taca-data'>{payload}</script><script>{_JS}</script>"
     else:
         sections.append("<h2>Attention maps</h2><p class='note'>No maps in these runs: record with "

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from taca_probe import analysis as A
-from taca_probe import open_sweep, report, run_sweep
+from taca_probe import load_pipeline, open_sweep, probe, report, run_sweep
 from taca_probe.cli import main
 from taca_probe.errors import TacaProbeError
 from taca_probe.rendering import Run, _heatmap_figure, choose_runs, open_inputs
@@ -231,3 +231,28 @@ def test_each_heat_map_panel_shows_every_step_of_its_own_run():
         assert len(set(trace.x)) == len(trace.x) == run.ds.sizes["step"]  # one category per column
         shown = [float(label.split()[0]) for label in trace.x]
         np.testing.assert_allclose(shown, np.round(run.ds["timestep"].values[0]))
+
+
+def test_a_prompt_with_a_comment_and_script_tags_leaves_the_viewer_working(tmp_path):
+    """Audit: '<!--<script>' in a prompt put the HTML parser in a state where the data block's '</script>' did not end
+    it, so the viewer's data and code became one unparsable element and the viewer never started (no error shown)."""
+    prompt = 'a <!--<script> "cat" & </script> dog'
+    with probe(load_pipeline("tiny-sd3", device="cpu"), tmp_path / "s.zarr", maps="steps=0;tokens=0-3") as rec:
+        rec.sample(prompt, num_inference_steps=1, height=64, width=64, max_sequence_length=8)
+    page = report(tmp_path / "s.zarr", tmp_path / "page", n_resamples=100)
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(str(tmp_path / "chromium"), executable_path=_chromium(),
+                                                    headless=True, args=CHROMIUM_ARGS)
+        try:
+            tab = ctx.new_page()
+            tab.on("pageerror", lambda e: errors.append(str(e)))
+            tab.goto(page.path.resolve().as_uri(), wait_until="load")
+            tab.wait_for_function("window.tacaReport !== undefined")
+            shown = tab.evaluate("window.tacaReport.data.samples[0].prompt")
+        finally:
+            ctx.close()
+    assert not errors and shown == prompt
+
