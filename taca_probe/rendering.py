@@ -558,5 +558,10 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     )
     path = Path(out) / "index.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    tmp = path.with_name(".index.html.tmp")
+    try:  # a failed write (disk full) leaves an earlier page whole; a path that is not UTF-8 shows as '?'
+        tmp.write_text(page, encoding="utf-8", errors="replace")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return Report(path=path, size_bytes=path.stat().st_size, runs=[r.spec for r in runs])

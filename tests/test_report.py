@@ -12,7 +12,9 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -256,3 +258,30 @@ def test_a_prompt_with_a_comment_and_script_tags_leaves_the_viewer_working(tmp_p
             ctx.close()
     assert not errors and shown == prompt
 
+
+def test_a_failed_write_leaves_the_earlier_page_whole(tmp_path):
+    """Audit: the page was written in place, so a write that failed (disk full; here a 1 MiB file-size limit) left a
+    half-written index.html where the earlier page had been."""
+    (tmp_path / "index.html").write_text("earlier page")
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, limits[1]))
+    try:
+        with pytest.raises(OSError):
+            report(OLD_STORE, tmp_path, n_resamples=100)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert [p.name for p in tmp_path.iterdir()] == ["index.html"]
+    assert (tmp_path / "index.html").read_text() == "earlier page"
+
+
+def test_a_store_path_that_is_not_utf8_gets_its_page(tmp_path, capsys):
+    """Audit: a store folder named in Latin-1 (a path Python holds with surrogates) failed the page's UTF-8 encoding
+    half-way: 'internal error' and an empty index.html in place of the earlier page."""
+    store = tmp_path / os.fsdecode(b"caf\xe9.zarr")
+    shutil.copytree(OLD_STORE, store)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "index.html").write_text("earlier page")
+    assert main(["report", str(store), "--out", str(tmp_path / "r"), "--n-resamples", "100"]) == 0, capsys.readouterr()
+    text = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
+    assert "caf?.zarr" in text and text.endswith("</html>")
