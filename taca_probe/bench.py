@@ -191,9 +191,11 @@ def bench_attention(shapes: list[AttnShape] | tuple[AttnShape, ...] = DEFAULT_SH
         measured), ``error`` (a variant that failed, e.g. flex where unavailable).
     """
     device = torch.device(device)
+    variants = tuple(dict.fromkeys(variants))  # one given twice is timed once, and listed once
     unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise TacaProbeError(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if unknown or not variants:  # none would time nothing and print an empty table
+        raise TacaProbeError(f"--variants: unknown variant(s) {sorted(unknown) or '(none)'}; "
+                             f"choose from {', '.join(VARIANTS)}")
     rows: list[dict] = []
     for shape in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)

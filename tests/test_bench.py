@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from taca_probe.bench import FULL_DEPTH, WIDTHS, format_rows, parse_shape, realistic_sd3_pipeline
+from taca_probe.bench import FULL_DEPTH, WIDTHS, bench_attention, format_rows, parse_shape, realistic_sd3_pipeline
 from taca_probe.cli import main
 
 
@@ -63,3 +63,9 @@ def test_custom_shapes_are_labelled_once_and_compared_with_their_own_naive_row()
     assert [float(line.split()[-1].rstrip("%")) for line in taca] == [50.0, 25.0, 12.5]
     for line, order, heads in zip(taca, ("txt-first", "img-first", "txt-first"), ("2", "2", "4")):
         assert line.count("16+48") == 1 and order in line and re.findall(r"H(\d+)", line) == [heads]
+
+
+def test_a_variant_given_twice_is_timed_and_listed_once():
+    """Audit: --variants sdpa,sdpa printed (and wrote to --json) the same row twice."""
+    rows = bench_attention([parse_shape("1,1,4,8,8")], variants=("sdpa", "taca", "sdpa"), repeats=2, memory=False)
+    assert [r["variant"] for r in rows] == ["sdpa", "taca"] and all(len(r["times_ms"]) == 2 for r in rows)

@@ -104,6 +104,7 @@ BAD = [
     (["bench", "attention", "--shape", "1,2,3"], "B,H,NTXT,NVIS,D"),
     (["bench", "attention", "--shape", "1,2,3,4,5,diagonal"], "--shape '1,2,3,4,5,diagonal'"),
     (["bench", "attention", "--shape", "1,1,4,8,8", "--variants", "sdpa,fast"], "choose from"),
+    (["bench", "attention", "--shape", "1,1,4,8,8", "--variants", ","], "--variants"),
     (["bench"], "choose a benchmark"),
 ]
 
