@@ -284,7 +284,7 @@ def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int | None = 2
     with and without the probe, and the transformer's input projections adapt to their sizes.
     """
     if width not in WIDTHS:
-        raise TacaProbeError(f"unknown width {width!r}; choose from {', '.join(WIDTHS)}")
+        raise TacaProbeError(f"unknown --preset {width!r}; choose from {', '.join(WIDTHS)}")
     flux = width.startswith("flux")
     pipe = load_pipeline("tiny-flux" if flux else "tiny-sd3", device="cpu", dtype=torch.float32)
     small = pipe.transformer.config
