@@ -343,6 +343,9 @@ def _map_viewer(runs: list[Run], base_index: int | None, treated_index: int | No
     with_maps = [i for i, run in enumerate(runs) if "maps" in run.ds]
     if not with_maps:
         return None, None
+    # one layout decodes every run's maps: a run of other tokens or latent size is left out of the viewer
+    size = {d: runs[with_maps[0]].ds.sizes[d] for d in ("token", "y", "x")}
+    with_maps = [i for i in with_maps if all(runs[i].ds.sizes[d] == n for d, n in size.items())]
     common = sample_keys(runs[with_maps[0]].ds)
     for i in with_maps[1:]:
         other = set(sample_keys(runs[i].ds))

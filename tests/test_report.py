@@ -285,3 +285,15 @@ def test_a_store_path_that_is_not_utf8_gets_its_page(tmp_path, capsys):
     assert main(["report", str(store), "--out", str(tmp_path / "r"), "--n-resamples", "100"]) == 0, capsys.readouterr()
     text = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
     assert "caf?.zarr" in text and text.endswith("</html>")
+
+
+def test_runs_whose_maps_differ_in_size_get_a_viewer_of_one_layout(sweep_dir, tmp_path):
+    """Audit: a store of 333 tokens (max_sequence_length 256) next to stores of 85 crashed the report ('internal error:
+    operands could not be broadcast'): the viewer decodes every run's maps with one layout."""
+    old = open_run(OLD_STORE).sel(branch="cond")
+    data = _page_data(report([OLD_STORE, sweep_dir], tmp_path, n_resamples=100).path)
+    assert [r["label"] for r in data["runs"]] == [str(OLD_STORE)] and data["shape"][3:] == [333, 4, 4]
+    assert [s["prompt"] for s in data["samples"]] == [str(p) for p in old["prompt"].values]  # all its samples
+    shown = np.frombuffer(base64.b64decode(data["maps"]["0"]), "<f2").reshape(data["shape"])
+    stored = old["maps"].isel(step=[0]).transpose("sample", "step", "layer", "token", "y", "x").values  # step 0 only
+    np.testing.assert_array_equal(shown, stored.astype("<f2"))
