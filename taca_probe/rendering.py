@@ -255,11 +255,11 @@ def _line_with_band(fig: go.Figure, t: np.ndarray, res: xr.Dataset, names: tuple
 def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
     """Visual->text mass against timestep, one line per (run, block type), CI bands, uniform reference."""
     fig = go.Figure()
-    uniform = None
+    uniforms = set()  # one per token count: runs of another max_sequence_length have their own
     lo_all, hi_all = [], []
     for r, (label, spec, ds) in enumerate(runs):
         res = A.suppression(ds, by="block_type", **stats)
-        uniform = float(res["uniform_reference"]) if "uniform_reference" in res else uniform
+        uniforms |= {float(res["uniform_reference"])} if "uniform_reference" in res else set()
         t = np.asarray(res["timestep"].values, float)
         for g, bt in enumerate(str(v) for v in res["block_type"].values):
             lo, hi = _line_with_band(fig, t, res.sel(block_type=bt), ("mean", "ci_low", "ci_high"), f"{spec} · {bt}",
@@ -268,7 +268,7 @@ def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
             hi_all.append(np.nanmax(hi))
     ns = [r.ds.sizes.get("sample", 0) for r in runs]  # runs need not hold as many samples
     n = f"{ns[0]} per run" if len(set(ns)) == 1 else ", ".join(f"{k} ({r.spec})" for k, r in zip(ns, runs))
-    if uniform is not None:
+    for uniform in sorted(uniforms):
         fig.add_hline(y=uniform, line={"color": "#555", "dash": "dash"},
                       annotation_text=f"uniform attention N_txt/(N_txt+N_vis) = {uniform:.3g}",
                       annotation_position="top left")

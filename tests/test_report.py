@@ -26,7 +26,7 @@ from taca_probe import analysis as A
 from taca_probe import load_pipeline, open_sweep, probe, report, run_sweep
 from taca_probe.cli import main
 from taca_probe.errors import TacaProbeError
-from taca_probe.rendering import Run, _heatmap_figure, choose_runs, open_inputs
+from taca_probe.rendering import Run, _heatmap_figure, _suppression_figure, choose_runs, open_inputs
 from taca_probe.store import open_run
 
 pytestmark = pytest.mark.slow  # records sweeps, renders the page, drives a browser
@@ -297,3 +297,12 @@ def test_runs_whose_maps_differ_in_size_get_a_viewer_of_one_layout(sweep_dir, tm
     shown = np.frombuffer(base64.b64decode(data["maps"]["0"]), "<f2").reshape(data["shape"])
     stored = old["maps"].isel(step=[0]).transpose("sample", "step", "layer", "token", "y", "x").values  # step 0 only
     np.testing.assert_array_equal(shown, stored.astype("<f2"))
+
+
+def test_the_suppression_chart_draws_each_runs_uniform_reference(sweep_dir):
+    """Audit: runs of different token counts (333 and 85 text tokens) got one uniform-attention line, the last run's."""
+    runs = [Run("old", "step:1.3@970", open_run(OLD_STORE)),
+            Run("new", "none", open_sweep(sweep_dir).sel(schedule="none"))]
+    fig = _suppression_figure(runs, {"n_resamples": 100, "seed": 0, "branch": None})
+    expected = sorted(r.ds.attrs["n_txt"] / (r.ds.attrs["n_txt"] + r.ds.attrs["n_vis"]) for r in runs)
+    np.testing.assert_allclose(sorted(shape.y0 for shape in fig.layout.shapes), expected, rtol=1e-6)
