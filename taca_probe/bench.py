@@ -67,9 +67,10 @@ def parse_shape(spec: str) -> AttnShape:
         if min(b, h, nt, nv, d) <= 0:
             raise ValueError
     except ValueError:
-        raise TacaProbeError(f"bad shape {spec!r}: expected B,H,NTXT,NVIS,D[,txt-first|img-first] "
+        raise TacaProbeError(f"--shape {spec!r}: expected B,H,NTXT,NVIS,D[,txt-first|img-first] "
                              "with positive integers") from None
-    return AttnShape(f"B{b}H{h}-{nt}+{nv}-D{d}", b, h, nt, nv, d, order == "txt-first")
+    # named by its order: the table's label spells the dimensions, which --heads may change
+    return AttnShape(order, b, h, nt, nv, d, order == "txt-first")
 
 
 def _naive(q, k, v, layout: JointLayout, gamma: float):
@@ -190,9 +191,11 @@ def bench_attention(shapes: list[AttnShape] | tuple[AttnShape, ...] = DEFAULT_SH
         measured), ``error`` (a variant that failed, e.g. flex where unavailable).
     """
     device = torch.device(device)
+    variants = tuple(dict.fromkeys(variants))  # one given twice is timed once, and listed once
     unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise TacaProbeError(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if unknown or not variants:  # none would time nothing and print an empty table
+        raise TacaProbeError(f"--variants: unknown variant(s) {sorted(unknown) or '(none)'}; "
+                             f"choose from {', '.join(VARIANTS)}")
     rows: list[dict] = []
     for shape in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -244,15 +247,14 @@ def format_rows(rows: list[dict]) -> str:
               for s in (r["shape"] for r in rows)]
     w, v = max([34, *map(len, labels)]), max([11, *(len(r["variant"]) for r in rows)])  # long names stay aligned
     lines = [f"{'shape':<{w}} {'variant':<{v}} {'median ms':>10} {'x sdpa':>7} {'peak MiB':>9} {'% naive':>8}"]
-    naive_peak = {r["shape"]["name"]: r["peak_extra_mib"] for r in rows
+    naive_peak = {label: r["peak_extra_mib"] for r, label in zip(rows, labels)  # by label: names need not differ
                   if r["variant"] == "naive" and r["peak_extra_mib"]}
     for r, label in zip(rows, labels):
-        s = r["shape"]
         if r["error"]:
             lines.append(f"{label:<{w}} {r['variant']:<{v}} unavailable: {r['error']}")
             continue
         peak = r["peak_extra_mib"]
-        npk = naive_peak.get(s["name"])
+        npk = naive_peak.get(label)
         pct = f"{100 * peak / npk:7.1f}%" if (peak is not None and npk) else "       -"
         peak_s = f"{peak:9.1f}" if peak is not None else "        -"
         ratio = r["ratio_to_sdpa"]  # None when sdpa was not among the variants
@@ -282,7 +284,7 @@ def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int | None = 2
     with and without the probe, and the transformer's input projections adapt to their sizes.
     """
     if width not in WIDTHS:
-        raise TacaProbeError(f"unknown width {width!r}; choose from {', '.join(WIDTHS)}")
+        raise TacaProbeError(f"unknown --preset {width!r}; choose from {', '.join(WIDTHS)}")
     flux = width.startswith("flux")
     pipe = load_pipeline("tiny-flux" if flux else "tiny-sd3", device="cpu", dtype=torch.float32)
     small = pipe.transformer.config

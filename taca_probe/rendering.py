@@ -255,11 +255,11 @@ def _line_with_band(fig: go.Figure, t: np.ndarray, res: xr.Dataset, names: tuple
 def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
     """Visual->text mass against timestep, one line per (run, block type), CI bands, uniform reference."""
     fig = go.Figure()
-    uniform = None
+    uniforms = set()  # one per token count: runs of another max_sequence_length have their own
     lo_all, hi_all = [], []
     for r, (label, spec, ds) in enumerate(runs):
         res = A.suppression(ds, by="block_type", **stats)
-        uniform = float(res["uniform_reference"]) if "uniform_reference" in res else uniform
+        uniforms |= {float(res["uniform_reference"])} if "uniform_reference" in res else set()
         t = np.asarray(res["timestep"].values, float)
         for g, bt in enumerate(str(v) for v in res["block_type"].values):
             lo, hi = _line_with_band(fig, t, res.sel(block_type=bt), ("mean", "ci_low", "ci_high"), f"{spec} · {bt}",
@@ -268,7 +268,7 @@ def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
             hi_all.append(np.nanmax(hi))
     ns = [r.ds.sizes.get("sample", 0) for r in runs]  # runs need not hold as many samples
     n = f"{ns[0]} per run" if len(set(ns)) == 1 else ", ".join(f"{k} ({r.spec})" for k, r in zip(ns, runs))
-    if uniform is not None:
+    for uniform in sorted(uniforms):
         fig.add_hline(y=uniform, line={"color": "#555", "dash": "dash"},
                       annotation_text=f"uniform attention N_txt/(N_txt+N_vis) = {uniform:.3g}",
                       annotation_position="top left")
@@ -313,22 +313,24 @@ def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None, branch: str |
         ti, bi = pair
         means.append(means[ti] - means[bi])
         titles.append(f"{runs[ti].spec} − {runs[bi].spec}")
-    ds0 = runs[0].ds
-    layers = [P.short_layer(str(n), str(b)) for n, b in zip(ds0["layer"].values, ds0["block_type"].values)]
-    x = [f"{v:.0f}" for v in np.asarray(ds0["timestep"].isel(sample=0).values, float)]
     fig = make_subplots(rows=1, cols=len(means), subplot_titles=titles, horizontal_spacing=0.1)
     vmin = min(float(np.nanmin(m)) for m in means[: len(runs)])
     vmax = max(float(np.nanmax(m)) for m in means[: len(runs)])
     for c, m in enumerate(means, 1):
         is_diff = pair is not None and c == len(means)
+        ds = runs[pair[0] if is_diff else c - 1].ds  # each panel's own axes: runs may differ in steps and layers
+        layers = [P.short_layer(str(n), str(b)) for n, b in zip(ds["layer"].values, ds["block_type"].values)]
+        # the step in the label: a Heun scheduler passes each timestep twice, and equal categories would merge
+        t = np.asarray(ds["timestep"].isel(sample=0).values, float)
+        x = [f"{v:.0f} ({s})" for s, v in zip(ds["step"].values, t)]
         bar_x = fig.layout[f"xaxis{c if c > 1 else ''}"].domain[1] + 0.005
         kw: dict[str, Any] = ({"colorscale": "RdBu_r", "zmid": 0.0} if is_diff
                               else {"colorscale": "Viridis", "zmin": vmin, "zmax": vmax})
         fig.add_trace(go.Heatmap(z=m, x=x, y=layers, showscale=is_diff or c == len(runs),
                                  colorbar={"x": bar_x, "len": 0.9,
                                            "title": "diff" if is_diff else "mass", "thickness": 10},
-                                 hovertemplate="t=%{x}<br>%{y}<br>%{z:.4f}<extra></extra>", **kw), row=1, col=c)
-        fig.update_xaxes(title_text="timestep t", row=1, col=c, type="category", nticks=8)
+                                 hovertemplate="t (step) %{x}<br>%{y}<br>%{z:.4f}<extra></extra>", **kw), row=1, col=c)
+        fig.update_xaxes(title_text="timestep t (step)", row=1, col=c, type="category", nticks=8)
         fig.update_yaxes(autorange="reversed", row=1, col=c, type="category", showticklabels=c == 1)
     fig.update_layout(title="Visual→text attention mass per layer and timestep (mean over heads and samples)",
                       height=360, margin={"t": 80, "l": 90, "r": 30, "b": 60})
@@ -341,6 +343,9 @@ def _map_viewer(runs: list[Run], base_index: int | None, treated_index: int | No
     with_maps = [i for i, run in enumerate(runs) if "maps" in run.ds]
     if not with_maps:
         return None, None
+    # one layout decodes every run's maps: a run of other tokens or latent size is left out of the viewer
+    size = {d: runs[with_maps[0]].ds.sizes[d] for d in ("token", "y", "x")}
+    with_maps = [i for i in with_maps if all(runs[i].ds.sizes[d] == n for d, n in size.items())]
     common = sample_keys(runs[with_maps[0]].ds)
     for i in with_maps[1:]:
         other = set(sample_keys(runs[i].ds))
@@ -534,7 +539,8 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
             "<div class='viewer'><figure style='margin:0'><img id='view-image' alt='generated image'>"
             "<figcaption id='view-caption' class='note' style='width:200px'></figcaption></figure>"
             f"<div class='plot'>{_div(viewer, 'map-view')}</div></div>")
-        payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+        # no '<' at all: '<!--<script>' in a prompt would make the parser run past this element's '</script>'
+        payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
         script = f"<script type='application/json' id='taca-data'>{payload}</script><script>{_JS}</script>"
     else:
         sections.append("<h2>Attention maps</h2><p class='note'>No maps in these runs: record with "
@@ -555,5 +561,10 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     )
     path = Path(out) / "index.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    tmp = path.with_name(".index.html.tmp")
+    try:  # a failed write (disk full) leaves an earlier page whole; a path that is not UTF-8 shows as '?'
+        tmp.write_text(page, encoding="utf-8", errors="replace")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return Report(path=path, size_bytes=path.stat().st_size, runs=[r.spec for r in runs])

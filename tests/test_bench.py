@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import asdict, replace
 
 import pytest
 
-from taca_probe.bench import FULL_DEPTH, WIDTHS, format_rows, realistic_sd3_pipeline
+from taca_probe.bench import FULL_DEPTH, WIDTHS, bench_attention, format_rows, parse_shape, realistic_sd3_pipeline
 from taca_probe.cli import main
 
 
@@ -45,3 +47,25 @@ def test_attention_table_stays_aligned_with_long_variant_names():
     end = header.index("median ms") + len("median ms")
     assert [line[:end].split()[-1] for line in lines] == ["2.00", "3.50", "40.00"]
     assert all(line[end] == " " for line in lines)
+
+
+def test_custom_shapes_are_labelled_once_and_compared_with_their_own_naive_row():
+    """Audit: a custom shape's label spelled its dimensions twice ('B1H2-16+48-D16 B1H2 16+48 D16'), kept the old head
+    count after --heads, and shapes that differ only in order or heads shared one name, so every '% naive' was taken
+    against the last one's naive peak."""
+    shapes = [parse_shape("1,2,16,48,16"), parse_shape("1,2,16,48,16,img-first"),
+              replace(parse_shape("1,2,16,48,16"), heads=4)]  # what --heads 4 does
+    rows = [{"shape": asdict(s), "variant": name, "error": None, "median_ms": 1.0, "ratio_to_sdpa": 1.0,
+             "peak_extra_mib": peak} for s, naive in zip(shapes, (10.0, 20.0, 40.0))
+            for name, peak in (("taca", 5.0), ("naive", naive))]
+    lines = format_rows(rows).splitlines()[1:]
+    taca = [line for line in lines if " taca " in line]
+    assert [float(line.split()[-1].rstrip("%")) for line in taca] == [50.0, 25.0, 12.5]
+    for line, order, heads in zip(taca, ("txt-first", "img-first", "txt-first"), ("2", "2", "4")):
+        assert line.count("16+48") == 1 and order in line and re.findall(r"H(\d+)", line) == [heads]
+
+
+def test_a_variant_given_twice_is_timed_and_listed_once():
+    """Audit: --variants sdpa,sdpa printed (and wrote to --json) the same row twice."""
+    rows = bench_attention([parse_shape("1,1,4,8,8")], variants=("sdpa", "taca", "sdpa"), repeats=2, memory=False)
+    assert [r["variant"] for r in rows] == ["sdpa", "taca"] and all(len(r["times_ms"]) == 2 for r in rows)

@@ -102,7 +102,10 @@ BAD = [
     (["generate", "--prompt", "x", "--lora", "/nonexistent/lora"], "neither a file/folder"),
     (["generate", "--bogus"], "unrecognized arguments"),
     (["bench", "attention", "--shape", "1,2,3"], "B,H,NTXT,NVIS,D"),
+    (["bench", "attention", "--shape", "1,2,3,4,5,diagonal"], "--shape '1,2,3,4,5,diagonal'"),
     (["bench", "attention", "--shape", "1,1,4,8,8", "--variants", "sdpa,fast"], "choose from"),
+    (["bench", "attention", "--shape", "1,1,4,8,8", "--variants", ","], "--variants"),
+    (["bench", "e2e", "--preset", "sd99"], "--preset 'sd99'"),
     (["bench"], "choose a benchmark"),
 ]
 

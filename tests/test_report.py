@@ -12,7 +12,9 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -21,13 +23,15 @@ import pytest
 from PIL import Image
 
 from taca_probe import analysis as A
-from taca_probe import open_sweep, report, run_sweep
+from taca_probe import load_pipeline, open_sweep, probe, report, run_sweep
 from taca_probe.cli import main
 from taca_probe.errors import TacaProbeError
-from taca_probe.rendering import choose_runs, open_inputs
+from taca_probe.rendering import Run, _heatmap_figure, _suppression_figure, choose_runs, open_inputs
+from taca_probe.store import open_run
 
 pytestmark = pytest.mark.slow  # records sweeps, renders the page, drives a browser
 
+OLD_STORE = Path(__file__).parent / "data" / "store-v0.1.0.zarr"  # tiny-sd3, 4 samples, 2 steps, 3 layers
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 
@@ -215,3 +219,90 @@ def test_report_command(sweep_dir, tmp_path, capsys):
     rc = main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_each_heat_map_panel_shows_every_step_of_its_own_run():
+    """Audit: every heat-map panel was labelled with the first run's timesteps (a run of other steps lost columns and
+    got wrong timesteps), and a timestep passed twice (a Heun scheduler) merged two steps into one column."""
+    ds = open_run(OLD_STORE)
+    heun = ds.assign_coords(timestep=ds["timestep"] * 0 + 500.0)  # every step at one timestep
+    runs = [Run("a", "none", ds), Run("b", "const:1.1", ds.isel(step=[1])), Run("c", "const:1.2", heun)]
+    for trace, run in zip(_heatmap_figure(runs, None, None).data, runs):
+        mass = run.ds["vis_txt_mass"].sel(branch="cond").transpose("sample", "step", "layer", "head").values
+        np.testing.assert_allclose(trace.z, np.nanmean(mass, axis=(0, 3)).T, rtol=1e-6)
+        assert len(set(trace.x)) == len(trace.x) == run.ds.sizes["step"]  # one category per column
+        shown = [float(label.split()[0]) for label in trace.x]
+        np.testing.assert_allclose(shown, np.round(run.ds["timestep"].values[0]))
+
+
+def test_a_prompt_with_a_comment_and_script_tags_leaves_the_viewer_working(tmp_path):
+    """Audit: '<!--<script>' in a prompt put the HTML parser in a state where the data block's '</script>' did not end
+    it, so the viewer's data and code became one unparsable element and the viewer never started (no error shown)."""
+    prompt = 'a <!--<script> "cat" & </script> dog'
+    with probe(load_pipeline("tiny-sd3", device="cpu"), tmp_path / "s.zarr", maps="steps=0;tokens=0-3") as rec:
+        rec.sample(prompt, num_inference_steps=1, height=64, width=64, max_sequence_length=8)
+    page = report(tmp_path / "s.zarr", tmp_path / "page", n_resamples=100)
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(str(tmp_path / "chromium"), executable_path=_chromium(),
+                                                    headless=True, args=CHROMIUM_ARGS)
+        try:
+            tab = ctx.new_page()
+            tab.on("pageerror", lambda e: errors.append(str(e)))
+            tab.goto(page.path.resolve().as_uri(), wait_until="load")
+            tab.wait_for_function("window.tacaReport !== undefined")
+            shown = tab.evaluate("window.tacaReport.data.samples[0].prompt")
+        finally:
+            ctx.close()
+    assert not errors and shown == prompt
+
+
+def test_a_failed_write_leaves_the_earlier_page_whole(tmp_path):
+    """Audit: the page was written in place, so a write that failed (disk full; here a 1 MiB file-size limit) left a
+    half-written index.html where the earlier page had been."""
+    (tmp_path / "index.html").write_text("earlier page")
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, limits[1]))
+    try:
+        with pytest.raises(OSError):
+            report(OLD_STORE, tmp_path, n_resamples=100)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert [p.name for p in tmp_path.iterdir()] == ["index.html"]
+    assert (tmp_path / "index.html").read_text() == "earlier page"
+
+
+def test_a_store_path_that_is_not_utf8_gets_its_page(tmp_path, capsys):
+    """Audit: a store folder named in Latin-1 (a path Python holds with surrogates) failed the page's UTF-8 encoding
+    half-way: 'internal error' and an empty index.html in place of the earlier page."""
+    store = tmp_path / os.fsdecode(b"caf\xe9.zarr")
+    shutil.copytree(OLD_STORE, store)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "index.html").write_text("earlier page")
+    assert main(["report", str(store), "--out", str(tmp_path / "r"), "--n-resamples", "100"]) == 0, capsys.readouterr()
+    text = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
+    assert "caf?.zarr" in text and text.endswith("</html>")
+
+
+def test_runs_whose_maps_differ_in_size_get_a_viewer_of_one_layout(sweep_dir, tmp_path):
+    """Audit: a store of 333 tokens (max_sequence_length 256) next to stores of 85 crashed the report ('internal error:
+    operands could not be broadcast'): the viewer decodes every run's maps with one layout."""
+    old = open_run(OLD_STORE).sel(branch="cond")
+    data = _page_data(report([OLD_STORE, sweep_dir], tmp_path, n_resamples=100).path)
+    assert [r["label"] for r in data["runs"]] == [str(OLD_STORE)] and data["shape"][3:] == [333, 4, 4]
+    assert [s["prompt"] for s in data["samples"]] == [str(p) for p in old["prompt"].values]  # all its samples
+    shown = np.frombuffer(base64.b64decode(data["maps"]["0"]), "<f2").reshape(data["shape"])
+    stored = old["maps"].isel(step=[0]).transpose("sample", "step", "layer", "token", "y", "x").values  # step 0 only
+    np.testing.assert_array_equal(shown, stored.astype("<f2"))
+
+
+def test_the_suppression_chart_draws_each_runs_uniform_reference(sweep_dir):
+    """Audit: runs of different token counts (333 and 85 text tokens) got one uniform-attention line, the last run's."""
+    runs = [Run("old", "step:1.3@970", open_run(OLD_STORE)),
+            Run("new", "none", open_sweep(sweep_dir).sel(schedule="none"))]
+    fig = _suppression_figure(runs, {"n_resamples": 100, "seed": 0, "branch": None})
+    expected = sorted(r.ds.attrs["n_txt"] / (r.ds.attrs["n_txt"] + r.ds.attrs["n_vis"]) for r in runs)
+    np.testing.assert_allclose(sorted(shape.y0 for shape in fig.layout.shapes), expected, rtol=1e-6)
