@@ -161,6 +161,18 @@ def test_out_inside_a_store_is_refused_before_anything_is_written(old_store, cap
     assert sorted(store.rglob("*")) == before
 
 
+@pytest.mark.parametrize("argv", OUT_COMMANDS, ids=[a[0] for a in OUT_COMMANDS])
+def test_an_out_folder_that_is_a_file_is_refused_before_any_work(old_store, tmp_path, capsys, monkeypatch, argv):
+    """Audit: `generate --out FILE` loaded the model and sampled, then failed with 'File exists'."""
+    out = tmp_path / "a-file"
+    out.write_text("kept")
+    for module in (record, eval_cli):
+        monkeypatch.setattr(module, "load_pipeline", _must_not_load)
+    rc, _, err = run_cli([old_store if a == "STORE" else a for a in argv] + ["--out", out], capsys)
+    _refused(rc, err, str(out))
+    assert out.read_text() == "kept"
+
+
 FILE_IN_STORE = [["info", "STORE", "--json"], ["eval", "--json"], ["eval", "--save-images"],
                  ["bench", "attention", "--json"], ["bench", "e2e", "--json"]]
 

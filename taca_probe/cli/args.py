@@ -165,7 +165,7 @@ def check_json(path: str | None) -> None:
         raise TacaProbeError(f"--json: folder {str(out.parent)!r} does not exist")
     if out.is_dir():
         raise TacaProbeError(f"--json {str(out)!r} is a folder; name a file")
-    check_out(out, flag="--json")
+    check_out(out, flag="--json", folder=False)
 
 
 def write_json(path: str, text: str) -> None:
@@ -232,12 +232,14 @@ def short_prompt(prompt: str, width: int = 40) -> str:
     return textwrap.shorten(" ".join(prompt.split()), width, placeholder=" …")
 
 
-def check_out(path: Path, *, store: bool = False, flag: str = "--out") -> None:
+def check_out(path: Path, *, store: bool = False, flag: str = "--out", folder: bool = True) -> None:
     """Refuse an output path under a file, in a store or in a folder that cannot be written, before loading a model.
 
     ``store``: ``path`` may itself be a store (``record`` resumes or replaces its own ``--out``). ``flag``: the
-    option that named ``path``, for the message.
+    option that named ``path``, for the message. ``folder``: ``path`` names a folder (a store is one), not a file.
     """
+    if folder and path.exists() and not path.is_dir():
+        raise TacaProbeError(f"{flag} {str(path)!r} is a file; name a folder")
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent

@@ -84,8 +84,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_json(args.json)  # now: the evaluation would be lost when the write fails at the end
     if args.save_images:
         check_out(Path(args.save_images), flag="--save-images")
-        if Path(args.save_images).exists() and not Path(args.save_images).is_dir():  # else: refused after sampling
-            raise TacaProbeError(f"--save-images {args.save_images!r} is a file; name a folder")
     if args.full and args.seeds is not None:
         raise TacaProbeError(f"--full fixes the seeds (0-{DEFAULT_SEEDS[-1]}); give either --full or --seeds")
     seeds = list(DEFAULT_SEEDS) if args.full else list(QUICK_SEEDS) if args.seeds is None else args.seeds
