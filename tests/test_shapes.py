@@ -601,6 +601,18 @@ def test_eval_cli_samples_a_repeated_prompt_once(monkeypatch) -> None:
     assert calls == [(["a red square", "a blue circle"], [1, 0])]
 
 
+def test_eval_cli_takes_prompt_or_prompt_set_not_both(monkeypatch) -> None:
+    """--prompt-set two with --prompt ran the --prompt list alone, silently; the default set is every held-out prompt."""
+    calls = _fake_eval(monkeypatch)
+    args = _eval_args("--prompt", "a red square", "--prompt-set", "two")
+    with pytest.raises(TacaProbeError) as excinfo:
+        args.func(args)
+    one_line(excinfo.value, "--prompt-set", "--prompt")
+    args = _eval_args("--seeds", "0")
+    assert args.func(args) == 0
+    assert calls == [([p.text for p in ds.held_out_prompts("all")], [0])]
+
+
 def test_eval_cli_refuses_save_images_into_a_file_before_loading(tmp_path, monkeypatch) -> None:
     from taca_probe.cli import eval as cli_eval
 

@@ -44,7 +44,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help="the full protocol of the README's results: seeds 0-39 (40 x 44 images a schedule, about "
                    "22 min a schedule on a CPU core) instead of the quick preset")
-    p.add_argument("--prompt-set", choices=["all", "one", "two"], default="all",
+    p.add_argument("--prompt-set", choices=["all", "one", "two"], default=None,
                    help="held-out one-object prompts, two-object prompts, or both (default all)")
     p.add_argument("--prompt", action="append",
                    help="a prompt of the shapes grammar instead of the held-out set (repeatable)")
@@ -79,7 +79,9 @@ def _estimate_seconds(pipe: Any, prompts: Sequence[str], n_images: int, call: di
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``taca-probe eval``: print the table, optionally write JSON. Returns the exit status."""
     schedules = list(dict.fromkeys(parse(s).spec for s in (args.schedule or ["none"])))  # each once; before loading
-    specs = [ds.parse_prompt(p) for p in args.prompt] if args.prompt else ds.held_out_prompts(args.prompt_set)
+    if args.prompt and args.prompt_set:  # else one of them is silently not what runs
+        raise TacaProbeError("--prompt replaces the held-out set; give either --prompt or --prompt-set")
+    specs = [ds.parse_prompt(p) for p in args.prompt] if args.prompt else ds.held_out_prompts(args.prompt_set or "all")
     prompts = list(dict.fromkeys(p.text for p in specs))  # a prompt given twice (any spelling) is sampled once
     check_json(args.json)  # now: the evaluation would be lost when the write fails at the end
     if args.save_images:
