@@ -47,11 +47,12 @@ class Run(NamedTuple):
     ds: xr.Dataset
 
 
-def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks: Any = None,
-                ) -> tuple[list[Run], xr.Dataset | None, str]:
+def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks: Any = None, *,
+                as_sweep: bool = True) -> tuple[list[Run], xr.Dataset | None, str]:
     """The runs of stores and sweep folders, a sweep Dataset (or None) and why there is no sweep.
 
-    Several stores of different schedules on the same samples are opened together as a sweep.
+    With ``as_sweep``, several stores of different schedules on the same samples are opened together
+    as a sweep (which warns of samples some store lacks; callers of the runs alone pass False).
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     if not sources:
@@ -81,7 +82,7 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
             raise StoreError(f"no store or sweep at {str(p)!r}")
         else:
             raise StoreError(f"{str(p)!r} is neither a taca-probe store nor a sweep folder (no sweep.json)")
-    if sweep is None and len(stores) >= 2:
+    if as_sweep and sweep is None and len(stores) >= 2:
         try:
             sweep = open_sweep(stores, chunks=chunks)
         except (SweepError, A.AnalysisError) as e:
@@ -493,7 +494,7 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     ``sources``, ``baseline``, ``treated`` as for :func:`render_figures`; ``n_resamples``, ``seed``,
     ``branch``: analysis options. The returned :class:`Report` displays the page in Jupyter.
     """
-    runs = [r for r in open_inputs(sources)[0] if r.ds.sizes.get("sample", 0)]
+    runs = [r for r in open_inputs(sources, as_sweep=False)[0] if r.ds.sizes.get("sample", 0)]
     if not runs:
         raise ReportError("no complete sample in the inputs")
     base, treat = choose_runs(runs, baseline=baseline or None, treated=treated or None)

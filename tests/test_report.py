@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from taca_probe import analysis as A
-from taca_probe import load_pipeline, open_sweep, probe, report, run_sweep
+from taca_probe import load_pipeline, open_sweep, probe, rendering, report, run_sweep
 from taca_probe.cli import main
 from taca_probe.errors import TacaProbeError
 from taca_probe.rendering import Run, _heatmap_figure, _suppression_figure, choose_runs, open_inputs
@@ -306,3 +306,12 @@ def test_the_suppression_chart_draws_each_runs_uniform_reference(sweep_dir):
     fig = _suppression_figure(runs, {"n_resamples": 100, "seed": 0, "branch": None})
     expected = sorted(r.ds.attrs["n_txt"] / (r.ds.attrs["n_txt"] + r.ds.attrs["n_vis"]) for r in runs)
     np.testing.assert_allclose(sorted(shape.y0 for shape in fig.layout.shapes), expected, rtol=1e-6)
+
+
+def test_a_report_of_stores_does_not_open_them_as_a_sweep(sweep_dir, tmp_path, monkeypatch):
+    """Audit: a report of stores that do not pair warned that samples 'were left out; resume the sweep', though
+    the page never uses a sweep and shows every sample: opening the stores as one only served fig4."""
+    monkeypatch.setattr(rendering, "open_sweep", lambda *a, **k: pytest.fail("opened the stores as a sweep"))
+    stores = sorted((sweep_dir / "stores").iterdir())
+    data = _page_data(report(stores, tmp_path, n_resamples=100).path)
+    assert [r["label"] for r in data["runs"]] == [str(p) for p in stores]

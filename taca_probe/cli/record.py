@@ -325,7 +325,7 @@ def cmd_export_images(args: argparse.Namespace) -> int:
     """Every image of a store (or each store of a sweep) as PNG, named by prompt and seed."""
     out = Path(args.out)
     check_out(out)
-    runs = open_inputs([args.store], None)[0]
+    runs = open_inputs([args.store], None, as_sweep=False)[0]
     todo = []
     for k, (label, spec, ds) in enumerate(runs):
         # a sweep: one folder per schedule, numbered in order (two specs can share a slug); a store: --out
