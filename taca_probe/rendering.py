@@ -11,6 +11,7 @@ import html
 import io
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -494,7 +495,11 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     ``sources``, ``baseline``, ``treated`` as for :func:`render_figures`; ``n_resamples``, ``seed``,
     ``branch``: analysis options. The returned :class:`Report` displays the page in Jupyter.
     """
-    runs = [r for r in open_inputs(sources, as_sweep=False)[0] if r.ds.sizes.get("sample", 0)]
+    runs, empty = [], []
+    for r in open_inputs(sources, as_sweep=False)[0]:
+        (runs if r.ds.sizes.get("sample", 0) else empty).append(r)
+    if empty and runs:  # else the page would not say that a run it was given is missing
+        warnings.warn(f"{', '.join(r.label for r in empty)}: no complete sample; left out of the page")
     if not runs:
         raise ReportError("no complete sample in the inputs")
     base, treat = choose_runs(runs, baseline=baseline or None, treated=treated or None)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from PIL import Image
 
 from taca_probe import analysis as A
@@ -315,3 +316,14 @@ def test_a_report_of_stores_does_not_open_them_as_a_sweep(sweep_dir, tmp_path, m
     stores = sorted((sweep_dir / "stores").iterdir())
     data = _page_data(report(stores, tmp_path, n_resamples=100).path)
     assert [r["label"] for r in data["runs"]] == [str(p) for p in stores]
+
+
+def test_a_store_without_a_complete_sample_is_named_not_dropped_silently(sweep_dir, tmp_path):
+    """Audit: a store whose samples were all unfinished vanished from the page without a word."""
+    good, empty = sorted((sweep_dir / "stores").iterdir())[0], tmp_path / "empty.zarr"
+    shutil.copytree(good, empty)
+    zarr.open_group(str(empty), mode="r+")["complete"][:] = False
+    assert open_run(empty).sizes["sample"] == 0
+    with pytest.warns(UserWarning, match="empty.zarr: no complete sample"):
+        data = _page_data(report([good, empty], tmp_path / "page", n_resamples=100).path)
+    assert [r["label"] for r in data["runs"]] == [str(good)]
