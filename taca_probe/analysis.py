@@ -109,7 +109,7 @@ def _select_branch(ds: xr.Dataset, branch: str | None) -> xr.Dataset:
     stored = ds.attrs.get("branch")
     if branch is not None and stored is not None and stored != branch:
         raise AnalysisError(f"this store recorded the {stored!r} branch only, not {branch!r}; "
-                            f"pass branch={stored!r} or None")
+                            f"choose {stored!r} or leave the branch unset")  # branch= or --branch
     return ds
 
 
