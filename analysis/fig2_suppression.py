@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p = _common.parser(__doc__.splitlines()[0], "fig2")
     p.add_argument("--by", default="block_type", choices=analysis.GROUP_BY, help="layer grouping of the lines")
     args = p.parse_args(argv)
+    if len(args.stores) > 1:  # the others would be ignored without a word
+        p.error(f"give one STORE or sweep folder, not {len(args.stores)}")
     stores = args.stores or [_common.record(args, schedules=["none"], seeds=range(4))]
     src = Path(stores[0])
     ds = open_sweep(src).isel(schedule=0) if is_sweep(src) else open_run(src)

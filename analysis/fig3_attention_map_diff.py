@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         treated, baseline = sweep.sel(schedule=parse(args.schedule).spec), sweep.sel(schedule="none")
     elif len(stores) == 2:
         treated, baseline = open_run(stores[0]), open_run(stores[1])
+        if analysis.schedule_of(treated) == "none" != analysis.schedule_of(baseline):  # titled "TACA (none)"
+            p.error(f"the first store is the stock model (schedule none), the second "
+                    f"{analysis.schedule_of(baseline)!r}: give TACA_STORE BASELINE_STORE")
     else:
         p.error("give TACA_STORE BASELINE_STORE, or one sweep folder")
     steps = analysis.recorded_map_steps(treated)[:4] if "maps" in treated else None

@@ -316,10 +316,14 @@ def test_figure_scripts_on_given_stores(sweep_dir, tmp_path, capsys):
 
 def test_figure_scripts_refuse_a_missing_schedule_and_a_bad_number_as_usage_errors(sweep_dir, tmp_path, capsys):
     """Audit: fig3 on a sweep without its --schedule ended in a KeyError traceback, fig4 --gamma0 abc in a
-    ValueError one."""
+    ValueError one; fig2 and fig5 drew the first of two stores and ignored the second without a word; fig3
+    drew BASELINE TACA as "TACA (none) - baseline (step:...)"."""
     sys.modules.pop("_common", None)
+    two = [str(sweep_dir / "stores" / "01_step_1.2@970.zarr"), str(sweep_dir / "stores" / "00_none.zarr")]
     for name, argv in (("fig3_attention_map_diff.py", [str(sweep_dir), "--schedule", "step:1.7@970"]),
-                       ("fig4_gamma_sweep.py", ["--gamma0", "1.2,abc", "--record-dir", str(tmp_path / "rec")])):
+                       ("fig4_gamma_sweep.py", ["--gamma0", "1.2,abc", "--record-dir", str(tmp_path / "rec")]),
+                       ("fig2_suppression.py", two), ("fig5_token_ranking.py", two),
+                       ("fig3_attention_map_diff.py", two[::-1])):  # was drawn as "TACA (none) - baseline (...)"
         with pytest.raises(SystemExit) as e:
             _script(name)([*argv, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err
