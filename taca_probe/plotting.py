@@ -22,7 +22,7 @@ import xarray as xr
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .analysis import on_grid, readable_token, schedule_of
+from .analysis import branch_of, on_grid, readable_token, schedule_of
 from .errors import TacaProbeError
 from .selection import index_list, positive_int
 
@@ -111,7 +111,7 @@ def _about(res: xr.Dataset) -> str:
 
 def _branch(res: xr.Dataset) -> str:
     """``", uncond branch"`` for a result of the unconditional CFG branch; nothing for the usual cond."""
-    branch = res.attrs.get("branch", "cond")
+    branch = branch_of(res)
     return "" if branch == "cond" else f", {branch} branch"
 
 

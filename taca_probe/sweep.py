@@ -36,7 +36,7 @@ from .stats import sample_keys
 from .store import is_store, open_run, remove_store
 
 __all__ = ["SweepError", "MANIFEST", "SWEEP_FORMAT", "DEFAULT_GAMMA0", "DEFAULT_T_THRESH", "sweep_schedules",
-           "run_sweep", "open_sweep", "read_manifest", "is_sweep", "sample_plan"]
+           "run_sweep", "open_sweep", "read_manifest", "is_sweep", "sample_plan", "schedule_slug"]
 
 #: The manifest's file name inside a sweep folder.
 MANIFEST = "sweep.json"
@@ -82,7 +82,8 @@ def _schedule_coords(spec: str) -> tuple[float, float]:
     return math.nan, math.nan
 
 
-def _slug(spec: str) -> str:
+def schedule_slug(spec: str) -> str:
+    """A schedule spec as a file-name part (store and image folders of a sweep, eval image folders)."""
     # cut: a long spec (a table, layer globs) made a store name past the 255-byte file-name limit, and the
     # store is first built under a hidden name up to ~90 characters longer; the NN_ prefix keeps names apart
     return re.sub(r"[^A-Za-z0-9.@=-]+", "_", spec).strip("_")[:120].rstrip("_") or "schedule"
@@ -247,7 +248,7 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
     entries = []
     for i, spec in enumerate(specs):
         g0, tt = (None if math.isnan(v) else v for v in _schedule_coords(spec))
-        stem = f"{i:02d}_{_slug(spec)}"
+        stem = f"{i:02d}_{schedule_slug(spec)}"
         entries.append({"spec": spec, "gamma0": g0, "t_thresh": tt, "store": f"stores/{stem}.zarr",
                         "images": f"images/{stem}", "samples_complete": 0})
     doc: dict[str, Any] = {

@@ -19,7 +19,7 @@ from ..errors import TacaProbeError
 from ..intervention import taca
 from ..models import call_settings
 from ..schedules import parse
-from ..sweep import _slug
+from ..sweep import schedule_slug
 from . import dataset as ds
 from . import evaluator as ev
 
@@ -162,7 +162,7 @@ def run_benchmark(
         entry: dict[str, Any] = {"aggregate": {k: vars(v) for k, v in ev.aggregate(scores, n_boot=n_boot).items()}}
         if save_images is not None:
             # numbered as a sweep's folders: specs that slug alike stay apart; cut, as a long table passed 255 bytes
-            folder = Path(save_images) / f"{i:02d}_{_slug(spec)}"
+            folder = Path(save_images) / f"{i:02d}_{schedule_slug(spec)}"
             folder.mkdir(parents=True, exist_ok=True)
             for j, (img, seed) in enumerate(zip(images, s_list)):
                 img.save(folder / f"{j:04d}-seed{seed}.png")
