@@ -370,7 +370,9 @@ def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int]
     shown = diff[:, tokens]
     vmax = (float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 0.0) or 1e-9
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
-    image = np.asarray(sub["treated_image"].values) if overlay and "treated_image" in sub else None
+    if overlay and "treated_image" not in sub:
+        raise FigureError("overlay=True needs the decoded images, and these stores hold none; drop overlay")
+    image = np.asarray(sub["treated_image"].values) if overlay else None
     t = _coord(sub, "timestep", None)
     ny, nx = diff.shape[-2:]
     fig = _figure(1.55 * len(steps) + 1.6 + 0.08 * max(len(x) for x in labels), 1.3 * len(tokens) + 1.8)
@@ -393,7 +395,7 @@ def plot_map_difference(md: xr.Dataset, *, sample: int = 0, steps: Sequence[int]
         f"Fig. 3 analogue: visual→text attention maps, TACA ({md.attrs.get('treated_schedule')}) − baseline "
         f"({md.attrs.get('baseline_schedule') or 'none'}){_branch(md)}\n'{_wrap(prompt, 60)}', seed {seed}; head mean, "
         f"{md.attrs.get('n_layers')} layer(s) averaged; each panel: {ny} × {nx} latent image-token grid; "
-        f"n = 1 sample (of {md.attrs.get('n_pairs')} pairs)\n{note}"))
+        f"n = 1 sample (of {md.attrs.get('n_pairs')} pairs){'; over the TACA image' if overlay else ''}\n{note}"))
     return fig
 
 

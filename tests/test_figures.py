@@ -442,3 +442,14 @@ def test_baseline_and_treated_must_be_two_runs():
     assert choose_runs(runs, baseline="none", treated="step:1.2@970") == (runs[0], runs[1])
     with pytest.raises(TacaProbeError, match="same run"):
         choose_runs(runs, baseline="b.zarr", treated="step:1.2@970")
+
+
+def test_fig3_overlay_draws_each_map_over_the_taca_image(sweep_dir):
+    sweep = open_sweep(sweep_dir)
+    md = A.map_difference(sweep.sel(schedule="step:1.5@970"), sweep.sel(schedule="none"))
+    grey = np.asarray(md["treated_image"].isel(sample=1).values, float).mean(axis=-1)
+    panels = [ax for ax in plotting.plot_map_difference(md, sample=1, max_tokens=2, overlay=True).axes if ax.images]
+    assert panels and all(len(ax.images) == 2 for ax in panels)
+    assert all(np.array_equal(np.asarray(ax.images[0].get_array(), float), grey) for ax in panels)
+    with pytest.raises(plotting.FigureError, match="overlay"):  # stores recorded without images
+        plotting.plot_map_difference(md.drop_vars("treated_image"), overlay=True)
