@@ -9,6 +9,7 @@ starts the next step, a larger one a new run).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import inspect
 import math
 import numbers
@@ -213,6 +214,15 @@ class TacaHandle:
             raise TacaProbeError(f"diffusers hooks {', '.join(sorted(hooks - _PASSIVE_HOOKS))} skip or reuse attention "
                                  "calls; remove them (transformer.disable_cache() for a cache) before taca()/probe()")
         self.sites = find_sites(transformer, self.family)
+        if not self.schedule.is_identity:  # one that selects no layer here would report TACA it never applied
+            for pattern in getattr(self.schedule, "layers", None) or ():
+                if not any(fnmatch.fnmatchcase(s.name, pattern) for s in self.sites):
+                    raise TacaProbeError(f"--schedule {self.schedule.spec!r}: layers={pattern} matches none of this "
+                                         f"model's {len(self.sites)} attention layers ({self.sites[0].name} ... "
+                                         f"{self.sites[-1].name})")
+            if hasattr(self.schedule, "selects") and not any(
+                    self.schedule.selects(layer=s.name, block_type=s.block_type) for s in self.sites):
+                raise TacaProbeError(f"--schedule {self.schedule.spec!r} selects none of this model's attention layers")
         self.state = RunState(self.sites)
         self.calls: list[CallRecord] = []
         self._schedule_src: Any = None  # the scheduler's timesteps tensor that _schedule_host mirrors

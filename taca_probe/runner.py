@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fnmatch
 import inspect
 import os
 import sys
@@ -180,7 +179,6 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
     handle = apply_taca(pipe, TacaConfig(schedule=schedule, lora=lora, lora_scale=lora_scale))
     with contextlib.ExitStack() as cleanup:  # on exit: the recorder's listener, then TACA, removed
         cleanup.callback(handle.remove)
-        _check_schedule_layers(schedule, handle)
         settings = run_settings(pipe, schedule=schedule, maps=maps, branch=branch, model=model)
         if mode == "resume" and p.exists():
             check_resume(p, settings)
@@ -200,21 +198,6 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
         recorder = Recorder(pipe, handle, maps=maps, branch=branch)
         cleanup.callback(recorder.close)
         yield Run(pipe, p, handle, recorder, base_attrs)
-
-
-def _check_schedule_layers(schedule: Schedule, handle: TacaHandle) -> None:
-    """Refuse a schedule that selects no attention layer of this model: the store would say TACA
-    was applied when it was not."""
-    sites = handle.sites
-    if schedule.is_identity:
-        return
-    for pattern in getattr(schedule, "layers", None) or ():
-        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in sites):
-            raise TacaProbeError(f"--schedule {schedule.spec!r}: layers={pattern} matches none of this model's "
-                                 f"{len(sites)} attention layers ({sites[0].name} ... {sites[-1].name})")
-    if hasattr(schedule, "selects") and not any(schedule.selects(layer=s.name, block_type=s.block_type)
-                                                for s in sites):
-        raise TacaProbeError(f"--schedule {schedule.spec!r} selects none of this model's attention layers")
 
 
 def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, branch: str,

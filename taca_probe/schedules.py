@@ -319,9 +319,11 @@ class TableSchedule(Schedule):
             except (TypeError, ValueError):
                 raise _Invalid(f"table entries must be (T, G) pairs, got {entry!r}") from None
             out.append((_timestep(thr, "table threshold T"), _gamma(g, "table gamma G")))
-        for i, (thr, _) in enumerate(out):  # after every entry is checked
-            if thr in [u for u, _ in out[:i]]:
+        seen: set[float] = set()
+        for thr, _ in out:  # after every entry is checked; a set: a long table is not quadratic
+            if thr in seen:
                 raise _Invalid(f"table thresholds must be distinct, {_fmt(thr)} appears twice")
+            seen.add(thr)
         object.__setattr__(self, "entries", tuple(sorted(out, key=lambda e: -e[0])))
 
     def _value(self, t: float, step: int, num_steps: int | None, *where: str) -> float:

@@ -81,10 +81,10 @@ def index_list(value: Any, what: str, valid: str, error: type[Exception] = TacaP
 
 
 #: How each part of a map selection's string form is read.
-_PARTS = {
-    "steps": lambda v: None if v == "all" else tuple(sorted(int_ranges(v))),
-    "layers": lambda v: None if v == "all" else tuple(p.strip() for p in v.split("|") if p.strip()),
-    "tokens": lambda v: v if v in ("prompt", "all") else tuple(sorted(int_ranges(v))),
+_PARTS = {  # the keywords in any case, as the rest of the grammar (none, blocks=JOINT)
+    "steps": lambda v: None if v.lower() == "all" else int_ranges(v),
+    "layers": lambda v: None if v.lower() == "all" else tuple(p.strip() for p in v.split("|") if p.strip()),
+    "tokens": lambda v: v.lower() if v.lower() in ("prompt", "all") else int_ranges(v),
 }
 _MAPS_FORMS = (
     "steps=all|0-4,7 ; layers=all|GLOB[|GLOB] ; tokens=prompt|all|0-10,12 "
@@ -110,16 +110,22 @@ class MapSelection:
         def index(i: Any) -> bool:
             return isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0
 
-        def each(name: str, ok: Any, cast: Any) -> bool:
+        def each(name: str, ok: Any, norm: Any) -> bool:  # non-empty, each ok; stored as the parsed form
             v = getattr(self, name)
-            if not isinstance(v, (tuple, list, range)) or not all(map(ok, v)):
+            if not isinstance(v, (tuple, list, range)) or not v or not all(map(ok, v)):
                 return False
-            object.__setattr__(self, name, tuple(map(cast, v)))
+            object.__setattr__(self, name, norm(v))
             return True
 
-        if not ((self.steps is None or each("steps", index, int))
-                and (self.layers is None or each("layers", lambda g: isinstance(g, str), str))
-                and (self.tokens in ("prompt", "all") or each("tokens", index, int))):
+        def ints(v: Any) -> tuple[int, ...]:  # sorted, each once: one selection, one spec (a resume compares it)
+            return tuple(sorted({int(i) for i in v}))
+
+        def glob(g: Any) -> bool:  # a pattern that survives the spec string
+            return isinstance(g, str) and g == g.strip() != "" and not any(c in g for c in ";|")
+
+        if not ((self.steps is None or each("steps", index, ints))
+                and (self.layers is None or each("layers", glob, lambda v: tuple(map(str, v))))
+                and ((isinstance(self.tokens, str) and self.tokens in ("prompt", "all")) or each("tokens", index, ints))):
             raise TacaProbeError(f"bad maps selection steps={self.steps!r}, layers={self.layers!r}, "
                                  f"tokens={self.tokens!r}; valid forms: none | {_MAPS_FORMS}")
 

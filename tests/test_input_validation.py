@@ -72,6 +72,20 @@ def test_record_refuses_bad_numbers_before_loading(tmp_path, capsys, monkeypatch
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag,value,piece", [
+    ("--gamma0", "1.2,,1.5", "''"), ("--gamma0", "1.2,", "''"), ("--gamma0", "1.2,abc", "'abc'"),
+    ("--t-thresh", "970,", "''"), ("--seeds", "0,", "''"),  # the seeds' rule, which the number lists now share
+])
+def test_sweep_number_lists_name_an_empty_or_bad_part_before_loading(tmp_path, capsys, monkeypatch, flag, value,
+                                                                      piece):
+    """Audit: --gamma0 1.2,,1.5 and 1.2, were taken as 1.2,1.5 and 1.2 (--seeds 0, is refused), and a bad part
+    was not named."""
+    monkeypatch.setattr(record, "load_pipeline", _must_not_load)
+    rc, _, err = run_cli(["sweep", "--prompt", "x", flag, value, "--out", str(tmp_path / "s")], capsys)
+    _refused(rc, err, f"{value!r}: {piece}")
+    assert not (tmp_path / "s").exists()
+
+
 PROMPT_FILES = [
     ('{"prompt": null}\n', "prompt"),  # would become the prompt "None"
     ('{"prompt": ""}\n', "prompt"),

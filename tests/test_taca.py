@@ -406,6 +406,39 @@ def test_bad_schedule_is_refused_before_anything_is_installed(pipes):
     assert all(transformer.attn_processors[k] is v for k, v in before.items())
 
 
+_SELECTS_NOTHING = [
+    ("tiny-sd3", "step:1.2@970;blocks=single", "blocks=single"),  # SD3 has joint blocks only
+    ("tiny-sd3", "first:1.5@2;layers=transformer_blocks.9*", "transformer_blocks.9*"),  # beyond its depth
+    ("tiny-flux", "const:2;layers=single_transformer_blocks.0.attn|nope*", "nope*"),  # one glob of two matches
+]
+
+
+@pytest.mark.parametrize("model,spec,piece", _SELECTS_NOTHING)
+def test_a_schedule_selecting_no_layer_is_refused_by_taca(pipes, model, spec, piece):
+    """Audit: probe() and record refused these, but taca() (so generate and eval) ran the stock model in silence
+    while the schedule, the sidecar and describe() said TACA."""
+    transformer = pipes[model].transformer
+    before = dict(transformer.attn_processors)
+    with pytest.raises(TacaProbeError) as e:
+        with taca(pipes[model], spec):
+            pass
+    assert "\n" not in str(e.value) and spec in str(e.value) and piece in str(e.value)
+    assert all(transformer.attn_processors[k] is v for k, v in before.items())
+    with taca(pipes[model], "const:1;" + spec.split(";", 1)[1]):  # the stock model, however restricted: no claim
+        pass
+
+
+@pytest.mark.slow
+def test_generate_refuses_a_schedule_selecting_no_layer(tmp_path, capsys):
+    from tests.clitools import one_line_error, run_cli
+
+    model, spec, piece = _SELECTS_NOTHING[1]
+    rc, _, err = run_cli(["generate", "--model", model, "--prompt", "a cat", "--steps", "1", "--height", "32",
+                          "--width", "32", "--device", "cpu", "--schedule", spec, "--out", tmp_path / "g"], capsys)
+    one_line_error(rc, err, spec, "transformer_blocks.0.attn")  # the pattern and the layers it could match
+    assert not (tmp_path / "g").exists()
+
+
 @pytest.mark.parametrize("kwargs,word", [
     ({"lora_scale": "0.5"}, "lora_scale"), ({"lora_scale": float("nan")}, "lora_scale"),
     ({"num_inference_steps": 0}, "num_inference_steps"), ({"num_inference_steps": 2.5}, "num_inference_steps"),

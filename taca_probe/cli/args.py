@@ -87,13 +87,14 @@ positive_int = bounded(1, MAX_INT)
 
 
 def floats(text: str) -> list[float]:
-    """``1.0,1.2,1.5`` -> list of floats."""
-    try:
-        values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise argparse.ArgumentTypeError(f"bad number list {text!r}: expected e.g. 1.0,1.2,1.5")
+    """``1.0,1.2,1.5`` -> list of floats; an empty or other part is refused by name, as in ``--seeds``."""
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad number list {text!r}: {part.strip()!r} is not a number; "
+                                             "expected e.g. 1.0,1.2,1.5") from None
     return values
 
 
