@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import time
 from fractions import Fraction
 
 import numpy as np
@@ -322,16 +321,13 @@ def test_table_identity() -> None:
     assert not parse("table:970=1,900=1.1").is_identity
 
 
-def test_a_long_table_parses_in_linear_time_and_looks_up_like_brute_force() -> None:
-    # the distinct-threshold check compared each entry with every earlier one: 8,000 entries took ~3 s,
-    # 100,000 about 8 minutes
+def test_a_long_table_looks_up_like_brute_force() -> None:
+    # (its parse was quadratic once, 100,000 entries ~8 min; speed is the benchmarks' business, not a timed test)
     rng = np.random.default_rng(0)
     thresholds = rng.permutation(8_000) / 8  # 0.0 .. 999.875, shuffled
     gammas = np.round(rng.uniform(0.5, 2.0, thresholds.size), 3)
     spec = "table:" + ",".join(f"{t:g}={x:g}" for t, x in zip(thresholds, gammas))
-    t0 = time.perf_counter()
     s = parse(spec)
-    assert time.perf_counter() - t0 < 1.5
     for t in (1000.0, 999.95, 512.34, 0.05, 0.0):
         reached = thresholds <= t + T_TOLERANCE  # brute force: the G of the largest Ti with t >= Ti
         want = float(gammas[reached][np.argmax(thresholds[reached])]) if reached.any() else 1.0
