@@ -50,6 +50,7 @@ class _Invalid(Exception):
     """A failed check (the reason); the constructor or parse() names what was built in the ScheduleError."""
 
     def error(self, subject: str) -> ScheduleError:
+        subject = subject if len(subject) <= 300 else f"{subject[:280]}...{subject[-12:]}"  # a long table: not 1 MB of error
         text = f"invalid gamma schedule {subject}: {self.args[0]}; {FORMS_LINE}"
         return ScheduleError(text.replace("\r", " ").replace("\n", " "))  # the message is one line
 

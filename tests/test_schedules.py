@@ -789,3 +789,11 @@ def test_constructor_errors(make, token: str | None, words: tuple[str, ...]) -> 
         assert reason.count(token) >= 2, token
     for word in words:
         assert names(reason, word), word
+
+
+def test_a_long_bad_table_is_refused_in_one_short_line() -> None:
+    spec = "table:" + ",".join(f"{t}=1.1" for t in range(1000)) + ",5=1.2"  # 5 twice, at the end
+    with pytest.raises(ScheduleError) as info:
+        parse(spec)
+    text = str(info.value)
+    assert "\n" not in text and len(text) < 1000 and spec[:200] in text
