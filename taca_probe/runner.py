@@ -93,7 +93,9 @@ class Run:
                 return []
         elif writer is not None and all(writer.is_done((prompt, seed, b)) for b in range(n)):
             return []
-        self.recorder.begin(prompt, n, call.get("max_sequence_length"))
+        # the T5 encoder reads prompt_3 (SD3) / prompt_2 (FLUX) where given
+        self.recorder.begin(prompt, n, call.get("max_sequence_length"),
+                            call.get("prompt_3" if self.handle.family == "sd3" else "prompt_2"))
         self.handle.calls.clear()
         try:
             out = self.pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=n,

@@ -114,3 +114,19 @@ def test_the_store_names_the_device_the_pipeline_runs_on(pipes, tmp_path, monkey
     with probe(pipe, tmp_path / "d.zarr") as run:
         assert run.attrs["device"] == "cuda:0"
     assert seen == [torch.device("cuda", 0)]
+
+
+@pytest.mark.parametrize("model,key", [("tiny-sd3", "prompt_3"), ("tiny-flux", "prompt_2")])
+def test_t5_tokens_are_labelled_with_the_prompt_the_t5_encoder_read(pipes, tmp_path, model, key):
+    # SD3's T5 reads prompt_3 and FLUX's prompt_2 where given; the T5 labels were those of prompt.
+    pipe, t5_text = pipes(model), "seven green dogs jump"
+    with probe(pipe, tmp_path / "t.zarr") as run:
+        run.sample("a cat", seed=0, num_inference_steps=1, max_sequence_length=8, **{key: t5_text}, **SIZE)
+    ds = open_run(tmp_path / "t.zarr").isel(sample=0)
+    t5 = (ds["token_source"] == "t5").values
+    tokenizer = pipe.tokenizer_3 if model == "tiny-sd3" else pipe.tokenizer_2
+    read = tokenizer(t5_text, padding="max_length", max_length=8, truncation=True)
+    assert [str(t) for t in ds["token_text"].values[t5]] == tokenizer.convert_ids_to_tokens(read["input_ids"])
+    np.testing.assert_array_equal(ds["token_is_padding"].values[t5], np.array(read["attention_mask"]) == 0)
+    if model == "tiny-sd3":  # the CLIP positions stay those of prompt
+        assert "cat" in "".join(str(t) for t in ds["token_text"].values[~t5])
