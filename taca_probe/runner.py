@@ -50,6 +50,11 @@ class Run:
         self._writer: RunWriter | None = None
         self._first_kwargs: dict[str, Any] | None = None  # the plain pipeline kwargs of the first sample written
 
+    def __repr__(self) -> str:
+        done = "" if self._writer is None else f", {sum(d for *_, d in self._writer.slots())} samples complete"
+        return (f"<Run {'ended' if self.handle.removed else 'active'}: {str(self.path)!r}, schedule "
+                f"{self.handle.schedule.spec!r}, branch {self.recorder.branch!r}, maps {self.attrs.get('maps')!r}{done}>")
+
     @property
     def writer(self) -> RunWriter | None:
         """The store's writer (None until the store exists), opened on first use (the record loop sets its own)."""
