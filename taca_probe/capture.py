@@ -42,22 +42,24 @@ def image_bytes(images: Any, prompt: str, seed: int) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def prompt_tokens(pipe: Any, prompt: str, n_txt: int, max_sequence_length: int) -> tuple[list[str], np.ndarray, list[str]]:
+def prompt_tokens(pipe: Any, prompt: str, n_txt: int, max_sequence_length: int,
+                  t5_prompt: str | None = None) -> tuple[list[str], np.ndarray, list[str]]:
     """(token text, is-padding, source) for each of the ``n_txt`` text positions of ``prompt``.
 
     SD3/SD3.5: CLIP tokens (77, the CLIP-L tokenizer's view of the joined CLIP-L/G embedding)
-    followed by T5 tokens. FLUX: T5 tokens only (CLIP gives just the pooled vector).
+    followed by T5 tokens. FLUX: T5 tokens only (CLIP gives just the pooled vector). The T5 tokens
+    are those of ``t5_prompt`` where given (the pipeline's ``prompt_3`` / FLUX's ``prompt_2``).
     """
     texts: list[str] = []
     padding: list[bool] = []
     source: list[str] = []
 
-    def add(tokenizer: Any, length: int, name: str) -> None:
+    def add(tokenizer: Any, length: int, name: str, text: str) -> None:
         if tokenizer is None:  # e.g. SD3 without T5: the pipeline feeds zeros there
             texts.extend([""] * length)
             padding.extend([True] * length)
         else:
-            enc = tokenizer(prompt, padding="max_length", max_length=length, truncation=True,
+            enc = tokenizer(text, padding="max_length", max_length=length, truncation=True,
                             add_special_tokens=True, return_attention_mask=True)
             texts.extend(tokenizer.convert_ids_to_tokens(list(enc["input_ids"])[:length]))
             padding.extend(not bool(m) for m in list(enc["attention_mask"])[:length])
@@ -65,10 +67,10 @@ def prompt_tokens(pipe: Any, prompt: str, n_txt: int, max_sequence_length: int) 
 
     if hasattr(pipe, "tokenizer_3"):  # SD3
         clip_len = int(getattr(pipe, "tokenizer_max_length", 77))
-        add(pipe.tokenizer, clip_len, "clip")
-        add(pipe.tokenizer_3, n_txt - clip_len, "t5")
+        add(pipe.tokenizer, clip_len, "clip", prompt)
+        add(pipe.tokenizer_3, n_txt - clip_len, "t5", t5_prompt or prompt)
     else:  # FLUX
-        add(pipe.tokenizer_2, n_txt, "t5")
+        add(pipe.tokenizer_2, n_txt, "t5", t5_prompt or prompt)
     if len(texts) != n_txt:
         raise TacaProbeError(f"tokenizers gave {len(texts)} text positions, the transformer saw {n_txt}")
     return texts, np.array(padding, dtype=bool), source
@@ -161,8 +163,9 @@ class Recorder:
                          grid=tuple(grid), image_shape=tuple(image_shape), token_source=tuple(sources),
                          branches=self.branches, maps=self.maps is not None)
 
-    def begin(self, prompt: str, n_images: int, max_sequence_length: int | None) -> None:
+    def begin(self, prompt: str, n_images: int, max_sequence_length: int | None, t5_prompt: str | None = None) -> None:
         self._prompt, self._n, self._max_seq, self._buf = prompt, int(n_images), max_sequence_length, None
+        self._t5_prompt = t5_prompt
         self._step, self._in_step, self._active, self._calls = -1, 0, True, 0
 
     def cancel(self) -> None:
@@ -223,7 +226,7 @@ class Recorder:
         if self._buf is None:  # the first recorded call of this sample: tokenize, once
             steps = call.num_steps or len(self.pipe.scheduler.timesteps)
             max_seq = self._max_seq or _family_text(self.pipe, self.handle.family, {})[1]
-            tokens = prompt_tokens(self.pipe, self._prompt, n_txt, max_seq)
+            tokens = prompt_tokens(self.pipe, self._prompt, n_txt, max_seq, self._t5_prompt)
             idx = None if self.maps is None else self.maps.token_indices(tokens[1])
             self._buf = _Buffer(steps, n_txt, self._latent_grid(hidden, bound), tokens, idx,
                                 None if idx is None else torch.as_tensor(idx, dtype=torch.long, device=hidden.device))

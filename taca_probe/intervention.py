@@ -344,6 +344,11 @@ class TacaHandle:
         finally:
             setattr(self.transformer, _HANDLE_ATTR, None)
 
+    def __repr__(self) -> str:
+        return (f"<TacaHandle {'removed' if self._removed else 'active'}: schedule {self.schedule.spec!r} on "
+                f"{len(self.sites)} attention sites of {type(self.transformer).__name__}; {len(self.calls)} "
+                f"transformer calls, steps_active={self.steps_active}>")
+
     @property
     def removed(self) -> bool:
         """Whether :meth:`remove` has run (the model is back as it was)."""

@@ -47,6 +47,12 @@ class Run:
         self.maps, self.sites = recorder.maps, handle.sites
         self.call_defaults = model_call_defaults(pipe)
         self._writer: RunWriter | None = None
+        self._first_kwargs: dict[str, Any] | None = None  # the plain pipeline kwargs of the first sample written
+
+    def __repr__(self) -> str:
+        done = "" if self._writer is None else f", {sum(d for *_, d in self._writer.slots())} samples complete"
+        return (f"<Run {'ended' if self.handle.removed else 'active'}: {str(self.path)!r}, schedule "
+                f"{self.handle.schedule.spec!r}, branch {self.recorder.branch!r}, maps {self.attrs.get('maps')!r}{done}>")
 
     @property
     def writer(self) -> RunWriter | None:
@@ -82,7 +88,7 @@ class Run:
         if dtype != self.attrs.get("dtype"):  # pipe.to(dtype) inside the block: the store's dtype would mislabel it
             raise TacaProbeError(f"the transformer's dtype changed from {self.attrs.get('dtype')} to {dtype} inside "
                                  "probe(); a store holds one dtype: record it into another store")
-        call = self._resolve_call(pipe_kwargs)
+        call, recorded = self._resolve_call(pipe_kwargs)
         n, seed, writer = int(num_images_per_prompt), int(seed), self.writer
         if slot is not None:
             planned = writer.slot(slot) if writer is not None else None
@@ -92,7 +98,9 @@ class Run:
                 return []
         elif writer is not None and all(writer.is_done((prompt, seed, b)) for b in range(n)):
             return []
-        self.recorder.begin(prompt, n, call.get("max_sequence_length"))
+        # the T5 encoder reads prompt_3 (SD3) / prompt_2 (FLUX) where given
+        self.recorder.begin(prompt, n, call.get("max_sequence_length"),
+                            call.get("prompt_3" if self.handle.family == "sd3" else "prompt_2"))
         self.handle.calls.clear()
         try:
             out = self.pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_images_per_prompt=n,
@@ -103,7 +111,7 @@ class Run:
         sample = self.recorder.finish(out.images, seed)
         created = writer is None
         if created:
-            writer = self._create(sample.layout)
+            writer = self._create(sample.layout, attrs=recorded)
         try:
             writer.write_sample(writer.place(prompt, seed, n) if slot is None else slot, sample)
         except BaseException:
@@ -111,30 +119,36 @@ class Run:
                 remove_store(self.path)  # a store with no finished sample is not left behind
                 self.writer = None
             raise
+        if self._first_kwargs is None:
+            self._first_kwargs = recorded["pipeline_kwargs"]
         return [Image.fromarray(im) for im in sample.images]
 
-    def _resolve_call(self, pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The model's call defaults under ``pipe_kwargs``; the first sample's become the store's
-        ``pipeline_kwargs`` and ``guidance`` unless the caller gave them."""
+    def _resolve_call(self, pipe_kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The model's call defaults under ``pipe_kwargs``, and the store's ``pipeline_kwargs`` and
+        ``guidance`` of that call (the first written sample's, unless the caller gave them). A setting
+        other than the first written sample's is refused (texts, e.g. ``negative_prompt``, may differ)."""
         call = {**self.call_defaults, **pipe_kwargs}
         plain = {k: v for k, v in call.items() if v is None or isinstance(v, (bool, int, float, str))}
-        self.attrs.setdefault("pipeline_kwargs", plain)
-        if "guidance" not in self.attrs:
-            param = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
-            default = None if param is None or param.default is inspect.Parameter.empty else param.default
-            self.attrs["guidance"] = call.get("guidance_scale", default)
-        return call
+        first = self._first_kwargs
+        if first is not None and (diffs := [f"{k}={plain.get(k)!r} (the first sample's: {first.get(k)!r})"
+                                            for k in {**first, **plain} if plain.get(k) != first.get(k)
+                                            and not isinstance(plain.get(k), str) and not isinstance(first.get(k), str)]):
+            raise TacaProbeError(f"run.sample with other settings than this store's first sample: {'; '.join(diffs)}; "
+                                 "a store holds one set of settings: record these into another store")
+        param = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
+        default = None if param is None or param.default is inspect.Parameter.empty else param.default
+        return call, {"pipeline_kwargs": plain, "guidance": call.get("guidance_scale", default)}
 
     def create_planned(self, plan: Sequence[tuple[str, int]], call: dict[str, Any]) -> None:
         """Create the store with one slot per (prompt, seed) of ``plan``, none complete yet."""
         self._create(self.recorder.planned_layout(call), slots=[(p, int(s), 0) for p, s in plan])
 
-    def _create(self, layout: Any, slots: list | None = None) -> RunWriter:
+    def _create(self, layout: Any, slots: list | None = None, attrs: dict[str, Any] | None = None) -> RunWriter:
         if self.maps is not None:
             self.maps.check(layout)  # before the store exists
         size = {"steps": layout.steps, "height": layout.image_shape[0], "width": layout.image_shape[1],
                 "n_txt": layout.n_txt, "n_vis": layout.grid[0] * layout.grid[1], "latent_grid": list(layout.grid)}
-        self.writer = RunWriter.create(self.path, layout, {**self.attrs, **size}, slots=slots)
+        self.writer = RunWriter.create(self.path, layout, {**(attrs or {}), **self.attrs, **size}, slots=slots)
         return self.writer
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from taca_probe import probe, runner
+from taca_probe.errors import TacaProbeError
 from taca_probe.store import RunWriter, open_run
 
 pytestmark = pytest.mark.slow  # each test runs the tiny SD3 pipeline two or three times (seconds on a CPU)
@@ -114,3 +115,42 @@ def test_the_store_names_the_device_the_pipeline_runs_on(pipes, tmp_path, monkey
     with probe(pipe, tmp_path / "d.zarr") as run:
         assert run.attrs["device"] == "cuda:0"
     assert seen == [torch.device("cuda", 0)]
+
+
+@pytest.mark.parametrize("model,key", [("tiny-sd3", "prompt_3"), ("tiny-flux", "prompt_2")])
+def test_t5_tokens_are_labelled_with_the_prompt_the_t5_encoder_read(pipes, tmp_path, model, key):
+    # SD3's T5 reads prompt_3 and FLUX's prompt_2 where given; the T5 labels were those of prompt.
+    pipe, t5_text = pipes(model), "seven green dogs jump"
+    with probe(pipe, tmp_path / "t.zarr") as run:
+        run.sample("a cat", seed=0, num_inference_steps=1, max_sequence_length=8, **{key: t5_text}, **SIZE)
+    ds = open_run(tmp_path / "t.zarr").isel(sample=0)
+    t5 = (ds["token_source"] == "t5").values
+    tokenizer = pipe.tokenizer_3 if model == "tiny-sd3" else pipe.tokenizer_2
+    read = tokenizer(t5_text, padding="max_length", max_length=8, truncation=True)
+    assert [str(t) for t in ds["token_text"].values[t5]] == tokenizer.convert_ids_to_tokens(read["input_ids"])
+    np.testing.assert_array_equal(ds["token_is_padding"].values[t5], np.array(read["attention_mask"]) == 0)
+    if model == "tiny-sd3":  # the CLIP positions stay those of prompt
+        assert "cat" in "".join(str(t) for t in ds["token_text"].values[~t5])
+
+
+def test_a_store_is_labelled_with_the_settings_its_samples_were_recorded_with(pipes, tmp_path):
+    # The store took guidance and pipeline_kwargs from the first run.sample call, even one interrupted
+    # before anything was written, and later samples at another guidance went in under that label.
+    pipe, one = pipes("tiny-sd3"), {"num_inference_steps": 1, **SIZE}
+
+    def stop(p, i, t, kw):
+        raise KeyboardInterrupt
+
+    with probe(pipe, tmp_path / "g.zarr") as run:
+        with pytest.raises(KeyboardInterrupt):
+            run.sample("a cat", seed=0, guidance_scale=9.0, num_inference_steps=2, callback_on_step_end=stop, **SIZE)
+        run.sample("a cat", seed=0, guidance_scale=1.0, **one)
+        with pytest.raises(TacaProbeError, match="guidance_scale=5.0") as info:
+            run.sample("a dog", seed=0, guidance_scale=5.0, **one)
+        assert "\n" not in str(info.value)
+        run.sample("a dog", seed=0, guidance_scale=1.0, negative_prompt="blurry", **one)  # texts may differ
+    ds = open_run(tmp_path / "g.zarr")
+    assert list(ds["prompt"].values) == ["a cat", "a dog"]
+    assert ds.attrs["guidance"] == 1.0 and ds.attrs["pipeline_kwargs"] == {"guidance_scale": 1.0, **one}
+    stock = pipe("a cat", generator=torch.Generator("cpu").manual_seed(0), guidance_scale=1.0, output_type="np", **one)
+    np.testing.assert_array_equal(ds["image"].values[0], (stock.images[0] * 255).round().astype(np.uint8))

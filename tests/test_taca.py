@@ -641,3 +641,24 @@ def test_bare_transformer_calls_within_rounding_of_one_timestep_share_the_step(p
         for t in (0.5, 0.5 - 5e-7, 0.5 - 2.5e-6):
             transformer(**_transformer_inputs(transformer, t=t))
     assert [c.step for c in handle.calls] == [0, 0, 1]
+
+
+
+def test_a_handle_shows_its_schedule_sites_and_steps_in_a_notebook(pipes):
+    transformer = pipes["tiny-sd3"].transformer
+    with torch.no_grad(), taca(transformer, "step:1.5@970") as handle:
+        for t in (0.99, 0.5):  # t = 990 (gamma 1.5), then 500
+            transformer(**_transformer_inputs(transformer, n_txt=2, grid=(2, 2), t=t))
+        shown = repr(handle)
+    assert "object at 0x" not in shown and "\n" not in shown
+    assert all(s in shown for s in ("step:1.5@970", f"{len(handle.sites)} ", str(handle.steps_active), "active"))
+    assert handle.steps_active == [0] and "removed" in repr(handle)
+
+
+def test_a_run_shows_its_store_schedule_and_branch_in_a_notebook(pipes, tmp_path):
+    from taca_probe.runner import probe
+
+    with probe(pipes["tiny-flux"], tmp_path / "r.zarr", schedule="first:1.2@2", branch="cond") as run:
+        shown = repr(run)
+    assert "object at 0x" not in shown and "\n" not in shown
+    assert all(s in shown for s in (str(tmp_path / "r.zarr"), "first:1.2@2", "cond", "active")) and "ended" in repr(run)
