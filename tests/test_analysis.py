@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -576,3 +577,14 @@ def test_public_modules_are_attributes_of_the_package_without_an_import(monkeypa
     monkeypatch.delattr(taca_probe, name)  # as in a fresh interpreter: imported, not yet an attribute
     assert getattr(taca_probe, name) is module is sys.modules[f"taca_probe.{name}"]
     assert name in dir(taca_probe)
+
+
+@pytest.mark.slow  # opens a store twice and imports dask
+def test_open_run_chunks_auto_gives_dask_data_with_the_eager_numbers():
+    """README: ``open_run(path, chunks="auto")`` returns dask-backed variables; it raised a StoreError
+    (dask cannot size the string coordinates for "auto")."""
+    pytest.importorskip("dask")
+    store = Path(__file__).parent / "data" / "store-v0.1.0.zarr"
+    lazy, eager = taca_probe.open_run(store, chunks="auto"), taca_probe.open_run(store)
+    assert lazy["vis_txt_mass"].chunks is not None and lazy["maps"].chunks is not None
+    xr.testing.assert_identical(lazy.load(), eager.load())
