@@ -104,9 +104,10 @@ def _strings(values: Any) -> np.ndarray:
 def _select_branch(ds: xr.Dataset, branch: str | None) -> xr.Dataset:
     """One CFG branch: ``None`` means ``cond`` when the store holds both, else what it holds."""
     if "branch" in ds.dims:
-        return ds.sel(branch=choice("cond" if branch is None else branch, [str(v) for v in ds["branch"].values],
+        held = [str(v) for v in ds["branch"].values]
+        return ds.sel(branch=choice(("cond" if "cond" in held else held[0]) if branch is None else branch, held,
                                     "branch"))
-    stored = ds.attrs.get("branch")
+    stored = branch_of(ds) if "branch" in ds.coords else ds.attrs.get("branch")  # ds.sel(branch=...) leaves a scalar
     if branch is not None and stored is not None and stored != branch:
         raise AnalysisError(f"this store recorded the {stored!r} branch only, not {branch!r}; "
                             f"choose {stored!r} or leave the branch unset")  # branch= or --branch

@@ -588,3 +588,20 @@ def test_open_run_chunks_auto_gives_dask_data_with_the_eager_numbers():
     lazy, eager = taca_probe.open_run(store, chunks="auto"), taca_probe.open_run(store)
     assert lazy["vis_txt_mass"].chunks is not None and lazy["maps"].chunks is not None
     xr.testing.assert_identical(lazy.load(), eager.load())
+
+
+def test_a_branch_selected_by_hand_is_the_branch_the_analyses_see():
+    """``ds.sel(branch="uncond")`` of a two-branch store, then ``branch="uncond"``, was refused as "recorded the
+    'both' branch only" (and ``branch="cond"`` named 'both' too); a branch dim holding only uncond refused the
+    default instead of using what it holds."""
+    a, b = _fig2_run(), _fig2_run()
+    b["vis_txt_mass"] = b["vis_txt_mass"] * 0 + 0.9
+    both = xr.concat([a, b], dim="branch").assign_coords(branch=["cond", "uncond"]).assign_attrs(branch="both")
+    for ds in (both.sel(branch="uncond"), both.isel(branch=[1])):
+        for branch in (None, "uncond"):
+            res = A.suppression(ds, branch=branch, n_resamples=50)
+            np.testing.assert_allclose(res["mean"], 0.9, rtol=1e-6)
+            assert res.attrs["branch"] == "uncond"
+    with pytest.raises(A.AnalysisError, match="'uncond'") as err:
+        A.suppression(both.sel(branch="uncond"), branch="cond")
+    assert "both" not in str(err.value) and "\n" not in str(err.value)
