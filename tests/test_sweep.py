@@ -30,3 +30,18 @@ def test_open_sweep_of_something_not_a_path_is_one_sweep_error(source):
     with pytest.raises(SweepError) as e:
         open_sweep(source)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow  # records two tiny stores
+def test_open_sweep_refuses_stores_of_different_cfg_branches(pipes, tmp_path):
+    """A cond-only store beside a two-branch one was broadcast over the branch dim: its cond data read as
+    'uncond' too (mass_vs_gamma(branch="uncond") gave numbers); now the mismatch is named."""
+    from taca_probe import probe
+
+    pipe = pipes("tiny-sd3")
+    for name, schedule, branch in (("a", "none", "both"), ("b", "const:1.2", "cond")):
+        with probe(pipe, tmp_path / f"{name}.zarr", schedule=schedule, branch=branch) as run:
+            run.sample("a red cube", seed=0, num_inference_steps=1, height=32, width=32)
+    with pytest.raises(SweepError, match="branch both vs cond") as err:
+        open_sweep([tmp_path / "a.zarr", tmp_path / "b.zarr"])
+    assert "\n" not in str(err.value)
