@@ -151,6 +151,8 @@ def _check_same_structure(a: xr.Dataset, b: xr.Dataset, dims: Sequence[str]) -> 
             diffs.append("layer names differ")
         elif d == "step" and d in a.coords and d in b.coords and not np.array_equal(a["step"], b["step"]):
             diffs.append(f"steps {a['step'].values.tolist()} vs {b['step'].values.tolist()}")  # e.g. isel(step=...)
+    if branch_of(a) != branch_of(b):  # e.g. a store recorded with --branch uncond against a cond one
+        diffs.append(f"CFG branch {branch_of(a)} vs {branch_of(b)}")
     if diffs:
         raise AnalysisError("the two datasets do not have the same structure (different model or settings): "
                             + "; ".join(diffs))

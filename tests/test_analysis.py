@@ -605,3 +605,14 @@ def test_a_branch_selected_by_hand_is_the_branch_the_analyses_see():
     with pytest.raises(A.AnalysisError, match="'uncond'") as err:
         A.suppression(both.sel(branch="uncond"), branch="cond")
     assert "both" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_paired_analyses_refuse_runs_of_different_cfg_branches():
+    """A store recorded with --branch uncond against a cond one was compared silently (cond - uncond)."""
+    treated, baseline = _maps_pair()
+    uncond = baseline.assign_attrs(branch="uncond")
+    for fn in (lambda t, b: A.compare_runs(t, b, n_resamples=50), A.map_difference):
+        with pytest.raises(A.AnalysisError, match="cond vs uncond") as err:
+            fn(treated, uncond)
+        assert "\n" not in str(err.value)
+        fn(treated, baseline)  # the same branch pairs
