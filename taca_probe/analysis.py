@@ -104,9 +104,10 @@ def _strings(values: Any) -> np.ndarray:
 def _select_branch(ds: xr.Dataset, branch: str | None) -> xr.Dataset:
     """One CFG branch: ``None`` means ``cond`` when the store holds both, else what it holds."""
     if "branch" in ds.dims:
-        return ds.sel(branch=choice("cond" if branch is None else branch, [str(v) for v in ds["branch"].values],
+        held = [str(v) for v in ds["branch"].values]
+        return ds.sel(branch=choice(("cond" if "cond" in held else held[0]) if branch is None else branch, held,
                                     "branch"))
-    stored = ds.attrs.get("branch")
+    stored = branch_of(ds) if "branch" in ds.coords else ds.attrs.get("branch")  # ds.sel(branch=...) leaves a scalar
     if branch is not None and stored is not None and stored != branch:
         raise AnalysisError(f"this store recorded the {stored!r} branch only, not {branch!r}; "
                             f"choose {stored!r} or leave the branch unset")  # branch= or --branch
@@ -150,6 +151,8 @@ def _check_same_structure(a: xr.Dataset, b: xr.Dataset, dims: Sequence[str]) -> 
             diffs.append("layer names differ")
         elif d == "step" and d in a.coords and d in b.coords and not np.array_equal(a["step"], b["step"]):
             diffs.append(f"steps {a['step'].values.tolist()} vs {b['step'].values.tolist()}")  # e.g. isel(step=...)
+    if branch_of(a) != branch_of(b):  # e.g. a store recorded with --branch uncond against a cond one
+        diffs.append(f"CFG branch {branch_of(a)} vs {branch_of(b)}")
     if diffs:
         raise AnalysisError("the two datasets do not have the same structure (different model or settings): "
                             + "; ".join(diffs))

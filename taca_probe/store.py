@@ -542,7 +542,8 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
                          f"{', '.join(map(str, slots[:10]))}{'...' if len(slots) > 10 else ''}; first: "
                          f"{damaged[slots[0]][0]}); `taca-probe record ... --resume` records them again")
     try:
-        ds = xr.open_zarr(ChecksumStore(p, manifest=listed), consolidated=False, zarr_format=3, chunks=chunks)
+        ds = xr.open_zarr(ChecksumStore(p, manifest=listed), consolidated=False, zarr_format=3,
+                          chunks=None if chunks is None else {})
     except StoreError:
         raise
     except Exception as e:
@@ -553,7 +554,10 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     # zarr lists arrays in no fixed order; a stable order keeps printouts and tests comparable
     names = [v for v in VARIABLE_ORDER if v in ds.data_vars] + sorted(set(ds.data_vars) - set(VARIABLE_ORDER))
     coords = [c for c in COORD_ORDER if c in ds.coords] + sorted(c for c in ds.coords if c not in COORD_ORDER)
-    return xr.Dataset({v: ds[v].variable for v in names}, coords={c: ds.coords[c].variable for c in coords},
+    data = xr.Dataset({v: ds[v].variable for v in names})
+    if chunks is not None and chunks != {}:  # "auto" or sizes: the numeric data only, dask cannot size strings
+        data = data.chunk(chunks)
+    return xr.Dataset(data.variables, coords={c: ds.coords[c].variable for c in coords},
                       attrs={k: v for k, v in ds.attrs.items() if k not in ("layout", _MANIFEST_ATTR)})
 
 

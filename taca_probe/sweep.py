@@ -415,6 +415,9 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
                  if ref.sizes.get(d) != ds.sizes.get(d)]
         if not diffs and list(map(str, ref["layer"].values)) != list(map(str, ds["layer"].values)):
             diffs.append("layer names differ")
+        # else concat labels one branch's data as another's, or leaves NaN maps under no map selection
+        diffs += [f"{k} {ref.attrs.get(k)} vs {ds.attrs.get(k)}" for k in ("branch", "maps")
+                  if ref.attrs.get(k) != ds.attrs.get(k)]
         if diffs:
             raise SweepError(f"{label}: the store of {spec!r} does not match the one of {specs[0]!r}: " + "; ".join(diffs))
     keys = [sample_keys(ds) for ds in dsets]

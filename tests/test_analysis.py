@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -576,3 +577,42 @@ def test_public_modules_are_attributes_of_the_package_without_an_import(monkeypa
     monkeypatch.delattr(taca_probe, name)  # as in a fresh interpreter: imported, not yet an attribute
     assert getattr(taca_probe, name) is module is sys.modules[f"taca_probe.{name}"]
     assert name in dir(taca_probe)
+
+
+@pytest.mark.slow  # opens a store twice and imports dask
+def test_open_run_chunks_auto_gives_dask_data_with_the_eager_numbers():
+    """README: ``open_run(path, chunks="auto")`` returns dask-backed variables; it raised a StoreError
+    (dask cannot size the string coordinates for "auto")."""
+    pytest.importorskip("dask")
+    store = Path(__file__).parent / "data" / "store-v0.1.0.zarr"
+    lazy, eager = taca_probe.open_run(store, chunks="auto"), taca_probe.open_run(store)
+    assert lazy["vis_txt_mass"].chunks is not None and lazy["maps"].chunks is not None
+    xr.testing.assert_identical(lazy.load(), eager.load())
+
+
+def test_a_branch_selected_by_hand_is_the_branch_the_analyses_see():
+    """``ds.sel(branch="uncond")`` of a two-branch store, then ``branch="uncond"``, was refused as "recorded the
+    'both' branch only" (and ``branch="cond"`` named 'both' too); a branch dim holding only uncond refused the
+    default instead of using what it holds."""
+    a, b = _fig2_run(), _fig2_run()
+    b["vis_txt_mass"] = b["vis_txt_mass"] * 0 + 0.9
+    both = xr.concat([a, b], dim="branch").assign_coords(branch=["cond", "uncond"]).assign_attrs(branch="both")
+    for ds in (both.sel(branch="uncond"), both.isel(branch=[1])):
+        for branch in (None, "uncond"):
+            res = A.suppression(ds, branch=branch, n_resamples=50)
+            np.testing.assert_allclose(res["mean"], 0.9, rtol=1e-6)
+            assert res.attrs["branch"] == "uncond"
+    with pytest.raises(A.AnalysisError, match="'uncond'") as err:
+        A.suppression(both.sel(branch="uncond"), branch="cond")
+    assert "both" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_paired_analyses_refuse_runs_of_different_cfg_branches():
+    """A store recorded with --branch uncond against a cond one was compared silently (cond - uncond)."""
+    treated, baseline = _maps_pair()
+    uncond = baseline.assign_attrs(branch="uncond")
+    for fn in (lambda t, b: A.compare_runs(t, b, n_resamples=50), A.map_difference):
+        with pytest.raises(A.AnalysisError, match="cond vs uncond") as err:
+            fn(treated, uncond)
+        assert "\n" not in str(err.value)
+        fn(treated, baseline)  # the same branch pairs
