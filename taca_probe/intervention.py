@@ -225,6 +225,7 @@ class TacaHandle:
                 raise TacaProbeError(f"--schedule {self.schedule.spec!r} selects none of this model's attention layers")
         self.state = RunState(self.sites)
         self.calls: list[CallRecord] = []
+        self._gamma_views: dict[tuple[float, ...], MappingProxyType] = {}
         self._schedule_src: Any = None  # the scheduler's timesteps tensor that _schedule_host mirrors
         self._schedule_host: tuple[list[float], list[float] | None] = ([], None)
         self._last_t: float | None = None
@@ -263,13 +264,15 @@ class TacaHandle:
         enc = bound.get("encoder_hidden_states")  # (B, N_txt, C)
         self.state.n_txt = None if enc is None else int(enc.shape[1])
         step, t, sigma, num_steps = self._locate(bound.get("timestep"))
-        self.state.gammas = gammas = {s.name: self.schedule.gamma(t=t, step=step, num_steps=num_steps, layer=s.name,
-                                                                  block_type=s.block_type) for s in self.sites}
+        gammas = {s.name: self.schedule.gamma(t=t, step=step, num_steps=num_steps, layer=s.name,
+                                              block_type=s.block_type) for s in self.sites}
+        # one read-only mapping per distinct setting: a long generation loop keeps every call's record
+        self.state.gammas = gammas = self._gamma_views.setdefault(tuple(gammas.values()), MappingProxyType(gammas))
         active = any(g != 1.0 for g in gammas.values())
         if self._lora is not None:
             self._lora.set(active)
         call = CallRecord(step, t, sigma, num_steps, self.state.n_txt, active,
-                          None if self._lora is None else self._lora.on, MappingProxyType(gammas))
+                          None if self._lora is None else self._lora.on, gammas)
         self.calls.append(call)
         self.state.observer = None
         for before, _ in self._listeners:

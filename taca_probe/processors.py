@@ -13,7 +13,7 @@ import inspect
 import itertools
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ class RunState:
         self.sites = sites
         self.observer = observer
         self.n_txt: int | None = None
-        self.gammas: dict[str, float] = {}
+        self.gammas: Mapping[str, float] = {}
 
     def gamma(self, site: Site) -> float:
         return self.gammas.get(site.name, 1.0)

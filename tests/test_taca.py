@@ -235,6 +235,12 @@ def test_bare_transformer_reads_the_timestep_of_each_call(pipes):
     assert [c.step for c in handle.calls] == [0, 0, 1, 2, 3, 0, 1]
     assert [c.active for c in handle.calls] == [True, True, True, True, False, True, False]
     assert [c.t for c in handle.calls] == pytest.approx([1000, 1000, 980, 970, 500, 1000, 200], abs=1e-3)
+    assert [dict(c.gammas) for c in handle.calls] == [{s.name: 1.5 if c.active else 1.0 for s in handle.sites}
+                                                      for c in handle.calls]
+    # one read-only mapping per distinct setting, however many calls a long loop records
+    assert len({id(c.gammas) for c in handle.calls}) == 2
+    with pytest.raises(TypeError):
+        handle.calls[0].gammas[handle.sites[0].name] = 2.0
 
 
 def test_frac_on_bare_transformer_needs_the_step_count(pipes):
