@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import warnings
@@ -171,6 +172,26 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_work(old_store, tmp_
     rc, _, err = run_cli([old_store if a == "STORE" else a for a in argv] + ["--out", out], capsys)
     _refused(rc, err, str(out))
     assert out.read_text() == "kept"
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "x"], ["export-images", "STORE"],
+                                  ["record", "--prompt", "x", "--resume"]], ids=["generate", "export-images", "record"])
+def test_an_existing_out_folder_that_cannot_be_written_is_refused_before_any_work(old_store, tmp_path, capsys,
+                                                                                   monkeypatch, argv):
+    """Audit: only the folder above --out was checked, so `generate --out READ_ONLY_FOLDER` sampled every image
+    before failing on the first write, and `record --resume` of a read-only store loaded the model."""
+    out = tmp_path / "s.zarr"
+    if argv[0] == "record":
+        shutil.copytree(old_store, out)
+    else:
+        out.mkdir()
+    before = sorted(out.rglob("*"))
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != out and access(p, mode, **kw))  # read-only
+    monkeypatch.setattr(record, "load_pipeline", _must_not_load)
+    rc, _, err = run_cli([old_store if a == "STORE" else a for a in argv] + ["--out", out], capsys)
+    _refused(rc, err, str(out))
+    assert sorted(out.rglob("*")) == before
 
 
 FILE_IN_STORE = [["info", "STORE", "--json"], ["eval", "--json"], ["eval", "--save-images"],
