@@ -368,6 +368,16 @@ def test_flags_with_two_meanings_keep_their_old_spelling_with_a_deprecation(caps
     assert parser.parse_args(["bench", "e2e"]).preset == "sd35-medium"
 
 
+def test_figures_max_tokens_and_tokens_are_one_or_the_other(tmp_path, capsys, monkeypatch):
+    """Audit: `figures --max-tokens 3 --tokens red,circle` drew the named tokens and dropped --max-tokens unsaid."""
+    import taca_probe.cli.figures as figures
+
+    monkeypatch.setattr(figures, "render_figures", _must_not_load)
+    rc, _, err = run_cli(["figures", tmp_path, "--max-tokens", "3", "--tokens", "red", "--out", tmp_path / "f"], capsys)
+    _refused(rc, err, "--max-tokens")
+    assert "--tokens" in err
+
+
 def test_main_leaves_the_warning_format_as_it_found_it(capsys):
     """main prints warnings as one line; a notebook or test that calls it keeps Python's own format after."""
     before = warnings.formatwarning
