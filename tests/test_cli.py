@@ -254,3 +254,12 @@ def test_ctrl_c_leaves_a_store_that_resume_completes(tmp_path, capsys, command):
         if store in before:  # the samples complete at the interrupt are kept as they were
             kept = before[store]
             assert ds["image"].sel(sample=kept["sample"]).equals(kept["image"])
+
+
+def test_figures_asked_for_by_name_write_nothing_when_one_cannot_be_drawn(tmp_path, capsys):
+    """Audit: `figures STORE --figures fig2,fig3` without maps wrote every Fig. 2 file, then exited 2 on Fig. 3."""
+    store = Path(__file__).parent / "data" / "store-v0.1.0.zarr"
+    rc, _, err = run_cli(["figures", store, "--figures", "fig2,fig3", "--format", "png", "--dpi", "10",
+                          "--n-resamples", "100", "--out", tmp_path / "f"], capsys)
+    assert rc == 2 and "fig3" in err, err
+    assert not (tmp_path / "f").exists()
