@@ -352,6 +352,14 @@ def test_bench_gamma_must_be_a_positive_finite_float32(monkeypatch, capsys, gamm
     assert repr(gamma) in err and "3.40282e+38" in err and not calls  # the range; refused before timing
 
 
+def test_bench_e2e_steps_has_the_bounds_of_every_other_steps(monkeypatch, capsys):
+    """Audit: `--steps` is 1..1000 denoising steps everywhere but `bench e2e`, which took any positive integer."""
+    monkeypatch.setattr(bench, "bench_e2e", _must_not_load)
+    rc, _, err = run_cli(["bench", "e2e", "--device", "cpu", "--steps", "1001"], capsys)
+    _refused(rc, err, "--steps")
+    assert "1..1000" in err
+
+
 def test_flags_with_two_meanings_keep_their_old_spelling_with_a_deprecation(capsys):
     """``--steps`` means denoising steps and ``--width`` image width in every command; ``figures --steps``
     (Fig. 3 steps) and ``bench e2e --width`` (a width preset) still work, saying the new name."""
