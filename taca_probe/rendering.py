@@ -161,10 +161,10 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
     def what(run: Run) -> str:
         return f"{run.label} ({run.spec})" if run.label != run.spec and f"[{run.spec}]" not in run.label else run.label
 
+    drawn: list[tuple[str, Any, str]] = []  # saved once all are drawn: a figure that fails leaves no others behind
+
     def emit(name: str, fig, source: str) -> None:
-        written[name] = P.save_figure(fig, out, name, formats=fmt, dpi=dpi)
-        used[name] = source
-        say(f"wrote {', '.join(str(p) for p in written[name])} from {source}")
+        drawn.append((name, fig, source))
 
     def skip(group: str, reason: str) -> None:
         if explicit:
@@ -209,8 +209,12 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
             emit("fig4_mass_vs_gamma", P.plot_mass_vs_gamma(A.mass_vs_gamma(sweep, by="all", **stats)), specs)
     if "fig5" in wanted:
         emit("fig5_token_ranking", P.plot_token_ranking(A.token_ranking(ds, branch=branch)), src)
-    if not written:
+    if not drawn:
         raise P.FigureError("no figure could be drawn: " + "; ".join(skipped.values()))
+    for name, fig, source in drawn:
+        written[name] = P.save_figure(fig, out, name, formats=fmt, dpi=dpi)
+        used[name] = source
+        say(f"wrote {', '.join(str(p) for p in written[name])} from {source}")
     return {"written": written, "skipped": skipped, "sources": used}
 
 

@@ -331,6 +331,7 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
                     on_sample(targets[i], prompt, seed, images)
         ranks.barrier()  # every rank's samples are in the stores before rank 0 reads them
     except BaseException:
+        report(None, done=False)  # the sample under way did not finish: the bar must not count it
         # A store this run created in which nothing finished would only block the rerun.
         if ranks.world == 1:
             for path in created:
@@ -386,12 +387,12 @@ def _check_plan(path: Path, slots: list[tuple[str, int, int]], plan: Sequence[tu
 def _progress(progress: bool | Callable[[str], None], total: int, desc: str, position: int) -> Callable[[str | None], None]:
     """One line per sample to a callable, a tqdm bar on stderr, or nothing; called with None at the end."""
     if callable(progress):
-        return lambda line: progress(line) if line is not None else None
+        return lambda line, done=True: progress(line) if line is not None else None
     bar = tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, position=position, disable=not progress)
     started = [False]
 
-    def report(line: str | None) -> None:
-        if started[0]:
+    def report(line: str | None, done: bool = True) -> None:
+        if started[0] and done:
             bar.update(1)  # the previous sample is done
         started[0] = line is not None
         if line is None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +185,81 @@ def test_a_warning_is_one_line(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("taca-probe: warning:") and "not recorded" in lines[0], proc.stderr
+
+
+TINY_RUN = ["--model", "tiny-sd3", "--device", "cpu", "--steps", "2", "--height", "64", "--width", "64", "--prompt", "a cat"]
+
+
+def _bar_count(err: str, total: int) -> int:
+    """The number of samples the last progress bar on stderr showed as done."""
+    return int(re.findall(rf"(\d+)/{total} ", err)[-1])
+
+
+def test_an_interrupted_record_shows_only_finished_samples_and_resumes(tmp_path, capsys, monkeypatch):
+    """Audit: the bar counted the sample under way when Ctrl-C (or a failure) stopped it: 2/3 over a store
+    with one complete sample."""
+    import taca_probe.runner as runner
+
+    argv = ["record", *TINY_RUN, "--seeds", "0-2", "--out", tmp_path / "r.zarr"]
+    sample, calls = runner.Run.sample, []
+
+    def interrupted_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner.Run, "sample", interrupted_second)
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 130 and err.rstrip().endswith("taca-probe: interrupted") and "Traceback" not in err
+    first = open_run(tmp_path / "r.zarr")
+    assert first.sizes["sample"] == 1 and _bar_count(err, 3) == 1
+    monkeypatch.undo()
+    rc, out, err = run_cli([*argv, "--resume"], capsys)
+    assert rc == 0 and "1 already complete" in out, err
+    ds = open_run(tmp_path / "r.zarr")
+    assert ds.sizes["sample"] == 3 and ds["vis_txt_mass"].isel(sample=0).equals(first["vis_txt_mass"].isel(sample=0))
+
+
+@pytest.mark.parametrize("command", ["record", "sweep"])
+def test_ctrl_c_leaves_a_store_that_resume_completes(tmp_path, capsys, command):
+    """SIGINT in a real process: exit status 130, one line, nothing complete lost, --resume finishes it."""
+    out = tmp_path / ("r.zarr" if command == "record" else "sw")
+    grid = ["--no-grid", "--schedule", "none", "--schedule", "const:1.2"] if command == "sweep" else []
+    argv = [command, *TINY_RUN, *grid, "--seeds", "0-3", "--out", str(out)]
+    err_file = tmp_path / "err.txt"
+    with err_file.open("w") as err_stream:
+        # SIGINT as a terminal sends it, even when the tests run where it is ignored (a background job)
+        proc = subprocess.Popen([sys.executable, "-m", "taca_probe", *argv], stdout=subprocess.DEVNULL,
+                                stderr=err_stream, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 300
+            while not re.search(r"\| [1-9]\d*/", err_file.read_text()) and time.monotonic() < deadline:
+                time.sleep(0.05)  # until a sample is complete
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    err = err_file.read_text()
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "sample" not in line]
+    assert rc == 130 and lines == ["taca-probe: interrupted"], err  # only the bar beside the one line
+    stores = sorted(out.glob("stores/*.zarr")) if command == "sweep" else [out]
+    before = {s: open_run(s) for s in stores}
+    assert sum(ds.sizes["sample"] for ds in before.values()) >= 1
+    rc, _, err = run_cli([*argv, "--resume"], capsys)
+    assert rc == 0, err
+    for store in (sorted(out.glob("stores/*.zarr")) if command == "sweep" else [out]):
+        ds = open_run(store)
+        assert ds.sizes["sample"] == 4
+        if store in before:  # the samples complete at the interrupt are kept as they were
+            kept = before[store]
+            assert ds["image"].sel(sample=kept["sample"]).equals(kept["image"])
+
+
+def test_figures_asked_for_by_name_write_nothing_when_one_cannot_be_drawn(tmp_path, capsys):
+    """Audit: `figures STORE --figures fig2,fig3` without maps wrote every Fig. 2 file, then exited 2 on Fig. 3."""
+    store = Path(__file__).parent / "data" / "store-v0.1.0.zarr"
+    rc, _, err = run_cli(["figures", store, "--figures", "fig2,fig3", "--format", "png", "--dpi", "10",
+                          "--n-resamples", "100", "--out", tmp_path / "f"], capsys)
+    assert rc == 2 and "fig3" in err, err
+    assert not (tmp_path / "f").exists()

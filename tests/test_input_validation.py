@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import warnings
@@ -187,6 +188,26 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_work(old_store, tmp_
     assert out.read_text() == "kept"
 
 
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "x"], ["export-images", "STORE"],
+                                  ["record", "--prompt", "x", "--resume"]], ids=["generate", "export-images", "record"])
+def test_an_existing_out_folder_that_cannot_be_written_is_refused_before_any_work(old_store, tmp_path, capsys,
+                                                                                   monkeypatch, argv):
+    """Audit: only the folder above --out was checked, so `generate --out READ_ONLY_FOLDER` sampled every image
+    before failing on the first write, and `record --resume` of a read-only store loaded the model."""
+    out = tmp_path / "s.zarr"
+    if argv[0] == "record":
+        shutil.copytree(old_store, out)
+    else:
+        out.mkdir()
+    before = sorted(out.rglob("*"))
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != out and access(p, mode, **kw))  # read-only
+    monkeypatch.setattr(record, "load_pipeline", _must_not_load)
+    rc, _, err = run_cli([old_store if a == "STORE" else a for a in argv] + ["--out", out], capsys)
+    _refused(rc, err, str(out))
+    assert sorted(out.rglob("*")) == before
+
+
 FILE_IN_STORE = [["info", "STORE", "--json"], ["eval", "--json"], ["eval", "--save-images"],
                  ["bench", "attention", "--json"], ["bench", "e2e", "--json"]]
 
@@ -345,6 +366,14 @@ def test_bench_gamma_must_be_a_positive_finite_float32(monkeypatch, capsys, gamm
     assert repr(gamma) in err and "3.40282e+38" in err and not calls  # the range; refused before timing
 
 
+def test_bench_e2e_steps_has_the_bounds_of_every_other_steps(monkeypatch, capsys):
+    """Audit: `--steps` is 1..1000 denoising steps everywhere but `bench e2e`, which took any positive integer."""
+    monkeypatch.setattr(bench, "bench_e2e", _must_not_load)
+    rc, _, err = run_cli(["bench", "e2e", "--device", "cpu", "--steps", "1001"], capsys)
+    _refused(rc, err, "--steps")
+    assert "1..1000" in err
+
+
 def test_flags_with_two_meanings_keep_their_old_spelling_with_a_deprecation(capsys):
     """``--steps`` means denoising steps and ``--width`` image width in every command; ``figures --steps``
     (Fig. 3 steps) and ``bench e2e --width`` (a width preset) still work, saying the new name."""
@@ -359,6 +388,16 @@ def test_flags_with_two_meanings_keep_their_old_spelling_with_a_deprecation(caps
     assert old.preset == parser.parse_args(["bench", "e2e", "--preset", "flux-dev"]).preset == "flux-dev"
     assert "--preset" in capsys.readouterr().err
     assert parser.parse_args(["bench", "e2e"]).preset == "sd35-medium"
+
+
+def test_figures_max_tokens_and_tokens_are_one_or_the_other(tmp_path, capsys, monkeypatch):
+    """Audit: `figures --max-tokens 3 --tokens red,circle` drew the named tokens and dropped --max-tokens unsaid."""
+    import taca_probe.cli.figures as figures
+
+    monkeypatch.setattr(figures, "render_figures", _must_not_load)
+    rc, _, err = run_cli(["figures", tmp_path, "--max-tokens", "3", "--tokens", "red", "--out", tmp_path / "f"], capsys)
+    _refused(rc, err, "--max-tokens")
+    assert "--tokens" in err
 
 
 def test_main_leaves_the_warning_format_as_it_found_it(capsys):

@@ -252,8 +252,10 @@ def check_out(path: Path, *, store: bool = False, flag: str = "--out", folder: b
     if holder is not None:
         where = "a taca-probe store" if holder == resolved else f"inside the taca-probe store {str(holder)!r}"
         raise TacaProbeError(f"{flag} {str(path)!r} is {where}; choose a folder outside any store")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TacaProbeError(f"{flag} {str(path)!r}: cannot write in {str(parent)!r} (permission denied or read-only)")
+    # an existing folder is written into (a store resumed, images added), a new one is made in its parent
+    where = path if folder and path.is_dir() else parent
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise TacaProbeError(f"{flag} {str(path)!r}: cannot write in {str(where)!r} (permission denied or read-only)")
 
 
 def refuse_to_replace(out: Path, paths: Sequence[Path], overwrite: bool, what: str) -> None:

@@ -16,7 +16,7 @@ from ..errors import TacaProbeError
 from ..models import resolve_device, resolve_dtype
 from ..schedules import GAMMA_MAX, GAMMA_MIN, parse
 from ..selection import MapSelection
-from .args import bench_args, bounded, check_json, emit, json_args, positive_int
+from .args import MAX_STEPS, bench_args, bounded, check_json, emit, json_args, positive_int
 from .figures import _Deprecated
 
 _PRESETS = "sd35-medium (default, 24 x 64), sd3-medium, sd35-large, flux-dev"
@@ -53,7 +53,7 @@ def add_parsers(sub, parser_class) -> None:
                     help="time compiled stock against compiled with the probe: torch.compile(transformer), or "
                     "diffusers' compile_repeated_blocks(fullgraph=True) (FLUX)")
     be.add_argument("--image-tokens", type=positive_int, default=1024, help="image tokens, a square (default 1024)")
-    be.add_argument("--steps", type=positive_int, default=4, help="denoising steps per sample (default 4)")
+    be.add_argument("--steps", type=bounded(1, MAX_STEPS), default=4, help="denoising steps per sample (default 4)")
     be.add_argument("--schedule", default="none", help="TACA schedule in both variants (default none)")
     be.add_argument("--maps", default=None,
                     help="also time the probe with these maps (e.g. 'steps=0-4;tokens=0-19'; default: masses only)")

@@ -44,10 +44,11 @@ def add_parsers(sub) -> None:
                     help="Fig. 3 steps, e.g. 0-3 (default: the first steps with maps, at most 4)")
     fg.add_argument("--steps", dest="map_steps", type=int_list, action=_Deprecated, new="--map-steps",
                     help=argparse.SUPPRESS)  # --steps means denoising steps in every other command
-    fg.add_argument("--max-tokens", type=positive_int, default=8,
-                    help="Fig. 3 rows: this many prompt tokens whose maps changed most (default 8)")
-    fg.add_argument("--tokens", default=None, metavar="LIST",
-                    help="Fig. 3 rows: these tokens instead, as words or text positions, e.g. red,circle or 2,17")
+    rows = fg.add_mutually_exclusive_group()  # --tokens would silently override --max-tokens
+    rows.add_argument("--max-tokens", type=positive_int, default=8,
+                      help="Fig. 3 rows: this many prompt tokens whose maps changed most (default 8)")
+    rows.add_argument("--tokens", default=None, metavar="LIST",
+                      help="Fig. 3 rows: these tokens instead, as words or text positions, e.g. red,circle or 2,17")
     fg.add_argument("--overlay", action="store_true", help="Fig. 3: draw the maps over the decoded image")
     fg.add_argument("--format", default="png,pdf", metavar="LIST", help=f"comma list of {', '.join(FORMATS)} (default png,pdf)")
     fg.add_argument("--dpi", type=bounded(10, 1200), default=150, help="PNG resolution (default 150)")
