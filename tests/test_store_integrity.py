@@ -253,11 +253,12 @@ def test_stores_without_manifests_still_open(store):
         assert verify_store(store) == ["token_mass/c/2/0/0/0"]
 
 
-def test_store_creation_is_atomic(tmp_path, monkeypatch, capsys):
+def test_store_creation_is_atomic(pipes, tmp_path, monkeypatch, capsys):
     import socket
 
     import taca_probe.store as store_module
 
+    pipes("tiny-sd3")  # the model cache is built (and renamed into place) before os.rename fails below
     target = tmp_path / "r.zarr"
     stale = tmp_path / f".creating.r.zarr.{socket.gethostname()}.999999999.deadbeef"  # a killed creator's
     stale.mkdir()
