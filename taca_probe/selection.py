@@ -49,11 +49,10 @@ def int_ranges(text: str, *, maximum: int = MAX_INT, max_values: int = MAX_VALUE
         a, dash, b = part.partition("-")
         if dash and not a.strip() and b.strip():
             raise ValueError(f"{part!r} is negative; values are 0..{maximum}")
-        try:
-            lo = int(a)
-            hi = int(b) if dash else lo
-        except ValueError:
-            raise ValueError(f"{part!r} is not an integer or a range like 0-7") from None
+        if not a.strip().isdecimal() or (dash and not b.strip().isdecimal()):  # int() also takes +1, -0, 1_000
+            raise ValueError(f"{part!r} is not an integer or a range like 0-7")
+        lo = int(a)
+        hi = int(b) if dash else lo
         if not 0 <= lo <= maximum or not 0 <= hi <= maximum:
             raise ValueError(f"{part!r} is outside 0..{maximum}")
         if hi < lo:

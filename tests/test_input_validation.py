@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -45,6 +46,11 @@ def test_int_ranges_is_capped_before_expanding():
     with pytest.raises(ValueError, match="negative"):
         int_ranges("-1")
     assert int_ranges("3,1-3,0") == [3, 1, 2, 0]
+    # what int() also takes, but no step, seed or token list is written as
+    for text in ("+1", "+1-+3", "0--0", "1_000", "2-+4", " 1 - 2x"):
+        with pytest.raises(ValueError, match=re.escape(repr(text.split(",")[0].strip()))):
+            int_ranges(text)
+    assert int_ranges(" 1 - 3 , 5 ") == [1, 2, 3, 5] and int_ranges("١-٣") == [1, 2, 3]  # spaces; decimal digits
 
 
 # Every case is refused before a model loads: the --out path must not appear.
