@@ -217,12 +217,12 @@ class TacaHandle:
         if not self.schedule.is_identity:  # one that selects no layer here would report TACA it never applied
             for pattern in getattr(self.schedule, "layers", None) or ():
                 if not any(fnmatch.fnmatchcase(s.name, pattern) for s in self.sites):
-                    raise TacaProbeError(f"--schedule {self.schedule.spec!r}: layers={pattern} matches none of this "
+                    raise TacaProbeError(f"schedule {self.schedule.spec!r}: layers={pattern} matches none of this "
                                          f"model's {len(self.sites)} attention layers ({self.sites[0].name} ... "
                                          f"{self.sites[-1].name})")
             if hasattr(self.schedule, "selects") and not any(
                     self.schedule.selects(layer=s.name, block_type=s.block_type) for s in self.sites):
-                raise TacaProbeError(f"--schedule {self.schedule.spec!r} selects none of this model's attention layers")
+                raise TacaProbeError(f"schedule {self.schedule.spec!r} selects none of this model's attention layers")
         self.state = RunState(self.sites)
         self.calls: list[CallRecord] = []
         self._gamma_views: dict[tuple[float, ...], MappingProxyType] = {}
