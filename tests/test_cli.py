@@ -291,7 +291,7 @@ def test_record_stores_the_guidance_the_pipeline_used_as_probe_does(tmp_path, ca
 @pytest.mark.parametrize("command", ["record", "sweep"])
 def test_a_store_with_guidance_none_from_older_versions_still_resumes(tmp_path, capsys, monkeypatch, command):
     """Stores recorded before guidance was resolved hold None for the pipeline's default: the same command
-    resumes them, an explicit other --guidance is refused."""
+    resumes them, an explicit other --guidance is refused, one equal to the default is the same run."""
     import zarr
 
     import taca_probe.runner as runner
@@ -310,7 +310,8 @@ def test_a_store_with_guidance_none_from_older_versions_still_resumes(tmp_path, 
     assert run_cli(argv, capsys)[0] == 130
     monkeypatch.undo()
     store = next(out.glob("stores/*.zarr")) if command == "sweep" else out
-    assert isinstance(open_run(store).attrs["guidance"], float)
+    default = open_run(store).attrs["guidance"]
+    assert isinstance(default, float)
     zarr.open_group(store, mode="r+").attrs["guidance"] = None  # as older versions wrote it
     rc, _, err = run_cli([*argv, "--resume", "--guidance", "5"], capsys)
     assert rc == 2 and "guidance" in err
@@ -319,3 +320,5 @@ def test_a_store_with_guidance_none_from_older_versions_still_resumes(tmp_path, 
     assert rc == 0, err
     ds = open_run(store)
     assert ds.sizes["sample"] == 2 and ds.attrs["guidance"] is None  # resuming rewrites no attribute
+    rc, _, err = run_cli([*argv, "--resume", "--guidance", default], capsys)
+    assert rc == 0, err
