@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,9 @@ def test_generate_writes_png_and_sidecar(tmp_path, capsys, model):
     assert meta["prompt"] == "a blue ball" and meta["seed"] == 4 and meta["steps"] == 3
     assert meta["schedule"] == "first:1.3@1" and meta["steps_with_gamma"] == [0]
     assert (meta["height"], meta["width"]) == (64, 96)
+    # no --guidance and no model default: the scale the pipeline ran at is its __call__ default
+    assert meta["guidance"] == inspect.signature(getattr(diffusers, meta["pipeline"]).__call__).parameters[
+        "guidance_scale"].default
     assert Image.open(tmp_path / "0003-seed4.png").size == (96, 64)
 
 
@@ -267,8 +272,6 @@ def test_figures_asked_for_by_name_write_nothing_when_one_cannot_be_drawn(tmp_pa
 
 def test_record_stores_the_guidance_the_pipeline_used_as_probe_does(tmp_path, capsys):
     """`record` without --guidance stored guidance None, probe() the pipeline's default it ran at."""
-    import inspect
-
     from taca_probe import probe
     from taca_probe.models import model_call_defaults
     from taca_probe.store import read_attrs
