@@ -135,9 +135,7 @@ class Run:
                                             and not isinstance(plain.get(k), str) and not isinstance(first.get(k), str)]):
             raise TacaProbeError(f"run.sample with other settings than this store's first sample: {'; '.join(diffs)}; "
                                  "a store holds one set of settings: record these into another store")
-        param = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
-        default = None if param is None or param.default is inspect.Parameter.empty else param.default
-        return call, {"pipeline_kwargs": plain, "guidance": call.get("guidance_scale", default)}
+        return call, {"pipeline_kwargs": plain, "guidance": call_guidance(self.pipe, call)}
 
     def create_planned(self, plan: Sequence[tuple[str, int]], call: dict[str, Any]) -> None:
         """Create the store with one slot per (prompt, seed) of ``plan``, none complete yet."""
@@ -214,6 +212,12 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
         yield Run(pipe, p, handle, recorder, base_attrs)
 
 
+def call_guidance(pipe: Any, call: dict[str, Any]) -> Any:
+    """The guidance scale ``pipe(**call)`` runs at: ``call``'s, else the ``__call__`` default (None: none)."""
+    param = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    return call.get("guidance_scale", None if param is None or param.default is inspect.Parameter.empty else param.default)
+
+
 def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, branch: str,
                  model: str | None = None) -> dict[str, Any]:
     """The settings a resumed run must share with its store."""
@@ -225,9 +229,12 @@ def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, br
             "map_selection": None if maps is None else maps.to_attrs(), "branch": branch}
 
 
-def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    """Refuse to resume ``path`` with different settings, listing every difference."""
+def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[str, Any] | None = None,
+                 unset: dict[str, Any] | None = None) -> None:
+    """Refuse to resume ``path`` with different settings, listing every difference. ``unset``: the
+    value a stored None stands for (older stores held ``guidance`` None for the pipeline's default)."""
     stored = read_attrs(path)
+    stored.update({k: v for k, v in (unset or {}).items() if k in stored and stored[k] is None})
     if isinstance(stored.get("pipeline_kwargs"), dict):  # not an attribute of its own
         stored.setdefault("max_sequence_length", stored["pipeline_kwargs"].get("max_sequence_length"))
     want = {k: settings.get(k) for k in _RESUME_KEYS}
@@ -270,10 +277,12 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
     before any store is written; ``on_sample(target, prompt, seed, images)`` after each sample.
     """
     ranks = ranks_from_env()  # torchrun / accelerate launch: several processes share the slots
+    defaults = model_call_defaults(pipe)  # under call in run.sample
+    guidance = call_guidance(pipe, {**defaults, **call})
     common = dict(maps=maps, branch=branch, lora=lora, lora_scale=lora_scale, model=model,
-                  attrs={**(attrs or {}), "guidance": call.get("guidance_scale"), "pipeline_kwargs": call})
+                  attrs={**(attrs or {}), "guidance": guidance, "pipeline_kwargs": call})
     extra = {"steps": planned_steps(pipe, call["num_inference_steps"]), "height": call["height"],
-             "width": call["width"], "guidance": call.get("guidance_scale"),
+             "width": call["width"], "guidance": guidance,
              "max_sequence_length": call.get("max_sequence_length"),
              "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale)}
     created: list[Path] = []
@@ -293,7 +302,7 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
                     remove_store(t.store)
                 if t.store.exists() and mode == "resume":
                     check_resume(t.store, run_settings(pipe, schedule=parse(t.schedule), maps=maps, branch=branch,
-                                                       model=model), extra)
+                                                       model=model), extra, {"guidance": call_guidance(pipe, defaults)})
                     with probe(pipe, t.store, schedule=t.schedule, mode="resume", **common) as run:
                         damaged = run.writer.damaged_slots()  # their keys may be unreadable: any planned one
                         _check_plan(t.store, [UNKNOWN_SLOT[:3] if i in damaged else s[:3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,9 @@ def test_generate_writes_png_and_sidecar(tmp_path, capsys, model):
     assert meta["prompt"] == "a blue ball" and meta["seed"] == 4 and meta["steps"] == 3
     assert meta["schedule"] == "first:1.3@1" and meta["steps_with_gamma"] == [0]
     assert (meta["height"], meta["width"]) == (64, 96)
+    # no --guidance and no model default: the scale the pipeline ran at is its __call__ default
+    assert meta["guidance"] == inspect.signature(getattr(diffusers, meta["pipeline"]).__call__).parameters[
+        "guidance_scale"].default
     assert Image.open(tmp_path / "0003-seed4.png").size == (96, 64)
 
 
@@ -263,3 +268,60 @@ def test_figures_asked_for_by_name_write_nothing_when_one_cannot_be_drawn(tmp_pa
                           "--n-resamples", "100", "--out", tmp_path / "f"], capsys)
     assert rc == 2 and "fig3" in err, err
     assert not (tmp_path / "f").exists()
+
+
+def test_record_stores_the_guidance_the_pipeline_used_as_probe_does(tmp_path, capsys):
+    """`record` without --guidance stored guidance None, probe() the pipeline's default it ran at."""
+    from taca_probe import probe
+    from taca_probe.models import model_call_defaults
+    from taca_probe.store import read_attrs
+
+    rc, _, err = run_cli(["record", *TINY_RUN, "--steps", "1", "--seeds", "0", "--out", tmp_path / "cli.zarr"], capsys)
+    assert rc == 0, err
+    pipe = load_pipeline("tiny-sd3", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    with probe(pipe, tmp_path / "py.zarr") as run:
+        run.sample("a cat", seed=0, num_inference_steps=1, height=64, width=64)
+    cli, py = read_attrs(tmp_path / "cli.zarr"), read_attrs(tmp_path / "py.zarr")
+    assert "guidance_scale" not in model_call_defaults("tiny-sd3")  # so the pipeline's own default applies
+    default = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+    assert isinstance(default, float) and cli["guidance"] == py["guidance"] == default
+    assert cli["pipeline_kwargs"] == py["pipeline_kwargs"]  # the arguments passed, in both
+    np.testing.assert_array_equal(open_run(tmp_path / "cli.zarr")["image"].values,
+                                  open_run(tmp_path / "py.zarr")["image"].values)  # the same call ran
+
+
+@pytest.mark.parametrize("command", ["record", "sweep"])
+def test_a_store_with_guidance_none_from_older_versions_still_resumes(tmp_path, capsys, monkeypatch, command):
+    """Stores recorded before guidance was resolved hold None for the pipeline's default: the same command
+    resumes them, an explicit other --guidance is refused, one equal to the default is the same run."""
+    import zarr
+
+    import taca_probe.runner as runner
+
+    out = tmp_path / ("r.zarr" if command == "record" else "sw")
+    grid = ["--no-grid", "--schedule", "none"] if command == "sweep" else []
+    argv = [command, *TINY_RUN, *grid, "--steps", "1", "--seeds", "0-1", "--out", out]
+    sample = runner.Run.sample
+
+    def first_only(self, *args, slot=None, **kwargs):
+        if slot == 1:
+            raise KeyboardInterrupt
+        return sample(self, *args, slot=slot, **kwargs)
+
+    monkeypatch.setattr(runner.Run, "sample", first_only)
+    assert run_cli(argv, capsys)[0] == 130
+    monkeypatch.undo()
+    store = next(out.glob("stores/*.zarr")) if command == "sweep" else out
+    default = open_run(store).attrs["guidance"]
+    assert isinstance(default, float)
+    zarr.open_group(store, mode="r+").attrs["guidance"] = None  # as older versions wrote it
+    rc, _, err = run_cli([*argv, "--resume", "--guidance", "5"], capsys)
+    assert rc == 2 and "guidance" in err
+    assert open_run(store).sizes["sample"] == 1
+    rc, _, err = run_cli([*argv, "--resume"], capsys)
+    assert rc == 0, err
+    ds = open_run(store)
+    assert ds.sizes["sample"] == 2 and ds.attrs["guidance"] is None  # resuming rewrites no attribute
+    rc, _, err = run_cli([*argv, "--resume", "--guidance", default], capsys)
+    assert rc == 0, err

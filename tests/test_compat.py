@@ -14,12 +14,14 @@ with ``Dataset.to_netcdf(engine="scipy")``.
 
 from __future__ import annotations
 
+import inspect
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
+from diffusers import StableDiffusion3Pipeline
 
 from taca_probe import analysis as A
 from taca_probe.selection import MapSelection
@@ -107,8 +109,20 @@ def test_old_store_opens_verifies_and_reads_its_map_selection(tmp_path):
 
 def test_current_code_records_the_old_store_again(new_store):
     old, new = open_run(OLD).load(), open_run(new_store).load()
+    # 0.1.0 wrote guidance None for the pipeline's default; now the scale it ran at
+    default = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["guidance_scale"].default
+    assert old.attrs["guidance"] is None and new.attrs["guidance"] == default
+    old.attrs["guidance"] = default
     _close(old, new)
     assert MapSelection.from_attrs(new.attrs) == MapSelection.from_attrs(old.attrs)
+
+
+def test_the_old_store_resumes_with_its_command_and_refuses_another_guidance(tmp_path, capsys):
+    copy = tmp_path / "old.zarr"
+    shutil.copytree(OLD, copy)
+    assert main([*ARGV, "--out", str(copy), "--resume", "--guidance", "5"]) == 2
+    assert "guidance" in capsys.readouterr().err
+    assert main([*ARGV, "--out", str(copy), "--resume"]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("quantity", sorted(QUANTITIES))
