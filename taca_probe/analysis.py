@@ -128,9 +128,16 @@ def branch_of(ds: xr.Dataset) -> str:
     return str(ds.attrs.get("branch", "cond"))
 
 
-def _run_attrs(ds: xr.Dataset) -> dict[str, str]:
-    """What a result names of the run it came from (figure titles read these)."""
-    return {"schedule": schedule_of(ds), "model": str(ds.attrs.get("model", "")), "branch": branch_of(ds)}
+def _result_attrs(quantity: str, variable: str, ds: xr.Dataset, baseline: xr.Dataset | None = None,
+                  **extra: Any) -> dict[str, Any]:
+    """The attrs every result carries (figure titles read them): what it is, the store variable, model and
+    CFG branch it came from, and its ``schedule`` (one run; a sweep's are its dim) or, for a pair,
+    ``treated_schedule``/``baseline_schedule``; then ``extra``. None is left out: netCDF refuses it."""
+    runs = ({"treated_schedule": schedule_of(ds), "baseline_schedule": schedule_of(baseline)} if baseline is not None
+            else {} if "schedule" in ds.dims else {"schedule": schedule_of(ds)})
+    out = {"quantity": quantity, "variable": variable, "model": str(ds.attrs.get("model", "")),
+           "branch": branch_of(ds), **runs, **extra}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _one_run(ds: xr.Dataset, what: str) -> None:
@@ -281,11 +288,9 @@ def suppression(ds: xr.Dataset, *, by: str = "block_type", variable: str = "vis_
     res["uniform_reference"] = xr.DataArray(uniform, attrs={"long_name": "uniform attention N_txt / (N_txt + N_vis)"})
     res["cross_attention_reference"] = xr.DataArray(1.0, attrs={"long_name": "cross-attention (text keys only)"})
     res["mean"].attrs = {"long_name": "relative magnitude of visual->text attention (full / cross)", "units": "1"}
-    res.attrs.update({
-        "quantity": "suppression", "variable": variable, "by": by, "uniform_reference": uniform,
-        "cross_attention_reference": 1.0, "n_samples": int(ds.sizes["sample"]),
-        **_run_attrs(ds), "n_txt": ds.attrs.get("n_txt"), "n_vis": ds.attrs.get("n_vis"),
-    })
+    res.attrs.update(_result_attrs("suppression", variable, ds, by=by, uniform_reference=uniform,
+                                   cross_attention_reference=1.0, n_samples=int(ds.sizes["sample"]),
+                                   n_txt=ds.attrs.get("n_txt"), n_vis=ds.attrs.get("n_vis")))
     return res
 
 
@@ -307,8 +312,8 @@ def amplification(ds: xr.Dataset, *, by: str = "block_type", ci: float = 0.95, n
         coords["gamma"] = (g.mean("sample") if "sample" in g.dims else g).compute()
     res = res.assign_coords(coords)
     res["mean"].attrs = {"long_name": "visual->text mass, applied / gamma=1", "units": "1"}
-    res.attrs.update({"quantity": "amplification", "by": by, "n_samples": int(ds.sizes["sample"]),
-                      **_run_attrs(ds)})
+    res.attrs.update(_result_attrs("amplification", "vis_txt_mass / vis_txt_mass_ref", ds, by=by,
+                                   n_samples=int(ds.sizes["sample"])))
     return res
 
 
@@ -347,13 +352,9 @@ def compare_runs(treated: xr.Dataset, baseline: xr.Dataset, *, variable: str = "
         "statistic": template.copy(data=stat.reshape(template.shape)),
         "pvalue": template.copy(data=p.reshape(template.shape)),
     }).assign_coords(_step_coords(treated))
-    res.attrs.update({
-        "quantity": "paired comparison", "variable": variable, "by": by, "test": test,
-        "alternative": alternative, "n_pairs": int(xt.sizes["sample"]), "ci": float(ci), "method": method,
-        "n_resamples": int(n_resamples), "seed": int(seed),
-        "treated_schedule": schedule_of(treated), "baseline_schedule": schedule_of(baseline),
-        "branch": branch_of(treated),
-    })
+    res.attrs.update(_result_attrs("paired comparison", variable, treated, baseline, by=by, test=test,
+                                   alternative=alternative, n_pairs=int(xt.sizes["sample"]), ci=float(ci),
+                                   method=method, n_resamples=int(n_resamples), seed=int(seed)))
     return res
 
 
@@ -391,9 +392,8 @@ def timestep_awareness(ds: xr.Dataset, *, by: str = "layer", variable: str = "vi
         out.update({name: b["mean"], f"{name}_ci_low": b["ci_low"], f"{name}_ci_high": b["ci_high"]})
     res = xr.Dataset(out).assign_coords(_step_coords(ds))
     res["slope"].attrs = {"long_name": "d(mass) / d(t/1000)", "units": "mass per 1000 timesteps"}
-    res.attrs.update({"quantity": "timestep awareness", "variable": variable, "by": by, "split": float(split),
-                      "n_samples": int(ds.sizes["sample"]), "uniform_reference": uniform_reference(ds), **kw,
-                      **_run_attrs(ds)})
+    res.attrs.update(_result_attrs("timestep awareness", variable, ds, by=by, split=float(split),
+                                   n_samples=int(ds.sizes["sample"]), uniform_reference=uniform_reference(ds), **kw))
     return res
 
 
@@ -493,12 +493,8 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
         if "image" in d.variables:
             res[name] = d["image"].reset_coords(drop=True).compute()
     res["diff"].attrs = {"long_name": "attention probability, treated - baseline", "units": "1"}
-    res.attrs.update({
-        "quantity": "attention-map difference", "layers": list(layer_sel), "n_layers": len(layer_sel),
-        "n_pairs": int(t.sizes["sample"]), "treated_schedule": schedule_of(treated),
-        "baseline_schedule": schedule_of(baseline), "model": str(treated.attrs.get("model", "")),
-        "branch": branch_of(treated),
-    })
+    res.attrs.update(_result_attrs("attention-map difference", "maps", treated, baseline, layers=list(layer_sel),
+                                   n_layers=len(layer_sel), n_pairs=int(t.sizes["sample"])))
     return res
 
 
@@ -560,9 +556,9 @@ def token_ranking(ds: xr.Dataset, *, steps: int | Sequence[int] | None = None,
         ("n_samples", [prompts.count(p) for p in order]))})
     res = xr.Dataset(data, coords={"prompt": order, "rank": np.arange(1, data["token"][1].shape[1] + 1),
                                    "padding_rank": np.arange(1, data["padding_token"][1].shape[1] + 1)})
-    res.attrs.update({"quantity": "token ranking", "n_samples": int(ds.sizes["sample"]),
-                      "n_tokens": int(da.sizes["token"]), "steps": "all" if steps is None else str(steps),
-                      "layers": "all" if layers is None else str(layers), **_run_attrs(ds)})
+    res.attrs.update(_result_attrs("token ranking", "token_mass", ds, n_samples=int(ds.sizes["sample"]),
+                                   n_tokens=int(da.sizes["token"]), steps="all" if steps is None else str(steps),
+                                   layers="all" if layers is None else str(layers)))
     return res
 
 
@@ -604,10 +600,9 @@ def mass_vs_gamma(sweep: xr.Dataset, *, variable: str = "vis_txt_mass", by: str 
     t = _step_coords(ds.sel(step=sel)).get("timestep")
     res["uniform_reference"] = xr.DataArray(uniform_reference(ds))
     res["mean"].attrs = {"long_name": f"{variable} (mean over steps {sel})", "units": "1"}
-    res.attrs.update({"quantity": "mass vs gamma", "variable": variable, "by": by, "steps": sel,
-                      "timesteps": [] if t is None else [round(float(v), 3) for v in t[1]],
-                      "n_samples": int(ds.sizes["sample"]), "model": str(ds.attrs.get("model", "")),
-                      "branch": branch_of(ds)})
+    res.attrs.update(_result_attrs("mass vs gamma", variable, ds, by=by, steps=sel,
+                                   timesteps=[] if t is None else [round(float(v), 3) for v in t[1]],
+                                   n_samples=int(ds.sizes["sample"])))
     return res
 
 
@@ -658,5 +653,6 @@ def gamma_image_grid(sweep: xr.Dataset, *, t_thresh: float | None = None, seed: 
     img = img.rename(sample="prompt").assign_coords(prompt=list(rows))
     img = img.transpose("prompt", "schedule", "image_y", "image_x", "channel").compute()
     img = img.assign_coords(gamma0=("schedule", g0[cols]), t_thresh=("schedule", tt[cols]))
-    img.attrs.update({"seed": int(seed), "t_thresh": float("nan") if t_thresh is None else float(t_thresh)})
+    img.attrs.update(_result_attrs("gamma image grid", "image", sweep, branch=None, seed=int(seed),
+                                   t_thresh=float("nan") if t_thresh is None else float(t_thresh)))
     return img

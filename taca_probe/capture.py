@@ -178,18 +178,24 @@ class Recorder:
         buf = self._buf
         if buf is None and not self._calls:
             raise TacaProbeError("the pipeline never called the transformer; nothing was recorded")
-        # The transformer ran but no call held this branch's rows: most often the uncond branch without CFG.
-        cfg = ("; the uncond branch exists only under CFG (SD3: guidance_scale > 1; FLUX: true_cfg_scale > 1 with "
-               "a negative_prompt)" if "uncond" in self.branches else "")
+        if "uncond" in self.branches and not (buf and (buf.recorded.get("uncond") or buf.recorded.get("both"))):
+            # The transformer ran, but never on unconditional rows: the pipeline ran without CFG.
+            sd3 = self.handle.family == "sd3"
+            g = getattr(self.pipe, "guidance_scale", None) if sd3 else None  # the call's (SD3 keeps it)
+            how = ("SD3 batches one only at guidance_scale > 1" + ("" if g is None else f", this call had {g:g}")
+                   if sd3 else "FLUX calls one only with true_cfg_scale > 1 and a negative_prompt")
+            raise TacaProbeError(f"the uncond branch was not recorded: the pipeline ran without CFG at this guidance, "
+                                 f"so it made no unconditional call ({how}); record branch='cond' (--branch cond), "
+                                 "or turn CFG on")
         if buf is None:
-            raise TacaProbeError(f"no transformer call was recorded for branch(es) {self.branches}{cfg}")
+            raise TacaProbeError(f"no transformer call was recorded for branch(es) {self.branches}")
         for kind in ["both"] if "both" in buf.device else self.branches:  # "both": one SD3 call held both
             done = buf.recorded.get(kind, set())
             missing = sorted(set(range(buf.steps)) - done)
             if missing:
                 # Part of the run happened: the loop started late (img2img) or stopped early, not a CFG matter.
                 why = (f"; the pipeline ran only steps {min(done)}-{max(done)} (img2img strength < 1, or interrupted): "
-                       "probe records whole runs" if done else cfg)
+                       "probe records whole runs" if done else "")
                 raise TacaProbeError(f"steps {missing} were not recorded for branch(es) {self.branches}{why}")
         texts, padding, sources = buf.tokens
         layout = self._layout(buf.steps, buf.n_txt, buf.grid, images.shape[1:], sources)

@@ -616,3 +616,53 @@ def test_paired_analyses_refuse_runs_of_different_cfg_branches():
             fn(treated, uncond)
         assert "\n" not in str(err.value)
         fn(treated, baseline)  # the same branch pairs
+
+
+def _of(ds):
+    """``ds`` recorded from model "tiny-x" on the uncond branch; a sweep without a schedule attr, as open_sweep's."""
+    ds = ds.assign_attrs(model="tiny-x", branch="uncond")
+    return ds.drop_attrs(deep=False).assign_attrs({k: v for k, v in ds.attrs.items() if k != "schedule"}) \
+        if "schedule" in ds.dims else ds
+
+
+RESULTS = {  # each analysis on inputs of model "tiny-x", branch "uncond": (result, its input, the baseline)
+    "suppression": lambda: (lambda d: (A.suppression(d, n_resamples=20), d, None))(_of(_fig2_run())),
+    "amplification": lambda: (lambda d: (A.amplification(d, n_resamples=20), d, None))(_of(_fig2_run())),
+    "timestep_awareness": lambda: (lambda d: (A.timestep_awareness(d, n_resamples=20), d, None))(_of(_fig2_run())),
+    "token_ranking": lambda: (lambda d: (A.token_ranking(d), d, None))(_of(_fig2_run())),
+    "compare_runs": lambda: (lambda t, b: (A.compare_runs(t, b, n_resamples=20), t, b))(
+        *(_of(d) for d in _pair(np.zeros(6), list(range(6))))),
+    "map_difference": lambda: (lambda t, b: (A.map_difference(t, b), t, b))(*(_of(d) for d in _maps_pair())),
+    "mass_vs_gamma": lambda: (lambda d: (A.mass_vs_gamma(d, n_resamples=20), d, None))(_of(_sweep())),
+    "gamma_image_grid": lambda: (lambda d: (A.gamma_image_grid(d), d, None))(_of(_sweep())),
+}
+
+
+@pytest.mark.parametrize("name", RESULTS)
+def test_every_result_names_the_model_branch_variable_and_runs_of_its_inputs(name, tmp_path):
+    """QA: compare_runs results had no ``model``, amplification results no ``variable``."""
+    res, ds, baseline = RESULTS[name]()
+    assert res.attrs["model"] == ds.attrs["model"] and isinstance(res.attrs["quantity"], str)
+    assert res.attrs["variable"].split(" / ")[0] in ds.variables
+    if name != "gamma_image_grid":  # images are not of a CFG branch
+        assert res.attrs["branch"] == ds.attrs["branch"]
+    if baseline is not None:
+        assert (res.attrs["treated_schedule"], res.attrs["baseline_schedule"]) == (
+            ds.attrs["schedule"], baseline.attrs["schedule"])
+    assert res.attrs.get("schedule") == ds.attrs.get("schedule") if baseline is None else "schedule" not in res.attrs
+    if name == "map_difference":  # netCDF3 holds no uint8 images nor a list of strings (its layers)
+        res = res.drop_vars(["treated_image", "baseline_image"]).drop_attrs(deep=False).assign_attrs(
+            {k: v for k, v in res.attrs.items() if k != "layers"})
+    res.to_netcdf(tmp_path / "res.nc", engine="scipy")
+    with (xr.open_dataarray if isinstance(res, xr.DataArray) else xr.open_dataset)(tmp_path / "res.nc",
+                                                                                   engine="scipy") as back:
+        assert back.attrs["model"] == ds.attrs["model"]
+
+
+def test_attrs_the_input_lacks_are_left_out_not_none(tmp_path):
+    """suppression of a store without n_txt/n_vis attrs stored None, which to_netcdf refuses."""
+    ds = _fig2_run()
+    del ds.attrs["n_txt"], ds.attrs["n_vis"]
+    res = A.suppression(ds, n_resamples=20)
+    assert None not in res.attrs.values() and "n_txt" not in res.attrs
+    res.to_netcdf(tmp_path / "res.nc", engine="scipy")

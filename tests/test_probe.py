@@ -188,13 +188,16 @@ def test_branches_sd3_batched_cfg(pipes, tmp_path):
 
 
 def test_uncond_branch_without_cfg_names_cfg_not_a_missing_call(pipes, tmp_path):
-    """Audit: branch="uncond"/"both" without CFG said "the pipeline never called the transformer"."""
+    """Audit: branch="uncond"/"both" without CFG said "the pipeline never called the transformer"; then
+    branch="both" said no call was recorded for ('cond', 'uncond'), though the cond calls ran."""
     for model, no_cfg in (("tiny-sd3", {"guidance_scale": 1.0}), ("tiny-flux", {})):
         for branch in ("uncond", "both"):
             with pytest.raises(TacaProbeError, match="CFG") as info:
                 with probe(pipes[model], tmp_path / "u.zarr", branch=branch) as run:
                     run.sample("a cat", seed=0, num_inference_steps=1, **no_cfg, **SIZE)
-            assert "never called" not in str(info.value) and not (tmp_path / "u.zarr").exists()
+            msg = str(info.value)
+            assert "never called" not in msg and not (tmp_path / "u.zarr").exists()
+            assert "\n" not in msg and "uncond" in msg and "'cond', 'uncond'" not in msg  # uncond is what is missing
 
 
 def test_a_partial_run_names_the_steps_it_ran_not_cfg(pipes, tmp_path):
