@@ -47,7 +47,10 @@ class Run:
         self.maps, self.sites = recorder.maps, handle.sites
         self.call_defaults = model_call_defaults(pipe)
         self._writer: RunWriter | None = None
-        self._first_kwargs: dict[str, Any] | None = None  # the plain pipeline kwargs of the first sample written
+        # the plain pipeline kwargs of the first sample written: a resumed store's own, else set by sample()
+        stored = read_attrs(path).get("pipeline_kwargs") if is_store(path) else None
+        self._first_kwargs: dict[str, Any] | None = {k: v for k, v in stored.items() if v is None or isinstance(
+            v, (bool, int, float, str))} if isinstance(stored, dict) else None
 
     def __repr__(self) -> str:
         done = "" if self._writer is None else f", {sum(d for *_, d in self._writer.slots())} samples complete"

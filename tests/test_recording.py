@@ -154,3 +154,18 @@ def test_a_store_is_labelled_with_the_settings_its_samples_were_recorded_with(pi
     assert ds.attrs["guidance"] == 1.0 and ds.attrs["pipeline_kwargs"] == {"guidance_scale": 1.0, **one}
     stock = pipe("a cat", generator=torch.Generator("cpu").manual_seed(0), guidance_scale=1.0, output_type="np", **one)
     np.testing.assert_array_equal(ds["image"].values[0], (stock.images[0] * 255).round().astype(np.uint8))
+
+
+def test_a_resumed_probe_refuses_other_settings_than_the_store_holds(pipes, tmp_path):
+    # Audit: the refusal compared against the first sample of this probe() block only, so a resumed block
+    # wrote a guidance_scale=3 sample into a store whose pipeline_kwargs (and guidance) said 7.
+    pipe = pipes("tiny-sd3")
+    kw = {"num_inference_steps": 1, **SIZE}
+    path = tmp_path / "r.zarr"
+    with probe(pipe, path) as run:
+        run.sample("a", seed=0, guidance_scale=7.0, **kw)
+    with probe(pipe, path, mode="resume") as run:
+        with pytest.raises(TacaProbeError, match=r"guidance_scale=3.0 \(the first sample's: 7.0\)"):
+            run.sample("a", seed=1, guidance_scale=3.0, **kw)
+        run.sample("a", seed=1, guidance_scale=7.0, negative_prompt="b", **kw)
+    assert list(open_run(path)["seed"].values) == [0, 1]
