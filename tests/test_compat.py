@@ -38,7 +38,7 @@ ARGV = ["record", "--model", "tiny-sd3", "--device", "cpu", "--steps", "2", "--h
 #: Provenance that differs between any two recordings (versions, time, command line).
 PROVENANCE = {"created", "command", "taca_probe_version", "torch_version", "diffusers_version"}
 #: Attributes added since 0.1.0: compared where both sides have them.
-ADDED_SINCE = {"map_selection", "branch", "model", "schedule"}
+ADDED_SINCE = {"map_selection", "branch", "model", "schedule", "variable"}  # variable: every result has had one since 90f7c2b
 QUANTITIES = {"suppression": (A.suppression, {"branch": "cond", "n_resamples": 200}),
               "timestep_awareness": (A.timestep_awareness, {"branch": "uncond", "n_resamples": 200}),
               "token_ranking": (A.token_ranking, {"branch": "cond"})}
