@@ -427,7 +427,7 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
                    branch: str | None = None) -> xr.Dataset:
     """TACA minus baseline visual->text attention maps per text token (the paper's Fig. 3).
 
-    Samples pair by (prompt, seed); a map is the head- and layer-mean probability each image token
+    Samples pair by (prompt, seed, batch_index); a map is the head- and layer-mean probability each image token
     (latent ``y`` x ``x`` grid) puts on a text token. ``steps``: default every step with maps in both
     stores; ``layers``: default every layer with maps, else a block type, a glob on the module path or
     a list; ``tokens``: ``"prompt"`` (not padding in some sample), ``"all"`` or positions.

@@ -188,7 +188,8 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
         raise TacaProbeError(f"unknown mode {mode!r}; choose from {', '.join(_MODES)}")
     schedule, maps, p = parse(schedule), MapSelection.parse(maps), Path(path)
     if mode == "create" and p.exists():
-        raise StoreError(f"{str(p)!r} already exists; pass --resume to complete it or --overwrite to replace it")
+        raise StoreError(f"{str(p)!r} already exists; pass --resume (mode='resume') to complete it or --overwrite "
+                         "(mode='overwrite') to replace it")
     if p.exists() and not is_store(p):
         raise StoreError(f"{str(p)!r} exists and is not a taca-probe store; choose another path")
     handle = apply_taca(pipe, TacaConfig(schedule=schedule, lora=lora, lora_scale=lora_scale))

@@ -230,7 +230,8 @@ class RunWriter:
         n_samples = len(slots) if slots else 0
         p = Path(path)
         if p.exists():
-            raise StoreError(f"{str(p)!r} already exists; pass --resume to complete it or --overwrite to replace it")
+            raise StoreError(f"{str(p)!r} already exists; pass --resume (mode='resume') to complete it or --overwrite "
+                             "(mode='overwrite') to replace it")
         _remove_stale_temporaries(p)
         tmp = p.parent / f"{_TMP_PREFIX}{p.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)

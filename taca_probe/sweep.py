@@ -227,7 +227,8 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
     # only rank 0 looks: the others may look while its --overwrite has deleted sweep.json, not yet rewritten it
     exists = main_rank and folder.exists() and any(folder.iterdir())
     if mode == "create" and exists:
-        raise SweepError(f"{str(folder)!r} already exists; pass --resume to complete it or --overwrite to replace it")
+        raise SweepError(f"{str(folder)!r} already exists; pass --resume (mode='resume') to complete it or --overwrite "
+                         "(mode='overwrite') to replace it")
     if mode == "resume" and not is_sweep(folder):
         raise SweepError(f"--resume: no sweep at {str(folder)!r} (no {MANIFEST})")
     if mode == "overwrite" and exists and not is_sweep(folder):
