@@ -394,6 +394,11 @@ def test_flags_with_two_meanings_keep_their_old_spelling_with_a_deprecation(caps
     assert old.preset == parser.parse_args(["bench", "e2e", "--preset", "flux-dev"]).preset == "flux-dev"
     assert "--preset" in capsys.readouterr().err
     assert parser.parse_args(["bench", "e2e"]).preset == "sd35-medium"
+    # one name for one setting: eval's bootstrap resamples are --n-resamples, as in figures and report
+    old = parser.parse_args(["eval", "--bootstrap", "50"])
+    assert old.n_resamples == 50 and "--n-resamples" in capsys.readouterr().err
+    assert parser.parse_args(["eval", "--n-resamples", "300"]).n_resamples == 300
+    assert parser.parse_args(["eval"]).n_resamples == 2000
 
 
 def test_figures_max_tokens_and_tokens_are_one_or_the_other(tmp_path, capsys, monkeypatch):

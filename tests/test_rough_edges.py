@@ -116,7 +116,7 @@ def _eval(argv, capsys):
 def test_eval_quick_default_eta_up_front_and_a_table_within_100_columns(tmp_path, capsys):
     out_json = tmp_path / "e.json"
     rc, out, err = _eval(["--prompt", "a red triangle", "--prompt", "a green square below a red circle", "--steps", "2",
-                          "--schedule", "none", "--schedule", "step:1.2@970", "--device", "cpu", "--bootstrap", "50",
+                          "--schedule", "none", "--schedule", "step:1.2@970", "--device", "cpu", "--n-resamples", "100",
                           "--json", str(out_json)], capsys)
     assert rc == 0
     result = json.loads(out_json.read_text())

@@ -528,7 +528,7 @@ def test_eval_cli_writes_table_and_json(tmp_path: Path, capsys: pytest.CaptureFi
     out = tmp_path / "eval.json"
     args = _eval_args("--prompt", "a red triangle", "--prompt", "a green square below a red circle", "--seeds", "0-1",
                       "--steps", "2", "--schedule", "none", "--schedule", "step:1.2@970", "--device", "cpu",
-                      "--bootstrap", "50", "--json", str(out))
+                      "--n-resamples", "100", "--json", str(out))
     assert args.func(args) == 0
     table = capsys.readouterr().out
     assert "two.spatial" in table and "step:1.2@970" in table and "chance" in table

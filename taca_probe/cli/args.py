@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,6 +105,18 @@ def schedule_help(default: str | None) -> str:
             "step:1.2@970": "default step:1.2@970, the paper's rule"}.get(default, f"default {default}")
     return f"gamma schedule ({when}; 'none' = stock model). Forms: " + " | ".join(
         line.strip() for line in FORMS.strip().splitlines() if line.strip())
+
+
+class Deprecated(argparse.Action):
+    """An old spelling that still works: stores into ``dest`` and says the new one on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"taca-probe: {option_string} is deprecated here; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _parent() -> argparse.ArgumentParser:
@@ -207,16 +220,22 @@ def recording_args(what: str) -> argparse.ArgumentParser:
     return p
 
 
+def resample_args(n_resamples: int) -> argparse.ArgumentParser:
+    """--n-resamples of the commands that give bootstrap intervals."""
+    p = _parent()
+    p.add_argument("--n-resamples", type=bounded(100, 1_000_000), default=n_resamples,
+                   help=f"bootstrap resamples (default {n_resamples})")
+    return p
+
+
 def comparison_args(n_resamples: int) -> argparse.ArgumentParser:
     """--baseline, --treated, --n-resamples, --branch of the commands that compare runs."""
-    p = _parent()
+    p = argparse.ArgumentParser(add_help=False, parents=[resample_args(n_resamples)])
     p.add_argument("stores", nargs="+", metavar="STORE", help="run stores and/or sweep folders")
     p.add_argument("--baseline", default=None, metavar="STORE|SPEC",
                    help="the baseline run (default: the one recorded with schedule none)")
     p.add_argument("--treated", default=None, metavar="STORE|SPEC",
                    help="the TACA run compared with it (default: step:1.2@970 if present, else the first other)")
-    p.add_argument("--n-resamples", type=bounded(100, 1_000_000), default=n_resamples,
-                   help=f"bootstrap resamples (default {n_resamples})")
     p.add_argument("--branch", default=None, choices=["cond", "uncond"], help="CFG branch of stores that hold both")
     return p
 

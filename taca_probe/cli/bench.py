@@ -16,8 +16,7 @@ from ..errors import TacaProbeError
 from ..models import resolve_device, resolve_dtype
 from ..schedules import GAMMA_MAX, GAMMA_MIN, parse
 from ..selection import MapSelection
-from .args import MAX_STEPS, bench_args, bounded, check_json, emit, json_args, positive_int
-from .figures import _Deprecated
+from .args import MAX_STEPS, Deprecated, bench_args, bounded, check_json, emit, json_args, positive_int
 
 _PRESETS = "sd35-medium (default, 24 x 64), sd3-medium, sd35-large, flux-dev"
 
@@ -43,7 +42,7 @@ def add_parsers(sub, parser_class) -> None:
                          description="A random-weight SD3 transformer of a real width (text encoders and VAE "
                          "stay tiny) samples with CFG, interleaved with and without recording; median of N.")
     be.add_argument("--preset", default="sd35-medium", help=f"transformer width preset: {_PRESETS}")
-    be.add_argument("--width", dest="preset", action=_Deprecated, new="--preset",
+    be.add_argument("--width", dest="preset", action=Deprecated, new="--preset",
                     help=argparse.SUPPRESS)  # --width means image width in every other command
     be.add_argument("--layers", type=positive_int, default=2, help="transformer blocks at reduced depth (default 2)")
     be.add_argument("--depth", choices=("reduced", "full"), default="reduced",

@@ -17,13 +17,14 @@ from ..models import load_pipeline
 from ..schedules import parse
 from ..shapes import dataset as ds
 from ..shapes.benchmark import DEFAULT_SEEDS, QUICK_SEEDS, _call_settings, format_table, run_benchmark
-from .args import call_args, check_json, check_out, emit, json_args, model_args, positive_int, seeds
+from .args import Deprecated, call_args, check_json, check_out, emit, json_args, model_args, positive_int, \
+    resample_args, seeds
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` command to ``taca-probe``'s subparsers; returns its parser (``func``: :func:`cmd_eval`)."""
     p = subparsers.add_parser(
-        "eval", parents=[model_args(), call_args(size=False),
+        "eval", parents=[model_args(), call_args(size=False), resample_args(2000),
                          json_args("the full result (aggregates and per-image detections)")],
         help="compositional benchmark: held-out shapes prompts x seeds, scored exactly "
         "(colour, shape, binding, spatial)",
@@ -49,7 +50,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append",
                    help="a prompt of the shapes grammar instead of the held-out set (repeatable)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per pipeline call (default 16)")
-    p.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--bootstrap", dest="n_resamples", type=positive_int, action=Deprecated, new="--n-resamples",
+                   help=argparse.SUPPRESS)  # one name for one setting across commands
     p.add_argument("--save-images", metavar="DIR", help="also save the generated images under DIR/NN_<schedule>/")
     p.set_defaults(func=cmd_eval)
     return p
@@ -108,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         result = run_benchmark(pipe, schedules, prompts=prompts, seeds=seeds, call=call, batch_size=args.batch_size,
-                               n_boot=args.bootstrap, save_images=args.save_images, progress=progress)
+                               n_boot=args.n_resamples, save_images=args.save_images, progress=progress)
     finally:
         bar.close()
     result["model"] = str(args.model)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -11,19 +10,7 @@ from ..analysis import GROUP_BY
 from ..plotting import FIGURES, FORMATS
 from ..rendering import render_figures, report
 from ..selection import MAX_INT
-from .args import bounded, check_out, comparison_args, int_list, positive_int
-
-
-class _Deprecated(argparse.Action):
-    """An old spelling that still works: stores into ``dest`` and says the new one on stderr."""
-
-    def __init__(self, option_strings, dest, new: str, **kwargs):
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"taca-probe: {option_string} is deprecated here; use {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+from .args import Deprecated, bounded, check_out, comparison_args, int_list, positive_int
 
 
 def add_parsers(sub) -> None:
@@ -42,7 +29,7 @@ def add_parsers(sub) -> None:
     fg.add_argument("--sample", type=int, default=0, help="which paired sample Fig. 3 shows (default 0)")
     fg.add_argument("--map-steps", dest="map_steps", type=int_list, default=None, metavar="LIST",
                     help="Fig. 3 steps, e.g. 0-3 (default: the first steps with maps, at most 4)")
-    fg.add_argument("--steps", dest="map_steps", type=int_list, action=_Deprecated, new="--map-steps",
+    fg.add_argument("--steps", dest="map_steps", type=int_list, action=Deprecated, new="--map-steps",
                     help=argparse.SUPPRESS)  # --steps means denoising steps in every other command
     rows = fg.add_mutually_exclusive_group()  # --tokens would silently override --max-tokens
     rows.add_argument("--max-tokens", type=positive_int, default=8,
