@@ -209,7 +209,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.overwrite and ranks.is_main:
         check_removable(out)
     if args.resume and not out.exists():
-        raise StoreError(f"--resume: no store at {str(out)!r}")
+        raise StoreError(f"--resume: no store at {str(out)!r} (a run stopped before its first sample leaves none); "
+                         "run without --resume")
     pipe, call = _load(args, ranks.device(resolve_device(args.device)))
     plan = sample_plan(items, args.seeds)  # each (prompt, seed) once, as in a sweep: a repeat would count twice
     mode = "resume" if args.resume or not ranks.is_main else "overwrite" if args.overwrite else "create"
