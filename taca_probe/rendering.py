@@ -83,11 +83,15 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
             raise StoreError(f"no store or sweep at {str(p)!r}")
         else:
             raise StoreError(f"{str(p)!r} is neither a taca-probe store nor a sweep folder (no sweep.json)")
-    if as_sweep and sweep is None and len(stores) >= 2:
+    if as_sweep and len(sources) >= 2 and (sweep is not None or len(stores) >= 2):  # fig4 from every input
         try:
-            sweep = open_sweep(stores, chunks=chunks)
+            sweep = open_sweep(sources, chunks=chunks)
         except (SweepError, A.AnalysisError) as e:
             why = f"fig4 needs stores of several schedules on the same prompts and seeds: {e}"
+        specs = [r.spec for r in runs]
+        if sweep is not None and len(set(specs)) < len(specs):  # a schedule in two inputs: one run of both
+            label = ", ".join(map(str, sources))
+            runs = [Run(f"{label} [{spec}]", str(spec), sweep.sel(schedule=spec)) for spec in sweep["schedule"].values]
     return runs, sweep, why
 
 

@@ -268,7 +268,10 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
         diffs = _resume_diffs(*({**d, "call": {**(c := d.get("call") or {}), "guidance_scale": call_guidance(pipe, c)}}
                                 for d in (old, doc))) if main_rank else []
         if diffs:
-            raise SweepError(f"cannot resume {str(folder)!r} with different settings: " + "; ".join(diffs))
+            grow = any(d.startswith(("plan", "schedules")) for d in diffs)  # a sweep never grows in place
+            raise SweepError(f"cannot resume {str(folder)!r} with different settings: " + "; ".join(diffs) + (
+                "; to add prompts, seeds or schedules, record them into another sweep folder and open both together "
+                f"(taca-probe figures {folder} NEW; taca_probe.open_sweep([{str(folder)!r}, NEW]))" if grow else ""))
         doc["created"] = old.get("created", doc["created"])
         for entry, before in zip(entries, old["schedules"]):  # the paths recorded (older versions cut no name)
             for key, kind in (("store", "store"), ("images", "image folder")):
@@ -359,8 +362,9 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
     Parameters
     ----------
     source
-        A sweep folder (from :func:`run_sweep` / ``taca-probe sweep``), or a list of run stores
-        recorded with different schedules on the same prompts and seeds.
+        A sweep folder (from :func:`run_sweep` / ``taca-probe sweep``), or a list of run stores and/or
+        sweep folders. Stores of one schedule (two sweeps over other seeds or prompts) are joined
+        along ``sample``; a (prompt, seed, batch_index) found twice in one schedule is refused.
     chunks
         As for :func:`taca_probe.open_run` (``{}`` for dask arrays).
 
@@ -373,34 +377,38 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
         step, layer). Samples are those complete in every store, in plan order; the others are
         left out with a warning.
     """
-    doc, one = None, isinstance(source, (str, os.PathLike))
+    one = isinstance(source, (str, os.PathLike))
     if not one and isinstance(source, Iterable) and not isinstance(source, bytes):
         source = list(source)  # a list, tuple or generator (Path.glob) of store paths
     if not one and not (isinstance(source, list) and source and all(isinstance(s, (str, os.PathLike)) for s in source)):
         raise SweepError("open_sweep needs a sweep folder or a non-empty list of store paths (str or os.PathLike), "
                          f"got {type(source).__name__}")
-    if one and is_sweep(source):
-        folder = Path(source)
-        doc = read_manifest(folder)
-        items = [(folder / e["store"], e["spec"], e.get("gamma0"), e.get("t_thresh")) for e in doc["schedules"]]
-        missing = [str(p) for p, *_ in items if not p.exists()]
-        items = [it for it in items if it[0].exists()]
-        if missing:
-            warnings.warn(f"sweep {str(folder)!r}: {len(missing)} schedule store(s) not recorded yet "
-                          f"(first {missing[0]}); resume the sweep to record them", stacklevel=2)
-        if not items:
-            raise SweepError(f"sweep {str(folder)!r} has no recorded store yet; run or resume `taca-probe sweep`")
-        label = str(folder)
-    else:
-        sources = [Path(source)] if one else [Path(s) for s in source]
-        if one and sources[0].is_dir() and not (sources[0] / "zarr.json").exists():
-            raise SweepError(f"{str(sources[0])!r} is neither a sweep folder (no {MANIFEST}) nor a store")
-        items = [(p, None, None, None) for p in sources]
-        label = ", ".join(map(str, sources))
+    items, docs = [], []
+    for path in map(Path, [source] if one else source):  # a sweep folder stands for its stores
+        if is_sweep(path):
+            docs.append(doc := read_manifest(path))
+            found = [(path / e["store"], e["spec"], e.get("gamma0"), e.get("t_thresh")) for e in doc["schedules"]]
+            missing = [str(p) for p, *_ in found if not p.exists()]
+            if missing:  # not recorded yet, or moved or deleted by hand
+                what = f"missing (not recorded yet, or moved or deleted; first {missing[0]}): resume the sweep to " \
+                       "record them, or put them back"
+                if len(missing) == len(found):
+                    raise SweepError(f"sweep {str(path)!r}: every schedule store is {what}")
+                warnings.warn(f"sweep {str(path)!r}: {len(missing)} schedule store(s) {what}", stacklevel=2)
+            items += [it for it in found if it[0].exists()]
+        elif one and path.is_dir() and not (path / "zarr.json").exists():
+            raise SweepError(f"{str(path)!r} is neither a sweep folder (no {MANIFEST}) nor a store")
+        else:
+            items.append((path, None, None, None))
+    label = str(source) if one else ", ".join(map(str, source))
     rows = []
     for path, spec, g0, tt in items:
         ds = open_run(path, chunks=chunks)
-        spec = spec or str(ds.attrs.get("schedule", "none"))
+        stored = str(ds.attrs.get("schedule", "none"))
+        if spec is not None and parse(stored).spec != spec:  # a hand-edited manifest would relabel the data
+            raise SweepError(f"{str(path)!r} holds schedule {stored!r}, but the sweep's manifest lists it as {spec!r}; "
+                             f"fix {MANIFEST} or open the stores as a list")
+        spec = spec or stored
         if g0 is None and tt is None:
             g0, tt = _schedule_coords(spec)
         g0, tt = (math.nan if v is None else float(v) for v in (g0, tt))
@@ -408,8 +416,6 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
             g0 = float(np.nanmax(np.asarray(ds["gamma"].values)))
         rows.append((ds, spec, g0, tt))
     dsets, specs, g0s, tts = zip(*rows)
-    if len(set(specs)) != len(specs):
-        raise SweepError(f"{label}: two stores hold the same schedule ({', '.join(specs)}); a sweep needs distinct ones")
     ref = dsets[0]
     for spec, ds in zip(specs[1:], dsets[1:]):
         diffs = [f"{d} {ref.sizes.get(d)} vs {ds.sizes.get(d)}"
@@ -422,6 +428,25 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
                   if ref.attrs.get(k) != ds.attrs.get(k)]
         if diffs:
             raise SweepError(f"{label}: the store of {spec!r} does not match the one of {specs[0]!r}: " + "; ".join(diffs))
+    merged: dict[str, list] = {}  # stores of one schedule (a second sweep of more seeds) join along sample
+    for ds, spec, g0, tt in rows:
+        merged.setdefault(spec, []).append((ds, g0, tt))
+    for spec, parts in merged.items():
+        seen: dict[tuple, int] = {}
+        for i, (ds, *_) in enumerate(parts):
+            diffs = [f"{k} {parts[0][0].attrs.get(k)!r} vs {ds.attrs.get(k)!r}" for k in ("model", "guidance", "lora",
+                     "lora_scale") if _jsonable(parts[0][0].attrs.get(k)) != _jsonable(ds.attrs.get(k))]
+            if diffs:
+                raise SweepError(f"{label}: two stores of schedule {spec!r} were recorded differently: " + "; ".join(diffs))
+            for key in sample_keys(ds):
+                if seen.setdefault(key, i) != i:
+                    raise SweepError(f"{label}: sample {key} of schedule {spec!r} is in two of the inputs; give "
+                                     "each (prompt, seed) of a schedule once")
+    specs = list(merged)
+    dsets = [ps[0][0] if len(ps) == 1 else xr.concat([p[0] for p in ps], dim="sample", data_vars="all", coords="minimal",
+                                                   compat="override", join="override", combine_attrs="drop_conflicts")
+             for ps in merged.values()]
+    g0s, tts = [ps[0][1] for ps in merged.values()], [ps[0][2] for ps in merged.values()]
     keys = [sample_keys(ds) for ds in dsets]
     common = [k for k in keys[0] if all(k in set(other) for other in keys[1:])]
     left_out = sum(len(k) for k in keys) - len(common) * len(keys)
@@ -442,6 +467,6 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
     for key in ("schedule", "schedule_description", "command", "created", "sweep"):
         combined.attrs.pop(key, None)
     combined.attrs.update(schedules=list(specs), sweep=label)
-    if doc is not None:
-        combined.attrs["sweep_call"] = json.dumps(doc.get("call", {}))
+    if docs and all(d.get("call") == docs[0].get("call") for d in docs):
+        combined.attrs["sweep_call"] = json.dumps(docs[0].get("call", {}))
     return combined

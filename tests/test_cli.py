@@ -183,7 +183,7 @@ def test_a_warning_is_one_line(tmp_path):
     sweep = tmp_path / "sw"
     shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", sweep / "stores" / "1.zarr")
     schedules = [{"spec": spec, "store": f"stores/{i}.zarr", "images": f"images/{i}"}
-                 for i, spec in enumerate(["none", "const:1.1"])]  # stores/0.zarr was never recorded
+                 for i, spec in enumerate(["none", "step:1.3@970"])]  # stores/0.zarr was never recorded
     (sweep / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": schedules}))
     argv = [sys.executable, "-m", "taca_probe", "export-images", str(sweep), "--out", str(tmp_path / "e")]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)

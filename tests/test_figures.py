@@ -453,3 +453,73 @@ def test_fig3_overlay_draws_each_map_over_the_taca_image(sweep_dir):
     assert all(np.array_equal(np.asarray(ax.images[0].get_array(), float), grey) for ax in panels)
     with pytest.raises(plotting.FigureError, match="overlay"):  # stores recorded without images
         plotting.plot_map_difference(md.drop_vars("treated_image"), overlay=True)
+
+
+@pytest.fixture(scope="module")
+def more_seeds(sweep_dir, pipes_module, tmp_path_factory):
+    """A second sweep of sweep_dir's schedules on a new seed, and a store of another gamma0 on that seed."""
+    from taca_probe import probe, run_sweep
+
+    tmp = tmp_path_factory.mktemp("more")
+    call = {"num_inference_steps": 2, "height": 64, "width": 64, "max_sequence_length": 8}
+    folder = run_sweep(pipes_module, tmp / "s2", prompts=["a red cube"], seeds=[2], maps="steps=0-1",
+                       schedules=["none", "step:1.2@970", "step:1.5@970"], call=call, progress=False)
+    with probe(pipes_module, tmp / "x.zarr", schedule="step:1.3@970", maps="steps=0-1") as run:
+        run.sample("a red cube", seed=2, **call)
+    return folder, tmp / "x.zarr"
+
+
+@pytest.fixture(scope="module")
+def pipes_module():
+    from taca_probe import load_pipeline
+
+    pipe = load_pipeline("tiny-sd3", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_second_sweep_of_more_seeds_opens_and_draws_with_the_first(sweep_dir, more_seeds):
+    """open_sweep([A, B]) refused a sweep folder in the list ('not a taca-probe store'), and two sweeps of one
+    schedule could not be joined; `figures A B` drew Fig. 4 from A alone, leaving B out without a word."""
+    from taca_probe import open_run
+    from taca_probe.rendering import open_inputs
+    from taca_probe.stats import sample_keys
+
+    s2, _ = more_seeds
+    ds = open_sweep([sweep_dir, s2])
+    keys = sample_keys(ds)
+    assert sorted(keys) == sorted(sample_keys(open_sweep(sweep_dir)) + [("a red cube", 2, 0)])
+    for entry in json.loads((sweep_dir / "sweep.json").read_text())["schedules"]:
+        spec, stem = entry["spec"], entry["store"]
+        for folder in (sweep_dir, s2):  # every sample is the one its own store holds under that key
+            store = open_run(folder / stem)
+            for i, key in enumerate(sample_keys(store)):
+                np.testing.assert_array_equal(ds["vis_txt_mass"].sel(schedule=spec).isel(sample=keys.index(key)),
+                                              store["vis_txt_mass"].isel(sample=i))
+    runs, sweep, _ = open_inputs([sweep_dir, s2])
+    assert sweep.sizes["sample"] == 5 and sorted(r.spec for r in runs) == sorted(ds["schedule"].values)
+    assert all(r.ds.sizes["sample"] == 5 for r in runs)
+
+
+def test_a_sweep_plus_a_store_of_another_gamma_draws_fig4_from_both(more_seeds, tmp_path):
+    s2, extra = more_seeds
+    out = render_figures([s2, extra], tmp_path, figures="fig4", formats=("png",), n_resamples=100)
+    assert "step:1.3@970" in out["sources"]["fig4_mass_vs_gamma"]
+    ds = open_sweep([s2, extra])
+    assert list(ds["schedule"].values) == ["none", "step:1.2@970", "step:1.5@970", "step:1.3@970"]
+    with pytest.raises(TacaProbeError):  # one sample of a schedule twice: refused, not doubled
+        open_sweep([s2, s2 / "stores" / "00_none.zarr"])
+
+
+def test_a_hand_edited_manifest_cannot_relabel_a_schedule(sweep_dir, tmp_path, capsys):
+    """Audit: swapping two stores in sweep.json made open_sweep label the gamma 1.2 data 'none', silently."""
+    folder = tmp_path / "sw"
+    shutil.copytree(sweep_dir, folder)
+    doc = json.loads((folder / "sweep.json").read_text())
+    first, second = doc["schedules"][:2]
+    first["store"], second["store"] = second["store"], first["store"]
+    (folder / "sweep.json").write_text(json.dumps(doc))
+    with pytest.raises(TacaProbeError):
+        open_sweep(folder)
+    rc, _, err = run_cli(["figures", folder, "--out", tmp_path / "f"], capsys)
+    one_line_error(rc, err)

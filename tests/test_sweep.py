@@ -48,3 +48,16 @@ def test_open_sweep_refuses_stores_of_different_cfg_branches_or_maps(pipes, tmp_
         with pytest.raises(SweepError, match=expected) as err:
             open_sweep([tmp_path / "b.zarr", tmp_path / f"{other}.zarr"])
         assert "\n" not in str(err.value)
+
+
+def test_a_sweep_whose_stores_are_all_gone_is_one_error_without_a_warning(tmp_path):
+    """Stores moved away by hand: a warning ('not recorded yet') came before the error, two lines for one fault."""
+    import json
+    import warnings
+
+    entries = [{"spec": s, "store": f"stores/{i}.zarr", "images": f"images/{i}"} for i, s in enumerate(["none", "const:1.2"])]
+    (tmp_path / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": entries}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SweepError):
+            open_sweep(tmp_path)
