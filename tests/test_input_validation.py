@@ -261,6 +261,9 @@ def test_export_images_of_a_sweep_keeps_schedules_whose_names_slug_alike(tmp_pat
     specs = ["const:1.1;layers=x*", "const:1.1;layers=x?"]
     for i in range(2):
         shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", sweep / "stores" / f"{i}.zarr")
+        meta = json.loads((sweep / "stores" / f"{i}.zarr" / "zarr.json").read_text())  # each store holds its spec
+        meta["attributes"]["schedule"] = specs[i]
+        (sweep / "stores" / f"{i}.zarr" / "zarr.json").write_text(json.dumps(meta))
     schedules = [{"spec": spec, "store": f"stores/{i}.zarr", "images": f"images/{i}"} for i, spec in enumerate(specs)]
     (sweep / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": schedules}))
     rc, out, err = run_cli(["export-images", sweep, "--out", tmp_path / "png"], capsys)
