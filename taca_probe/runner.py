@@ -133,8 +133,14 @@ class Run:
         call = {**self.call_defaults, **pipe_kwargs}
         plain = {k: v for k, v in call.items() if v is None or isinstance(v, (bool, int, float, str))}
         first = self._first_kwargs
-        if first is not None and (diffs := [f"{k}={plain.get(k)!r} (the first sample's: {first.get(k)!r})"
-                                            for k in {**first, **plain} if plain.get(k) != first.get(k)
+        params = inspect.signature(self.pipe.__call__).parameters
+
+        def value(kwargs: dict[str, Any], k: str) -> Any:  # unset (absent or None): what pipe(...) runs at
+            v, p = kwargs.get(k), params.get(k)
+            return p.default if v is None and p is not None and p.default is not inspect.Parameter.empty else v
+
+        if first is not None and (diffs := [f"{k}={value(plain, k)!r} (the first sample's: {value(first, k)!r})"
+                                            for k in {**first, **plain} if value(plain, k) != value(first, k)
                                             and not isinstance(plain.get(k), str) and not isinstance(first.get(k), str)]):
             raise TacaProbeError(f"run.sample with other settings than this store's first sample: {'; '.join(diffs)}; "
                                  "a store holds one set of settings: record these into another store")

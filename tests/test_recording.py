@@ -169,3 +169,26 @@ def test_a_resumed_probe_refuses_other_settings_than_the_store_holds(pipes, tmp_
             run.sample("a", seed=1, guidance_scale=3.0, **kw)
         run.sample("a", seed=1, guidance_scale=7.0, negative_prompt="b", **kw)
     assert list(open_run(path)["seed"].values) == [0, 1]
+
+
+def test_a_store_recorded_at_the_default_guidance_resumes_with_it_given_explicitly(pipes, tmp_path):
+    # Compat audit: a store made without guidance_scale (every record/sweep store without --guidance, and
+    # every store of earlier versions) holds pipeline_kwargs without it; resumed with the pipeline's default
+    # given (record --resume --guidance 7, which check_resume accepts), run.sample refused 7.0 against None.
+    pipe = pipes("tiny-sd3")
+    kw = {"num_inference_steps": 1, **SIZE}
+    default = runner.call_guidance(pipe, {})
+    unset, given = tmp_path / "unset.zarr", tmp_path / "given.zarr"
+    with probe(pipe, unset) as run:
+        run.sample("a", seed=0, **kw)
+        run.sample("a", seed=1, **kw)
+    with probe(pipe, given) as run:
+        run.sample("a", seed=0, **kw)
+    with probe(pipe, given, mode="resume") as run:
+        run.sample("a", seed=1, guidance_scale=default, **kw)  # the default the first sample ran at
+        with pytest.raises(TacaProbeError):
+            run.sample("a", seed=2, guidance_scale=default + 1.0, **kw)
+    a, b = open_run(unset), open_run(given)
+    assert list(b["seed"].values) == [0, 1]
+    for name in ("image", "vis_txt_mass", "txt_vis_mass", "token_mass"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
