@@ -3,6 +3,7 @@ activations, the store's contract, and robustness (refusal, resume after SIGKILL
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusion3Pipeline
 
 from taca_probe.attention import JointLayout, attention_statistics, taca_attention
 from taca_probe.cli import main
@@ -434,7 +436,9 @@ def test_cli_refuses_existing_store_and_touches_nothing(tmp_path, capsys):
     rc, _, err = _cli(base[:-2] + ["--steps", "3", "--schedule", "const:1.1", "--out", str(store), "--resume"], capsys)
     assert rc == 2 and "different settings" in err and "schedule" in err and "steps" in err
     rc, _, err = _cli(base[:-2] + ["--guidance", "5", "--out", str(store), "--resume"], capsys)
-    assert rc == 2 and "guidance: store has unset" in err and "None" not in err  # tiny-sd3 has no guidance default
+    # the store holds the guidance it ran at: tiny-sd3 has no call default, so the pipeline's own
+    default = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["guidance_scale"].default
+    assert rc == 2 and f"guidance: store has {float(default)}, now 5.0" in err and "None" not in err
     assert _tree_state(store) == before
     (tmp_path / "notastore").mkdir()
     rc, _, err = _cli(base[:-1] + [str(tmp_path / "notastore"), "--overwrite"], capsys)
