@@ -132,12 +132,10 @@ class Run:
         other than the first written sample's is refused (texts, e.g. ``negative_prompt``, may differ)."""
         call = {**self.call_defaults, **pipe_kwargs}
         plain = {k: v for k, v in call.items() if v is None or isinstance(v, (bool, int, float, str))}
-        first = self._first_kwargs
-        params = inspect.signature(self.pipe.__call__).parameters
+        first, defaults = self._first_kwargs, _call_defaults(self.pipe)
 
         def value(kwargs: dict[str, Any], k: str) -> Any:  # unset (absent or None): what pipe(...) runs at
-            v, p = kwargs.get(k), params.get(k)
-            return p.default if v is None and p is not None and p.default is not inspect.Parameter.empty else v
+            return defaults.get(k) if kwargs.get(k) is None else kwargs[k]
 
         if first is not None and (diffs := [f"{k}={value(plain, k)!r} (the first sample's: {value(first, k)!r})"
                                             for k in {**first, **plain} if value(plain, k) != value(first, k)
@@ -222,10 +220,15 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
         yield Run(pipe, p, handle, recorder, base_attrs)
 
 
+def _call_defaults(pipe: Any) -> dict[str, Any]:
+    """The keyword defaults of ``pipe.__call__`` (a keyword without one is absent)."""
+    return {k: p.default for k, p in inspect.signature(pipe.__call__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 def call_guidance(pipe: Any, call: dict[str, Any]) -> Any:
     """The guidance scale ``pipe(**call)`` runs at: ``call``'s, else the ``__call__`` default (None: none)."""
-    param = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
-    return call.get("guidance_scale", None if param is None or param.default is inspect.Parameter.empty else param.default)
+    return call.get("guidance_scale", _call_defaults(pipe).get("guidance_scale"))
 
 
 def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, branch: str,
