@@ -79,6 +79,15 @@ def test_record_refuses_bad_numbers_before_loading(tmp_path, capsys, monkeypatch
     assert not out.exists()
 
 
+def test_record_resume_without_a_store_says_to_run_without_resume(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C before the first sample leaves no store; --resume then must not say only 'no store'."""
+    out = tmp_path / "r.zarr"
+    monkeypatch.setattr(record, "load_pipeline", _must_not_load)
+    rc, _, err = run_cli(["record", "--prompt", "x", "--resume", "--out", str(out)], capsys)
+    _refused(rc, err, "without --resume")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flag,value,piece", [
     ("--gamma0", "1.2,,1.5", "''"), ("--gamma0", "1.2,", "''"), ("--gamma0", "1.2,abc", "'abc'"),
     ("--t-thresh", "970,", "''"), ("--seeds", "0,", "''"),  # the seeds' rule, which the number lists now share
