@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import inspect
 import math
 import numbers
@@ -384,6 +385,33 @@ def _check_attention_backend(transformer: torch.nn.Module) -> None:
                              "unset DIFFUSERS_ATTN_BACKEND or call transformer.set_attention_backend('native')")
 
 
+class _Reusable(contextlib.ContextDecorator):
+    """One :func:`reusable` call's object: each ``with`` runs the generator afresh (a stack for nesting)."""
+
+    def __init__(self, make: Callable[[], contextlib.AbstractContextManager]):
+        self._make, self._entered = make, []
+
+    def __enter__(self) -> Any:
+        cm = self._make()
+        value = cm.__enter__()  # a refusal here leaves nothing to undo
+        self._entered.append(cm)
+        return value
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._entered.pop().__exit__(*exc)
+
+
+def reusable(func: Callable[..., Iterator[Any]]) -> Callable[..., contextlib.AbstractContextManager]:
+    """``contextlib.contextmanager`` whose objects may be entered again, as ``torch.no_grad()``'s may:
+    every ``with`` runs ``func`` anew with the same arguments, and its exit undoes that entry only."""
+    gen = contextlib.contextmanager(func)
+
+    @functools.wraps(func)
+    def make(*args: Any, **kwargs: Any) -> _Reusable:
+        return _Reusable(lambda: gen(*args, **kwargs))
+    return make
+
+
 def apply_taca(target: Any, config: TacaConfig | None = None) -> TacaHandle:
     """Install TACA on a pipeline or transformer; call ``handle.remove()`` to undo.
 
@@ -405,12 +433,13 @@ def apply_taca(target: Any, config: TacaConfig | None = None) -> TacaHandle:
     return TacaHandle(target, config or TacaConfig())
 
 
-@contextlib.contextmanager
+@reusable
 def taca(target: Any, schedule: Schedule | str = "step:1.2@970", *, lora: str | os.PathLike | None = None,
          lora_scale: float = 1.0, num_inference_steps: int | None = None) -> Iterator[TacaHandle]:
     """Apply TACA inside a ``with`` block; the original processors come back on exit, always.
 
-    Parameters are those of :class:`TacaConfig`; ``target`` as for :func:`apply_taca`.
+    Parameters are those of :class:`TacaConfig`; ``target`` as for :func:`apply_taca`. The object
+    may be entered again: each ``with`` installs afresh and yields a new :class:`TacaHandle`.
 
     Examples
     --------

@@ -24,7 +24,7 @@ from .attention import describe_stats_backend
 from .capture import BRANCHES, Recorder, planned_steps
 from .distributed import ranks_from_env
 from .errors import TacaProbeError
-from .intervention import TacaConfig, TacaHandle, apply_taca
+from .intervention import TacaConfig, TacaHandle, apply_taca, reusable
 from .models import model_call_defaults, model_name
 from .schedules import Schedule, parse
 from .selection import MAX_INT, MapSelection, is_seed, positive_int
@@ -157,12 +157,15 @@ class Run:
         return self.writer
 
 
-@contextlib.contextmanager
+@reusable
 def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "none",
           maps: MapSelection | str | None = None, branch: str = "cond", mode: str = "create",
           lora: str | os.PathLike | None = None, lora_scale: float = 1.0, attrs: dict[str, Any] | None = None,
           model: str | None = None) -> Iterator[Run]:
     """Record cross-modal attention into a zarr store while ``pipe`` samples; yields a :class:`Run`.
+
+    The object may be entered again: each ``with`` opens ``path`` afresh under ``mode`` (so
+    ``"create"`` then refuses the store the first block made) and yields a new :class:`Run`.
 
     Parameters
     ----------

@@ -192,3 +192,42 @@ def test_a_store_recorded_at_the_default_guidance_resumes_with_it_given_explicit
     assert list(b["seed"].values) == [0, 1]
     for name in ("image", "vis_txt_mass", "txt_vis_mass", "token_mass"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
+def test_a_probe_object_entered_again_opens_its_store_afresh_and_restores_each_time(pipes, tmp_path):
+    # Audit: a probe() object kept in a notebook and entered a second time raised contextlib's
+    # AttributeError ('_GeneratorContextManager' object has no attribute 'args').
+    pipe = pipes("tiny-sd3")
+    transformer = pipe.transformer
+    before = dict(transformer.attn_processors)
+    kw = {"num_inference_steps": 1, **SIZE}
+    path = tmp_path / "r.zarr"
+
+    def restored() -> bool:
+        after = transformer.attn_processors
+        return after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+    created = probe(pipe, path)
+    with created as run:
+        run.sample("a", seed=0, **kw)
+    assert restored()
+    with pytest.raises(TacaProbeError, match="already exists"):  # mode="create", now on the store it made
+        with created:
+            pass
+    assert restored()
+    resumed, runs = probe(pipe, path, mode="resume"), []
+    for seed in (1, 2):
+        with resumed as run:
+            assert isinstance(run, runner.Run) and run not in runs
+            with pytest.raises(TacaProbeError, match="already installed"):  # inside itself
+                with resumed:
+                    pass
+            run.sample("a", seed=seed, **kw)  # the refused entry undid nothing of this one
+        runs.append(run)
+        assert restored() and "ended" in repr(run)
+    with pytest.raises(RuntimeError, match="boom"):
+        with resumed as run:
+            run.sample("a", seed=3, **kw)
+            raise RuntimeError("boom")
+    assert restored()
+    assert list(open_run(path)["seed"].values) == [0, 1, 2, 3]

@@ -282,6 +282,49 @@ def test_double_installation_is_refused(pipes):
         pass
 
 
+
+def test_a_taca_object_entered_again_installs_afresh_and_restores_each_time(pipes):
+    """Audit: a taca() object kept in a notebook and entered a second time raised contextlib's
+    AttributeError ('_GeneratorContextManager' object has no attribute 'args')."""
+    pipe = pipes["tiny-sd3"]
+    transformer = pipe.transformer
+    before = dict(transformer.attn_processors)
+    hooks_before = (dict(transformer._forward_pre_hooks), dict(transformer._forward_hooks))
+    t = taca(pipe, "step:1.5@970")
+    handles = []
+    for _ in range(3):
+        with torch.no_grad(), t as handle:
+            assert isinstance(handle, intervention.TacaHandle) and not handle.removed
+            assert any(transformer.attn_processors[k] is not v for k, v in before.items())
+            transformer(**_transformer_inputs(transformer, n_txt=2, grid=(2, 2), t=0.99))
+        handles.append(handle)
+        after = transformer.attn_processors
+        assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+        assert (dict(transformer._forward_pre_hooks), dict(transformer._forward_hooks)) == hooks_before
+    assert len({id(h) for h in handles}) == 3  # a new handle each time, holding that block's call only
+    assert all(h.removed and len(h.calls) == 1 and h.calls[0].active for h in handles)
+
+
+def test_a_taca_object_entered_inside_itself_is_refused_and_stays_usable_after_an_exception(pipes):
+    pipe = pipes["tiny-sd3"]
+    transformer = pipe.transformer
+    before = dict(transformer.attn_processors)
+    t = taca(pipe, "const:1.2")
+    with t as outer:
+        with pytest.raises(TacaProbeError, match="already installed"):
+            with t:
+                pass
+        assert not outer.removed  # the refused entry undid nothing of the outer one
+        assert any(transformer.attn_processors[k] is not v for k, v in before.items())
+    assert outer.removed and all(transformer.attn_processors[k] is v for k, v in before.items())
+    with pytest.raises(RuntimeError, match="boom"):
+        with t as failed:
+            raise RuntimeError("boom")
+    assert failed.removed and all(transformer.attn_processors[k] is v for k, v in before.items())
+    with t as again:
+        assert not again.removed and any(transformer.attn_processors[k] is not v for k, v in before.items())
+    assert again.removed and all(transformer.attn_processors[k] is v for k, v in before.items())
+
 def test_unsupported_model_is_refused_with_the_supported_classes():
     with pytest.raises(TacaProbeError, match="SD3Transformer2DModel"):
         with taca(torch.nn.Linear(2, 2), "const:1.2"):
