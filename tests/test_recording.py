@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,26 @@ def test_a_store_recorded_at_the_default_guidance_resumes_with_it_given_explicit
     assert list(b["seed"].values) == [0, 1]
     for name in ("image", "vis_txt_mass", "txt_vis_mass", "token_mass"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
+def test_a_store_recorded_without_max_sequence_length_resumes_with_the_default_given(pipes, tmp_path):
+    # Audit: record_plan's resume check compared the store's unset text length with the pipeline's default
+    # given (FLUX 512) and refused the same run; another length is still refused.
+    from taca_probe.runner import Target, record_plan
+    from taca_probe.store import StoreError
+
+    pipe = pipes("tiny-flux")
+    call, plan, target = {"num_inference_steps": 1, **SIZE}, [("a", 0), ("a", 1)], Target("none", tmp_path / "f.zarr")
+    default = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the first sample recorded without the setting, the second not yet
+        record_plan(pipe, [target], plan, call, on_sample=stop, progress=False)
+    with pytest.raises(StoreError, match="max_sequence_length"):
+        record_plan(pipe, [target], plan, {**call, "max_sequence_length": default // 2}, mode="resume", progress=False)
+    assert record_plan(pipe, [target], plan, {**call, "max_sequence_length": default}, mode="resume",
+                       progress=False) == [1]
+    ds = open_run(target.store)
+    assert list(ds["seed"].values) == [0, 1] and ds.attrs["pipeline_kwargs"] == call
