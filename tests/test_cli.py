@@ -327,7 +327,7 @@ def test_a_store_with_guidance_none_from_older_versions_still_resumes(tmp_path, 
     assert rc == 0, err
 
 
-@pytest.mark.parametrize("command", ["record"])
+@pytest.mark.parametrize("command", ["record", "sweep"])
 def test_a_store_recorded_without_max_sequence_length_resumes_with_the_default_given(tmp_path, capsys, monkeypatch,
                                                                                      command):
     """Audit: `--resume --max-sequence-length 256` of an SD3 store recorded without the flag (so at the
