@@ -229,9 +229,18 @@ def _call_defaults(pipe: Any) -> dict[str, Any]:
             if p.default is not inspect.Parameter.empty}
 
 
+def call_as_run(pipe: Any, call: dict[str, Any]) -> dict[str, Any]:
+    """``call`` with ``guidance_scale`` and ``max_sequence_length`` as ``pipe(**call)`` runs at them: ``call``'s,
+    else (absent or None) the ``__call__`` default (None: none). Left unset, each is the same run as its
+    default given, and a resume compares it so."""
+    defaults = _call_defaults(pipe)
+    return {**call, **{k: defaults.get(k) if call.get(k) is None else call[k]
+                       for k in ("guidance_scale", "max_sequence_length")}}
+
+
 def call_guidance(pipe: Any, call: dict[str, Any]) -> Any:
     """The guidance scale ``pipe(**call)`` runs at: ``call``'s, else the ``__call__`` default (None: none)."""
-    return call.get("guidance_scale", _call_defaults(pipe).get("guidance_scale"))
+    return call_as_run(pipe, call)["guidance_scale"]
 
 
 def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, branch: str,
@@ -248,11 +257,12 @@ def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, br
 def check_resume(path: str | os.PathLike, settings: dict[str, Any], extra: dict[str, Any] | None = None,
                  unset: dict[str, Any] | None = None) -> None:
     """Refuse to resume ``path`` with different settings, listing every difference. ``unset``: the
-    value a stored None stands for (older stores held ``guidance`` None for the pipeline's default)."""
+    value a stored None stands for (older stores held ``guidance`` None for the pipeline's default; a store
+    recorded without ``max_sequence_length`` holds none)."""
     stored = read_attrs(path)
-    stored.update({k: v for k, v in (unset or {}).items() if k in stored and stored[k] is None})
     if isinstance(stored.get("pipeline_kwargs"), dict):  # not an attribute of its own
         stored.setdefault("max_sequence_length", stored["pipeline_kwargs"].get("max_sequence_length"))
+    stored.update({k: v for k, v in (unset or {}).items() if k in stored and stored[k] is None})
     want = {k: settings.get(k) for k in _RESUME_KEYS}
     if settings.get("model"):
         want["model"] = settings["model"]
@@ -294,12 +304,14 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
     """
     ranks = ranks_from_env()  # torchrun / accelerate launch: several processes share the slots
     defaults = model_call_defaults(pipe)  # under call in run.sample
-    guidance = call_guidance(pipe, {**defaults, **call})
+    ran, unset = call_as_run(pipe, {**defaults, **call}), call_as_run(pipe, defaults)  # unset: a stored None's value
+    guidance = ran["guidance_scale"]
+    as_unset = {"guidance": unset["guidance_scale"], "max_sequence_length": unset["max_sequence_length"]}
     common = dict(maps=maps, branch=branch, lora=lora, lora_scale=lora_scale, model=model,
                   attrs={**(attrs or {}), "guidance": guidance, "pipeline_kwargs": call})
     extra = {"steps": planned_steps(pipe, call["num_inference_steps"]), "height": call["height"],
              "width": call["width"], "guidance": guidance,
-             "max_sequence_length": call.get("max_sequence_length"),
+             "max_sequence_length": ran["max_sequence_length"],
              "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale)}
     created: list[Path] = []
     writers: dict[Path, RunWriter | None] = {}
@@ -318,7 +330,7 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
                     remove_store(t.store)
                 if t.store.exists() and mode == "resume":
                     check_resume(t.store, run_settings(pipe, schedule=parse(t.schedule), maps=maps, branch=branch,
-                                                       model=model), extra, {"guidance": call_guidance(pipe, defaults)})
+                                                       model=model), extra, as_unset)
                     with probe(pipe, t.store, schedule=t.schedule, mode="resume", **common) as run:
                         damaged = run.writer.damaged_slots()  # their keys may be unreadable: any planned one
                         _check_plan(t.store, [UNKNOWN_SLOT[:3] if i in damaged else s[:3]

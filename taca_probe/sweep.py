@@ -29,7 +29,7 @@ from .distributed import ranks_from_env
 from .errors import TacaProbeError
 from .models import call_settings, load_pipeline
 from .models import model_name as loaded_name
-from .runner import Target, call_guidance, record_plan
+from .runner import Target, call_as_run, record_plan
 from .schedules import parse
 from .selection import MAX_INT, MapSelection, is_seed
 from .stats import sample_keys
@@ -264,8 +264,8 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "taca_probe_version": __version__,
     }
     if mode == "resume":
-        old = read_manifest(folder)  # guidance left to the pipeline is the same run as its default given
-        diffs = _resume_diffs(*({**d, "call": {**(c := d.get("call") or {}), "guidance_scale": call_guidance(pipe, c)}}
+        old = read_manifest(folder)  # guidance or text length left to the pipeline is the same run as its default given
+        diffs = _resume_diffs(*({**d, "call": call_as_run(pipe, d.get("call") or {})}
                                 for d in (old, doc))) if main_rank else []
         if diffs:
             grow = any(d.startswith(("plan", "schedules")) for d in diffs)  # a sweep never grows in place

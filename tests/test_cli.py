@@ -325,3 +325,37 @@ def test_a_store_with_guidance_none_from_older_versions_still_resumes(tmp_path, 
     assert ds.sizes["sample"] == 2 and ds.attrs["guidance"] is None  # resuming rewrites no attribute
     rc, _, err = run_cli([*argv, "--resume", "--guidance", default], capsys)
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("command", ["record", "sweep"])
+def test_a_store_recorded_without_max_sequence_length_resumes_with_the_default_given(tmp_path, capsys, monkeypatch,
+                                                                                     command):
+    """Audit: `--resume --max-sequence-length 256` of an SD3 store recorded without the flag (so at the
+    pipeline's 256) was refused ('store has unset (the pipeline's default), now 256'), though the same run."""
+    import taca_probe.runner as runner
+
+    out = tmp_path / ("r.zarr" if command == "record" else "sw")
+    grid = ["--no-grid", "--schedule", "none"] if command == "sweep" else []
+    argv = [command, *TINY_RUN, *grid, "--steps", "1", "--seeds", "0-1", "--out", out]
+    sample = runner.Run.sample
+
+    def first_only(self, *args, slot=None, **kwargs):
+        if slot == 1:
+            raise KeyboardInterrupt
+        return sample(self, *args, slot=slot, **kwargs)
+
+    monkeypatch.setattr(runner.Run, "sample", first_only)
+    assert run_cli(argv, capsys)[0] == 130
+    monkeypatch.undo()
+    store = next(out.glob("stores/*.zarr")) if command == "sweep" else out
+    attrs = open_run(store).attrs
+    assert "max_sequence_length" not in attrs["pipeline_kwargs"]
+    default = inspect.signature(getattr(diffusers, attrs["pipeline_class"]).__call__).parameters[
+        "max_sequence_length"].default
+    rc, _, err = run_cli([*argv, "--resume", "--max-sequence-length", str(default // 2)], capsys)
+    assert rc == 2 and "max_sequence_length" in err
+    assert open_run(store).sizes["sample"] == 1
+    rc, _, err = run_cli([*argv, "--resume", "--max-sequence-length", str(default)], capsys)
+    assert rc == 0, err
+    ds = open_run(store)
+    assert ds.sizes["sample"] == 2 and ds.attrs["pipeline_kwargs"] == attrs["pipeline_kwargs"]

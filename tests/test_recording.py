@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -231,3 +233,26 @@ def test_a_probe_object_entered_again_opens_its_store_afresh_and_restores_each_t
             raise RuntimeError("boom")
     assert restored()
     assert list(open_run(path)["seed"].values) == [0, 1, 2, 3]
+
+
+def test_a_store_recorded_without_max_sequence_length_resumes_with_the_default_given(pipes, tmp_path):
+    # Audit: record_plan's resume check compared the store's unset text length with the pipeline's default
+    # given (FLUX 512) and refused the same run; another length is still refused.
+    from taca_probe.runner import Target, record_plan
+    from taca_probe.store import StoreError
+
+    pipe = pipes("tiny-flux")
+    call, plan, target = {"num_inference_steps": 1, **SIZE}, [("a", 0), ("a", 1)], Target("none", tmp_path / "f.zarr")
+    default = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the first sample recorded without the setting, the second not yet
+        record_plan(pipe, [target], plan, call, on_sample=stop, progress=False)
+    with pytest.raises(StoreError, match="max_sequence_length"):
+        record_plan(pipe, [target], plan, {**call, "max_sequence_length": default // 2}, mode="resume", progress=False)
+    assert record_plan(pipe, [target], plan, {**call, "max_sequence_length": default}, mode="resume",
+                       progress=False) == [1]
+    ds = open_run(target.store)
+    assert list(ds["seed"].values) == [0, 1] and ds.attrs["pipeline_kwargs"] == call
