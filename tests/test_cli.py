@@ -291,12 +291,8 @@ def test_record_stores_the_guidance_the_pipeline_used_as_probe_does(tmp_path, ca
                                   open_run(tmp_path / "py.zarr")["image"].values)  # the same call ran
 
 
-@pytest.mark.parametrize("command", ["record", "sweep"])
-def test_a_store_with_guidance_none_from_older_versions_still_resumes(tmp_path, capsys, monkeypatch, command):
-    """Stores recorded before guidance was resolved hold None for the pipeline's default: the same command
-    resumes them, an explicit other --guidance is refused, one equal to the default is the same run."""
-    import zarr
-
+def _interrupted_after_one_of_two(command: str, tmp_path, capsys, monkeypatch) -> tuple[list, Path]:
+    """A tiny-sd3 `record` or `sweep` of two seeds stopped by Ctrl-C after its first sample: its argv and store."""
     import taca_probe.runner as runner
 
     out = tmp_path / ("r.zarr" if command == "record" else "sw")
@@ -312,7 +308,16 @@ def test_a_store_with_guidance_none_from_older_versions_still_resumes(tmp_path, 
     monkeypatch.setattr(runner.Run, "sample", first_only)
     assert run_cli(argv, capsys)[0] == 130
     monkeypatch.undo()
-    store = next(out.glob("stores/*.zarr")) if command == "sweep" else out
+    return argv, next(out.glob("stores/*.zarr")) if command == "sweep" else out
+
+
+@pytest.mark.parametrize("command", ["record", "sweep"])
+def test_a_store_with_guidance_none_from_older_versions_still_resumes(tmp_path, capsys, monkeypatch, command):
+    """Stores recorded before guidance was resolved hold None for the pipeline's default: the same command
+    resumes them, an explicit other --guidance is refused, one equal to the default is the same run."""
+    import zarr
+
+    argv, store = _interrupted_after_one_of_two(command, tmp_path, capsys, monkeypatch)
     default = open_run(store).attrs["guidance"]
     assert isinstance(default, float)
     zarr.open_group(store, mode="r+").attrs["guidance"] = None  # as older versions wrote it
@@ -332,22 +337,7 @@ def test_a_store_recorded_without_max_sequence_length_resumes_with_the_default_g
                                                                                      command):
     """Audit: `--resume --max-sequence-length 256` of an SD3 store recorded without the flag (so at the
     pipeline's 256) was refused ('store has unset (the pipeline's default), now 256'), though the same run."""
-    import taca_probe.runner as runner
-
-    out = tmp_path / ("r.zarr" if command == "record" else "sw")
-    grid = ["--no-grid", "--schedule", "none"] if command == "sweep" else []
-    argv = [command, *TINY_RUN, *grid, "--steps", "1", "--seeds", "0-1", "--out", out]
-    sample = runner.Run.sample
-
-    def first_only(self, *args, slot=None, **kwargs):
-        if slot == 1:
-            raise KeyboardInterrupt
-        return sample(self, *args, slot=slot, **kwargs)
-
-    monkeypatch.setattr(runner.Run, "sample", first_only)
-    assert run_cli(argv, capsys)[0] == 130
-    monkeypatch.undo()
-    store = next(out.glob("stores/*.zarr")) if command == "sweep" else out
+    argv, store = _interrupted_after_one_of_two(command, tmp_path, capsys, monkeypatch)
     attrs = open_run(store).attrs
     assert "max_sequence_length" not in attrs["pipeline_kwargs"]
     default = inspect.signature(getattr(diffusers, attrs["pipeline_class"]).__call__).parameters[
