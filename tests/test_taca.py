@@ -282,7 +282,6 @@ def test_double_installation_is_refused(pipes):
         pass
 
 
-
 def test_a_taca_object_entered_again_installs_afresh_and_restores_each_time(pipes):
     """Audit: a taca() object kept in a notebook and entered a second time raised contextlib's
     AttributeError ('_GeneratorContextManager' object has no attribute 'args')."""
@@ -324,6 +323,7 @@ def test_a_taca_object_entered_inside_itself_is_refused_and_stays_usable_after_a
     with t as again:
         assert not again.removed and any(transformer.attn_processors[k] is not v for k, v in before.items())
     assert again.removed and all(transformer.attn_processors[k] is v for k, v in before.items())
+
 
 def test_unsupported_model_is_refused_with_the_supported_classes():
     with pytest.raises(TacaProbeError, match="SD3Transformer2DModel"):
