@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import diffusers
 import pandas as pd
 import xarray as xr
 from PIL import Image
 
 from . import __version__
 from .distributed import ranks_from_env
-from .errors import TacaProbeError
-from .models import call_settings, load_pipeline
+from .errors import ModelError, TacaProbeError
+from .logs import quiet
+from .models import call_settings, load_pipeline, model_call_defaults
 from .models import model_name as loaded_name
 from .runner import Target, call_as_run, record_plan
 from .schedules import parse
@@ -356,6 +358,20 @@ def _save_missing_pngs(ds: Any, images: Path, prompt_list: list[str]) -> int:
     return len(keys)
 
 
+def _recorded(ds: xr.Dataset, key: str) -> Any:
+    """A store's attribute ``key``; a ``guidance`` of None (stores before f45725e held None for the
+    default) as the default it stood for, resolved as :func:`~taca_probe.runner.record_plan` does."""
+    value = ds.attrs.get(key)
+    if key != "guidance" or value is not None:
+        return value
+    with quiet():  # diffusers' pipelines import: torchvision fallbacks of image processors no store uses
+        pipeline, model = getattr(diffusers, str(ds.attrs.get("pipeline_class", "")), None), ds.attrs.get("model")
+    with contextlib.suppress(ModelError):  # defaults no longer readable: compared as stored
+        if pipeline is not None and model:
+            return call_as_run(pipeline, model_call_defaults(str(model)))["guidance_scale"]
+    return value
+
+
 def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunks: Any = None):
     """Open a sweep as one :class:`xarray.Dataset` with a ``schedule`` dimension.
 
@@ -425,8 +441,8 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
             diffs.append("layer names differ")
         # else concat labels one branch's data as another's, or leaves NaN maps under no map selection;
         # and a sweep's schedules differ in the schedule alone, or its differences are not gamma's
-        diffs += [f"{k} {ref.attrs.get(k)} vs {ds.attrs.get(k)}" for k in ("branch", "maps", "model", "guidance",
-                  "lora", "lora_scale") if _jsonable(ref.attrs.get(k)) != _jsonable(ds.attrs.get(k))]
+        diffs += [f"{k} {_recorded(ref, k)} vs {_recorded(ds, k)}" for k in ("branch", "maps", "model", "guidance",
+                  "lora", "lora_scale") if _jsonable(_recorded(ref, k)) != _jsonable(_recorded(ds, k))]
         if diffs:
             raise SweepError(f"{label}: the store of {spec!r} does not match the one of {specs[0]!r}: " + "; ".join(diffs))
     merged: dict[str, list] = {}  # stores of one schedule (a second sweep of more seeds) join along sample

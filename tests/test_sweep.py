@@ -32,25 +32,32 @@ def test_open_sweep_of_something_not_a_path_is_one_sweep_error(source):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.slow  # records four tiny stores
+@pytest.mark.slow  # records five tiny stores
 def test_open_sweep_refuses_stores_of_different_cfg_branches_maps_or_guidance(pipes, tmp_path):
     """A cond-only store beside a two-branch one was broadcast over the branch dim: its cond data read as
     'uncond' too (mass_vs_gamma(branch="uncond") gave numbers); a store without maps beside one with them
     got all-NaN maps and no map selection (map_difference: all NaN, no error). Stores of two schedules
     recorded at different guidance were one sweep, the guidance attr dropped: mass_vs_gamma then credited
     gamma with guidance's effect. Now the mismatch is named."""
+    import zarr
+
     from taca_probe import probe
 
     pipe = pipes("tiny-sd3")
     for name, schedule, kw, call in (("a", "none", {"branch": "both"}, {}), ("b", "const:1.2", {}, {}),
                                      ("c", "const:1.3", {"maps": "steps=0"}, {}),
-                                     ("d", "const:1.4", {}, {"guidance_scale": 3.0})):
+                                     ("d", "const:1.4", {}, {"guidance_scale": 3.0}), ("e", "const:1.5", {}, {})):
         with probe(pipe, tmp_path / f"{name}.zarr", schedule=schedule, **kw) as run:
             run.sample("a red cube", seed=0, num_inference_steps=1, height=32, width=32, **call)
     for other, expected in (("a", "branch cond vs both"), ("c", "maps None vs steps=0"), ("d", "guidance 7.0 vs 3.0")):
         with pytest.raises(SweepError, match=expected) as err:
             open_sweep([tmp_path / "b.zarr", tmp_path / f"{other}.zarr"])
         assert "\n" not in str(err.value)
+    # stores before f45725e held guidance None for the default: beside a newer store, the same run
+    zarr.open_group(tmp_path / "b.zarr", mode="r+").attrs["guidance"] = None
+    assert list(open_sweep([tmp_path / "b.zarr", tmp_path / "e.zarr"])["schedule"].values) == ["const:1.2", "const:1.5"]
+    with pytest.raises(SweepError, match="guidance 7.0 vs 3.0"):
+        open_sweep([tmp_path / "b.zarr", tmp_path / "d.zarr"])
 
 
 def test_a_sweep_whose_stores_are_all_gone_is_one_error_without_a_warning(tmp_path):
