@@ -142,7 +142,7 @@ class Run:
                                             and not isinstance(plain.get(k), str) and not isinstance(first.get(k), str)]):
             raise TacaProbeError(f"run.sample with other settings than this store's first sample: {'; '.join(diffs)}; "
                                  "a store holds one set of settings: record these into another store")
-        return call, {"pipeline_kwargs": plain, "guidance": call_guidance(self.pipe, call)}
+        return call, {"pipeline_kwargs": plain, "guidance": call_as_run(self.pipe, call)["guidance_scale"]}
 
     def create_planned(self, plan: Sequence[tuple[str, int]], call: dict[str, Any]) -> None:
         """Create the store with one slot per (prompt, seed) of ``plan``, none complete yet."""
@@ -236,11 +236,6 @@ def call_as_run(pipe: Any, call: dict[str, Any]) -> dict[str, Any]:
     defaults = _call_defaults(pipe)
     return {**call, **{k: defaults.get(k) if call.get(k) is None else call[k]
                        for k in ("guidance_scale", "max_sequence_length")}}
-
-
-def call_guidance(pipe: Any, call: dict[str, Any]) -> Any:
-    """The guidance scale ``pipe(**call)`` runs at: ``call``'s, else the ``__call__`` default (None: none)."""
-    return call_as_run(pipe, call)["guidance_scale"]
 
 
 def run_settings(pipe: Any, *, schedule: Schedule, maps: MapSelection | None, branch: str,

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import diffusers
+import numpy as np
 import pandas as pd
 import xarray as xr
 from PIL import Image
@@ -433,7 +433,9 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
         rows.append((ds, spec, g0, tt))
     dsets, specs, g0s, tts = zip(*rows)
     ref = dsets[0]
-    for spec, ds in zip(specs[1:], dsets[1:]):
+    settings = [{k: _recorded(ds, k) for k in ("branch", "maps", "model", "guidance", "lora", "lora_scale")}
+                for ds in dsets]
+    for spec, ds, setting in zip(specs[1:], dsets[1:], settings[1:]):
         diffs = [f"{d} {ref.sizes.get(d)} vs {ds.sizes.get(d)}"
                  for d in ("step", "layer", "head", "token", "y", "x", "image_y", "image_x")
                  if ref.sizes.get(d) != ds.sizes.get(d)]
@@ -441,8 +443,7 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
             diffs.append("layer names differ")
         # else concat labels one branch's data as another's, or leaves NaN maps under no map selection;
         # and a sweep's schedules differ in the schedule alone, or its differences are not gamma's
-        diffs += [f"{k} {_recorded(ref, k)} vs {_recorded(ds, k)}" for k in ("branch", "maps", "model", "guidance",
-                  "lora", "lora_scale") if _jsonable(_recorded(ref, k)) != _jsonable(_recorded(ds, k))]
+        diffs += [f"{k} {v} vs {setting[k]}" for k, v in settings[0].items() if _jsonable(v) != _jsonable(setting[k])]
         if diffs:
             raise SweepError(f"{label}: the store of {spec!r} does not match the one of {specs[0]!r}: " + "; ".join(diffs))
     merged: dict[str, list] = {}  # stores of one schedule (a second sweep of more seeds) join along sample

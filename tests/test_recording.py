@@ -179,7 +179,7 @@ def test_a_store_recorded_at_the_default_guidance_resumes_with_it_given_explicit
     # given (record --resume --guidance 7, which check_resume accepts), run.sample refused 7.0 against None.
     pipe = pipes("tiny-sd3")
     kw = {"num_inference_steps": 1, **SIZE}
-    default = runner.call_guidance(pipe, {})
+    default = runner.call_as_run(pipe, {})["guidance_scale"]
     unset, given = tmp_path / "unset.zarr", tmp_path / "given.zarr"
     with probe(pipe, unset) as run:
         run.sample("a", seed=0, **kw)

@@ -23,7 +23,7 @@ from ..errors import TacaProbeError
 from ..intervention import taca
 from ..models import call_settings, load_pipeline, resolve_device, resolve_dtype
 from ..rendering import open_inputs
-from ..runner import Target, call_guidance, record_plan
+from ..runner import Target, call_as_run, record_plan
 from ..schedules import parse
 from ..selection import MapSelection
 from ..store import COORD_ORDER, VARIABLE_ORDER, StoreError, check_removable, is_store, open_run, store_info
@@ -179,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             image.save(out / f"{stem}.png")
             sidecar = {
                 "prompt": prompt, "seed": seed, "steps": call["num_inference_steps"],
-                "height": image.height, "width": image.width, "guidance": call_guidance(pipe, call),
+                "height": image.height, "width": image.width, "guidance": call_as_run(pipe, call)["guidance_scale"],
                 "pipeline_kwargs": call, "schedule": schedule.spec, "schedule_description": schedule.describe(),
                 "steps_with_gamma": handle.steps_active,
                 "lora": None if args.lora is None else str(args.lora), "lora_scale": args.lora_scale,
