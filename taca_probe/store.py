@@ -558,8 +558,9 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     data = xr.Dataset({v: ds[v].variable for v in names})
     if chunks is not None and chunks != {}:  # "auto" or sizes: the numeric data only, dask cannot size strings
         data = data.chunk(chunks)
+    # without the on-disk encoding (shards, checksum codecs), which ds.to_zarr() would otherwise reuse
     return xr.Dataset(data.variables, coords={c: ds.coords[c].variable for c in coords},
-                      attrs={k: v for k, v in ds.attrs.items() if k not in ("layout", _MANIFEST_ATTR)})
+                      attrs={k: v for k, v in ds.attrs.items() if k not in ("layout", _MANIFEST_ATTR)}).drop_encoding()
 
 
 #: The order of a run's data variables and coordinates in :func:`open_run`.

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import xarray as xr
 from PIL import Image
 
 import taca_probe.cli.record as rec
@@ -279,3 +280,11 @@ def test_sweep_overwrite_killed_after_removing_the_outputs_can_be_overwritten_ag
     rc, out, err = run_cli(argv, capsys)
     assert rc == 0, err
     assert open_run(tmp_path / "sw" / "stores" / "00_none.zarr").sizes["sample"] == 1
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_an_opened_store_exports_with_to_zarr_also_from_dask_and_as_zarr_v2(store, tmp_path, zarr_format):
+    lazy = open_run(store, chunks={}).isel(sample=[1], step=[0])
+    lazy.to_zarr(tmp_path / "export.zarr", zarr_format=zarr_format, consolidated=False)
+    xr.testing.assert_identical(xr.open_zarr(tmp_path / "export.zarr", consolidated=False).load(),
+                                open_run(store).isel(sample=[1], step=[0]).load())
