@@ -84,6 +84,9 @@ def _takes_datasets(fn: Callable) -> Callable:
     return checked
 
 
+pair_samples = _takes_datasets(pair_samples)  # stats' helper, public here: checked like the analyses
+
+
 @_takes_datasets
 def require(ds: xr.Dataset, *names: str, needed_for: str | None = None, label: str | None = None) -> None:
     """Raise :class:`AnalysisError` naming the first of ``names`` (``"schedule"``: a dimension) that ``ds`` lacks."""

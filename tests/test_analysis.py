@@ -479,7 +479,7 @@ def test_map_selection_arguments_take_one_index_a_range_or_an_array():
 DATASET_ANALYSES = [(A.require, 1), (A.uniform_reference, 1), (A.layer_groups, 1), (A.suppression, 1),
                     (A.amplification, 1), (A.timestep_awareness, 1), (A.token_ranking, 1), (A.recorded_map_steps, 1),
                     (A.recorded_map_layers, 1), (A.mass_vs_gamma, 1), (A.gamma_image_grid, 1), (A.compare_runs, 2),
-                    (A.map_difference, 2)]
+                    (A.map_difference, 2), (A.pair_samples, 2)]
 
 
 @pytest.mark.parametrize("fn,n", DATASET_ANALYSES, ids=[f.__name__ for f, _ in DATASET_ANALYSES])
@@ -500,7 +500,8 @@ def test_a_dimension_selected_away_to_a_scalar_is_an_analysis_error(dim):
     treated, baseline = _maps_pair()
     for call in (lambda: A.suppression(treated.isel({dim: 0}), n_resamples=10),
                  lambda: A.token_ranking(treated.isel({dim: 0})),
-                 lambda: A.map_difference(treated, baseline.isel({dim: 0}))):
+                 lambda: A.map_difference(treated, baseline.isel({dim: 0})),
+                 lambda: A.pair_samples(treated.isel({dim: 0}), baseline)):
         with pytest.raises(A.AnalysisError, match=f"isel\\({dim}=\\[0\\]\\)") as e:
             call()
         assert "\n" not in str(e.value)
