@@ -217,6 +217,8 @@ def layer_groups(ds: xr.Dataset, *, by: str = "block_type", n_groups: int = 3) -
     """
     choice(by, GROUP_BY, "grouping 'by'")
     layers = [str(v) for v in np.asarray(ds["layer"].values)]
+    if not layers:  # e.g. ds.sel(layer=ds.block_type == "single") of SD3, which has joint blocks only
+        raise AnalysisError("no layer to group: the 'layer' dimension is empty; select at least one layer")
     if by == "layer":
         return {name: [i] for i, name in enumerate(layers)}
     if by == "all":

@@ -516,6 +516,24 @@ def test_a_dataset_with_no_sample_is_an_analysis_error(fn):
     assert "\n" not in str(e.value)
 
 
+def _no_layer(ds):
+    return ds.sel(layer=ds["block_type"] == "cross")
+
+
+@pytest.mark.parametrize("call", [lambda: A.suppression(_no_layer(_fig2_run()), n_resamples=10),
+                                  lambda: A.suppression(_no_layer(_fig2_run()), by="all", n_resamples=10),
+                                  lambda: A.amplification(_no_layer(_fig2_run()), n_resamples=10),
+                                  lambda: A.compare_runs(_no_layer(_fig2_run()), _no_layer(_fig2_run())),
+                                  lambda: A.mass_vs_gamma(_no_layer(_sweep()), by="block_type"),
+                                  lambda: A.layer_groups(_no_layer(_fig2_run()), by="depth")])
+def test_no_layer_selected_is_an_analysis_error(call):
+    """Audit: ds.sel(layer=ds.block_type == "single") of SD3 (no single blocks) gave xarray's 'must supply at
+    least one object to concatenate', numpy's 'number sections must be larger than 0', or NaN means (by='all')."""
+    with pytest.raises(A.AnalysisError, match="'layer'") as e:
+        call()
+    assert "\n" not in str(e.value)
+
+
 def test_timestep_awareness_split_is_inclusive_for_early():
     # a step exactly at the split is early (t >= split), by the docstring
     t = np.array([1000.0, 500.0, 0.0])
