@@ -15,7 +15,7 @@ import inspect
 import math
 import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
 
@@ -388,8 +388,11 @@ def _check_attention_backend(transformer: torch.nn.Module) -> None:
 class _Reusable(contextlib.ContextDecorator):
     """One :func:`reusable` call's object: each ``with`` runs the generator afresh (a stack for nesting)."""
 
-    def __init__(self, make: Callable[[], contextlib.AbstractContextManager]):
-        self._make, self._entered = make, []
+    def __init__(self, make: Callable[[], contextlib.AbstractContextManager], shown: str):
+        self._make, self._shown, self._entered = make, shown, []
+
+    def __repr__(self) -> str:
+        return f"<{self._shown}{' (active)' if self._entered else ''}>"
 
     def __enter__(self) -> Any:
         cm = self._make()
@@ -404,11 +407,22 @@ class _Reusable(contextlib.ContextDecorator):
 def reusable(func: Callable[..., Iterator[Any]]) -> Callable[..., contextlib.AbstractContextManager]:
     """``contextlib.contextmanager`` whose objects may be entered again, as ``torch.no_grad()``'s may:
     every ``with`` runs ``func`` anew with the same arguments, and its exit undoes that entry only."""
-    gen = contextlib.contextmanager(func)
+    gen, sig = contextlib.contextmanager(func), inspect.signature(func)
+
+    def shown(value: Any) -> str:  # a pipeline or model by its class: their reprs run to pages
+        return repr(value) if value is None or isinstance(value, (str, numbers.Number, os.PathLike)) \
+            or is_dataclass(value) else type(value).__name__
 
     @functools.wraps(func)
     def make(*args: Any, **kwargs: Any) -> _Reusable:
-        return _Reusable(lambda: gen(*args, **kwargs))
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:  # as calling func would say it
+            raise TypeError(f"{func.__name__}() {e}") from None
+        bound.apply_defaults()  # what it would install, defaults included
+        first, *rest = bound.arguments.items()
+        call = ", ".join([shown(first[1])] + [f"{k}={shown(v)}" for k, v in rest])
+        return _Reusable(lambda: gen(*args, **kwargs), f"{func.__name__}({call})")
     return make
 
 

@@ -704,6 +704,24 @@ def test_a_handle_shows_its_schedule_sites_and_steps_in_a_notebook(pipes):
     assert handle.steps_active == [0] and "removed" in repr(handle)
 
 
+def test_a_taca_or_probe_object_not_yet_entered_shows_what_it_would_install(pipes, tmp_path):
+    """Audit: the object taca(...)/probe(...) returns showed as <..._Reusable object at 0x...>."""
+    from taca_probe.runner import probe
+
+    pipe = pipes["tiny-flux"]
+    t = taca(pipe, "step:1.5@970", lora_scale=0.5)
+    with t:
+        active = repr(t)
+    objects = [(repr(t), ("taca(", "FluxPipeline", "step:1.5@970", "lora_scale=0.5", "num_inference_steps=None")),
+               (repr(probe(pipe, tmp_path / "r.zarr", maps="steps=0")),
+                ("probe(", "FluxPipeline", str(tmp_path / "r.zarr"), "schedule='none'", "steps=0", "mode='create'"))]
+    for shown, needles in objects:
+        assert "object at 0x" not in shown and "\n" not in shown and all(n in shown for n in needles), shown
+    assert "active" in active and "active" not in repr(t)
+    with pytest.raises(TypeError, match="taca.*gamma"):
+        taca(pipe, gamma=1.2)  # refused where written, not at the with
+
+
 def test_a_run_shows_its_store_schedule_and_branch_in_a_notebook(pipes, tmp_path):
     from taca_probe.runner import probe
 
