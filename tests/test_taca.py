@@ -722,6 +722,22 @@ def test_a_taca_or_probe_object_not_yet_entered_shows_what_it_would_install(pipe
         taca(pipe, gamma=1.2)  # refused where written, not at the with
 
 
+@pytest.mark.parametrize("kwargs,needle", [({"path": 3}, "got int"), ({"attrs": {"lr": np.float32(1e-4)}}, "float32"),
+                                           ({"attrs": {3: "x"}}, "[3]"), ({"attrs": ["x"]}, "got list")])
+def test_probe_refuses_a_path_or_attrs_a_store_cannot_hold_before_anything_runs(pipes, tmp_path, kwargs, needle):
+    """Audit: probe(pipe, 3) raised os.fspath's TypeError; attrs={'lr': np.float32(...)} a TypeError from zarr's
+    JSON encoder only after the first sample had run."""
+    from taca_probe.runner import probe
+
+    pipe = pipes["tiny-sd3"]
+    before = dict(pipe.transformer.attn_processors)
+    with pytest.raises(TacaProbeError) as e:
+        with probe(pipe, **{"path": tmp_path / "r.zarr", **kwargs}) as run:
+            run.sample("a red cube", num_inference_steps=1, height=32, width=32)
+    assert needle in str(e.value) and "\n" not in str(e.value) and not (tmp_path / "r.zarr").exists()
+    assert all(pipe.transformer.attn_processors[k] is v for k, v in before.items())
+
+
 def test_a_run_shows_its_store_schedule_and_branch_in_a_notebook(pipes, tmp_path):
     from taca_probe.runner import probe
 
