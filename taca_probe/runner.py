@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import difflib
 import inspect
 import json
 import os
@@ -85,6 +86,14 @@ class Run:
         if reserved := [k for k in _RESERVED_CALL_KEYS if k in pipe_kwargs]:
             key = reserved[0]
             raise TacaProbeError(f"run.sample sets {key} itself ({_RESERVED_CALL_KEYS[key]}); do not pass {key}=")
+        # else the pipeline's TypeError, and on a later sample a 'setting other than the first sample's'
+        params = inspect.signature(self.pipe.__call__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()) and (
+                unknown := sorted(set(pipe_kwargs) - set(params))):
+            close = difflib.get_close_matches(unknown[0], list(params), n=1, cutoff=0.6)
+            raise TacaProbeError(f"{type(self.pipe).__name__} takes no argument {unknown[0]!r}"
+                                 + (f"; did you mean {close[0]!r}?" if close else
+                                    f"; it takes {', '.join(k for k in params if k not in {*_RESERVED_CALL_KEYS, 'prompt'})}"))
         if self.handle.removed:  # the pipeline would run stock, and the recorder would see no call
             raise TacaProbeError(f"the probe() block of {str(self.path)!r} has ended; sample inside it, or open "
                                  "it again with probe(..., mode='resume')")

@@ -738,6 +738,24 @@ def test_probe_refuses_a_path_or_attrs_a_store_cannot_hold_before_anything_runs(
     assert all(pipe.transformer.attn_processors[k] is v for k, v in before.items())
 
 
+@pytest.mark.slow  # records one sample
+def test_run_sample_refuses_an_argument_the_pipeline_does_not_take_naming_the_one_it_does(pipes, tmp_path):
+    """Audit: run.sample(..., num_steps=2) raised the pipeline's TypeError on the first sample and, on a later
+    one, 'other settings than this store's first sample: num_steps=2 (the first sample's: None)'."""
+    from taca_probe.runner import probe
+
+    tiny = {"num_inference_steps": 1, "height": 32, "width": 32}
+    with probe(pipes["tiny-sd3"], tmp_path / "r.zarr") as run:
+        for done in (0, 1):
+            with pytest.raises(TacaProbeError, match="'num_steps'.*'num_inference_steps'"):
+                run.sample("a red cube", seed=done, num_steps=2, **tiny)
+            with pytest.raises(TacaProbeError, match="'bogus'.*guidance_scale") as e:
+                run.sample("a red cube", seed=done, bogus=1, **tiny)
+            assert "first sample" not in str(e.value) and (tmp_path / "r.zarr").exists() == bool(done)
+            if not done:
+                run.sample("a red cube", **tiny)
+
+
 def test_a_run_shows_its_store_schedule_and_branch_in_a_notebook(pipes, tmp_path):
     from taca_probe.runner import probe
 
