@@ -557,7 +557,11 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
     coords = [c for c in COORD_ORDER if c in ds.coords] + sorted(c for c in ds.coords if c not in COORD_ORDER)
     data = xr.Dataset({v: ds[v].variable for v in names})
     if chunks is not None and chunks != {}:  # "auto" or sizes: the numeric data only, dask cannot size strings
-        data = data.chunk(chunks)
+        try:
+            data = data.chunk(chunks)
+        except (TypeError, ValueError, ZeroDivisionError) as e:  # xarray/dask's, from deep inside
+            raise TacaProbeError(f"open_run: bad chunks {chunks!r} ({_first_line(e)}); give None, {{}}, 'auto' or a "
+                                 f"dict of positive sizes by dimension: {dict(data.sizes)}") from None
     # without the on-disk encoding (shards, checksum codecs), which ds.to_zarr() would otherwise reuse
     return xr.Dataset(data.variables, coords={c: ds.coords[c].variable for c in coords},
                       attrs={k: v for k, v in ds.attrs.items() if k not in ("layout", _MANIFEST_ATTR)}).drop_encoding()

@@ -288,3 +288,11 @@ def test_an_opened_store_exports_with_to_zarr_also_from_dask_and_as_zarr_v2(stor
     lazy.to_zarr(tmp_path / "export.zarr", zarr_format=zarr_format, consolidated=False)
     xr.testing.assert_identical(xr.open_zarr(tmp_path / "export.zarr", consolidated=False).load(),
                                 open_run(store).isel(sample=[1], step=[0]).load())
+
+
+@pytest.mark.parametrize("chunks", [{"bogus": 1}, {"sample": 0}, "bogus", 1.5])
+def test_open_run_refuses_bad_chunks_in_one_line_naming_the_dimensions(store, chunks):
+    """Audit: xarray's ValueError (or dask's ZeroDivisionError for a size 0) from deep inside Dataset.chunk."""
+    with pytest.raises(TacaProbeError) as e:
+        open_run(store, chunks=chunks)
+    assert repr(chunks) in str(e.value) and "'sample'" in str(e.value) and "\n" not in str(e.value)
