@@ -30,7 +30,7 @@ from .intervention import TacaConfig, TacaHandle, apply_taca, reusable
 from .models import model_call_defaults, model_name
 from .schedules import Schedule, parse
 from .selection import MAX_INT, MapSelection, is_seed, positive_int
-from .store import UNKNOWN_SLOT, RunWriter, StoreError, _store_path, is_store, read_attrs, remove_store
+from .store import UNKNOWN_SLOT, RunWriter, StoreError, is_store, read_attrs, remove_store, store_path
 
 __all__ = ["probe", "Run", "Target", "record_plan", "run_settings", "check_resume"]
 
@@ -203,7 +203,7 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
         raise TacaProbeError(f"unknown branch {branch!r}; choose from {', '.join(BRANCHES)}")
     if mode not in _MODES:
         raise TacaProbeError(f"unknown mode {mode!r}; choose from {', '.join(_MODES)}")
-    schedule, maps, p = parse(schedule), MapSelection.parse(maps), _store_path(path, "probe")
+    schedule, maps, p = parse(schedule), MapSelection.parse(maps), store_path(path, "probe")
     try:  # zarr writes attrs as JSON when the first sample is done: refuse what it cannot hold before sampling
         if attrs is not None and not (isinstance(attrs, dict) and all(isinstance(k, str) for k in attrs)):
             raise TypeError(f"got {type(attrs).__name__} {list(attrs)[:5] if isinstance(attrs, dict) else ''}")

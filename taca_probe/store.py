@@ -107,7 +107,7 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     return dict(_open_group(path, "r").attrs)
 
 
-def _store_path(path: Any, what: str) -> Path:
+def store_path(path: Any, what: str) -> Path:
     """The folder of a public reader's ``path`` argument; anything but a str or os.PathLike is one line."""
     if not isinstance(path, (str, os.PathLike)):
         raise StoreError(f"{what} needs the path of a store folder (str or os.PathLike), got {type(path).__name__}")
@@ -472,7 +472,7 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     Whole-store damage (an array missing, checksums switched off) is one line each. A store recorded
     before chunk manifests is checked for damaged chunks only, with a :class:`StoreIntegrityWarning`.
     """
-    p = _store_path(path, "verify_store")
+    p = store_path(path, "verify_store")
     _, arrays, bad = _open_checked(p)
     if MANIFEST not in arrays:
         warnings.warn(f"{str(p)!r} was recorded before chunk manifests: a deleted or moved chunk cannot be detected "
@@ -534,7 +534,7 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None, include_incomplete:
         (checked here); reading a chunk that is not the one recorded (changed, swapped) raises
         :class:`ChunkChecksumError` naming it, while the other chunks still read.
     """
-    p = _store_path(path, "open_run")
+    p = store_path(path, "open_run")
     # presence and sizes only: opening stays cheap, the digests are checked as chunks are read
     _, _, complete, damaged, listed = _checked_open(p)
     if damaged:
@@ -579,7 +579,7 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
     ``samples_damaged`` lists complete samples whose chunks are missing, moved or swapped (presence,
     sizes, and digests of files up to 64 KiB; :func:`verify_store` compares every digest).
     """
-    p = _store_path(path, "store_info")
+    p = store_path(path, "store_info")
     group, arrays_by_name, complete, damaged, _ = _checked_open(p, read=INFO_READ_LIMIT)
     # zarr writes each file as NAME.<uuid>.partial and renames it: one left over is a killed process's
     # unfinished write, no data of the store, so it is listed apart and not counted in the sizes
