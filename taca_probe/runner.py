@@ -220,6 +220,8 @@ def probe(pipe: Any, path: str | os.PathLike, *, schedule: Schedule | str = "non
     with contextlib.ExitStack() as cleanup:  # on exit: the recorder's listener, then TACA, removed
         cleanup.callback(handle.remove)
         settings = run_settings(pipe, schedule=schedule, maps=maps, branch=branch, model=model)
+        if clash := sorted(set(attrs or {}) & {*settings, "lora", "lora_scale"}):  # the store would mislabel itself
+            raise TacaProbeError(f"attrs cannot set {', '.join(clash)}: probe() records them from its own arguments")
         if mode == "resume" and p.exists():
             check_resume(p, settings)
         if mode == "overwrite":

@@ -723,7 +723,8 @@ def test_a_taca_or_probe_object_not_yet_entered_shows_what_it_would_install(pipe
 
 
 @pytest.mark.parametrize("kwargs,needle", [({"path": 3}, "got int"), ({"attrs": {"lr": np.float32(1e-4)}}, "float32"),
-                                           ({"attrs": {3: "x"}}, "[3]"), ({"attrs": ["x"]}, "got list")])
+                                           ({"attrs": {3: "x"}}, "[3]"), ({"attrs": ["x"]}, "got list"),
+                                           ({"attrs": {"note": 1, "schedule": "none", "dtype": "x"}}, "dtype, schedule")])
 def test_probe_refuses_a_path_or_attrs_a_store_cannot_hold_before_anything_runs(pipes, tmp_path, kwargs, needle):
     """Audit: probe(pipe, 3) raised os.fspath's TypeError; attrs={'lr': np.float32(...)} a TypeError from zarr's
     JSON encoder only after the first sample had run."""
