@@ -380,6 +380,19 @@ def test_bad_input_found_while_sampling_leaves_no_store(tmp_path, capsys, recwar
     assert run_cli([command, *TINY, "--prompt", "x", "--out", str(out)], capsys)[0] == 0
 
 
+def test_a_failed_record_overwrite_keeps_the_store_it_was_to_replace(tmp_path, capsys):
+    """Audit: --overwrite deleted the old store before sampling; a first sample that failed then lost both."""
+    out = tmp_path / "r.zarr"
+    assert run_cli(["record", *TINY, "--prompt", "x", "--out", out], capsys)[0] == 0
+    before = _tree(out)
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "y", "--schedule", "const:3e38", "--overwrite", "--out", out],
+                         capsys)
+    assert rc == 2 and "non-finite" in err
+    assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]
+    assert run_cli(["record", *TINY, "--prompt", "y", "--overwrite", "--out", out], capsys)[0] == 0
+    assert list(open_run(out)["prompt"].values) == ["y"] and sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]
+
+
 def test_interrupt_while_starting_and_os_errors_are_one_line(monkeypatch, capsys, tmp_path):
     import errno
 
