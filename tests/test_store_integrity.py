@@ -367,6 +367,14 @@ def test_selections_that_match_nothing_are_refused(tmp_path, capsys, extra, key)
     assert not out.exists()
 
 
+def test_a_long_maps_selection_is_not_written_out_in_full_in_its_refusal(tmp_path, capsys):
+    """Audit: the refusal spelled out every index of --maps tokens=0-99999: one line of 600,000 characters."""
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "x", "--maps", "tokens=0-99999", "--out", tmp_path / "r.zarr"],
+                         capsys)
+    one_line_error(rc, err, "token 99999", "0..332")
+    assert len(err) < 300 and not (tmp_path / "r.zarr").exists()
+
+
 @pytest.mark.parametrize("command", ["record", "generate"])
 def test_bad_input_found_while_sampling_leaves_no_store(tmp_path, capsys, recwarn, command):
     """gamma 3e38 is a float32, but the scaled text keys overflow: NaN statistics and a NaN image.
