@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from .attention import JointLayout, attention_statistics, describe_stats_backend, taca_attention
 from .errors import TacaProbeError
 from .intervention import taca
+from .logs import quiet
 from .models import load_pipeline
 from .runner import probe
 
@@ -307,7 +308,8 @@ def realistic_sd3_pipeline(*, width: str = "sd35-medium", layers: int | None = 2
     finally:
         torch.set_default_dtype(previous)
     pipe.transformer = big.eval().requires_grad_(False)
-    pipe.to(device=device, dtype=dtype)
+    with quiet():  # diffusers' advice on casting (use from_pretrained's torch_dtype) is not the user's to act on
+        pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -9,6 +9,7 @@ import difflib
 import inspect
 import json
 import os
+import shutil
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +31,8 @@ from .intervention import TacaConfig, TacaHandle, apply_taca, reusable
 from .models import model_call_defaults, model_name
 from .schedules import Schedule, parse
 from .selection import MAX_INT, MapSelection, is_seed, positive_int
-from .store import UNKNOWN_SLOT, RunWriter, StoreError, is_store, read_attrs, remove_store, store_path
+from .store import UNKNOWN_SLOT, RunWriter, StoreError, is_store, read_attrs, remove_store, set_aside, \
+    store_path
 
 __all__ = ["probe", "Run", "Target", "record_plan", "run_settings", "check_resume"]
 
@@ -328,6 +330,7 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
              "max_sequence_length": ran["max_sequence_length"],
              "lora": None if lora is None else str(lora), "lora_scale": float(lora_scale)}
     created: list[Path] = []
+    asides: dict[Path, Path] = {}  # --overwrite: each replaced store, put back if the run records nothing
     writers: dict[Path, RunWriter | None] = {}
     recorded = [0] * len(targets)
     report = _progress(False, 0, desc, 0)
@@ -340,8 +343,8 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
             if prepare is not None:
                 prepare()
             for t in targets:
-                if mode == "overwrite":
-                    remove_store(t.store)
+                if mode == "overwrite" and (aside := set_aside(t.store)):
+                    asides[t.store] = aside
                 if t.store.exists() and mode == "resume":
                     check_resume(t.store, run_settings(pipe, schedule=parse(t.schedule), maps=maps, branch=branch,
                                                        model=model), extra, as_unset)
@@ -388,9 +391,13 @@ def record_plan(pipe: Any, targets: Sequence[Target], plan: Sequence[tuple[str, 
             for path in created:
                 if path.exists() and not any(done for *_, done in RunWriter.reopen(path).slots()):
                     remove_store(path)
+            for path in [p for p in asides if not p.exists()]:
+                os.rename(asides.pop(path), path)
         raise
     finally:
         report(None)
+        for aside in asides.values():
+            shutil.rmtree(aside, ignore_errors=True)
         ranks.close()
     return recorded
 

@@ -183,7 +183,8 @@ class MapSelection:
 
     def check(self, layout: Any) -> None:  # a store.RunLayout (steps, n_txt, layers)
         """Refuse a selection that names steps, tokens or layers this run does not have."""
-        where = f"--maps {self.spec!r}"
+        spec = self.spec  # a long index list is cut: the message names the value that is wrong
+        where = f"--maps {spec if len(spec) <= 80 else spec[:76] + ' ...'!r}"
         if self.steps is not None and max(self.steps) >= layout.steps:
             raise TacaProbeError(f"{where}: step {max(self.steps)} does not exist; this run has steps "
                                  f"0..{layout.steps - 1}")

@@ -611,6 +611,17 @@ def check_removable(path: str | os.PathLike) -> bool:
     return p.exists()
 
 
+def set_aside(path: str | os.PathLike) -> Path | None:
+    """``--overwrite``: rename a store to a hidden name beside it (None: there is none), so that it can be put back
+    if its replacement records nothing; a killed process's is removed as its stale build folder would be."""
+    if not check_removable(path):
+        return None
+    p = Path(path)
+    aside = p.parent / f"{_TMP_PREFIX}{p.name}.{socket.gethostname()}.{os.getpid()}.replaced"
+    os.rename(p, aside)
+    return aside
+
+
 def remove_store(path: str | os.PathLike) -> None:
     """Delete a store folder (``--overwrite``); refuses folders that are not taca-probe stores."""
     if check_removable(path):

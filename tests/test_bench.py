@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from dataclasses import asdict, replace
 
 import pytest
 
 from taca_probe.bench import FULL_DEPTH, WIDTHS, bench_attention, format_rows, parse_shape, realistic_sd3_pipeline
 from taca_probe.cli import main
+from tests.clitools import one_line_error
 
 
 @pytest.mark.slow  # times whole sampling runs
@@ -25,6 +28,16 @@ def test_bench_e2e_reports_every_variant(capsys):
     assert res["variants"]["plain"]["ratio"] == 1.0
     assert res["stats_backend"].startswith("block")
     assert (res["depth"], res["joint_blocks"], res["batch"]) == ("reduced", 1, 2)
+
+
+@pytest.mark.slow  # a subprocess: diffusers' log handler writes to the stderr it found at import
+def test_bench_e2e_prints_no_library_chatter():
+    """Audit: casting the benchmark's own pipeline printed diffusers' 'should be kept in float32' advice twice,
+    before a refusal too."""
+    proc = subprocess.run([sys.executable, "-m", "taca_probe", "bench", "e2e", "--device", "cpu", "--layers", "1",
+                           "--image-tokens", "16", "--steps", "2", "--maps", "steps=5"],
+                          capture_output=True, text=True, timeout=300)
+    one_line_error(proc.returncode, proc.stderr, "step 5")
 
 
 @pytest.mark.parametrize("width", ["flux-dev", pytest.param("sd35-large", marks=pytest.mark.slow)])

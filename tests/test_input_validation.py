@@ -384,6 +384,16 @@ def test_bench_gamma_must_be_a_positive_finite_float32(monkeypatch, capsys, gamm
     assert repr(gamma) in err and "3.40282e+38" in err and not calls  # the range; refused before timing
 
 
+@pytest.mark.parametrize("command", ["attention", "e2e"])
+def test_bench_threads_are_at_most_the_cores(monkeypatch, capsys, command):
+    """Audit: `bench attention --threads 100000` went to torch.set_num_threads: an internal error, or a crash."""
+    for module, name in ((bench, "bench_attention"), (bench, "bench_e2e"), (torch, "set_num_threads")):
+        monkeypatch.setattr(module, name, _must_not_load)
+    rc, _, err = run_cli(["bench", command, "--device", "cpu", "--threads", str(os.cpu_count() + 1)], capsys)
+    _refused(rc, err, "--threads")
+    assert f"1..{os.cpu_count()}" in err
+
+
 def test_bench_e2e_steps_has_the_bounds_of_every_other_steps(monkeypatch, capsys):
     """Audit: `--steps` is 1..1000 denoising steps everywhere but `bench e2e`, which took any positive integer."""
     monkeypatch.setattr(bench, "bench_e2e", _must_not_load)

@@ -367,6 +367,14 @@ def test_selections_that_match_nothing_are_refused(tmp_path, capsys, extra, key)
     assert not out.exists()
 
 
+def test_a_long_maps_selection_is_not_written_out_in_full_in_its_refusal(tmp_path, capsys):
+    """Audit: the refusal spelled out every index of --maps tokens=0-99999: one line of 600,000 characters."""
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "x", "--maps", "tokens=0-99999", "--out", tmp_path / "r.zarr"],
+                         capsys)
+    one_line_error(rc, err, "token 99999", "0..332")
+    assert len(err) < 300 and not (tmp_path / "r.zarr").exists()
+
+
 @pytest.mark.parametrize("command", ["record", "generate"])
 def test_bad_input_found_while_sampling_leaves_no_store(tmp_path, capsys, recwarn, command):
     """gamma 3e38 is a float32, but the scaled text keys overflow: NaN statistics and a NaN image.
@@ -378,6 +386,19 @@ def test_bad_input_found_while_sampling_leaves_no_store(tmp_path, capsys, recwar
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # checked before any cast
     assert not out.exists()  # so the corrected rerun needs no --overwrite
     assert run_cli([command, *TINY, "--prompt", "x", "--out", str(out)], capsys)[0] == 0
+
+
+def test_a_failed_record_overwrite_keeps_the_store_it_was_to_replace(tmp_path, capsys):
+    """Audit: --overwrite deleted the old store before sampling; a first sample that failed then lost both."""
+    out = tmp_path / "r.zarr"
+    assert run_cli(["record", *TINY, "--prompt", "x", "--out", out], capsys)[0] == 0
+    before = _tree(out)
+    rc, _, err = run_cli(["record", *TINY, "--prompt", "y", "--schedule", "const:3e38", "--overwrite", "--out", out],
+                         capsys)
+    assert rc == 2 and "non-finite" in err
+    assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]
+    assert run_cli(["record", *TINY, "--prompt", "y", "--overwrite", "--out", out], capsys)[0] == 0
+    assert list(open_run(out)["prompt"].values) == ["y"] and sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]
 
 
 def test_interrupt_while_starting_and_os_errors_are_one_line(monkeypatch, capsys, tmp_path):

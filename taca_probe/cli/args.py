@@ -243,7 +243,9 @@ def comparison_args(n_resamples: int) -> argparse.ArgumentParser:
 def bench_args(repeats: int) -> argparse.ArgumentParser:
     p = device_args()
     p.add_argument("--repeats", type=positive_int, default=repeats, help=f"timed repeats per variant (default {repeats})")
-    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1: steadier timings)")
+    # more threads than cores times nothing useful; 100000 crashed torch's thread pool
+    p.add_argument("--threads", type=bounded(1, os.cpu_count() or 1), default=1,
+                   help="CPU threads, at most this machine's cores (default 1: steadier timings)")
     return p
 
 
