@@ -53,7 +53,8 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
     """The runs of stores and sweep folders, a sweep Dataset (or None) and why there is no sweep.
 
     With ``as_sweep``, several stores of different schedules on the same samples are opened together
-    as a sweep (which warns of samples some store lacks; callers of the runs alone pass False).
+    as a sweep (which warns of samples some store lacks; callers of the runs alone pass False); a schedule
+    in several inputs is one run of all of them, either way, where they join.
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     if not sources:
@@ -83,15 +84,16 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
             raise StoreError(f"no store or sweep at {str(p)!r}")
         else:
             raise StoreError(f"{str(p)!r} is neither a taca-probe store nor a sweep folder (no sweep.json)")
-    if as_sweep and len(sources) >= 2 and (sweep is not None or len(stores) >= 2):  # fig4 from every input
+    shared = len({r.spec for r in runs}) < len(runs)  # a schedule in two inputs (a sweep grown by a second folder)
+    if len(sources) >= 2 and (shared or as_sweep and (sweep is not None or len(stores) >= 2)):  # fig4 from every input
         try:
             sweep = open_sweep(sources, chunks=chunks)
-        except (SweepError, A.AnalysisError) as e:
-            why = f"fig4 needs stores of several schedules on the same prompts and seeds: {e}"
-        specs = [r.spec for r in runs]
-        if sweep is not None and len(set(specs)) < len(specs):  # a schedule in two inputs: one run of both
-            label = ", ".join(map(str, sources))
-            runs = [Run(f"{label} [{spec}]", str(spec), sweep.sel(schedule=spec)) for spec in sweep["schedule"].values]
+        except (SweepError, A.AnalysisError) as e:  # not the first input's alone, named as all of them
+            sweep, why = None, f"fig4 needs stores of several schedules on the same prompts and seeds: {e}"
+        else:
+            if shared:  # one run of both, as figures and report draw it alike
+                label = ", ".join(map(str, sources))
+                runs = [Run(f"{label} [{spec}]", str(spec), sweep.sel(schedule=spec)) for spec in sweep["schedule"].values]
     return runs, sweep, why
 
 

@@ -501,6 +501,42 @@ def test_a_second_sweep_of_more_seeds_opens_and_draws_with_the_first(sweep_dir, 
     assert all(r.ds.sizes["sample"] == 5 for r in runs)
 
 
+def test_report_of_a_sweep_grown_by_a_second_folder_shows_each_schedule_once_with_every_sample(sweep_dir, more_seeds,
+                                                                                                tmp_path):
+    """Audit: `report A B` over two sweeps of one schedule showed it as two runs, while `figures A B` joined them."""
+    from taca_probe import open_run, report
+    from taca_probe.rendering import open_inputs
+
+    s2, _ = more_seeds
+    specs = ["none", "step:1.2@970", "step:1.5@970"]
+    assert report([sweep_dir, s2], tmp_path, n_resamples=100).runs == specs
+    runs = open_inputs([sweep_dir, s2], as_sweep=False)[0]
+    assert [r.spec for r in runs] == specs and all(r.ds.sizes["sample"] == 5 for r in runs)
+    fig = _suppression_figure(runs, {"n_resamples": 100, "seed": 0, "branch": None})
+    for entry in json.loads((sweep_dir / "sweep.json").read_text())["schedules"]:
+        # the suppression ratio of every sample of both folders, from the stores themselves
+        stores = [open_run(folder / entry["store"]) for folder in (sweep_dir, s2)]
+        mass = np.concatenate([st["vis_txt_mass"].mean(("layer", "head")).values for st in stores])
+        uniform = stores[0].attrs["n_txt"] / (stores[0].attrs["n_txt"] + stores[0].attrs["n_vis"])
+        line = next(t for t in fig.data if t.name == f"{entry['spec']} · joint")
+        np.testing.assert_allclose(np.asarray(line.y) / uniform, mass.mean(0) / uniform, rtol=1e-5)
+
+
+def test_inputs_of_one_schedule_that_do_not_join_are_drawn_apart_not_as_the_first(sweep_dir, tmp_path):
+    """Audit: `figures A COPY_OF_A` (one sample twice: refused by open_sweep) drew A alone, labelled 'A, COPY [none]',
+    and Fig. 4 from A alone without a word."""
+    from taca_probe.rendering import open_inputs
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy)
+    runs, sweep, _ = open_inputs([sweep_dir, copy])
+    specs = ["none", "step:1.2@970", "step:1.5@970"]
+    assert sweep is None and [r.label for r in runs] == [f"{f} [{s}]" for f in (sweep_dir, copy) for s in specs]
+    with pytest.raises(TacaProbeError):
+        render_figures([sweep_dir, copy], tmp_path / "f", figures="fig4", formats=("png",), n_resamples=100)
+    assert not (tmp_path / "f").exists()
+
+
 def test_a_sweep_plus_a_store_of_another_gamma_draws_fig4_from_both(more_seeds, tmp_path):
     s2, extra = more_seeds
     out = render_figures([s2, extra], tmp_path, figures="fig4", formats=("png",), n_resamples=100)
