@@ -59,7 +59,8 @@ def _styled(plot):
     @functools.wraps(plot)
     def styled(*args, **kwargs):
         rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
-              "axes.titleweight": "bold", "figure.dpi": 100}
+              "axes.titleweight": "bold", "figure.dpi": 100,
+              "text.parse_math": False}  # prompts and tokens are plain text: '$5 and $6' is no formula
         with matplotlib.rc_context(rc), warnings.catch_warnings():
             warnings.simplefilter("ignore", PendingDeprecationWarning)
             return plot(*args, **kwargs)

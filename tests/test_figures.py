@@ -165,6 +165,18 @@ def test_token_ranking_titles_stay_inside_the_figure():
         assert box.x0 >= 0 and box.x1 <= width + 1, (ax.title.get_text(), box, width)
 
 
+def test_a_prompt_with_dollar_signs_is_drawn_as_text_not_a_formula(tmp_path):
+    """Audit: matplotlib read '$...$' in a prompt as mathtext: '$5 and $6' lost its signs, '$\\frac x$' failed at
+    savefig (`figures`: internal error, after writing the figures before it)."""
+    from matplotlib.text import Text
+
+    prompts = ("a $5 and $6 cube", "a $\\frac x$ ball")
+    fig = plotting.plot_token_ranking(A.token_ranking(make_run(prompts=prompts, seeds=(0,))))
+    assert plotting.save_figure(fig, tmp_path, "rank", formats=("png", "pdf"))
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and "$" in t.get_text()]
+    assert all(any(p in t.get_text() for t in texts) for p in prompts) and not any(t.get_parse_math() for t in texts)
+
+
 def _row_labels(fig):
     return [t.get_text() for ax in fig.axes if not ax.axison for t in ax.texts]
 
