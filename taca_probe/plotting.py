@@ -7,6 +7,7 @@ palettes are colour-blind safe. Writing every figure of a run is :func:`taca_pro
 from __future__ import annotations
 
 import functools
+import io
 import os
 import re
 import textwrap
@@ -545,5 +546,12 @@ def save_figure(fig, out: str | os.PathLike, name: str, *, formats: Sequence[str
     paths = [Path(out) / f"{name}.{f}" for f in formats]
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for path, f in zip(paths, formats):
-        fig.savefig(path, dpi=dpi, format=f, metadata=None if f != "png" else {"Software": "taca-probe"})
+        path.write_bytes(_rendered(fig, f, dpi))
     return paths
+
+
+def _rendered(fig, fmt: str, dpi: int) -> bytes:
+    """``fig`` as a file of format ``fmt``, in memory (matplotlib draws a figure only here, where drawing can fail)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format=fmt, metadata=None if fmt != "png" else {"Software": "taca-probe"})
+    return buf.getvalue()

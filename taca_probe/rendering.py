@@ -167,7 +167,7 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
     def what(run: Run) -> str:
         return f"{run.label} ({run.spec})" if run.label != run.spec and f"[{run.spec}]" not in run.label else run.label
 
-    drawn: list[tuple[str, Any, str]] = []  # saved once all are drawn: a figure that fails leaves no others behind
+    drawn: list[tuple[str, Any, str]] = []  # saved once all are drawn
 
     def emit(name: str, fig, source: str) -> None:
         drawn.append((name, fig, source))
@@ -217,8 +217,14 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
         emit("fig5_token_ranking", P.plot_token_ranking(A.token_ranking(ds, branch=branch)), src)
     if not drawn:
         raise P.FigureError("no figure could be drawn: " + "; ".join(skipped.values()))
-    for name, fig, source in drawn:
-        written[name] = P.save_figure(fig, out, name, formats=fmt, dpi=dpi)
+    # every file rendered before any is written: a figure that fails to render leaves no others behind
+    files = [(name, source, [(Path(out) / f"{name}.{f}", P._rendered(fig, f, dpi)) for f in fmt])
+             for name, fig, source in drawn]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name, source, rendered in files:
+        for path, data in rendered:
+            path.write_bytes(data)
+        written[name] = [path for path, _ in rendered]
         used[name] = source
         say(f"wrote {', '.join(str(p) for p in written[name])} from {source}")
     return {"written": written, "skipped": skipped, "sources": used}

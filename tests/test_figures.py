@@ -263,6 +263,22 @@ def test_figure_without_maps_names_the_variable_and_the_flag(pipes, tmp_path, ca
     assert not (tmp_path / "f").exists() or not any((tmp_path / "f").iterdir())
 
 
+def test_a_figure_that_fails_to_render_leaves_no_others_behind(sweep_dir, tmp_path, monkeypatch):
+    """Audit: matplotlib draws when saving, and figures were saved one by one: a failure in the last one (here a
+    formula that does not parse) left every Fig. 2 file written before it."""
+    from matplotlib.figure import Figure
+
+    def bad(*args, **kwargs):
+        fig = Figure()
+        fig.text(0, 0, "$\\frac x$", parse_math=True)
+        return fig
+
+    monkeypatch.setattr(plotting, "plot_token_ranking", bad)
+    with pytest.raises(ValueError):
+        render_figures(sweep_dir, tmp_path / "f", figures="fig2,fig5", formats=("png",), n_resamples=100)
+    assert not (tmp_path / "f").exists()
+
+
 BAD = [
     (["figures", "/nonexistent/store.zarr"], "no store or sweep at"),
     (["figures", "{sweep}", "--figures", "fig9"], "unknown figure(s) fig9; choose from all, fig2, fig3, fig4, fig5"),
