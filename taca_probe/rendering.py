@@ -84,7 +84,8 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
             raise StoreError(f"no store or sweep at {str(p)!r}")
         else:
             raise StoreError(f"{str(p)!r} is neither a taca-probe store nor a sweep folder (no sweep.json)")
-    shared = len({r.spec for r in runs}) < len(runs)  # a schedule in two inputs (a sweep grown by a second folder)
+    full = [r.spec for r in runs if r.ds.sizes.get("sample", 0)]  # a store of no sample stays one report names
+    shared = len(set(full)) < len(full)  # a schedule in two inputs (a sweep grown by a second folder)
     if len(sources) >= 2 and (shared or as_sweep and (sweep is not None or len(stores) >= 2)):  # fig4 from every input
         try:
             sweep = open_sweep(sources, chunks=chunks)
