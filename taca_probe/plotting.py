@@ -7,6 +7,7 @@ palettes are colour-blind safe. Writing every figure of a run is :func:`taca_pro
 from __future__ import annotations
 
 import functools
+import io
 import os
 import re
 import textwrap
@@ -59,7 +60,8 @@ def _styled(plot):
     @functools.wraps(plot)
     def styled(*args, **kwargs):
         rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
-              "axes.titleweight": "bold", "figure.dpi": 100}
+              "axes.titleweight": "bold", "figure.dpi": 100,
+              "text.parse_math": False}  # prompts and tokens are plain text: '$5 and $6' is no formula
         with matplotlib.rc_context(rc), warnings.catch_warnings():
             warnings.simplefilter("ignore", PendingDeprecationWarning)
             return plot(*args, **kwargs)
@@ -544,5 +546,12 @@ def save_figure(fig, out: str | os.PathLike, name: str, *, formats: Sequence[str
     paths = [Path(out) / f"{name}.{f}" for f in formats]
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for path, f in zip(paths, formats):
-        fig.savefig(path, dpi=dpi, format=f, metadata=None if f != "png" else {"Software": "taca-probe"})
+        path.write_bytes(_rendered(fig, f, dpi))
     return paths
+
+
+def _rendered(fig, fmt: str, dpi: int) -> bytes:
+    """``fig`` as a file of format ``fmt``, in memory (matplotlib draws a figure only here, where drawing can fail)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format=fmt, metadata=None if fmt != "png" else {"Software": "taca-probe"})
+    return buf.getvalue()

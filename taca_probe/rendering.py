@@ -53,7 +53,8 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
     """The runs of stores and sweep folders, a sweep Dataset (or None) and why there is no sweep.
 
     With ``as_sweep``, several stores of different schedules on the same samples are opened together
-    as a sweep (which warns of samples some store lacks; callers of the runs alone pass False).
+    as a sweep (which warns of samples some store lacks; callers of the runs alone pass False); a schedule
+    in several inputs is one run of all of them, either way, where they join.
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     if not sources:
@@ -83,15 +84,17 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
             raise StoreError(f"no store or sweep at {str(p)!r}")
         else:
             raise StoreError(f"{str(p)!r} is neither a taca-probe store nor a sweep folder (no sweep.json)")
-    if as_sweep and len(sources) >= 2 and (sweep is not None or len(stores) >= 2):  # fig4 from every input
+    full = [r.spec for r in runs if r.ds.sizes.get("sample", 0)]  # a store of no sample stays one report names
+    shared = len(set(full)) < len(full)  # a schedule in two inputs (a sweep grown by a second folder)
+    if len(sources) >= 2 and (shared or as_sweep and (sweep is not None or len(stores) >= 2)):  # fig4 from every input
         try:
             sweep = open_sweep(sources, chunks=chunks)
-        except (SweepError, A.AnalysisError) as e:
-            why = f"fig4 needs stores of several schedules on the same prompts and seeds: {e}"
-        specs = [r.spec for r in runs]
-        if sweep is not None and len(set(specs)) < len(specs):  # a schedule in two inputs: one run of both
-            label = ", ".join(map(str, sources))
-            runs = [Run(f"{label} [{spec}]", str(spec), sweep.sel(schedule=spec)) for spec in sweep["schedule"].values]
+        except (SweepError, A.AnalysisError) as e:  # not the first input's alone, named as all of them
+            sweep, why = None, f"fig4 needs stores of several schedules on the same prompts and seeds: {e}"
+        else:
+            if shared:  # one run of both, as figures and report draw it alike
+                label = ", ".join(map(str, sources))
+                runs = [Run(f"{label} [{spec}]", str(spec), sweep.sel(schedule=spec)) for spec in sweep["schedule"].values]
     return runs, sweep, why
 
 
@@ -165,7 +168,7 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
     def what(run: Run) -> str:
         return f"{run.label} ({run.spec})" if run.label != run.spec and f"[{run.spec}]" not in run.label else run.label
 
-    drawn: list[tuple[str, Any, str]] = []  # saved once all are drawn: a figure that fails leaves no others behind
+    drawn: list[tuple[str, Any, str]] = []  # saved once all are drawn
 
     def emit(name: str, fig, source: str) -> None:
         drawn.append((name, fig, source))
@@ -215,8 +218,14 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
         emit("fig5_token_ranking", P.plot_token_ranking(A.token_ranking(ds, branch=branch)), src)
     if not drawn:
         raise P.FigureError("no figure could be drawn: " + "; ".join(skipped.values()))
-    for name, fig, source in drawn:
-        written[name] = P.save_figure(fig, out, name, formats=fmt, dpi=dpi)
+    # every file rendered before any is written: a figure that fails to render leaves no others behind
+    files = [(name, source, [(Path(out) / f"{name}.{f}", P._rendered(fig, f, dpi)) for f in fmt])
+             for name, fig, source in drawn]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name, source, rendered in files:
+        for path, data in rendered:
+            path.write_bytes(data)
+        written[name] = [path for path, _ in rendered]
         used[name] = source
         say(f"wrote {', '.join(str(p) for p in written[name])} from {source}")
     return {"written": written, "skipped": skipped, "sources": used}

@@ -165,6 +165,18 @@ def test_token_ranking_titles_stay_inside_the_figure():
         assert box.x0 >= 0 and box.x1 <= width + 1, (ax.title.get_text(), box, width)
 
 
+def test_a_prompt_with_dollar_signs_is_drawn_as_text_not_a_formula(tmp_path):
+    """Audit: matplotlib read '$...$' in a prompt as mathtext: '$5 and $6' lost its signs, '$\\frac x$' failed at
+    savefig (`figures`: internal error, after writing the figures before it)."""
+    from matplotlib.text import Text
+
+    prompts = ("a $5 and $6 cube", "a $\\frac x$ ball")
+    fig = plotting.plot_token_ranking(A.token_ranking(make_run(prompts=prompts, seeds=(0,))))
+    assert plotting.save_figure(fig, tmp_path, "rank", formats=("png", "pdf"))
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and "$" in t.get_text()]
+    assert all(any(p in t.get_text() for t in texts) for p in prompts) and not any(t.get_parse_math() for t in texts)
+
+
 def _row_labels(fig):
     return [t.get_text() for ax in fig.axes if not ax.axison for t in ax.texts]
 
@@ -249,6 +261,22 @@ def test_figure_without_maps_names_the_variable_and_the_flag(pipes, tmp_path, ca
     rc, _, err = run_cli(["figures", folder, "--figures", "fig3", "--out", tmp_path / "f"], capsys)
     one_line_error(rc, err, "'maps'", "--maps", "Fig. 3")
     assert not (tmp_path / "f").exists() or not any((tmp_path / "f").iterdir())
+
+
+def test_a_figure_that_fails_to_render_leaves_no_others_behind(sweep_dir, tmp_path, monkeypatch):
+    """Audit: matplotlib draws when saving, and figures were saved one by one: a failure in the last one (here a
+    formula that does not parse) left every Fig. 2 file written before it."""
+    from matplotlib.figure import Figure
+
+    def bad(*args, **kwargs):
+        fig = Figure()
+        fig.text(0, 0, "$\\frac x$", parse_math=True)
+        return fig
+
+    monkeypatch.setattr(plotting, "plot_token_ranking", bad)
+    with pytest.raises(ValueError):
+        render_figures(sweep_dir, tmp_path / "f", figures="fig2,fig5", formats=("png",), n_resamples=100)
+    assert not (tmp_path / "f").exists()
 
 
 BAD = [
@@ -499,6 +527,42 @@ def test_a_second_sweep_of_more_seeds_opens_and_draws_with_the_first(sweep_dir, 
     runs, sweep, _ = open_inputs([sweep_dir, s2])
     assert sweep.sizes["sample"] == 5 and sorted(r.spec for r in runs) == sorted(ds["schedule"].values)
     assert all(r.ds.sizes["sample"] == 5 for r in runs)
+
+
+def test_report_of_a_sweep_grown_by_a_second_folder_shows_each_schedule_once_with_every_sample(sweep_dir, more_seeds,
+                                                                                                tmp_path):
+    """Audit: `report A B` over two sweeps of one schedule showed it as two runs, while `figures A B` joined them."""
+    from taca_probe import open_run, report
+    from taca_probe.rendering import open_inputs
+
+    s2, _ = more_seeds
+    specs = ["none", "step:1.2@970", "step:1.5@970"]
+    assert report([sweep_dir, s2], tmp_path, n_resamples=100).runs == specs
+    runs = open_inputs([sweep_dir, s2], as_sweep=False)[0]
+    assert [r.spec for r in runs] == specs and all(r.ds.sizes["sample"] == 5 for r in runs)
+    fig = _suppression_figure(runs, {"n_resamples": 100, "seed": 0, "branch": None})
+    for entry in json.loads((sweep_dir / "sweep.json").read_text())["schedules"]:
+        # the suppression ratio of every sample of both folders, from the stores themselves
+        stores = [open_run(folder / entry["store"]) for folder in (sweep_dir, s2)]
+        mass = np.concatenate([st["vis_txt_mass"].mean(("layer", "head")).values for st in stores])
+        uniform = stores[0].attrs["n_txt"] / (stores[0].attrs["n_txt"] + stores[0].attrs["n_vis"])
+        line = next(t for t in fig.data if t.name == f"{entry['spec']} · joint")
+        np.testing.assert_allclose(np.asarray(line.y) / uniform, mass.mean(0) / uniform, rtol=1e-5)
+
+
+def test_inputs_of_one_schedule_that_do_not_join_are_drawn_apart_not_as_the_first(sweep_dir, tmp_path):
+    """Audit: `figures A COPY_OF_A` (one sample twice: refused by open_sweep) drew A alone, labelled 'A, COPY [none]',
+    and Fig. 4 from A alone without a word."""
+    from taca_probe.rendering import open_inputs
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy)
+    runs, sweep, _ = open_inputs([sweep_dir, copy])
+    specs = ["none", "step:1.2@970", "step:1.5@970"]
+    assert sweep is None and [r.label for r in runs] == [f"{f} [{s}]" for f in (sweep_dir, copy) for s in specs]
+    with pytest.raises(TacaProbeError):
+        render_figures([sweep_dir, copy], tmp_path / "f", figures="fig4", formats=("png",), n_resamples=100)
+    assert not (tmp_path / "f").exists()
 
 
 def test_a_sweep_plus_a_store_of_another_gamma_draws_fig4_from_both(more_seeds, tmp_path):
