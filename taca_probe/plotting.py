@@ -542,16 +542,24 @@ def check_formats(formats: str | Sequence[str]) -> list[str]:
 def save_figure(fig, out: str | os.PathLike, name: str, *, formats: Sequence[str] = ("png", "pdf"),
                 dpi: int = 150) -> list[Path]:
     """Write ``fig`` as ``out/name.<format>`` for each format; returns the paths."""
-    formats = check_formats(formats)
-    paths = [Path(out) / f"{name}.{f}" for f in formats]
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for path, f in zip(paths, formats):
-        path.write_bytes(_rendered(fig, f, dpi))
-    return paths
+    return write_files(figure_files(fig, out, name, formats=formats, dpi=dpi))
 
 
-def _rendered(fig, fmt: str, dpi: int) -> bytes:
-    """``fig`` as a file of format ``fmt``, in memory (matplotlib draws a figure only here, where drawing can fail)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=dpi, format=fmt, metadata=None if fmt != "png" else {"Software": "taca-probe"})
-    return buf.getvalue()
+def figure_files(fig, out: str | os.PathLike, name: str, *, formats: Sequence[str] = ("png", "pdf"),
+                 dpi: int = 150) -> list[tuple[Path, bytes]]:
+    """``(out/name.<format>, its bytes)`` per format, rendered in memory: matplotlib draws a figure only
+    when saving it, and drawing can fail, so a caller can render every file before writing any."""
+    files = []
+    for f in check_formats(formats):
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=dpi, format=f, metadata=None if f != "png" else {"Software": "taca-probe"})
+        files.append((Path(out) / f"{name}.{f}", buf.getvalue()))
+    return files
+
+
+def write_files(files: list[tuple[Path, bytes]]) -> list[Path]:
+    """Write each ``(path, bytes)``, creating folders; returns the paths."""
+    for path, data in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return [path for path, _ in files]

@@ -219,13 +219,9 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
     if not drawn:
         raise P.FigureError("no figure could be drawn: " + "; ".join(skipped.values()))
     # every file rendered before any is written: a figure that fails to render leaves no others behind
-    files = [(name, source, [(Path(out) / f"{name}.{f}", P._rendered(fig, f, dpi)) for f in fmt])
-             for name, fig, source in drawn]
-    Path(out).mkdir(parents=True, exist_ok=True)
+    files = [(name, source, P.figure_files(fig, out, name, formats=fmt, dpi=dpi)) for name, fig, source in drawn]
     for name, source, rendered in files:
-        for path, data in rendered:
-            path.write_bytes(data)
-        written[name] = [path for path, _ in rendered]
+        written[name] = P.write_files(rendered)
         used[name] = source
         say(f"wrote {', '.join(str(p) for p in written[name])} from {source}")
     return {"written": written, "skipped": skipped, "sources": used}
