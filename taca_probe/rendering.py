@@ -31,7 +31,7 @@ from .errors import TacaProbeError
 from .schedules import parse
 from .stats import sample_keys
 from .store import StoreError, is_store, open_run
-from .sweep import SweepError, is_sweep, open_sweep
+from .sweep import SweepError, is_sweep, open_sweep, read_manifest
 
 __all__ = ["Run", "open_inputs", "choose_runs", "render_figures", "report", "Report", "ReportError"]
 
@@ -41,11 +41,12 @@ class ReportError(TacaProbeError):
 
 
 class Run(NamedTuple):
-    """One run of the inputs: a store, or one schedule of a sweep (``label`` says which)."""
+    """One run of the inputs: a store, or one schedule of a sweep (``label`` says which), and its store paths."""
 
     label: str
     spec: str
     ds: xr.Dataset
+    stores: tuple[Path, ...] = ()
 
 
 def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks: Any = None, *,
@@ -75,10 +76,12 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
         if is_sweep(p):
             sw = open_sweep(p, chunks=chunks)
             sweep = sw if sweep is None else sweep
-            runs += [Run(f"{p} [{spec}]", str(spec), sw.sel(schedule=spec)) for spec in sw["schedule"].values]
+            where = {e["spec"]: (p / e["store"]).resolve() for e in read_manifest(p)["schedules"]}
+            runs += [Run(f"{p} [{spec}]", str(spec), sw.sel(schedule=spec), (where[spec],))
+                     for spec in sw["schedule"].values]
         elif is_store(p):
             ds = open_run(p, chunks=chunks)
-            runs.append(Run(str(p), str(ds.attrs.get("schedule", "none")), ds))
+            runs.append(Run(str(p), str(ds.attrs.get("schedule", "none")), ds, (p.resolve(),)))
             stores.append(str(p))
         elif not p.exists():
             raise StoreError(f"no store or sweep at {str(p)!r}")
@@ -94,13 +97,14 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
         else:
             if shared:  # one run of both, as figures and report draw it alike
                 label = ", ".join(map(str, sources))
-                runs = [Run(f"{label} [{spec}]", str(spec), sweep.sel(schedule=spec)) for spec in sweep["schedule"].values]
+                runs = [Run(f"{label} [{spec}]", str(spec), sweep.sel(schedule=spec),
+                            tuple(s for r in runs if r.spec == spec for s in r.stores)) for spec in sweep["schedule"].values]
     return runs, sweep, why
 
 
 def _find_run(runs: list[Run], key: str, what: str) -> Run:
     for run in runs:
-        if key in (run.label, run.spec) or Path(run.label) == Path(key):
+        if key in (run.label, run.spec) or Path(run.label) == Path(key) or Path(key).resolve() in run.stores:
             return run
     try:
         canonical = parse(key).spec
@@ -272,7 +276,7 @@ def _suppression_figure(runs: list[Run], stats: dict[str, Any]) -> go.Figure:
     fig = go.Figure()
     uniforms = set()  # one per token count: runs of another max_sequence_length have their own
     lo_all, hi_all = [], []
-    for r, (label, spec, ds) in enumerate(runs):
+    for r, (label, spec, ds, _) in enumerate(runs):
         res = A.suppression(ds, by="block_type", **stats)
         uniforms |= {float(res["uniform_reference"])} if "uniform_reference" in res else set()
         t = np.asarray(res["timestep"].values, float)
@@ -529,7 +533,7 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
 
     gallery = []
-    for label, spec, ds in runs:
+    for label, spec, ds, _ in runs:
         figs = "".join(
             f'<figure><img src="{_png_uri(ds["image"].isel(sample=j).values)}" alt="{html.escape(str(p))}">'
             f"<figcaption>{html.escape(str(p))}<br>seed {int(s)}</figcaption></figure>"

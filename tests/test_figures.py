@@ -587,3 +587,22 @@ def test_a_hand_edited_manifest_cannot_relabel_a_schedule(sweep_dir, tmp_path, c
         open_sweep(folder)
     rc, _, err = run_cli(["figures", folder, "--out", tmp_path / "f"], capsys)
     one_line_error(rc, err)
+
+
+def test_a_store_of_a_given_sweep_names_that_schedules_run(sweep_dir, tmp_path):
+    """Audit: figures SWEEP --baseline SWEEP/stores/00_none.zarr said the store 'matches no input', though it is the
+    sweep's run of that schedule (the manifest says so); only the schedule spec worked, in report too."""
+    from taca_probe.rendering import choose_runs, open_inputs
+
+    store = {e["spec"]: str(sweep_dir / e["store"]) for e in json.loads((sweep_dir / "sweep.json").read_text())["schedules"]}
+    res = render_figures(sweep_dir, tmp_path / "f", figures="fig2", formats="png", n_resamples=100,
+                         baseline=store["step:1.2@970"], treated=store["step:1.5@970"])
+    assert res["sources"]["fig2_suppression"].endswith("[step:1.2@970]")
+    assert res["sources"]["fig2_amplification"].endswith("[step:1.5@970]")
+    runs = open_inputs(sweep_dir, as_sweep=False)[0]  # as report opens them
+    assert [r.spec for r in choose_runs(runs, baseline=store["none"], treated=store["step:1.5@970"])] == [
+        "none", "step:1.5@970"]
+    copy = tmp_path / "copy"  # the same schedule's store in a sweep that is not an input
+    shutil.copytree(sweep_dir, copy)
+    with pytest.raises(TacaProbeError, match="matches no input"):
+        choose_runs(runs, baseline=str(copy / Path(store["none"]).relative_to(sweep_dir)))

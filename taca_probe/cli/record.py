@@ -328,7 +328,7 @@ def cmd_export_images(args: argparse.Namespace) -> int:
     check_out(out)
     runs = open_inputs([args.store], None, as_sweep=False)[0]
     todo = []
-    for k, (label, spec, ds) in enumerate(runs):
+    for k, (label, spec, ds, _) in enumerate(runs):
         # a sweep: one folder per schedule, numbered in order (two specs can share a slug); a store: --out
         folder = out / f"{k:02d}_{_slug(spec, 40)}" if len(runs) > 1 or Path(args.store) != Path(label) else out
         for i, (prompt, seed, b) in enumerate(sample_keys(ds)):
