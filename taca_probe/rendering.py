@@ -33,7 +33,7 @@ from .stats import sample_keys
 from .store import StoreError, is_store, open_run
 from .sweep import SweepError, is_sweep, open_sweep, read_manifest
 
-__all__ = ["Run", "open_inputs", "choose_runs", "render_figures", "report", "Report", "ReportError"]
+__all__ = ["Run", "open_inputs", "complete_runs", "choose_runs", "render_figures", "report", "Report", "ReportError"]
 
 
 class ReportError(TacaProbeError):
@@ -102,6 +102,17 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
     return runs, sweep, why
 
 
+def complete_runs(runs: list[Run], left_out: str, error: type[TacaProbeError]) -> list[Run]:
+    """The runs that hold a complete sample; the others are named in a warning, or in ``error`` if none does."""
+    full = [r for r in runs if r.ds.sizes.get("sample", 0)]
+    empty = ", ".join(r.label for r in runs if not r.ds.sizes.get("sample", 0))
+    if not full:
+        raise error(f"{empty}: no complete sample (the recording finished none; resume it with --resume)")
+    if empty:  # else the output would not say that a run it was given is missing
+        warnings.warn(f"{empty}: no complete sample; {left_out}")
+    return full
+
+
 def _find_run(runs: list[Run], key: str, what: str) -> Run:
     for run in runs:
         if key in (run.label, run.spec) or Path(run.label) == Path(key) or Path(key).resolve() in run.stores:
@@ -163,6 +174,7 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
     stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
 
     runs, sweep, why_no_sweep = open_inputs(sources, chunks)
+    runs = complete_runs(runs, "left out of the figures", P.FigureError)
     base_run, treat_run = choose_runs(runs, baseline=baseline, treated=treated)
     main_run = base_run or runs[0]
     written: dict[str, list[Path]] = {}
@@ -214,6 +226,8 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
     if "fig4" in wanted:
         if sweep is None or sweep.sizes.get("schedule", 0) < 2:
             skip("fig4", why_no_sweep if sweep is None else "fig4 needs at least two schedules in the sweep")
+        elif not sweep.sizes.get("sample", 0):  # a store of no complete sample leaves none complete in all
+            skip("fig4", "fig4 needs samples complete in every schedule's store; these inputs have none")
         else:
             specs = f"the sweep ({', '.join(str(v) for v in sweep['schedule'].values)})"
             emit("fig4_gamma_grid", P.plot_gamma_grid(A.gamma_image_grid(sweep)), specs)
@@ -512,13 +526,7 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     ``sources``, ``baseline``, ``treated`` as for :func:`render_figures`; ``n_resamples``, ``seed``,
     ``branch``: analysis options. The returned :class:`Report` displays the page in Jupyter.
     """
-    runs, empty = [], []
-    for r in open_inputs(sources, as_sweep=False)[0]:
-        (runs if r.ds.sizes.get("sample", 0) else empty).append(r)
-    if empty and runs:  # else the page would not say that a run it was given is missing
-        warnings.warn(f"{', '.join(r.label for r in empty)}: no complete sample; left out of the page")
-    if not runs:
-        raise ReportError("no complete sample in the inputs")
+    runs = complete_runs(open_inputs(sources, as_sweep=False)[0], "left out of the page", ReportError)
     base, treat = choose_runs(runs, baseline=baseline or None, treated=treated or None)
     bi = next((i for i, r in enumerate(runs) if r is base), None)
     ti = next((i for i, r in enumerate(runs) if r is treat), None)

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from PIL import Image
 
 from taca_probe import analysis as A
 from taca_probe import open_sweep, plotting, render_figures
 from taca_probe.cli import main
 from taca_probe.errors import TacaProbeError
-from taca_probe.rendering import Run, _suppression_figure
+from taca_probe.rendering import Run, _suppression_figure, choose_runs, open_inputs
 from tests.clitools import one_line_error, run_cli
 from tests.test_analysis import _sweep_with_restricted, make_run
 
@@ -592,8 +593,6 @@ def test_a_hand_edited_manifest_cannot_relabel_a_schedule(sweep_dir, tmp_path, c
 def test_a_store_of_a_given_sweep_names_that_schedules_run(sweep_dir, tmp_path):
     """Audit: figures SWEEP --baseline SWEEP/stores/00_none.zarr said the store 'matches no input', though it is the
     sweep's run of that schedule (the manifest says so); only the schedule spec worked, in report too."""
-    from taca_probe.rendering import choose_runs, open_inputs
-
     store = {e["spec"]: str(sweep_dir / e["store"]) for e in json.loads((sweep_dir / "sweep.json").read_text())["schedules"]}
     res = render_figures(sweep_dir, tmp_path / "f", figures="fig2", formats="png", n_resamples=100,
                          baseline=store["step:1.2@970"], treated=store["step:1.5@970"])
@@ -606,3 +605,20 @@ def test_a_store_of_a_given_sweep_names_that_schedules_run(sweep_dir, tmp_path):
     shutil.copytree(sweep_dir, copy)
     with pytest.raises(TacaProbeError, match="matches no input"):
         choose_runs(runs, baseline=str(copy / Path(store["none"]).relative_to(sweep_dir)))
+
+
+def test_figures_of_a_store_without_a_complete_sample_names_it(tmp_path, capsys):
+    """Audit: figures STORE of no complete sample failed with 'no data to average ...', naming no store; beside
+    another store it failed all figures for fig4 ('the sweep holds no sample')."""
+    empty, other = tmp_path / "empty.zarr", tmp_path / "none.zarr"
+    for store in (empty, other):
+        shutil.copytree(ROOT / "tests" / "data" / "store-v0.1.0.zarr", store)
+    zarr.open_group(str(empty), mode="r+")["complete"][:] = False
+    meta = json.loads((other / "zarr.json").read_text())  # another schedule, so the two open as a sweep
+    meta["attributes"]["schedule"] = "none"
+    (other / "zarr.json").write_text(json.dumps(meta))
+    rc, _, err = run_cli(["figures", empty, "--out", tmp_path / "f"], capsys)
+    one_line_error(rc, err, str(empty), "no complete sample")
+    with pytest.warns(UserWarning, match="empty.zarr: no complete sample"):
+        res = render_figures([other, empty], tmp_path / "g", formats="png", n_resamples=100)
+    assert "fig2_suppression" in res["written"] and "fig4" in res["skipped"]
