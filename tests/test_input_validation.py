@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zarr
 
 import taca_probe.cli.bench as bench
 import taca_probe.cli.eval as eval_cli
@@ -280,6 +281,28 @@ def test_export_images_of_a_sweep_keeps_schedules_whose_names_slug_alike(tmp_pat
     written = int(out.split()[1])
     pngs = list((tmp_path / "png").rglob("*.png"))
     assert written > 0 and len(pngs) == written and len({p.parent for p in pngs}) == 2
+
+
+def test_export_images_refuses_a_store_without_a_complete_sample_and_exports_each_schedule_alone(tmp_path, capsys):
+    """Audit: export-images of a store of no complete sample said 'wrote 0 PNG image(s)' and exited 0 (report
+    refuses it); of a sweep with such a schedule, no other schedule's image was exported either."""
+    sweep = tmp_path / "sw"
+    for i, spec in enumerate(["none", "step:1.3@970"]):
+        shutil.copytree(Path(__file__).parent / "data" / "store-v0.1.0.zarr", sweep / "stores" / f"{i}.zarr")
+        meta = json.loads((sweep / "stores" / f"{i}.zarr" / "zarr.json").read_text())
+        meta["attributes"]["schedule"] = spec
+        (sweep / "stores" / f"{i}.zarr" / "zarr.json").write_text(json.dumps(meta))
+    schedules = [{"spec": spec, "store": f"stores/{i}.zarr", "images": f"images/{i}"}
+                 for i, spec in enumerate(["none", "step:1.3@970"])]
+    (sweep / "sweep.json").write_text(json.dumps({"taca_probe_sweep": 1, "schedules": schedules}))
+    zarr.open_group(str(sweep / "stores" / "0.zarr"), mode="r+")["complete"][:] = False
+    rc, _, err = run_cli(["export-images", sweep / "stores" / "0.zarr", "--out", tmp_path / "a"], capsys)
+    _refused(rc, err, str(sweep / "stores" / "0.zarr"))
+    assert not (tmp_path / "a").exists()
+    with pytest.warns(UserWarning, match=r"\[none\]"):  # the schedule with none is named, the other exported
+        rc, out, err = run_cli(["export-images", sweep, "--out", tmp_path / "b"], capsys)
+    assert rc == 0, err
+    assert sorted(p.parent.name for p in (tmp_path / "b").rglob("*.png")) == ["01_step-1-3-970"] * 4
 
 
 @pytest.mark.slow  # exports a store three times

@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import diffusers
@@ -22,7 +23,7 @@ from ..distributed import ranks_from_env
 from ..errors import TacaProbeError
 from ..intervention import taca
 from ..models import call_settings, load_pipeline, resolve_device, resolve_dtype
-from ..rendering import open_inputs
+from ..rendering import Run, complete_runs, open_inputs
 from ..runner import Target, call_as_run, record_plan
 from ..schedules import parse
 from ..selection import MapSelection
@@ -326,11 +327,17 @@ def cmd_export_images(args: argparse.Namespace) -> int:
     """Every image of a store (or each store of a sweep) as PNG, named by prompt and seed."""
     out = Path(args.out)
     check_out(out)
-    runs = open_inputs([args.store], None, as_sweep=False)[0]
+    src = Path(args.store)
+    with warnings.catch_warnings():  # of samples left out of the sweep: each schedule's store is opened alone below
+        warnings.filterwarnings("ignore", ".*not complete in every schedule")
+        runs = open_inputs([src], None, as_sweep=False)[0]
+    if is_sweep(src):  # each schedule's own complete samples: one with none leaves the others theirs
+        runs = [Run(r.label, r.spec, open_run(s), r.stores) for r in runs for s in r.stores]
+    number = {r.label: k for k, r in enumerate(runs)}  # a schedule left out keeps the others' folder names
     todo = []
-    for k, (label, spec, ds, _) in enumerate(runs):
+    for label, spec, ds, _ in complete_runs(runs, "not exported", StoreError):
         # a sweep: one folder per schedule, numbered in order (two specs can share a slug); a store: --out
-        folder = out / f"{k:02d}_{_slug(spec, 40)}" if len(runs) > 1 or Path(args.store) != Path(label) else out
+        folder = out / f"{number[label]:02d}_{_slug(spec, 40)}" if len(runs) > 1 or src != Path(label) else out
         for i, (prompt, seed, b) in enumerate(sample_keys(ds)):
             todo.append((folder / (f"{i:04d}_{_slug(prompt)}_seed{seed}" + (f"_{b}" if b else "") + ".png"), ds, i))
     refuse_to_replace(out, [path for path, *_ in todo], args.overwrite, "export")  # of another store, say
