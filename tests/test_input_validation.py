@@ -223,6 +223,20 @@ def test_an_existing_out_folder_that_cannot_be_written_is_refused_before_any_wor
     assert sorted(out.rglob("*")) == before
 
 
+EMPTY_PATHS = [[*argv, "--out"] for argv in OUT_COMMANDS] + [
+    ["record", "--prompts"], ["record", "--prompt", "x", "--lora"], ["info"], ["info", "s.zarr", "--json"],
+    ["figures"], ["eval", "--save-images"], ["bench", "attention", "--json"]]
+
+
+@pytest.mark.parametrize("argv", EMPTY_PATHS, ids=[" ".join(a) for a in EMPTY_PATHS])
+def test_an_empty_path_is_refused_at_parse_time(tmp_path, capsys, monkeypatch, argv):
+    """Audit: --out "" was the current folder: generate and export-images wrote into it."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli([("s.zarr" if a == "STORE" else a) for a in argv] + [""], capsys)
+    _refused(rc, err, argv[-1] if argv[-1].startswith("--") else "STORE" if argv[0] == "figures" else "store")
+    assert not any(tmp_path.iterdir())
+
+
 FILE_IN_STORE = [["info", "STORE", "--json"], ["eval", "--json"], ["eval", "--save-images"],
                  ["bench", "attention", "--json"], ["bench", "e2e", "--json"]]
 
