@@ -105,6 +105,8 @@ def test_sweep_number_lists_name_an_empty_or_bad_part_before_loading(tmp_path, c
 PROMPT_FILES = [
     ('{"prompt": null}\n', "prompt"),  # would become the prompt "None"
     ('{"prompt": ""}\n', "prompt"),
+    ('{"prompt": "\\u0000\\u0007"}\n', ":1"),  # control characters only: no prompt
+    ("a red cube\n\x00\x00\x01\n", ":2"),
     ('{"prompt": "a", "seed": 1.7}\n', "1.7"),  # would become seed 1
     ('{"prompt": "a", "seed": true}\n', "True"),
     ('{"prompt": "a", "seed": -5}\n', "-5"),  # --seeds -1 is refused, so is this

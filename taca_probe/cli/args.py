@@ -298,10 +298,14 @@ def refuse_to_replace(out: Path, paths: Sequence[Path], overwrite: bool, what: s
                              "to replace them or choose another --out")
 
 
+def _printable(text: str) -> bool:
+    return any(c.isprintable() and not c.isspace() for c in text)  # NULs and control bytes alone are no prompt
+
+
 def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
     """(prompt, seeds) pairs from --prompt and --prompts FILE (text: one a line; JSONL: prompt, seed)."""
     items: list[tuple[str, list[int]]] = [(p, args.seeds) for p in (args.prompt or [])]
-    if any(not p.strip() for p, _ in items):
+    if any(not _printable(p) for p, _ in items):
         raise TacaProbeError("--prompt: a prompt must be non-empty text")
     if args.prompts:
         path = Path(args.prompts)
@@ -317,6 +321,8 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
             if not line or line.startswith("#"):
                 continue
             if not line.startswith("{"):
+                if not _printable(line):
+                    raise TacaProbeError(f"{path}:{n}: no printable character in {line[:20]!r}; a prompt must be text")
                 items.append((line, args.seeds))
                 continue
             try:
@@ -324,7 +330,7 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
                 prompt = rec["prompt"]
             except (ValueError, KeyError, TypeError):
                 raise TacaProbeError(f"{path}:{n}: expected a JSON object with 'prompt' (and optional 'seed')") from None
-            if not isinstance(prompt, str) or not prompt.strip():
+            if not isinstance(prompt, str) or not _printable(prompt):
                 raise TacaProbeError(f"{path}:{n}: 'prompt' must be non-empty text, got {prompt!r}")
             if "seed" in rec and not is_seed(rec["seed"]):  # not a bool, not 1.7
                 raise TacaProbeError(f"{path}:{n}: seed {rec['seed']!r} is not an integer in 0..{MAX_INT}")
