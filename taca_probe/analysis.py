@@ -426,6 +426,11 @@ def readable_token(text: str) -> str:
     return t.strip() or repr(str(text))
 
 
+def _first_few(values: list, n: int = 5) -> str:
+    """A long list as its first few and the count: a refusal stays one readable line."""
+    return str(values) if len(values) <= n else f"{str(values[:n])[:-1]}, ...] ({len(values)} in all)"
+
+
 @_takes_datasets
 def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Sequence[int] | None = None,
                    layers: str | Sequence[str] | None = None, tokens: str | Sequence[int] = "prompt",
@@ -458,7 +463,7 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
         steps_sel = index_list(steps, "steps", f"steps with maps: {available}", AnalysisError)
         bad = [s for s in steps_sel if s not in available]
         if bad:
-            raise AnalysisError(f"no maps at step(s) {bad} in both stores; steps with maps: {available}")
+            raise AnalysisError(f"no maps at step(s) {_first_few(bad)} in both stores; steps with maps: {available}")
     recorded = [n for n in recorded_map_layers(treated) if n in set(recorded_map_layers(baseline))]
     layer_sel = recorded if layers is None else _match_layers(treated, layers)
     missing = [n for n in layer_sel if n not in recorded]
@@ -477,7 +482,7 @@ def map_difference(treated: xr.Dataset, baseline: xr.Dataset, *, steps: int | Se
         tok_idx = np.array(sorted(set(index_list(tokens, "tokens", valid, AnalysisError))), dtype=np.int64)
         bad = [int(t) for t in tok_idx if not 0 <= t < n_tok]
         if bad:
-            raise AnalysisError(f"token positions {bad} out of range 0..{n_tok - 1}")
+            raise AnalysisError(f"token positions {_first_few(bad)} out of range 0..{n_tok - 1}")
 
     t, b = (d["maps"].reset_coords(drop=True).isel(token=tok_idx).sel(step=steps_sel, layer=layer_sel)
             .astype("float32").mean("layer").transpose("sample", "step", "token", "y", "x").compute()

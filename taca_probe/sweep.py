@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -35,7 +36,7 @@ from .runner import Target, call_as_run, record_plan
 from .schedules import parse
 from .selection import MAX_INT, MapSelection, is_seed
 from .stats import sample_keys
-from .store import is_store, open_run, remove_store
+from .store import is_store, open_run, set_aside
 
 __all__ = ["SweepError", "MANIFEST", "SWEEP_FORMAT", "DEFAULT_GAMMA0", "DEFAULT_T_THRESH", "sweep_schedules",
            "run_sweep", "open_sweep", "read_manifest", "is_sweep", "sample_plan", "schedule_slug"]
@@ -280,23 +281,43 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
                 _inside(folder, before[key], kind)
                 entry[key] = before[key]
 
+    asides: list[tuple[Path, Path]] = []  # --overwrite: the old sweep's files, put back if nothing is recorded
+    recorded: list[Target] = []  # samples this run finished
+
     def prepare() -> None:  # rank 0, once every schedule is known to fit the model
         if mode == "overwrite" and is_sweep(folder):
-            _remove_sweep_outputs(folder, read_manifest(folder))
+            _set_aside_sweep_outputs(folder, read_manifest(folder), asides)
         folder.mkdir(parents=True, exist_ok=True)
         _write_manifest(folder, doc)
 
     def save_png(target: Target, prompt: str, seed: int, images: list) -> None:
+        recorded.append(target)
         path = folder / by_store[target.store]["images"]
         path.mkdir(parents=True, exist_ok=True)
         images[0].save(path / _png_name(prompt_list.index(prompt), seed))
 
     by_store = {folder / e["store"]: e for e in entries}
     targets = [Target(e["spec"], folder / e["store"], label=e["spec"]) for e in entries]
-    record_plan(pipe, targets, plan, settings, maps=maps_sel, branch=branch,
-                mode="resume" if mode == "resume" or not main_rank else "create", lora=lora, lora_scale=lora_scale,
-                model=name, attrs={"sweep": str(folder)}, prepare=prepare, on_sample=save_png,
-                progress=progress, desc="sweep")
+    try:
+        record_plan(pipe, targets, plan, settings, maps=maps_sel, branch=branch,
+                    mode="resume" if mode == "resume" or not main_rank else "create", lora=lora, lora_scale=lora_scale,
+                    model=name, attrs={"sweep": str(folder)}, prepare=prepare, on_sample=save_png,
+                    progress=progress, desc="sweep")
+    except BaseException:
+        if not recorded and ranks_from_env().world == 1:  # record_plan removed the new stores: nothing in the way
+            for path, aside in reversed(asides):
+                os.replace(aside, path)
+            asides.clear()
+        raise
+    finally:
+        for path, aside in asides:
+            if aside.is_dir():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                aside.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # an image folder with other files, or the new PNGs, stays
+                if path.suffix == ".png":
+                    aside.parent.rmdir()
     if not main_rank:
         return folder
     for entry in entries:
@@ -322,10 +343,9 @@ def _inside(folder: Path, relative: str, kind: str) -> Path:
     return path
 
 
-def _remove_sweep_outputs(folder: Path, doc: dict[str, Any]) -> None:
-    """``--overwrite``: delete the stores and PNGs this tool made in ``folder``, nothing else; every path is
-    checked before anything is deleted. ``doc`` is checked by :func:`read_manifest`. The manifest stays until
-    the new one replaces it: a run killed in between leaves a folder that ``--overwrite`` still knows."""
+def _set_aside_sweep_outputs(folder: Path, doc: dict[str, Any], asides: list[tuple[Path, Path]]) -> None:
+    """``--overwrite``: move the manifest (a copy: the folder stays a sweep), stores and PNGs this tool made in
+    ``folder`` to hidden names beside them, nothing else; every path is checked before anything moves."""
     targets = []
     for entry in doc["schedules"]:
         store, images = _inside(folder, entry["store"], "store"), _inside(folder, entry["images"], "image folder")
@@ -334,14 +354,16 @@ def _remove_sweep_outputs(folder: Path, doc: dict[str, Any]) -> None:
         if images.exists() and not images.is_dir():
             raise SweepError(f"refusing to overwrite {str(images)!r}: the manifest names it as an image folder")
         targets.append((store, images))
+    hidden = folder / f".{MANIFEST}.{os.getpid()}.replaced"
+    shutil.copyfile(folder / MANIFEST, hidden)
+    asides.append((folder / MANIFEST, hidden))
     for store, images in targets:
-        remove_store(store)
-        if images.is_dir():
-            for png in images.iterdir():
-                if png.is_file() and _PNG.fullmatch(png.name):
-                    png.unlink()
-            with contextlib.suppress(OSError):  # a folder with other files stays
-                images.rmdir()
+        if aside := set_aside(store):
+            asides.append((store, aside))
+        for png in sorted(images.iterdir()) if images.is_dir() else []:
+            if png.is_file() and _PNG.fullmatch(png.name):
+                os.rename(png, aside := png.with_name(f".{png.name}.{os.getpid()}.replaced"))
+                asides.append((png, aside))
 
 
 def _png_name(prompt_index: int, seed: int, batch_index: int = 0) -> str:

@@ -268,6 +268,10 @@ def test_map_difference_hand_computed():
     assert one.sizes["step"] == 1 and one.attrs["layers"] == [LAYERS[2]]
     with pytest.raises(A.AnalysisError, match=r"no maps at step\(s\) \[2\].*steps with maps: \[0, 1\]"):
         A.map_difference(treated, baseline, steps=[2])
+    for key, n_bad in (("steps", 100_000 - 2), ("tokens", 100_000 - treated.sizes["token"])):
+        with pytest.raises(A.AnalysisError) as e:  # every missing one was listed: a 600,000-character line
+            A.map_difference(treated, baseline, **{key: list(range(100_000))})
+        assert str(n_bad) in str(e.value) and len(str(e.value)) < 200
     with pytest.raises(A.AnalysisError, match="match no layer"):
         A.map_difference(treated, baseline, layers="nothing*")
 

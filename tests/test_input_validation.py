@@ -106,6 +106,8 @@ def test_sweep_number_lists_name_an_empty_or_bad_part_before_loading(tmp_path, c
 PROMPT_FILES = [
     ('{"prompt": null}\n', "prompt"),  # would become the prompt "None"
     ('{"prompt": ""}\n', "prompt"),
+    ('{"prompt": "\\u0000\\u0007"}\n', ":1"),  # control characters only: no prompt
+    ("a red cube\n\x00\x00\x01\n", ":2"),
     ('{"prompt": "a", "seed": 1.7}\n', "1.7"),  # would become seed 1
     ('{"prompt": "a", "seed": true}\n', "True"),
     ('{"prompt": "a", "seed": -5}\n', "-5"),  # --seeds -1 is refused, so is this
@@ -222,6 +224,20 @@ def test_an_existing_out_folder_that_cannot_be_written_is_refused_before_any_wor
     rc, _, err = run_cli([old_store if a == "STORE" else a for a in argv] + ["--out", out], capsys)
     _refused(rc, err, str(out))
     assert sorted(out.rglob("*")) == before
+
+
+EMPTY_PATHS = [[*argv, "--out"] for argv in OUT_COMMANDS] + [
+    ["record", "--prompts"], ["record", "--prompt", "x", "--lora"], ["info"], ["info", "s.zarr", "--json"],
+    ["figures"], ["eval", "--save-images"], ["bench", "attention", "--json"]]
+
+
+@pytest.mark.parametrize("argv", EMPTY_PATHS, ids=[" ".join(a) for a in EMPTY_PATHS])
+def test_an_empty_path_is_refused_at_parse_time(tmp_path, capsys, monkeypatch, argv):
+    """Audit: --out "" was the current folder: generate and export-images wrote into it."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli([("s.zarr" if a == "STORE" else a) for a in argv] + [""], capsys)
+    _refused(rc, err, argv[-1] if argv[-1].startswith("--") else "STORE" if argv[0] == "figures" else "store")
+    assert not any(tmp_path.iterdir())
 
 
 FILE_IN_STORE = [["info", "STORE", "--json"], ["eval", "--json"], ["eval", "--save-images"],

@@ -276,7 +276,7 @@ def test_sweep_overwrite_killed_after_removing_the_outputs_can_be_overwritten_ag
     with monkeypatch.context() as m:
         m.setattr(sweep_module, "_write_manifest", killed)
         assert run_cli(argv, capsys)[0] == 130  # interrupted after the outputs were removed
-    assert not any((tmp_path / "sw" / "stores").iterdir())
+    assert [p.name for p in (tmp_path / "sw" / "stores").iterdir()] == ["00_none.zarr"]  # put back: nothing recorded
     rc, out, err = run_cli(argv, capsys)
     assert rc == 0, err
     assert open_run(tmp_path / "sw" / "stores" / "00_none.zarr").sizes["sample"] == 1

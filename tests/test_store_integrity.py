@@ -16,6 +16,7 @@ import zarr
 
 from taca_probe.cli import main
 from taca_probe.store import ChunkChecksumError, StoreError, open_run, store_info, verify_store
+from taca_probe.sweep import open_sweep
 from tests.clitools import one_line_error, run_cli
 
 pytestmark = pytest.mark.slow  # records stores, damages and repairs them, kills processes
@@ -399,6 +400,28 @@ def test_a_failed_record_overwrite_keeps_the_store_it_was_to_replace(tmp_path, c
     assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]
     assert run_cli(["record", *TINY, "--prompt", "y", "--overwrite", "--out", out], capsys)[0] == 0
     assert list(open_run(out)["prompt"].values) == ["y"] and sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]
+
+
+def test_a_failed_sweep_overwrite_keeps_the_sweep_it_was_to_replace(tmp_path, capsys):
+    """Audit: sweep --overwrite deleted the old stores and PNGs before sampling; a failed first sample lost both."""
+    sw = tmp_path / "sw"
+    argv = ["sweep", *TINY, "--prompt", "x", "--no-grid", "--out", sw]
+    assert run_cli([*argv, "--schedule", "none", "--schedule", "const:1.1"], capsys)[0] == 0
+    (sw / "figures").mkdir()
+    (sw / "figures" / "mine.txt").write_text("mine")
+    before, data = _tree(sw), open_sweep(sw).load()
+    # 01_const_1.1.zarr is in both manifests; const:3e38 fails first, so the run records nothing
+    rc, _, err = run_cli([*argv, "--schedule", "const:3e38", "--schedule", "const:1.1", "--overwrite"], capsys)
+    assert rc == 2 and "non-finite" in err
+    assert _tree(sw) == before
+    xr.testing.assert_identical(open_sweep(sw).load(), data)
+    # a sample recorded: the old sweep goes, hidden copies too, the user's files stay
+    rc, _, err = run_cli([*argv, "--schedule", "none", "--schedule", "const:3e38", "--overwrite"], capsys)
+    assert rc == 2 and "non-finite" in err
+    left = {str(p.relative_to(sw)) for p in sw.rglob("*") if p.is_file() and "00_none.zarr" not in p.parts}
+    assert left == {"figures/mine.txt", "images/00_none/p00_seed0.png", "sweep.json"}
+    assert [p.name for p in (sw / "stores").iterdir()] == ["00_none.zarr"]
+    assert "3e+38" in (sw / "sweep.json").read_text()
 
 
 def test_interrupt_while_starting_and_os_errors_are_one_line(monkeypatch, capsys, tmp_path):

@@ -87,6 +87,13 @@ def bounded(lo: float, hi: float, *, integer: bool = True):
 positive_int = bounded(1, MAX_INT)
 
 
+def path_arg(text: str) -> str:
+    """An argparse type: a path, refused when empty (``Path('')`` is the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path; name a file or folder")
+    return text
+
+
 def floats(text: str) -> list[float]:
     """``1.0,1.2,1.5`` -> list of floats; an empty or other part is refused by name, as in ``--seeds``."""
     values = []
@@ -141,7 +148,8 @@ def model_args() -> argparse.ArgumentParser:
 def sampling_args() -> argparse.ArgumentParser:
     p = _parent()
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts", metavar="FILE", help="prompts, one per line, or JSONL with 'prompt' and 'seed'")
+    p.add_argument("--prompts", type=path_arg, metavar="FILE",
+                   help="prompts, one per line, or JSONL with 'prompt' and 'seed'")
     p.add_argument("--seeds", type=seeds, default=[0], help="seeds for every prompt, e.g. 0,1,2 or 0-7 (default 0)")
     return call_args(p)
 
@@ -165,7 +173,7 @@ def call_args(p: argparse.ArgumentParser | None = None, *, size: bool = True) ->
 def json_args(what: str = "the result") -> argparse.ArgumentParser:
     """--json [PATH]: write JSON to PATH, or to stdout alone with '-' or no PATH."""
     p = _parent()
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+    p.add_argument("--json", nargs="?", type=path_arg, const="-", default=None, metavar="PATH",
                    help=f"write {what} as JSON to PATH ('-' or no PATH: to stdout, instead of the text)")
     return p
 
@@ -200,7 +208,8 @@ def emit(args: argparse.Namespace, result: Any, text: str, indent: int = 2) -> N
 
 def lora_args() -> argparse.ArgumentParser:
     p = _parent()
-    p.add_argument("--lora", default=None, help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
+    p.add_argument("--lora", type=path_arg, default=None,
+                   help="LoRA (path or loaded adapter name) active exactly where gamma != 1")
     p.add_argument("--lora-scale", type=bounded(-100.0, 100.0, integer=False), default=1.0,
                    help="LoRA weight while active (default 1)")
     return p
@@ -231,7 +240,7 @@ def resample_args(n_resamples: int) -> argparse.ArgumentParser:
 def comparison_args(n_resamples: int) -> argparse.ArgumentParser:
     """--baseline, --treated, --n-resamples, --branch of the commands that compare runs."""
     p = argparse.ArgumentParser(add_help=False, parents=[resample_args(n_resamples)])
-    p.add_argument("stores", nargs="+", metavar="STORE", help="run stores and/or sweep folders")
+    p.add_argument("stores", nargs="+", type=path_arg, metavar="STORE", help="run stores and/or sweep folders")
     p.add_argument("--baseline", default=None, metavar="STORE|SPEC",
                    help="the baseline run (default: the one recorded with schedule none)")
     p.add_argument("--treated", default=None, metavar="STORE|SPEC",
@@ -289,10 +298,14 @@ def refuse_to_replace(out: Path, paths: Sequence[Path], overwrite: bool, what: s
                              "to replace them or choose another --out")
 
 
+def _printable(text: str) -> bool:
+    return any(c.isprintable() and not c.isspace() for c in text)  # NULs and control bytes alone are no prompt
+
+
 def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
     """(prompt, seeds) pairs from --prompt and --prompts FILE (text: one a line; JSONL: prompt, seed)."""
     items: list[tuple[str, list[int]]] = [(p, args.seeds) for p in (args.prompt or [])]
-    if any(not p.strip() for p, _ in items):
+    if any(not _printable(p) for p, _ in items):
         raise TacaProbeError("--prompt: a prompt must be non-empty text")
     if args.prompts:
         path = Path(args.prompts)
@@ -308,6 +321,8 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
             if not line or line.startswith("#"):
                 continue
             if not line.startswith("{"):
+                if not _printable(line):
+                    raise TacaProbeError(f"{path}:{n}: no printable character in {line[:20]!r}; a prompt must be text")
                 items.append((line, args.seeds))
                 continue
             try:
@@ -315,7 +330,7 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
                 prompt = rec["prompt"]
             except (ValueError, KeyError, TypeError):
                 raise TacaProbeError(f"{path}:{n}: expected a JSON object with 'prompt' (and optional 'seed')") from None
-            if not isinstance(prompt, str) or not prompt.strip():
+            if not isinstance(prompt, str) or not _printable(prompt):
                 raise TacaProbeError(f"{path}:{n}: 'prompt' must be non-empty text, got {prompt!r}")
             if "seed" in rec and not is_seed(rec["seed"]):  # not a bool, not 1.7
                 raise TacaProbeError(f"{path}:{n}: seed {rec['seed']!r} is not an integer in 0..{MAX_INT}")

@@ -17,7 +17,7 @@ from ..models import load_pipeline
 from ..schedules import parse
 from ..shapes import dataset as ds
 from ..shapes.benchmark import DEFAULT_SEEDS, QUICK_SEEDS, _call_settings, format_table, run_benchmark
-from .args import Deprecated, call_args, check_json, check_out, emit, json_args, model_args, positive_int, \
+from .args import Deprecated, call_args, check_json, check_out, emit, json_args, model_args, path_arg, positive_int, \
     resample_args, seeds
 
 
@@ -52,7 +52,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per pipeline call (default 16)")
     p.add_argument("--bootstrap", dest="n_resamples", type=positive_int, action=Deprecated, new="--n-resamples",
                    help=argparse.SUPPRESS)  # one name for one setting across commands
-    p.add_argument("--save-images", metavar="DIR", help="also save the generated images under DIR/NN_<schedule>/")
+    p.add_argument("--save-images", type=path_arg, metavar="DIR",
+                   help="also save the generated images under DIR/NN_<schedule>/")
     p.set_defaults(func=cmd_eval)
     return p
 

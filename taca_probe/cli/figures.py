@@ -10,7 +10,7 @@ from ..analysis import GROUP_BY
 from ..plotting import FIGURES, FORMATS
 from ..rendering import render_figures, report
 from ..selection import MAX_INT
-from .args import Deprecated, bounded, check_out, comparison_args, int_list, positive_int
+from .args import Deprecated, bounded, check_out, comparison_args, int_list, path_arg, positive_int
 
 
 def add_parsers(sub) -> None:
@@ -22,7 +22,7 @@ def add_parsers(sub) -> None:
         "fig3 (TACA - baseline per-token attention maps at early steps; needs stores recorded with --maps), "
         "fig4 (gamma sweep: image grid and mass vs gamma0; needs a sweep), fig5 (token ranking). With "
         "--figures all (default) figures the inputs cannot support are skipped with the reason.")
-    fg.add_argument("--out", default="figures", help="output folder (default ./figures)")
+    fg.add_argument("--out", type=path_arg, default="figures", help="output folder (default ./figures)")
     fg.add_argument("--figures", default="all", metavar="LIST", help=f"comma list of {', '.join(FIGURES)}, or all (default)")
     fg.add_argument("--by", default="block_type", choices=list(GROUP_BY),
                     help="layer grouping of the Fig. 2 lines (default block_type)")
@@ -50,7 +50,7 @@ def add_parsers(sub) -> None:
         "images; visual->text mass over timesteps by block type with 95% intervals and the uniform reference; a "
         "layer x step heat map; for stores with maps, a viewer of the head-mean map of a chosen sample, step, "
         "layer and text token; for a TACA/baseline pair (or a sweep), the same side by side with the difference.")
-    rp.add_argument("--out", default="report", help="output folder (default ./report)")
+    rp.add_argument("--out", type=path_arg, default="report", help="output folder (default ./report)")
     rp.set_defaults(func=cmd_report)
 
 

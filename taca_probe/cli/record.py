@@ -32,7 +32,7 @@ from ..stats import sample_keys
 from ..sweep import DEFAULT_GAMMA0, DEFAULT_T_THRESH, MANIFEST, SweepError, is_sweep, open_sweep, read_manifest, \
     run_sweep, sample_plan, sweep_schedules
 from .args import EMBEDDED_NOTE, MAX_IMAGE_SIDE, check_json, check_out, floats, json_args, lora_args, model_args, \
-    read_prompts, recording_args, refuse_to_replace, sampling_args, schedule_help, short_prompt, write_json
+    path_arg, read_prompts, recording_args, refuse_to_replace, sampling_args, schedule_help, short_prompt, write_json
 
 
 def add_parsers(sub) -> None:
@@ -40,7 +40,7 @@ def add_parsers(sub) -> None:
                          help="generate images with a TACA schedule; PNG + JSON sidecar each",
                          description="Generate images with a TACA schedule. " + EMBEDDED_NOTE)
     gen.add_argument("--schedule", default="step:1.2@970", help=schedule_help("step:1.2@970"))
-    gen.add_argument("--out", default="out", help="output folder (default ./out)")
+    gen.add_argument("--out", type=path_arg, default="out", help="output folder (default ./out)")
     gen.add_argument("--overwrite", action="store_true",
                      help="replace images and sidecars of the same name that --out already holds")
     gen.set_defaults(func=cmd_generate)
@@ -52,7 +52,7 @@ def add_parsers(sub) -> None:
         "visual->text and text->visual attention mass (and optional per-token maps) into a zarr store "
         "that opens with taca_probe.open_run as an xarray Dataset. " + EMBEDDED_NOTE)
     rec.add_argument("--schedule", default="none", help="TACA schedule while recording: " + schedule_help("none"))
-    rec.add_argument("--out", default="run.zarr", help="store folder (default ./run.zarr)")
+    rec.add_argument("--out", type=path_arg, default="run.zarr", help="store folder (default ./run.zarr)")
     rec.set_defaults(func=cmd_record)
 
     sw = sub.add_parser(
@@ -74,19 +74,19 @@ def add_parsers(sub) -> None:
     sw.add_argument("--no-grid", action="store_true",
                     help="record only the --schedule specs, no grid: the stock-model baseline 'none' is recorded "
                     "only if given (--schedule none)")
-    sw.add_argument("--out", default="sweep", help="sweep folder (default ./sweep)")
+    sw.add_argument("--out", type=path_arg, default="sweep", help="sweep folder (default ./sweep)")
     sw.set_defaults(func=cmd_sweep)
 
     info = sub.add_parser("info", parents=[json_args("the store's description")],
                           help="schema, sizes and provenance of a store")
-    info.add_argument("store", help="store folder")
+    info.add_argument("store", type=path_arg, help="store folder")
     info.set_defaults(func=cmd_info)
 
     ex = sub.add_parser("export-images", help="write a store's (or sweep's) images as PNG files, named by prompt and seed",
                         description="Write every complete sample's image as DIR/NNNN_<prompt>_seed<S>.png (a sweep: "
                         "one subfolder per schedule).")
-    ex.add_argument("store", help="store folder or sweep folder")
-    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("store", type=path_arg, help="store folder or sweep folder")
+    ex.add_argument("--out", type=path_arg, required=True, help="output folder")
     ex.add_argument("--overwrite", action="store_true", help="replace images of the same name that --out already holds")
     ex.set_defaults(func=cmd_export_images)
 
