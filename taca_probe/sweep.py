@@ -282,7 +282,6 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
                 entry[key] = before[key]
 
     asides: list[tuple[Path, Path]] = []  # --overwrite: the old sweep's files, put back if nothing is recorded
-    recorded: list[Target] = []  # samples this run finished
 
     def prepare() -> None:  # rank 0, once every schedule is known to fit the model
         if mode == "overwrite" and is_sweep(folder):
@@ -291,7 +290,6 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
         _write_manifest(folder, doc)
 
     def save_png(target: Target, prompt: str, seed: int, images: list) -> None:
-        recorded.append(target)
         path = folder / by_store[target.store]["images"]
         path.mkdir(parents=True, exist_ok=True)
         images[0].save(path / _png_name(prompt_list.index(prompt), seed))
@@ -304,7 +302,9 @@ def run_sweep(model: Any, out: str | os.PathLike, *, prompts: Sequence[Any], see
                     model=name, attrs={"sweep": str(folder)}, prepare=prepare, on_sample=save_png,
                     progress=progress, desc="sweep")
     except BaseException:
-        if not recorded and ranks_from_env().world == 1:  # record_plan removed the new stores: nothing in the way
+        # nothing recorded: record_plan removed the new stores, so the old paths are free again
+        if asides and ranks_from_env().world == 1 and not any(
+                is_store(t.store) and open_run(t.store).sizes["sample"] for t in targets):
             for path, aside in reversed(asides):
                 os.replace(aside, path)
             asides.clear()

@@ -424,6 +424,26 @@ def test_a_failed_sweep_overwrite_keeps_the_sweep_it_was_to_replace(tmp_path, ca
     assert "3e+38" in (sw / "sweep.json").read_text()
 
 
+def test_a_sweep_overwrite_stopped_after_a_sample_before_its_png_keeps_the_new_sample(tmp_path, capsys, monkeypatch):
+    """Review: f4347da put the old sweep back when no PNG was saved yet, also onto a new store holding a sample."""
+    from taca_probe import runner
+
+    sw = tmp_path / "sw"
+    argv = ["sweep", *TINY, "--no-grid", "--schedule", "none", "--out", sw]
+    assert run_cli([*argv, "--prompt", "x"], capsys)[0] == 0
+    sample = runner.Run.sample
+
+    def stopped(self, *args, **kwargs):
+        sample(self, *args, **kwargs)
+        raise KeyboardInterrupt  # the sample is in the store; its PNG is not saved yet
+
+    monkeypatch.setattr(runner.Run, "sample", stopped)
+    rc, _, err = run_cli([*argv, "--prompt", "y", "--overwrite"], capsys)
+    assert rc == 130, err  # the interrupt, not an error putting the old store back onto the new one
+    assert list(open_run(sw / "stores" / "00_none.zarr")["prompt"].values) == ["y"]
+    assert not [p for p in sw.rglob("*") if p.name.startswith(".")]  # no hidden copy of the old sweep left
+
+
 def test_interrupt_while_starting_and_os_errors_are_one_line(monkeypatch, capsys, tmp_path):
     import errno
 
