@@ -232,6 +232,9 @@ class RunWriter:
         if p.exists():
             raise StoreError(f"{str(p)!r} already exists; pass --resume (mode='resume') to complete it or --overwrite "
                              "(mode='overwrite') to replace it")
+        if kept := _left_by_the_dead(p, _ASIDE_PREFIX):  # a store replaced by a killed --overwrite: never deleted
+            raise StoreError(f"{str(kept[0])!r} holds the store an interrupted --overwrite was replacing; rename it "
+                             f"to {p.name!r} to keep it, or delete it")
         _remove_stale_temporaries(p)
         tmp = p.parent / f"{_TMP_PREFIX}{p.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
@@ -445,25 +448,32 @@ class RunWriter:
             self._set_slot(slot, False, (prompt, seed, batch))
 
 
-_TMP_PREFIX = ".creating."
+_TMP_PREFIX, _ASIDE_PREFIX = ".creating.", ".replaced."  # hidden folders: a store being built, one set aside
 #: A slot whose (prompt, seed, batch_index) could not be read: any planned sample may fill it.
 UNKNOWN_SLOT = ("", -1, -1, False)
 #: The keys of a slot that holds no sample's key: new, or unreadable.
 _UNSET_KEYS = (("", 0, 0), UNKNOWN_SLOT[:3])
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete the hidden build folders of ``path`` that a killed process of this host left behind."""
-    host = socket.gethostname()
-    for tmp in path.parent.glob(f"{_TMP_PREFIX}{path.name}.{host}.*"):
+def _left_by_the_dead(path: Path, prefix: str) -> list[Path]:
+    """The hidden folders ``prefix + path.name + .host.pid...`` beside ``path`` whose process (of this host) is gone."""
+    start = f"{prefix}{path.name}.{socket.gethostname()}."
+    dead = []
+    for tmp in path.parent.glob(f"{start}*"):
         try:
-            pid = int(tmp.name[len(f"{_TMP_PREFIX}{path.name}.{host}."):].split(".")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:  # its creator is gone: nobody else would finish it
-            if tmp.is_dir() and (not (tmp / "zarr.json").exists() or is_store(tmp)):
-                shutil.rmtree(tmp, ignore_errors=True)
+            os.kill(int(tmp.name[len(start):].split(".")[0]), 0)
+        except ProcessLookupError:
+            dead.append(tmp)
         except (ValueError, PermissionError):
             continue
+    return dead
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the hidden build folders of ``path`` that a killed process of this host left behind."""
+    for tmp in _left_by_the_dead(path, _TMP_PREFIX):  # nobody else would finish them
+        if tmp.is_dir() and (not (tmp / "zarr.json").exists() or is_store(tmp)):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def verify_store(path: str | os.PathLike) -> list[str]:
@@ -613,11 +623,11 @@ def check_removable(path: str | os.PathLike) -> bool:
 
 def set_aside(path: str | os.PathLike) -> Path | None:
     """``--overwrite``: rename a store to a hidden name beside it (None: there is none), so that it can be put back
-    if its replacement records nothing; a killed process's is removed as its stale build folder would be."""
+    if its replacement records nothing; one a killed process left blocks a new store there (:meth:`RunWriter.create`)."""
     if not check_removable(path):
         return None
     p = Path(path)
-    aside = p.parent / f"{_TMP_PREFIX}{p.name}.{socket.gethostname()}.{os.getpid()}.replaced"
+    aside = p.parent / f"{_ASIDE_PREFIX}{p.name}.{socket.gethostname()}.{os.getpid()}"
     os.rename(p, aside)
     return aside
 

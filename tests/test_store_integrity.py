@@ -444,6 +444,21 @@ def test_a_sweep_overwrite_stopped_after_a_sample_before_its_png_keeps_the_new_s
     assert not [p for p in sw.rglob("*") if p.name.startswith(".")]  # no hidden copy of the old sweep left
 
 
+def test_a_store_set_aside_by_a_killed_overwrite_is_never_deleted(tmp_path, capsys):
+    """Review: a store set aside by a `record --overwrite` that was then killed was deleted, as a stale build
+    folder, by the next record at its path."""
+    out = tmp_path / "r.zarr"
+    assert run_cli(["record", *TINY, "--prompt", "x", "--out", out], capsys)[0] == 0
+    before = _tree(out)
+    subprocess.run([sys.executable, "-c", f"from taca_probe.store import set_aside; set_aside({str(out)!r})"],
+                   check=True)  # the overwrite's process is gone, its store set aside
+    for flags in ([], ["--overwrite"]):
+        rc, _, err = run_cli(["record", *TINY, "--prompt", "y", *flags, "--out", out], capsys)
+        (kept,) = tmp_path.iterdir()
+        one_line_error(rc, err, str(kept))
+        assert _tree(kept) == before
+
+
 def test_interrupt_while_starting_and_os_errors_are_one_line(monkeypatch, capsys, tmp_path):
     import errno
 
