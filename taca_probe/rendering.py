@@ -31,7 +31,7 @@ from .errors import TacaProbeError
 from .schedules import parse
 from .stats import sample_keys
 from .store import StoreError, is_store, open_run
-from .sweep import SweepError, is_sweep, open_sweep, read_manifest
+from .sweep import SweepError, is_sweep, join_schedules, open_schedules
 
 __all__ = ["Run", "open_inputs", "complete_runs", "choose_runs", "render_figures", "report", "Report", "ReportError"]
 
@@ -53,9 +53,9 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
                 as_sweep: bool = True) -> tuple[list[Run], xr.Dataset | None, str]:
     """The runs of stores and sweep folders, a sweep Dataset (or None) and why there is no sweep.
 
-    With ``as_sweep``, several stores of different schedules on the same samples are opened together
-    as a sweep (which warns of samples some store lacks; callers of the runs alone pass False); a schedule
-    in several inputs is one run of all of them, either way, where they join.
+    A run holds all its schedule's complete samples. With ``as_sweep``, stores and sweep folders are also opened
+    together as one sweep on the samples complete in all (which warns of the others; callers of the runs alone pass
+    False); a schedule in several inputs is one run of all of them, either way, where they join.
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     if not sources:
@@ -70,15 +70,16 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
     runs: list[Run] = []
     sweep = None
     stores: list[str] = []
+    folders = 0
     why = "fig4 needs a sweep: a folder written by `taca-probe sweep`, or stores recorded with several schedules"
     for src in sources:
         p = Path(src)
-        if is_sweep(p):
-            sw = open_sweep(p, chunks=chunks)
-            sweep = sw if sweep is None else sweep
-            where = {e["spec"]: (p / e["store"]).resolve() for e in read_manifest(p)["schedules"]}
-            runs += [Run(f"{p} [{spec}]", str(spec), sw.sel(schedule=spec), (where[spec],))
-                     for spec in sw["schedule"].values]
+        if is_sweep(p):  # each schedule's run holds its own complete samples: a sweep records one schedule after another
+            folders += 1
+            label, call, found = open_schedules(p, chunks=chunks)
+            runs += [Run(f"{p} [{spec}]", spec, ds, paths) for spec, (ds, _, _, paths) in found.items()]
+            if as_sweep and len(sources) == 1:
+                sweep = join_schedules(label, call, found)
         elif is_store(p):
             ds = open_run(p, chunks=chunks)
             runs.append(Run(str(p), str(ds.attrs.get("schedule", "none")), ds, (p.resolve(),)))
@@ -89,16 +90,15 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
             raise StoreError(f"{str(p)!r} is neither a taca-probe store nor a sweep folder (no sweep.json)")
     full = [r.spec for r in runs if r.ds.sizes.get("sample", 0)]  # a store of no sample stays one report names
     shared = len(set(full)) < len(full)  # a schedule in two inputs (a sweep grown by a second folder)
-    if len(sources) >= 2 and (shared or as_sweep and (sweep is not None or len(stores) >= 2)):  # fig4 from every input
+    if len(sources) >= 2 and (shared or as_sweep and (folders or len(stores) >= 2)):  # fig4 from every input
         try:
-            sweep = open_sweep(sources, chunks=chunks)
+            label, call, found = open_schedules(sources, chunks=chunks)
+            sweep = join_schedules(label, call, found) if as_sweep else None
         except (SweepError, A.AnalysisError) as e:  # not the first input's alone, named as all of them
             sweep, why = None, f"fig4 needs stores of several schedules on the same prompts and seeds: {e}"
         else:
             if shared:  # one run of both, as figures and report draw it alike
-                label = ", ".join(map(str, sources))
-                runs = [Run(f"{label} [{spec}]", str(spec), sweep.sel(schedule=spec),
-                            tuple(s for r in runs if r.spec == spec for s in r.stores)) for spec in sweep["schedule"].values]
+                runs = [Run(f"{label} [{spec}]", spec, ds, paths) for spec, (ds, _, _, paths) in found.items()]
     return runs, sweep, why
 
 
@@ -111,6 +111,19 @@ def complete_runs(runs: list[Run], left_out: str, error: type[TacaProbeError]) -
     if empty:  # else the output would not say that a run it was given is missing
         warnings.warn(f"{empty}: no complete sample; {left_out}")
     return full
+
+
+def _paired_runs(treated: Run, baseline: Run) -> tuple[Run, Run, str]:
+    """Both runs on the samples both hold where they share some (a sweep completes one schedule after another),
+    and what a warning says of the others once they compare ("" if none is left out)."""
+    kt, kb = sample_keys(treated.ds), sample_keys(baseline.ds)
+    both = set(kt) & set(kb)
+    if not both or len(both) == len(kt) == len(kb):  # else pair_samples says why they do not pair
+        return treated, baseline, ""
+    return (treated._replace(ds=treated.ds.isel(sample=[i for i, k in enumerate(kt) if k in both])),
+            baseline._replace(ds=baseline.ds.isel(sample=[i for i, k in enumerate(kb) if k in both])),
+            f"{treated.label} and {baseline.label} are compared on the {len(both)} sample(s) both hold; "
+            f"{len(kt) + len(kb) - 2 * len(both)} other(s) left out of the comparison")
 
 
 def _find_run(runs: list[Run], key: str, what: str) -> Run:
@@ -213,12 +226,14 @@ def render_figures(sources: str | os.PathLike | Sequence[str | os.PathLike], out
             try:
                 for run in (treat_run, base_run):
                     A.require(run.ds, "maps", needed_for="Fig. 3 (attention-map differences)", label=run.label)
-                common = [s for s in A.recorded_map_steps(treat_run.ds) if s in set(A.recorded_map_steps(base_run.ds))]
-                md = A.map_difference(treat_run.ds, base_run.ds, steps=list(steps) if steps is not None else common[:4],
-                                      branch=branch)
+                t, b, unpaired = _paired_runs(treat_run, base_run)
+                common = [s for s in A.recorded_map_steps(t.ds) if s in set(A.recorded_map_steps(b.ds))]
+                md = A.map_difference(t.ds, b.ds, steps=list(steps) if steps is not None else common[:4], branch=branch)
             except A.AnalysisError as e:
                 skip("fig3", str(e))
             else:
+                if unpaired:
+                    warnings.warn(unpaired)
                 pair = f"{what(treat_run)} − {what(base_run)}"
                 emit("fig3_attention_map_diff", P.plot_map_difference(md, sample=sample, max_tokens=max_tokens,
                                                                     tokens=tokens, overlay=overlay), pair)
@@ -337,21 +352,22 @@ def _difference_figure(treated: Run, baseline: Run, stats: dict[str, Any]) -> go
     return fig
 
 
-def _heatmap_figure(runs: list[Run], pair: tuple[int, int] | None, branch: str | None) -> go.Figure:
-    """Layer x step mean mass per run, and treated - baseline where a pair exists."""
-    means = [np.asarray(A._select_branch(r.ds, branch)["vis_txt_mass"].mean(("sample", "head"))
-                        .transpose("layer", "step").values, float) for r in runs]
+def _heatmap_figure(runs: list[Run], pair: tuple[Run, Run] | None, branch: str | None) -> go.Figure:
+    """Layer x step mean mass per run, and treated - baseline (on the samples they pair on) where a pair exists."""
+    def mean(r: Run) -> np.ndarray:
+        return np.asarray(A._select_branch(r.ds, branch)["vis_txt_mass"].mean(("sample", "head"))
+                          .transpose("layer", "step").values, float)
+    means = [mean(r) for r in runs]
     titles = [r.spec for r in runs]
     if pair is not None:
-        ti, bi = pair
-        means.append(means[ti] - means[bi])
-        titles.append(f"{runs[ti].spec} − {runs[bi].spec}")
+        means.append(mean(pair[0]) - mean(pair[1]))
+        titles.append(f"{pair[0].spec} − {pair[1].spec}")
     fig = make_subplots(rows=1, cols=len(means), subplot_titles=titles, horizontal_spacing=0.1)
     vmin = min(float(np.nanmin(m)) for m in means[: len(runs)])
     vmax = max(float(np.nanmax(m)) for m in means[: len(runs)])
     for c, m in enumerate(means, 1):
         is_diff = pair is not None and c == len(means)
-        ds = runs[pair[0] if is_diff else c - 1].ds  # each panel's own axes: runs may differ in steps and layers
+        ds = (pair[0] if is_diff else runs[c - 1]).ds  # each panel's own axes: runs may differ in steps and layers
         layers = [P.short_layer(str(n), str(b)) for n, b in zip(ds["layer"].values, ds["block_type"].values)]
         # the step in the label: a Heun scheduler passes each timestep twice, and equal categories would merge
         t = np.asarray(ds["timestep"].isel(sample=0).values, float)
@@ -532,12 +548,16 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     ti = next((i for i, r in enumerate(runs) if r is treat), None)
     pair = None
     if bi is not None and ti is not None:
+        t, b, unpaired = _paired_runs(runs[ti], runs[bi])
         try:
-            A.pair_samples(runs[ti].ds, runs[bi].ds)
-            A._check_same_structure(runs[ti].ds, runs[bi].ds, ("layer", "step"))
-            pair = (ti, bi)
+            A.pair_samples(t.ds, b.ds)
+            A._check_same_structure(t.ds, b.ds, ("layer", "step"))
+            pair = (t, b)
         except A.AnalysisError:
             pass  # no pair: the page shows each run alone
+        else:
+            if unpaired:
+                warnings.warn(unpaired)
     stats = {"n_resamples": n_resamples, "seed": seed, "branch": branch}
 
     gallery = []
@@ -554,7 +574,7 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
                     + "<p class='note'>Dashed line: the mass that uniform attention over all keys would put on "
                       "text. Cross-attention alone (text keys only) would give 1, far above this axis.</p>")
     if pair is not None:
-        sections.append(_div(_difference_figure(runs[pair[0]], runs[pair[1]], stats), "difference"))
+        sections.append(_div(_difference_figure(*pair, stats), "difference"))
     sections.append("<h2>Layer × timestep</h2>" + _div(_heatmap_figure(runs, pair, branch), "heatmap"))
     data, viewer = _map_viewer(runs, bi, ti, branch)
     script = ""
@@ -580,8 +600,8 @@ def report(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     meta = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(ds0.attrs.get(k)))}</td></tr>"
                    for k in ("model", "pipeline_class", "steps", "height", "width", "guidance", "n_txt", "n_vis")
                    if k in ds0.attrs)
-    pair_text = (f"compared: <b>{html.escape(runs[pair[0]][1])}</b> against the baseline "
-                 f"<b>{html.escape(runs[pair[1]][1])}</b>" if pair else "no TACA/baseline pair in the inputs")
+    pair_text = (f"compared: <b>{html.escape(pair[0].spec)}</b> against the baseline "
+                 f"<b>{html.escape(pair[1].spec)}</b>" if pair else "no TACA/baseline pair in the inputs")
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>taca-probe report</title>"
         f"<style>{_CSS}</style><script>{get_plotlyjs()}</script></head><body>"

@@ -415,6 +415,12 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
         step, layer). Samples are those complete in every store, in plan order; the others are
         left out with a warning.
     """
+    return join_schedules(*open_schedules(source, chunks=chunks))
+
+
+def open_schedules(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunks: Any = None):
+    """``(label, call, {spec: (Dataset, gamma0, t_thresh, store paths)})``: each schedule of :func:`open_sweep`'s
+    inputs with all its own complete samples (its stores joined along ``sample``), checked as open_sweep checks them."""
     one = isinstance(source, (str, os.PathLike))
     if not one and isinstance(source, Iterable) and not isinstance(source, bytes):
         source = list(source)  # a list, tuple or generator (Path.glob) of store paths
@@ -432,7 +438,7 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
                        "record them, or put them back"
                 if len(missing) == len(found):
                     raise SweepError(f"sweep {str(path)!r}: every schedule store is {what}")
-                warnings.warn(f"sweep {str(path)!r}: {len(missing)} schedule store(s) {what}", stacklevel=2)
+                warnings.warn(f"sweep {str(path)!r}: {len(missing)} schedule store(s) {what}", stacklevel=3)
             items += [it for it in found if it[0].exists()]
         elif one and path.is_dir() and not (path / "zarr.json").exists():
             raise SweepError(f"{str(path)!r} is neither a sweep folder (no {MANIFEST}) nor a store")
@@ -452,8 +458,8 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
         g0, tt = (math.nan if v is None else float(v) for v in (g0, tt))
         if math.isnan(g0) and "gamma" in ds.variables and ds.sizes.get("sample", 0):
             g0 = float(np.nanmax(np.asarray(ds["gamma"].values)))
-        rows.append((ds, spec, g0, tt))
-    dsets, specs, g0s, tts = zip(*rows)
+        rows.append((ds, spec, g0, tt, path.resolve()))
+    dsets, specs, *_ = zip(*rows)
     ref = dsets[0]
     settings = [{k: _recorded(ds, k) for k in ("branch", "maps", "model", "guidance", "lora", "lora_scale")}
                 for ds in dsets]
@@ -469,8 +475,8 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
         if diffs:
             raise SweepError(f"{label}: the store of {spec!r} does not match the one of {specs[0]!r}: " + "; ".join(diffs))
     merged: dict[str, list] = {}  # stores of one schedule (a second sweep of more seeds) join along sample
-    for ds, spec, g0, tt in rows:
-        merged.setdefault(spec, []).append((ds, g0, tt))
+    for ds, spec, *rest in rows:
+        merged.setdefault(spec, []).append((ds, *rest))
     for spec, parts in merged.items():
         seen: dict[tuple, int] = {}
         for i, (ds, *_) in enumerate(parts):
@@ -478,17 +484,28 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
                 if seen.setdefault(key, i) != i:
                     raise SweepError(f"{label}: sample {key} of schedule {spec!r} is in two of the inputs; give "
                                      "each (prompt, seed) of a schedule once")
-    specs = list(merged)
-    dsets = [ps[0][0] if len(ps) == 1 else xr.concat([p[0] for p in ps], dim="sample", data_vars="all", coords="minimal",
-                                                   compat="override", join="override", combine_attrs="drop_conflicts")
-             for ps in merged.values()]
-    g0s, tts = [ps[0][1] for ps in merged.values()], [ps[0][2] for ps in merged.values()]
+    schedules = {}
+    for spec, ps in merged.items():
+        ds = ps[0][0]
+        if len(ps) > 1:  # numbered anew: each store numbers its own samples
+            ds = xr.concat([p[0] for p in ps], dim="sample", data_vars="all", coords="minimal", compat="override",
+                           join="override", combine_attrs="drop_conflicts")
+            ds = ds.assign_coords(sample=np.arange(ds.sizes["sample"]))
+        schedules[spec] = (ds, ps[0][1], ps[0][2], tuple(p[3] for p in ps))
+    call = json.dumps(docs[0].get("call", {})) if docs and all(d.get("call") == docs[0].get("call") for d in docs) else None
+    return label, call, schedules
+
+
+def join_schedules(label: str, call: str | None, schedules: dict[str, tuple]) -> xr.Dataset:
+    """:func:`open_schedules`' schedules as one Dataset on the samples complete in all of them (open_sweep's)."""
+    specs = list(schedules)
+    dsets, g0s, tts, _ = zip(*schedules.values())
     keys = [sample_keys(ds) for ds in dsets]
     common = [k for k in keys[0] if all(k in set(other) for other in keys[1:])]
     left_out = sum(len(k) for k in keys) - len(common) * len(keys)
     if left_out:
         warnings.warn(f"{label}: {left_out} sample(s) not complete in every schedule's store were left out; "
-                      "resume the sweep to complete them", stacklevel=2)
+                      "resume the sweep to complete them", stacklevel=3)
     aligned = []
     for ds, k in zip(dsets, keys):
         index = {key: i for i, key in enumerate(k)}
@@ -503,6 +520,6 @@ def open_sweep(source: str | os.PathLike | Sequence[str | os.PathLike], *, chunk
     for key in ("schedule", "schedule_description", "command", "created", "sweep"):
         combined.attrs.pop(key, None)
     combined.attrs.update(schedules=list(specs), sweep=label)
-    if docs and all(d.get("call") == docs[0].get("call") for d in docs):
-        combined.attrs["sweep_call"] = json.dumps(docs[0].get("call", {}))
+    if call is not None:
+        combined.attrs["sweep_call"] = call
     return combined

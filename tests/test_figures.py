@@ -622,3 +622,32 @@ def test_figures_of_a_store_without_a_complete_sample_names_it(tmp_path, capsys)
     with pytest.warns(UserWarning, match="empty.zarr: no complete sample"):
         res = render_figures([other, empty], tmp_path / "g", formats="png", n_resamples=100)
     assert "fig2_suppression" in res["written"] and "fig4" in res["skipped"]
+
+
+def test_figures_of_a_sweep_stopped_midway_draw_each_schedule_from_its_own_store(sweep_dir, tmp_path, monkeypatch):
+    """Audit: a sweep whose last schedule had no complete sample yet (recording, or stopped) drew no figure at all:
+    every schedule's run was the samples complete in all of them, so none. Fig. 3 pairs the samples both hold."""
+    from taca_probe import open_run
+    from taca_probe.stats import sample_keys
+
+    folder = tmp_path / "sw"
+    shutil.copytree(sweep_dir, folder)
+    store = {e["spec"]: folder / e["store"] for e in json.loads((folder / "sweep.json").read_text())["schedules"]}
+    zarr.open_group(str(store["step:1.5@970"]), mode="r+")["complete"][:] = False
+    zarr.open_group(str(store["step:1.2@970"]), mode="r+")["complete"][1] = False
+    seen = {}
+    for name in ("plot_suppression", "plot_map_difference"):
+        draw = getattr(plotting, name)
+        monkeypatch.setattr(plotting, name, lambda res, *a, _draw=draw, _name=name, **k: (
+            seen.setdefault(_name, res), _draw(res, *a, **k))[1])
+    with pytest.warns(UserWarning, match=re.escape("[step:1.5@970]: no complete sample")) as caught:
+        res = render_figures(folder, tmp_path / "f", formats="png", n_resamples=100)
+    assert res["sources"]["fig2_suppression"].endswith("[none]") and "fig4" in res["skipped"]
+    assert any("[step:1.2@970]" in str(w.message) and "[none]" in str(w.message) for w in caught)  # Fig. 3's pairs
+    base = open_run(store["none"])
+    assert seen["plot_suppression"].attrs["n_samples"] == 4
+    for bt in seen["plot_suppression"]["block_type"].values:  # the mean of all 4 of the store's samples
+        mass = base["vis_txt_mass"].where(base["block_type"] == bt).mean(("layer", "head")).mean("sample")
+        np.testing.assert_allclose(seen["plot_suppression"]["mean"].sel(block_type=bt).values, mass.values, rtol=1e-5)
+    assert len(sample_keys(seen["plot_map_difference"])) == 3  # the treated schedule's 3 complete samples
+    assert set(sample_keys(seen["plot_map_difference"])) == set(sample_keys(open_run(store["step:1.2@970"])))

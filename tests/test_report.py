@@ -312,7 +312,7 @@ def test_the_suppression_chart_draws_each_runs_uniform_reference(sweep_dir):
 def test_a_report_of_stores_does_not_open_them_as_a_sweep(sweep_dir, tmp_path, monkeypatch):
     """Audit: a report of stores that do not pair warned that samples 'were left out; resume the sweep', though
     the page never uses a sweep and shows every sample: opening the stores as one only served fig4."""
-    monkeypatch.setattr(rendering, "open_sweep", lambda *a, **k: pytest.fail("opened the stores as a sweep"))
+    monkeypatch.setattr(rendering, "join_schedules", lambda *a, **k: pytest.fail("opened the stores as a sweep"))
     stores = sorted((sweep_dir / "stores").iterdir())
     data = _page_data(report(stores, tmp_path, n_resamples=100).path)
     assert [r["label"] for r in data["runs"]] == [str(p) for p in stores]
@@ -327,3 +327,25 @@ def test_a_store_without_a_complete_sample_is_named_not_dropped_silently(sweep_d
     with pytest.warns(UserWarning, match="empty.zarr: no complete sample"):
         data = _page_data(report([good, empty], tmp_path / "page", n_resamples=100).path)
     assert [r["label"] for r in data["runs"]] == [str(good)]
+
+
+def test_a_report_of_a_sweep_stopped_midway_shows_each_schedules_own_samples(sweep_dir, tmp_path):
+    """Audit: a report of a sweep whose second schedule had no complete sample yet (recording, or stopped) was
+    refused, naming every schedule: each run was the samples complete in all of them, so none."""
+    folder = tmp_path / "sw"
+    shutil.copytree(sweep_dir, folder)
+    first, second = (folder / e["store"] for e in json.loads((folder / "sweep.json").read_text())["schedules"])
+    zarr.open_group(str(second), mode="r+")["complete"][:] = False
+    with pytest.warns(UserWarning, match=re.escape("[step:1.5@970]: no complete sample")) as caught:
+        res = report(folder, tmp_path / "page", n_resamples=100)
+    assert all("[step:1.5@970]" in str(w.message) for w in caught)  # no other sample is left out
+    data = _page_data(res.path)
+    assert res.runs == ["none"] and len(data["samples"]) == 4
+    np.testing.assert_array_equal(_png(data["images"]["0"][3]), open_run(first)["image"].isel(sample=3).values)
+    # half recorded: each schedule shows its own samples, compared on those both hold
+    zarr.open_group(str(second), mode="r+")["complete"][:] = [True, False, True, True]
+    with pytest.warns(UserWarning, match=re.escape("[none]")):
+        res = report(folder, tmp_path / "page2", n_resamples=100)
+    text = res.path.read_text(encoding="utf-8")
+    assert res.runs == ["none", "step:1.5@970"] and text.count("<figcaption>") == 4 + 3
+    assert 'id="difference"' in text and len(_page_data(res.path)["samples"]) == 3

@@ -8,7 +8,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import diffusers
@@ -23,7 +22,7 @@ from ..distributed import ranks_from_env
 from ..errors import TacaProbeError
 from ..intervention import taca
 from ..models import call_settings, load_pipeline, resolve_device, resolve_dtype
-from ..rendering import Run, complete_runs, open_inputs
+from ..rendering import complete_runs, open_inputs
 from ..runner import Target, call_as_run, record_plan
 from ..schedules import parse
 from ..selection import MapSelection
@@ -328,11 +327,7 @@ def cmd_export_images(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out(out)
     src = Path(args.store)
-    with warnings.catch_warnings():  # of samples left out of the sweep: each schedule's store is opened alone below
-        warnings.filterwarnings("ignore", ".*not complete in every schedule")
-        runs = open_inputs([src], None, as_sweep=False)[0]
-    if is_sweep(src):  # each schedule's own complete samples: one with none leaves the others theirs
-        runs = [Run(r.label, r.spec, open_run(s), r.stores) for r in runs for s in r.stores]
+    runs = open_inputs([src], None, as_sweep=False)[0]  # a sweep: each schedule's own complete samples
     number = {r.label: k for k, r in enumerate(runs)}  # a schedule left out keeps the others' folder names
     todo = []
     for label, spec, ds, _ in complete_runs(runs, "not exported", StoreError):
