@@ -79,7 +79,7 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
             label, call, found = open_schedules(p, chunks=chunks)
             runs += [Run(f"{p} [{spec}]", spec, ds, paths) for spec, (ds, _, _, paths) in found.items()]
             if as_sweep and len(sources) == 1:
-                sweep = join_schedules(label, call, found)
+                sweep = join_schedules(label, call, found, of=" of Fig. 4")  # Figs. 2, 3, 5 use them all
         elif is_store(p):
             ds = open_run(p, chunks=chunks)
             runs.append(Run(str(p), str(ds.attrs.get("schedule", "none")), ds, (p.resolve(),)))
@@ -93,7 +93,7 @@ def open_inputs(sources: str | os.PathLike | Sequence[str | os.PathLike], chunks
     if len(sources) >= 2 and (shared or as_sweep and (folders or len(stores) >= 2)):  # fig4 from every input
         try:
             label, call, found = open_schedules(sources, chunks=chunks)
-            sweep = join_schedules(label, call, found) if as_sweep else None
+            sweep = join_schedules(label, call, found, of=" of Fig. 4") if as_sweep else None
         except (SweepError, A.AnalysisError) as e:  # not the first input's alone, named as all of them
             sweep, why = None, f"fig4 needs stores of several schedules on the same prompts and seeds: {e}"
         else:

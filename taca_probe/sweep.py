@@ -496,15 +496,16 @@ def open_schedules(source: str | os.PathLike | Sequence[str | os.PathLike], *, c
     return label, call, schedules
 
 
-def join_schedules(label: str, call: str | None, schedules: dict[str, tuple]) -> xr.Dataset:
-    """:func:`open_schedules`' schedules as one Dataset on the samples complete in all of them (open_sweep's)."""
+def join_schedules(label: str, call: str | None, schedules: dict[str, tuple], *, of: str = "") -> xr.Dataset:
+    """:func:`open_schedules`' schedules as one Dataset on the samples complete in all of them (open_sweep's);
+    ``of`` names what the warning of the others concerns (e.g. " of Fig. 4")."""
     specs = list(schedules)
     dsets, g0s, tts, _ = zip(*schedules.values())
     keys = [sample_keys(ds) for ds in dsets]
     common = [k for k in keys[0] if all(k in set(other) for other in keys[1:])]
     left_out = sum(len(k) for k in keys) - len(common) * len(keys)
     if left_out:
-        warnings.warn(f"{label}: {left_out} sample(s) not complete in every schedule's store were left out; "
+        warnings.warn(f"{label}: {left_out} sample(s) not complete in every schedule's store were left out{of}; "
                       "resume the sweep to complete them", stacklevel=3)
     aligned = []
     for ds, k in zip(dsets, keys):

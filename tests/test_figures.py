@@ -644,6 +644,8 @@ def test_figures_of_a_sweep_stopped_midway_draw_each_schedule_from_its_own_store
         res = render_figures(folder, tmp_path / "f", formats="png", n_resamples=100)
     assert res["sources"]["fig2_suppression"].endswith("[none]") and "fig4" in res["skipped"]
     assert any("[step:1.2@970]" in str(w.message) and "[none]" in str(w.message) for w in caught)  # Fig. 3's pairs
+    joined = [str(w.message) for w in caught if "resume the sweep" in str(w.message)]  # Fig. 4's join
+    assert joined and all("Fig. 4" in m for m in joined)  # not Figs. 2, 3 and 5, which use every sample
     base = open_run(store["none"])
     assert seen["plot_suppression"].attrs["n_samples"] == 4
     for bt in seen["plot_suppression"]["block_type"].values:  # the mean of all 4 of the store's samples
